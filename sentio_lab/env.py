@@ -1,0 +1,277 @@
+"""Trading environments: a batched torch env for training and a plain-numpy gymnasium env as reference.
+
+Timing (see ARCHITECTURE.md), the same in both environments:
+
+* the observation at step t is built from bars ``<= t`` (bar t has closed);
+* the action chosen at step t is a *target position level*, filled at the **open of bar t+1**;
+* equity is marked at the close of bar t+1 and the reward is ``log(equity_{t+1} / equity_t)``, net of costs;
+* an episode ends by *truncation* after ``episode_length`` steps (PPO bootstraps there) or by
+  *termination* when equity falls to ``ruin_fraction`` of its start (ruin).
+
+Holding the same level trades nothing; changing level rebalances to the new target weight
+(``costs.rebalance``). Observations are a window of the last ``window`` feature rows, flattened, plus the
+current position level.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+from sentio_lab.costs import CostModel, rebalance
+
+#: Default action levels: short, flat, long (fractions of equity).
+DEFAULT_POSITIONS: tuple[float, ...] = (-1.0, 0.0, 1.0)
+#: Equity is floored here inside the log so a ruinous bar gives a large finite penalty, not -inf / NaN.
+_MIN_EQUITY = 1e-12
+
+
+@dataclass(frozen=True)
+class MarketArrays:
+    """What both environments read: prices and the (already normalised, causal) feature matrix."""
+
+    open: np.ndarray
+    """float64 (T,) bar opens: fills happen here."""
+    close: np.ndarray
+    """float64 (T,) bar closes: equity is marked here."""
+    features: np.ndarray
+    """float32 (T, F); row t depends on bars <= t only; finite from ``first_valid`` on."""
+    first_valid: int = 0
+    """First row whose features are defined (after indicator warm-up)."""
+
+    @classmethod
+    def from_frame(cls, frame, features: np.ndarray, first_valid: int = 0) -> MarketArrays:
+        """Take opens and closes from a canonical OHLCV frame (``sentio_lab.data``) beside its features."""
+        return cls(
+            open=frame["open"].to_numpy(dtype=np.float64),
+            close=frame["close"].to_numpy(dtype=np.float64),
+            features=np.ascontiguousarray(features, dtype=np.float32),
+            first_valid=first_valid,
+        )
+
+    def __post_init__(self) -> None:
+        """Check shapes and finiteness once, so the step loop never has to."""
+        n = len(self.close)
+        if self.open.shape != (n,) or self.features.ndim != 2 or self.features.shape[0] != n:
+            raise ValueError(
+                f"MarketArrays: open {self.open.shape}, close {self.close.shape} and features "
+                f"{self.features.shape} must share their first dimension"
+            )
+        if not (0 <= self.first_valid < n):
+            raise ValueError(f"MarketArrays: first_valid={self.first_valid} outside [0, {n})")
+        bad = ~np.isfinite(self.features[self.first_valid :]).all(axis=1)
+        if bad.any():
+            raise ValueError(
+                f"MarketArrays: non-finite features at rows {np.flatnonzero(bad)[:5] + self.first_valid}"
+            )
+
+
+def episode_start_bounds(
+    market: MarketArrays, window: int, start: int, stop: int, episode_length: int
+) -> tuple[int, int]:
+    """Inclusive range of valid episode starts inside bars ``[start, stop)``.
+
+    The first observation needs ``window`` defined feature rows (they may lie before ``start``: that is
+    the past, not a leak); the last step fills and marks on bar ``t0 + episode_length`` which must be < stop.
+    """
+    lo = max(start, market.first_valid + window - 1)
+    hi = stop - 1 - episode_length
+    if not (0 <= start < stop <= len(market.close)):
+        raise ValueError(f"range [{start}, {stop}) outside the market's {len(market.close)} bars")
+    if hi < lo:
+        raise ValueError(
+            f"range [{start}, {stop}) is too short for episodes of {episode_length} steps with a "
+            f"{window}-bar window after {market.first_valid} warm-up bars (need stop - 1 - length >= {lo})"
+        )
+    return lo, hi
+
+
+class TradingEnv:
+    """``num_envs`` episodes stepped together by tensor operations, on CPU or CUDA.
+
+    ``step`` auto-resets finished episodes (random window inside the range) and returns the final
+    observation of each finished episode in ``info["final_obs"]`` so PPO can bootstrap truncations.
+    """
+
+    def __init__(
+        self,
+        market: MarketArrays,
+        *,
+        num_envs: int = 8,
+        window: int = 32,
+        episode_length: int = 256,
+        start: int = 0,
+        stop: int | None = None,
+        positions: Sequence[float] = DEFAULT_POSITIONS,
+        costs: CostModel = CostModel(),
+        ruin_fraction: float = 0.05,
+        device: str | torch.device = "cpu",
+        seed: int = 0,
+    ) -> None:
+        """Build the env on bars ``[start, stop)`` of ``market``; tensors live on ``device``."""
+        stop = len(market.close) if stop is None else stop
+        self.start_low, self.start_high = episode_start_bounds(market, window, start, stop, episode_length)
+        self.num_envs, self.window, self.episode_length = num_envs, window, episode_length
+        self.costs, self.ruin_fraction = costs, ruin_fraction
+        self.device = torch.device(device)
+        self.num_features = market.features.shape[1]
+        self.obs_dim = window * self.num_features + 1
+        self.num_actions = len(positions)
+        dev, f64 = self.device, torch.float64
+        self.positions = torch.as_tensor(positions, dtype=f64, device=dev)
+        self.open = torch.tensor(market.open, dtype=f64, device=dev)
+        self.close = torch.tensor(market.close, dtype=f64, device=dev)
+        self.features = torch.tensor(market.features, dtype=torch.float32, device=dev)
+        self._window_offsets = torch.arange(-window + 1, 1, device=dev)
+        self._flat_level = int(np.argmin(np.abs(np.asarray(positions, dtype=float))))
+        self.generator = torch.Generator(device=dev)
+        self.generator.manual_seed(seed)
+        zeros = torch.zeros(num_envs, dtype=f64, device=dev)
+        self.t = torch.zeros(num_envs, dtype=torch.long, device=dev)
+        self.steps = torch.zeros_like(self.t)
+        self.level = torch.full_like(self.t, self._flat_level)
+        self.cash, self.shares, self.equity = zeros.clone(), zeros.clone(), zeros.clone()
+
+    # ----------------------------------------------------------------------------------- observations
+    def _observe(self, t: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
+        rows = self.features[t[:, None] + self._window_offsets]  # (N, window, F): bars t-window+1 .. t
+        position = self.positions[level].to(torch.float32)[:, None]
+        return torch.cat([rows.reshape(len(t), -1), position], dim=1)
+
+    def _sample_starts(self, n: int) -> torch.Tensor:
+        return torch.randint(
+            self.start_low, self.start_high + 1, (n,), generator=self.generator, device=self.device
+        )
+
+    # ------------------------------------------------------------------------------------------- API
+    def reset(self, starts: Sequence[int] | torch.Tensor | None = None) -> torch.Tensor:
+        """Start every episode, at ``starts`` (bar indices, one per env) or at random valid bars."""
+        if starts is None:
+            t0 = self._sample_starts(self.num_envs)
+        else:
+            t0 = torch.as_tensor(starts, dtype=torch.long, device=self.device).reshape(-1)
+            if len(t0) != self.num_envs:
+                raise ValueError(f"reset: {len(t0)} starts given for {self.num_envs} envs")
+            bad = (t0 < self.start_low) | (t0 > self.start_high)
+            if bad.any():
+                raise ValueError(
+                    f"reset: starts {t0[bad].tolist()} outside the valid range [{self.start_low}, {self.start_high}]"
+                )
+        self.t = t0.clone()
+        self.steps.zero_()
+        self.level.fill_(self._flat_level)
+        self.cash.fill_(1.0)
+        self.shares.zero_()
+        self.equity.fill_(1.0)
+        return self._observe(self.t, self.level)
+
+    def step(self, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, dict]:
+        """Apply one target level per env; return (obs, reward, terminated, truncated, info).
+
+        ``info`` holds ``equity`` (marked at the new bar's close, before any auto-reset), ``final_obs``
+        (the observation an ended episode would have seen next; equal to ``obs`` for running ones) and
+        ``done`` (terminated | truncated).
+        """
+        actions = actions.to(device=self.device, dtype=torch.long)
+        next_t = self.t + 1
+        price = self.open[next_t]
+        self.cash, self.shares, _ = rebalance(
+            self.cash, self.shares, price, self.positions[actions], actions != self.level, self.costs
+        )
+        self.level = actions.clone()  # a copy: auto-reset writes into it, the caller's tensor must not move
+        equity = self.cash + self.shares * self.close[next_t]
+        reward = torch.log(equity.clamp_min(_MIN_EQUITY) / self.equity)
+        self.equity, self.t = equity, next_t
+        self.steps += 1
+        terminated = equity <= self.ruin_fraction
+        truncated = (self.steps >= self.episode_length) & ~terminated
+        done = terminated | truncated
+        obs = self._observe(self.t, self.level)
+        info = {"equity": equity, "final_obs": obs, "done": done}
+        if bool(done.any()):
+            info["final_obs"] = obs.clone()
+            self._reset_done(done)
+            obs[done] = self._observe(self.t[done], self.level[done])
+        return obs, reward, terminated, truncated, info
+
+    def _reset_done(self, done: torch.Tensor) -> None:
+        # Out of place: tensors already handed to the caller (equity in info) must not change.
+        self.t = torch.where(done, self._sample_starts(self.num_envs), self.t)
+        self.steps = torch.where(done, 0, self.steps)
+        self.level = torch.where(done, self._flat_level, self.level)
+        one = torch.ones_like(self.cash)
+        self.cash = torch.where(done, one, self.cash)
+        self.shares = torch.where(done, 0.0 * one, self.shares)
+        self.equity = torch.where(done, one, self.equity)
+
+
+class NumpyTradingEnv(gym.Env):
+    """One episode of the same market in plain numpy: the short, readable reference implementation.
+
+    Stable-Baselines3 trains on it; tests check the torch env against it step by step.
+    """
+
+    metadata = {"render_modes": []}
+
+    def __init__(
+        self,
+        market: MarketArrays,
+        *,
+        window: int = 32,
+        episode_length: int = 256,
+        start: int = 0,
+        stop: int | None = None,
+        positions: Sequence[float] = DEFAULT_POSITIONS,
+        costs: CostModel = CostModel(),
+        ruin_fraction: float = 0.05,
+    ) -> None:
+        """Same arguments as :class:`TradingEnv`, for a single episode."""
+        super().__init__()
+        stop = len(market.close) if stop is None else stop
+        self.start_low, self.start_high = episode_start_bounds(market, window, start, stop, episode_length)
+        self.market, self.window, self.episode_length = market, window, episode_length
+        self.positions = np.asarray(positions, dtype=np.float64)
+        self.costs, self.ruin_fraction = costs, ruin_fraction
+        self.flat_level = int(np.argmin(np.abs(self.positions)))
+        obs_dim = window * market.features.shape[1] + 1
+        self.observation_space = gym.spaces.Box(-np.inf, np.inf, shape=(obs_dim,), dtype=np.float32)
+        self.action_space = gym.spaces.Discrete(len(positions))
+
+    def _observe(self) -> np.ndarray:
+        rows = self.market.features[self.t - self.window + 1 : self.t + 1]
+        position = np.float32(self.positions[self.level])
+        return np.concatenate([rows.reshape(-1), [position]]).astype(np.float32)
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[np.ndarray, dict]:
+        """Start an episode at ``options["start"]`` or at a random valid bar."""
+        super().reset(seed=seed)
+        start = (options or {}).get("start")
+        if start is None:
+            start = int(self.np_random.integers(self.start_low, self.start_high + 1))
+        elif not (self.start_low <= start <= self.start_high):
+            raise ValueError(f"reset: start {start} outside [{self.start_low}, {self.start_high}]")
+        self.t, self.steps, self.level = int(start), 0, self.flat_level
+        self.cash, self.shares, self.equity = 1.0, 0.0, 1.0
+        return self._observe(), {"equity": self.equity}
+
+    def step(self, action: int) -> tuple[np.ndarray, float, bool, bool, dict]:
+        """Fill the target level at the next open, mark at the next close, reward the log equity change."""
+        action = int(action)
+        price = self.market.open[self.t + 1]
+        self.cash, self.shares, _ = rebalance(
+            self.cash, self.shares, price, self.positions[action], action != self.level, self.costs
+        )
+        self.cash, self.shares = float(self.cash), float(self.shares)
+        self.level = action
+        self.t += 1
+        self.steps += 1
+        equity = self.cash + self.shares * self.market.close[self.t]
+        reward = float(np.log(max(equity, _MIN_EQUITY) / self.equity))
+        self.equity = equity
+        terminated = bool(equity <= self.ruin_fraction)
+        truncated = bool(self.steps >= self.episode_length and not terminated)
+        return self._observe(), reward, terminated, truncated, {"equity": equity}
