@@ -156,13 +156,21 @@ def canonicalize(raw: pd.DataFrame, *, source: str = "input", min_rows: int = DE
         )
 
     index = raw.index
+    if not isinstance(index, pd.DatetimeIndex) and pd.api.types.is_numeric_dtype(index.dtype):
+        # pd.to_datetime would read integers as nanoseconds since 1970: 20200102 -> 1970-01-01 00:00:00.020.
+        raise DataValidationError(
+            f"{source}: index is not parseable as timestamps (numeric values such as {index[0]!r}; "
+            "convert them explicitly, e.g. pd.to_datetime(..., unit='s') or format='%Y%m%d')"
+        )
     if not isinstance(index, pd.DatetimeIndex):
         try:
             index = pd.DatetimeIndex(pd.to_datetime(index))
         except (ValueError, TypeError) as err:
             raise DataValidationError(f"{source}: index is not parseable as timestamps ({err})") from err
     if index.hasnans:
-        raise DataValidationError(f"{source}: missing timestamp(s) in {_rows(index, np.asarray(index.isna()))}")
+        # A missing timestamp reads NaT, which locates nothing: report 0-based row positions instead.
+        positions = _rows(pd.RangeIndex(len(index)), np.asarray(index.isna()))
+        raise DataValidationError(f"{source}: missing timestamp(s) in {positions} (0-based row positions)")
 
     frame = pd.DataFrame(index=index.rename("timestamp"))
     for col in OHLCV_COLUMNS:

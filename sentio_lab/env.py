@@ -161,12 +161,13 @@ class TradingEnv:
                 raise ValueError(
                     f"reset: starts {t0[bad].tolist()} outside the valid range [{self.start_low}, {self.start_high}]"
                 )
+        # Fresh tensors, not in-place fills: the previous step's info["equity"] is self.equity itself.
         self.t = t0.clone()
-        self.steps.zero_()
-        self.level.fill_(self._flat_level)
-        self.cash.fill_(1.0)
-        self.shares.zero_()
-        self.equity.fill_(1.0)
+        self.steps = torch.zeros_like(self.t)
+        self.level = torch.full_like(self.t, self._flat_level)
+        self.cash = torch.ones(self.num_envs, dtype=torch.float64, device=self.device)
+        self.shares = torch.zeros_like(self.cash)
+        self.equity = torch.ones_like(self.cash)
         return self._observe(self.t, self.level)
 
     def step(self, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, dict]:
@@ -197,6 +198,22 @@ class TradingEnv:
             self._reset_done(done)
             obs[done] = self._observe(self.t[done], self.level[done])
         return obs, reward, terminated, truncated, info
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Everything that evolves while stepping (episode positions, accounts, generator), for resuming."""
+        names = ("t", "steps", "level", "cash", "shares", "equity")
+        state = {name: getattr(self, name).detach().cpu().clone() for name in names}
+        state["generator"] = self.generator.get_state()
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Restore :meth:`state_dict` output; return the current observation to continue from."""
+        if len(state["t"]) != self.num_envs:
+            raise ValueError(f"env state holds {len(state['t'])} episodes, this env runs {self.num_envs}")
+        for name in ("t", "steps", "level", "cash", "shares", "equity"):
+            setattr(self, name, state[name].to(self.device).clone())
+        self.generator.set_state(state["generator"])
+        return self._observe(self.t, self.level)
 
     def _reset_done(self, done: torch.Tensor) -> None:
         # Out of place: tensors already handed to the caller (equity in info) must not change.

@@ -1,0 +1,467 @@
+"""PPO on the batched torch trading env: one readable file, modelled on CleanRL's ``ppo.py``.
+
+Run ``python -m sentio_lab.ppo --help``. The data, features and env come from the shared modules; this
+file holds the algorithm: rollout, GAE, the clipped-surrogate update, checkpoints and logging.
+Differences from CleanRL, and why:
+
+* the env is a tensor env (``TradingEnv``), so there are no gym vector wrappers: observation
+  normalisation is a module inside the agent (its statistics are saved with the weights), rewards are
+  log equity changes multiplied by ``reward_scale``;
+* truncated episodes (end of a random window) are *not* terminal: the value of the final observation is
+  bootstrapped into the last reward (``r += gamma * V(s_final)``), as Stable-Baselines3 does;
+* runs can stop on a wall-clock budget or an iteration count, and resume from a checkpoint bundle to the
+  same final weights as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import tyro
+from torch import nn, optim
+from tqdm.auto import tqdm
+
+from sentio_lab.checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
+from sentio_lab.costs import CostModel
+from sentio_lab.env import TradingEnv
+from sentio_lab.features import FeatureConfig
+from sentio_lab.market import PreparedMarket, prepare_market
+from sentio_lab.nets import MLPActorCritic
+from sentio_lab.tracking import Tracker
+
+VARIANT = "ppo"
+
+
+@dataclass
+class Args:
+    """Command-line arguments of ``python -m sentio_lab.ppo``."""
+
+    exp_name: str = VARIANT
+    """name of this experiment (part of the run name)"""
+    seed: int = 1
+    """seed of python, numpy, torch and the env's episode sampler"""
+    torch_deterministic: bool = True
+    """ask torch for deterministic algorithms (CPU results are bit-reproducible either way)"""
+    device: str = "cpu"
+    """torch device for the env and the networks: "cpu", "cuda" or "auto" (cuda when available)"""
+    track: bool = True
+    """log to Weights & Biases (offline by default: files under run_dir, nothing leaves the machine)"""
+    wandb_project_name: str = "sentio-lab"
+    """W&B project"""
+    wandb_mode: str = "offline"
+    """W&B mode: "offline", "online" or "disabled" """
+    run_dir: str = "runs"
+    """where run folders (checkpoints, W&B files) are written"""
+    progress: bool = True
+    """show a progress bar with steps/s and the recent episode return"""
+
+    # Data and features
+    dataset: str = "sp500"
+    """bundled dataset name (sp500, nasdaq, eurusd_1h) or path to a CSV / Parquet OHLCV file"""
+    train_fraction: float = 0.6
+    """first fraction of bars used for training (features and normalisation are fitted here only)"""
+    validation_fraction: float = 0.2
+    """next fraction of bars held out for validation; the rest is the test range"""
+    feature_bank: str = "basic"
+    """feature bank: "basic" (fast returns / volatility / range set) or "talib" (150+ TA-Lib indicators)"""
+    regimes: int = 0
+    """number of HMM regimes whose filtered probabilities join the observation (0 = none)"""
+    window: int = 32
+    """bars of feature history in each observation"""
+
+    # Environment
+    positions: tuple[float, ...] = (-1.0, 0.0, 1.0)
+    """target position levels the discrete actions select (fractions of equity); (0, 1) is long-only"""
+    fee_bps: float = 1.0
+    """fee per fill, basis points of traded notional"""
+    slippage_bps: float = 1.0
+    """slippage per fill, basis points of price"""
+    episode_length: int = 256
+    """steps per training episode (random windows inside the training range)"""
+    reward_scale: float = 100.0
+    """multiplier on the log-return reward (log returns of daily bars are ~1e-2)"""
+
+    # Algorithm (CleanRL defaults unless noted)
+    total_timesteps: int = 200_000
+    """total env steps of the whole run (all episodes together)"""
+    learning_rate: float = 2.5e-4
+    """Adam learning rate"""
+    num_envs: int = 64
+    """parallel episodes stepped together"""
+    num_steps: int = 128
+    """steps per episode per rollout"""
+    anneal_lr: bool = True
+    """linearly anneal the learning rate to 0 over the run"""
+    gamma: float = 0.99
+    """discount factor"""
+    gae_lambda: float = 0.95
+    """lambda of generalised advantage estimation"""
+    num_minibatches: int = 4
+    """minibatches per epoch"""
+    update_epochs: int = 4
+    """epochs over each rollout"""
+    norm_adv: bool = True
+    """normalise advantages per minibatch"""
+    clip_coef: float = 0.2
+    """surrogate clipping coefficient"""
+    clip_vloss: bool = True
+    """clip the value loss as in the PPO paper's implementation"""
+    ent_coef: float = 0.01
+    """entropy bonus coefficient"""
+    vf_coef: float = 0.5
+    """value loss coefficient"""
+    max_grad_norm: float = 0.5
+    """global gradient-norm clip"""
+    target_kl: float | None = None
+    """stop the epoch loop early when the approximate KL exceeds this (None = never)"""
+    hidden_size: int = 64
+    """width of the two hidden layers of actor and critic"""
+    norm_obs: bool = True
+    """running mean/variance normalisation of observations (statistics saved with the weights)"""
+
+    # Run control (not part of the experiment: may differ between a run and its resumption)
+    time_budget_s: float | None = None
+    """stop cleanly after the iteration in which this many wall-clock seconds are spent, then save"""
+    max_iterations: int | None = None
+    """stop cleanly after this many iterations of this invocation (the run can be resumed)"""
+    checkpoint_every: int = 10
+    """save a checkpoint every this many iterations (and always at the end); 0 = only at the end"""
+    checkpoint_path: str | None = None
+    """checkpoint file; default run_dir/<run name>/checkpoint.pt"""
+    resume: str | None = None
+    """continue the run saved in this checkpoint (its experiment arguments are used)"""
+
+    # Filled in at run time
+    batch_size: int = 0
+    """(computed) num_envs * num_steps"""
+    minibatch_size: int = 0
+    """(computed) batch_size // num_minibatches"""
+    num_iterations: int = 0
+    """(computed) total_timesteps // batch_size"""
+    run_name: str = ""
+    """(computed unless given) dataset__exp_name__seed__unix-time"""
+
+
+#: Arguments that control one invocation rather than define the experiment (taken from the command
+#: line on --resume; everything else comes from the checkpoint so the resumed run is the same run).
+RUN_CONTROL_FIELDS = frozenset(
+    {"track", "wandb_mode", "progress", "time_budget_s", "max_iterations", "checkpoint_every",
+     "checkpoint_path", "resume", "device", "run_dir"}
+)
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` hands back: the agent, where it was saved, and the logged history."""
+
+    agent: nn.Module
+    args: Args
+    checkpoint_path: Path | None
+    global_step: int
+    finished: bool
+    """True when total_timesteps were reached (False after a budget / iteration stop)."""
+    history: list[dict[str, float]] = field(default_factory=list)
+    market: PreparedMarket | None = None
+
+
+def feature_config(args: Args) -> FeatureConfig:
+    """The feature pipeline these arguments ask for."""
+    return FeatureConfig(bank=args.feature_bank, regimes=args.regimes, seed=args.seed)
+
+
+def cost_model(args: Args) -> CostModel:
+    """The cost model these arguments ask for."""
+    return CostModel(fee_bps=args.fee_bps, slippage_bps=args.slippage_bps)
+
+
+def resolve_device(name: str) -> torch.device:
+    """Map "auto" to cuda when available, else cpu."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def make_env(args: Args, market: PreparedMarket, range_name: str = "train") -> TradingEnv:
+    """Training env: ``num_envs`` random windows inside the named range."""
+    start, stop = market.range(range_name)
+    return TradingEnv(
+        market.arrays,
+        num_envs=args.num_envs,
+        window=args.window,
+        episode_length=args.episode_length,
+        start=start,
+        stop=stop,
+        positions=args.positions,
+        costs=cost_model(args),
+        device=resolve_device(args.device),
+        seed=args.seed,
+    )
+
+
+def build_agent(args: Args, obs_dim: int, num_actions: int) -> MLPActorCritic:
+    """The actor-critic of this variant (evaluation rebuilds it from a checkpoint's args)."""
+    return MLPActorCritic(obs_dim, num_actions, hidden=args.hidden_size, norm_obs=args.norm_obs)
+
+
+def _seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.backends.cudnn.deterministic = deterministic
+
+
+def train(args: Args, *, market: PreparedMarket | None = None, env: Any | None = None) -> TrainResult:
+    """Run PPO as ``args`` say; ``market`` / ``env`` may be given to reuse prepared data (tests, benchmarks).
+
+    An ``env`` passed in needs ``obs_dim``, ``num_actions``, ``reset()`` and ``step()`` like
+    :class:`TradingEnv`; without a market no checkpoint can be written.
+    """
+    bundle = None
+    if args.resume:
+        bundle = load_checkpoint(args.resume, variant=VARIANT)
+        saved = Args(**bundle["args"])
+        control = {name: getattr(args, name) for name in RUN_CONTROL_FIELDS}
+        control["checkpoint_path"] = args.checkpoint_path or str(args.resume)
+        args = dataclasses.replace(saved, **control)
+    else:
+        args = dataclasses.replace(args)
+        args.batch_size = args.num_envs * args.num_steps
+        args.minibatch_size = args.batch_size // args.num_minibatches
+        args.num_iterations = args.total_timesteps // args.batch_size
+        if args.num_iterations < 1:
+            raise ValueError(f"total_timesteps={args.total_timesteps} < one rollout ({args.batch_size} steps)")
+        args.run_name = args.run_name or f"{Path(str(args.dataset)).stem}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    _seed_everything(args.seed, args.torch_deterministic)
+    device = resolve_device(args.device)
+
+    if env is None:
+        feature_state = bundle["feature_state"] if bundle else None
+        market = market or prepare_market(
+            args.dataset, feature_config(args), train_fraction=args.train_fraction,
+            validation_fraction=args.validation_fraction, feature_state=feature_state,
+        )
+        env = make_env(args, market)
+    if bundle is not None and market is not None and bundle["data_fingerprint"] != market.data.fingerprint:
+        raise ValueError(f"--resume {args.resume}: the checkpoint was trained on other data")
+    checkpoint_path = None
+    if market is not None:
+        checkpoint_path = Path(args.checkpoint_path or Path(args.run_dir) / args.run_name / "checkpoint.pt")
+
+    agent = build_agent(args, env.obs_dim, env.num_actions).to(device)
+    optimizer = optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
+
+    # Rollout storage
+    obs = torch.zeros((args.num_steps, args.num_envs, env.obs_dim), device=device)
+    actions = torch.zeros((args.num_steps, args.num_envs), dtype=torch.long, device=device)
+    logprobs = torch.zeros((args.num_steps, args.num_envs), device=device)
+    rewards = torch.zeros((args.num_steps, args.num_envs), device=device)
+    dones = torch.zeros((args.num_steps, args.num_envs), device=device)
+    values = torch.zeros((args.num_steps, args.num_envs), device=device)
+    episode_return = torch.zeros(args.num_envs, dtype=torch.float64, device=device)
+
+    global_step, start_iteration = 0, 1
+    if bundle is None:
+        next_obs = env.reset()
+        next_done = torch.zeros(args.num_envs, device=device)
+    else:
+        agent.load_state_dict(bundle["agent"])
+        optimizer.load_state_dict(bundle["optimizer"])
+        next_obs = env.load_state_dict(bundle["env_state"])
+        next_done = bundle["extra"]["next_done"].to(device)
+        episode_return = bundle["extra"]["episode_return"].to(device)
+        restore_rng(bundle["rng"])
+        global_step, start_iteration = bundle["global_step"], bundle["iteration"] + 1
+
+    def save(iteration: int) -> Path | None:
+        if checkpoint_path is None:
+            return None
+        return save_checkpoint(checkpoint_path, {
+            "variant": VARIANT,
+            "args": dataclasses.asdict(args),
+            "agent": agent.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "feature_state": market.features.state,
+            "feature_names": market.features.names,
+            "rng": capture_rng(),
+            "env_state": env.state_dict(),
+            "global_step": global_step,
+            "iteration": iteration,
+            "data_fingerprint": market.data.fingerprint,
+            "data_name": market.data.name,
+            "extra": {"next_done": next_done.cpu(), "episode_return": episode_return.cpu()},
+        })
+
+    tracker = Tracker(
+        args.track, project=args.wandb_project_name, run_name=args.run_name, config=dataclasses.asdict(args),
+        run_dir=args.run_dir, mode=args.wandb_mode,
+    )
+    history: list[dict[str, float]] = []
+    recent_returns: list[float] = []
+    progress = tqdm(total=args.num_iterations * args.batch_size, initial=global_step, unit="step",
+                    disable=not args.progress, dynamic_ncols=True)
+    start_time, start_step = time.time(), global_step
+    iteration = start_iteration - 1
+    invocation_iterations = 0
+    for iteration in range(start_iteration, args.num_iterations + 1):
+        if args.anneal_lr:
+            frac = 1.0 - (iteration - 1.0) / args.num_iterations
+            optimizer.param_groups[0]["lr"] = frac * args.learning_rate
+
+        # ---- rollout: num_steps steps of all num_envs episodes
+        for step in range(args.num_steps):
+            global_step += args.num_envs
+            with torch.no_grad():
+                if agent.obs_norm is not None:
+                    agent.obs_norm.update(next_obs)
+                norm_obs = agent.normalise(next_obs)
+                obs[step] = norm_obs
+                dones[step] = next_done
+                action, logprob, _, value = agent.get_action_and_value(norm_obs)
+                values[step] = value
+            actions[step] = action
+            logprobs[step] = logprob
+
+            next_obs, reward, terminated, truncated, info = env.step(action)
+            episode_return += reward
+            reward = reward.to(torch.float32) * args.reward_scale
+            if bool(truncated.any()):
+                # The window ended, the market did not: bootstrap with the value of where we would be next.
+                with torch.no_grad():
+                    final_value = agent.get_value(agent.normalise(info["final_obs"]))
+                reward = reward + args.gamma * final_value * truncated
+            rewards[step] = reward
+            done = terminated | truncated
+            next_done = done.to(torch.float32)
+            if bool(done.any()):
+                recent_returns.extend(episode_return[done].tolist())
+                recent_returns = recent_returns[-100:]
+                episode_return = torch.where(done, 0.0, episode_return)
+
+        # ---- bootstrap value and GAE
+        with torch.no_grad():
+            next_value = agent.get_value(agent.normalise(next_obs))
+            advantages = torch.zeros_like(rewards)
+            lastgaelam = 0
+            for t in reversed(range(args.num_steps)):
+                if t == args.num_steps - 1:
+                    nextnonterminal = 1.0 - next_done
+                    nextvalues = next_value
+                else:
+                    nextnonterminal = 1.0 - dones[t + 1]
+                    nextvalues = values[t + 1]
+                delta = rewards[t] + args.gamma * nextvalues * nextnonterminal - values[t]
+                advantages[t] = lastgaelam = delta + args.gamma * args.gae_lambda * nextnonterminal * lastgaelam
+            returns = advantages + values
+
+        # ---- flatten the batch
+        b_obs = obs.reshape((-1, env.obs_dim))
+        b_logprobs = logprobs.reshape(-1)
+        b_actions = actions.reshape(-1)
+        b_advantages = advantages.reshape(-1)
+        b_returns = returns.reshape(-1)
+        b_values = values.reshape(-1)
+
+        # ---- optimise policy and value network
+        clipfracs = []
+        for _epoch in range(args.update_epochs):
+            b_inds = torch.randperm(args.batch_size, device=device)
+            for start in range(0, args.batch_size, args.minibatch_size):
+                mb_inds = b_inds[start : start + args.minibatch_size]
+                _, newlogprob, entropy, newvalue = agent.get_action_and_value(b_obs[mb_inds], b_actions[mb_inds])
+                logratio = newlogprob - b_logprobs[mb_inds]
+                ratio = logratio.exp()
+                with torch.no_grad():
+                    # http://joschu.net/blog/kl-approx.html
+                    old_approx_kl = (-logratio).mean()
+                    approx_kl = ((ratio - 1) - logratio).mean()
+                    clipfracs.append(((ratio - 1.0).abs() > args.clip_coef).float().mean().item())
+
+                mb_advantages = b_advantages[mb_inds]
+                if args.norm_adv:
+                    mb_advantages = (mb_advantages - mb_advantages.mean()) / (mb_advantages.std() + 1e-8)
+
+                # Policy loss: clipped surrogate
+                pg_loss1 = -mb_advantages * ratio
+                pg_loss2 = -mb_advantages * torch.clamp(ratio, 1 - args.clip_coef, 1 + args.clip_coef)
+                pg_loss = torch.max(pg_loss1, pg_loss2).mean()
+
+                # Value loss, optionally clipped around the rollout's value estimate
+                if args.clip_vloss:
+                    v_loss_unclipped = (newvalue - b_returns[mb_inds]) ** 2
+                    v_clipped = b_values[mb_inds] + torch.clamp(
+                        newvalue - b_values[mb_inds], -args.clip_coef, args.clip_coef
+                    )
+                    v_loss_clipped = (v_clipped - b_returns[mb_inds]) ** 2
+                    v_loss = 0.5 * torch.max(v_loss_unclipped, v_loss_clipped).mean()
+                else:
+                    v_loss = 0.5 * ((newvalue - b_returns[mb_inds]) ** 2).mean()
+
+                entropy_loss = entropy.mean()
+                loss = pg_loss - args.ent_coef * entropy_loss + v_loss * args.vf_coef
+
+                optimizer.zero_grad()
+                loss.backward()
+                nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
+                optimizer.step()
+
+            if args.target_kl is not None and approx_kl > args.target_kl:
+                break
+
+        y_pred, y_true = b_values.cpu().numpy(), b_returns.cpu().numpy()
+        var_y = np.var(y_true)
+        explained_var = np.nan if var_y == 0 else 1 - np.var(y_true - y_pred) / var_y
+
+        elapsed = time.time() - start_time
+        sps = (global_step - start_step) / max(elapsed, 1e-9)
+        record = {
+            "charts/learning_rate": optimizer.param_groups[0]["lr"],
+            "charts/episode_log_return": float(np.mean(recent_returns)) if recent_returns else float("nan"),
+            "losses/value_loss": v_loss.item(),
+            "losses/policy_loss": pg_loss.item(),
+            "losses/entropy": entropy_loss.item(),
+            "losses/old_approx_kl": old_approx_kl.item(),
+            "losses/approx_kl": approx_kl.item(),
+            "losses/clipfrac": float(np.mean(clipfracs)),
+            "losses/explained_variance": float(explained_var),
+            "charts/SPS": sps,
+            "global_step": global_step,
+        }
+        history.append(record)
+        tracker.log(record, step=global_step)
+        progress.update(args.batch_size)
+        progress.set_postfix(sps=f"{sps:,.0f}", ret=f"{record['charts/episode_log_return']:+.4f}")
+
+        invocation_iterations += 1
+        out_of_time = args.time_budget_s is not None and elapsed >= args.time_budget_s
+        out_of_iterations = args.max_iterations is not None and invocation_iterations >= args.max_iterations
+        if out_of_time or out_of_iterations:
+            break
+        if args.checkpoint_every and iteration % args.checkpoint_every == 0 and iteration < args.num_iterations:
+            save(iteration)
+
+    progress.close()
+    saved_path = save(iteration)
+    tracker.finish()
+    return TrainResult(
+        agent=agent, args=args, checkpoint_path=saved_path, global_step=global_step,
+        finished=iteration >= args.num_iterations, history=history, market=market,
+    )
+
+
+def main() -> None:
+    """Entry point of ``python -m sentio_lab.ppo``."""
+    args = tyro.cli(Args)
+    result = train(args)
+    status = "finished" if result.finished else "stopped early (resume with --resume)"
+    print(f"{status} at step {result.global_step}; checkpoint: {result.checkpoint_path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,164 @@
+"""The cost model and the one rebalancing formula shared by the envs and the backtest (sentio_lab.costs)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from sentio_lab.costs import CostModel, rebalance
+
+COSTS = CostModel(fee_bps=10, slippage_bps=20)  # fee 0.1 %, slippage 0.2 %
+FEE, SLIP = 0.001, 0.002
+
+# A batch of accounts covering every kind of move: open, close, flip, resize, hold, no-trade.
+CASH = np.array([1000.0, 0.0, 2000.0, 0.0, 500.0, 300.0, 1000.0, 50.0])
+SHARES = np.array([0.0, 10.0, -10.0, 10.0, 5.0, -2.0, 0.0, 3.0])
+PRICE = np.array([100.0, 100.0, 100.0, 80.0, 120.0, 95.0, 37.5, 12.25])
+WEIGHT = np.array([1.0, 0.0, 0.0, -1.0, 0.5, 1.0, -0.5, 0.75])
+TRADE = np.array([True, True, True, True, True, True, True, False])
+
+
+# ------------------------------------------------------------------------------------------ the model
+@pytest.mark.parametrize("field", ["fee_bps", "slippage_bps"])
+@pytest.mark.parametrize("value", [-0.1, 10_000, 1e6, float("nan")])
+def test_cost_model_rejects_bad_values(field, value):
+    with pytest.raises(ValueError, match=rf"CostModel\.{field} must be in \[0, 10000\)"):
+        CostModel(**{field: value})
+
+
+def test_cost_model_fractions():
+    assert CostModel(0, 0).sizing_factor == 1.0
+    assert COSTS.fee == pytest.approx(FEE, rel=1e-15)
+    assert COSTS.slippage == pytest.approx(SLIP, rel=1e-15)
+    assert COSTS.sizing_factor == pytest.approx((1 + SLIP) * (1 + FEE), rel=1e-15)
+    default = CostModel()
+    assert (default.fee_bps, default.slippage_bps) == (1.0, 1.0)
+    assert CostModel(9_999.0, 0).fee == pytest.approx(0.9999)
+
+
+# ----------------------------------------------------------------------------------------- by hand
+def test_sell_to_flat_by_hand():
+    # Sell 10 shares at 100: fill 100 * (1 - 0.002) = 99.8, proceeds 998, fee 0.998.
+    cash, shares, delta = rebalance(0.0, 10.0, 100.0, 0.0, True, COSTS)
+    assert float(delta) == -10.0
+    assert float(shares) == 0.0
+    assert float(cash) == pytest.approx(998.0 - 0.998, rel=1e-14)
+
+
+def test_buy_by_hand():
+    # Equity 1000 at price 50, target half: shares = 500 / (50 * 1.002 * 1.001); fill at 50.1.
+    cash, shares, delta = rebalance(1000.0, 0.0, 50.0, 0.5, True, COSTS)
+    expected_shares = 500.0 / (50.0 * 1.002 * 1.001)
+    assert float(shares) == pytest.approx(expected_shares, rel=1e-14)
+    assert float(delta) == pytest.approx(expected_shares, rel=1e-14)
+    notional = expected_shares * 50.1
+    assert float(cash) == pytest.approx(1000.0 - notional - FEE * notional, rel=1e-14)
+    # Half the equity (costs included) went into the position.
+    assert 1000.0 - float(cash) == pytest.approx(500.0, rel=1e-14)
+
+
+def test_short_from_flat_by_hand():
+    cash, shares, delta = rebalance(1000.0, 0.0, 100.0, -1.0, True, COSTS)
+    expected = -1000.0 / (100.0 * 1.002 * 1.001)
+    assert float(shares) == pytest.approx(expected, rel=1e-14)
+    proceeds = -expected * 99.8  # sells fill below the reference price
+    assert float(cash) == pytest.approx(1000.0 + proceeds - FEE * proceeds, rel=1e-14)
+
+
+def test_fill_prices_and_fees_on_the_batch():
+    cash, shares, delta = rebalance(CASH, SHARES, PRICE, WEIGHT, TRADE, COSTS)
+    fill = np.where(delta > 0, PRICE * (1 + SLIP), PRICE * (1 - SLIP))
+    # Cash pays (or receives) the fill price and always pays the fee: nothing else moves.
+    fee = np.abs(delta) * fill * FEE
+    np.testing.assert_allclose(cash, CASH - delta * fill - fee, rtol=1e-14, atol=1e-12)
+    np.testing.assert_allclose(shares, SHARES + delta, rtol=1e-15)
+    # Targets are reached where trading; the untraded account is untouched.
+    equity = CASH + SHARES * PRICE
+    target = WEIGHT * equity / (PRICE * (1 + SLIP) * (1 + FEE))
+    np.testing.assert_allclose(shares[TRADE], target[TRADE], rtol=1e-14, atol=1e-14)
+    assert delta[~TRADE].tolist() == [0.0]
+    # Every trade loses exactly its slippage and fee relative to a mid-price mark.
+    loss = equity - (cash + shares * PRICE)
+    np.testing.assert_allclose(loss, np.abs(delta) * PRICE * SLIP + fee, rtol=1e-12, atol=1e-12)
+    assert (loss[TRADE & (delta != 0)] > 0).all()
+
+
+# -------------------------------------------------------------------------------- one formula, three types
+def test_numpy_scalars_arrays_and_torch_agree():
+    arrays = rebalance(CASH, SHARES, PRICE, WEIGHT, TRADE, COSTS)
+    tensors = rebalance(
+        *(torch.tensor(a, dtype=torch.float64) for a in (CASH, SHARES, PRICE, WEIGHT)),
+        torch.tensor(TRADE),
+        COSTS,
+    )
+    for t in tensors:
+        assert isinstance(t, torch.Tensor) and t.dtype == torch.float64
+    for got, want in zip(tensors, arrays, strict=True):
+        np.testing.assert_array_equal(got.numpy(), want)
+    for i in range(len(CASH)):
+        scalars = rebalance(
+            np.float64(CASH[i]), np.float64(SHARES[i]), np.float64(PRICE[i]), np.float64(WEIGHT[i]),
+            np.bool_(TRADE[i]), COSTS,
+        )
+        python = rebalance(float(CASH[i]), float(SHARES[i]), float(PRICE[i]), float(WEIGHT[i]),
+                           bool(TRADE[i]), COSTS)
+        for s, p, a in zip(scalars, python, arrays, strict=True):
+            assert float(s) == a[i]
+            assert float(p) == a[i]
+
+
+def test_torch_scalars_keep_float64():
+    cash, shares, delta = rebalance(
+        torch.tensor(1.0, dtype=torch.float64), torch.tensor(0.0, dtype=torch.float64),
+        torch.tensor(3.0, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64),
+        torch.tensor(True), COSTS,
+    )
+    assert cash.dtype == shares.dtype == delta.dtype == torch.float64
+    assert float(shares) == pytest.approx(1.0 / (3.0 * COSTS.sizing_factor), rel=1e-15)
+
+
+# ------------------------------------------------------------------------------------------ invariants
+@pytest.mark.parametrize("costs", [CostModel(0, 0), CostModel(5, 3), CostModel(10, 20), CostModel(100, 250)])
+@pytest.mark.parametrize("price", [0.731, 1.0, 99.99, 4123.5])
+def test_flat_to_fully_long_spends_all_cash(costs, price):
+    cash, shares, _ = rebalance(np.float64(1000.0), np.float64(0.0), np.float64(price), 1.0, True, costs)
+    assert abs(float(cash)) < 1e-9  # exactly the cash available, costs included: no leverage, no leftover
+    assert float(shares) > 0
+
+
+def test_no_trade_moves_nothing():
+    trade = np.zeros_like(TRADE)
+    cash, shares, delta = rebalance(CASH, SHARES, PRICE, WEIGHT, trade, COSTS)
+    np.testing.assert_array_equal(cash, CASH)
+    np.testing.assert_array_equal(shares, SHARES)
+    np.testing.assert_array_equal(delta, 0.0)
+    t_cash, t_shares, _ = rebalance(
+        *(torch.tensor(a) for a in (CASH, SHARES, PRICE, WEIGHT)), torch.tensor(trade), COSTS
+    )
+    np.testing.assert_array_equal(t_cash.numpy(), CASH)
+    np.testing.assert_array_equal(t_shares.numpy(), SHARES)
+
+
+@pytest.mark.parametrize("path", [(1.0, 0.0), (-1.0, 0.0), (1.0, -1.0, 0.0), (0.3, -0.7, 1.0, 0.0)])
+def test_zero_cost_round_trip_at_same_price_keeps_equity(path):
+    free = CostModel(0, 0)
+    cash, shares, price = 1000.0, 0.0, 42.0
+    for weight in path:
+        cash, shares, _ = rebalance(cash, shares, price, weight, True, free)
+        assert float(cash + shares * price) == pytest.approx(1000.0, rel=1e-14)
+    assert float(shares) == 0.0
+    assert float(cash) == pytest.approx(1000.0, rel=1e-14)
+
+
+@pytest.mark.parametrize("weight", [1.0, -1.0, 0.5])
+def test_costs_strictly_reduce_equity_on_a_round_trip(weight):
+    costs = CostModel(5, 3)
+    cash, shares, _ = rebalance(1000.0, 0.0, 42.0, weight, True, costs)
+    cash, shares, _ = rebalance(cash, shares, 42.0, 0.0, True, costs)
+    assert float(shares) == 0.0
+    assert float(cash) < 1000.0
+    if abs(weight) == 1.0:
+        # Open and close of a full position: equity shrinks by (1 - s)(1 - f) / ((1 + s)(1 + f)).
+        s, f = costs.slippage, costs.fee
+        assert float(cash) == pytest.approx(1000.0 * (1 - s) * (1 - f) / ((1 + s) * (1 + f)), rel=1e-13)
