@@ -146,10 +146,13 @@ def fit_regime_model(
     x = np.asarray(inputs, dtype=np.float64)[start:stop]
     if len(x) < MIN_ROWS_PER_STATE * n_states:
         raise ValueError(
-            f"{len(x)} training rows for a {n_states}-state HMM; at least {MIN_ROWS_PER_STATE * n_states} needed"
+            f"{len(x)} training rows for a {n_states}-state HMM; "
+            f"at least {MIN_ROWS_PER_STATE * n_states} are needed"
         )
     if not np.isfinite(x).all():
-        raise ValueError(f"HMM inputs contain NaN/inf in training rows {start}..{stop}; start after the warm-up")
+        raise ValueError(
+            f"HMM inputs contain NaN/inf in training rows {start}..{stop}; start after the warm-up"
+        )
     center, scale = x.mean(axis=0), x.std(axis=0)
     if np.any(scale == 0):
         raise ValueError("HMM inputs are constant on the training range; there is nothing to fit")
@@ -169,13 +172,16 @@ def fit_regime_model(
             record.append({"seed": int(s), "error": str(err), "converged": False})
             continue
         ok = _converged(model.monitor_) and np.isfinite(ll)
-        record.append({"seed": int(s), "log_likelihood": ll, "iterations": int(model.monitor_.iter), "converged": ok})
+        record.append(
+            {"seed": int(s), "log_likelihood": ll, "iterations": int(model.monitor_.iter), "converged": ok}
+        )
         if ok and (best is None or ll > best[0]):
             best = (ll, model)
     if best is None:
         raise RegimeFitError(
             f"none of {restarts} HMM restarts ({n_states} states, {len(z)} rows) converged within {n_iter} "
-            f"EM iterations (tol={tol}); per restart: {record}. Use fewer states, more data or more iterations."
+            f"EM iterations (tol={tol}); per restart: {record}. "
+            "Use fewer states, more data or more iterations."
         )
     ll, model = best
     # Canonical order: by the mean of the volatility input, calmest first.

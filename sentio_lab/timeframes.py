@@ -133,7 +133,8 @@ def resample_causal(
         b = int(np.flatnonzero(late)[0])
         raise ValueError(
             f"timeframe {rule!r}: bar {index[last[b]]} falls in the bucket starting "
-            f"{pd.Timestamp(start[first[b]])} although bar {index[close_row[b]]} already closed it; base bars "
+            f"{pd.Timestamp(start[first[b]])} although bar {index[close_row[b]]} already closed it; "
+            "base bars "
             f"overlap (gaps shorter than base_freq={base}); pass the true base bar duration"
         )
     first, last, close_row = first[complete], last[complete], close_row[complete]
@@ -150,7 +151,9 @@ def resample_causal(
         htf[:, 3] = done[last, 3]
         htf[:, 4] = np.add.reduceat(done[:, 4], first)
     bars = pd.DataFrame(
-        htf, index=pd.DatetimeIndex(start[first]).as_unit(index.unit).rename("timestamp"), columns=OHLCV_COLUMNS
+        htf,
+        index=pd.DatetimeIndex(start[first]).as_unit(index.unit).rename("timestamp"),
+        columns=OHLCV_COLUMNS,
     )
     latest = np.searchsorted(close_row, np.arange(len(ts)), side="right").astype(np.int64) - 1
     return TimeframeView(rule=rule, bars=bars, close_row=close_row, latest=latest, base_freq=base)

@@ -1,0 +1,226 @@
+"""Replay an agent's target weights as a vectorbt portfolio with the environment's fills and costs.
+
+Timing (ARCHITECTURE.md), reproduced exactly: an episode starts at bar ``start`` with equity 1.0, all
+cash. For ``k = 0 .. L-1`` the weight ``w[k]`` is decided at the close of bar ``start + k``; when it
+differs from the weight held (initially 0) the account rebalances at the **open** of bar
+``start + k + 1`` by :func:`sentio_lab.costs.rebalance`; equity is marked at that bar's close. The
+portfolio spans bars ``start .. start + L`` (``L + 1`` rows, no order on row 0), so ``value()`` on row
+``k + 1`` equals the environment's equity after step ``k``.
+
+Share counts depend on the equity at each open, hence on the path: :func:`order_sizes` walks the
+weights through ``rebalance`` in numpy, and vectorbt then applies those share deltas
+(``size_type="amount"``) at the opens with the same fee and slippage, which are exactly the env's fills.
+
+Borrowed cash. ``rebalance`` sizes a new target on the equity *before* the trade, so a switch from a
+short to a full long (or any target above 1) buys more than the cash on hand: the account ends the bar
+with slightly negative cash, a small loan the environment allows. vectorbt never lets cash go below
+zero (it would fill only part of the order). When a path needs it, :func:`replay` therefore adds a
+first column, ``cash_loan``: a constant-price-1 instrument with no costs, in one cash-sharing group with
+the asset, sold short on the row whose fill first needs the cash (and topped up on any later row that
+needs more). Selling it raises cash by exactly the debt it books, so the group's value -- and every
+return, drawdown or Sharpe ratio vectorbt computes from it -- equals the environment's equity, and rows
+before the loan are untouched. The loan shows up in ``portfolio.orders`` and in vectorbt's own trade
+counts and benchmark; use :mod:`sentio_lab.metrics` on :func:`equity` for reported numbers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+import vectorbt as vbt
+
+from sentio_lab.costs import CostModel, rebalance
+from sentio_lab.data import infer_bar_freq
+
+#: Column name of the traded instrument in the portfolio.
+ASSET_COLUMN = "asset"
+#: Column name of the zero-cost loan instrument added when a path borrows cash (see the module doc).
+LOAN_COLUMN = "cash_loan"
+#: Cash below this (on a starting equity of 1) counts as borrowing; above it is rounding noise that
+#: vectorbt rounds to zero itself (its absolute tolerance is 1e-12).
+_BORROW_TOLERANCE = 1e-12
+#: Extra loan on top of twice the deepest negative cash, so that vectorbt never rounds the cash left
+#: after a fill to zero (its relative tolerance is 1e-9).
+_LOAN_MARGIN = 1e-6
+
+
+def _check_frame(frame: pd.DataFrame) -> None:
+    if not isinstance(frame, pd.DataFrame):
+        raise TypeError(f"frame: expected the canonical OHLCV DataFrame, got {type(frame).__name__}")
+    missing = [c for c in ("open", "close") if c not in frame.columns]
+    if missing:
+        raise ValueError(f"frame: missing column(s) {missing}; found {list(frame.columns)}")
+    if not isinstance(frame.index, pd.DatetimeIndex):
+        raise TypeError(f"frame: index must be a DatetimeIndex, got {type(frame.index).__name__}")
+
+
+def _check_range(frame: pd.DataFrame, start: int, steps: int) -> None:
+    if isinstance(start, bool) or not isinstance(start, int | np.integer):
+        raise TypeError(f"start: expected an integer bar position, got {type(start).__name__}")
+    if steps < 1:
+        raise ValueError(f"need at least one decision, got {steps}")
+    last = int(start) + steps
+    if start < 0 or last >= len(frame):
+        raise ValueError(
+            f"bars {start}..{last} (start {start} plus {steps} decisions, each filled on the next bar) "
+            f"outside the frame's {len(frame)} bars [0, {len(frame) - 1}]"
+        )
+    prices = frame[["open", "close"]].iloc[int(start) : last + 1].to_numpy(dtype=np.float64)
+    bad = ~(np.isfinite(prices) & (prices > 0)).all(axis=1)
+    if bad.any():
+        raise ValueError(
+            f"frame: non-positive or non-finite open/close in the replay range at "
+            f"{frame.index[int(start) : last + 1][bad][:5].tolist()}"
+        )
+
+
+def _weights(
+    frame: pd.DataFrame, start: int, target_weights: pd.Series | np.ndarray | Sequence[float]
+) -> np.ndarray:
+    """Validate the weights: 1-D, finite, and (for a Series with timestamps) on the decision bars."""
+    if isinstance(target_weights, pd.DataFrame):
+        raise TypeError("target_weights: expected one weight per decision (1-D), got a DataFrame")
+    try:
+        w = np.asarray(target_weights, dtype=np.float64)
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"target_weights: not convertible to numbers ({err})") from err
+    if w.ndim != 1:
+        raise ValueError(f"target_weights: expected a 1-D sequence, got shape {w.shape}")
+    if len(w) == 0:
+        raise ValueError("target_weights: empty; need at least one decision")
+    bad = ~np.isfinite(w)
+    if bad.any():
+        raise ValueError(f"target_weights: NaN or inf at position(s) {np.flatnonzero(bad)[:5].tolist()}")
+    _check_range(frame, start, len(w))
+    if isinstance(target_weights, pd.Series) and isinstance(target_weights.index, pd.DatetimeIndex):
+        expected = frame.index[int(start) : int(start) + len(w)]
+        if not target_weights.index.equals(expected):
+            raise ValueError(
+                "target_weights: its timestamps must be the decision bars "
+                f"{expected[0]} .. {expected[-1]} (frame rows {start}..{int(start) + len(w) - 1}); "
+                f"got {target_weights.index[0]} .. {target_weights.index[-1]}"
+            )
+    return w
+
+
+def _walk(
+    frame: pd.DataFrame, start: int, w: np.ndarray, costs: CostModel
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Iterate ``rebalance`` over the path; return (share deltas, cash, shares), each ``len(w) + 1`` rows."""
+    opens = frame["open"].to_numpy(dtype=np.float64)[start + 1 : start + len(w) + 1]
+    deltas = np.zeros(len(w) + 1)
+    cash = np.ones(len(w) + 1)
+    shares = np.zeros(len(w) + 1)
+    held = 0.0
+    for k, (weight, price) in enumerate(zip(w, opens, strict=True)):
+        new_cash, new_shares, delta = rebalance(cash[k], shares[k], price, weight, weight != held, costs)
+        cash[k + 1], shares[k + 1], deltas[k + 1] = new_cash, new_shares, delta
+        held = weight
+    return deltas, cash, shares
+
+
+def order_sizes(
+    frame: pd.DataFrame,
+    start: int,
+    target_weights: pd.Series | np.ndarray | Sequence[float],
+    costs: CostModel,
+) -> pd.Series:
+    """Share deltas the environment trades, on the replay's rows (bars ``start .. start + L``).
+
+    Row 0 (bar ``start``) is 0: nothing is filled before the first decision. Row ``k + 1`` holds the
+    shares bought (> 0) or sold (< 0) at the open of bar ``start + k + 1``; 0 where the weight is held.
+    """
+    _check_frame(frame)
+    w = _weights(frame, start, target_weights)
+    deltas, _, _ = _walk(frame, int(start), w, costs)
+    return pd.Series(deltas, index=frame.index[int(start) : int(start) + len(w) + 1], name="order_size")
+
+
+def replay(
+    frame: pd.DataFrame,
+    start: int,
+    target_weights: pd.Series | np.ndarray | Sequence[float],
+    costs: CostModel,
+    freq: str | pd.Timedelta | None = None,
+) -> vbt.Portfolio:
+    """vectorbt portfolio of the weights decided at bars ``start .. start + L - 1`` (see the module doc).
+
+    ``freq`` is the bar spacing vectorbt annualises with; by default the frame's median bar gap. The
+    portfolio's ``value()`` (see :func:`equity`) reproduces the environment's equity curve.
+    """
+    _check_frame(frame)
+    if not isinstance(costs, CostModel):
+        raise TypeError(f"costs: expected a CostModel, got {type(costs).__name__}")
+    w = _weights(frame, start, target_weights)
+    start_pos = int(start)
+    deltas, cash, _ = _walk(frame, start_pos, w, costs)
+    rows = slice(start_pos, start_pos + len(w) + 1)
+    close = frame["close"].iloc[rows].astype(np.float64)
+    opens = frame["open"].to_numpy(dtype=np.float64)[rows]
+    freq = infer_bar_freq(frame) if freq is None else pd.Timedelta(freq)
+    common = {"size_type": "amount", "init_cash": 1.0, "direction": "both", "freq": freq}
+
+    loan_orders = _loan_orders(cash)
+    if not loan_orders.any():
+        return vbt.Portfolio.from_orders(
+            close.rename(ASSET_COLUMN),
+            size=deltas,
+            price=opens,
+            fees=costs.fee,
+            slippage=costs.slippage,
+            **common,
+        )
+    # The loan column comes first: within a row vectorbt executes a group's orders in column order, so
+    # the cash is borrowed before the asset order that needs it.
+    return vbt.Portfolio.from_orders(
+        pd.DataFrame({LOAN_COLUMN: 1.0, ASSET_COLUMN: close}, index=close.index),
+        size=np.column_stack([loan_orders, deltas]),
+        price=np.column_stack([np.ones(len(opens)), opens]),
+        fees=np.array([[0.0, costs.fee]]),
+        slippage=np.array([[0.0, costs.slippage]]),
+        group_by=True,
+        cash_sharing=True,
+        call_seq="default",
+        **common,
+    )
+
+
+def _loan_orders(cash: np.ndarray) -> np.ndarray:
+    """Units of the loan instrument to sell on each row so that vectorbt's cash never goes below zero.
+
+    Causal: the loan grows on the row where the env's cash first needs it (twice the shortfall plus a
+    margin, so vectorbt's rounding never bites), never earlier, so an earlier row does not depend on a
+    later bar.
+    """
+    orders = np.zeros(len(cash))
+    borrowed = 0.0
+    for k, balance in enumerate(cash):
+        if balance < -_BORROW_TOLERANCE and balance + borrowed < _LOAN_MARGIN:
+            extra = 2.0 * -balance + _LOAN_MARGIN - borrowed
+            orders[k] = -extra
+            borrowed += extra
+    return orders
+
+
+def buy_and_hold(frame: pd.DataFrame, start: int, steps: int, costs: CostModel) -> vbt.Portfolio:
+    """The benchmark on the same bars: ``w = 1`` decided at ``start``, bought at the next open, same costs."""
+    if isinstance(steps, bool) or not isinstance(steps, int | np.integer) or steps < 1:
+        raise ValueError(f"steps: expected a positive integer, got {steps!r}")
+    return replay(frame, start, np.ones(int(steps)), costs)
+
+
+def equity(portfolio: vbt.Portfolio) -> pd.Series:
+    """The account value on every replay row (the first is the starting 1.0), as a Series named equity.
+
+    For a portfolio with the ``cash_loan`` column this is the group's value: asset, cash and loan netted.
+    """
+    if not isinstance(portfolio, vbt.Portfolio):
+        raise TypeError(f"equity: expected a vectorbt Portfolio, got {type(portfolio).__name__}")
+    value = portfolio.value()
+    if isinstance(value, pd.DataFrame):
+        if value.shape[1] != 1:
+            raise ValueError(f"equity: the portfolio has {value.shape[1]} columns/groups; select one first")
+        value = value.iloc[:, 0]
+    return value.rename("equity")

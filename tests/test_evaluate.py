@@ -1,0 +1,63 @@
+import dataclasses
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from sentio_lab import ppo
+from sentio_lab.evaluate import evaluate_checkpoint, evaluate_policy, load_trained, load_variant
+
+
+def test_unknown_variant():
+    with pytest.raises(KeyError, match="unknown variant"):
+        load_variant("nope")
+
+
+def test_checkpoint_evaluation_equals_live_agent(tiny_args, sp500_market):
+    result = ppo.train(tiny_args, market=sp500_market)
+    live = evaluate_policy(result.agent, sp500_market, window=tiny_args.window, positions=tiny_args.positions,
+                           costs=ppo.cost_model(tiny_args))
+    restored = evaluate_checkpoint(result.checkpoint_path)
+    pd.testing.assert_series_equal(live.weights, restored.weights)
+    pd.testing.assert_series_equal(live.equity, restored.equity)
+    test_start, test_stop = sp500_market.range("test")
+    assert restored.start == test_start and restored.equity.index[-1] == sp500_market.data.frame.index[test_stop - 1]
+    assert len(restored.equity) == len(restored.weights) + 1 and restored.equity.iloc[0] == 1.0
+    assert set(np.unique(restored.weights)) <= set(tiny_args.positions)
+
+
+def test_checkpoint_on_changed_data_is_refused(tiny_args, sp500_market, tmp_path):
+    frame = sp500_market.data.frame.copy()
+    csv = tmp_path / "sp500.csv"
+    frame.to_csv(csv)
+    args = dataclasses.replace(tiny_args, dataset=str(csv))
+    result = ppo.train(args)
+    trained = load_trained(result.checkpoint_path)
+    assert trained.market.data.fingerprint == sp500_market.data.fingerprint
+    frame.iloc[-1, frame.columns.get_loc("close")] *= 1.001
+    frame.iloc[-1, frame.columns.get_loc("high")] *= 1.002
+    frame.to_csv(csv)
+    with pytest.raises(ValueError, match="fingerprint"):
+        load_trained(result.checkpoint_path)
+    # evaluating on other data is possible when asked for explicitly
+    other = evaluate_checkpoint(result.checkpoint_path, dataset=csv)
+    assert other.equity.iloc[0] == 1.0
+
+
+def test_ruin_ends_the_evaluation_early(sp500_market):
+    class AlwaysLong:
+        def parameters(self):
+            import torch
+
+            yield torch.zeros(1)
+
+        def act_greedy(self, obs):
+            import torch
+
+            return torch.full((obs.shape[0],), 1, dtype=torch.long)
+
+    # 50x leverage on a daily index goes bust on the first big down day of the range
+    evaluation = evaluate_policy(AlwaysLong(), sp500_market, window=8, positions=(0.0, 50.0),
+                                 costs=ppo.cost_model(ppo.Args()), range_name="train")
+    assert evaluation.equity.iloc[-1] <= 0.0
+    assert len(evaluation.weights) < sp500_market.range("train")[1] - sp500_market.range("train")[0] - 8

@@ -1,0 +1,261 @@
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import vectorbt as vbt
+from scipy.stats import norm
+
+from sentio_lab import metrics as mt
+from sentio_lab.data import load_market
+
+# A small series whose moments are worked out by hand below (not with scipy).
+RETURNS = np.array([0.012, -0.021, 0.034, 0.004, -0.011, 0.019, 0.0, 0.015, -0.027, 0.008])
+
+
+def hand_psr(r: np.ndarray, sr_star: float) -> float:
+    """PSR written out from ARCHITECTURE.md with explicit central moments."""
+    t = len(r)
+    mean = sum(r) / t
+    sd = math.sqrt(sum((x - mean) ** 2 for x in r) / (t - 1))
+    m2 = sum((x - mean) ** 2 for x in r) / t
+    m3 = sum((x - mean) ** 3 for x in r) / t
+    m4 = sum((x - mean) ** 4 for x in r) / t
+    g3, g4 = m3 / m2**1.5, m4 / m2**2
+    sr = mean / sd
+    z = (sr - sr_star) * math.sqrt(t - 1) / math.sqrt(1 - g3 * sr + (g4 - 1) / 4 * sr**2)
+    return 0.5 * (1 + math.erf(z / math.sqrt(2)))
+
+
+@pytest.fixture(scope="module")
+def sp500() -> pd.DataFrame:
+    return load_market("sp500").frame
+
+
+def curve(returns, start="2020-01-01", freq="B") -> pd.Series:
+    values = np.concatenate([[1.0], np.cumprod(1 + np.asarray(returns))])
+    return pd.Series(values, index=pd.date_range(start, periods=len(values), freq=freq))
+
+
+# ------------------------------------------------------------------------------ periods per year
+def test_periods_per_year_from_real_indexes(sp500):
+    assert mt.periods_per_year(sp500) == 252  # median of the full calendar years 1999..2018
+    assert mt.periods_per_year(sp500.index) == 252
+    fx = load_market("eurusd_1h").frame
+    ppy = mt.periods_per_year(fx)
+    assert 24 * 250 <= ppy <= 24 * 262  # about 24 hours x 260 weekdays
+    assert ppy == len(fx)  # one year, covered from its first week to its last
+
+
+def test_periods_per_year_falls_back_to_density_for_short_ranges(sp500):
+    part = sp500.iloc[1000:1100]  # about five months, no whole calendar year
+    ppy = mt.periods_per_year(part)
+    span_years = (part.index[-1] - part.index[0]).days / 365.25
+    assert ppy == pytest.approx(99 / span_years)
+    assert 235 < ppy < 265
+
+
+def test_periods_per_year_conventions_for_spacings_and_numbers():
+    assert mt.periods_per_year("1D") == 252
+    assert mt.periods_per_year(pd.Timedelta(hours=1)) == pytest.approx(24 * 260)
+    assert mt.periods_per_year(pd.Timedelta(minutes=30)) == pytest.approx(48 * 260)
+    assert mt.periods_per_year("7D") == pytest.approx(365.25 / 7)
+    assert mt.periods_per_year(12) == 12.0
+    assert mt.periods_per_year(np.float64(52.5)) == 52.5
+
+
+@pytest.mark.parametrize(
+    ("arg", "error", "match"),
+    [
+        (pd.RangeIndex(10), TypeError, "RangeIndex"),
+        (pd.DatetimeIndex(["2020-01-01"]), ValueError, "at least 2"),
+        (pd.DatetimeIndex(["2020-01-02", "2020-01-01"]), ValueError, "increasing"),
+        (pd.DatetimeIndex(["2020-01-01", "2020-01-01"]), ValueError, "equal"),
+        ("0D", ValueError, "positive"),
+        (-5, ValueError, "positive"),
+        (float("nan"), ValueError, "positive"),
+        (True, TypeError, "bool"),
+        ([252], TypeError, "list"),
+    ],
+)
+def test_periods_per_year_rejects_bad_input(arg, error, match):
+    with pytest.raises(error, match=match):
+        mt.periods_per_year(arg)
+
+
+# -------------------------------------------------------------------------------- basic metrics
+def test_returns_total_return_cagr_and_drawdown_on_a_small_curve():
+    eq = pd.Series([1.0, 1.1, 0.99, 1.188])
+    np.testing.assert_allclose(mt.simple_returns(eq), [0.1, -0.1, 0.2])
+    np.testing.assert_allclose(mt.log_returns(eq), np.log([1.1, 0.9, 1.2]))
+    assert mt.total_return(eq) == pytest.approx(0.188)
+    assert mt.cagr(eq, 3) == pytest.approx(0.188)  # three periods of a 3-per-year clock: one year
+    assert mt.cagr(eq, 1.5) == pytest.approx(1.188**0.5 - 1)  # two years
+    np.testing.assert_allclose(mt.drawdown(eq), [0.0, 0.0, -0.1, 0.0], atol=1e-15)
+    assert mt.max_drawdown(eq) == pytest.approx(-0.1)
+    assert mt.calmar_ratio(eq, 3) == pytest.approx(0.188 / 0.1)
+
+
+def test_ratios_agree_with_vectorbt_and_scale_as_documented():
+    rng = np.random.default_rng(3)
+    r = pd.Series(rng.normal(0.0004, 0.01, 500), index=pd.date_range("2010-01-01", periods=500, freq="D"))
+    acc = r.vbt.returns(freq="1D", year_freq="252D")
+    assert mt.sharpe_ratio(r, 252) == pytest.approx(acc.sharpe_ratio(), rel=1e-12)
+    assert mt.sortino_ratio(r, 252) == pytest.approx(acc.sortino_ratio(), rel=1e-12)
+    assert mt.annualized_volatility(r, 252) == pytest.approx(acc.annualized_volatility(), rel=1e-12)
+    eq = curve(r)
+    assert mt.max_drawdown(eq) == pytest.approx(r.vbt.returns(freq="1D").max_drawdown(), rel=1e-12)
+    # per-period SR is the annualised one without the sqrt(periods) factor, and scale-free
+    assert mt.sharpe_ratio(r) * math.sqrt(252) == pytest.approx(mt.sharpe_ratio(r, 252))
+    assert mt.sharpe_ratio(3 * r) == pytest.approx(mt.sharpe_ratio(r))
+    assert mt.sharpe_ratio(-r) == pytest.approx(-mt.sharpe_ratio(r))
+
+
+def test_undefined_ratios_are_nan_not_zero():
+    flat = np.zeros(20)
+    assert math.isnan(mt.sharpe_ratio(flat))
+    assert math.isnan(mt.probabilistic_sharpe_ratio(flat))
+    assert math.isnan(mt.sortino_ratio([0.01, 0.02, 0.0]))  # never lost
+    assert math.isnan(mt.calmar_ratio([1.0, 1.1, 1.2], 252))  # never drew down
+    assert math.isnan(mt.hit_rate(flat))  # never exposed
+
+
+def test_hit_rate_ignores_flat_periods():
+    assert mt.hit_rate([0.01, 0.0, -0.02, 0.0, 0.03, 0.01]) == pytest.approx(3 / 4)
+
+
+def test_weight_metrics_start_from_flat():
+    w = [0.0, 1.0, 1.0, -1.0, 0.5, 0.5]
+    assert mt.number_of_trades(w) == 3  # 0->0 is no trade; 0->1, 1->-1, -1->0.5
+    assert mt.turnover(w) == pytest.approx((0 + 1 + 0 + 2 + 1.5 + 0) / 6)
+    assert mt.turnover(w, 252) == pytest.approx(252 * 4.5 / 6)
+    assert mt.average_exposure(w) == pytest.approx(4 / 6)
+    assert mt.number_of_trades([1.0]) == 1  # the first decision from flat is a fill
+
+
+# --------------------------------------------------------------------------------- PSR and DSR
+def test_psr_matches_the_formula_computed_by_hand():
+    for sr_star in (0.0, 0.05, -0.1):
+        assert mt.probabilistic_sharpe_ratio(RETURNS, sr_star) == pytest.approx(
+            hand_psr(RETURNS, sr_star), rel=1e-12
+        )
+
+
+def test_psr_properties():
+    sr = mt.sharpe_ratio(RETURNS)
+    assert mt.probabilistic_sharpe_ratio(RETURNS, sr) == pytest.approx(0.5, abs=1e-15)
+    values = [mt.probabilistic_sharpe_ratio(RETURNS, s) for s in (-0.2, -0.1, 0.0, 0.1, 0.2)]
+    assert all(a > b for a, b in zip(values, values[1:], strict=False))
+    # more evidence for the same positive SR: PSR(0) rises with the sample length
+    assert mt.probabilistic_sharpe_ratio(np.tile(RETURNS, 10)) > mt.probabilistic_sharpe_ratio(RETURNS)
+    # gaussian returns: skew ~0 and kurtosis ~3, so PSR ~ Phi(SR sqrt(T-1) / sqrt(1 + SR^2 / 2))
+    r = np.random.default_rng(0).normal(0.0005, 0.01, 20_000)
+    srn = mt.sharpe_ratio(r)
+    assert mt.probabilistic_sharpe_ratio(r) == pytest.approx(
+        norm.cdf(srn * math.sqrt(len(r) - 1) / math.sqrt(1 + srn**2 / 2)), abs=0.01
+    )
+
+
+def test_dsr_is_psr_at_the_expected_max_sharpe_and_falls_with_more_trials():
+    var = 0.002
+    for n in (2, 10, 100):
+        sr0 = math.sqrt(var) * (
+            (1 - 0.5772156649015329) * norm.ppf(1 - 1 / n)
+            + 0.5772156649015329 * norm.ppf(1 - 1 / (n * math.e))
+        )
+        assert mt.expected_max_sharpe(n, var) == pytest.approx(sr0, rel=1e-12)
+        assert mt.deflated_sharpe_ratio(RETURNS, n_trials=n, sr_variance=var) == pytest.approx(
+            hand_psr(RETURNS, sr0), rel=1e-12
+        )
+    dsrs = [mt.deflated_sharpe_ratio(RETURNS, n_trials=n, sr_variance=var) for n in (2, 5, 20, 100, 1000)]
+    assert all(a > b for a, b in zip(dsrs, dsrs[1:], strict=False))
+    assert dsrs[0] < mt.probabilistic_sharpe_ratio(RETURNS)  # even two trials deflate (SR0 > 0)
+    # zero variance across trials: nothing to deflate
+    assert mt.deflated_sharpe_ratio(RETURNS, n_trials=50, sr_variance=0.0) == pytest.approx(
+        mt.probabilistic_sharpe_ratio(RETURNS)
+    )
+
+
+def test_dsr_from_trial_sharpes():
+    trials = [0.05, 0.12, -0.03, 0.08]
+    expected = mt.deflated_sharpe_ratio(RETURNS, n_trials=4, sr_variance=float(np.var(trials, ddof=1)))
+    assert mt.deflated_sharpe_ratio(RETURNS, trial_sharpes=trials) == pytest.approx(expected)
+    more = mt.deflated_sharpe_ratio(RETURNS, trial_sharpes=trials, n_trials=40)
+    assert more < expected
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"n_trials": 1, "sr_variance": 0.1}, "n_trials"),
+        ({"n_trials": 2.5, "sr_variance": 0.1}, "n_trials"),
+        ({"n_trials": 5, "sr_variance": -0.1}, "sr_variance"),
+        ({"n_trials": 5, "sr_variance": float("nan")}, "sr_variance"),
+        ({"n_trials": 5}, "needs"),
+        ({}, "needs"),
+        ({"trial_sharpes": [0.1]}, "at least 2"),
+        ({"trial_sharpes": [0.1, 0.2], "sr_variance": 0.1}, "not both"),
+    ],
+)
+def test_dsr_rejects_bad_trial_descriptions(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        mt.deflated_sharpe_ratio(RETURNS, **kwargs)
+
+
+# ------------------------------------------------------------------------------ summaries, errors
+def test_summary_stats_uses_the_index_and_weights(sp500):
+    closes = sp500["close"].iloc[:600]
+    eq = closes / closes.iloc[0]
+    w = pd.Series(1.0, index=eq.index[:-1])
+    s = mt.summary_stats(eq, w)
+    assert list(s) == list(mt.STAT_NAMES)
+    assert s["periods_per_year"] == 252  # 1999 is covered completely
+    assert s["bars"] == 599 and s["start"] == eq.index[0] and s["end"] == eq.index[-1]
+    assert s["total_return"] == pytest.approx(closes.iloc[-1] / closes.iloc[0] - 1)
+    assert s["sharpe"] == pytest.approx(mt.sharpe_ratio(closes.pct_change().iloc[1:], 252))
+    assert s["n_trades"] == 1 and s["avg_exposure"] == 1.0
+    assert s["turnover_per_year"] == pytest.approx(252 / 599)
+    assert math.isnan(s["dsr"])
+    with_trials = mt.summary_stats(eq, periods=252, n_trials=10, sr_variance=0.001)
+    assert with_trials["dsr"] < with_trials["psr"]
+    assert math.isnan(with_trials["n_trades"])
+
+
+def test_summary_stats_of_a_two_point_curve_leaves_undefined_entries_nan():
+    s = mt.summary_stats(pd.Series([1.0, 1.01]), periods=252)
+    assert s["start"] is None and s["total_return"] == pytest.approx(0.01)
+    assert math.isnan(s["sharpe"]) and math.isnan(s["psr"]) and math.isnan(s["ann_volatility"])
+
+
+def test_stats_table_puts_strategies_in_columns():
+    a, b = curve([0.01, -0.02, 0.015, 0.003]), curve([0.0, 0.01, 0.01, -0.005])
+    table = mt.stats_table({"agent": a, "buy_and_hold": b}, {"agent": [1.0, 1.0, 0.0, -1.0]}, periods=252)
+    assert list(table.columns) == ["agent", "buy_and_hold"]
+    assert list(table.index) == list(mt.STAT_NAMES)
+    assert table.loc["n_trades", "agent"] == 3 and math.isnan(table.loc["n_trades", "buy_and_hold"])
+    assert table.loc["total_return", "buy_and_hold"] == pytest.approx(mt.total_return(b))
+    with pytest.raises(ValueError, match="unknown strategies"):
+        mt.stats_table({"agent": a}, {"other": [1.0]})
+    with pytest.raises(ValueError, match="no equity"):
+        mt.stats_table({})
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "match"),
+    [
+        (lambda: mt.total_return([1.0, np.nan, 1.2]), ValueError, "NaN or inf"),
+        (lambda: mt.total_return([1.0]), ValueError, "at least 2"),
+        (lambda: mt.log_returns([1.0, 0.0, 1.0]), ValueError, "> 0"),
+        (lambda: mt.drawdown(pd.DataFrame({"a": [1.0, 2.0]})), TypeError, "DataFrame"),
+        (lambda: mt.sharpe_ratio(np.ones((3, 2))), ValueError, "1-D"),
+        (lambda: mt.sharpe_ratio([0.01]), ValueError, "at least 2"),
+        (lambda: mt.cagr([1.0, 2.0], 0), ValueError, "periods_per_year"),
+        (lambda: mt.turnover([]), ValueError, "empty"),
+        (lambda: mt.average_exposure([0.5, np.inf]), ValueError, "weights"),
+        (lambda: mt.summary_stats(curve([0.01, 0.02]), [1.0]), ValueError, "2 decisions|1 decisions"),
+        (lambda: mt.summary_stats(pd.Series([1.0, 1.1, 1.2])), TypeError, "RangeIndex"),
+    ],
+)
+def test_bad_input_raises_a_clear_error(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
