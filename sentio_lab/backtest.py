@@ -59,8 +59,6 @@ def _check_frame(frame: pd.DataFrame) -> None:
 def _check_range(frame: pd.DataFrame, start: int, steps: int) -> None:
     if isinstance(start, bool) or not isinstance(start, int | np.integer):
         raise TypeError(f"start: expected an integer bar position, got {type(start).__name__}")
-    if steps < 1:
-        raise ValueError(f"need at least one decision, got {steps}")
     last = int(start) + steps
     if start < 0 or last >= len(frame):
         raise ValueError(

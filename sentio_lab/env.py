@@ -90,6 +90,19 @@ def episode_start_bounds(
     return lo, hi
 
 
+def check_positions(positions: Sequence[float]) -> np.ndarray:
+    """Validate action levels: finite, distinct, and including 0 (flat), where every episode starts."""
+    levels = np.asarray(positions, dtype=np.float64)
+    if levels.ndim != 1 or len(levels) < 2 or not np.isfinite(levels).all() or len(set(levels)) != len(levels):
+        raise ValueError(f"positions must be at least two distinct finite levels, got {tuple(positions)}")
+    if 0.0 not in levels:
+        raise ValueError(
+            f"positions {tuple(positions)} lack the flat level 0: episodes start flat, and a start position "
+            "the agent could not choose would make its first observation lie"
+        )
+    return levels
+
+
 class TradingEnv:
     """``num_envs`` episodes stepped together by tensor operations, on CPU or CUDA.
 
@@ -122,7 +135,7 @@ class TradingEnv:
         self.obs_dim = window * self.num_features + 1
         self.num_actions = len(positions)
         dev, f64 = self.device, torch.float64
-        self.positions = torch.as_tensor(positions, dtype=f64, device=dev)
+        self.positions = torch.as_tensor(check_positions(positions), dtype=f64, device=dev)
         self.open = torch.tensor(market.open, dtype=f64, device=dev)
         self.close = torch.tensor(market.close, dtype=f64, device=dev)
         self.features = torch.tensor(market.features, dtype=torch.float32, device=dev)
@@ -251,7 +264,7 @@ class NumpyTradingEnv(gym.Env):
         stop = len(market.close) if stop is None else stop
         self.start_low, self.start_high = episode_start_bounds(market, window, start, stop, episode_length)
         self.market, self.window, self.episode_length = market, window, episode_length
-        self.positions = np.asarray(positions, dtype=np.float64)
+        self.positions = check_positions(positions)
         self.costs, self.ruin_fraction = costs, ruin_fraction
         self.flat_level = int(np.argmin(np.abs(self.positions)))
         obs_dim = window * market.features.shape[1] + 1

@@ -71,8 +71,16 @@ class Args:
     """next fraction of bars held out for validation; the rest is the test range"""
     feature_bank: str = "basic"
     """feature bank: "basic" (fast returns / volatility / range set) or "talib" (150+ TA-Lib indicators)"""
+    timeframes: tuple[str, ...] = ()
+    """extra higher timeframes whose features join the observation, e.g. 4h 1D (pandas offset aliases)"""
     regimes: int = 0
     """number of HMM regimes whose filtered probabilities join the observation (0 = none)"""
+    normalise: str = "robust"
+    """feature normalisation fitted on the training range: "robust", "rank" or "none" """
+    prune_corr: float | None = None
+    """drop near-duplicate features whose |correlation| on the training range exceeds this"""
+    feature_cache_dir: str | None = ".cache/features"
+    """Parquet cache of computed features (keyed by data fingerprint and config); None = no cache"""
     window: int = 32
     """bars of feature history in each observation"""
 
@@ -173,7 +181,10 @@ class TrainResult:
 
 def feature_config(args: Args) -> FeatureConfig:
     """The feature pipeline these arguments ask for."""
-    return FeatureConfig(bank=args.feature_bank, regimes=args.regimes, seed=args.seed)
+    return FeatureConfig(
+        bank=args.feature_bank, timeframes=tuple(args.timeframes), regimes=args.regimes,
+        normalise=args.normalise, prune_corr=args.prune_corr, cache_dir=args.feature_cache_dir, seed=args.seed,
+    )
 
 
 def cost_model(args: Args) -> CostModel:
@@ -237,7 +248,8 @@ def train(args: Args, *, market: PreparedMarket | None = None, env: Any | None =
         args.num_iterations = args.total_timesteps // args.batch_size
         if args.num_iterations < 1:
             raise ValueError(f"total_timesteps={args.total_timesteps} < one rollout ({args.batch_size} steps)")
-        args.run_name = args.run_name or f"{Path(str(args.dataset)).stem}__{args.exp_name}__{args.seed}__{int(time.time())}"
+        stem = Path(str(args.dataset)).stem
+        args.run_name = args.run_name or f"{stem}__{args.exp_name}__{args.seed}__{int(time.time())}"
     _seed_everything(args.seed, args.torch_deterministic)
     device = resolve_device(args.device)
 

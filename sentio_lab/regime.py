@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 #: Realised volatility window (in returns) for the HMM's second input.
 VOL_WINDOW = 10
@@ -161,22 +162,25 @@ def fit_regime_model(
     seeds = np.random.SeedSequence(seed).generate_state(restarts)
     record: list[dict] = []
     best: tuple[float, object] | None = None
-    for s in seeds:
-        model = GaussianHMM(
-            n_components=n_states, covariance_type="full", n_iter=n_iter, tol=tol, random_state=int(s)
-        )
-        try:
-            model.fit(z)
-            ll = float(model.score(z))
-        except (ValueError, np.linalg.LinAlgError) as err:  # a degenerate restart; others may succeed
-            record.append({"seed": int(s), "error": str(err), "converged": False})
-            continue
-        ok = _converged(model.monitor_) and np.isfinite(ll)
-        record.append(
-            {"seed": int(s), "log_likelihood": ll, "iterations": int(model.monitor_.iter), "converged": ok}
-        )
-        if ok and (best is None or ll > best[0]):
-            best = (ll, model)
+    # The matrices are tiny (K states x 2 inputs); multi-threaded BLAS only adds synchronisation
+    # overhead, which on a 2-core machine made each EM fit ~15x slower. Results do not depend on it.
+    with threadpool_limits(limits=1):
+        for s in seeds:
+            model = GaussianHMM(
+                n_components=n_states, covariance_type="full", n_iter=n_iter, tol=tol, random_state=int(s)
+            )
+            try:
+                model.fit(z)
+                ll = float(model.score(z))
+            except (ValueError, np.linalg.LinAlgError) as err:  # a degenerate restart; others may work
+                record.append({"seed": int(s), "error": str(err), "converged": False})
+                continue
+            ok = bool(_converged(model.monitor_) and np.isfinite(ll))
+            record.append(
+                {"seed": int(s), "log_likelihood": ll, "iterations": int(model.monitor_.iter), "converged": ok}
+            )
+            if ok and (best is None or ll > best[0]):
+                best = (ll, model)
     if best is None:
         raise RegimeFitError(
             f"none of {restarts} HMM restarts ({n_states} states, {len(z)} rows) converged within {n_iter} "

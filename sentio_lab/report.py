@@ -19,6 +19,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import plotly.io as pio
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter
 from plotly.subplots import make_subplots
 
 from sentio_lab.metrics import drawdown
@@ -58,9 +59,7 @@ def _check_inputs(
         if not isinstance(w, pd.Series):
             raise TypeError(f"write_report: weights {name!r} is a {type(w).__name__}, not a pandas Series")
     if not isinstance(stats, pd.DataFrame):
-        raise TypeError(
-            f"write_report: stats must be a DataFrame (metrics.stats_table), got {type(stats).__name__}"
-        )
+        raise TypeError(f"write_report: stats must be a DataFrame (metrics.stats_table), got {type(stats).__name__}")
     if not isinstance(title, str) or not title.strip():
         raise ValueError("write_report: title must be a non-empty string")
     if not isinstance(meta, Mapping):
@@ -94,10 +93,10 @@ def _cell(value: object) -> str:
 
 def markdown_table(stats: pd.DataFrame) -> str:
     """A GitHub-flavoured markdown table of ``stats``: its index as the first column."""
-    header = ["", *map(str, stats.columns)]
+    header = ["", *(str(c).replace("|", "\\|") for c in stats.columns)]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * len(stats.columns)) + "|"]
-    for label, row in stats.iterrows():
-        cells = [str(label), *(_cell(v) for v in row.to_numpy())]
+    for label, row in zip(stats.index, stats.to_numpy(dtype=object), strict=True):
+        cells = [str(label), *(_cell(v) for v in row)]
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -105,10 +104,8 @@ def markdown_table(stats: pd.DataFrame) -> str:
 def _html_table(stats: pd.DataFrame) -> str:
     head = "".join(f"<th>{html.escape(str(c))}</th>" for c in stats.columns)
     body = "".join(
-        f"<tr><th>{html.escape(str(label))}</th>"
-        + "".join(f"<td>{html.escape(_cell(v))}</td>" for v in row.to_numpy())
-        + "</tr>"
-        for label, row in stats.iterrows()
+        f"<tr><th>{html.escape(str(label))}</th>" + "".join(f"<td>{html.escape(_cell(v))}</td>" for v in row) + "</tr>"
+        for label, row in zip(stats.index, stats.to_numpy(dtype=object), strict=True)
     )
     return f'<table class="stats"><thead><tr><th></th>{head}</tr></thead><tbody>{body}</tbody></table>'
 
@@ -160,9 +157,7 @@ def equity_figure(
         group = dict(legendgroup=name, line=dict(color=color))
         fig.add_trace(go.Scatter(x=curve.index, y=curve.to_numpy(), name=name, **group), row=1, col=1)
         dd = drawdown(curve)
-        fig.add_trace(
-            go.Scatter(x=dd.index, y=dd.to_numpy(), name=name, showlegend=False, **group), row=2, col=1
-        )
+        fig.add_trace(go.Scatter(x=dd.index, y=dd.to_numpy(), name=name, showlegend=False, **group), row=2, col=1)
         if name in weights:
             w = weights[name]
             fig.add_trace(
@@ -186,7 +181,12 @@ def _save_png(path: Path, equities: Mapping[str, pd.Series], *, kind: str, log_s
     if kind == "equity":
         if log_scale:
             ax.set_yscale("log")
-        ax.set_ylabel("equity (start = first value)")
+            low, high = ax.get_ylim()
+            if high / low < 10:  # under a decade the default log ticks label one or two values only
+                ax.yaxis.set_major_locator(MaxNLocator(nbins=6))
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _pos: f"{y:g}"))
+            ax.yaxis.set_minor_formatter(NullFormatter())
+        ax.set_ylabel("equity")
         ax.set_title("Equity")
     else:
         ax.yaxis.set_major_formatter(lambda y, _pos: f"{y:.0%}")
@@ -235,9 +235,7 @@ def write_report(
 
     stats.to_csv(paths["stats_csv"])
     paths["stats_md"].write_text(f"# {title}\n\n{markdown_table(stats)}", encoding="utf-8")
-    paths["meta_json"].write_text(
-        json.dumps(dict(meta), indent=2, default=_json_default) + "\n", encoding="utf-8"
-    )
+    paths["meta_json"].write_text(json.dumps(dict(meta), indent=2, default=_json_default) + "\n", encoding="utf-8")
     _save_png(paths["equity_png"], equities, kind="equity", log_scale=log_scale)
     _save_png(paths["drawdown_png"], equities, kind="drawdown", log_scale=log_scale)
 
@@ -248,9 +246,7 @@ def write_report(
         else '<p class="nolabel">No description of these numbers was recorded (no <code>label</code> in '
         "the metadata): the range, costs and seeds behind them are only what the metadata below says.</p>"
     )
-    figure = pio.to_html(
-        equity_figure(equities, weights, log_scale=log_scale), include_plotlyjs=True, full_html=False
-    )
+    figure = pio.to_html(equity_figure(equities, weights, log_scale=log_scale), include_plotlyjs=True, full_html=False)
     page = f"""<!DOCTYPE html>
 <html lang="en">
 <head><meta charset="utf-8"><title>{html.escape(title)}</title><style>{_CSS}</style></head>

@@ -566,3 +566,11 @@ def test_bad_starts_raise(sp500):
         batched.reset(starts=[100, batched.start_high + 1, 200])
     with pytest.raises(ValueError, match=r"starts \[0\] outside"):
         batched.reset(starts=torch.tensor([0, 100, 200]))
+
+
+@pytest.mark.parametrize("positions", [(-1.0, 1.0), (0.5, 1.0), (0.0,), (0.0, 0.0, 1.0), (0.0, float("nan"))])
+def test_positions_must_be_distinct_finite_and_include_flat(positions):
+    from sentio_lab.env import check_positions
+
+    with pytest.raises(ValueError, match="positions"):
+        check_positions(positions)

@@ -206,7 +206,11 @@ def test_robust_normalisation_is_fitted_on_the_training_rows(sp500):
     train = obs.values[obs.first_valid : stop].astype(np.float64)
     np.testing.assert_allclose(np.median(train, axis=0), 0.0, atol=1e-6)
     iqr = np.subtract(*np.percentile(train, [75, 25], axis=0))
-    np.testing.assert_allclose(iqr, F._IQR_TO_STD, rtol=1e-4)
+    # sp500 opens at the previous close on ~40% of days: the gap's IQR is 0 and the fallback scale
+    # (largest training departure from the median) maps its training values into [-1, 1].
+    gap = obs.names.index("gap")
+    assert np.abs(train[:, gap]).max() == pytest.approx(1.0)
+    np.testing.assert_allclose(np.delete(iqr, gap), F._IQR_TO_STD, rtol=1e-4)
     # Test-range statistics differ: the normaliser did not look there.
     test = obs.values[stop:].astype(np.float64)
     assert np.abs(np.median(test, axis=0)).max() > 0.01
@@ -217,19 +221,21 @@ def test_rank_normalisation_maps_training_values_to_minus_one_one(sp500):
     obs = build_observation_features(sp500.frame, stop, FeatureConfig(normalise="rank"))
     train = obs.values[obs.first_valid : stop]
     assert train.min() >= -1.0 and train.max() <= 1.0
-    np.testing.assert_allclose(np.median(train, axis=0), 0.0, atol=0.03)
-    np.testing.assert_allclose(train.min(axis=0), -1.0)
-    np.testing.assert_allclose(train.max(axis=0), 1.0)
+    np.testing.assert_allclose(np.median(train, axis=0), 0.0, atol=0.1)  # ties (the gap) shift it a bit
+    # Extremes reach -1 / +1 up to ties (close == low happens often: tied values share a level).
+    assert (train.min(axis=0) <= -0.95).all() and (train.max(axis=0) >= 0.95).all()
 
 
 def test_rank_normalisation_handles_tied_discrete_values():
     x = np.zeros((200, 1))
     x[::50] = 1.0  # a sparse flag: quantiles tie at 0
     params = F._fit_normaliser(x, "rank")
-    assert params["knots"][0] == [0.0, 1.0]
+    knots, levels = params["knots"][0], params["levels"][0]
+    assert knots[0] == 0.0 and knots[-1] == 1.0 and np.all(np.diff(knots) > 0) and len(knots) == len(levels)
+    assert len(knots) < F.RANK_KNOTS  # the ~98 tied quantiles at 0 collapsed into one knot
     out = F._apply_normaliser(np.array([[0.0], [1.0], [5.0], [-3.0]]), params, 5.0)
-    assert out[1, 0] == 1.0 and out[2, 0] == 1.0 and out[0, 0] == out[3, 0]
-    assert -0.1 < out[0, 0] < 0.1
+    assert out[1, 0] == out[2, 0] > 0.9 and out[0, 0] == out[3, 0]  # saturates outside the train range
+    assert -0.1 < out[0, 0] < 0.1  # a tie at 0 sits at the middle of its CDF levels
 
 
 def test_robust_scale_falls_back_to_the_largest_departure_for_sparse_columns():

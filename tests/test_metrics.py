@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
-import vectorbt as vbt
+import vectorbt  # noqa: F401  (registers the pandas .vbt accessor used as a cross-check)
 from scipy.stats import norm
 
 from sentio_lab import metrics as mt

@@ -1,0 +1,144 @@
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from sentio_lab import metrics as mt
+from sentio_lab.costs import CostModel
+from sentio_lab.report import REPORT_FILES, equity_figure, markdown_table, write_report
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture
+def inputs():
+    rng = np.random.default_rng(1)
+    index = pd.bdate_range("2017-01-02", periods=260)
+    agent = pd.Series(np.cumprod(1 + rng.normal(0.0005, 0.01, 260)), index=index)
+    hold = pd.Series(np.cumprod(1 + rng.normal(0.0003, 0.008, 260)), index=index)
+    weights = pd.Series(rng.choice([-1.0, 0.0, 1.0], 259), index=index[:-1])
+    equities = {"agent": agent, "buy_and_hold": hold}
+    stats = mt.stats_table(equities, {"agent": weights})
+    meta = {
+        "label": "out-of-sample test range 2017-01-03 to 2017-12-29, net of costs, 1 seed",
+        "dataset": "sp500",
+        "fingerprint": "4cd6be963cddfa0b",
+        "seed": 7,
+        "costs": CostModel(10, 5),
+        "generated": pd.Timestamp("2024-01-01"),
+        "seeds": np.array([1, 2]),
+        "n": np.int64(3),
+    }
+    return equities, {"agent": weights}, stats, meta
+
+
+def test_write_report_writes_every_file(tmp_path, inputs):
+    equities, weights, stats, meta = inputs
+    paths = write_report(tmp_path / "run", equities, weights, stats, "PPO vs buy and hold", meta)
+    assert set(paths) == set(REPORT_FILES)
+    for key, path in paths.items():
+        assert path == tmp_path / "run" / REPORT_FILES[key] and path.stat().st_size > 0
+
+    csv = pd.read_csv(paths["stats_csv"], index_col=0)
+    assert list(csv.columns) == ["agent", "buy_and_hold"]
+    assert float(csv.loc["sharpe", "agent"]) == pytest.approx(stats.loc["sharpe", "agent"])
+
+    md = paths["stats_md"].read_text().splitlines()
+    assert md[0] == "# PPO vs buy and hold"
+    table = [line for line in md if line.startswith("|")]
+    assert len(table) == 2 + len(stats)  # header, rule, one line per statistic
+    assert table[0] == "|  | agent | buy_and_hold |"
+    sharpe_line = next(line for line in table if line.startswith("| sharpe |"))
+    assert f"{stats.loc['sharpe', 'agent']:.4f}" in sharpe_line
+
+    saved = json.loads(paths["meta_json"].read_text())
+    assert saved["costs"] == {"fee_bps": 10, "slippage_bps": 5}
+    assert saved["seed"] == 7 and saved["seeds"] == [1, 2] and saved["n"] == 3
+    assert saved["generated"] == "2024-01-01 00:00:00"
+
+    for key in ("equity_png", "drawdown_png"):
+        assert paths[key].read_bytes()[:8] == PNG_MAGIC
+
+
+def test_html_is_offline_and_labels_only_what_meta_says(tmp_path, inputs):
+    equities, weights, stats, meta = inputs
+    page = write_report(tmp_path, equities, weights, stats, "Run <1>", meta)["html"].read_text()
+    assert "<title>Run &lt;1&gt;</title>" in page  # escaped
+    assert meta["label"] in page and "4cd6be963cddfa0b" in page and "fee_bps" in page
+    assert "Plotly.newPlot" in page and "<script src=" not in page  # no external script to fetch
+    assert len(page) > 1_000_000  # plotly.js itself is embedded
+    assert "2017-01-02 to 2017-12-29 (259 bars)" in page  # span read off the curves
+    assert f"<td>{stats.loc['max_drawdown', 'agent']:.4f}</td>" in page
+    assert "No description" not in page
+
+    unlabelled = {k: v for k, v in meta.items() if k != "label"}
+    page = write_report(tmp_path / "b", equities, None, stats, "t", unlabelled, log_scale=False)["html"].read_text()
+    assert "No description of these numbers was recorded" in page
+    assert "out-of-sample" not in page  # nothing invented
+    empty = write_report(tmp_path / "c", equities, None, stats, "t", {})["html"].read_text()
+    assert "No metadata was given" in empty
+
+
+def test_equity_figure_rows_and_scale(inputs):
+    equities, weights, _, _ = inputs
+    fig = equity_figure(equities, weights)
+    assert fig.layout.yaxis.type == "log"
+    assert len(fig.data) == 2 * len(equities) + 1  # equity and drawdown each, one weight trace
+    assert fig.layout.yaxis3 is not None and fig.layout.yaxis3.domain is not None
+    drawdowns = [t for t in fig.data if t.yaxis == "y2"]
+    np.testing.assert_allclose(drawdowns[0].y, mt.drawdown(equities["agent"]).to_numpy())
+    plain = equity_figure(equities, log_scale=False)
+    assert plain.layout.yaxis.type != "log" and len(plain.data) == 2 * len(equities)
+
+
+def test_markdown_table_formats_cells():
+    stats = pd.DataFrame(
+        {
+            "a|b": [
+                1.23456789,
+                np.nan,
+                None,
+                pd.Timestamp("2020-01-02"),
+                3,
+                1.5e7,
+                pd.Timestamp("2020-01-02 10:00"),
+            ]
+        },
+        index=["x", "y", "z", "d", "n", "big", "t"],
+    )
+    lines = markdown_table(stats).splitlines()
+    assert lines[0] == "|  | a\\|b |"
+    assert lines[2:] == [
+        "| x | 1.2346 |",
+        "| y |  |",
+        "| z |  |",
+        "| d | 2020-01-02 |",
+        "| n | 3 |",
+        "| big | 1.5e+07 |",
+        "| t | 2020-01-02 10:00:00 |",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("change", "error", "match"),
+    [
+        (lambda a: a.update(equities={}), ValueError, "non-empty"),
+        (lambda a: a.update(equities={"x": [1.0, 2.0]}), TypeError, "not a pandas Series"),
+        (lambda a: a.update(equities={"x": pd.Series([1.0])}), ValueError, "at least 2"),
+        (lambda a: a.update(equities={"x": pd.Series([1.0, np.nan])}), ValueError, "finite"),
+        (lambda a: a.update(equities={"x": pd.Series([1.0, -1.0])}), ValueError, "> 0"),
+        (lambda a: a.update(weights={"ghost": pd.Series([1.0])}), ValueError, "ghost"),
+        (lambda a: a.update(weights={"agent": [1.0]}), TypeError, "not a pandas Series"),
+        (lambda a: a.update(stats={"sharpe": 1.0}), TypeError, "DataFrame"),
+        (lambda a: a.update(title="  "), ValueError, "title"),
+        (lambda a: a.update(meta=[("seed", 1)]), TypeError, "meta"),
+    ],
+)
+def test_write_report_rejects_bad_input(tmp_path, inputs, change, error, match):
+    equities, weights, stats, meta = inputs
+    args = {"equities": equities, "weights": weights, "stats": stats, "title": "t", "meta": meta}
+    change(args)
+    with pytest.raises(error, match=match):
+        write_report(tmp_path, **args)
+    assert not any(tmp_path.iterdir())  # nothing half-written
