@@ -11,9 +11,9 @@ Share counts depend on the equity at each open, hence on the path: :func:`order_
 weights through ``rebalance`` in numpy, and vectorbt then applies those share deltas
 (``size_type="amount"``) at the opens with the same fee and slippage, which are exactly the env's fills.
 
-Borrowed cash. ``rebalance`` sizes a new target on the equity *before* the trade, so a switch from a
-short to a full long (or any target above 1) buys more than the cash on hand: the account ends the bar
-with slightly negative cash, a small loan the environment allows. vectorbt never lets cash go below
+Borrowed cash. ``rebalance`` sizes a target as a weight of the post-trade equity, so levels in
+[-1, 1] never borrow (a move to 1 spends exactly the cash on hand); a level above 1 is leverage and
+leaves the account with negative cash, a loan the environment allows. vectorbt never lets cash go below
 zero (it would fill only part of the order). When a path needs it, :func:`replay` therefore adds a
 first column, ``cash_loan``: a constant-price-1 instrument with no costs, in one cash-sharing group with
 the asset, sold short on the row whose fill first needs the cash (and topped up on any later row that

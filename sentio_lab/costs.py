@@ -3,9 +3,15 @@
 Accounting (vectorbt's, so that a vectorbt replay reproduces the env's equity exactly):
 the account holds ``cash`` and ``shares`` (negative when short). A rebalance at price ``p`` to a target
 weight ``w`` buys or sells ``delta`` shares at ``p * (1 + slippage)`` (buy) or ``p * (1 - slippage)``
-(sell) and pays ``fee * |delta| * executed price`` on top. The target share count is sized so that a
-trade from flat to ``w = 1`` spends exactly the cash available, costs included:
-``target_shares = w * equity_at_p / (p * (1 + slippage) * (1 + fee))``.
+(sell) and pays ``fee * |delta| * executed price`` on top. ``w`` is a weight of the equity *after* the
+trade's own costs: ``(shares + delta) * p == w * (equity_at_p - cost(delta))``. Solved for ``delta``:
+
+    delta = (w * equity_at_p - shares * p) / (p * (1 + w * k)),
+    k = (1 + slippage) * (1 + fee) - 1          when buying,
+    k = (1 - slippage) * (1 - fee) - 1          when selling (negative),
+
+so any move to ``w = 1`` (from flat, long or short) spends exactly the cash available and never borrows;
+only levels above 1 borrow cash (leverage), by design.
 """
 
 from __future__ import annotations
@@ -48,9 +54,14 @@ class CostModel:
         return self.slippage_bps * BPS
 
     @property
-    def sizing_factor(self) -> float:
-        """Cost of one unit of notional bought: target shares are divided by this."""
-        return (1.0 + self.slippage) * (1.0 + self.fee)
+    def buy_cost_rate(self) -> float:
+        """Cost of buying one unit of notional, as a fraction: ``(1 + slippage)(1 + fee) - 1``."""
+        return (1.0 + self.slippage) * (1.0 + self.fee) - 1.0
+
+    @property
+    def sell_cost_rate(self) -> float:
+        """Proceeds lost selling one unit of notional: ``1 - (1 - slippage)(1 - fee)``."""
+        return 1.0 - (1.0 - self.slippage) * (1.0 - self.fee)
 
 
 def _where(cond, a, b):
@@ -73,8 +84,10 @@ def rebalance(
     the numpy reference env and the backtest share one formula. Where ``trade`` is false nothing moves.
     """
     equity_at_price = cash + shares * price
-    target_shares = target_weight * equity_at_price / (price * costs.sizing_factor)
-    delta = _where(trade, target_shares - shares, 0.0 * shares)
+    gap = target_weight * equity_at_price - shares * price  # notional to trade before costs
+    # k > 0 when buying (costs add to what is paid), k < 0 when selling (costs cut the proceeds)
+    k = _where(gap > 0, 0.0 * gap + costs.buy_cost_rate, 0.0 * gap - costs.sell_cost_rate)
+    delta = _where(trade, gap / (price * (1.0 + target_weight * k)), 0.0 * shares)
     # Both branches are arrays of the price's dtype: torch.where on two python floats would build float32.
     executed = _where(delta > 0, price * (1.0 + costs.slippage), price * (1.0 - costs.slippage))
     traded_value = delta * executed

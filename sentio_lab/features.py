@@ -358,14 +358,20 @@ def _talib_feature(
 
 
 def _ma_feature(fn: str, periods: tuple[int, ...], *, settle: Callable[[int], int] | None = None) -> None:
-    """Register a moving average as log(MA / close) at each period."""
+    """Register a moving average of log close minus log close, at each period.
+
+    Filtering log prices (instead of log(MA(close) / close)) is the same to first order, exactly
+    scale-free for these translation-equivariant filters, and stays defined where an extrapolating
+    filter (TSF, DEMA, TEMA, HMA, ZLEMA, T3) of raw prices would dip below zero after a crash.
+    """
     ta = getattr(talib, fn)
     lb = max(_tl(fn, timeperiod=p) + (settle(p) if settle else 0) for p in periods)
 
     def produce(b: Bars) -> dict[str, np.ndarray]:
-        return {f"{fn.lower()}_{p}": _log_ratio(ta(b.close, timeperiod=p), b.close) for p in periods}
+        logc = np.log(b.close)
+        return {f"{fn.lower()}_{p}": ta(logc, timeperiod=p) - logc for p in periods}
 
-    produce.__doc__ = f"{fn} of close at periods {periods}, as log(MA / close)."
+    produce.__doc__ = f"{fn} of log close at periods {periods}, minus log close."
     _talib_feature(fn, lookback=lb)(produce)
 
 
@@ -447,23 +453,26 @@ def _percentile(b: Bars) -> dict[str, np.ndarray]:
 @_talib_feature("MAMA", lookback=_tl("MAMA"), settle=_HT_SETTLE)
 def _mama(b: Bars) -> dict[str, np.ndarray]:
     """MESA adaptive moving average and its follower (FAMA), log ratio to close."""
+    # On raw close, not log close: MAMA's phase-driven alpha is exactly scale-equivariant but not exactly
+    # shift-equivariant, and both lines are positive averages, so the log ratio is always defined.
     mama, fama = talib.MAMA(b.close, fastlimit=0.5, slowlimit=0.05)
     return {"mama": _log_ratio(mama, b.close), "fama": _log_ratio(fama, b.close)}
 
 
 @_talib_feature("HT_TRENDLINE", lookback=_tl("HT_TRENDLINE"), settle=_HT_SETTLE)
 def _ht_trendline(b: Bars) -> dict[str, np.ndarray]:
-    """Hilbert-transform instantaneous trendline, log ratio to close."""
+    """Hilbert-transform instantaneous trendline, log ratio to close (a positive average: always defined)."""
     return {"ht_trendline": _log_ratio(talib.HT_TRENDLINE(b.close), b.close)}
 
 
 # The period input (HT_DCPERIOD) starts after its own warm-up; MAVP's window then adds maxperiod - 1.
 @_talib_feature("MAVP", lookback=_tl("HT_DCPERIOD") + _tl("MAVP", maxperiod=30), settle=_HT_SETTLE)
 def _mavp(b: Bars) -> dict[str, np.ndarray]:
-    """Moving average whose period follows the Hilbert dominant cycle period (2..30), log ratio to close."""
+    """Moving average (period = Hilbert dominant cycle, 2..30) of log close, minus log close."""
     periods = talib.HT_DCPERIOD(b.close)
     # The dominant-cycle period is NaN in its own warm-up; TA-Lib then starts MAVP where both exist.
-    return {"mavp_dc": _log_ratio(talib.MAVP(b.close, periods, minperiod=2, maxperiod=30), b.close)}
+    logc = np.log(b.close)
+    return {"mavp_dc": talib.MAVP(logc, periods, minperiod=2, maxperiod=30) - logc}
 
 
 def _band_features(
@@ -531,7 +540,8 @@ def _sarext(b: Bars) -> dict[str, np.ndarray]:
 def _supertrend(b: Bars) -> dict[str, np.ndarray]:
     """SuperTrend (10, 3): log ratio of the trend line to close and the trend direction."""
     line, trend = talib.SUPERTREND(b.high, b.low, b.close, timeperiod=10, multiplier=3.0)
-    return {"supertrend": _log_ratio(line, b.close), "supertrend_dir": trend}
+    # Relative distance, not a log ratio: the lower band (hl2 - 3 ATR) can be negative after a crash.
+    return {"supertrend": line / b.close - 1.0, "supertrend_dir": trend}
 
 
 @_talib_feature("HA", lookback=_tl("HA"), settle=10)
@@ -587,7 +597,6 @@ _osc_feature("QSTICK", (10,), ("open", "close"), per_close=True)
 _osc_feature("DPO", (20,), ("close",), per_close=True)
 _osc_feature("STDDEV", (5, 14), ("close",), per_close=True)
 _osc_feature("AVGDEV", (14,), ("close",), per_close=True)
-_osc_feature("LINEARREG_SLOPE", (14, 30), ("close",), per_close=True)
 _osc_feature("ADR", (14,), ("high", "low"), per_close=True)
 _osc_feature("CMF", (20,), ("high", "low", "close", "volume"))
 _osc_feature("RVOL", (20,), ("volume",), label="relvol")
@@ -865,6 +874,13 @@ def _linreg_angle(b: Bars) -> dict[str, np.ndarray]:
     # TA-Lib's angle depends on the price unit; on 100 * log price it is the same for every market.
     logc = 100.0 * np.log(b.close)
     return {f"linreg_angle_{p}": talib.LINEARREG_ANGLE(logc, timeperiod=p) for p in (14, 30)}
+
+
+@_talib_feature("LINEARREG_SLOPE", lookback=_tl("LINEARREG_SLOPE", timeperiod=30))
+def _linreg_slope(b: Bars) -> dict[str, np.ndarray]:
+    """Slope of the regression line of log close over 14 / 30 bars (log return per bar)."""
+    logc = np.log(b.close)
+    return {f"linearreg_slope_{p}": talib.LINEARREG_SLOPE(logc, timeperiod=p) for p in (14, 30)}
 
 
 @_talib_feature("VAR", lookback=_tl("VAR", timeperiod=30) + 1)

@@ -68,17 +68,25 @@ def test_replay_reproduces_the_batched_env_long_short(frame, market):
     error = max_rel_error(frame, weights, equities)
     print(f"max relative equity error, env vs vectorbt (long/short): {error:.3e}")
     assert error < 1e-9
-    # the random paths switch short -> full long, where the env borrows a little cash: the replay
-    # carries that loan in a zero-cost column, and the equity above still matched
+    # the random paths switch short -> full long; sized on post-trade equity, that never borrows, so the
+    # replay is a plain one-asset portfolio with cash >= 0 throughout
     switches = ((weights[:-1] == -1.0) & (weights[1:] == 1.0)).any(axis=0)
     assert switches.all()
     portfolio = bt.replay(frame, STARTS[0], weights[:, 0], COSTS)
+    assert list(portfolio.wrapper.columns) == [bt.ASSET_COLUMN]
+    assert float(portfolio.cash().min()) >= -1e-12
+
+
+def test_leverage_borrows_on_the_first_move_above_one(frame):
+    weights = np.zeros(40)
+    weights[10:20] = 2.0
+    weights[25:] = 1.0
+    start = 4000
+    portfolio = bt.replay(frame, start, weights, COSTS)
     assert list(portfolio.wrapper.columns) == [bt.LOAN_COLUMN, bt.ASSET_COLUMN]
     loans = portfolio.orders.records_readable.query("Column == @bt.LOAN_COLUMN")
-    first_switch = int(np.flatnonzero((weights[:-1, 0] == -1.0) & (weights[1:, 0] == 1.0))[0]) + 1
-    # borrowed on the fill of the first short -> long switch (row first_switch + 1), not before
-    assert loans["Timestamp"].iloc[0] == frame.index[STARTS[0] + first_switch + 1]
-    assert (loans["Side"] == "Sell").all() and (loans["Fees"] == 0).all()
+    # decided at row 10, filled at the open of the next bar (replay row 11): borrowed then, not before
+    assert loans["Timestamp"].iloc[0] == frame.index[start + 11]
 
 
 def test_replay_reproduces_the_env_long_only_without_a_loan(frame, market):

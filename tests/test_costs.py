@@ -28,10 +28,11 @@ def test_cost_model_rejects_bad_values(field, value):
 
 
 def test_cost_model_fractions():
-    assert CostModel(0, 0).sizing_factor == 1.0
+    assert CostModel(0, 0).buy_cost_rate == CostModel(0, 0).sell_cost_rate == 0.0
     assert COSTS.fee == pytest.approx(FEE, rel=1e-15)
     assert COSTS.slippage == pytest.approx(SLIP, rel=1e-15)
-    assert COSTS.sizing_factor == pytest.approx((1 + SLIP) * (1 + FEE), rel=1e-15)
+    assert 1 + COSTS.buy_cost_rate == pytest.approx((1 + SLIP) * (1 + FEE), rel=1e-15)
+    assert 1 - COSTS.sell_cost_rate == pytest.approx((1 - SLIP) * (1 - FEE), rel=1e-15)
     default = CostModel()
     assert (default.fee_bps, default.slippage_bps) == (1.0, 1.0)
     assert CostModel(9_999.0, 0).fee == pytest.approx(0.9999)
@@ -47,20 +48,21 @@ def test_sell_to_flat_by_hand():
 
 
 def test_buy_by_hand():
-    # Equity 1000 at price 50, target half: shares = 500 / (50 * 1.002 * 1.001); fill at 50.1.
+    # Equity 1000 at price 50, target half of post-trade equity: shares = 500 / (50 (1 + 0.5 k)) with
+    # k = 1.002 * 1.001 - 1 the buy cost rate; fill at 50.1.
     cash, shares, delta = rebalance(1000.0, 0.0, 50.0, 0.5, True, COSTS)
-    expected_shares = 500.0 / (50.0 * 1.002 * 1.001)
+    expected_shares = 500.0 / (50.0 * (1 + 0.5 * (1.002 * 1.001 - 1)))
     assert float(shares) == pytest.approx(expected_shares, rel=1e-14)
     assert float(delta) == pytest.approx(expected_shares, rel=1e-14)
     notional = expected_shares * 50.1
     assert float(cash) == pytest.approx(1000.0 - notional - FEE * notional, rel=1e-14)
-    # Half the equity (costs included) went into the position.
-    assert 1000.0 - float(cash) == pytest.approx(500.0, rel=1e-14)
+    # The position is worth half of what the account is worth after paying for it.
+    assert float(shares) * 50.0 == pytest.approx(0.5 * (float(cash) + float(shares) * 50.0), rel=1e-14)
 
 
 def test_short_from_flat_by_hand():
     cash, shares, delta = rebalance(1000.0, 0.0, 100.0, -1.0, True, COSTS)
-    expected = -1000.0 / (100.0 * 1.002 * 1.001)
+    expected = -1000.0 / (100.0 * (2 - 0.998 * 0.999))  # w = -1 of post-trade equity
     assert float(shares) == pytest.approx(expected, rel=1e-14)
     proceeds = -expected * 99.8  # sells fill below the reference price
     assert float(cash) == pytest.approx(1000.0 + proceeds - FEE * proceeds, rel=1e-14)
@@ -73,10 +75,10 @@ def test_fill_prices_and_fees_on_the_batch():
     fee = np.abs(delta) * fill * FEE
     np.testing.assert_allclose(cash, CASH - delta * fill - fee, rtol=1e-14, atol=1e-12)
     np.testing.assert_allclose(shares, SHARES + delta, rtol=1e-15)
-    # Targets are reached where trading; the untraded account is untouched.
+    # Targets are reached where trading: the new position is WEIGHT of the equity left after costs.
     equity = CASH + SHARES * PRICE
-    target = WEIGHT * equity / (PRICE * (1 + SLIP) * (1 + FEE))
-    np.testing.assert_allclose(shares[TRADE], target[TRADE], rtol=1e-14, atol=1e-14)
+    equity_after = cash + shares * PRICE
+    np.testing.assert_allclose((shares * PRICE)[TRADE], (WEIGHT * equity_after)[TRADE], rtol=1e-13, atol=1e-12)
     assert delta[~TRADE].tolist() == [0.0]
     # Every trade loses exactly its slippage and fee relative to a mid-price mark.
     loss = equity - (cash + shares * PRICE)
@@ -115,7 +117,7 @@ def test_torch_scalars_keep_float64():
         torch.tensor(True), COSTS,
     )
     assert cash.dtype == shares.dtype == delta.dtype == torch.float64
-    assert float(shares) == pytest.approx(1.0 / (3.0 * COSTS.sizing_factor), rel=1e-15)
+    assert float(shares) == pytest.approx(1.0 / (3.0 * (1 + COSTS.buy_cost_rate)), rel=1e-15)
 
 
 # ------------------------------------------------------------------------------------------ invariants
@@ -158,7 +160,29 @@ def test_costs_strictly_reduce_equity_on_a_round_trip(weight):
     cash, shares, _ = rebalance(cash, shares, 42.0, 0.0, True, costs)
     assert float(shares) == 0.0
     assert float(cash) < 1000.0
-    if abs(weight) == 1.0:
-        # Open and close of a full position: equity shrinks by (1 - s)(1 - f) / ((1 + s)(1 + f)).
-        s, f = costs.slippage, costs.fee
+    s, f = costs.slippage, costs.fee
+    if weight == 1.0:
+        # Open and close of a full long: equity shrinks by (1 - s)(1 - f) / ((1 + s)(1 + f)).
         assert float(cash) == pytest.approx(1000.0 * (1 - s) * (1 - f) / ((1 + s) * (1 + f)), rel=1e-13)
+    if weight == -1.0:
+        # A full short sells 1000 / (42 (2 - (1 - s)(1 - f))) shares and buys them back at 42 (1 + s)(1 + f).
+        sold = 1000.0 / (42.0 * (2 - (1 - s) * (1 - f)))
+        expected = 1000.0 + sold * 42.0 * (1 - s) * (1 - f) - sold * 42.0 * (1 + s) * (1 + f)
+        assert float(cash) == pytest.approx(expected, rel=1e-13)
+
+
+@pytest.mark.parametrize("costs", [CostModel(0, 0), CostModel(5, 3), CostModel(10, 20), CostModel(100, 250)])
+@pytest.mark.parametrize("start_shares", [-2.0, -0.5, 0.0, 0.7])
+@pytest.mark.parametrize("target", [-1.0, -0.5, 0.0, 0.5, 1.0])
+def test_target_is_a_weight_of_post_trade_equity(costs, start_shares, target):
+    """Whatever the starting position, after the trade shares * price == target * equity, and w <= 1 never borrows."""
+    price = 2.5
+    cash = 10.0 - start_shares * price  # equity 10 at this price
+    new_cash, new_shares, delta = rebalance(cash, start_shares, price, target, True, costs)
+    equity_after = float(new_cash + new_shares * price)
+    assert float(new_shares) * price == pytest.approx(target * equity_after, rel=1e-12, abs=1e-12)
+    assert equity_after <= 10.0 + 1e-12  # costs never create money
+    if target >= 0:
+        assert float(new_cash) >= -1e-12  # long or flat targets up to 1 never borrow cash
+    if target == 1.0:
+        assert float(new_cash) == pytest.approx(0.0, abs=1e-12)

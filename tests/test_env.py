@@ -266,7 +266,7 @@ def test_no_fill_at_a_seen_price(sp500_frame):
         assert not np.array_equal(obs_a[k + 1], obs_b[k + 1])
         # Buying with all equity from flat: r_t = log(close[t+1] / (open[t+1] (1 + s)(1 + f))).
         for market, rewards in ((base, rew_a), (moved, rew_b)):
-            expected = np.log(market.close[t + 1] / (market.open[t + 1] * COSTS.sizing_factor))
+            expected = np.log(market.close[t + 1] / (market.open[t + 1] * (1 + COSTS.buy_cost_rate)))
             assert rewards[k] == pytest.approx(expected, abs=1e-12)
             assert rewards[k] != pytest.approx(np.log(market.close[t + 1] / market.close[t]), abs=1e-6)
 
@@ -379,7 +379,7 @@ def test_ruin_terminates_without_truncation(length):
     # Bars 100, 101, 102 close at 30, 9, 2.7: equity 0.027 <= 0.05 at step 12, the long env is ruined.
     assert ref_term and not ref_trunc
     assert bool(terminated[0]) and not bool(truncated[0])
-    assert float(info["equity"][0]) == pytest.approx(0.027 / COSTS.sizing_factor, rel=1e-12)
+    assert float(info["equity"][0]) == pytest.approx(0.027 / (1 + COSTS.buy_cost_rate), rel=1e-12)
     assert bool(torch.isfinite(reward).all())
     # The flat env is never ruined; it truncates exactly when its episode length is reached.
     assert not bool(terminated[1])
@@ -447,7 +447,10 @@ def test_round_trip_pays_the_expected_cost(sp500, first, ratio_of):
         assert results["costly"] == pytest.approx(keep * o2 / o1, rel=1e-12)
     else:
         assert results["free"] == pytest.approx(2 - o2 / o1, rel=1e-12)
-        assert results["costly"] == pytest.approx(1 + keep - o2 / o1, rel=1e-12)
+        # short 1 / (o1 (2 - (1-s)(1-f))) shares at o1 (1-s), net of fee; buy them back at o2 (1+s)(1+f)
+        sold = 1 / (o1 * (2 - (1 - s) * (1 - f)))
+        assert results["costly"] == pytest.approx(1 + sold * (o1 * (1 - s) * (1 - f) - o2 * (1 + s) * (1 + f)),
+                                                  rel=1e-12)
     assert results["costly"] < results["free"]
 
 
@@ -462,7 +465,7 @@ def test_level_change_between_positions_charges_fees(sp500):
         equity[name] = info["equity"].numpy()
     hold_cost = equity["costly"][0] / equity["free"][0]
     flip_cost = equity["costly"][1] / equity["free"][1]
-    assert hold_cost == pytest.approx(1 / COSTS.sizing_factor, rel=1e-12)  # only the initial buy
+    assert hold_cost == pytest.approx(1 / (1 + COSTS.buy_cost_rate), rel=1e-12)  # only the initial buy
     assert flip_cost < hold_cost  # the flip paid again
 
 

@@ -43,7 +43,7 @@ def random_ohlcv(n: int, seed: int, *, index=None, price: float = 100.0, vol: fl
 def replace_future(frame: pd.DataFrame, t: int, seed: int, *, new_times: bool = False) -> pd.DataFrame:
     """``frame`` with every bar after row t replaced by different valid OHLCV.
 
-    The replacement starts from a price 30% away, with three times the volatility and other volume; with
+    The replacement starts from a price 30% away, with twice the volatility and other volume; with
     ``new_times`` the future's timestamps change too (a gap, then a different spacing).
     """
     n = len(frame) - t - 1
@@ -55,7 +55,7 @@ def replace_future(frame: pd.DataFrame, t: int, seed: int, *, new_times: bool = 
         step = frame.index[-1] - frame.index[-2]
         start = frame.index[t] + step * int(rng.integers(1, 40))
         index = start + step * np.arange(n) * int(rng.integers(1, 3))
-    future = random_ohlcv(n, seed, index=index, price=float(frame["close"].iloc[t]) * 1.3, vol=0.03)
+    future = random_ohlcv(n, seed, index=index, price=float(frame["close"].iloc[t]) * 1.3, vol=0.02)
     return pd.concat([frame.iloc[: t + 1], future])
 
 
@@ -75,7 +75,8 @@ def frames() -> dict[str, pd.DataFrame]:
 
 @pytest.mark.parametrize("producer", registered_producers(), ids=lambda p: p.name)
 def test_every_registered_producer_is_causal(producer, frames):
-    rng = np.random.default_rng(abs(hash(producer.name)) % 2**32)
+    rng = np.random.default_rng(sum(map(ord, producer.name)))  # str hash() is salted per process
+    future_moved = False
     for label, frame in frames.items():
         reference = producer(Bars.from_frame(frame))
         for t in cut_points(rng, len(frame), producer.lookback):
@@ -84,9 +85,9 @@ def test_every_registered_producer_is_causal(producer, frames):
                 assert np.array_equal(col[: t + 1], changed[name][: t + 1], equal_nan=True), (
                     f"{producer.name}/{name} on {label}: a value at or before t={t} changed with the future"
                 )
-                # The perturbation is real: values after t do change (for features that vary at all).
-                if np.nanstd(col[t + 1 :]) > 0 and not name.startswith("cdl"):
-                    assert not np.array_equal(col[t + 1 :], changed[name][t + 1 :], equal_nan=True)
+                future_moved |= not np.array_equal(col[t + 1 :], changed[name][t + 1 :], equal_nan=True)
+    # The perturbation is real: somewhere after a cut the producer's values did change.
+    assert future_moved or producer.name.startswith("CDL"), f"{producer.name} never reacted to the future"
 
 
 def test_regime_filter_is_causal(frames):
