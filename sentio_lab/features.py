@@ -1090,8 +1090,7 @@ def _write_cache(path: Path, raw: RawFeatures) -> None:
         "first_valid": raw.first_valid,
         "block_first_valid": raw.block_first_valid,
     }
-    # Positional column names: feature names are kept in the metadata (they may repeat across blocks'
-    # prefixes in ways parquet does not care about, and order is what matters).
+    # Positional column names; the feature names, blocks and warm-ups travel in the file's metadata.
     table = pa.table({f"c{i}": raw.values[:, i] for i in range(raw.values.shape[1])})
     table = table.replace_schema_metadata({b"sentio_lab": json.dumps(meta).encode()})
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -1114,7 +1113,7 @@ def raw_features(frame: pd.DataFrame, config: FeatureConfig, base_freq: pd.Timed
     if config.cache_dir is not None:
         cache_path = Path(config.cache_dir) / f"raw-{_raw_cache_key(frame, config, base_freq)}.parquet"
         cached = _read_cache(cache_path)
-        if cached is not None:
+        if cached is not None and cached.values.shape[0] == len(frame):
             return cached
     producers = registered_producers(config.bank)
     base_values, base_names, base_lookback = compute_features(Bars.from_frame(frame), producers)

@@ -75,6 +75,8 @@ class Args:
     """extra higher timeframes whose features join the observation, e.g. 4h 1D (pandas offset aliases)"""
     regimes: int = 0
     """number of HMM regimes whose filtered probabilities join the observation (0 = none)"""
+    regime_restarts: int = 4
+    """seeded HMM restarts (the best converged fit by likelihood is kept)"""
     normalise: str = "robust"
     """feature normalisation fitted on the training range: "robust", "rank" or "none" """
     prune_corr: float | None = None
@@ -183,7 +185,8 @@ def feature_config(args: Args) -> FeatureConfig:
     """The feature pipeline these arguments ask for."""
     return FeatureConfig(
         bank=args.feature_bank, timeframes=tuple(args.timeframes), regimes=args.regimes,
-        normalise=args.normalise, prune_corr=args.prune_corr, cache_dir=args.feature_cache_dir, seed=args.seed,
+        regime_restarts=args.regime_restarts, normalise=args.normalise, prune_corr=args.prune_corr,
+        cache_dir=args.feature_cache_dir, seed=args.seed,
     )
 
 

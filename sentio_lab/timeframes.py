@@ -12,7 +12,9 @@ Convention
 * If the data has a gap at the end of a bucket (a weekend, a holiday, a missing hour) no bar of the
   bucket reaches its end; the bucket then becomes visible at the close of the next bar that exists
   (the first bar whose end is past the bucket end). Waiting is the price of never guessing.
-* A bucket that is still open at the end of the data is never shown.
+* A bucket that is still open at the end of the data is never shown. A bucket the data *starts* in the
+  middle of (FX data opening at 22:00 inside a 20:00-24:00 bucket) is shown with the bars it has: the
+  calendar cannot tell a late start from a quiet market, and it only feeds the warm-up in practice.
 
 So at base bar ``t`` a policy sees exactly the HTF bars that are complete by ``t``'s close. Everything
 here is computed from bars ``<= t``; ``tests/test_timeframes.py`` and ``tests/test_lookahead.py``
