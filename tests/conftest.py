@@ -22,7 +22,7 @@ def tiny_args(tmp_path):
     return Args(
         total_timesteps=8 * 16 * 3, num_envs=8, num_steps=16, num_minibatches=2, update_epochs=2,
         window=8, episode_length=24, track=False, progress=False, run_dir=str(tmp_path / "runs"),
-        run_name="tiny", checkpoint_every=0,
+        run_name="tiny", checkpoint_every=0, feature_cache_dir=str(tmp_path / "feature-cache"),
     )
 
 

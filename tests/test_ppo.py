@@ -103,6 +103,25 @@ def test_main_runs_from_the_command_line(monkeypatch, tmp_path, capsys):
     assert list(tmp_path.rglob("checkpoint.pt"))
 
 
+def test_observation_uses_the_talib_bank_regimes_and_higher_timeframe(tiny_args):
+    from sentio_lab.evaluate import evaluate_checkpoint, load_trained
+
+    args = dataclasses.replace(tiny_args, feature_bank="talib", regimes=2, regime_restarts=1, timeframes=("W-FRI",),
+                               window=2, total_timesteps=8 * 16)
+    result = ppo.train(args)
+    features = result.market.features
+    assert set(features.blocks) == {"base", "W-FRI", "regime"}
+    assert features.blocks["base"].stop - features.blocks["base"].start >= 150
+    assert result.agent.obs_norm.mean.shape[0] == args.window * len(features.names) + 1
+    # the checkpoint restores the same fitted pipeline: identical feature matrix, same greedy episode
+    trained = load_trained(result.checkpoint_path)
+    np.testing.assert_array_equal(trained.market.features.values, features.values)
+    again = evaluate_checkpoint(result.checkpoint_path, "validation")
+    live = evaluate_policy(result.agent, result.market, window=2, positions=args.positions,
+                           costs=ppo.cost_model(args), range_name="validation")
+    assert again.weights.equals(live.weights) and again.equity.equals(live.equity)
+
+
 @pytest.mark.slow
 def test_agent_learns_an_announced_move(synthetic_market, tmp_path):
     """Out of sample, the trained agent's Sharpe is far above a random agent's (net of costs)."""

@@ -15,7 +15,13 @@ update) in a single call; the first iteration is a warm-up and the next ``iterat
 loading, env and model construction and the warm-up are excluded and all three time the same number of
 steps. For ours and the floor the timestamps come from the run's own ``charts/SPS`` record (elapsed time at
 the end of iteration i = global_step_i / SPS_i); for SB3 from a callback at the start of each rollout to the
-end of ``learn``. Steps/s = timed steps / timed seconds.
+end of ``learn``. Steps/s = timed steps / timed seconds. With ``--repeats R`` the candidates are measured
+R times, interleaved, and the fastest of each is kept (outside load only ever slows a run down).
+
+Choices, for the record: the minibatch is min(--minibatch-size, N x num_steps) (one minibatch per epoch when
+the batch is smaller); SB3 envs are not wrapped in ``Monitor`` (the fastest SB3 set-up; ours keeps its own
+episode returns); ours multiplies rewards by ``reward_scale`` and SB3 does not (no effect on the work done);
+``--threads`` is set once with ``torch.set_num_threads`` and holds for all three.
 
 Run ``python experiments/benchmarks/bench_ppo_vs_sb3.py --help``.
 """
@@ -221,9 +227,8 @@ def bench_sb3(market: PreparedMarket, s: dict[str, int], cli: argparse.Namespace
     return {"steps": steps, "seconds": seconds, "steps_per_s": steps / seconds}
 
 
-def _best(measure, repeats: int) -> dict:
-    """Run ``measure()`` ``repeats`` times; keep the fastest, record all."""
-    runs = [measure() for _ in range(repeats)]
+def _best(runs: list[dict]) -> dict:
+    """The fastest of repeated measurements, with all of them recorded."""
     best = max(runs, key=lambda r: r["steps_per_s"])
     return {**best, "all_steps_per_s": [r["steps_per_s"] for r in runs]}
 
@@ -246,7 +251,7 @@ def format_table(results: list[dict]) -> str:
             f"{'floor steps/s':>13} | {'ours/floor':>10} | {'ours/SB3':>8}")
     lines = [head, "-" * len(head)]
     for r in results:
-        def num(key: str) -> str:
+        def num(key: str, r: dict = r) -> str:
             return f"{r[key]['steps_per_s']:>12,.0f}" if key in r else f"{'-':>12}"
 
         sb3 = f"{r['sb3']['steps_per_s']:>12,.0f} ({r['sb3']['vec_env']})" if "sb3" in r else "-"
@@ -288,16 +293,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for n in cli.num_envs:
             s = settings_for(n, cli)
             row: dict[str, Any] = dict(s)
+            measures = {}
             if "ours" not in cli.skip:
-                row["ours"] = _best(lambda s=s: bench_ours(market, s, cli, run_dir), cli.repeats)
+                measures["ours"] = lambda s=s: bench_ours(market, s, cli, run_dir)
             if "floor" not in cli.skip:
-                row["floor"] = _best(lambda s=s: bench_floor(obs_dim, num_actions, s, cli, run_dir), cli.repeats)
+                measures["floor"] = lambda s=s: bench_floor(obs_dim, num_actions, s, cli, run_dir)
             if "sb3" not in cli.skip:
-                candidates = ["DummyVecEnv"] + (["SubprocVecEnv"] if n <= cli.subproc_max_envs else [])
-                measured = {v: _best(lambda s=s, v=v: bench_sb3(market, s, cli, v), cli.repeats) for v in candidates}
-                fastest = max(measured, key=lambda v: measured[v]["steps_per_s"])
-                row["sb3"] = {**measured[fastest], "vec_env": fastest,
-                              "candidates": {v: m["steps_per_s"] for v, m in measured.items()}}
+                for v in ["DummyVecEnv"] + (["SubprocVecEnv"] if n <= cli.subproc_max_envs else []):
+                    measures[v] = lambda s=s, v=v: bench_sb3(market, s, cli, v)
+            # Repeats interleave the candidates, so a burst of outside load does not hit one of them only.
+            runs: dict[str, list[dict]] = {name: [] for name in measures}
+            for _ in range(cli.repeats):
+                for name, measure in measures.items():
+                    runs[name].append(measure())
+            for name in ("ours", "floor"):
+                if name in runs:
+                    row[name] = _best(runs[name])
+            vec_envs = {v: _best(r) for v, r in runs.items() if v.endswith("VecEnv")}
+            if vec_envs:
+                fastest = max(vec_envs, key=lambda v: vec_envs[v]["steps_per_s"])
+                row["sb3"] = {**vec_envs[fastest], "vec_env": fastest,
+                              "candidates": {v: m["steps_per_s"] for v, m in vec_envs.items()}}
             if "ours" in row and "floor" in row:
                 row["ours_over_floor"] = row["ours"]["steps_per_s"] / row["floor"]["steps_per_s"]
             if "ours" in row and "sb3" in row:
