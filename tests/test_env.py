@@ -577,3 +577,19 @@ def test_positions_must_be_distinct_finite_and_include_flat(positions):
 
     with pytest.raises(ValueError, match="positions"):
         check_positions(positions)
+
+
+def test_large_banks_gather_windows_instead_of_precomputing(monkeypatch, sp500):
+    import sentio_lab.env as env_module
+
+    precomputed = TradingEnv(sp500, num_envs=6, window=5, episode_length=40, seed=4)
+    monkeypatch.setattr(env_module, "WINDOW_MATRIX_MAX_BYTES", 0)
+    gathered = TradingEnv(sp500, num_envs=6, window=5, episode_length=40, seed=4)
+    assert precomputed._window_matrix is not None and gathered._window_matrix is None
+    obs_a, obs_b = precomputed.reset(), gathered.reset()
+    actions = torch.Generator().manual_seed(0)
+    for _ in range(60):
+        assert torch.equal(obs_a, obs_b)
+        act = torch.randint(0, 3, (6,), generator=actions)
+        obs_a, *_ = precomputed.step(act)
+        obs_b, *_ = gathered.step(act)
