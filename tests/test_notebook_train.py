@@ -22,6 +22,7 @@ def test_train_and_report_notebook_runs_under_papermill(tmp_path):
     for name in ("stats.csv", "stats.md", "report.html", "equity.png", "drawdown.png", "meta.json"):
         assert (out_dir / name).stat().st_size > 0, name
     meta = json.loads((out_dir / "meta.json").read_text())
-    assert meta["seeds"] == [1, 2] and all(run["replay_max_rel_error"] < 1e-9 for run in meta["runs"])
+    assert meta["seeds"] == [1, 2] and meta["label"].startswith("Out of sample")
+    assert all(run["replay_max_rel_error"] < 1e-9 for run in meta["runs"])
     stats = (out_dir / "stats.csv").read_text()
     assert "buy and hold" in stats and "ppo seed 2" in stats
