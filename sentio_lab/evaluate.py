@@ -20,6 +20,7 @@ from torch import nn
 
 from sentio_lab.checkpoint import load_checkpoint
 from sentio_lab.costs import CostModel
+from sentio_lab.env import _MIN_EQUITY as _EQUITY_FLOOR
 from sentio_lab.env import TradingEnv
 from sentio_lab.market import PreparedMarket, prepare_market
 
@@ -46,6 +47,9 @@ class Evaluation:
     equity: pd.Series
     """Equity marked at each close, starting at 1.0 on bar ``start`` (one more row than ``weights``)."""
     costs: CostModel
+    ruined: bool = False
+    """True when equity hit 0 before the range ended: the episode stops there, and the last equity value is
+    floored at the env's own floor (1e-12, as in its log reward) so the curve keeps defined returns."""
 
 
 @dataclass
@@ -105,6 +109,7 @@ def evaluate_policy(
     chosen = np.empty(length, dtype=np.int64)
     equity = np.empty(length + 1)
     equity[0] = 1.0
+    ruined = False
     device = next(agent.parameters()).device
     with torch.no_grad():
         for k in range(length):
@@ -114,6 +119,8 @@ def evaluate_policy(
             equity[k + 1] = float(info["equity"][0])
             if bool(terminated[0]):  # ruin (equity <= 0): the rest of the range is not tradable
                 chosen, equity = chosen[: k + 1], equity[: k + 2]
+                equity[-1] = max(equity[-1], _EQUITY_FLOOR)
+                ruined = True
                 break
     index = market.data.frame.index
     return Evaluation(
@@ -122,6 +129,7 @@ def evaluate_policy(
         weights=pd.Series(levels[chosen], index=index[first : first + len(chosen)], name="weight"),
         equity=pd.Series(equity, index=index[first : first + len(equity)], name="equity"),
         costs=costs,
+        ruined=ruined,
     )
 
 

@@ -160,10 +160,11 @@ class Args:
 
 
 #: Arguments that control one invocation rather than define the experiment (taken from the command
-#: line on --resume; everything else comes from the checkpoint so the resumed run is the same run).
+#: line on --resume; everything else comes from the checkpoint so the resumed run is the same run --
+#: the device too: RNG streams differ between CPU and CUDA).
 RUN_CONTROL_FIELDS = frozenset(
     {"track", "wandb_mode", "progress", "time_budget_s", "max_iterations", "checkpoint_every",
-     "checkpoint_path", "resume", "device", "run_dir"}
+     "checkpoint_path", "resume", "run_dir"}
 )
 
 
@@ -283,6 +284,7 @@ def train(args: Args, *, market: PreparedMarket | None = None, env: Any | None =
     episode_return = torch.zeros(args.num_envs, dtype=torch.float64, device=device)
 
     global_step, start_iteration = 0, 1
+    recent_returns: list[float] = []  # log returns of the last 100 finished episodes (for logging)
     if bundle is None:
         next_obs = env.reset()
         next_done = torch.zeros(args.num_envs, device=device)
@@ -292,6 +294,7 @@ def train(args: Args, *, market: PreparedMarket | None = None, env: Any | None =
         next_obs = env.load_state_dict(bundle["env_state"])
         next_done = bundle["extra"]["next_done"].to(device)
         episode_return = bundle["extra"]["episode_return"].to(device)
+        recent_returns = list(bundle["extra"]["recent_returns"])
         restore_rng(bundle["rng"])
         global_step, start_iteration = bundle["global_step"], bundle["iteration"] + 1
 
@@ -311,7 +314,8 @@ def train(args: Args, *, market: PreparedMarket | None = None, env: Any | None =
             "iteration": iteration,
             "data_fingerprint": market.data.fingerprint,
             "data_name": market.data.name,
-            "extra": {"next_done": next_done.cpu(), "episode_return": episode_return.cpu()},
+            "extra": {"next_done": next_done.cpu(), "episode_return": episode_return.cpu(),
+                      "recent_returns": list(recent_returns)},
         })
 
     tracker = Tracker(
@@ -319,7 +323,6 @@ def train(args: Args, *, market: PreparedMarket | None = None, env: Any | None =
         run_dir=args.run_dir, mode=args.wandb_mode,
     )
     history: list[dict[str, float]] = []
-    recent_returns: list[float] = []
     progress = tqdm(total=args.num_iterations * args.batch_size, initial=global_step, unit="step",
                     disable=not args.progress, dynamic_ncols=True)
     start_time, start_step = time.time(), global_step

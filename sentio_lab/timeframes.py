@@ -76,6 +76,13 @@ class TimeframeView:
 def _buckets(index: pd.DatetimeIndex, rule: str) -> tuple[np.ndarray, np.ndarray]:
     """Start and end (int64 ns) of the bucket holding each timestamp, from the calendar alone."""
     offset = to_offset(rule)
+    if isinstance(offset, (Week, MonthEnd, MonthBegin)) and offset.n != 1:
+        # Calendar periods of n > 1 (e.g. "2W", "2ME") would need an anchor for where each multi-period
+        # bucket starts; pandas' to_period gives one-period buckets, which would then be shown n-1 periods late.
+        raise ValueError(
+            f"timeframe {rule!r}: weekly / monthly rules must be single periods (e.g. 'W-FRI', 'ME'); "
+            f"multiples like {rule!r} are not supported"
+        )
     if isinstance(offset, Week):
         periods = index.to_period(offset.freqstr)
         start, end = periods.start_time, (periods + 1).start_time

@@ -59,5 +59,10 @@ def test_ruin_ends_the_evaluation_early(sp500_market):
     # 50x leverage on a daily index goes bust on the first big down day of the range
     evaluation = evaluate_policy(AlwaysLong(), sp500_market, window=8, positions=(0.0, 50.0),
                                  costs=ppo.cost_model(ppo.Args()), range_name="train")
-    assert evaluation.equity.iloc[-1] <= 0.0
+    assert evaluation.ruined and evaluation.equity.iloc[-1] == 1e-12
+    assert (evaluation.equity.iloc[:-1] > 1e-12).all()
+    from sentio_lab.metrics import summary_stats
+
+    stats = summary_stats(evaluation.equity, evaluation.weights)  # a ruined curve still gets its statistics
+    assert stats["total_return"] == pytest.approx(-1.0)
     assert len(evaluation.weights) < sp500_market.range("train")[1] - sp500_market.range("train")[0] - 8

@@ -47,6 +47,7 @@ def test_split_run_resumed_equals_uninterrupted(tiny_args, synthetic_market):
                         market=synthetic_market)
     assert resumed.finished and resumed.global_step == whole.global_step
     assert weights_equal(whole.agent, resumed.agent)
+    assert resumed.history[-1]["charts/episode_log_return"] == whole.history[-1]["charts/episode_log_return"]
 
 
 def test_resume_refuses_other_data(tiny_args, synthetic_market, sp500_market):

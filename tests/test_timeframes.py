@@ -169,3 +169,12 @@ def test_no_complete_bucket_gives_an_empty_view():
     view = resample_causal(frame, "4h", HOUR)
     assert len(view.bars) == 0 and (view.latest == -1).all()
     assert np.isnan(view.align(np.zeros((0, 2)))).all()
+
+
+@pytest.mark.parametrize("rule", ["2W", "2W-FRI", "2ME", "3MS"])
+def test_multi_period_calendar_rules_are_refused(rule):
+    from sentio_lab.timeframes import _buckets
+
+    index = pd.date_range("2020-01-01", periods=100, freq="D")
+    with pytest.raises(ValueError, match="single periods"):
+        _buckets(index, rule)
