@@ -48,7 +48,7 @@ class Args:
     seed: int = 1
     """seed of python, numpy, torch and the env's episode sampler"""
     torch_deterministic: bool = True
-    """ask torch for deterministic algorithms (CPU results are bit-reproducible either way)"""
+    """make cuDNN deterministic, as CleanRL does (CPU runs are bit-reproducible either way; tested)"""
     device: str = "cpu"
     """torch device for the env and the networks: "cpu", "cuda" or "auto" (cuda when available)"""
     track: bool = True
