@@ -50,19 +50,19 @@ def _as_series(values: pd.Series | np.ndarray | Sequence[float], what: str) -> p
     bad = ~np.isfinite(series.to_numpy())
     if bad.any():
         where = series.index[bad][:5].tolist()
-        raise ValueError(f"{what}: {int(bad.sum())} NaN or inf value(s), at {where}")
+        raise ValueError(f"{what}: {int(bad.sum())} NaN or inf value(s) (not finite), at {where}")
     return series
 
 
-def _equity(equity: pd.Series | np.ndarray | Sequence[float]) -> pd.Series:
-    """Validate an equity curve: at least two finite values, all strictly positive."""
-    series = _as_series(equity, "equity")
+def check_equity(equity: pd.Series | np.ndarray | Sequence[float], what: str = "equity") -> pd.Series:
+    """Validate an equity curve: at least two finite values, all strictly positive; errors name ``what``."""
+    series = _as_series(equity, what)
     if len(series) < 2:
-        raise ValueError(f"equity: need at least 2 values (a start and one marked bar), got {len(series)}")
+        raise ValueError(f"{what}: need at least 2 values (a start and one marked bar), got {len(series)}")
     nonpositive = series.to_numpy() <= 0
     if nonpositive.any():
         where = series.index[nonpositive][:5].tolist()
-        raise ValueError(f"equity: must stay > 0 for returns to be defined; non-positive at {where}")
+        raise ValueError(f"{what}: must stay > 0 for returns to be defined; non-positive at {where}")
     return series
 
 
@@ -146,25 +146,25 @@ def _periods_from_index(index: pd.Index) -> float:
 # ----------------------------------------------------------------------------------- return series
 def simple_returns(equity: pd.Series | np.ndarray | Sequence[float]) -> pd.Series:
     """Per-period simple returns ``equity[t] / equity[t-1] - 1`` (one fewer value than ``equity``)."""
-    series = _equity(equity)
+    series = check_equity(equity)
     return (series / series.shift(1) - 1.0).iloc[1:]
 
 
 def log_returns(equity: pd.Series | np.ndarray | Sequence[float]) -> pd.Series:
     """Per-period log returns ``log(equity[t] / equity[t-1])`` (what the environment rewards)."""
-    series = _equity(equity)
+    series = check_equity(equity)
     return np.log(series / series.shift(1)).iloc[1:]
 
 
 def total_return(equity: pd.Series | np.ndarray | Sequence[float]) -> float:
     """``last / first - 1``."""
-    series = _equity(equity)
+    series = check_equity(equity)
     return float(series.iloc[-1] / series.iloc[0] - 1.0)
 
 
 def cagr(equity: pd.Series | np.ndarray | Sequence[float], periods: float) -> float:
     """Compound annual growth rate; the curve's ``len - 1`` periods are ``(len - 1) / periods`` years."""
-    series = _equity(equity)
+    series = check_equity(equity)
     years = (len(series) - 1) / _positive_periods(periods)
     return float((series.iloc[-1] / series.iloc[0]) ** (1.0 / years) - 1.0)
 
@@ -202,7 +202,7 @@ def sortino_ratio(returns: pd.Series | np.ndarray | Sequence[float], periods: fl
 
 def drawdown(equity: pd.Series | np.ndarray | Sequence[float]) -> pd.Series:
     """``equity / running peak - 1``: 0 at a new high, negative below it."""
-    series = _equity(equity)
+    series = check_equity(equity)
     return series / series.cummax() - 1.0
 
 
@@ -362,7 +362,7 @@ def summary_stats(
     the trials are described (see :func:`deflated_sharpe_ratio`); the weight-based entries only with
     ``weights``. Missing entries are NaN.
     """
-    curve = _equity(equity)
+    curve = check_equity(equity)
     ppy = periods_per_year(curve.index if periods is None else periods)
     rets = simple_returns(curve)
     has_trials = trial_sharpes is not None or n_trials is not None or sr_variance is not None

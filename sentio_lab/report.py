@@ -22,7 +22,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter
 from plotly.subplots import make_subplots
 
-from sentio_lab.metrics import drawdown
+from sentio_lab.metrics import check_equity, drawdown
 
 #: File names written by :func:`write_report`, by key of the returned dict.
 REPORT_FILES: dict[str, str] = {
@@ -48,11 +48,7 @@ def _check_inputs(
     for name, curve in equities.items():
         if not isinstance(curve, pd.Series):
             raise TypeError(f"write_report: equity {name!r} is a {type(curve).__name__}, not a pandas Series")
-        if len(curve) < 2:
-            raise ValueError(f"write_report: equity {name!r} has {len(curve)} value(s); need at least 2")
-        values = curve.to_numpy(dtype=np.float64)
-        if not np.isfinite(values).all() or (values <= 0).any():
-            raise ValueError(f"write_report: equity {name!r} must be finite and > 0 everywhere")
+        check_equity(curve, f"write_report: equity {name!r}")
     for name, w in (weights or {}).items():
         if name not in equities:
             raise ValueError(f"write_report: weights for {name!r}, which has no equity curve")
