@@ -12,19 +12,32 @@ trade's own costs: ``(shares + delta) * p == w * (equity_at_p - cost(delta))``. 
 
 so any move to ``w = 1`` (from flat, long or short) spends exactly the cash available and never borrows;
 only levels above 1 borrow cash (leverage), by design.
-"""
+
+Short borrow (``CostModel.borrow_bps``, an annual rate, 0 by default). The position held over bar
+``t+1`` -- the shares after the fill at its open, which are also the shares at its close -- pays, at the
+mark of bar ``t+1``::
+
+    borrow = borrow_rate * max(0, -shares) * close[t+1] * years[t+1]
+
+deducted from cash, where ``years[t+1]`` is the calendar time from bar t's close to bar t+1's close in
+years of 365 days (:func:`year_fractions`). A short held from Friday's close over Monday's close pays
+3 days. Only shorts pay: cash borrowed for leverage above 1 is not charged interest.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TypeVar
 
 import numpy as np
+import pandas as pd
 import torch
 
 ArrayT = TypeVar("ArrayT", np.ndarray, torch.Tensor, float)
 
 BPS = 1e-4
+#: Length of the year that annual rates (``borrow_bps``) are quoted over.
+YEAR = pd.Timedelta(days=365)
 
 
 @dataclass(frozen=True)
@@ -35,6 +48,8 @@ class CostModel:
     """Commission / exchange fee per fill."""
     slippage_bps: float = 1.0
     """Price concession per fill: buys fill above, sells below the reference price."""
+    borrow_bps: float = 0.0
+    """Annual borrow / financing rate of a short, in basis points of its market value (module doc)."""
 
     def __post_init__(self) -> None:
         """Reject negative or absurd costs early, naming the field."""
@@ -42,6 +57,10 @@ class CostModel:
             value = getattr(self, name)
             if not (0 <= value < 10_000):
                 raise ValueError(f"CostModel.{name} must be in [0, 10000) basis points, got {value}")
+        if not (math.isfinite(self.borrow_bps) and 0 <= self.borrow_bps < 100_000):
+            raise ValueError(
+                f"CostModel.borrow_bps must be in [0, 100000) annual basis points, got {self.borrow_bps}"
+            )
 
     @property
     def fee(self) -> float:
@@ -62,6 +81,42 @@ class CostModel:
     def sell_cost_rate(self) -> float:
         """Proceeds lost selling one unit of notional: ``1 - (1 - slippage)(1 - fee)``."""
         return 1.0 - (1.0 - self.slippage) * (1.0 - self.fee)
+
+    @property
+    def borrow_rate(self) -> float:
+        """Annual borrow rate of a short as a fraction of its market value."""
+        return self.borrow_bps * BPS
+
+
+def year_fractions(index: pd.DatetimeIndex) -> np.ndarray:
+    """float64 (T,): entry t is the calendar time from bar t-1 to bar t in years of 365 days; entry 0 is 0.
+
+    Entry t depends on the timestamps of bars t-1 and t only (causal). Raises if the index is not a
+    strictly increasing DatetimeIndex, naming the first offending timestamp.
+    """
+    if not isinstance(index, pd.DatetimeIndex):
+        raise TypeError(f"year_fractions: expected a DatetimeIndex, got {type(index).__name__}")
+    gaps = np.asarray((index[1:] - index[:-1]) / YEAR, dtype=np.float64)
+    bad = ~(gaps > 0)
+    if bad.any():
+        first = int(np.flatnonzero(bad)[0]) + 1
+        raise ValueError(
+            f"year_fractions: timestamps must strictly increase; bar {first} ({index[first]}) does not "
+            f"follow bar {first - 1} ({index[first - 1]})"
+        )
+    return np.r_[0.0, gaps]
+
+
+def borrow_cost(shares: ArrayT, price: ArrayT, years: ArrayT, costs: CostModel) -> ArrayT:
+    """Borrow charged at a mark: ``max(0, -shares) * (borrow_rate * years * price)``, elementwise.
+
+    ``price`` is the close the position is marked at and ``years`` the time since the previous close
+    (:func:`year_fractions`); numpy, python floats and torch tensors alike.
+    """
+    per_share = costs.borrow_rate * years * price
+    if isinstance(shares, torch.Tensor):
+        return shares.neg().clamp_min(0.0) * per_share
+    return np.maximum(-shares, 0.0) * per_share
 
 
 def _where(cond, a, b):

@@ -4,6 +4,7 @@ Timing (see ARCHITECTURE.md), the same in both environments:
 
 * the observation at step t is built from bars ``<= t`` (bar t has closed);
 * the action chosen at step t is a *target position level*, filled at the **open of bar t+1**;
+* a short held over bar t+1 pays borrow at its close when ``costs.borrow_bps > 0`` (see ``sentio_lab.costs``);
 * equity is marked at the close of bar t+1 and the reward is ``log(equity_{t+1} / equity_t)``, net of costs;
 * an episode ends by *truncation* after ``episode_length`` steps (PPO bootstraps there) or by
   *termination* when equity falls to ``ruin_fraction`` of its start (ruin).
@@ -20,9 +21,10 @@ from dataclasses import dataclass
 
 import gymnasium as gym
 import numpy as np
+import pandas as pd
 import torch
 
-from sentio_lab.costs import CostModel, rebalance
+from sentio_lab.costs import CostModel, borrow_cost, rebalance, year_fractions
 
 #: Default action levels: short, flat, long (fractions of equity).
 DEFAULT_POSITIONS: tuple[float, ...] = (-1.0, 0.0, 1.0)
@@ -44,15 +46,23 @@ class MarketArrays:
     """float32 (T, F); row t depends on bars <= t only; finite from ``first_valid`` on."""
     first_valid: int = 0
     """First row whose features are defined (after indicator warm-up)."""
+    year_fraction: np.ndarray | None = None
+    """float64 (T,) or None: calendar time from bar t-1's close to bar t's close in 365-day years (entry 0
+    is 0; :func:`sentio_lab.costs.year_fractions`). Needed only to charge short borrow; None without timestamps."""
 
     @classmethod
     def from_frame(cls, frame, features: np.ndarray, first_valid: int = 0) -> MarketArrays:
-        """Take opens and closes from a canonical OHLCV frame (``sentio_lab.data``) beside its features."""
+        """Take opens, closes and bar times from a canonical OHLCV frame (``sentio_lab.data``) beside its features.
+
+        ``year_fraction`` comes from the frame's DatetimeIndex (None if the index holds no timestamps).
+        """
+        index = frame.index
         return cls(
             open=frame["open"].to_numpy(dtype=np.float64),
             close=frame["close"].to_numpy(dtype=np.float64),
             features=np.ascontiguousarray(features, dtype=np.float32),
             first_valid=first_valid,
+            year_fraction=year_fractions(index) if isinstance(index, pd.DatetimeIndex) else None,
         )
 
     def __post_init__(self) -> None:
@@ -70,6 +80,25 @@ class MarketArrays:
             raise ValueError(
                 f"MarketArrays: non-finite features at rows {np.flatnonzero(bad)[:5] + self.first_valid}"
             )
+        if self.year_fraction is not None:
+            years = np.asarray(self.year_fraction)
+            if years.shape != (n,) or years.dtype != np.float64:
+                raise ValueError(f"MarketArrays: year_fraction must be float64 ({n},), got {years.dtype} {years.shape}")
+            bad = ~(np.isfinite(years) & (years >= 0))
+            if bad.any():
+                raise ValueError(f"MarketArrays: negative or non-finite year_fraction at rows {np.flatnonzero(bad)[:5]}")
+
+
+def _borrow_years(market: MarketArrays, costs: CostModel) -> np.ndarray | None:
+    """The market's year fractions when shorts pay borrow, None when they do not; raises if they are missing."""
+    if costs.borrow_rate == 0.0:
+        return None
+    if market.year_fraction is None:
+        raise ValueError(
+            f"costs.borrow_bps={costs.borrow_bps} needs bar timestamps, but MarketArrays.year_fraction is None "
+            "(build the market with MarketArrays.from_frame on a DatetimeIndex, or pass year_fraction=)"
+        )
+    return market.year_fraction
 
 
 def episode_start_bounds(
@@ -110,6 +139,13 @@ class TradingEnv:
 
     ``step`` auto-resets finished episodes (random window inside the range) and returns the final
     observation of each finished episode in ``info["final_obs"]`` so PPO can bootstrap truncations.
+
+    Staggered starts (``stagger_starts``, on by default): a random-start :meth:`reset` shortens each env's
+    first episode by its own offset, uniform in ``[0, episode_length)`` and drawn from the env's generator,
+    by starting that env's step counter at the offset. Episodes then end on different steps and a rollout
+    mixes episode phases instead of every env truncating on the same step. Later episodes (auto-resets)
+    run the full length; ``reset(starts=...)`` (evaluation) never staggers. ``steps`` therefore counts the
+    steps towards truncation, not the steps taken.
     """
 
     def __init__(
@@ -126,12 +162,13 @@ class TradingEnv:
         ruin_fraction: float = 0.05,
         device: str | torch.device = "cpu",
         seed: int = 0,
+        stagger_starts: bool = True,
     ) -> None:
         """Build the env on bars ``[start, stop)`` of ``market``; tensors live on ``device``."""
         stop = len(market.close) if stop is None else stop
         self.start_low, self.start_high = episode_start_bounds(market, window, start, stop, episode_length)
         self.num_envs, self.window, self.episode_length = num_envs, window, episode_length
-        self.costs, self.ruin_fraction = costs, ruin_fraction
+        self.costs, self.ruin_fraction, self.stagger_starts = costs, ruin_fraction, stagger_starts
         self.device = torch.device(device)
         self.num_features = market.features.shape[1]
         self.obs_dim = window * self.num_features + 1
@@ -141,6 +178,11 @@ class TradingEnv:
         self.open = torch.tensor(market.open, dtype=f64, device=dev)
         self.close = torch.tensor(market.close, dtype=f64, device=dev)
         self.features = torch.tensor(market.features, dtype=torch.float32, device=dev)
+        # Borrow per short share at each bar's close (None when shorts pay nothing: the step skips it).
+        years = _borrow_years(market, costs)
+        self._borrow_per_share = (
+            None if years is None else torch.tensor(costs.borrow_rate * years * market.close, dtype=f64, device=dev)
+        )
         self._window_offsets = torch.arange(-window + 1, 1, device=dev)
         # Row r of the window matrix is the flattened window ending at bar r + window - 1. Copying one
         # contiguous row per env is ~10x cheaper than a 2-D gather, at the price of window x the memory;
@@ -175,9 +217,17 @@ class TradingEnv:
 
     # ------------------------------------------------------------------------------------------- API
     def reset(self, starts: Sequence[int] | torch.Tensor | None = None) -> torch.Tensor:
-        """Start every episode, at ``starts`` (bar indices, one per env) or at random valid bars."""
+        """Start every episode, at ``starts`` (bar indices, one per env) or at random valid bars.
+
+        Random starts are staggered when ``stagger_starts`` (see the class doc); given ``starts`` never are.
+        """
+        steps = torch.zeros(self.num_envs, dtype=torch.long, device=self.device)
         if starts is None:
             t0 = self._sample_starts(self.num_envs)
+            if self.stagger_starts:
+                steps = torch.randint(
+                    0, self.episode_length, (self.num_envs,), generator=self.generator, device=self.device
+                )
         else:
             t0 = torch.as_tensor(starts, dtype=torch.long, device=self.device).reshape(-1)
             if len(t0) != self.num_envs:
@@ -189,7 +239,7 @@ class TradingEnv:
                 )
         # Fresh tensors, not in-place fills: the previous step's info["equity"] is self.equity itself.
         self.t = t0.clone()
-        self.steps = torch.zeros_like(self.t)
+        self.steps = steps
         self.level = torch.full_like(self.t, self._flat_level)
         self.cash = torch.ones(self.num_envs, dtype=torch.float64, device=self.device)
         self.shares = torch.zeros_like(self.cash)
@@ -204,11 +254,19 @@ class TradingEnv:
         ``done`` (terminated | truncated).
         """
         actions = actions.to(device=self.device, dtype=torch.long)
+        if actions.shape != self.t.shape:
+            raise ValueError(f"step: expected actions of shape ({self.num_envs},), got {tuple(actions.shape)}")
         next_t = self.t + 1
         price = self.open.index_select(0, next_t)
-        self.cash, self.shares, _ = rebalance(
-            self.cash, self.shares, price, self.positions.index_select(0, actions), actions != self.level, self.costs
-        )
+        try:
+            weights = self.positions.index_select(0, actions)
+        except IndexError as err:  # CPU only; on CUDA an out-of-range index is a device-side assert
+            raise ValueError(
+                f"step: actions {actions.tolist()} outside [0, {self.num_actions}) (one level index per env)"
+            ) from err
+        self.cash, self.shares, _ = rebalance(self.cash, self.shares, price, weights, actions != self.level, self.costs)
+        if self._borrow_per_share is not None:
+            self.cash = self.cash - self.shares.neg().clamp_min(0.0) * self._borrow_per_share.index_select(0, next_t)
         self.level = actions.clone()  # a copy: auto-reset writes into it, the caller's tensor must not move
         equity = self.cash + self.shares * self.close.index_select(0, next_t)
         reward = torch.log(equity.clamp_min(_MIN_EQUITY) / self.equity)
@@ -279,6 +337,7 @@ class NumpyTradingEnv(gym.Env):
         self.market, self.window, self.episode_length = market, window, episode_length
         self.positions = check_positions(positions)
         self.costs, self.ruin_fraction = costs, ruin_fraction
+        self._borrow_years = _borrow_years(market, costs)
         self.flat_level = int(np.argmin(np.abs(self.positions)))
         obs_dim = window * market.features.shape[1] + 1
         self.observation_space = gym.spaces.Box(-np.inf, np.inf, shape=(obs_dim,), dtype=np.float32)
@@ -304,6 +363,8 @@ class NumpyTradingEnv(gym.Env):
     def step(self, action: int) -> tuple[np.ndarray, float, bool, bool, dict]:
         """Fill the target level at the next open, mark at the next close, reward the log equity change."""
         action = int(action)
+        if not 0 <= action < len(self.positions):
+            raise ValueError(f"step: action {action} outside [0, {len(self.positions)})")
         price = self.market.open[self.t + 1]
         self.cash, self.shares, _ = rebalance(
             self.cash, self.shares, price, self.positions[action], action != self.level, self.costs
@@ -312,7 +373,10 @@ class NumpyTradingEnv(gym.Env):
         self.level = action
         self.t += 1
         self.steps += 1
-        equity = self.cash + self.shares * self.market.close[self.t]
+        close = self.market.close[self.t]
+        if self._borrow_years is not None:
+            self.cash -= float(borrow_cost(self.shares, close, self._borrow_years[self.t], self.costs))
+        equity = self.cash + self.shares * close
         reward = float(np.log(max(equity, _MIN_EQUITY) / self.equity))
         self.equity = equity
         terminated = bool(equity <= self.ruin_fraction)

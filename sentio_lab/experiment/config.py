@@ -1,0 +1,133 @@
+"""What an experiment is: a dataset, a split scheme, agents (variant + arguments), seeds and baselines.
+
+An experiment is written as a TOML file under ``experiments/`` (see ``experiments/configs/*.toml``)::
+
+    name = "sp500_cpcv"
+    dataset = "sp500"
+    split = "cpcv"            # "cpcv", "walk_forward" (expanding) or "walk_forward_rolling"
+    n_groups = 6
+    n_test_groups = 2
+    seeds = [1, 2, 3, 4, 5]
+    baselines = ["buy_and_hold", "sma_crossover", "momentum", "vol_target", "random"]
+
+    [agents.ppo]              # one *configuration*: a variant and its command-line arguments
+    variant = "ppo"
+    args = ["--total-timesteps", "100000", "--episode-length", "64"]
+
+Every ``[agents.*]`` table is one configuration, i.e. one trial for the deflated Sharpe ratio; seeds
+repeat a configuration and are not extra trials. Arguments shared by every agent (costs, window, position
+set) go in ``common_args`` and are checked to be equal across agents, so that every row of a comparison
+has the same accounting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+#: Split schemes the runner knows.
+SPLIT_SCHEMES: tuple[str, ...] = ("cpcv", "walk_forward", "walk_forward_rolling")
+#: Baseline names the runner knows (``sentio_lab.baselines``).
+BASELINE_NAMES: tuple[str, ...] = ("buy_and_hold", "sma_crossover", "momentum", "vol_target", "random")
+
+
+@dataclass(frozen=True)
+class AgentSpec:
+    """One configuration of one variant: its name in the results table, the variant and its arguments."""
+
+    name: str
+    variant: str
+    args: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """A parsed experiment file (see the module docstring); every field has a documented default."""
+
+    name: str
+    """experiment name: results go to ``<output_root>/<name>/``"""
+    agents: tuple[AgentSpec, ...]
+    """the configurations tried (each one a trial)"""
+    dataset: str = "sp500"
+    """bundled dataset or path to a CSV / Parquet file"""
+    data_start: str | None = None
+    """first timestamp to load (None = the dataset's default start)"""
+    data_end: str | None = None
+    """last timestamp to load"""
+    common_args: tuple[str, ...] = ()
+    """variant arguments shared by every agent and the baselines (costs, window, positions, features)"""
+    split: str = "cpcv"
+    """split scheme: one of SPLIT_SCHEMES"""
+    n_groups: int = 6
+    """CPCV: number of contiguous groups; walk-forward: number of test folds"""
+    n_test_groups: int = 2
+    """CPCV: groups per test set"""
+    train_bars: int | None = None
+    """rolling walk-forward: bars per training window (None: expanding)"""
+    validation_bars: int = 0
+    """inner validation slice at the end of each training fold, for model selection (0 = none)"""
+    select_every: int = 0
+    """with a validation slice: compare checkpoints every this many PPO iterations and keep the best"""
+    seeds: tuple[int, ...] = (1, 2, 3, 4, 5)
+    """policy seeds per configuration"""
+    baselines: tuple[str, ...] = BASELINE_NAMES
+    """baseline policies evaluated on the same paths"""
+    random_seeds: int = 5
+    """seeds of the random baseline (reported as their mean)"""
+    bootstrap_samples: int = 1000
+    """stationary-bootstrap resamples for SPA and the A/B intervals"""
+    bootstrap_seed: int = 0
+    """seed of the bootstrap"""
+
+    def __post_init__(self) -> None:
+        """Reject what cannot run, naming the field."""
+        if not self.agents:
+            raise ValueError(f"experiment {self.name!r}: no [agents.*] tables")
+        names = [a.name for a in self.agents]
+        if len(set(names)) != len(names):
+            raise ValueError(f"experiment {self.name!r}: agent names repeat: {names}")
+        if self.split not in SPLIT_SCHEMES:
+            raise ValueError(f"experiment {self.name!r}: split {self.split!r} not in {SPLIT_SCHEMES}")
+        unknown = sorted(set(self.baselines) - set(BASELINE_NAMES))
+        if unknown:
+            raise ValueError(f"experiment {self.name!r}: unknown baselines {unknown}; known {BASELINE_NAMES}")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"experiment {self.name!r}: seeds must be distinct and non-empty, got {self.seeds}")
+        if self.validation_bars < 0 or self.select_every < 0:
+            raise ValueError(f"experiment {self.name!r}: validation_bars and select_every must be >= 0")
+        if self.select_every and not self.validation_bars:
+            raise ValueError(f"experiment {self.name!r}: select_every needs a validation slice (validation_bars)")
+
+    @property
+    def n_trials(self) -> int:
+        """Configurations tried: what the deflated Sharpe ratio deflates for."""
+        return len(self.agents)
+
+
+def load_config(path: str | Path, **overrides: object) -> ExperimentConfig:
+    """Read an experiment TOML file; ``overrides`` replace top-level fields (e.g. ``seeds=(1,)``)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such experiment file")
+    raw = tomllib.loads(path.read_text())
+    agents_raw = raw.pop("agents", {})
+    if not isinstance(agents_raw, dict):
+        raise ValueError(f"{path}: [agents.<name>] tables expected")
+    agents = []
+    for name, table in agents_raw.items():
+        extra = sorted(set(table) - {"variant", "args"})
+        if extra:
+            raise ValueError(f"{path}: agents.{name} has unknown keys {extra} (variant, args)")
+        agents.append(AgentSpec(name=name, variant=table.get("variant", "ppo"), args=tuple(table.get("args", ()))))
+    known = {f.name for f in dataclasses.fields(ExperimentConfig)} - {"agents"}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ValueError(f"{path}: unknown keys {unknown}; known: {sorted(known)}")
+    for key in ("seeds", "baselines", "common_args"):
+        if key in raw:
+            raw[key] = tuple(raw[key])
+    raw.setdefault("name", path.stem)
+    raw.update({k: v for k, v in overrides.items() if v is not None})
+    return ExperimentConfig(agents=tuple(agents), **raw)
