@@ -22,6 +22,7 @@ mark of bar ``t+1``::
 deducted from cash, where ``years[t+1]`` is the calendar time from bar t's close to bar t+1's close in
 years of 365 days (:func:`year_fractions`). A short held from Friday's close over Monday's close pays
 3 days. Only shorts pay: cash borrowed for leverage above 1 is not charged interest.
+"""
 
 from __future__ import annotations
 
