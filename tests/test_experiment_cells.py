@@ -33,7 +33,8 @@ def test_selection_on_validation_keeps_the_best_chunk_and_matches_a_plain_run(tm
     history = chosen["selection_history"]
     assert [h["iteration"] for h in history] == [2, 4]
     best = max(history, key=lambda h: h["validation_sharpe"])
-    assert chosen["selected_iteration"] == best["iteration"] and chosen["validation_sharpe"] == best["validation_sharpe"]
+    assert chosen["selected_iteration"] == best["iteration"]
+    assert chosen["validation_sharpe"] == best["validation_sharpe"]
     assert load_checkpoint(tmp_path / "chosen" / "best.pt")["iteration"] == best["iteration"]
     # training in resumed chunks is the same run as training in one go
     whole = load_checkpoint(tmp_path / "plain" / "checkpoint.pt")["agent"]
