@@ -21,6 +21,18 @@ needs more). Selling it raises cash by exactly the debt it books, so the group's
 return, drawdown or Sharpe ratio vectorbt computes from it -- equals the environment's equity, and rows
 before the loan are untouched. The loan shows up in ``portfolio.orders`` and in vectorbt's own trade
 counts and benchmark; use :mod:`sentio_lab.metrics` on :func:`equity` for reported numbers.
+
+Short borrow (``costs.borrow_bps > 0``, see :mod:`sentio_lab.costs`). The env deducts
+``borrow_cost(shares, close, years)`` from cash at the close of every bar a short is held over.
+vectorbt's ``from_orders`` has no per-row cash flow (no deposits or withdrawals), and its only charge
+that does not scale with the traded notional is ``fixed_fees``. :func:`replay` therefore adds a last
+column, ``short_borrow``: a fee-only instrument priced at 1e-300 (so the units it accumulates are worth
+nothing, below the last bit of any equity value), on which it buys one unit with ``fixed_fees`` equal to
+that row's borrow charge, on every row that has one. vectorbt books the charge as a fee, so the cash of
+the group falls by exactly the charge and ``value()`` still equals the env's equity to rounding; the
+charges show in ``portfolio.orders`` on that column, their ``Fees`` sum is the borrow paid. The amounts
+come from :func:`sentio_lab.costs.borrow_cost` (what vectorbt checks is the accounting, not the rate);
+a replay whose borrow order is rejected raises instead of returning a wrong curve.
 """
 
 from __future__ import annotations
@@ -31,13 +43,17 @@ import numpy as np
 import pandas as pd
 import vectorbt as vbt
 
-from sentio_lab.costs import CostModel, rebalance
+from sentio_lab.costs import CostModel, borrow_cost, rebalance, year_fractions
 from sentio_lab.data import infer_bar_freq
 
 #: Column name of the traded instrument in the portfolio.
 ASSET_COLUMN = "asset"
 #: Column name of the zero-cost loan instrument added when a path borrows cash (see the module doc).
 LOAN_COLUMN = "cash_loan"
+#: Column name of the fee-only instrument that carries short borrow charges (see the module doc).
+BORROW_COLUMN = "short_borrow"
+#: Price of the fee-only borrow instrument: positive (vectorbt refuses 0) and worthless next to any equity.
+_FEE_ONLY_PRICE = 1e-300
 #: Cash below this (on a starting equity of 1) counts as borrowing; above it is rounding noise that
 #: vectorbt rounds to zero itself (its absolute tolerance is 1e-12).
 _BORROW_TOLERANCE = 1e-12
@@ -105,18 +121,26 @@ def _weights(
 
 def _walk(
     frame: pd.DataFrame, start: int, w: np.ndarray, costs: CostModel
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Iterate ``rebalance`` over the path; return (share deltas, cash, shares), each ``len(w) + 1`` rows."""
-    opens = frame["open"].to_numpy(dtype=np.float64)[start + 1 : start + len(w) + 1]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Iterate the env's step over the path: ``rebalance`` at the open, short borrow at the close.
+
+    Returns (share deltas, cash, shares, borrow charges), each ``len(w) + 1`` rows; cash is after the charge.
+    """
+    rows = slice(start, start + len(w) + 1)
+    opens = frame["open"].to_numpy(dtype=np.float64)[rows][1:]
+    closes = frame["close"].to_numpy(dtype=np.float64)[rows][1:]
+    years = year_fractions(frame.index[rows])[1:] if costs.borrow_rate > 0 else np.zeros(len(w))
     deltas = np.zeros(len(w) + 1)
     cash = np.ones(len(w) + 1)
     shares = np.zeros(len(w) + 1)
+    charges = np.zeros(len(w) + 1)
     held = 0.0
     for k, (weight, price) in enumerate(zip(w, opens, strict=True)):
         new_cash, new_shares, delta = rebalance(cash[k], shares[k], price, weight, weight != held, costs)
-        cash[k + 1], shares[k + 1], deltas[k + 1] = new_cash, new_shares, delta
+        charge = float(borrow_cost(new_shares, closes[k], years[k], costs)) if costs.borrow_rate > 0 else 0.0
+        cash[k + 1], shares[k + 1], deltas[k + 1], charges[k + 1] = new_cash - charge, new_shares, delta, charge
         held = weight
-    return deltas, cash, shares
+    return deltas, cash, shares, charges
 
 
 def order_sizes(
@@ -132,7 +156,7 @@ def order_sizes(
     """
     _check_frame(frame)
     w = _weights(frame, start, target_weights)
-    deltas, _, _ = _walk(frame, int(start), w, costs)
+    deltas, _, _, _ = _walk(frame, int(start), w, costs)
     return pd.Series(deltas, index=frame.index[int(start) : int(start) + len(w) + 1], name="order_size")
 
 
@@ -153,7 +177,7 @@ def replay(
         raise TypeError(f"costs: expected a CostModel, got {type(costs).__name__}")
     w = _weights(frame, start, target_weights)
     start_pos = int(start)
-    deltas, cash, _ = _walk(frame, start_pos, w, costs)
+    deltas, cash, _, charges = _walk(frame, start_pos, w, costs)
     rows = slice(start_pos, start_pos + len(w) + 1)
     close = frame["close"].iloc[rows].astype(np.float64)
     opens = frame["open"].to_numpy(dtype=np.float64)[rows]
@@ -161,7 +185,8 @@ def replay(
     common = {"size_type": "amount", "init_cash": 1.0, "direction": "both", "freq": freq}
 
     loan_orders = _loan_orders(cash)
-    if not loan_orders.any():
+    charged = charges > 0
+    if not loan_orders.any() and not charged.any():
         return vbt.Portfolio.from_orders(
             close.rename(ASSET_COLUMN),
             size=deltas,
@@ -170,19 +195,39 @@ def replay(
             slippage=costs.slippage,
             **common,
         )
-    # The loan column comes first: within a row vectorbt executes a group's orders in column order, so
-    # the cash is borrowed before the asset order that needs it.
-    return vbt.Portfolio.from_orders(
-        pd.DataFrame({LOAN_COLUMN: 1.0, ASSET_COLUMN: close}, index=close.index),
-        size=np.column_stack([loan_orders, deltas]),
-        price=np.column_stack([np.ones(len(opens)), opens]),
-        fees=np.array([[0.0, costs.fee]]),
-        slippage=np.array([[0.0, costs.slippage]]),
+    # Columns: (loan), asset, (borrow). Within a row vectorbt executes a group's orders in column order, so
+    # the cash is borrowed before the asset order that needs it and the borrow charge comes after the fill.
+    # Each column is (close, size, price, fees, slippage, fixed_fees).
+    columns: dict[str, tuple] = {}
+    ones, zeros = np.ones(len(opens)), np.zeros(len(opens))
+    if loan_orders.any():
+        columns[LOAN_COLUMN] = (ones, loan_orders, ones, 0.0, 0.0, zeros)
+    columns[ASSET_COLUMN] = (close.to_numpy(), deltas, opens, costs.fee, costs.slippage, zeros)
+    if charged.any():
+        fee_only = np.full(len(opens), _FEE_ONLY_PRICE)
+        columns[BORROW_COLUMN] = (fee_only, charged.astype(np.float64), fee_only, 0.0, 0.0, charges)
+    closes, sizes, prices, fees, slippages, fixed_fees = zip(*columns.values(), strict=True)
+    portfolio = vbt.Portfolio.from_orders(
+        pd.DataFrame(dict(zip(columns, closes, strict=True)), index=close.index),
+        size=np.column_stack(sizes),
+        price=np.column_stack(prices),
+        fees=np.array([fees]),
+        slippage=np.array([slippages]),
+        fixed_fees=np.column_stack(fixed_fees),
         group_by=True,
         cash_sharing=True,
         call_seq="default",
         **common,
     )
+    if charged.any():
+        records = portfolio.orders.records
+        booked = int(np.count_nonzero(records["col"] == list(columns).index(BORROW_COLUMN)))
+        if booked != int(charged.sum()):
+            raise RuntimeError(
+                f"replay: vectorbt booked {booked} of {int(charged.sum())} short borrow charges (cash could not "
+                "cover one); the replayed equity would not be the env's"
+            )
+    return portfolio
 
 
 def _loan_orders(cash: np.ndarray) -> np.ndarray:

@@ -11,7 +11,8 @@ trade's own costs: ``(shares + delta) * p == w * (equity_at_p - cost(delta))``. 
     k = (1 - slippage) * (1 - fee) - 1          when selling (negative),
 
 so any move to ``w = 1`` (from flat, long or short) spends exactly the cash available and never borrows;
-only levels above 1 borrow cash (leverage), by design.
+only levels above 1 borrow cash (leverage), by design. A move to ``w = 0`` trades exactly ``-shares``
+(the closed form's value, without its rounding residue).
 
 Short borrow (``CostModel.borrow_bps``, an annual rate, 0 by default). The position held over bar
 ``t+1`` -- the shares after the fill at its open, which are also the shares at its close -- pays, at the
@@ -143,7 +144,10 @@ def rebalance(
     gap = target_weight * equity_at_price - shares * price  # notional to trade before costs
     # k > 0 when buying (costs add to what is paid), k < 0 when selling (costs cut the proceeds)
     k = _where(gap > 0, 0.0 * gap + costs.buy_cost_rate, 0.0 * gap - costs.sell_cost_rate)
-    delta = _where(trade, gap / (price * (1.0 + target_weight * k)), 0.0 * shares)
+    # A move to flat sells exactly the shares held: gap / price would leave a rounding residue (1e-20 shares)
+    # that a later borrow charge or an exact flatness check would see.
+    sized = _where(target_weight == 0, -shares + 0.0 * gap, gap / (price * (1.0 + target_weight * k)))
+    delta = _where(trade, sized, 0.0 * shares)
     # Both branches are arrays of the price's dtype: torch.where on two python floats would build float32.
     executed = _where(delta > 0, price * (1.0 + costs.slippage), price * (1.0 - costs.slippage))
     traded_value = delta * executed

@@ -86,7 +86,9 @@ class MarketArrays:
                 raise ValueError(f"MarketArrays: year_fraction must be float64 ({n},), got {years.dtype} {years.shape}")
             bad = ~(np.isfinite(years) & (years >= 0))
             if bad.any():
-                raise ValueError(f"MarketArrays: negative or non-finite year_fraction at rows {np.flatnonzero(bad)[:5]}")
+                raise ValueError(
+                    f"MarketArrays: negative or non-finite year_fraction at rows {np.flatnonzero(bad)[:5]}"
+                )
 
 
 def _borrow_years(market: MarketArrays, costs: CostModel) -> np.ndarray | None:
@@ -119,6 +121,15 @@ def episode_start_bounds(
             f"{window}-bar window after {market.first_valid} warm-up bars (need stop - 1 - length >= {lo})"
         )
     return lo, hi
+
+
+def check_ruin_fraction(ruin_fraction: float) -> float:
+    """Validate the ruin level: in [0, 1). Below 0 an episode could go on from a negative equity, whose log
+    reward is undefined; at 1 or above the first loss would end every episode."""
+    value = float(ruin_fraction)
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"ruin_fraction must be in [0, 1) (a fraction of the starting equity), got {ruin_fraction}")
+    return value
 
 
 def check_positions(positions: Sequence[float]) -> np.ndarray:
@@ -168,7 +179,7 @@ class TradingEnv:
         stop = len(market.close) if stop is None else stop
         self.start_low, self.start_high = episode_start_bounds(market, window, start, stop, episode_length)
         self.num_envs, self.window, self.episode_length = num_envs, window, episode_length
-        self.costs, self.ruin_fraction, self.stagger_starts = costs, ruin_fraction, stagger_starts
+        self.costs, self.ruin_fraction, self.stagger_starts = costs, check_ruin_fraction(ruin_fraction), stagger_starts
         self.device = torch.device(device)
         self.num_features = market.features.shape[1]
         self.obs_dim = window * self.num_features + 1
@@ -251,33 +262,42 @@ class TradingEnv:
 
         ``info`` holds ``equity`` (marked at the new bar's close, before any auto-reset), ``final_obs``
         (the observation an ended episode would have seen next; equal to ``obs`` for running ones) and
-        ``done`` (terminated | truncated).
+        ``done`` (terminated | truncated). ``actions`` are integer level indices (a float tensor is a
+        TypeError); an index outside ``[0, num_actions)`` is a ValueError raised before any state changes.
         """
-        actions = actions.to(device=self.device, dtype=torch.long)
+        actions = torch.as_tensor(actions, device=self.device)
         if actions.shape != self.t.shape:
             raise ValueError(f"step: expected actions of shape ({self.num_envs},), got {tuple(actions.shape)}")
+        if actions.is_floating_point() or actions.is_complex():
+            raise TypeError(f"step: actions must be integer level indices, got dtype {actions.dtype}")
+        actions = actions.to(torch.long)
+        # Out-of-range indices are clamped for the gathers (on CUDA a bad index is an unrecoverable device-side
+        # assert) and reported below, in the one host sync the step needs anyway, before any state changes.
+        bad = (actions < 0) | (actions >= self.num_actions)
+        level = actions.clamp(0, self.num_actions - 1)  # a new tensor: the caller's must not move
         next_t = self.t + 1
         price = self.open.index_select(0, next_t)
-        try:
-            weights = self.positions.index_select(0, actions)
-        except IndexError as err:  # CPU only; on CUDA an out-of-range index is a device-side assert
-            raise ValueError(
-                f"step: actions {actions.tolist()} outside [0, {self.num_actions}) (one level index per env)"
-            ) from err
-        self.cash, self.shares, _ = rebalance(self.cash, self.shares, price, weights, actions != self.level, self.costs)
+        weights = self.positions.index_select(0, level)
+        cash, shares, _ = rebalance(self.cash, self.shares, price, weights, level != self.level, self.costs)
         if self._borrow_per_share is not None:
-            self.cash = self.cash - self.shares.neg().clamp_min(0.0) * self._borrow_per_share.index_select(0, next_t)
-        self.level = actions.clone()  # a copy: auto-reset writes into it, the caller's tensor must not move
-        equity = self.cash + self.shares * self.close.index_select(0, next_t)
+            cash = cash - shares.neg().clamp_min(0.0) * self._borrow_per_share.index_select(0, next_t)
+        equity = cash + shares * self.close.index_select(0, next_t)
         reward = torch.log(equity.clamp_min(_MIN_EQUITY) / self.equity)
-        self.equity, self.t = equity, next_t
-        self.steps += 1
+        steps = self.steps + 1
         terminated = equity <= self.ruin_fraction
-        truncated = (self.steps >= self.episode_length) & ~terminated
+        truncated = (steps >= self.episode_length) & ~terminated
         done = terminated | truncated
+        any_bad, any_done = torch.stack([bad.any(), done.any()]).tolist()
+        if any_bad:
+            raise ValueError(
+                f"step: actions {actions[bad].tolist()} outside [0, {self.num_actions}) (one level index per env); "
+                "the env is unchanged"
+            )
+        self.cash, self.shares, self.level = cash, shares, level
+        self.equity, self.t, self.steps = equity, next_t, steps
         obs = self._observe(self.t, self.level)
         info = {"equity": equity, "final_obs": obs, "done": done}
-        if bool(done.any()):
+        if any_done:
             info["final_obs"] = obs.clone()
             self._reset_done(done)
             obs[done] = self._observe(self.t[done], self.level[done])
@@ -336,7 +356,7 @@ class NumpyTradingEnv(gym.Env):
         self.start_low, self.start_high = episode_start_bounds(market, window, start, stop, episode_length)
         self.market, self.window, self.episode_length = market, window, episode_length
         self.positions = check_positions(positions)
-        self.costs, self.ruin_fraction = costs, ruin_fraction
+        self.costs, self.ruin_fraction = costs, check_ruin_fraction(ruin_fraction)
         self._borrow_years = _borrow_years(market, costs)
         self.flat_level = int(np.argmin(np.abs(self.positions)))
         obs_dim = window * market.features.shape[1] + 1
@@ -362,9 +382,12 @@ class NumpyTradingEnv(gym.Env):
 
     def step(self, action: int) -> tuple[np.ndarray, float, bool, bool, dict]:
         """Fill the target level at the next open, mark at the next close, reward the log equity change."""
-        action = int(action)
-        if not 0 <= action < len(self.positions):
-            raise ValueError(f"step: action {action} outside [0, {len(self.positions)})")
+        index = int(action)
+        if index != action:
+            raise TypeError(f"step: action {action!r} is not an integer level index")
+        if not 0 <= index < len(self.positions):
+            raise ValueError(f"step: action {index} outside [0, {len(self.positions)})")
+        action = index
         price = self.market.open[self.t + 1]
         self.cash, self.shares, _ = rebalance(
             self.cash, self.shares, price, self.positions[action], action != self.level, self.costs

@@ -18,7 +18,7 @@ Conventions
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -409,12 +409,24 @@ def stats_table(
     equities: Mapping[str, pd.Series],
     weights: Mapping[str, pd.Series | np.ndarray] | None = None,
     periods: PeriodsLike | None = None,
-    **trials: object,
+    *,
+    trial_family: Collection[str] | None = None,
+    n_trials: int | None = None,
+    sr_variance: float | None = None,
+    trial_sharpes: Sequence[float] | np.ndarray | None = None,
 ) -> pd.DataFrame:
     """:func:`summary_stats` of several strategies side by side: one column per strategy, STAT_NAMES rows.
 
     ``weights`` may cover only some strategies (buy and hold has none worth reporting, say); its keys must
-    be strategy names. ``trials`` (``n_trials`` / ``sr_variance`` / ``trial_sharpes``) apply to every column.
+    be strategy names.
+
+    The deflated Sharpe ratio corrects for the search that produced a strategy, so it belongs only to the
+    strategies that were tried: ``trial_family`` names those columns (the agents / seeds / configurations),
+    and ``dsr`` is left NaN for every other column (baselines such as buy and hold were not searched for).
+    The family is described, as in :func:`deflated_sharpe_ratio`, by ``trial_sharpes`` or ``n_trials`` and
+    ``sr_variance`` when more was tried than the table shows; otherwise by the per-period Sharpe ratios of
+    the family's own columns (simple returns), which needs at least two of them. A trial description
+    without ``trial_family`` is refused rather than applied to every column.
     """
     if not equities:
         raise ValueError("stats_table: no equity curves given")
@@ -422,8 +434,29 @@ def stats_table(
     unknown = sorted(set(weights) - set(equities))
     if unknown:
         raise ValueError(f"stats_table: weights for unknown strategies {unknown}; known: {list(equities)}")
+    described = trial_sharpes is not None or n_trials is not None or sr_variance is not None
+    if trial_family is None:
+        if described:
+            raise ValueError(
+                "stats_table: a trial description (n_trials / sr_variance / trial_sharpes) was given without "
+                "trial_family; name the strategies that were tried, the DSR does not apply to baselines"
+            )
+        family: list[str] = []
+    else:
+        family = [trial_family] if isinstance(trial_family, str) else list(trial_family)
+        missing = sorted(set(family) - set(equities))
+        if missing or not family:
+            raise ValueError(f"stats_table: trial_family {missing or family} not among the strategies {list(equities)}")
+        if not described:
+            trial_sharpes = [sharpe_ratio(simple_returns(equities[name])) for name in family]
+            if len(trial_sharpes) < 2 or not np.isfinite(trial_sharpes).all():
+                raise ValueError(
+                    f"stats_table: the DSR of trial_family {family} needs at least two finite Sharpe ratios from "
+                    "its curves, or pass trial_sharpes / n_trials and sr_variance"
+                )
+    trials = {"n_trials": n_trials, "sr_variance": sr_variance, "trial_sharpes": trial_sharpes}
     columns = {
-        name: summary_stats(curve, weights.get(name), periods, **trials)  # type: ignore[arg-type]
+        name: summary_stats(curve, weights.get(name), periods, **(trials if name in family else {}))
         for name, curve in equities.items()
     }
     return pd.DataFrame(columns, index=list(STAT_NAMES))

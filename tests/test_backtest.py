@@ -17,7 +17,7 @@ STARTS = [40, 1200, 2600, 4600]
 
 @pytest.fixture(scope="module")
 def frame() -> pd.DataFrame:
-    return load_market("sp500").frame
+    return load_market("nasdaq").frame
 
 
 @pytest.fixture(scope="module")
@@ -107,14 +107,16 @@ def test_replay_reproduces_the_env_long_only_without_a_loan(frame, market):
     np.testing.assert_allclose(fills["Fees"], fills["Size"] * fills["Price"] * COSTS.fee, rtol=1e-12)
 
 
+@pytest.mark.parametrize("costs", [COSTS, CostModel(fee_bps=10, slippage_bps=5, borrow_bps=400)],
+                         ids=["no-borrow", "borrow"])
 @pytest.mark.parametrize("positions", [(-1.0, 0.0, 1.0), (-0.5, 0.0, 2.0)])
-def test_replay_matches_the_numpy_reference_env(frame, market, positions):
+def test_replay_matches_the_numpy_reference_env(frame, market, positions, costs):
     # (-0.5, 0, 2) is leveraged: the env borrows on every move to 2, the replay's loan covers it
-    env = NumpyTradingEnv(market, window=8, episode_length=50, positions=positions, costs=COSTS)
+    env = NumpyTradingEnv(market, window=8, episode_length=50, positions=positions, costs=costs)
     env.reset(options={"start": 3000})
     actions = np.random.default_rng(5).integers(0, 3, 50)
     equities = [env.step(a)[4]["equity"] for a in actions]
-    replayed = bt.equity(bt.replay(frame, 3000, np.asarray(positions)[actions], COSTS))
+    replayed = bt.equity(bt.replay(frame, 3000, np.asarray(positions)[actions], costs))
     np.testing.assert_allclose(replayed.to_numpy()[1:], equities, rtol=1e-12)
 
 
@@ -215,3 +217,98 @@ def test_buy_and_hold_and_equity_reject_bad_input(frame):
         bt.equity(two)
     one = vbt.Portfolio.from_orders(frame[["close"]].iloc[:5], size=0.0, init_cash=1.0, freq="1D")
     assert (bt.equity(one) == 1.0).all()
+
+
+# ----------------------------------------------------------------------------------------- short borrow
+BORROW_COSTS = CostModel(fee_bps=10, slippage_bps=5, borrow_bps=400)
+
+
+@pytest.mark.parametrize("positions", [(-1.0, 0.0, 0.5, 1.0), (-1.0, -0.5, 0.0, 2.0)], ids=["long-short", "leveraged"])
+def test_replay_reproduces_the_batched_env_with_borrow(frame, market, positions):
+    weights, equities, dones = run_env(market, positions, seed=3, costs=BORROW_COSTS)
+    assert not dones[:-1].any()
+    error = max_rel_error(frame, weights, equities, BORROW_COSTS)
+    print(f"max relative equity error, env vs vectorbt with borrow {positions}: {error:.3e}")
+    assert error < 1e-9
+    # the check is sensitive to the borrow: a replay that ignored it would be off by far more
+    assert max_rel_error(frame, weights, equities, COSTS) > 1e-5
+    portfolio = bt.replay(frame, STARTS[0], weights[:, 0], BORROW_COSTS)
+    assert list(portfolio.wrapper.columns)[-2:] == [bt.ASSET_COLUMN, bt.BORROW_COLUMN]
+
+
+def test_borrow_orders_sit_on_the_short_rows_and_carry_the_charge(frame):
+    start = 2000
+    weights = np.r_[np.zeros(5), -np.ones(10), np.zeros(5), -0.5 * np.ones(5), np.ones(5)]
+    portfolio = bt.replay(frame, start, weights, BORROW_COSTS)
+    orders = portfolio.orders.records_readable
+    charges = orders[orders["Column"] == bt.BORROW_COLUMN].set_index("Timestamp")
+    # short from the fill after decision 5 to the fill after decision 14, and after 20 to 24: rows 6..15, 21..25
+    rows = np.r_[6:16, 21:26]
+    assert list(charges.index) == list(frame.index[start + rows])
+    # each charge: rate * |shares| * close * years since the previous close, the shares after the row's fill
+    shares = np.cumsum(bt.order_sizes(frame, start, weights, BORROW_COSTS).to_numpy())
+    years = np.diff(frame.index[start : start + len(weights) + 1].to_numpy()).astype("timedelta64[s]").astype(float)
+    years = np.r_[0.0, years / (365 * 86_400)]
+    close = frame["close"].to_numpy()[start : start + len(weights) + 1]
+    expected = BORROW_COSTS.borrow_rate * -shares[rows] * close[rows] * years[rows]
+    np.testing.assert_allclose(charges["Fees"].to_numpy(), expected, rtol=1e-12)
+    assert (charges["Size"] == 1.0).all() and (charges["Price"] == 1e-300).all()
+    # over a weekend the charge covers three days of the same position
+    gaps = np.round(years[rows] * 365).astype(int)
+    assert 3 in gaps and 1 in gaps
+    # cash falls by the charges on those rows and the group's value is the env's equity: nothing else moved
+    free = bt.equity(bt.replay(frame, start, weights, COSTS)).to_numpy()
+    paid = bt.equity(portfolio).to_numpy()
+    np.testing.assert_array_equal(paid[:6], free[:6])  # identical before the first charge (row 6)
+    assert (paid[6:] < free[6:]).all()
+
+
+def test_long_only_paths_pay_no_borrow_and_keep_a_plain_portfolio(frame):
+    weights = np.random.default_rng(8).choice([0.0, 0.5, 1.0], 200)
+    portfolio = bt.replay(frame, 1000, weights, BORROW_COSTS)
+    assert portfolio.wrapper.ndim == 1
+    free = bt.equity(bt.replay(frame, 1000, weights, COSTS))
+    pd.testing.assert_series_equal(bt.equity(portfolio), free)
+
+
+def _rally(n: int = 120) -> pd.DataFrame:
+    """A 10x rally after 20 flat bars, opening 0.1 % above the previous close (business days)."""
+    close = 100.0 * np.exp(np.r_[np.zeros(20), np.linspace(0.0, np.log(10.0), n - 20)])
+    opens = np.r_[close[0], close[:-1]] * 1.001
+    return pd.DataFrame(
+        {"open": opens, "close": close, "high": np.maximum(opens, close), "low": np.minimum(opens, close),
+         "volume": 1.0},
+        index=pd.bdate_range("2021-01-04", periods=n),
+    )
+
+
+def test_replay_with_borrow_through_a_loss_beyond_equity():
+    """A short into a 10x rally with a 1000 %-a-year borrow: equity goes negative and the borrow needs the loan.
+
+    The envs stop at ruin, so the expected curve is worked out by hand: one short sale at the first open
+    (w = -1 of post-trade equity), then cash pays rate * |shares| * close * days / 365 at every close.
+    """
+    frame = _rally()
+    costs = CostModel(fee_bps=10, slippage_bps=5, borrow_bps=99_999)
+    start, steps = 5, len(frame) - 6
+    s, f, rate = costs.slippage, costs.fee, costs.borrow_rate
+    o1 = frame["open"].iloc[start + 1]
+    short = 1.0 / (o1 * (2 - (1 - s) * (1 - f)))
+    cash = 1.0 + short * o1 * (1 - s) * (1 - f)
+    expected, cash_path = [], []
+    for k in range(start + 1, start + steps + 1):
+        days = (frame.index[k] - frame.index[k - 1]).days
+        cash -= rate * short * frame["close"].iloc[k] * days / 365
+        expected.append(cash - short * frame["close"].iloc[k])
+        cash_path.append(cash)
+    assert min(expected) < -1.0 and min(cash_path) < 0  # the borrow ate all the cash
+    portfolio = bt.replay(frame, start, np.full(steps, -1.0), costs)
+    assert list(portfolio.wrapper.columns) == [bt.LOAN_COLUMN, bt.ASSET_COLUMN, bt.BORROW_COLUMN]
+    np.testing.assert_allclose(bt.equity(portfolio).to_numpy()[1:], expected, rtol=1e-10)
+
+
+def test_replay_refuses_when_vectorbt_cannot_book_a_charge(monkeypatch):
+    frame = _rally()
+    monkeypatch.setattr(bt, "_loan_orders", lambda cash: np.zeros(len(cash)))  # no loan: cash runs out
+    with pytest.raises(RuntimeError, match="booked .* of .* short borrow charges"):
+        bt.replay(frame, 5, np.full(len(frame) - 6, -1.0), CostModel(0, 0, borrow_bps=99_999))

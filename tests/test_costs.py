@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
-from sentio_lab.costs import CostModel, rebalance
+from sentio_lab.costs import CostModel, borrow_cost, rebalance, year_fractions
 
 COSTS = CostModel(fee_bps=10, slippage_bps=20)  # fee 0.1 %, slippage 0.2 %
 FEE, SLIP = 0.001, 0.002
@@ -186,3 +187,58 @@ def test_target_is_a_weight_of_post_trade_equity(costs, start_shares, target):
         assert float(new_cash) >= -1e-12  # long or flat targets up to 1 never borrow cash
     if target == 1.0:
         assert float(new_cash) == pytest.approx(0.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("costs", [CostModel(0, 0), CostModel(5, 3), CostModel(100, 250)])
+@pytest.mark.parametrize("start_shares", [-3.7, 0.3, 12345.678])
+def test_a_move_to_flat_leaves_exactly_zero_shares(costs, start_shares):
+    for price in (0.731, 1835.209961, 99.99):
+        cash, shares, delta = rebalance(10.0, start_shares, price, 0.0, True, costs)
+        assert float(shares) == 0.0 and float(delta) == -start_shares
+        tensors = (torch.tensor(v, dtype=torch.float64) for v in (10.0, start_shares, price, 0.0))
+        t_cash, t_shares, _ = rebalance(*tensors, torch.tensor(True), costs)
+        assert float(t_shares) == 0.0 and float(t_cash) == float(cash)
+
+
+# ----------------------------------------------------------------------------------------- short borrow
+@pytest.mark.parametrize("value", [-1.0, 100_000, float("nan"), float("inf")])
+def test_cost_model_rejects_bad_borrow_rates(value):
+    with pytest.raises(ValueError, match=r"CostModel\.borrow_bps must be in \[0, 100000\) annual basis points"):
+        CostModel(borrow_bps=value)
+
+
+def test_borrow_rate_and_default():
+    assert CostModel().borrow_bps == 0.0 and CostModel().borrow_rate == 0.0
+    assert CostModel(borrow_bps=250).borrow_rate == pytest.approx(0.025, rel=1e-15)
+
+
+def test_year_fractions_count_calendar_days():
+    index = pd.DatetimeIndex(["2024-03-07", "2024-03-08", "2024-03-11", "2024-03-11 12:00", "2025-03-11 12:00"])
+    np.testing.assert_allclose(year_fractions(index), [0.0, 1 / 365, 3 / 365, 0.5 / 365, 365 / 365], rtol=1e-15)
+    # causal: entry t depends on bars t-1 and t only
+    np.testing.assert_array_equal(year_fractions(index[:3]), year_fractions(index)[:3])
+
+
+@pytest.mark.parametrize(
+    ("index", "error", "match"),
+    [
+        (pd.RangeIndex(3), TypeError, "DatetimeIndex"),
+        (pd.DatetimeIndex(["2024-01-02", "2024-01-02"]), ValueError, r"bar 1 \(2024-01-02 00:00:00\) does not follow"),
+        (pd.DatetimeIndex(["2024-01-02", "2024-01-03", "2024-01-01"]), ValueError, r"bar 2 \(2024-01-01"),
+    ],
+)
+def test_year_fractions_reject_bad_indexes(index, error, match):
+    with pytest.raises(error, match=match):
+        year_fractions(index)
+
+
+def test_borrow_cost_charges_shorts_only_for_every_type():
+    costs = CostModel(borrow_bps=365)  # 3.65 % a year: 0.01 % a day
+    shares = np.array([-10.0, -0.5, 0.0, 2.0])
+    price, years = np.array([50.0, 80.0, 10.0, 10.0]), np.array([1 / 365, 3 / 365, 1 / 365, 1 / 365])
+    expected = np.array([10 * 50 * 1e-4, 0.5 * 80 * 3e-4, 0.0, 0.0])
+    np.testing.assert_allclose(borrow_cost(shares, price, years, costs), expected, rtol=1e-13, atol=0)
+    torch_charge = borrow_cost(torch.tensor(shares), torch.tensor(price), torch.tensor(years), costs)
+    np.testing.assert_array_equal(torch_charge.numpy(), borrow_cost(shares, price, years, costs))
+    assert float(borrow_cost(-10.0, 50.0, 1 / 365, costs)) == pytest.approx(0.05, rel=1e-13)
+    assert float(borrow_cost(-10.0, 50.0, 1 / 365, CostModel())) == 0.0  # no rate, no charge

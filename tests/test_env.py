@@ -14,6 +14,7 @@ from sentio_lab.data import load_market, to_market
 from sentio_lab.env import DEFAULT_POSITIONS, MarketArrays, NumpyTradingEnv, TradingEnv, episode_start_bounds
 
 COSTS = CostModel(5, 3)
+BORROW = CostModel(5, 3, borrow_bps=300)  # 3 % a year on the value of a short
 FIVE_LEVELS = (-1.0, -0.5, 0.0, 0.5, 1.0)
 DEVICES = [
     "cpu",
@@ -45,13 +46,13 @@ def synthetic_arrays(close: np.ndarray) -> MarketArrays:
 
 
 @pytest.fixture(scope="module")
-def sp500_frame() -> pd.DataFrame:
-    return load_market("sp500").frame
+def nasdaq_frame() -> pd.DataFrame:
+    return load_market("nasdaq").frame
 
 
 @pytest.fixture(scope="module")
-def sp500(sp500_frame) -> MarketArrays:
-    return arrays_from_frame(sp500_frame)
+def nasdaq(nasdaq_frame) -> MarketArrays:
+    return arrays_from_frame(nasdaq_frame)
 
 
 def np_rollout(market, start, actions, **kwargs):
@@ -81,13 +82,13 @@ def torch_rollout(market, starts, actions, **kwargs):
 
 
 # ----------------------------------------------------------------------------------------- MarketArrays
-def test_market_arrays_from_frame(sp500_frame, sp500):
-    assert sp500.open.dtype == sp500.close.dtype == np.float64
-    assert sp500.features.dtype == np.float32 and sp500.features.flags["C_CONTIGUOUS"]
-    assert sp500.features.shape == (len(sp500_frame), 3)
-    np.testing.assert_array_equal(sp500.open, sp500_frame["open"].to_numpy())
-    np.testing.assert_array_equal(sp500.close, sp500_frame["close"].to_numpy())
-    assert np.isnan(sp500.features[0, [0, 2]]).all()  # warm-up row: allowed before first_valid
+def test_market_arrays_from_frame(nasdaq_frame, nasdaq):
+    assert nasdaq.open.dtype == nasdaq.close.dtype == np.float64
+    assert nasdaq.features.dtype == np.float32 and nasdaq.features.flags["C_CONTIGUOUS"]
+    assert nasdaq.features.shape == (len(nasdaq_frame), 3)
+    np.testing.assert_array_equal(nasdaq.open, nasdaq_frame["open"].to_numpy())
+    np.testing.assert_array_equal(nasdaq.close, nasdaq_frame["close"].to_numpy())
+    assert np.isnan(nasdaq.features[0, [0, 2]]).all()  # warm-up row: allowed before first_valid
 
 
 def _arrays(n=50, f=2, **overrides):
@@ -174,10 +175,11 @@ def test_episodes_never_read_outside_their_range():
 
 
 # ---------------------------------------------------------------------------------- torch == numpy reference
-def _check_against_reference(market, positions, device, n_envs=16, steps=300, length=120, window=10, seed=0):
+def _check_against_reference(market, positions, device, n_envs=16, steps=300, length=120, window=10, seed=0,
+                             costs=COSTS):
     env = TradingEnv(market, num_envs=n_envs, window=window, episode_length=length, positions=positions,
-                     costs=COSTS, device=device, seed=seed)
-    refs = [NumpyTradingEnv(market, window=window, episode_length=length, positions=positions, costs=COSTS)
+                     costs=costs, device=device, seed=seed)
+    refs = [NumpyTradingEnv(market, window=window, episode_length=length, positions=positions, costs=costs)
             for _ in range(n_envs)]
     assert env.obs_dim == refs[0].observation_space.shape[0] == window * market.features.shape[1] + 1
     rng = np.random.default_rng(seed)
@@ -216,69 +218,87 @@ def _check_against_reference(market, positions, device, n_envs=16, steps=300, le
 
 @pytest.mark.parametrize("positions", [DEFAULT_POSITIONS, (0.0, 1.0), FIVE_LEVELS],
                          ids=["short-flat-long", "long-only", "five-levels"])
-def test_torch_env_matches_numpy_reference(sp500, positions):
-    _check_against_reference(sp500, positions, "cpu")
+def test_torch_env_matches_numpy_reference(nasdaq, positions):
+    _check_against_reference(nasdaq, positions, "cpu")
 
 
+@pytest.mark.parametrize("positions", [DEFAULT_POSITIONS, FIVE_LEVELS, (-1.0, 0.0, 2.0)],
+                         ids=["short-flat-long", "five-levels", "leveraged"])
+def test_torch_env_matches_numpy_reference_with_borrow(nasdaq, positions):
+    _check_against_reference(nasdaq, positions, "cpu", costs=BORROW)
+
+
+@pytest.mark.parametrize("costs", [COSTS, BORROW], ids=["no-borrow", "borrow"])
 @pytest.mark.parametrize("device", DEVICES)
-def test_torch_env_on_device(sp500, device):
-    _check_against_reference(sp500, DEFAULT_POSITIONS, device, n_envs=6, steps=130, length=50)
+def test_torch_env_on_device(nasdaq, device, costs):
+    _check_against_reference(nasdaq, DEFAULT_POSITIONS, device, n_envs=6, steps=130, length=50, costs=costs)
 
 
-def test_observation_layout(sp500):
+def test_observation_layout(nasdaq):
     window = 6
-    env = TradingEnv(sp500, num_envs=3, window=window, positions=FIVE_LEVELS, episode_length=20)
+    env = TradingEnv(nasdaq, num_envs=3, window=window, positions=FIVE_LEVELS, episode_length=20)
     starts = [env.start_low, 1000, env.start_high]
     obs = env.reset(starts=starts).numpy()
     for i, t in enumerate(starts):
-        np.testing.assert_array_equal(obs[i, :-1].reshape(window, 3), sp500.features[t - window + 1 : t + 1])
+        np.testing.assert_array_equal(obs[i, :-1].reshape(window, 3), nasdaq.features[t - window + 1 : t + 1])
         assert obs[i, -1] == 0.0  # flat
     obs, *_ = env.step(torch.tensor([0, 3, 4]))
     np.testing.assert_array_equal(obs[:, -1].numpy(), np.float32([-1.0, 0.5, 1.0]))
-    np.testing.assert_array_equal(obs[1, :-1].reshape(window, 3), sp500.features[1001 - window + 1 : 1002])
+    np.testing.assert_array_equal(obs[1, :-1].reshape(window, 3), nasdaq.features[1001 - window + 1 : 1002])
 
 
 # ------------------------------------------------------------------------------------------- look-ahead
-def test_no_fill_at_a_seen_price(sp500_frame):
-    """Bar t+1 moves the reward of step t (fill at its open, mark at its close), not the observation at t."""
+def test_no_fill_at_a_seen_price(nasdaq_frame):
+    """The action chosen at bar t fills at the open of bar t+1, not at bar t's close (the last price seen).
+
+    Only the open of bar t+1 is changed, its close is kept: under same-bar execution (a fill at close[t])
+    the reward of step t would not move at all, with or without costs. Bar t+1 opens away from close[t]
+    (a real open, not a copy of the previous close), so the two fill rules give different rewards even
+    at zero cost.
+    """
     start, k, window = 800, 7, 5  # step k is taken at bar t = start + k
     t = start + k
-    changed = sp500_frame.copy()
-    o, c = changed["open"].iloc[t + 1] * 1.03, changed["close"].iloc[t + 1] * 0.98
-    changed.iloc[t + 1, changed.columns.get_indexer(["open", "close"])] = [o, c]
-    changed.iloc[t + 1, changed.columns.get_loc("high")] = max(changed["high"].iloc[t + 1], o, c)
-    changed.iloc[t + 1, changed.columns.get_loc("low")] = min(changed["low"].iloc[t + 1], o, c)
+    gap = np.log(nasdaq_frame["open"].iloc[t + 1] / nasdaq_frame["close"].iloc[t])
+    assert abs(gap) > 1e-3, "bar t+1 must open away from close[t] for this test to tell the fill rules apart"
+    changed = nasdaq_frame.copy()
+    o = changed["open"].iloc[t + 1] * 1.03
+    changed.iloc[t + 1, changed.columns.get_loc("open")] = o
+    changed.iloc[t + 1, changed.columns.get_loc("high")] = max(changed["high"].iloc[t + 1], o)
     changed = to_market(changed, name="changed").frame  # still valid OHLC
-    base, moved = arrays_from_frame(sp500_frame), arrays_from_frame(changed)
+    base, moved = arrays_from_frame(nasdaq_frame), arrays_from_frame(changed)
+    assert base.close[t + 1] == moved.close[t + 1] and base.open[t + 1] != moved.open[t + 1]
 
     actions = [1] * k + [2, 2, 0]  # flat until step k, buy at step k (filled at the open of bar t+1)
-    kwargs = dict(window=window, episode_length=50, costs=COSTS)
-    for obs_a, rew_a, obs_b, rew_b in [
-        (*np_rollout(base, start, actions, **kwargs), *np_rollout(moved, start, actions, **kwargs)),
-        (*torch_rollout(base, [start], [[a] for a in actions], **kwargs),
-         *torch_rollout(moved, [start], [[a] for a in actions], **kwargs)),
-    ]:
-        obs_a, obs_b = obs_a.reshape(len(obs_a), -1), obs_b.reshape(len(obs_b), -1)
-        rew_a, rew_b = rew_a.ravel(), rew_b.ravel()
-        np.testing.assert_array_equal(obs_a[: k + 1], obs_b[: k + 1])  # observations at bars <= t
-        np.testing.assert_array_equal(rew_a[:k], rew_b[:k])
-        assert rew_a[k] != rew_b[k]
-        assert not np.array_equal(obs_a[k + 1], obs_b[k + 1])
-        # Buying with all equity from flat: r_t = log(close[t+1] / (open[t+1] (1 + s)(1 + f))).
-        for market, rewards in ((base, rew_a), (moved, rew_b)):
-            expected = np.log(market.close[t + 1] / (market.open[t + 1] * (1 + COSTS.buy_cost_rate)))
-            assert rewards[k] == pytest.approx(expected, abs=1e-12)
-            assert rewards[k] != pytest.approx(np.log(market.close[t + 1] / market.close[t]), abs=1e-6)
+    for costs in (CostModel(0, 0), COSTS):
+        kwargs = dict(window=window, episode_length=50, costs=costs)
+        for obs_a, rew_a, obs_b, rew_b in [
+            (*np_rollout(base, start, actions, **kwargs), *np_rollout(moved, start, actions, **kwargs)),
+            (*torch_rollout(base, [start], [[a] for a in actions], **kwargs),
+             *torch_rollout(moved, [start], [[a] for a in actions], **kwargs)),
+        ]:
+            obs_a, obs_b = obs_a.reshape(len(obs_a), -1), obs_b.reshape(len(obs_b), -1)
+            rew_a, rew_b = rew_a.ravel(), rew_b.ravel()
+            np.testing.assert_array_equal(obs_a[: k + 1], obs_b[: k + 1])  # observations at bars <= t
+            np.testing.assert_array_equal(rew_a[:k], rew_b[:k])
+            # only open[t+1] differs, so only a fill at that open can move the reward of step k
+            assert rew_b[k] == pytest.approx(rew_a[k] - np.log(1.03), abs=1e-12)
+            assert not np.array_equal(obs_a[k + 1], obs_b[k + 1])  # the gap feature at t+1 saw the new open
+            # Buying with all equity from flat: r_t = log(close[t+1] / (open[t+1] (1 + s)(1 + f))).
+            for market, rewards in ((base, rew_a), (moved, rew_b)):
+                expected = np.log(market.close[t + 1] / (market.open[t + 1] * (1 + costs.buy_cost_rate)))
+                assert rewards[k] == pytest.approx(expected, abs=1e-12)
+                same_bar = np.log(market.close[t + 1] / (market.close[t] * (1 + costs.buy_cost_rate)))
+                assert abs(rewards[k] - same_bar) > 1e-3  # same-bar execution would differ by the gap
 
 
 @pytest.mark.parametrize("seed", range(5))
-def test_future_rows_do_not_leak_into_observations(sp500, seed):
+def test_future_rows_do_not_leak_into_observations(nasdaq, seed):
     rng = np.random.default_rng(seed)
     window, n_envs, length = 8, 8, 200
-    cut = int(rng.integers(500, len(sp500.close) - 300))  # bars <= cut are kept, bars > cut replaced
+    cut = int(rng.integers(500, len(nasdaq.close) - 300))  # bars <= cut are kept, bars > cut replaced
     future = slice(cut + 1, None)
-    m = len(sp500.close) - cut - 1
-    open_, close, features = sp500.open.copy(), sp500.close.copy(), sp500.features.copy()
+    m = len(nasdaq.close) - cut - 1
+    open_, close, features = nasdaq.open.copy(), nasdaq.close.copy(), nasdaq.features.copy()
     # A different but plausible future: a fresh random walk from the last kept close.
     close[future] = close[cut] * np.exp(np.cumsum(rng.normal(0, 0.02, m)))
     open_[future] = close[future] * np.exp(rng.normal(0, 0.01, m))
@@ -289,7 +309,7 @@ def test_future_rows_do_not_leak_into_observations(sp500, seed):
     steps = int(cut - starts.min() + 5)
     actions = rng.integers(0, 3, (steps, n_envs))
     kwargs = dict(window=window, episode_length=length, costs=COSTS)
-    obs_a, rew_a = torch_rollout(sp500, starts, actions, **kwargs)
+    obs_a, rew_a = torch_rollout(nasdaq, starts, actions, **kwargs)
     obs_b, rew_b = torch_rollout(perturbed, starts, actions, **kwargs)
     bar = starts[None, :] + np.arange(steps + 1)[:, None]  # the bar each observation stands at
     seen = bar <= cut
@@ -299,18 +319,18 @@ def test_future_rows_do_not_leak_into_observations(sp500, seed):
     assert not np.array_equal(obs_a[~seen], obs_b[~seen])  # the perturbation did reach the env
     assert not np.array_equal(rew_a[~filled], rew_b[~filled])
     # The numpy reference env agrees (one episode).
-    np_a, np_ra = np_rollout(sp500, int(starts[0]), actions[:, 0], **kwargs)
+    np_a, np_ra = np_rollout(nasdaq, int(starts[0]), actions[:, 0], **kwargs)
     np_b, np_rb = np_rollout(perturbed, int(starts[0]), actions[:, 0], **kwargs)
     np.testing.assert_array_equal(np_a[seen[:, 0]], np_b[seen[:, 0]])
     np.testing.assert_array_equal(np_ra[filled[:, 0]], np_rb[filled[:, 0]])
 
 
 # ---------------------------------------------------------------------------------- truncation vs ruin
-def test_truncation_and_auto_reset(sp500):
+def test_truncation_and_auto_reset(nasdaq):
     length, window = 20, 5
-    env = TradingEnv(sp500, num_envs=4, window=window, episode_length=length, costs=COSTS, seed=11)
+    env = TradingEnv(nasdaq, num_envs=4, window=window, episode_length=length, costs=COSTS, seed=11)
     starts = [300, 1200, 2500, 4000]
-    refs = [NumpyTradingEnv(sp500, window=window, episode_length=length, costs=COSTS) for _ in starts]
+    refs = [NumpyTradingEnv(nasdaq, window=window, episode_length=length, costs=COSTS) for _ in starts]
     for ref, s in zip(refs, starts, strict=True):
         ref.reset(options={"start": s})
     obs = env.reset(starts=starts)
@@ -337,15 +357,15 @@ def test_truncation_and_auto_reset(sp500):
             np.testing.assert_array_equal(obs[i].numpy(), refs[i].reset(options={"start": t})[0])
 
 
-def test_truncation_final_obs_and_equity_match_reference(sp500):
+def test_truncation_final_obs_and_equity_match_reference(nasdaq):
     length, window = 15, 4
-    env = TradingEnv(sp500, num_envs=3, window=window, episode_length=length, costs=COSTS)
+    env = TradingEnv(nasdaq, num_envs=3, window=window, episode_length=length, costs=COSTS)
     starts, actions = [100, 2000, 3000], [2, 0, 1]
     env.reset(starts=starts)
     for _ in range(length):
         obs, reward, terminated, truncated, info = env.step(torch.tensor(actions))
     for i, (s, a) in enumerate(zip(starts, actions, strict=True)):
-        ref = NumpyTradingEnv(sp500, window=window, episode_length=length, costs=COSTS)
+        ref = NumpyTradingEnv(nasdaq, window=window, episode_length=length, costs=COSTS)
         ref.reset(options={"start": s})
         for _ in range(length):
             o, r, te, tr, ref_info = ref.step(a)
@@ -409,8 +429,8 @@ def test_negative_equity_gives_finite_penalty():
 
 
 # ------------------------------------------------------------------------------------------- holding, fees
-def test_holding_a_level_trades_nothing(sp500):
-    env = TradingEnv(sp500, num_envs=3, window=4, episode_length=60, costs=COSTS)
+def test_holding_a_level_trades_nothing(nasdaq):
+    env = TradingEnv(nasdaq, num_envs=3, window=4, episode_length=60, costs=COSTS)
     start = 1500
     env.reset(starts=[start] * 3)
     actions = torch.tensor([2, 0, 1])  # long, short, flat
@@ -421,7 +441,7 @@ def test_holding_a_level_trades_nothing(sp500):
         _, reward, *_ , info = env.step(actions)
         assert torch.equal(env.cash, cash) and torch.equal(env.shares, shares)
         # Equity moves only with the close: no fee, no slippage while holding.
-        expected = cash + shares * sp500.close[start + k]
+        expected = cash + shares * nasdaq.close[start + k]
         torch.testing.assert_close(info["equity"], expected, rtol=0, atol=0)
         torch.testing.assert_close(reward, torch.log(expected / equity), rtol=1e-12, atol=1e-15)
         equity = expected
@@ -429,14 +449,14 @@ def test_holding_a_level_trades_nothing(sp500):
 
 
 @pytest.mark.parametrize(("first", "ratio_of"), [(2, "long"), (0, "short")])
-def test_round_trip_pays_the_expected_cost(sp500, first, ratio_of):
+def test_round_trip_pays_the_expected_cost(nasdaq, first, ratio_of):
     start = 2222
-    o1, o2 = sp500.open[start + 1], sp500.open[start + 2]
+    o1, o2 = nasdaq.open[start + 1], nasdaq.open[start + 2]
     s, f = COSTS.slippage, COSTS.fee
     keep = (1 - s) * (1 - f) / ((1 + s) * (1 + f))  # fraction of a full position kept over open + close
     results = {}
     for name, costs in (("free", CostModel(0, 0)), ("costly", COSTS)):
-        env = TradingEnv(sp500, num_envs=1, window=4, episode_length=10, costs=costs)
+        env = TradingEnv(nasdaq, num_envs=1, window=4, episode_length=10, costs=costs)
         env.reset(starts=[start])
         env.step(torch.tensor([first]))  # open at the open of bar start+1
         _, reward, *_, info = env.step(torch.tensor([1]))  # close at the open of bar start+2
@@ -454,11 +474,11 @@ def test_round_trip_pays_the_expected_cost(sp500, first, ratio_of):
     assert results["costly"] < results["free"]
 
 
-def test_level_change_between_positions_charges_fees(sp500):
+def test_level_change_between_positions_charges_fees(nasdaq):
     start = 3333
     equity = {}
     for name, costs in (("free", CostModel(0, 0)), ("costly", COSTS)):
-        env = TradingEnv(sp500, num_envs=2, window=4, episode_length=10, costs=costs)
+        env = TradingEnv(nasdaq, num_envs=2, window=4, episode_length=10, costs=costs)
         env.reset(starts=[start, start])
         env.step(torch.tensor([2, 2]))
         _, _, _, _, info = env.step(torch.tensor([2, 0]))  # env 1 flips long -> short, env 0 holds
@@ -470,8 +490,8 @@ def test_level_change_between_positions_charges_fees(sp500):
 
 
 # ------------------------------------------------------------------------------------ state and seeding
-def test_reset_does_not_overwrite_returned_equity(sp500):
-    env = TradingEnv(sp500, num_envs=2, window=4, episode_length=30)
+def test_reset_does_not_overwrite_returned_equity(nasdaq):
+    env = TradingEnv(nasdaq, num_envs=2, window=4, episode_length=30)
     env.reset(starts=[500, 600])
     _, _, _, _, info = env.step(torch.tensor([2, 0]))
     equity = info["equity"]
@@ -481,8 +501,8 @@ def test_reset_does_not_overwrite_returned_equity(sp500):
     assert torch.equal(equity, before)
 
 
-def test_auto_reset_does_not_touch_caller_tensors(sp500):
-    env = TradingEnv(sp500, num_envs=2, window=4, episode_length=3)
+def test_auto_reset_does_not_touch_caller_tensors(nasdaq):
+    env = TradingEnv(nasdaq, num_envs=2, window=4, episode_length=3)
     env.reset(starts=[500, 600])
     actions = torch.tensor([2, 0])
     for _ in range(3):
@@ -493,9 +513,9 @@ def test_auto_reset_does_not_touch_caller_tensors(sp500):
     assert info["final_obs"][:, -1].tolist() == [1.0, -1.0]
 
 
-def test_same_seed_same_starts(sp500):
+def test_same_seed_same_starts(nasdaq):
     def run(seed):
-        env = TradingEnv(sp500, num_envs=16, window=4, episode_length=5, seed=seed)
+        env = TradingEnv(nasdaq, num_envs=16, window=4, episode_length=5, seed=seed)
         obs = [env.reset().clone()]
         starts = [env.t.clone()]
         for k in range(12):
@@ -512,8 +532,8 @@ def test_same_seed_same_starts(sp500):
     assert not torch.equal(t_a, t_c)
 
 
-def test_numpy_env_seeded_starts(sp500):
-    env = NumpyTradingEnv(sp500, window=4, episode_length=20)
+def test_numpy_env_seeded_starts(nasdaq):
+    env = NumpyTradingEnv(nasdaq, window=4, episode_length=20)
     first = env.reset(seed=5)[0]
     t_first = env.t
     assert np.array_equal(env.reset(seed=5)[0], first) and env.t == t_first
@@ -525,9 +545,9 @@ def test_numpy_env_seeded_starts(sp500):
     assert len(starts) > 1
 
 
-def test_state_dict_resumes_exactly(sp500):
+def test_state_dict_resumes_exactly(nasdaq):
     def make():
-        return TradingEnv(sp500, num_envs=4, window=4, episode_length=7, costs=COSTS, seed=1)
+        return TradingEnv(nasdaq, num_envs=4, window=4, episode_length=7, costs=COSTS, seed=1)
 
     actions = torch.randint(0, 3, (30, 4), generator=torch.Generator().manual_seed(0))
     env = make()
@@ -536,7 +556,7 @@ def test_state_dict_resumes_exactly(sp500):
         env.step(a)
     state = env.state_dict()
     tail = [env.step(a) for a in actions[10:]]
-    resumed = TradingEnv(sp500, num_envs=4, window=4, episode_length=7, costs=COSTS, seed=99)
+    resumed = TradingEnv(nasdaq, num_envs=4, window=4, episode_length=7, costs=COSTS, seed=99)
     resumed.reset()
     obs = resumed.load_state_dict(state)
     assert obs.shape == (4, resumed.obs_dim)
@@ -545,24 +565,24 @@ def test_state_dict_resumes_exactly(sp500):
         assert torch.equal(o, o2) and torch.equal(r, r2) and torch.equal(te, te2) and torch.equal(tr, tr2)
         assert torch.equal(info["final_obs"], info2["final_obs"])
     with pytest.raises(ValueError, match="env state holds 4 episodes, this env runs 2"):
-        TradingEnv(sp500, num_envs=2, window=4, episode_length=7).load_state_dict(state)
+        TradingEnv(nasdaq, num_envs=2, window=4, episode_length=7).load_state_dict(state)
 
 
 # --------------------------------------------------------------------------------------- API checks
 @pytest.mark.filterwarnings("ignore:.*A Box observation space:UserWarning")
 @pytest.mark.filterwarnings("ignore:.*alternative render modes:UserWarning")
-def test_numpy_env_passes_env_checkers(sp500):
-    sb3_check_env(NumpyTradingEnv(sp500, window=8, episode_length=50, costs=COSTS), warn=True)
-    gymnasium.utils.env_checker.check_env(NumpyTradingEnv(sp500, window=8, episode_length=50))
+def test_numpy_env_passes_env_checkers(nasdaq):
+    sb3_check_env(NumpyTradingEnv(nasdaq, window=8, episode_length=50, costs=COSTS), warn=True)
+    gymnasium.utils.env_checker.check_env(NumpyTradingEnv(nasdaq, window=8, episode_length=50))
 
 
-def test_bad_starts_raise(sp500):
-    env = NumpyTradingEnv(sp500, window=8, episode_length=50)
+def test_bad_starts_raise(nasdaq):
+    env = NumpyTradingEnv(nasdaq, window=8, episode_length=50)
     for bad in (env.start_low - 1, env.start_high + 1):
         message = rf"reset: start {bad} outside \[{env.start_low}, {env.start_high}\]"
         with pytest.raises(ValueError, match=message):
             env.reset(options={"start": bad})
-    batched = TradingEnv(sp500, num_envs=3, window=8, episode_length=50)
+    batched = TradingEnv(nasdaq, num_envs=3, window=8, episode_length=50)
     with pytest.raises(ValueError, match="reset: 2 starts given for 3 envs"):
         batched.reset(starts=[100, 200])
     with pytest.raises(ValueError, match=rf"starts \[{batched.start_high + 1}\] outside the valid range"):
@@ -579,12 +599,12 @@ def test_positions_must_be_distinct_finite_and_include_flat(positions):
         check_positions(positions)
 
 
-def test_large_banks_gather_windows_instead_of_precomputing(monkeypatch, sp500):
+def test_large_banks_gather_windows_instead_of_precomputing(monkeypatch, nasdaq):
     import sentio_lab.env as env_module
 
-    precomputed = TradingEnv(sp500, num_envs=6, window=5, episode_length=40, seed=4)
+    precomputed = TradingEnv(nasdaq, num_envs=6, window=5, episode_length=40, seed=4)
     monkeypatch.setattr(env_module, "WINDOW_MATRIX_MAX_BYTES", 0)
-    gathered = TradingEnv(sp500, num_envs=6, window=5, episode_length=40, seed=4)
+    gathered = TradingEnv(nasdaq, num_envs=6, window=5, episode_length=40, seed=4)
     assert precomputed._window_matrix is not None and gathered._window_matrix is None
     obs_a, obs_b = precomputed.reset(), gathered.reset()
     actions = torch.Generator().manual_seed(0)
@@ -593,3 +613,230 @@ def test_large_banks_gather_windows_instead_of_precomputing(monkeypatch, sp500):
         act = torch.randint(0, 3, (6,), generator=actions)
         obs_a, *_ = precomputed.step(act)
         obs_b, *_ = gathered.step(act)
+
+
+# ----------------------------------------------------------------------------------------- short borrow
+def _weekend(index: pd.DatetimeIndex, after: int = 1000) -> int:
+    """Position of the first Monday after ``after`` preceded by bars on Wednesday, Thursday and Friday."""
+    for k in range(after, len(index)):
+        if [(index[k - j] - index[k - j - 1]).days for j in range(3)] == [3, 1, 1] and index[k].weekday() == 0:
+            return k
+    raise AssertionError("no Thursday-Friday-Monday stretch found")
+
+
+def test_a_short_over_a_weekend_pays_three_days(nasdaq_frame, nasdaq):
+    monday = _weekend(nasdaq_frame.index)
+    start = monday - 3  # decide on Wednesday, sell short at Thursday's open, hold over Friday into Monday
+    assert [d.weekday() for d in nasdaq_frame.index[start : monday + 1]] == [2, 3, 4, 0]
+    rate = BORROW.borrow_rate
+    for run in ("torch", "numpy"):
+        cash = {}
+        for costs in (COSTS, BORROW):
+            if run == "torch":
+                env = TradingEnv(nasdaq, num_envs=1, window=4, episode_length=10, costs=costs)
+                env.reset(starts=[start])
+                path = []
+                for _ in range(3):
+                    env.step(torch.tensor([0]))
+                    path.append((float(env.cash[0]), float(env.shares[0])))
+            else:
+                env = NumpyTradingEnv(nasdaq, window=4, episode_length=10, costs=costs)
+                env.reset(options={"start": start})
+                path = []
+                for _ in range(3):
+                    env.step(0)
+                    path.append((env.cash, env.shares))
+            cash[costs.borrow_bps] = np.array(path)
+        shares = cash[0.0][:, 1]
+        np.testing.assert_array_equal(cash[300.0][:, 1], shares)  # borrow never changes the position
+        assert shares[0] < 0 and (shares == shares[0]).all()
+        charges = -np.diff(np.r_[0.0, cash[300.0][:, 0] - cash[0.0][:, 0]])  # charge booked at each close
+        day = rate * -shares[0] / 365.0
+        closes = nasdaq.close[start + 1 : monday + 1]
+        np.testing.assert_allclose(charges, day * closes * np.array([1.0, 1.0, 3.0]), rtol=1e-9)
+        assert charges[2] / (day * closes[2]) == pytest.approx(3.0, rel=1e-9)  # Friday close -> Monday close
+
+
+@pytest.mark.parametrize("positions", [(0.0, 0.5, 1.0), (0.0, 1.0, 2.0)], ids=["long", "leveraged-long"])
+def test_longs_and_flat_pay_no_borrow(nasdaq, positions):
+    """Only shorts pay: a long-only (even leveraged) path is bit-for-bit the path without borrow."""
+    starts, steps = [400, 1800, 3500], 150
+    actions = torch.randint(0, 3, (steps, 3), generator=torch.Generator().manual_seed(4))
+    runs = {}
+    for costs in (COSTS, CostModel(5, 3, borrow_bps=5_000)):
+        _, rewards = torch_rollout(nasdaq, starts, actions, window=4, episode_length=200, positions=positions,
+                                   costs=costs)
+        _, np_rewards = np_rollout(nasdaq, starts[0], actions[:, 0].tolist(), window=4, episode_length=200,
+                                   positions=positions, costs=costs)
+        runs[costs.borrow_bps] = rewards, np_rewards
+    np.testing.assert_array_equal(runs[0.0][0], runs[5_000.0][0])
+    np.testing.assert_array_equal(runs[0.0][1], runs[5_000.0][1])
+
+
+def test_zero_borrow_rate_is_exactly_the_old_accounting(nasdaq):
+    """borrow_bps=0 needs no timestamps and changes nothing; any positive rate does change a short path."""
+    no_times = MarketArrays(open=nasdaq.open, close=nasdaq.close, features=nasdaq.features, first_valid=1)
+    assert no_times.year_fraction is None and nasdaq.year_fraction is not None
+    actions = torch.randint(0, 3, (120, 4), generator=torch.Generator().manual_seed(2))
+    kwargs = dict(window=4, episode_length=200, positions=DEFAULT_POSITIONS)
+    base = torch_rollout(no_times, [500, 900, 2000, 4200], actions, costs=COSTS, **kwargs)[1]
+    zero = torch_rollout(nasdaq, [500, 900, 2000, 4200], actions, costs=CostModel(5, 3, borrow_bps=0.0), **kwargs)[1]
+    tiny = torch_rollout(nasdaq, [500, 900, 2000, 4200], actions, costs=CostModel(5, 3, borrow_bps=1e-3), **kwargs)[1]
+    np.testing.assert_array_equal(base, zero)
+    assert not np.array_equal(base, tiny)
+    np_base = np_rollout(no_times, 500, actions[:, 0].tolist(), costs=COSTS, **kwargs)[1]
+    np_zero = np_rollout(nasdaq, 500, actions[:, 0].tolist(), costs=CostModel(5, 3, borrow_bps=0.0), **kwargs)[1]
+    np.testing.assert_array_equal(np_base, np_zero)
+    np.testing.assert_allclose(np_base, base[:, 0], rtol=1e-9, atol=1e-15)
+
+
+def test_borrow_without_timestamps_is_refused():
+    market = synthetic_arrays(np.linspace(100, 120, 80))
+    assert market.year_fraction is None
+    with pytest.raises(ValueError, match=r"borrow_bps=300 needs bar timestamps.*year_fraction is None"):
+        TradingEnv(market, num_envs=2, window=3, episode_length=10, costs=BORROW)
+    with pytest.raises(ValueError, match=r"borrow_bps=300 needs bar timestamps"):
+        NumpyTradingEnv(market, window=3, episode_length=10, costs=BORROW)
+    TradingEnv(market, num_envs=2, window=3, episode_length=10, costs=COSTS)  # no borrow, no timestamps needed
+
+
+def test_market_arrays_year_fraction_from_the_index(nasdaq_frame, nasdaq):
+    years = nasdaq.year_fraction
+    assert years.dtype == np.float64 and years.shape == (len(nasdaq_frame),) and years[0] == 0.0
+    gaps = np.diff(nasdaq_frame.index.to_numpy()).astype("timedelta64[s]").astype(np.float64) / (365 * 86_400)
+    np.testing.assert_allclose(years[1:], gaps, rtol=1e-15)
+    with pytest.raises(ValueError, match="year_fraction must be float64"):
+        _arrays(year_fraction=np.zeros(49))
+    with pytest.raises(ValueError, match=r"negative or non-finite year_fraction at rows \[3\]"):
+        _arrays(year_fraction=np.r_[0.0, 0.1, 0.1, -0.1, np.full(46, 0.1)])
+
+
+# ------------------------------------------------------------------------------------- staggered starts
+def _truncation_steps(env: TradingEnv, steps: int) -> list[list[int]]:
+    """Step every env flat (no trade, no ruin) and return, per env, the steps (1-based) it truncated on."""
+    flat = torch.full((env.num_envs,), env._flat_level)
+    ends: list[list[int]] = [[] for _ in range(env.num_envs)]
+    for step in range(1, steps + 1):
+        _, _, terminated, truncated, _ = env.step(flat)
+        assert not bool(terminated.any())
+        for i in torch.nonzero(truncated).flatten().tolist():
+            ends[i].append(step)
+    return ends
+
+
+def test_staggered_first_episodes_end_on_spread_steps(nasdaq):
+    length = 8
+    env = TradingEnv(nasdaq, num_envs=256, window=4, episode_length=length, seed=3)
+    assert env.stagger_starts  # on by default
+    env.reset()
+    offsets = env.steps.clone()
+    assert bool(((offsets >= 0) & (offsets < length)).all())
+    ends = _truncation_steps(env, 3 * length)
+    first = np.array([e[0] for e in ends])
+    np.testing.assert_array_equal(first, length - offsets.numpy())  # the offset shortens the first episode
+    assert set(first.tolist()) == set(range(1, length + 1))  # spread over every step 1..length
+    # later episodes (auto-resets) run the full length
+    for e in ends:
+        assert len(e) >= 3 and set(np.diff(e).tolist()) == {length}
+
+
+def test_stagger_off_and_given_starts_end_together(nasdaq):
+    length = 8
+    plain = TradingEnv(nasdaq, num_envs=32, window=4, episode_length=length, seed=3, stagger_starts=False)
+    plain.reset()
+    assert bool((plain.steps == 0).all())
+    staggered = TradingEnv(nasdaq, num_envs=32, window=4, episode_length=length, seed=3)
+    starts = torch.randint(staggered.start_low, staggered.start_high + 1, (32,),
+                           generator=torch.Generator().manual_seed(0))
+    staggered.reset(starts=starts)  # evaluation-style starts never stagger
+    assert bool((staggered.steps == 0).all()) and torch.equal(staggered.t, starts)
+    for env in (plain, staggered):
+        ends = _truncation_steps(env, 2 * length)
+        assert all(e == [length, 2 * length] for e in ends)
+
+
+def test_staggered_starts_are_reproducible_from_the_seed(nasdaq):
+    def draw(seed, stagger=True):
+        env = TradingEnv(nasdaq, num_envs=64, window=4, episode_length=50, seed=seed, stagger_starts=stagger)
+        env.reset()
+        return env.t.clone(), env.steps.clone()
+
+    t_a, steps_a = draw(5)
+    t_b, steps_b = draw(5)
+    t_c, steps_c = draw(6)
+    assert torch.equal(t_a, t_b) and torch.equal(steps_a, steps_b)
+    assert not torch.equal(steps_a, steps_c) and not torch.equal(t_a, t_c)
+    t_off, steps_off = draw(5, stagger=False)
+    assert torch.equal(t_off, t_a)  # the starts are drawn first: stagger does not change them
+    assert bool((steps_off == 0).all()) and bool((steps_a > 0).any())
+
+
+def test_state_dict_round_trips_the_stagger(nasdaq):
+    """A resume in the middle of the staggered first episodes ends every episode on the same steps."""
+    length = 12
+
+    def make(seed):
+        return TradingEnv(nasdaq, num_envs=16, window=4, episode_length=length, costs=BORROW, seed=seed)
+
+    env = make(1)
+    env.reset()
+    actions = torch.randint(0, 3, (4 * length, 16), generator=torch.Generator().manual_seed(9))
+    for a in actions[:3]:
+        env.step(a)
+    state = env.state_dict()
+    assert len(set(state["steps"].tolist())) > 4  # mid-stagger: episodes at many different phases
+    tail = [env.step(a) for a in actions[3:]]
+    resumed = make(77)
+    resumed.reset()
+    assert not torch.equal(resumed.steps, state["steps"])
+    resumed.load_state_dict(state)
+    assert torch.equal(resumed.steps, state["steps"])
+    for a, (o, r, te, tr, info) in zip(actions[3:], tail, strict=True):
+        o2, r2, te2, tr2, info2 = resumed.step(a)
+        assert torch.equal(tr, tr2) and torch.equal(te, te2) and torch.equal(o, o2) and torch.equal(r, r2)
+        assert torch.equal(info["equity"], info2["equity"])
+    assert torch.equal(resumed.t, env.t) and torch.equal(resumed.steps, env.steps)
+
+
+# ------------------------------------------------------------------------------------ action validation
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_env_rejects_bad_actions_without_changing_state(nasdaq, device):
+    env = TradingEnv(nasdaq, num_envs=3, window=4, episode_length=20, costs=COSTS, device=device)
+    env.reset(starts=[300, 400, 500])
+    env.step(torch.tensor([2, 0, 1], device=device))
+    before = env.state_dict()
+    for bad in ([0, 3, 1], [-1, 0, 1]):
+        with pytest.raises(ValueError, match=r"actions \[(3|-1)\] outside \[0, 3\).*unchanged"):
+            env.step(torch.tensor(bad, device=device))
+    with pytest.raises(TypeError, match="integer level indices"):
+        env.step(torch.tensor([0.0, 1.0, 2.0], device=device))
+    with pytest.raises(ValueError, match=r"shape \(3,\)"):
+        env.step(torch.tensor([0, 1], device=device))
+    after = env.state_dict()
+    for name in ("t", "steps", "level", "cash", "shares", "equity"):
+        assert torch.equal(before[name], after[name]), name
+    assert torch.equal(before["generator"], after["generator"])
+    env.step(torch.tensor([2, 2, 2], device=device))  # still usable
+    assert bool((env.steps == 2).all())
+
+
+def test_numpy_env_rejects_bad_actions(nasdaq):
+    env = NumpyTradingEnv(nasdaq, window=4, episode_length=20)
+    env.reset(options={"start": 300})
+    for bad in (3, -1):
+        with pytest.raises(ValueError, match=rf"action {bad} outside \[0, 3\)"):
+            env.step(bad)
+    with pytest.raises(TypeError, match="not an integer level index"):
+        env.step(1.5)
+    assert env.steps == 0 and env.t == 300
+    env.step(np.int64(2))
+    env.step(np.array(0))
+    assert env.steps == 2 and env.shares < 0
+
+
+@pytest.mark.parametrize("ruin", [-0.1, 1.0, float("nan")])
+def test_ruin_fraction_must_be_a_fraction(nasdaq, ruin):
+    with pytest.raises(ValueError, match=r"ruin_fraction must be in \[0, 1\)"):
+        TradingEnv(nasdaq, num_envs=2, window=4, episode_length=20, ruin_fraction=ruin)
+    with pytest.raises(ValueError, match=r"ruin_fraction must be in \[0, 1\)"):
+        NumpyTradingEnv(nasdaq, window=4, episode_length=20, ruin_fraction=ruin)

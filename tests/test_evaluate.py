@@ -66,3 +66,33 @@ def test_ruin_ends_the_evaluation_early(sp500_market):
     stats = summary_stats(evaluation.equity, evaluation.weights)  # a ruined curve still gets its statistics
     assert stats["total_return"] == pytest.approx(-1.0)
     assert len(evaluation.weights) < sp500_market.range("train")[1] - sp500_market.range("train")[0] - 8
+
+
+def test_evaluation_charges_the_checkpoints_borrow_and_old_checkpoints_none(tiny_args, sp500_market, tmp_path):
+    """The cost model of an evaluation comes from the checkpoint's args, short borrow included; a checkpoint
+    saved before ``borrow_bps`` existed (no such key in its args) is evaluated with no borrow."""
+    from sentio_lab.checkpoint import load_checkpoint, save_checkpoint
+    from sentio_lab.costs import CostModel
+
+    if "borrow_bps" not in {f.name for f in dataclasses.fields(ppo.Args)}:
+        pytest.skip("ppo.Args has no borrow_bps field yet")
+    args = dataclasses.replace(tiny_args, borrow_bps=2_000.0, positions=(-1.0, 0.0, 1.0))
+    result = ppo.train(args, market=sp500_market)
+    restored = evaluate_checkpoint(result.checkpoint_path)
+    assert restored.costs == CostModel(fee_bps=args.fee_bps, slippage_bps=args.slippage_bps, borrow_bps=2_000.0)
+    live = evaluate_policy(result.agent, sp500_market, window=args.window, positions=args.positions,
+                           costs=restored.costs)
+    pd.testing.assert_series_equal(live.equity, restored.equity)
+    free = evaluate_policy(result.agent, sp500_market, window=args.window, positions=args.positions,
+                           costs=CostModel(fee_bps=args.fee_bps, slippage_bps=args.slippage_bps))
+    pd.testing.assert_series_equal(free.weights, restored.weights)  # borrow is not in the observation
+    if (restored.weights < 0).any():  # a short was held: it paid
+        assert restored.equity.iloc[-1] < free.equity.iloc[-1]
+
+    bundle = load_checkpoint(result.checkpoint_path)
+    del bundle["args"]["borrow_bps"]
+    bundle.pop("format_version", None)
+    old_path = save_checkpoint(tmp_path / "old.pt", bundle)
+    old = evaluate_checkpoint(old_path)
+    assert old.costs.borrow_bps == 0.0
+    pd.testing.assert_series_equal(old.equity, free.equity)

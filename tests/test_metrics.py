@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import vectorbt  # noqa: F401  (registers the pandas .vbt accessor used as a cross-check)
-from scipy.stats import norm
+from scipy.stats import kurtosis, norm, skew
 
 from sentio_lab import metrics as mt
 from sentio_lab.data import load_market
@@ -148,12 +148,50 @@ def test_psr_properties():
     assert all(a > b for a, b in zip(values, values[1:], strict=False))
     # more evidence for the same positive SR: PSR(0) rises with the sample length
     assert mt.probabilistic_sharpe_ratio(np.tile(RETURNS, 10)) > mt.probabilistic_sharpe_ratio(RETURNS)
-    # gaussian returns: skew ~0 and kurtosis ~3, so PSR ~ Phi(SR sqrt(T-1) / sqrt(1 + SR^2 / 2))
-    r = np.random.default_rng(0).normal(0.0005, 0.01, 20_000)
-    srn = mt.sharpe_ratio(r)
-    assert mt.probabilistic_sharpe_ratio(r) == pytest.approx(
-        norm.cdf(srn * math.sqrt(len(r) - 1) / math.sqrt(1 + srn**2 / 2)), abs=0.01
-    )
+
+
+def psr_with_scipy_moments(r: np.ndarray, sr_star: float = 0.0, *, excess: bool = False, t_factor=None,
+                           ddof: int = 1, sr_scale: float = 1.0) -> float:
+    """PSR from ARCHITECTURE.md with scipy's moments, conventions stated (and switchable, to build wrong ones).
+
+    SR per period = mean / sample std (ddof=1), not annualised; g3 = scipy.stats.skew(bias=True);
+    g4 = scipy.stats.kurtosis(fisher=False, bias=True), non-excess (normal = 3); sqrt(T - 1).
+    """
+    t = len(r)
+    sr = np.mean(r) / np.std(r, ddof=ddof) * sr_scale
+    g3 = skew(r, bias=True)
+    g4 = kurtosis(r, fisher=excess, bias=True)
+    factor = math.sqrt(t - 1) if t_factor is None else t_factor(t)
+    return float(norm.cdf((sr - sr_star) * factor / math.sqrt(1 - g3 * sr + (g4 - 1) / 4 * sr**2)))
+
+
+def skewed_heavy_tailed_returns(t: int = 400, sr: float = 0.08) -> np.ndarray:
+    """Student-t returns with a small crash component, shifted to a per-period SR of exactly ``sr``."""
+    rng = np.random.default_rng(7)
+    z = 0.01 * rng.standard_t(4, t) / math.sqrt(2) - 0.004 * (rng.random(t) < 0.05)
+    return z - z.mean() + sr * z.std(ddof=1)
+
+
+def test_psr_equals_an_independent_computation_and_wrong_formulas_do_not():
+    r = skewed_heavy_tailed_returns()
+    assert mt.sharpe_ratio(r) == pytest.approx(0.08, rel=1e-12)
+    assert skew(r) < -0.1 and kurtosis(r, fisher=False) > 4  # moments that matter in the denominator
+    psr = mt.probabilistic_sharpe_ratio(r)
+    assert 0.6 < psr < 0.99  # an informative value, not saturated at 1
+    tolerance = 1e-12
+    for sr_star in (0.0, 0.02, -0.05):
+        assert mt.probabilistic_sharpe_ratio(r, sr_star) == pytest.approx(psr_with_scipy_moments(r, sr_star),
+                                                                          rel=tolerance)
+    # Plausible mistakes, each missed by the old abs=0.01 tolerance on a long Gaussian sample, differ here
+    # from the right value by orders of magnitude more than the tolerance used above.
+    wrong = {
+        "excess kurtosis": psr_with_scipy_moments(r, excess=True),
+        "sqrt(T) instead of sqrt(T - 1)": psr_with_scipy_moments(r, t_factor=math.sqrt),
+        "population std in the SR": psr_with_scipy_moments(r, ddof=0),
+        "annualised SR": psr_with_scipy_moments(r, sr_scale=math.sqrt(252)),
+    }
+    for name, value in wrong.items():
+        assert abs(value - psr) > 1e6 * tolerance * psr, name
 
 
 def test_dsr_is_psr_at_the_expected_max_sharpe_and_falls_with_more_trials():
@@ -209,7 +247,7 @@ def test_summary_stats_uses_the_index_and_weights(sp500):
     w = pd.Series(1.0, index=eq.index[:-1])
     s = mt.summary_stats(eq, w)
     assert list(s) == list(mt.STAT_NAMES)
-    assert s["periods_per_year"] == 252  # 1999 is covered completely
+    assert s["periods_per_year"] == 252  # 2014 is covered completely (sp500 starts 2013-05-10)
     assert s["bars"] == 599 and s["start"] == eq.index[0] and s["end"] == eq.index[-1]
     assert s["total_return"] == pytest.approx(closes.iloc[-1] / closes.iloc[0] - 1)
     assert s["sharpe"] == pytest.approx(mt.sharpe_ratio(closes.pct_change().iloc[1:], 252))
@@ -259,3 +297,52 @@ def test_stats_table_puts_strategies_in_columns():
 def test_bad_input_raises_a_clear_error(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+# ------------------------------------------------------------------------------ DSR in the stats table
+def _family_curves():
+    rng = np.random.default_rng(12)
+    index = pd.bdate_range("2016-01-04", periods=300)
+    curves = {}
+    for name, mean in (("seed_0", 0.0008), ("seed_1", 0.0002), ("seed_2", 0.0005), ("buy_and_hold", 0.0004)):
+        r = rng.normal(mean, 0.01, 299)
+        curves[name] = pd.Series(np.r_[1.0, np.cumprod(1 + r)], index=index)
+    return curves
+
+
+def test_stats_table_deflates_the_trial_family_only():
+    curves = _family_curves()
+    seeds = ["seed_0", "seed_1", "seed_2"]
+    table = mt.stats_table(curves, trial_family=seeds)
+    assert math.isnan(table.loc["dsr", "buy_and_hold"])  # a baseline was not searched for
+    assert not math.isnan(table.loc["psr", "buy_and_hold"])  # its PSR is still reported
+    sharpes = [mt.sharpe_ratio(mt.simple_returns(curves[name])) for name in seeds]
+    for name in seeds:
+        rets = mt.simple_returns(curves[name])
+        expected = mt.deflated_sharpe_ratio(rets, trial_sharpes=sharpes)
+        assert table.loc["dsr", name] == pytest.approx(expected, rel=1e-12)
+        assert table.loc["dsr", name] < table.loc["psr", name]
+    # a family described from outside the table (more was tried than is shown)
+    described = mt.stats_table(curves, trial_family=["seed_0"], n_trials=50, sr_variance=0.002)
+    rets = mt.simple_returns(curves["seed_0"])
+    assert described.loc["dsr", "seed_0"] == pytest.approx(
+        mt.deflated_sharpe_ratio(rets, n_trials=50, sr_variance=0.002), rel=1e-12
+    )
+    assert described[["seed_1", "seed_2", "buy_and_hold"]].loc["dsr"].isna().all()
+    # without a family there is no DSR anywhere
+    assert mt.stats_table(curves).loc["dsr"].isna().all()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"n_trials": 10, "sr_variance": 0.01}, "without trial_family"),
+        ({"trial_sharpes": [0.1, 0.2]}, "without trial_family"),
+        ({"trial_family": ["ghost"]}, r"trial_family \['ghost'\] not among"),
+        ({"trial_family": []}, "trial_family"),
+        ({"trial_family": ["seed_0"]}, "at least two finite Sharpe ratios"),
+    ],
+)
+def test_stats_table_rejects_unclear_trial_families(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        mt.stats_table(_family_curves(), **kwargs)

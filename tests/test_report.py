@@ -25,7 +25,7 @@ def inputs():
         "dataset": "sp500",
         "fingerprint": "4cd6be963cddfa0b",
         "seed": 7,
-        "costs": CostModel(10, 5),
+        "costs": CostModel(10, 5, borrow_bps=25),
         "generated": pd.Timestamp("2024-01-01"),
         "seeds": np.array([1, 2]),
         "n": np.int64(3),
@@ -53,7 +53,7 @@ def test_write_report_writes_every_file(tmp_path, inputs):
     assert f"{stats.loc['sharpe', 'agent']:.4f}" in sharpe_line
 
     saved = json.loads(paths["meta_json"].read_text())
-    assert saved["costs"] == {"fee_bps": 10, "slippage_bps": 5}
+    assert saved["costs"] == {"fee_bps": 10, "slippage_bps": 5, "borrow_bps": 25}  # short borrow is recorded
     assert saved["seed"] == 7 and saved["seeds"] == [1, 2] and saved["n"] == 3
     assert saved["generated"] == "2024-01-01 00:00:00"
 
@@ -65,7 +65,7 @@ def test_html_is_offline_and_labels_only_what_meta_says(tmp_path, inputs):
     equities, weights, stats, meta = inputs
     page = write_report(tmp_path, equities, weights, stats, "Run <1>", meta)["html"].read_text()
     assert "<title>Run &lt;1&gt;</title>" in page  # escaped
-    assert meta["label"] in page and "4cd6be963cddfa0b" in page and "fee_bps" in page
+    assert meta["label"] in page and "4cd6be963cddfa0b" in page and "fee_bps" in page and "borrow_bps" in page
     assert "Plotly.newPlot" in page and "<script src=" not in page  # no external script to fetch
     assert len(page) > 1_000_000  # plotly.js itself is embedded
     assert "2017-01-02 to 2017-12-29 (259 bars)" in page  # span read off the curves
@@ -142,3 +142,16 @@ def test_write_report_rejects_bad_input(tmp_path, inputs, change, error, match):
     with pytest.raises(error, match=match):
         write_report(tmp_path, **args)
     assert not any(tmp_path.iterdir())  # nothing half-written
+
+
+def test_report_leaves_the_dsr_of_baselines_blank(tmp_path, inputs):
+    equities, weights, _, meta = inputs
+    rng = np.random.default_rng(4)
+    seed_2 = pd.Series(np.cumprod(1 + rng.normal(0.0004, 0.01, 260)), index=equities["agent"].index)
+    curves = {"agent": equities["agent"], "agent_seed_2": seed_2, "buy_and_hold": equities["buy_and_hold"]}
+    stats = mt.stats_table(curves, weights, trial_family=["agent", "agent_seed_2"])
+    md = write_report(tmp_path, curves, weights, stats, "t", meta)["stats_md"].read_text()
+    dsr_line = next(line for line in md.splitlines() if line.startswith("| dsr |"))
+    cells = [c.strip() for c in dsr_line.strip("|").split("|")]
+    assert cells[0] == "dsr" and cells[3] == ""  # buy and hold: no DSR
+    assert cells[1] == f"{stats.loc['dsr', 'agent']:.4f}" and cells[2] != ""
