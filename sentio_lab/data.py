@@ -38,17 +38,26 @@ selected range still holds a stale stretch, naming the stretches and the first d
 ``stale_opens="allow"`` loads it, warns, and the quality report records the choice. Bundled datasets have a
 default start that the rule accepts (``sp500`` starts on 2013-05-10, the first session after its last
 stretch); ``start`` / ``end`` select an inclusive range before the check.
+
+Session close
+-------------
+A market may say when its trading day ends (:attr:`MarketData.session_close`, "HH:MM Area/City", parsed by
+:func:`parse_session_close`). ``eurusd_1h`` ends its days at 17:00 New York, the FX convention; the other
+bundled datasets and user files have none (UTC days). :func:`sentio_lab.market.prepare_market` hands it to the
+features, whose daily / weekly / monthly views then run from one close to the next (:mod:`sentio_lab.timeframes`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import re
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import numpy as np
 import pandas as pd
@@ -73,6 +82,67 @@ STALE_OPENS_POLICIES: tuple[str, ...] = ("refuse", "allow")
 
 class DataValidationError(ValueError):
     """Raised when OHLCV input is malformed; the message names the problem, the source and the rows."""
+
+
+# --------------------------------------------------------------------------------------- session close
+_SESSION_CLOSE_RE = re.compile(r"^\s*(\d{1,2}):(\d{2})\s+(\S+)\s*$")
+
+
+@dataclass(frozen=True)
+class SessionClose:
+    """When a trading day ends: a wall-clock time in an IANA time zone (``str()`` gives "HH:MM Area/City").
+
+    Daily (and weekly, monthly) higher-timeframe bars of :mod:`sentio_lab.timeframes` run from one session
+    close to the next, following the zone's daylight-saving rules; e.g. FX's "17:00 America/New_York" is
+    22:00 UTC in winter and 21:00 UTC in summer.
+    """
+
+    hour: int
+    minute: int
+    zone: str
+
+    def __str__(self) -> str:
+        """The canonical text form, e.g. ``17:00 America/New_York``."""
+        return f"{self.hour:02d}:{self.minute:02d} {self.zone}"
+
+    @property
+    def tzinfo(self) -> ZoneInfo:
+        """The time zone."""
+        return ZoneInfo(self.zone)
+
+    @property
+    def offset(self) -> pd.Timedelta:
+        """Time of day of the close, as a duration after local midnight."""
+        return pd.Timedelta(hours=self.hour, minutes=self.minute)
+
+
+def parse_session_close(value: str | SessionClose | None) -> SessionClose | None:
+    """Parse ``"HH:MM Area/City"`` (e.g. ``"17:00 America/New_York"``, ``"00:00 UTC"``); None stays None.
+
+    Raises :class:`ValueError` naming the value when the time or the zone is not valid.
+    """
+    if value is None or isinstance(value, SessionClose):
+        return value
+    if not isinstance(value, str):
+        raise ValueError(f"session_close must be a string like '17:00 America/New_York', got {value!r}")
+    match = _SESSION_CLOSE_RE.match(value)
+    if match is None:
+        raise ValueError(f"session_close {value!r}: expected 'HH:MM Area/City', e.g. '17:00 America/New_York'")
+    hour, minute, zone = int(match.group(1)), int(match.group(2)), match.group(3)
+    if not (0 <= hour <= 23 and 0 <= minute <= 59):
+        raise ValueError(f"session_close {value!r}: {hour:02d}:{minute:02d} is not a time of day (00:00 .. 23:59)")
+    try:
+        ZoneInfo(zone)
+    except (ZoneInfoNotFoundError, ValueError) as err:
+        raise ValueError(f"session_close {value!r}: unknown time zone {zone!r} (use an IANA name such as "
+                         "'America/New_York' or 'UTC')") from err
+    return SessionClose(hour, minute, zone)
+
+
+def canonical_session_close(value: str | SessionClose | None) -> str | None:
+    """The canonical text of a session close (validated), None for None."""
+    parsed = parse_session_close(value)
+    return None if parsed is None else str(parsed)
 
 
 # --------------------------------------------------------------------------------------------- quality
@@ -430,7 +500,9 @@ class MarketData:
     quality: DataQuality | None = None
     """Data-quality report (always set by :func:`to_market` and :func:`load_market`)."""
     session_close: str | None = None
-    """When a trading day ends, e.g. "17:00 America/New_York" for FX; stored, not used here."""
+    """When a trading day ends ("HH:MM Area/City", e.g. "17:00 America/New_York" for FX), None for UTC days.
+    :func:`sentio_lab.market.prepare_market` hands it to the features (``FeatureConfig.session_close``), where
+    daily / weekly / monthly views run from one session close to the next."""
 
     def __len__(self) -> int:
         """Number of bars."""
@@ -525,13 +597,13 @@ def select_range(
         return frame
     try:
         lo, hi = (None if v is None else pd.Timestamp(v) for v in (start, end))
-        if lo is not None and hi is not None and lo > hi:
-            raise DataValidationError(f"{source}: start={start!s} is after end={end!s}")
-        return frame.loc[start:end]
+        selected = frame.loc[start:end]
     except (TypeError, ValueError, KeyError) as err:
-        if isinstance(err, DataValidationError):
-            raise
         raise DataValidationError(f"{source}: cannot select start={start!s} end={end!s} ({err})") from err
+    # Compared only when nothing was selected: end="2017-06" covers June, so start="2017-06-15" is not after it.
+    if selected.empty and lo is not None and hi is not None and lo > hi:
+        raise DataValidationError(f"{source}: start={start!s} is after end={end!s}")
+    return selected
 
 
 def load_market(
@@ -558,6 +630,12 @@ def load_market(
         entry = BUNDLED_DATASETS[source]
         name, raw, session_close = source, entry(), entry.session_close
         if start is None and entry.default_start is not None:
+            if end is not None and _before(end, entry.default_start):
+                raise DataValidationError(
+                    f"{name}: end={end!s} is before the dataset's default start {entry.default_start} (the first "
+                    f"session after its stale-open stretches); pass start=... as well, and stale_opens='allow' "
+                    "to load the stale range knowingly"
+                )
             start, default_used = entry.default_start, True
             notes.append(f"start {start} is the default start of {name} (the first session after its last "
                          "stale-open stretch); pass start=... to choose another")
@@ -581,9 +659,10 @@ def load_market(
     if quality.stale_stretches:
         if stale_opens == "refuse":
             raise DataValidationError(_stale_message(name, frame, quality, default_used))
+        listed = "; ".join(s.describe() for s in quality.stale_stretches)
         message = (f"{name}: stale_opens='allow': loading {len(quality.stale_stretches)} stale-open stretch(es) "
-                   f"({quality._stretch_text()}); on those bars the env fills at the close the agent has "
-                   "just seen (same-bar execution)")
+                   f"({listed}); on those bars the env fills at the close the agent has just seen (same-bar "
+                   "execution)")
         warnings.warn(message, UserWarning, stacklevel=2)
         notes.append("stale_opens='allow': stale-open stretches accepted knowingly (same-bar fills on them)")
     quality = dataclasses.replace(
@@ -591,6 +670,15 @@ def load_market(
         default_start_used=default_used, stale_opens_policy=stale_opens, notes=tuple(notes),
     )
     return dataclasses.replace(market, quality=quality)
+
+
+def _before(end: str | pd.Timestamp, start: str) -> bool:
+    """True when the range ``start .. end`` selects nothing because ``end`` ends before ``start`` begins."""
+    try:
+        # A partial date such as end="2013-05" covers the whole month: compare with the start's month.
+        return bool(pd.Series(0, index=pd.DatetimeIndex([pd.Timestamp(start)])).loc[:end].empty)
+    except (TypeError, ValueError):
+        return False  # select_range reports an unparseable end
 
 
 def _stale_message(name: str, frame: pd.DataFrame, quality: DataQuality, default_used: bool) -> str:
@@ -650,7 +738,8 @@ def to_market(
     frame = canonicalize(raw, source=name, min_rows=min_rows)
     bar_freq = infer_bar_freq(frame)
     return MarketData(frame=frame, name=name, bar_freq=bar_freq, fingerprint=fingerprint(frame),
-                      quality=data_quality(frame, bar_freq, source=name), session_close=session_close)
+                      quality=data_quality(frame, bar_freq, source=name),
+                      session_close=canonical_session_close(session_close))
 
 
 def _rows(index: pd.Index, mask: np.ndarray) -> str:

@@ -19,6 +19,25 @@ Cumulative level features (OBV, A/D, PVT, NVI, PVI, WAD) are used only through d
 over a fixed window, which removes the start level entirely; TA-Lib's anchored VWAP and CUMSUM, whose
 value depends on the start forever, are excluded.
 
+Zero volume (decided): a bar without volume is valid data (a holiday, a halt, a quiet FX hour, a feed that
+carries no volume at all), so every producer that divides by volume defines its value there, causally:
+
+* ``mfi_*``: 50 (neutral) where the window holds no money flow (TA-Lib says 0, "all selling");
+* ``cmf_20``, ``obv_flow_14``, ``ad_flow_14``, ``pvt_flow_14``, ``adosc``, ``efi``: 0 (no flow, no pressure)
+  where the window traded nothing;
+* ``vwma_*``: the plain mean of close where the window traded nothing (equal weights);
+* ``relvol_20``: after 20 bars without volume, 20 for a bar that trades (the ratio to the 20-bar mean that
+  includes it, its largest value) and 1 for one that does not;
+* ``marketfi`` (range per unit of volume): a bar without volume carries the latest traded bar's value, 0 before
+  any; ``pvo``: 0 while the volume EMAs are both 0; ``correl_close_volume_*``, ``volume_z_20``: 0 for a constant
+  window.
+
+Window sums of volume are exact (:func:`_window_sum`): TA-Lib's running sums leave a residue after a zero-volume
+run (4e-6 instead of 0), which turned 0 / 0 into arbitrary values (ADOSC reached 1e13). MFI, CMF, VWMA and RVOL
+are therefore TA-Lib's definitions computed with exact sums; they equal TA-Lib's output on ordinary data.
+Flat bars (high == low) are neutral where a producer divides by the range (close location 0). Producers are
+scale-free, so tiny prices (1e-4 or 1e-8 of a stock's) give the same features.
+
 :func:`build_observation_features` turns a frame into the ``(T, F)`` float32 matrix the environment
 reads, with per-timeframe blocks (:mod:`sentio_lab.timeframes`) and optional filtered HMM regime
 probabilities (:mod:`sentio_lab.regime`). Normaliser, pruning and HMM are fitted on rows
@@ -42,11 +61,12 @@ import talib
 import talib.abstract
 
 from sentio_lab import regime as _regime
-from sentio_lab.data import OHLCV_COLUMNS, canonicalize, fingerprint, infer_bar_freq
+from sentio_lab.data import OHLCV_COLUMNS, canonical_session_close, canonicalize, fingerprint, infer_bar_freq
 from sentio_lab.timeframes import resample_causal
 
 #: Bumped whenever a producer's definition changes, so cached raw features are not reused.
-FEATURE_VERSION = 1
+#: 2: zero-volume conventions (MFI, VWMA, RVOL, MARKETFI; exact window sums of volume), session close.
+FEATURE_VERSION = 2
 #: Fitting needs at least this many training rows after the warm-up.
 MIN_TRAIN_ROWS = 50
 #: Quantile knots of the "rank" normaliser (the empirical CDF is piecewise linear between them).
@@ -82,6 +102,11 @@ class FeatureConfig:
     """Seed of the HMM restarts."""
     regime_restarts: int = 4
     """Number of seeded HMM restarts (the best converged one by likelihood is kept)."""
+    session_close: str | None = None
+    """When a trading day ends ("HH:MM Area/City", e.g. "17:00 America/New_York"): daily, weekly and monthly
+    timeframes run from one close to the next (see :mod:`sentio_lab.timeframes`). None: the UTC calendar.
+    :func:`sentio_lab.market.prepare_market` fills it from the market (``MarketData.session_close``) when
+    left None; pass ``"00:00 UTC"`` to keep UTC days for a market that has a session close."""
 
     def __post_init__(self) -> None:
         if self.bank not in BANKS:
@@ -106,6 +131,10 @@ class FeatureConfig:
             raise ValueError(f"FeatureConfig.prune_corr must be in (0, 1] or None, got {self.prune_corr}")
         if self.regime_restarts < 1:
             raise ValueError(f"FeatureConfig.regime_restarts must be >= 1, got {self.regime_restarts}")
+        try:
+            object.__setattr__(self, "session_close", canonical_session_close(self.session_close))
+        except ValueError as err:
+            raise ValueError(f"FeatureConfig.{err}") from err
 
     def fitted_fields(self) -> dict:
         """The fields a fitted state depends on (a state is only valid for the same values)."""
@@ -116,6 +145,8 @@ class FeatureConfig:
             "normalise": self.normalise,
             "clip": float(self.clip),
             "prune_corr": None if self.prune_corr is None else float(self.prune_corr),
+            # Only timeframe views depend on it: a state without timeframes fits every session close.
+            "session_close": self.session_close if self.timeframes else None,
         }
 
 
@@ -230,6 +261,21 @@ def _rolling(x: np.ndarray, window: int, reduce: Callable[..., np.ndarray]) -> n
     if len(x) >= window:
         out[window - 1 :] = reduce(np.lib.stride_tricks.sliding_window_view(x, window), axis=-1)
     return out
+
+
+def _window_sum(x: np.ndarray, window: int) -> np.ndarray:
+    """Exact trailing sums over ``window`` rows (row t sums x[t-window+1 .. t]); NaN before.
+
+    Used for volume denominators instead of TA-Lib's running sums, which add and subtract and so leave a
+    residue (e.g. 4e-6 instead of 0 after a run of zero-volume bars) that turns 0 / 0 into arbitrary numbers.
+    """
+    return _rolling(x, window, np.sum)
+
+
+def _carry_defined(values: np.ndarray, defined: np.ndarray, before: float = 0.0) -> np.ndarray:
+    """At each row the value of the latest row ``<= t`` where ``defined`` holds; ``before`` until the first."""
+    last = np.maximum.accumulate(np.where(defined, np.arange(len(values)), -1))
+    return np.where(last >= 0, values[np.maximum(last, 0)], before)
 
 
 def _safe_div(num: np.ndarray, den: np.ndarray, undefined: float = 0.0) -> np.ndarray:
@@ -435,8 +481,16 @@ def _midprice(b: Bars) -> dict[str, np.ndarray]:
 
 @_talib_feature("VWMA", lookback=_tl("VWMA", timeperiod=30))
 def _vwma(b: Bars) -> dict[str, np.ndarray]:
-    """Volume-weighted moving average over 14 and 30 bars, log ratio to close."""
-    return {f"vwma_{p}": _log_ratio(talib.VWMA(b.close, b.volume, timeperiod=p), b.close) for p in (14, 30)}
+    """Volume-weighted moving average over 14 and 30 bars, log ratio to close (plain mean without volume)."""
+    # TA-Lib's VWMA, sum(close * volume) / sum(volume), with exact window sums (see _window_sum). Zero volume:
+    # where the window traded nothing the weights are all equal (0), so the level is the plain mean of close.
+    out = {}
+    for p in (14, 30):
+        volume = _window_sum(b.volume, p)
+        traded = volume > 0
+        weighted = _window_sum(b.close * b.volume, p) / np.where(traded, volume, 1.0)
+        out[f"vwma_{p}"] = _log_ratio(np.where(traded, weighted, _rolling(b.close, p, np.mean)), b.close)
+    return out
 
 
 @_talib_feature("PERCENTILE", lookback=_tl("PERCENTILE", timeperiod=30))
@@ -454,7 +508,9 @@ def _percentile(b: Bars) -> dict[str, np.ndarray]:
 def _mama(b: Bars) -> dict[str, np.ndarray]:
     """MESA adaptive moving average and its follower (FAMA), log ratio to close."""
     # On raw close, not log close: MAMA's phase-driven alpha is exactly scale-equivariant but not exactly
-    # shift-equivariant, and both lines are positive averages, so the log ratio is always defined.
+    # shift-equivariant, and both lines are positive averages, so the log ratio is always defined. During a halt
+    # (unchanged prices) the phase is atan(Q / I) of two rounding residues: for a while after one, the lines
+    # depend on the rounding of the price digits (finite and causal; see tests/test_messy_features.py).
     mama, fama = talib.MAMA(b.close, fastlimit=0.5, slowlimit=0.05)
     return {"mama": _log_ratio(mama, b.close), "fama": _log_ratio(fama, b.close)}
 
@@ -589,7 +645,25 @@ _osc_feature("MINUS_DI", (14,), ("high", "low", "close"), settle=_ema_settle)
 _osc_feature("PLUS_DM", (14,), ("high", "low"), settle=_ema_settle, per_close=True)
 _osc_feature("MINUS_DM", (14,), ("high", "low"), settle=_ema_settle, per_close=True)
 _osc_feature("NATR", (5, 14, 30), ("high", "low", "close"), settle=_ema_settle)
-_osc_feature("MFI", (14, 30), ("high", "low", "close", "volume"))
+
+
+@_talib_feature("MFI", lookback=_tl("MFI", timeperiod=30))
+def _mfi(b: Bars) -> dict[str, np.ndarray]:
+    """Money flow index at 14 / 30 bars (0..100); 50 (neutral) where the window holds no money flow."""
+    # TA-Lib's MFI: 100 * up-flow / (up-flow + down-flow), flow = typical price * volume, counted up (down) when
+    # the typical price rose (fell). Exact window sums; where the window holds no flow at all (zero volume, or an
+    # unchanged typical price) TA-Lib says 0, "all selling", which is wrong: no flow is neutral, 50.
+    typical = (b.high + b.low + b.close) / 3.0
+    flow = typical * b.volume
+    change = np.diff(typical, prepend=np.nan)
+    up, down = np.where(change > 0, flow, 0.0), np.where(change < 0, flow, 0.0)
+    up[0] = down[0] = np.nan  # the first bar has no previous typical price
+    out = {}
+    for p in (14, 30):
+        up_sum, down_sum = _window_sum(up, p), _window_sum(down, p)
+        out[f"mfi_{p}"] = 100.0 * _safe_div(up_sum, up_sum + down_sum, undefined=0.5)
+    return out
+
 _osc_feature("IMI", (14,), ("open", "close"))
 _osc_feature("AROONOSC", (30,), ("high", "low"))
 _osc_feature("MOM", (5, 14), ("close",), per_close=True)
@@ -598,8 +672,32 @@ _osc_feature("DPO", (20,), ("close",), per_close=True)
 _osc_feature("STDDEV", (5, 14), ("close",), per_close=True)
 _osc_feature("AVGDEV", (14,), ("close",), per_close=True)
 _osc_feature("ADR", (14,), ("high", "low"), per_close=True)
-_osc_feature("CMF", (20,), ("high", "low", "close", "volume"))
-_osc_feature("RVOL", (20,), ("volume",), label="relvol")
+
+
+@_talib_feature("CMF", lookback=_tl("CMF", timeperiod=20))
+def _cmf(b: Bars) -> dict[str, np.ndarray]:
+    """Chaikin money flow over 20 bars (-1..1); 0 (no flow) where the window traded nothing."""
+    # TA-Lib's CMF with exact window sums: sum(close location * volume) / sum(volume); a flat bar (high == low)
+    # has close location 0.
+    location = _safe_div(2.0 * b.close - b.high - b.low, b.high - b.low)
+    return {"cmf_20": _safe_div(_window_sum(location * b.volume, 20), _window_sum(b.volume, 20))}
+
+
+_RELVOL = 20
+
+
+@_talib_feature("RVOL", lookback=_tl("RVOL", timeperiod=_RELVOL))
+def _relvol(b: Bars) -> dict[str, np.ndarray]:
+    """Relative volume: volume / mean volume of the previous 20 bars (20 or 1 after 20 bars without volume)."""
+    # TA-Lib's RVOL with an exact window sum. Where the previous 20 bars traded nothing the ratio is undefined:
+    # a bar that trades then gets 20, the ratio to the 20-bar mean that includes it (its largest possible
+    # value), and a bar that does not trade gets 1 (it is like its window).
+    previous = _lag(_window_sum(b.volume, _RELVOL), 1)
+    traded_before = previous > 0
+    ratio = _RELVOL * b.volume / np.where(traded_before, previous, 1.0)
+    empty = np.where(b.volume > 0, float(_RELVOL), 1.0)
+    return {f"relvol_{_RELVOL}": np.where(np.isnan(previous), np.nan, np.where(traded_before, ratio, empty))}
+
 
 
 @_talib_feature("AROON", lookback=_tl("AROON", timeperiod=14))
@@ -920,8 +1018,11 @@ _FLOW = 14  # window for differences of cumulative volume lines
 
 
 def _flow(cumulative: np.ndarray, volume: np.ndarray) -> np.ndarray:
-    """Change of a cumulative volume line over _FLOW bars, per unit of volume traded in those bars."""
-    return _safe_div(cumulative - _lag(cumulative, _FLOW), talib.SUM(volume, timeperiod=_FLOW))
+    """Change of a cumulative volume line over _FLOW bars, per unit of volume traded in those bars.
+
+    0 where those bars traded nothing (the line cannot move without volume: no flow).
+    """
+    return _safe_div(cumulative - _lag(cumulative, _FLOW), _window_sum(volume, _FLOW))
 
 
 @_talib_feature("OBV", lookback=_FLOW)
@@ -961,31 +1062,38 @@ for _fn in ("NVI", "PVI"):
 
 @_talib_feature("ADOSC", lookback=_tl("ADOSC", fastperiod=3, slowperiod=10), settle=_ema_settle(10))
 def _adosc(b: Bars) -> dict[str, np.ndarray]:
-    """Chaikin A/D oscillator (3, 10) divided by the 10-bar mean volume."""
+    """Chaikin A/D oscillator (3, 10) divided by the 10-bar mean volume (0 where those bars traded nothing)."""
+    # The oscillator's EMAs still decay through a zero-volume run, but with nothing traded there is no pressure
+    # to measure: defined as 0. The mean volume is an exact window mean (TA-Lib's running SMA leaves a residue
+    # there, which made this ratio reach 1e13).
     return {
         "adosc": _safe_div(
             talib.ADOSC(b.high, b.low, b.close, b.volume, fastperiod=3, slowperiod=10),
-            talib.SMA(b.volume, timeperiod=10),
+            _rolling(b.volume, 10, np.mean),
         )
     }
 
 
 @_talib_feature("EFI", lookback=_tl("EFI", timeperiod=13), settle=_ema_settle(13))
 def _efi(b: Bars) -> dict[str, np.ndarray]:
-    """Elder force index (13) divided by close times the 13-bar mean volume."""
+    """Elder force index (13) divided by close times the 13-bar mean volume (0 where those bars traded nothing)."""
+    # As ADOSC: an exact window mean, and 0 (no force) where the 13 bars traded nothing.
     return {
-        "efi": _safe_div(
-            talib.EFI(b.close, b.volume, timeperiod=13), b.close * talib.SMA(b.volume, timeperiod=13)
-        )
+        "efi": _safe_div(talib.EFI(b.close, b.volume, timeperiod=13), b.close * _rolling(b.volume, 13, np.mean))
     }
 
 
 @_talib_feature("MARKETFI", lookback=_tl("MARKETFI") + 13)
 def _marketfi(b: Bars) -> dict[str, np.ndarray]:
     """Market facilitation index (range / volume) made unitless: times 14-bar mean volume / close."""
-    mfi = talib.MARKETFI(b.high, b.low, b.volume)
-    mfi = np.where(b.volume > 0, mfi, np.nan)  # range per unit volume is undefined without volume
-    return {"marketfi": mfi * talib.SMA(b.volume, timeperiod=14) / b.close}
+    # Range per unit of volume is undefined on a bar without volume: such a bar carries the value of the latest
+    # bar that traded (causal: an earlier row), and 0 before any bar has a defined value.
+    traded = b.volume > 0
+    mfi = talib.MARKETFI(b.high, b.low, np.where(traded, b.volume, 1.0))
+    value = mfi * _rolling(b.volume, 14, np.mean) / b.close
+    out = _carry_defined(value, traded & np.isfinite(value))
+    out[: _tl("MARKETFI") + 13] = np.nan  # the warm-up stays undefined, as for every producer
+    return {"marketfi": out}
 
 
 @_talib_feature("PVO", lookback=_tl("PVO", fastperiod=12, slowperiod=26, matype=1), settle=_ema_settle(26))
@@ -1051,6 +1159,7 @@ def _raw_cache_key(frame: pd.DataFrame, config: FeatureConfig, base_freq: pd.Tim
         "fingerprint": fingerprint(frame),
         "bank": config.bank,
         "timeframes": list(config.timeframes),
+        "session_close": config.session_close if config.timeframes else None,
         "base_freq_ns": int(base_freq.value),
         "feature_version": FEATURE_VERSION,
         "talib": talib.__version__,
@@ -1107,8 +1216,15 @@ def _write_cache(path: Path, raw: RawFeatures) -> None:
 def raw_features(frame: pd.DataFrame, config: FeatureConfig, base_freq: pd.Timedelta) -> RawFeatures:
     """Raw (un-normalised) features of the base block and every extra timeframe, cached if configured.
 
-    ``base_freq`` is the duration of one base bar (used only by the timeframe views).
+    ``frame`` is validated first (sorted, unique timestamps, the OHLCV columns, valid prices; see
+    :func:`sentio_lab.data.canonicalize`): :class:`~sentio_lab.data.DataValidationError` names the problem and
+    the rows. ``base_freq`` is the duration of one base bar (used only by the timeframe views).
     """
+    return _raw_features(_validated_frame(frame, source="raw_features"), config, base_freq)
+
+
+def _raw_features(frame: pd.DataFrame, config: FeatureConfig, base_freq: pd.Timedelta) -> RawFeatures:
+    """:func:`raw_features` of an already canonical frame."""
     cache_path = None
     if config.cache_dir is not None:
         cache_path = Path(config.cache_dir) / f"raw-{_raw_cache_key(frame, config, base_freq)}.parquet"
@@ -1121,7 +1237,7 @@ def raw_features(frame: pd.DataFrame, config: FeatureConfig, base_freq: pd.Timed
     blocks = {"base": slice(0, len(base_names))}
     block_first = {"base": base_lookback}
     for rule in config.timeframes:
-        view = resample_causal(frame, rule, base_freq)
+        view = resample_causal(frame, rule, base_freq, session_close=config.session_close)
         htf_values, htf_names, htf_lookback = compute_features(Bars.from_frame(view.bars), producers)
         parts.append(view.align(htf_values))
         blocks[rule] = slice(len(names), len(names) + len(htf_names))
@@ -1205,11 +1321,11 @@ def _prune(x: np.ndarray, threshold: float) -> list[int]:
 
 
 # =============================================================================== observation builder
-def _validated_frame(frame: pd.DataFrame) -> pd.DataFrame:
+def _validated_frame(frame: pd.DataFrame, source: str = "frame") -> pd.DataFrame:
     """Canonical OHLCV frame or a clear error (see :func:`sentio_lab.data.canonicalize`)."""
     if not isinstance(frame, pd.DataFrame):
-        raise TypeError(f"frame must be a pandas DataFrame, got {type(frame).__name__}")
-    return canonicalize(frame, source="frame", min_rows=1)
+        raise TypeError(f"{source}: frame must be a pandas DataFrame, got {type(frame).__name__}")
+    return canonicalize(frame, source=source, min_rows=1)
 
 
 def _fit_state(
@@ -1294,7 +1410,7 @@ def build_observation_features(
         if config.timeframes and base_freq <= pd.Timedelta(0):
             raise ValueError("cannot infer the base bar duration from fewer than 2 training rows")
 
-    raw = raw_features(frame, config, base_freq)
+    raw = _raw_features(frame, config, base_freq)
     first_valid = raw.first_valid
     regime_inputs = None
     if config.regimes:

@@ -76,6 +76,41 @@ def synthetic_market():
     return announced_market()
 
 
+@dataclasses.dataclass(frozen=True)
+class MessyMarket:
+    """A real frame made messier (all of it valid data) and where the mess is."""
+
+    frame: pd.DataFrame
+    zero_volume: tuple[int, ...]
+    """Single zero-volume bars (the real 2015-05-12 one included)."""
+    zero_run: tuple[int, int]
+    """Rows [start, stop) without volume: 45 bars, longer than every volume window."""
+    flat: tuple[int, ...]
+    """Single flat bars (open = high = low = close)."""
+    halt: tuple[int, int]
+    """Rows [start, stop) of identical flat bars without volume (a halted market)."""
+
+
+@pytest.fixture(scope="session")
+def messy_nasdaq() -> MessyMarket:
+    """520 real NASDAQ bars (2014-2016) with fractional volumes (TA-Lib's running sums then leave a residue),
+    single zero-volume bars, a 45-bar zero-volume run, two flat bars and a halt of ten identical flat bars."""
+    from sentio_lab.data import load_market
+
+    frame = load_market("nasdaq").frame.iloc[3900 : 3900 + 520].copy()
+    real_zero = tuple(int(i) for i in np.flatnonzero(frame["volume"].to_numpy() == 0))
+    frame["volume"] *= 1.2345678901
+    volume = frame.columns.get_loc("volume")
+    singles, run, flat, halt = (100, 101, 300), (360, 405), (150, 151), (420, 430)
+    frame.iloc[list(singles), volume] = 0.0
+    frame.iloc[run[0] : run[1], volume] = 0.0
+    for r in flat:
+        frame.iloc[r, :4] = frame["close"].iloc[r]
+    frame.iloc[halt[0] : halt[1], :4] = frame["close"].iloc[halt[0] - 1]
+    frame.iloc[halt[0] : halt[1], volume] = 0.0
+    return MessyMarket(frame, tuple(sorted(singles + real_zero)), run, flat, halt)
+
+
 def replace(args, **changes):
     """dataclasses.replace, importable by tests."""
     return dataclasses.replace(args, **changes)

@@ -36,14 +36,16 @@ def random_ohlcv(n: int, seed: int, *, freq: str = "B", start: str = "2010-01-04
 
 
 @pytest.fixture(scope="module")
-def sp500():
-    return load_market("sp500")
+def daily():
+    """NASDAQ daily 1999-2018: 5,031 bars with real opens (and two zero-volume days)."""
+    return load_market("nasdaq")
 
 
 @pytest.fixture(scope="module")
-def sp500_talib(sp500):
-    stop = chronological_split(sp500)["train"].stop
-    return build_observation_features(sp500.frame, stop, FeatureConfig(bank="talib"))
+def sp500_1999():
+    """sp500 from 1999 with its stale opens (open == previous close on ~40% of days), loaded knowingly."""
+    with pytest.warns(UserWarning, match="stale_opens='allow'"):
+        return load_market("sp500", start="1999", stale_opens="allow")
 
 
 # ------------------------------------------------------------------------------------------- registry
@@ -186,24 +188,24 @@ def test_rolling_and_lag_on_short_input_are_all_nan():
 
 
 # ---------------------------------------------------------------------------------- observation matrix
-def test_default_observation_contract(sp500):
-    stop = chronological_split(sp500)["train"].stop
-    obs = build_observation_features(sp500.frame, stop)
+def test_default_observation_contract(daily):
+    stop = chronological_split(daily)["train"].stop
+    obs = build_observation_features(daily.frame, stop)
     t, f = obs.values.shape
-    assert t == len(sp500.frame) and obs.values.dtype == np.float32 and f == len(obs.names)
+    assert t == len(daily.frame) and obs.values.dtype == np.float32 and f == len(obs.names)
     assert obs.blocks == {"base": slice(0, f)}
     assert obs.first_valid == max(p.lookback for p in registered_producers("basic"))
     assert (obs.values[: obs.first_valid] == 0).all()
     assert np.isfinite(obs.values).all() and np.abs(obs.values).max() <= 5.0
     assert obs.state["fit_rows"] == [obs.first_valid, stop]
-    again = build_observation_features(sp500.frame, stop)
+    again = build_observation_features(daily.frame, stop)
     np.testing.assert_array_equal(obs.values, again.values)
 
 
-def test_robust_normalisation_is_fitted_on_the_training_rows(sp500):
-    stop = chronological_split(sp500)["train"].stop
+def test_robust_normalisation_is_fitted_on_the_training_rows(sp500_1999):
+    stop = chronological_split(sp500_1999)["train"].stop
     cfg = FeatureConfig(clip=1e9)
-    obs = build_observation_features(sp500.frame, stop, cfg)
+    obs = build_observation_features(sp500_1999.frame, stop, cfg)
     train = obs.values[obs.first_valid : stop].astype(np.float64)
     np.testing.assert_allclose(np.median(train, axis=0), 0.0, atol=1e-6)
     iqr = np.subtract(*np.percentile(train, [75, 25], axis=0))
@@ -217,9 +219,9 @@ def test_robust_normalisation_is_fitted_on_the_training_rows(sp500):
     assert np.abs(np.median(test, axis=0)).max() > 0.01
 
 
-def test_rank_normalisation_maps_training_values_to_minus_one_one(sp500):
-    stop = chronological_split(sp500)["train"].stop
-    obs = build_observation_features(sp500.frame, stop, FeatureConfig(normalise="rank"))
+def test_rank_normalisation_maps_training_values_to_minus_one_one(daily):
+    stop = chronological_split(daily)["train"].stop
+    obs = build_observation_features(daily.frame, stop, FeatureConfig(normalise="rank"))
     train = obs.values[obs.first_valid : stop]
     assert train.min() >= -1.0 and train.max() <= 1.0
     np.testing.assert_allclose(np.median(train, axis=0), 0.0, atol=0.1)  # ties (the gap) shift it a bit
@@ -246,8 +248,8 @@ def test_robust_scale_falls_back_to_the_largest_departure_for_sparse_columns():
     assert params["center"] == [0.0] and params["scale"] == [2.0]
 
 
-def test_normalise_none_returns_raw_values(sp500):
-    frame = sp500.frame.iloc[:600]
+def test_normalise_none_returns_raw_values(daily):
+    frame = daily.frame.iloc[:600]
     obs = build_observation_features(frame, 400, FeatureConfig(normalise="none"))
     raw = F.raw_features(frame, FeatureConfig(), pd.Timedelta("1D"))
     cols = [raw.names.index(n) for n in obs.names]
@@ -256,14 +258,14 @@ def test_normalise_none_returns_raw_values(sp500):
     )
 
 
-def test_clip_bounds_the_values(sp500):
-    obs = build_observation_features(sp500.frame, 3000, FeatureConfig(clip=1.5))
+def test_clip_bounds_the_values(daily):
+    obs = build_observation_features(daily.frame, 3000, FeatureConfig(clip=1.5))
     assert np.abs(obs.values).max() == pytest.approx(1.5)
 
 
-def test_state_is_plain_python_and_survives_torch_and_json(sp500, tmp_path):
+def test_state_is_plain_python_and_survives_torch_and_json(daily, tmp_path):
     torch = pytest.importorskip("torch")
-    frame = sp500.frame
+    frame = daily.frame
     cfg = FeatureConfig(bank="talib", normalise="rank", regimes=2, regime_restarts=2)
     obs = build_observation_features(frame, 3000, cfg)
     json.dumps(obs.state)  # only plain python inside
@@ -277,8 +279,8 @@ def test_state_is_plain_python_and_survives_torch_and_json(sp500, tmp_path):
     assert json.loads(F.describe_config(cfg))["bank"] == "talib"
 
 
-def test_state_is_applied_without_refitting(sp500):
-    frame = sp500.frame
+def test_state_is_applied_without_refitting(daily):
+    frame = daily.frame
     fitted = build_observation_features(frame, 3000)
     # Applying the state to a later slice of the data normalises with the training statistics.
     later = frame.iloc[2500:]
@@ -290,8 +292,8 @@ def test_state_is_applied_without_refitting(sp500):
     np.testing.assert_array_equal(applied.values[lo + 100 :], fitted.values[2500 + lo + 100 :])
 
 
-def test_state_from_another_config_or_version_is_rejected(sp500):
-    frame = sp500.frame.iloc[:800]
+def test_state_from_another_config_or_version_is_rejected(daily):
+    frame = daily.frame.iloc[:800]
     state = build_observation_features(frame, 500).state
     with pytest.raises(ValueError, match="different config"):
         build_observation_features(frame, 500, FeatureConfig(normalise="rank"), state=state)
@@ -303,8 +305,8 @@ def test_state_from_another_config_or_version_is_rejected(sp500):
         build_observation_features(frame, 500, state={**state, "columns": ["ret_1", "no_such_feature"]})
 
 
-def test_fitting_ignores_rows_after_train_stop(sp500):
-    frame = sp500.frame.iloc[:1500].copy()
+def test_fitting_ignores_rows_after_train_stop(daily):
+    frame = daily.frame.iloc[:1500].copy()
     a = build_observation_features(frame, 1000, FeatureConfig(bank="talib", prune_corr=0.9))
     changed = frame.copy()
     changed.iloc[1000:] = random_ohlcv(500, 9, price=float(frame["close"].iloc[999])).to_numpy()
@@ -348,10 +350,10 @@ def test_nan_after_the_warm_up_is_an_error_naming_the_feature(monkeypatch):
         build_observation_features(random_ohlcv(200, 2), 150)
 
 
-def test_pruning_removes_near_duplicates_within_blocks(sp500):
+def test_pruning_removes_near_duplicates_within_blocks(daily):
     stop = 3000
-    full = build_observation_features(sp500.frame, stop, FeatureConfig(bank="talib"))
-    pruned = build_observation_features(sp500.frame, stop, FeatureConfig(bank="talib", prune_corr=0.9))
+    full = build_observation_features(daily.frame, stop, FeatureConfig(bank="talib"))
+    pruned = build_observation_features(daily.frame, stop, FeatureConfig(bank="talib", prune_corr=0.9))
     assert len(pruned.names) < len(full.names)
     assert set(pruned.state["dropped_correlated"]) == set(full.names) - set(pruned.names)
     train = pruned.values[pruned.first_valid : stop].astype(np.float64)
@@ -362,8 +364,8 @@ def test_pruning_removes_near_duplicates_within_blocks(sp500):
     assert F._prune(np.ones((5, 1)), 0.5) == [0]
 
 
-def test_cache_hit_returns_identical_values(sp500, tmp_path, monkeypatch):
-    frame = sp500.frame.iloc[:1500]
+def test_cache_hit_returns_identical_values(daily, tmp_path, monkeypatch):
+    frame = daily.frame.iloc[:1500]
     cfg = FeatureConfig(bank="talib", timeframes=("W-FRI",), cache_dir=str(tmp_path / "cache"))
     first = build_observation_features(frame, 1200, cfg)
     files = list((tmp_path / "cache").glob("raw-*.parquet"))
@@ -382,8 +384,8 @@ def test_cache_hit_returns_identical_values(sp500, tmp_path, monkeypatch):
         build_observation_features(frame.iloc[:1400], 1200, cfg)
 
 
-def test_cache_key_depends_on_data_and_bank(sp500):
-    frame = sp500.frame.iloc[:300]
+def test_cache_key_depends_on_data_and_bank(daily):
+    frame = daily.frame.iloc[:300]
     day = pd.Timedelta("1D")
     keys = {
         F._raw_cache_key(frame, FeatureConfig(), day),
@@ -396,9 +398,9 @@ def test_cache_key_depends_on_data_and_bank(sp500):
     assert F._raw_cache_key(frame, FeatureConfig(normalise="rank", clip=2.0), day) in keys
 
 
-def test_timeframe_and_regime_blocks(sp500):
+def test_timeframe_and_regime_blocks(daily):
     cfg = FeatureConfig(timeframes=("W-FRI",), regimes=3, regime_restarts=2)
-    obs = build_observation_features(sp500.frame, 3000, cfg)
+    obs = build_observation_features(daily.frame, 3000, cfg)
     assert list(obs.blocks) == ["base", "W-FRI", "regime"]
     assert obs.names[obs.blocks["W-FRI"]][0] == "W-FRI:ret_1"
     assert obs.names[obs.blocks["regime"]] == ["regime:p0", "regime:p1", "regime:p2"]
@@ -410,11 +412,28 @@ def test_timeframe_and_regime_blocks(sp500):
     # A weekly value only changes when a week completes: far fewer changes than daily rows.
     changes = np.count_nonzero(np.any(np.diff(weekly, axis=0) != 0, axis=1))
     assert changes < len(weekly) / 4
-    assert obs.state["regime"]["log_likelihood"] < 0 or obs.state["regime"]["log_likelihood"] > 0
+    # The stored log-likelihood is that of the training rows under the stored model: recompute it with an
+    # independent forward recursion (sum of the log normalisers) and with hmmlearn's score.
+    model = F._regime.RegimeModel.from_state(obs.state["regime"])
+    start, stop = obs.state["fit_rows"]
+    z = model.standardise(F._regime.regime_inputs(daily.frame["close"].to_numpy())[start:stop])
+    log_b = F._regime.emission_log_likelihood(model, z)
+    with np.errstate(divide="ignore"):  # a state the chain never starts in has log probability -inf
+        alpha = np.log(model.startprob) + log_b[0]
+    total = np.logaddexp.reduce(alpha)
+    alpha -= total
+    for row in log_b[1:]:
+        alpha = np.logaddexp.reduce(alpha[:, None] + np.log(model.transmat), axis=0) + row
+        norm = np.logaddexp.reduce(alpha)
+        total, alpha = total + norm, alpha - norm
+    stored = obs.state["regime"]["log_likelihood"]
+    assert stored == pytest.approx(total, rel=1e-9, abs=1e-6)
+    assert stored == pytest.approx(model.to_hmmlearn().score(z), rel=1e-9)
+    assert stored == max(r["log_likelihood"] for r in obs.state["regime"]["restarts"] if r["converged"])
 
 
-def test_bad_inputs_raise_clear_errors(sp500):
-    frame = sp500.frame.iloc[:300]
+def test_bad_inputs_raise_clear_errors(daily):
+    frame = daily.frame.iloc[:300]
     with pytest.raises(ValueError, match="outside"):
         build_observation_features(frame, 0)
     with pytest.raises(ValueError, match="outside"):
@@ -450,6 +469,8 @@ def test_bad_inputs_raise_clear_errors(sp500):
         ({"clip": 0.0}, "clip"),
         ({"prune_corr": 1.5}, "prune_corr"),
         ({"regime_restarts": 0}, "regime_restarts"),
+        ({"session_close": "17:00"}, "FeatureConfig.session_close '17:00'"),
+        ({"session_close": "17:00 Atlantis/Capital"}, "unknown time zone"),
     ],
 )
 def test_feature_config_validates(kwargs, match):
@@ -460,3 +481,55 @@ def test_feature_config_validates(kwargs, match):
 def test_feature_config_accepts_lists_of_timeframes_and_is_hashable():
     cfg = FeatureConfig(timeframes=["4h", "1D"])
     assert cfg.timeframes == ("4h", "1D") and hash(cfg) == hash(FeatureConfig(timeframes=("4h", "1D")))
+
+
+def test_session_close_is_canonical_recorded_with_timeframes_and_in_the_cache_key(daily):
+    cfg = FeatureConfig(timeframes=("W-FRI",), session_close="5:00 Asia/Tokyo")
+    assert cfg.session_close == "05:00 Asia/Tokyo" and cfg == FeatureConfig(timeframes=("W-FRI",),
+                                                                             session_close="05:00 Asia/Tokyo")
+    assert cfg.fitted_fields()["session_close"] == "05:00 Asia/Tokyo"
+    # Without timeframes it changes nothing, so a state fits every session close.
+    assert FeatureConfig(session_close="05:00 Asia/Tokyo").fitted_fields() == FeatureConfig().fitted_fields()
+    frame, hour = daily.frame.iloc[:300], pd.Timedelta("1h")
+    assert F._raw_cache_key(frame, cfg, hour) != F._raw_cache_key(frame, FeatureConfig(timeframes=("W-FRI",)), hour)
+    assert F._raw_cache_key(frame, FeatureConfig(session_close="05:00 Asia/Tokyo"), hour) == F._raw_cache_key(
+        frame, FeatureConfig(), hour
+    )
+    state = build_observation_features(daily.frame.iloc[:900], 700, cfg).state
+    assert state["config"]["session_close"] == "05:00 Asia/Tokyo" and F.config_from_state(state) == cfg
+
+
+def test_fx_daily_block_is_built_on_session_days():
+    frame = load_market("eurusd_1h").frame.iloc[:2000]
+    hour = pd.Timedelta("1h")
+    session = F.raw_features(frame, FeatureConfig(timeframes=("1D",), session_close="17:00 America/New_York"), hour)
+    view = F.resample_causal(frame, "1D", hour, session_close="17:00 America/New_York")
+    # The daily ret_1 at a row is the log return between the last two sessions visible there.
+    daily_ret = np.log(view.bars["close"]).diff().to_numpy()
+    np.testing.assert_array_equal(session.values[:, session.names.index("1D:ret_1")], view.align(daily_ret))
+
+
+def test_raw_features_validates_its_input():
+    frame = random_ohlcv(120, 4)
+    cfg = FeatureConfig()
+    duplicated = frame.copy()
+    index = duplicated.index.to_numpy().copy()
+    index[61] = index[60]
+    duplicated.index = pd.DatetimeIndex(index, name="timestamp")
+    with pytest.raises(DataValidationError, match=r"raw_features: duplicate timestamp\(s\) in 2 row\(s\)") as err:
+        F.raw_features(duplicated, cfg, pd.Timedelta("1D"))
+    assert str(frame.index[60]) in str(err.value)
+    swapped = frame.iloc[[*range(30), 31, 30, *range(32, 120)]]
+    with pytest.raises(DataValidationError, match="not in increasing order") as err:
+        F.raw_features(swapped, cfg, pd.Timedelta("1D"))
+    assert str(frame.index[30]) in str(err.value)
+    with pytest.raises(DataValidationError, match=r"missing column\(s\) \['volume'\]"):
+        F.raw_features(frame.drop(columns="volume"), cfg, pd.Timedelta("1D"))
+    with pytest.raises(DataValidationError, match="numeric"):
+        F.raw_features(frame.reset_index(drop=True), cfg, pd.Timedelta("1D"))
+    with pytest.raises(TypeError, match="raw_features: frame must be a pandas DataFrame"):
+        F.raw_features(frame.to_numpy(), cfg, pd.Timedelta("1D"))
+    # Valid input in another column order and case gives the same features as the canonical frame.
+    shuffled = frame[["volume", "close", "open", "low", "high"]].rename(columns=str.title)
+    np.testing.assert_array_equal(F.raw_features(shuffled, cfg, pd.Timedelta("1D")).values,
+                                  F.raw_features(frame, cfg, pd.Timedelta("1D")).values)

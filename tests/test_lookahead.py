@@ -65,11 +65,19 @@ def cut_points(rng: np.random.Generator, n: int, lookback: int) -> list[int]:
     return sorted({max(lookback - 3, 0), lookback, *later})
 
 
+#: Zero-volume run and halted bars of the ``messy_nasdaq`` fixture (conftest); cuts at their edges and inside.
+ZERO_RUN = (360, 405)
+HALT = (420, 430)
+MESSY_CUTS = [ZERO_RUN[0] - 1, ZERO_RUN[0], 380, ZERO_RUN[1] - 1, ZERO_RUN[1], HALT[0], HALT[1] - 1]
+
+
 @pytest.fixture(scope="module")
-def frames() -> dict[str, pd.DataFrame]:
+def frames(messy_nasdaq) -> dict[str, pd.DataFrame]:
+    assert (messy_nasdaq.zero_run, messy_nasdaq.halt) == (ZERO_RUN, HALT) and len(messy_nasdaq.frame) == N_BARS
     return {
         "synthetic": random_ohlcv(N_BARS, 11),
-        "sp500": load_market("sp500").frame.iloc[2300:2300 + N_BARS],  # includes the 2008 crash
+        "nasdaq": load_market("nasdaq").frame.iloc[2300:2300 + N_BARS],  # includes the 2008 crash
+        "messy": messy_nasdaq.frame,
     }
 
 
@@ -79,7 +87,8 @@ def test_every_registered_producer_is_causal(producer, frames):
     future_moved = False
     for label, frame in frames.items():
         reference = producer(Bars.from_frame(frame))
-        for t in cut_points(rng, len(frame), producer.lookback):
+        cuts = cut_points(rng, len(frame), producer.lookback) + (MESSY_CUTS if label == "messy" else [])
+        for t in cuts:
             changed = producer(Bars.from_frame(replace_future(frame, t, seed=t)))
             for name, col in reference.items():
                 assert np.array_equal(col[: t + 1], changed[name][: t + 1], equal_nan=True), (
@@ -91,7 +100,7 @@ def test_every_registered_producer_is_causal(producer, frames):
 
 
 def test_regime_filter_is_causal(frames):
-    frame = frames["sp500"]
+    frame = frames["nasdaq"]
     inputs = R.regime_inputs(frame["close"].to_numpy())
     model = R.fit_regime_model(inputs, R.INPUT_LOOKBACK, 400, 3, seed=0, restarts=2)
     reference = R.filtered_probabilities(model, inputs)
@@ -107,8 +116,9 @@ def hourly() -> pd.DataFrame:
     return load_market("eurusd_1h").frame.iloc[:1500]
 
 
-def test_multi_timeframe_features_are_causal(hourly):
-    cfg = FeatureConfig(bank="talib", timeframes=("4h", "1D"))
+@pytest.mark.parametrize("session_close", [None, "17:00 America/New_York"], ids=["utc-days", "fx-session-days"])
+def test_multi_timeframe_features_are_causal(hourly, session_close):
+    cfg = FeatureConfig(bank="talib", timeframes=("4h", "1D"), session_close=session_close)
     hour = pd.Timedelta("1h")
     reference = raw_features(hourly, cfg, hour)
     assert reference.block_first_valid["4h"] > reference.block_first_valid["base"]
@@ -128,8 +138,9 @@ def test_multi_timeframe_features_are_causal(hourly):
         FeatureConfig(),
         FeatureConfig(bank="talib", timeframes=("4h",), regimes=2, regime_restarts=1, prune_corr=0.95),
         FeatureConfig(timeframes=("4h", "1D"), regimes=3, regime_restarts=1, normalise="rank"),
+        FeatureConfig(timeframes=("4h", "1D"), session_close="17:00 America/New_York"),
     ],
-    ids=["default", "talib-4h-regimes-pruned", "basic-4h-1D-regimes-rank"],
+    ids=["default", "talib-4h-regimes-pruned", "basic-4h-1D-regimes-rank", "basic-fx-session-4h-1D"],
 )
 def test_observation_features_with_a_fixed_state_are_causal(config, hourly):
     fitted = build_observation_features(hourly, 1100, config)

@@ -126,7 +126,9 @@ def test_filtered_probabilities_handle_warm_up_and_reject_gaps(fitted):
 def test_three_states_on_real_data_are_ordered_by_volatility():
     from sentio_lab.data import load_market
 
-    close = load_market("sp500").frame["close"].to_numpy()
+    # The whole 1999-2018 history (the stale opens do not matter here: only closes are used).
+    with pytest.warns(UserWarning, match="stale_opens='allow'"):
+        close = load_market("sp500", start="1999", stale_opens="allow").frame["close"].to_numpy()
     inputs = R.regime_inputs(close)
     model = R.fit_regime_model(inputs, R.INPUT_LOOKBACK, 3000, 3, seed=1, restarts=2)
     assert np.all(np.diff(model.means[:, 1]) > 0)

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from sentio_lab.data import load_market
-from sentio_lab.timeframes import resample_causal
+from sentio_lab.timeframes import _buckets, resample_causal
 
 HOUR = pd.Timedelta("1h")
 DAY = pd.Timedelta("1D")
@@ -98,7 +98,7 @@ def test_complete_buckets_match_pandas_on_eurusd(rule):
 
 
 def test_months_are_supported():
-    frame = load_market("sp500").frame.iloc[:300]
+    frame = load_market("nasdaq").frame.iloc[:300]
     view = resample_causal(frame, "ME", DAY)
     assert view.bars.index[1] == pd.Timestamp("1999-02-01")
     assert frame.index[view.close_row[0]] == pd.Timestamp("1999-02-01")  # Jan 29 ends before Feb 1
@@ -173,8 +173,138 @@ def test_no_complete_bucket_gives_an_empty_view():
 
 @pytest.mark.parametrize("rule", ["2W", "2W-FRI", "2ME", "3MS"])
 def test_multi_period_calendar_rules_are_refused(rule):
-    from sentio_lab.timeframes import _buckets
-
     index = pd.date_range("2020-01-01", periods=100, freq="D")
     with pytest.raises(ValueError, match="single periods"):
         _buckets(index, rule)
+
+
+# ------------------------------------------------------------------------------------------ session close
+NY_CLOSE = "17:00 America/New_York"
+
+
+@pytest.fixture(scope="module")
+def eurusd() -> pd.DataFrame:
+    return load_market("eurusd_1h").frame
+
+
+def bars_per_bucket(frame: pd.DataFrame, rule: str, session_close) -> pd.Series:
+    """Number of base bars in each bucket, by bucket start."""
+    start, _ = _buckets(frame.index, rule, session_close)
+    return pd.Series(1, index=start).groupby(level=0).size()
+
+
+def test_utc_days_cut_a_sunday_stub_out_of_every_fx_week(eurusd):
+    sizes = bars_per_bucket(eurusd, "1D", None)
+    starts = pd.DatetimeIndex(sizes.index)
+    sunday = sizes[starts.dayofweek == 6]
+    assert len(sunday) == 52 and (sunday <= 3).all()  # 2 bars in winter, 3 in summer: the problem fixed below
+
+
+def test_fx_days_run_from_17_00_new_york_to_17_00_new_york(eurusd):
+    view = resample_causal(eurusd, "1D", HOUR, session_close=NY_CLOSE)
+    assert view.session_close == NY_CLOSE
+    sizes = bars_per_bucket(eurusd, "1D", NY_CLOSE)
+    # No Sunday stub: every session has 24 hourly bars, except Christmas Day (the market closed at 07:00 UTC).
+    assert len(view.bars) == len(sizes) == 260
+    short = sizes[sizes != 24]
+    assert list(short.index) == [pd.Timestamp("2017-12-24 22:00").value] and short.iloc[0] == 9
+    # Each session starts at 17:00 New York: 22:00 UTC in winter, 21:00 UTC in summer (daylight saving).
+    local = view.bars.index.tz_localize("UTC").tz_convert("America/New_York")
+    assert (local.hour == 17).all() and (local.minute == 0).all()
+    assert pd.Timestamp("2017-01-08 22:00") in view.bars.index and pd.Timestamp("2017-07-09 21:00") in view.bars.index
+    # Sunday evening hours open Monday's session: no daily bar starts on Friday evening or Saturday.
+    assert not ((local.dayofweek == 4) | (local.dayofweek == 5)).any()
+    # Visible at the close of the session's last bar (21:00 or 20:00 UTC), one bar later only after Christmas.
+    start, end = _buckets(eurusd.index, "1D", NY_CLOSE)
+    ends = pd.DatetimeIndex(pd.Series(end, index=start).groupby(level=0).first().to_numpy())
+    assert ((ends - view.bars.index) == pd.Timedelta("1D")).all()  # the DST changes fall on weekends
+    revealed_by = eurusd.index[view.close_row] + HOUR
+    on_time = revealed_by == ends
+    assert on_time.sum() == len(ends) - 1
+    assert eurusd.index[view.close_row[np.flatnonzero(~on_time)[0]]] == pd.Timestamp("2017-12-25 22:00")
+
+
+def test_fx_session_days_match_a_groupby_on_the_session_date(eurusd):
+    view = resample_causal(eurusd, "1D", HOUR, session_close=NY_CLOSE)
+    local = eurusd.index.tz_localize("UTC").tz_convert("America/New_York").tz_localize(None)
+    session_date = (local + pd.Timedelta(hours=7)).normalize()  # 17:00 New York belongs to the next day
+    agg = {"open": "first", "high": "max", "low": "min", "close": "last", "volume": "sum"}
+    ref = eurusd.groupby(session_date).agg(agg)
+    np.testing.assert_array_equal(view.bars.to_numpy(), ref.to_numpy())
+
+
+def test_fx_weeks_and_four_hours_follow_the_session_close(eurusd):
+    weeks = resample_causal(eurusd, "W-FRI", HOUR, session_close=NY_CLOSE)
+    revealed = eurusd.index[weeks.close_row]
+    assert (revealed.dayofweek == 4).all()  # Friday's last bar, not Sunday's first as on the UTC calendar
+    utc_weeks = resample_causal(eurusd, "W-FRI", HOUR)
+    assert (eurusd.index[utc_weeks.close_row].dayofweek == 6).all()
+    four = resample_causal(eurusd, "4h", HOUR, session_close=NY_CLOSE)
+    local = four.bars.index.tz_localize("UTC").tz_convert("America/New_York")
+    assert set(local.hour) == {17, 21, 1, 5, 9, 13}
+    sizes = bars_per_bucket(eurusd, "4h", NY_CLOSE)
+    assert (sizes[sizes.index < pd.Timestamp("2017-12-22").value] == 4).all()  # no Sunday stub here either
+
+
+def test_session_days_follow_daylight_saving_on_a_24_7_market():
+    index = pd.date_range("2017-03-09", "2017-03-16", freq="h").append(
+        pd.date_range("2017-11-02", "2017-11-09", freq="h"))
+    frame = ohlcv_at(index)
+    sizes = bars_per_bucket(frame, "1D", NY_CLOSE)
+    starts = pd.DatetimeIndex(sizes.index)
+    by_start = dict(zip(starts, sizes, strict=True))
+    assert by_start[pd.Timestamp("2017-03-11 22:00")] == 23  # Saturday 17:00 EST .. Sunday 17:00 EDT
+    assert by_start[pd.Timestamp("2017-03-12 21:00")] == 24
+    assert by_start[pd.Timestamp("2017-11-04 21:00")] == 25  # Saturday 17:00 EDT .. Sunday 17:00 EST
+    assert by_start[pd.Timestamp("2017-11-05 22:00")] == 24
+    view = resample_causal(frame, "1D", HOUR, session_close=NY_CLOSE)
+    assert (np.diff(view.close_row) > 0).all()
+    # Two-hour buckets stay contiguous through both changes (boundaries are whole hours).
+    two = resample_causal(frame, "2h", HOUR, session_close=NY_CLOSE)
+    assert len(two.bars) > 150 and (np.diff(two.close_row) > 0).all()
+
+
+def test_a_sub_hour_boundary_inside_a_repeated_hour_is_refused():
+    frame = ohlcv_at(pd.date_range("2017-11-05 04:00", "2017-11-05 08:00", freq="15min"))
+    with pytest.raises(ValueError, match="a local hour repeats there"):
+        resample_causal(frame, "45min", pd.Timedelta("15min"), session_close="17:00 America/New_York")
+
+
+def test_timezone_aware_timestamps_give_the_same_session_buckets(eurusd):
+    frame = eurusd.iloc[:400]
+    aware = frame.copy()
+    aware.index = aware.index.tz_localize("UTC").tz_convert("Europe/Berlin")
+    a = resample_causal(frame, "1D", HOUR, session_close=NY_CLOSE)
+    b = resample_causal(aware, "1D", HOUR, session_close=NY_CLOSE)
+    np.testing.assert_array_equal(a.close_row, b.close_row)
+    np.testing.assert_array_equal(a.bars.to_numpy(), b.bars.to_numpy())
+    np.testing.assert_array_equal(_buckets(frame.index, "1D", NY_CLOSE)[1], _buckets(aware.index, "1D", NY_CLOSE)[1])
+
+
+def test_midnight_utc_session_close_equals_the_utc_calendar(eurusd):
+    for rule in ("4h", "1D", "W-FRI", "ME"):
+        a = resample_causal(eurusd, rule, HOUR)
+        b = resample_causal(eurusd, rule, HOUR, session_close="00:00 UTC")
+        np.testing.assert_array_equal(a.close_row, b.close_row)
+        np.testing.assert_array_equal(a.bars.index, b.bars.index)
+
+
+def test_bad_session_close_is_named():
+    frame = ohlcv_at(pd.date_range("2017-01-02", periods=12, freq="h"))
+    with pytest.raises(ValueError, match="session_close '25:00 UTC'"):
+        resample_causal(frame, "4h", HOUR, session_close="25:00 UTC")
+
+
+def test_session_views_cannot_see_future_values_or_timestamps(eurusd):
+    frame = eurusd.iloc[:900]
+    rng = np.random.default_rng(11)
+    refs = {rule: resample_causal(frame, rule, HOUR, session_close=NY_CLOSE) for rule in ("1D", "4h", "W-FRI")}
+    for t in [*rng.integers(30, 880, size=6).tolist(), int(refs["1D"].close_row[3]) - 1, int(refs["1D"].close_row[3])]:
+        start = frame.index[t] + pd.Timedelta(hours=int(rng.integers(1, 60)))
+        future_index = start + pd.to_timedelta(np.arange(len(frame) - t - 1) * 3, unit="h")
+        changed = pd.concat([frame.iloc[: t + 1], ohlcv_at(future_index, seed=t, price=1.3)])
+        for rule, ref in refs.items():
+            other = resample_causal(changed, rule, HOUR, session_close=NY_CLOSE)
+            np.testing.assert_array_equal(ref.latest[: t + 1], other.latest[: t + 1])
+            np.testing.assert_array_equal(ref.align(ref.bars.to_numpy())[: t + 1],
+                                          other.align(other.bars.to_numpy())[: t + 1])
