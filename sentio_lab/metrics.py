@@ -13,16 +13,24 @@ Conventions
 * Drawdowns are non-positive fractions: ``max_drawdown`` of -0.25 means the curve fell 25% from a peak.
 * ``weights`` are *target* weights, one per decision bar, as the environment chooses them; the position
   before the first decision is flat (0). Turnover and exposure describe those targets (drift between
-  rebalances is not counted).
+  rebalances is not counted). ``weights[t]`` is the target while return ``t`` of the equity is marked.
+* Tail risk (CVaR) is reported as a return (negative = a loss), like drawdowns. Round-trip trades, drawdown
+  spells and calendar months are defined in :func:`round_trip_trades`, :func:`drawdown_spells` and
+  :func:`monthly_returns`. Statistical tests across strategies live in :mod:`sentio_lab.inference`.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Collection, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 from scipy import stats as sps
+
+if TYPE_CHECKING:
+    from sentio_lab.costs import CostModel
 
 #: Euler-Mascheroni constant, used by the expected maximum Sharpe ratio of the deflated Sharpe ratio.
 EULER_GAMMA = 0.5772156649015329
@@ -256,6 +264,182 @@ def number_of_trades(weights: pd.Series | np.ndarray | Sequence[float]) -> int:
     return int(np.count_nonzero(np.diff(values, prepend=0.0)))
 
 
+# ------------------------------------------------------------------------ tail, months, drawdown spells
+def conditional_value_at_risk(returns: pd.Series | np.ndarray | Sequence[float], alpha: float = 0.05) -> float:
+    """Expected shortfall: the mean of the ``k = ceil(alpha T)`` lowest of the ``T`` returns (at least one).
+
+    Reported as a *return*, like :func:`max_drawdown`: usually negative (-0.03: the worst 5% of bars lose 3% on
+    average). For ``alpha = 1/q`` (0.05, 0.01) ``k`` equals empyrical's ``int((T - 1) alpha) + 1``.
+    """
+    values = _returns(returns, minimum=1)
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    k = max(1, math.ceil(alpha * len(values) - 1e-9))  # the tolerance keeps 0.05 * 60 = 3.0000000000000004 at 3
+    return float(np.mean(np.partition(values, k - 1)[:k]))
+
+
+def _datetime_index(series: pd.Series, what: str) -> pd.DatetimeIndex:
+    if not isinstance(series.index, pd.DatetimeIndex):
+        raise TypeError(f"{what} needs an equity curve with a DatetimeIndex, got a {type(series.index).__name__}")
+    return series.index
+
+
+def monthly_returns(equity: pd.Series) -> pd.Series:
+    """Calendar-month returns: last equity of a month / last equity of the previous month - 1.
+
+    The first month is measured from the curve's first value; a first month holding nothing but that value
+    (a curve starting on a month's last bar) has no return and is left out. Partial first and last months
+    count as months. Indexed by the month's last timestamp in the curve. The same as compounding the simple
+    returns of each calendar month, the returns dated by the bar that ends them.
+    """
+    series = check_equity(equity)
+    index = _datetime_index(series, "monthly_returns")
+    month_end = series.groupby([index.year, index.month]).tail(1)
+    previous = np.r_[series.iloc[0], month_end.to_numpy()[:-1]]
+    months = month_end / previous - 1.0
+    return months.iloc[1:] if month_end.index[0] == index[0] else months
+
+
+def positive_month_share(equity: pd.Series) -> float:
+    """Share of the calendar months (see :func:`monthly_returns`) with a return above 0."""
+    return float(np.mean(monthly_returns(equity).to_numpy() > 0))
+
+
+def drawdown_spells(equity: pd.Series | np.ndarray | Sequence[float]) -> pd.DataFrame:
+    """Every drawdown spell: from a peak (the last bar at a running high) to the first bar back at that high.
+
+    Columns: ``peak`` and ``end`` (index labels), ``bars`` (``end - peak`` in bar positions), ``days`` (calendar
+    days between the two timestamps, NaN without a DatetimeIndex), ``depth`` (the spell's deepest drawdown) and
+    ``recovered``. A spell still under water ends at the last bar (``recovered`` False).
+    """
+    series = check_equity(equity)
+    dd = drawdown(series).to_numpy()
+    under = dd < 0
+    starts = np.flatnonzero(under & ~np.r_[False, under[:-1]])  # first bar under water
+    rows = []
+    for first in starts:
+        back = np.flatnonzero(~under[first:])
+        end = first + int(back[0]) if len(back) else len(series) - 1
+        rows.append((first - 1, end, bool(len(back)), float(dd[first:end + 1].min())))
+    index = series.index
+    spells = pd.DataFrame(
+        {
+            "peak": [index[p] for p, _, _, _ in rows],
+            "end": [index[e] for _, e, _, _ in rows],
+            "bars": np.array([e - p for p, e, _, _ in rows], dtype=np.int64),
+            "days": [(index[e] - index[p]) / _DAY if isinstance(index, pd.DatetimeIndex) else np.nan
+                     for p, e, _, _ in rows],
+            "depth": [d for _, _, _, d in rows],
+            "recovered": [r for _, _, r, _ in rows],
+        }
+    )
+    return spells.astype({"days": np.float64, "depth": np.float64, "recovered": bool})
+
+
+def longest_drawdown(equity: pd.Series | np.ndarray | Sequence[float]) -> tuple[int, float]:
+    """``(bars, days)``: the longest drawdown spell in bars and, separately, in calendar days.
+
+    Each is the maximum over :func:`drawdown_spells` (usually the same spell); ``(0, 0.0)`` for a curve that
+    never draws down, days NaN without a DatetimeIndex.
+    """
+    spells = drawdown_spells(equity)
+    if spells.empty:
+        has_dates = isinstance(getattr(equity, "index", None), pd.DatetimeIndex)
+        return 0, (0.0 if has_dates else float("nan"))
+    return int(spells["bars"].max()), float(spells["days"].max())
+
+
+# ---------------------------------------------------------------------------------- round-trip trades
+def round_trip_trades(
+    equity: pd.Series | np.ndarray | Sequence[float], weights: pd.Series | np.ndarray | Sequence[float]
+) -> pd.DataFrame:
+    """The round trips of a weight path: from entering a non-zero position until it is flat again or flips sign.
+
+    Bar ``t`` is return ``t`` of ``equity`` (``equity[t+1] / equity[t] - 1``), marked while ``weights[t]`` is
+    the target (decided at the close of ``equity[t]``, filled at the next open). A trade opened by decision
+    ``k`` owns returns ``k .. j-1`` while its sign is held (resizing within the sign stays in the trade), and
+    return ``j`` too when decision ``j`` goes flat: that bar carries the overnight move of the position and its
+    exit costs, nothing else. When decision ``j`` flips the sign, bar ``j`` -- the old position's overnight
+    move, both legs' costs and the new position's first session -- belongs to the *new* trade. A trade still
+    open on the last bar is marked to the last equity (``closed`` False).
+
+    Columns: ``entry`` / ``exit`` (positions of the first and last return owned), ``side`` (+1 / -1),
+    ``bars``, ``pnl`` (compounded return over those bars: the trade's profit as a fraction of the equity at
+    entry) and ``closed``.
+    """
+    curve = check_equity(equity)
+    rets = (curve / curve.shift(1) - 1.0).to_numpy()[1:]
+    w = _weights(weights)
+    if len(w) != len(rets):
+        raise ValueError(f"weights: {len(w)} decisions for {len(rets)} returns; expected one per return")
+    side = np.sign(w)
+    previous = np.r_[0.0, side[:-1]]
+    entries = np.flatnonzero((side != 0) & (side != previous))
+    rows = []
+    for k in entries:
+        changed = np.flatnonzero(side[k:] != side[k])
+        if len(changed) == 0:
+            last, closed = len(w) - 1, False
+        else:
+            j = k + int(changed[0])
+            last, closed = (j if side[j] == 0 else j - 1), True
+        rows.append((int(k), last, int(side[k]), last - int(k) + 1, float(np.prod(1.0 + rets[k:last + 1]) - 1.0),
+                     closed))
+    return pd.DataFrame(rows, columns=["entry", "exit", "side", "bars", "pnl", "closed"]).astype(
+        {"entry": np.int64, "exit": np.int64, "side": np.int64, "bars": np.int64, "pnl": np.float64, "closed": bool}
+    )
+
+
+def trade_win_rate(
+    equity: pd.Series | np.ndarray | Sequence[float], weights: pd.Series | np.ndarray | Sequence[float]
+) -> float:
+    """Share of the :func:`round_trip_trades` (the open last one included) with a P&L above 0; NaN without trades."""
+    trades = round_trip_trades(equity, weights)
+    return float(np.mean(trades["pnl"].to_numpy() > 0)) if len(trades) else float("nan")
+
+
+def time_in_market(weights: pd.Series | np.ndarray | Sequence[float]) -> float:
+    """Share of the decisions (bars) whose target weight is non-zero, long or short."""
+    return float(np.mean(_weights(weights) != 0))
+
+
+# -------------------------------------------------------------------------------------------- costs
+def fill_costs(
+    order_sizes: pd.Series | np.ndarray | Sequence[float],
+    open_prices: pd.Series | np.ndarray | Sequence[float],
+    costs: CostModel,
+) -> pd.Series:
+    """Cost of each fill in account currency: ``|delta| open (slippage + fee (1 +- slippage))`` (+ on buys).
+
+    That is what a fill pays over trading ``delta`` shares at the open with no costs, by the formula of
+    :func:`sentio_lab.costs.rebalance`. ``order_sizes`` as :func:`sentio_lab.backtest.order_sizes` returns them
+    (row 0 of a replay is 0); ``open_prices`` the opens of the same rows (aligned on the index when both are
+    Series with timestamps). ``costs`` is a :class:`sentio_lab.costs.CostModel` (any object with ``fee`` and
+    ``slippage`` fractions). Short borrow is not a fill cost: add its charges to the series if wanted.
+    """
+    deltas = _as_series(order_sizes, "order_sizes")
+    if isinstance(open_prices, pd.Series) and isinstance(deltas.index, pd.DatetimeIndex):
+        open_prices = open_prices.reindex(deltas.index)
+    opens = _as_series(open_prices, "open_prices").to_numpy()
+    if len(opens) != len(deltas):
+        raise ValueError(f"open_prices: {len(opens)} values for {len(deltas)} order sizes")
+    d = deltas.to_numpy()
+    paid = np.abs(d) * opens * (costs.slippage + costs.fee * (1.0 + np.sign(d) * costs.slippage))
+    return pd.Series(paid, index=deltas.index, name="cost")
+
+
+def costs_paid(
+    costs: pd.Series | np.ndarray | Sequence[float], equity: pd.Series | np.ndarray | Sequence[float]
+) -> float:
+    """Total costs paid (account currency, e.g. :func:`fill_costs`) as a fraction of the starting equity.
+
+    A plain sum, not compounded: 0.004 means the fills cost 0.4% of the initial capital in all.
+    """
+    values = _as_series(costs, "costs").to_numpy()
+    if (values < 0).any():
+        raise ValueError("costs: negative values; costs paid are amounts >= 0")
+    return float(values.sum() / check_equity(equity).iloc[0])
+
 # -------------------------------------------------------------------------- PSR and deflated SR
 def probabilistic_sharpe_ratio(
     returns: pd.Series | np.ndarray | Sequence[float], sr_benchmark: float = 0.0
@@ -337,12 +521,20 @@ STAT_NAMES: tuple[str, ...] = (
     "sortino",
     "max_drawdown",
     "calmar",
+    "cvar_5",
+    "max_dd_bars",
+    "max_dd_days",
+    "positive_months",
     "hit_rate",
     "psr",
     "dsr",
     "turnover_per_year",
     "avg_exposure",
+    "time_in_market",
     "n_trades",
+    "round_trips",
+    "trade_win_rate",
+    "costs_paid",
 )
 
 
@@ -354,22 +546,30 @@ def summary_stats(
     n_trials: int | None = None,
     sr_variance: float | None = None,
     trial_sharpes: Sequence[float] | np.ndarray | None = None,
+    costs: pd.Series | np.ndarray | Sequence[float] | None = None,
 ) -> dict[str, object]:
     """Every metric of one equity curve (and its target weights, if given) in a dict keyed by STAT_NAMES.
 
     ``periods`` is anything :func:`periods_per_year` accepts; ``None`` infers it from the equity's
     DatetimeIndex. Returns are the curve's simple returns. ``psr`` is PSR(0); ``dsr`` is filled only when
-    the trials are described (see :func:`deflated_sharpe_ratio`); the weight-based entries only with
-    ``weights``. Missing entries are NaN.
+    the trials are described (see :func:`deflated_sharpe_ratio`); the weight-based entries
+    (``turnover_per_year``, ``avg_exposure``, ``time_in_market``, ``n_trades``, ``round_trips``,
+    ``trade_win_rate``) only with ``weights``; ``costs_paid`` only with ``costs`` (the costs paid in account
+    currency, e.g. :func:`fill_costs`: equity and weights alone do not determine them). ``cvar_5`` is
+    :func:`conditional_value_at_risk` at 5% (a return, usually negative); ``max_dd_bars`` / ``max_dd_days``
+    come from :func:`longest_drawdown`; ``positive_months`` is :func:`positive_month_share` (NaN, like
+    ``max_dd_days``, without a DatetimeIndex). Missing entries are NaN.
     """
     curve = check_equity(equity)
     ppy = periods_per_year(curve.index if periods is None else periods)
     rets = simple_returns(curve)
     has_trials = trial_sharpes is not None or n_trials is not None or sr_variance is not None
     index = curve.index
+    dated = isinstance(index, pd.DatetimeIndex)
+    longest = longest_drawdown(curve)
     out: dict[str, object] = {
-        "start": index[0] if isinstance(index, pd.DatetimeIndex) else None,
-        "end": index[-1] if isinstance(index, pd.DatetimeIndex) else None,
+        "start": index[0] if dated else None,
+        "end": index[-1] if dated else None,
         "bars": len(rets),
         "periods_per_year": ppy,
         "total_return": total_return(curve),
@@ -379,6 +579,10 @@ def summary_stats(
         "sortino": sortino_ratio(rets, ppy) if len(rets) >= 2 else np.nan,
         "max_drawdown": max_drawdown(curve),
         "calmar": calmar_ratio(curve, ppy),
+        "cvar_5": conditional_value_at_risk(rets, 0.05),
+        "max_dd_bars": longest[0],
+        "max_dd_days": longest[1],
+        "positive_months": positive_month_share(curve) if dated else np.nan,
         "hit_rate": hit_rate(rets),
         "psr": probabilistic_sharpe_ratio(rets) if len(rets) >= 3 else np.nan,
         "dsr": (
@@ -390,7 +594,11 @@ def summary_stats(
         ),
         "turnover_per_year": np.nan,
         "avg_exposure": np.nan,
+        "time_in_market": np.nan,
         "n_trades": np.nan,
+        "round_trips": np.nan,
+        "trade_win_rate": np.nan,
+        "costs_paid": costs_paid(costs, curve) if costs is not None else np.nan,
     }
     if weights is not None:
         w = _weights(weights)
@@ -401,7 +609,11 @@ def summary_stats(
             )
         out["turnover_per_year"] = turnover(w, ppy)
         out["avg_exposure"] = average_exposure(w)
+        out["time_in_market"] = time_in_market(w)
         out["n_trades"] = number_of_trades(w)
+        trades = round_trip_trades(curve, w)
+        out["round_trips"] = len(trades)
+        out["trade_win_rate"] = float(np.mean(trades["pnl"].to_numpy() > 0)) if len(trades) else np.nan
     return out
 
 
@@ -414,11 +626,13 @@ def stats_table(
     n_trials: int | None = None,
     sr_variance: float | None = None,
     trial_sharpes: Sequence[float] | np.ndarray | None = None,
+    costs: Mapping[str, pd.Series | np.ndarray] | None = None,
 ) -> pd.DataFrame:
     """:func:`summary_stats` of several strategies side by side: one column per strategy, STAT_NAMES rows.
 
-    ``weights`` may cover only some strategies (buy and hold has none worth reporting, say); its keys must
-    be strategy names.
+    ``weights`` and ``costs`` (costs paid per bar or per fill in account currency, see :func:`fill_costs`)
+    may cover only some strategies (buy and hold has no weights worth reporting, say); their keys must be
+    strategy names.
 
     The deflated Sharpe ratio corrects for the search that produced a strategy, so it belongs only to the
     strategies that were tried: ``trial_family`` names those columns (the agents / seeds / configurations),
@@ -430,10 +644,11 @@ def stats_table(
     """
     if not equities:
         raise ValueError("stats_table: no equity curves given")
-    weights = dict(weights or {})
-    unknown = sorted(set(weights) - set(equities))
-    if unknown:
-        raise ValueError(f"stats_table: weights for unknown strategies {unknown}; known: {list(equities)}")
+    weights, costs = dict(weights or {}), dict(costs or {})
+    for what, given in (("weights", weights), ("costs", costs)):
+        unknown = sorted(set(given) - set(equities))
+        if unknown:
+            raise ValueError(f"stats_table: {what} for unknown strategies {unknown}; known: {list(equities)}")
     described = trial_sharpes is not None or n_trials is not None or sr_variance is not None
     if trial_family is None:
         if described:
@@ -456,7 +671,9 @@ def stats_table(
                 )
     trials = {"n_trials": n_trials, "sr_variance": sr_variance, "trial_sharpes": trial_sharpes}
     columns = {
-        name: summary_stats(curve, weights.get(name), periods, **(trials if name in family else {}))
+        name: summary_stats(
+            curve, weights.get(name), periods, costs=costs.get(name), **(trials if name in family else {})
+        )
         for name, curve in equities.items()
     }
     return pd.DataFrame(columns, index=list(STAT_NAMES))

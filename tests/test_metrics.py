@@ -346,3 +346,181 @@ def test_stats_table_deflates_the_trial_family_only():
 def test_stats_table_rejects_unclear_trial_families(kwargs, match):
     with pytest.raises(ValueError, match=match):
         mt.stats_table(_family_curves(), **kwargs)
+
+
+# ------------------------------------------------------------ tail risk, months, drawdown spells, trades
+def test_cvar_matches_empyrical_and_a_hand_value():
+    """Both report CVaR as a return (negative = loss); tail size ceil(alpha T) here, int((T - 1) alpha) + 1 there,
+    the same count for alpha = 1/q (T = 60 checks the float rounding of 0.05 * 60)."""
+    import empyrical
+
+    rng = np.random.default_rng(21)
+    for t in (20, 21, 39, 60, 101, 1000):
+        r = rng.standard_t(3, t) * 0.01
+        for alpha in (0.05, 0.01, 0.25):
+            assert mt.conditional_value_at_risk(r, alpha) == pytest.approx(
+                empyrical.conditional_value_at_risk(r, cutoff=alpha), rel=1e-12
+            ), (t, alpha)
+    # 40 returns: the worst 5% are the two lowest, -0.08 and -0.04
+    r = np.r_[-0.08, -0.04, np.full(38, 0.01)]
+    assert mt.conditional_value_at_risk(r) == pytest.approx(-0.06)
+    assert mt.conditional_value_at_risk(r, 0.5) == pytest.approx((-0.12 + 18 * 0.01) / 20)
+    with pytest.raises(ValueError, match="alpha"):
+        mt.conditional_value_at_risk(r, 0.0)
+
+
+def test_max_drawdown_matches_empyrical():
+    """empyrical takes returns, we take the equity they compound to; both give a non-positive fraction."""
+    import empyrical
+
+    r = np.random.default_rng(4).normal(0.0002, 0.012, 700)
+    assert mt.max_drawdown(curve(r)) == pytest.approx(empyrical.max_drawdown(r), rel=1e-12)
+
+
+def test_monthly_returns_by_hand_and_against_empyrical():
+    import empyrical
+
+    index = pd.DatetimeIndex(["2021-01-29", "2021-02-01", "2021-02-26", "2021-03-01", "2021-03-31", "2021-04-01"])
+    eq = pd.Series([1.0, 1.1, 1.05, 1.0, 1.2, 1.2], index=index)
+    months = mt.monthly_returns(eq)
+    # January holds only the starting value: no return, left out
+    np.testing.assert_allclose(months.to_numpy(), [1.05 - 1, 1.2 / 1.05 - 1, 0.0])
+    assert list(months.index) == [index[2], index[4], index[5]]
+    assert mt.positive_month_share(eq) == pytest.approx(2 / 3)  # April's 0 is not positive
+    # a curve starting mid-month: its first month runs from the first value
+    assert mt.monthly_returns(eq.iloc[1:]).iloc[0] == pytest.approx(1.05 / 1.1 - 1)
+    # independent: empyrical compounds the daily returns of each calendar month
+    rng = np.random.default_rng(8)
+    eq = curve(rng.normal(0.0003, 0.01, 400), start="2019-05-15")
+    expected = empyrical.aggregate_returns(mt.simple_returns(eq), "monthly")
+    np.testing.assert_allclose(mt.monthly_returns(eq).to_numpy(), expected.to_numpy(), rtol=1e-12)
+    assert mt.positive_month_share(eq) == pytest.approx(float(np.mean(expected > 0)))
+    with pytest.raises(TypeError, match="DatetimeIndex"):
+        mt.monthly_returns(pd.Series([1.0, 1.1]))
+
+
+def test_drawdown_spells_by_hand():
+    index = pd.DatetimeIndex(["2020-01-01", "2020-01-02", "2020-01-03", "2020-01-06", "2020-01-07", "2020-01-08",
+                              "2020-01-09", "2020-01-14"])
+    eq = pd.Series([1.0, 1.1, 1.1, 1.0, 1.05, 1.2, 1.1, 1.15], index=index)
+    spells = mt.drawdown_spells(eq)
+    # peak is the *last* bar at the high (bar 2, not 1); back at the high on bar 5; the second never recovers
+    assert spells["peak"].tolist() == [index[2], index[5]] and spells["end"].tolist() == [index[5], index[7]]
+    assert spells["bars"].tolist() == [3, 2] and spells["days"].tolist() == [5.0, 6.0]
+    assert spells["recovered"].tolist() == [True, False]
+    np.testing.assert_allclose(spells["depth"], [1.0 / 1.1 - 1, 1.1 / 1.2 - 1])
+    assert mt.longest_drawdown(eq) == (3, 6.0)  # the maxima are taken separately: bars and days
+    assert mt.longest_drawdown(curve([0.01, 0.02])) == (0, 0.0)
+    bars, days = mt.longest_drawdown([1.0, 1.1, 1.0])
+    assert bars == 1 and math.isnan(days)
+    # equal to the peak counts as recovered
+    assert mt.drawdown_spells([1.0, 1.1, 1.0, 1.1, 1.2])["recovered"].tolist() == [True]
+
+
+def test_drawdown_spells_agree_with_vectorbt():
+    """vectorbt's records: peak_idx (the last bar at the high), end_idx (recovery, or the last bar if active)."""
+    r = np.random.default_rng(31).normal(0.0003, 0.01, 800)
+    eq = curve(r)
+    records = eq.reset_index(drop=True).vbt.drawdowns.records
+    spells = mt.drawdown_spells(eq)
+    assert len(spells) == len(records)
+    np.testing.assert_array_equal(spells["bars"], records["end_idx"] - records["peak_idx"])
+    np.testing.assert_array_equal(spells["recovered"], records["status"] == 1)
+    assert mt.longest_drawdown(eq)[0] == int((records["end_idx"] - records["peak_idx"]).max())
+
+
+def test_round_trip_trades_by_hand():
+    rets = np.array([0.01, 0.02, -0.01, 0.03, -0.02, 0.01, 0.04, -0.01, 0.02])
+    w = [0.0, 1.0, 0.5, 0.0, -1.0, -1.0, 1.0, 1.0, 0.0]
+    eq = curve(rets)
+    trades = mt.round_trip_trades(eq, w)
+    # long from decision 1 (resized to 0.5, same trade), flat at 3: owns returns 1..3 (3 = exit bar);
+    # short from 4, flipped at 6: owns 4..5; long from 6 (the flip bar is the new trade's), flat at 8: 6..8
+    assert trades[["entry", "exit", "side", "bars"]].to_numpy().tolist() == [[1, 3, 1, 3], [4, 5, -1, 2],
+                                                                             [6, 8, 1, 3]]
+    np.testing.assert_allclose(trades["pnl"], [1.02 * 0.99 * 1.03 - 1, 0.98 * 1.01 - 1, 1.04 * 0.99 * 1.02 - 1])
+    assert trades["closed"].all()
+    assert mt.trade_win_rate(eq, w) == pytest.approx(2 / 3)
+    assert mt.time_in_market(w) == pytest.approx(6 / 9)
+    open_trade = mt.round_trip_trades(eq, [0.0] * 7 + [-1.0, -1.0])
+    assert open_trade[["entry", "exit", "bars"]].to_numpy().tolist() == [[7, 8, 2]]
+    assert not open_trade["closed"].iloc[0]
+    assert math.isnan(mt.trade_win_rate(eq, [0.0] * 9))
+    with pytest.raises(ValueError, match="one per return"):
+        mt.round_trip_trades(eq, w[:-1])
+
+
+@pytest.fixture(scope="module")
+def long_flat_replay(sp500):
+    from sentio_lab import backtest as bt
+    from sentio_lab.costs import CostModel
+
+    rng = np.random.default_rng(5)
+    w = np.repeat(rng.choice([0.0, 1.0], 60), rng.integers(1, 12, 60))[:300]
+    w[-5:] = 1.0  # end in an open trade
+    costs = CostModel(fee_bps=10, slippage_bps=5)
+    portfolio = bt.replay(sp500, 1000, w, costs)
+    return portfolio, bt.equity(portfolio), w, costs, bt.order_sizes(sp500, 1000, w, costs)
+
+
+def test_round_trips_match_vectorbt_positions(long_flat_replay):
+    """Long / flat with whole-level moves: our trade P&L times the equity at entry is vectorbt's position PnL.
+
+    vectorbt books a position from its entry fill (row entry + 1) to its exit fill, prices and fees included;
+    our trades are read from the equity curve alone.
+    """
+    portfolio, eq, w, _, _ = long_flat_replay
+    positions = portfolio.positions.records
+    trades = mt.round_trip_trades(eq, w)
+    assert len(trades) == len(positions) > 10
+    np.testing.assert_array_equal(trades["entry"] + 1, positions["entry_idx"])
+    np.testing.assert_array_equal(trades["closed"], positions["status"] == 1)
+    np.testing.assert_array_equal(trades["exit"][trades["closed"]] + 1, positions["exit_idx"][positions["status"] == 1])
+    np.testing.assert_allclose(trades["pnl"] * eq.to_numpy()[trades["entry"]], positions["pnl"], rtol=1e-9)
+    assert mt.trade_win_rate(eq, w) == pytest.approx(float(np.mean(positions["pnl"] > 0)))
+
+
+def test_fill_costs_match_vectorbt_fees_and_slippage(long_flat_replay, sp500):
+    """vectorbt records the fee and the slipped fill price: cost = fee + |size| |fill price - open|."""
+    portfolio, eq, _, costs, sizes = long_flat_replay
+    opens = sp500["open"]
+    paid = mt.fill_costs(sizes, opens, costs)
+    orders = portfolio.orders.records
+    rows = 1000 + orders["idx"]
+    expected = orders["fees"] + orders["size"] * np.abs(orders["price"] - opens.to_numpy()[rows])
+    np.testing.assert_allclose(paid.to_numpy()[orders["idx"]], expected, rtol=1e-12)
+    assert (paid.drop(paid.index[orders["idx"]]) == 0).all()
+    assert mt.costs_paid(paid, eq) == pytest.approx(float(expected.sum()))  # equity starts at 1
+    assert mt.costs_paid(paid, 2 * eq) == pytest.approx(float(expected.sum()) / 2)
+    with pytest.raises(ValueError, match="negative"):
+        mt.costs_paid(-paid, eq)
+    with pytest.raises(ValueError, match="open_prices"):
+        mt.fill_costs(sizes.to_numpy(), opens.to_numpy()[:5], costs)
+
+
+def test_summary_rows_for_the_new_statistics(long_flat_replay, sp500):
+    portfolio, eq, w, costs, sizes = long_flat_replay
+    paid = mt.fill_costs(sizes, sp500["open"], costs)
+    s = mt.summary_stats(eq, w, costs=paid)
+    rets = mt.simple_returns(eq)
+    assert s["cvar_5"] == pytest.approx(mt.conditional_value_at_risk(rets, 0.05))
+    assert (s["max_dd_bars"], s["max_dd_days"]) == mt.longest_drawdown(eq)
+    assert s["positive_months"] == pytest.approx(mt.positive_month_share(eq))
+    assert s["time_in_market"] == pytest.approx(np.mean(w != 0))
+    assert s["round_trips"] == len(portfolio.positions.records)
+    assert s["trade_win_rate"] == pytest.approx(mt.trade_win_rate(eq, w))
+    assert s["costs_paid"] == pytest.approx(mt.costs_paid(paid, eq))
+    bare = mt.summary_stats(eq.reset_index(drop=True), periods=252)
+    for name in ("positive_months", "max_dd_days", "time_in_market", "round_trips", "trade_win_rate", "costs_paid"):
+        assert math.isnan(bare[name]), name
+    assert bare["max_dd_bars"] == s["max_dd_bars"]
+
+
+def test_stats_table_takes_costs_for_some_strategies():
+    a, b = curve([0.01, -0.02, 0.015, 0.003]), curve([0.0, 0.01, 0.01, -0.005])
+    table = mt.stats_table({"agent": a, "hold": b}, {"agent": [1.0, 1.0, 0.0, -1.0]},
+                           costs={"agent": [0.0, 0.002, 0.0, 0.001, 0.003]})
+    assert table.loc["costs_paid", "agent"] == pytest.approx(0.006) and math.isnan(table.loc["costs_paid", "hold"])
+    assert table.loc["round_trips", "agent"] == 2 and table.loc["time_in_market", "agent"] == pytest.approx(0.75)
+    with pytest.raises(ValueError, match="costs for unknown strategies"):
+        mt.stats_table({"agent": a}, costs={"ghost": [0.0]})
