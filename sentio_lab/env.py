@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import gymnasium as gym
 import numpy as np
@@ -145,6 +146,31 @@ def check_positions(positions: Sequence[float]) -> np.ndarray:
     return levels
 
 
+class StartSampler(Protocol):
+    """Where episodes may start, for episodes confined to several disjoint segments of bars.
+
+    :class:`sentio_lab.splits.SegmentEpisodeSampler` is the implementation: uniform over every valid start of
+    every segment, so an episode (its observations, fills, marks and bootstrap value) never crosses a gap.
+    """
+
+    window: int
+    episode_length: int
+
+    @property
+    def start_low(self) -> int:
+        """Earliest valid start."""
+
+    @property
+    def start_high(self) -> int:
+        """Latest valid start."""
+
+    def sample(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        """``n`` valid starts drawn from ``generator`` (on its device)."""
+
+    def contains(self, starts: torch.Tensor) -> torch.Tensor:
+        """Boolean per start: is it a valid start?"""
+
+
 class TradingEnv:
     """``num_envs`` episodes stepped together by tensor operations, on CPU or CUDA.
 
@@ -157,6 +183,11 @@ class TradingEnv:
     mixes episode phases instead of every env truncating on the same step. Later episodes (auto-resets)
     run the full length; ``reset(starts=...)`` (evaluation) never staggers. ``steps`` therefore counts the
     steps towards truncation, not the steps taken.
+
+    Segments (``start_sampler``, e.g. :class:`sentio_lab.splits.SegmentEpisodeSampler` over a CPCV fold's
+    training ranges): every start -- the first reset, every auto-reset and every given start -- is one of the
+    sampler's valid starts, so no episode crosses a gap between segments. The sampler draws from the env's
+    generator (resuming by :meth:`state_dict` stays exact); its window and episode length must be the env's.
     """
 
     def __init__(
@@ -174,10 +205,26 @@ class TradingEnv:
         device: str | torch.device = "cpu",
         seed: int = 0,
         stagger_starts: bool = True,
+        start_sampler: StartSampler | None = None,
     ) -> None:
-        """Build the env on bars ``[start, stop)`` of ``market``; tensors live on ``device``."""
+        """Build the env on bars ``[start, stop)`` of ``market`` (episodes from ``start_sampler`` when given,
+        whose starts must lie inside that range); tensors live on ``device``."""
         stop = len(market.close) if stop is None else stop
         self.start_low, self.start_high = episode_start_bounds(market, window, start, stop, episode_length)
+        self.start_sampler = start_sampler
+        if start_sampler is not None:
+            if (start_sampler.window, start_sampler.episode_length) != (window, episode_length):
+                raise ValueError(
+                    f"start_sampler is sized for window {start_sampler.window}, episode_length "
+                    f"{start_sampler.episode_length}; this env has window {window}, episode_length {episode_length}"
+                )
+            low, high = start_sampler.start_low, start_sampler.start_high
+            if low < self.start_low or high > self.start_high:
+                raise ValueError(
+                    f"start_sampler starts [{low}, {high}] leave the env's valid starts [{self.start_low}, "
+                    f"{self.start_high}] (warm-up {market.first_valid} bars, range [{start}, {stop}))"
+                )
+            self.start_low, self.start_high = low, high
         self.num_envs, self.window, self.episode_length = num_envs, window, episode_length
         self.costs, self.ruin_fraction, self.stagger_starts = costs, check_ruin_fraction(ruin_fraction), stagger_starts
         self.device = torch.device(device)
@@ -222,13 +269,16 @@ class TradingEnv:
         return torch.cat([rows, position], dim=1)
 
     def _sample_starts(self, n: int) -> torch.Tensor:
+        if self.start_sampler is not None:  # one draw from the env's generator: state_dict resumes exactly
+            return self.start_sampler.sample(n, self.generator).to(self.device)
         return torch.randint(
             self.start_low, self.start_high + 1, (n,), generator=self.generator, device=self.device
         )
 
     # ------------------------------------------------------------------------------------------- API
     def reset(self, starts: Sequence[int] | torch.Tensor | None = None) -> torch.Tensor:
-        """Start every episode, at ``starts`` (bar indices, one per env) or at random valid bars.
+        """Start every episode, at ``starts`` (bar indices, one per env) or at random valid bars (from the
+        ``start_sampler`` when there is one: given starts must then be valid starts of its segments).
 
         Random starts are staggered when ``stagger_starts`` (see the class doc); given ``starts`` never are.
         """
@@ -248,6 +298,10 @@ class TradingEnv:
                 raise ValueError(
                     f"reset: starts {t0[bad].tolist()} outside the valid range [{self.start_low}, {self.start_high}]"
                 )
+            if self.start_sampler is not None:
+                bad = ~self.start_sampler.contains(t0)
+                if bad.any():
+                    raise ValueError(f"reset: starts {t0[bad].tolist()} are no valid start of the sampler's segments")
         # Fresh tensors, not in-place fills: the previous step's info["equity"] is self.equity itself.
         self.t = t0.clone()
         self.steps = steps

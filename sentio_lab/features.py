@@ -41,8 +41,9 @@ scale-free, so tiny prices (1e-4 or 1e-8 of a stock's) give the same features.
 :func:`build_observation_features` turns a frame into the ``(T, F)`` float32 matrix the environment
 reads, with per-timeframe blocks (:mod:`sentio_lab.timeframes`) and optional filtered HMM regime
 probabilities (:mod:`sentio_lab.regime`). Normaliser, pruning and HMM are fitted on rows
-``[first_valid, train_stop)`` only and stored in a plain-python ``state`` that can be re-applied to new
-data without refitting.
+``[first_valid, train_stop)`` only -- or on the rows of a ``train_rows`` mask, such as a CPCV fold's several
+training segments (:func:`sentio_lab.splits.fit_rows`) -- and stored in a plain-python ``state`` that can be
+re-applied to new data without refitting.
 """
 
 from __future__ import annotations
@@ -1328,11 +1329,11 @@ def _validated_frame(frame: pd.DataFrame, source: str = "frame") -> pd.DataFrame
     return canonicalize(frame, source=source, min_rows=1)
 
 
-def _fit_state(
-    raw: RawFeatures, first_valid: int, train_stop: int, config: FeatureConfig, base_freq: pd.Timedelta
-) -> dict:
-    """Fit dropping, pruning and normalisation on rows ``[first_valid, train_stop)`` of ``raw``."""
-    train = raw.values[first_valid:train_stop]
+def _fit_state(raw: RawFeatures, fit: np.ndarray, config: FeatureConfig, base_freq: pd.Timedelta) -> dict:
+    """Fit dropping, pruning and normalisation on the rows of ``raw`` where the boolean mask ``fit`` is True;
+    the state records the first and one-past-last of them (``fit_rows``) and their runs (``fit_segments``)."""
+    train = raw.values[fit]
+    runs = _regime.row_runs(fit)
     columns: list[str] = []
     block_sizes: dict[str, int] = {}
     dropped_constant: list[str] = []
@@ -1358,7 +1359,8 @@ def _fit_state(
         "version": FEATURE_VERSION,
         "config": config.fitted_fields(),
         "base_freq_ns": int(base_freq.value),
-        "fit_rows": [int(first_valid), int(train_stop)],
+        "fit_rows": [runs[0][0], runs[-1][1]],
+        "fit_segments": [[a, b] for a, b in runs],
         "columns": columns,
         "block_sizes": block_sizes,
         "dropped_constant": dropped_constant,
@@ -1383,30 +1385,60 @@ def _check_state(state: dict, config: FeatureConfig) -> None:
         raise ValueError(f"feature state was fitted with a different config (state, given): {diff}")
 
 
+def _training_rows(n: int, train_stop: int | None, train_rows: np.ndarray | None) -> np.ndarray:
+    """Boolean ``(n,)`` mask of the training rows given as ``train_stop`` (rows ``< train_stop``) or a mask."""
+    if train_rows is None:
+        if isinstance(train_stop, bool) or not isinstance(train_stop, (int, np.integer)):
+            raise TypeError(f"train_stop must be an integer row position, got {train_stop!r}")
+        if not 0 < int(train_stop) <= n:
+            raise ValueError(f"train_stop={train_stop} is outside 1..{n} (the frame has {n} rows)")
+        return np.arange(n) < int(train_stop)
+    if train_stop is not None:
+        raise ValueError("give train_stop or train_rows, not both")
+    rows = np.asarray(train_rows)
+    if rows.dtype != bool or rows.shape != (n,):
+        raise ValueError(f"train_rows must be a boolean mask of shape ({n},), got {rows.dtype} {rows.shape}")
+    if not rows.any():
+        raise ValueError("train_rows selects no row")
+    return rows.copy()
+
+
+def _training_bar_freq(frame: pd.DataFrame, rows: np.ndarray) -> pd.Timedelta:
+    """Median gap between consecutive rows inside the runs of training rows (no gap spans a non-training row)."""
+    runs = _regime.row_runs(rows)
+    if len(runs) == 1:
+        return infer_bar_freq(frame.iloc[runs[0][0] : runs[0][1]])
+    times = frame.index.as_unit("ns").asi8
+    gaps = np.concatenate([np.diff(times[a:b]) for a, b in runs])
+    return pd.Timedelta(int(np.median(gaps)), unit="ns") if len(gaps) else pd.Timedelta(0)
+
+
 def build_observation_features(
     frame: pd.DataFrame,
-    train_stop: int,
+    train_stop: int | None,
     config: FeatureConfig = FeatureConfig(),
     state: dict | None = None,
+    *,
+    train_rows: np.ndarray | None = None,
 ) -> ObservationFeatures:
     """Compute, normalise and assemble the observation matrix for ``frame``.
 
-    Without ``state`` the normaliser, pruning and HMM are fitted on rows ``[first_valid, train_stop)``;
-    with ``state`` (from an earlier call) nothing is refit and ``train_stop`` is only range-checked.
+    Without ``state`` the normaliser, pruning and HMM are fitted on the training rows from ``first_valid`` on:
+    rows ``< train_stop``, or (``train_stop=None``) the rows where the boolean ``(len(frame),)`` mask
+    ``train_rows`` is True, e.g. several disjoint segments (:func:`sentio_lab.splits.fit_rows` of a fold's
+    training ranges; the HMM treats each run as its own sequence). The base bar duration comes from gaps inside
+    the runs of training rows. With ``state`` (from an earlier call) nothing is refit and the training rows are
+    only checked. The features themselves are causal either way: row ``t`` reads bars ``<= t``.
     """
     frame = _validated_frame(frame)
     n = len(frame)
-    if isinstance(train_stop, bool) or not isinstance(train_stop, (int, np.integer)):
-        raise TypeError(f"train_stop must be an integer row position, got {train_stop!r}")
-    train_stop = int(train_stop)
-    if not 0 < train_stop <= n:
-        raise ValueError(f"train_stop={train_stop} is outside 1..{n} (the frame has {n} rows)")
+    rows = _training_rows(n, train_stop, train_rows)
     if state is not None:
         _check_state(state, config)
         base_freq = pd.Timedelta(int(state["base_freq_ns"]), unit="ns")
     else:
-        # Inferred from the training rows only, so bars after train_stop cannot move timeframe buckets.
-        base_freq = infer_bar_freq(frame.iloc[:train_stop])
+        # Inferred from the training rows only, so other bars cannot move timeframe buckets.
+        base_freq = _training_bar_freq(frame, rows)
         if config.timeframes and base_freq <= pd.Timedelta(0):
             raise ValueError("cannot infer the base bar duration from fewer than 2 training rows")
 
@@ -1424,18 +1456,21 @@ def build_observation_features(
     _check_finite(raw.values, raw.names, first_valid, frame.index)
 
     if state is None:
-        if train_stop - first_valid < MIN_TRAIN_ROWS:
+        fit = rows & (np.arange(n) >= first_valid)
+        if fit.sum() < MIN_TRAIN_ROWS:
+            given = f"train_stop={train_stop}" if train_rows is None else f"train_rows ({int(rows.sum())} rows)"
             raise ValueError(
-                f"train_stop={train_stop} leaves {max(train_stop - first_valid, 0)} training rows after the "
+                f"{given} leaves {int(fit.sum())} training rows after the "
                 f"warm-up of {first_valid} bars; at least {MIN_TRAIN_ROWS} are needed"
             )
-        state = _fit_state(raw, first_valid, train_stop, config, base_freq)
+        state = _fit_state(raw, fit, config, base_freq)
         if config.regimes:
             model = _regime.fit_regime_model(
                 regime_inputs,
-                first_valid,
-                train_stop,
+                None,
+                None,
                 config.regimes,
+                rows=fit,
                 seed=config.seed,
                 restarts=config.regime_restarts,
             )

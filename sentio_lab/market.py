@@ -3,6 +3,11 @@
 Every PPO variant and the evaluation code build their market through :func:`prepare_market`, so the
 same arguments always give the same bars, ranges and feature matrix. Features are fitted on the
 training range only; pass a saved ``feature_state`` to reuse a trained model's statistics.
+
+For purged walk-forward and CPCV (:mod:`sentio_lab.splits`), :func:`prepare_fold_market` refits the features
+(normalisation, pruning, HMM) on one fold's training segments only and names its ranges: ``"train"`` (the
+span of the training segments: several in CPCV, with test groups between them, so a training env must draw
+its starts from :meth:`PreparedMarket.episode_sampler`), optionally ``"validation"`` and the test groups.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import pandas as pd
 from sentio_lab.data import MarketData, Split, StaleOpensPolicy, chronological_split, load_market
 from sentio_lab.env import MarketArrays
 from sentio_lab.features import FeatureConfig, ObservationFeatures, build_observation_features
+from sentio_lab.splits import FILL_DELAY, Fold, Segment, SegmentEpisodeSampler, fit_rows
 
 
 @dataclass
@@ -28,13 +34,27 @@ class PreparedMarket:
     arrays: MarketArrays
     feature_config: FeatureConfig | None = None
     """The configuration the features were built with (``session_close`` filled in by :func:`prepare_market`)."""
+    fold: Fold | None = None
+    """The split the features were fitted for (:func:`prepare_fold_market`); None for chronological ranges."""
+    train_segments: tuple[Segment, ...] | None = None
+    """Training env ranges ``[start, stop)`` (a fold's, less any validation slice); None: the ``"train"`` range."""
 
     def range(self, name: str) -> tuple[int, int]:
-        """``(start, stop)`` bar positions of the named range ("train", "validation" or "test")."""
+        """``(start, stop)`` bar positions of the named range ("train", "validation", "test", "test:<group>")."""
         if name not in self.splits:
             raise KeyError(f"unknown range {name!r}; choose from {list(self.splits)}")
         split = self.splits[name]
         return split.start, split.stop
+
+    def training_segments(self) -> tuple[Segment, ...]:
+        """The env ranges training may use: :attr:`train_segments`, else the single ``"train"`` range."""
+        return self.train_segments if self.train_segments is not None else (self.range("train"),)
+
+    def episode_sampler(self, window: int, episode_length: int) -> SegmentEpisodeSampler:
+        """Episode starts over :meth:`training_segments` for ``TradingEnv(start_sampler=...)``: no episode of
+        ``episode_length`` steps with a ``window``-row observation crosses a gap between segments."""
+        return SegmentEpisodeSampler(self.training_segments(), window, episode_length,
+                                     first_valid=self.arrays.first_valid, n_bars=len(self.arrays.close))
 
 
 def effective_feature_config(
@@ -76,3 +96,79 @@ def prepare_market(
     features = build_observation_features(data.frame, splits["train"].stop, config, state=feature_state)
     arrays = MarketArrays.from_frame(data.frame, features.values, features.first_valid)
     return PreparedMarket(data=data, splits=splits, features=features, arrays=arrays, feature_config=config)
+
+
+def _split(name: str, frame: pd.DataFrame, start: int, stop: int) -> Split:
+    """The range ``[start, stop)`` of ``frame`` as a named :class:`~sentio_lab.data.Split`."""
+    return Split(name, start, stop, frame.index[start], frame.index[stop - 1])
+
+
+def _carve_validation(train: tuple[Segment, ...], validation_bars: int) -> tuple[tuple[Segment, ...], Segment]:
+    """Split the last ``validation_bars`` decision bars off the last training segment: ``(training, validation)``.
+
+    The last segment ``[s, e)`` decides on ``s .. e - 2``; validation is the env range ``[a, e)`` with
+    ``a = e - 1 - validation_bars`` (decisions ``a .. e - 2``) and training keeps ``[s, a)``, whose last decision
+    ``a - 2`` is filled and marked on ``a - 1``: the purge of the splits. Nothing is trained after it.
+    """
+    *head, (s, e) = train
+    a = e - FILL_DELAY - validation_bars
+    if a - FILL_DELAY <= s:
+        raise ValueError(f"validation_bars={validation_bars} leaves no training decision in the last training "
+                         f"segment [{s}, {e})")
+    return (*head, (s, a)), (a, e)
+
+
+def prepare_fold_market(
+    base: PreparedMarket | MarketData,
+    fold: Fold,
+    *,
+    feature_config: FeatureConfig | None = None,
+    validation_bars: int = 0,
+) -> PreparedMarket:
+    """The market of one purged walk-forward or CPCV fold: features fitted on its training segments only.
+
+    ``base`` is a prepared market (its data and, unless ``feature_config`` is given, its feature config) or a
+    loaded :class:`~sentio_lab.data.MarketData` with ``feature_config``. Normalisation, pruning and the HMM are
+    fitted on :func:`sentio_lab.splits.fit_rows` of the training segments (the HMM with one sequence per
+    segment); the raw features are the frame's, through the feature cache when ``cache_dir`` is set, so a fold
+    costs one fit. With ``validation_bars`` the last that many decision bars of the last training segment become
+    the ``"validation"`` range (purged from training, and not fitted on).
+
+    Ranges: ``"train"`` spans the training segments (test groups may lie inside it: train through
+    :meth:`PreparedMarket.episode_sampler`, never through the span), ``"test:<group>"`` is each test group's env
+    range and ``"test"`` the single test group of a walk-forward fold.
+    """
+    if isinstance(base, PreparedMarket):
+        data, config = base.data, feature_config or base.feature_config
+        if config is None:
+            raise ValueError("prepare_fold_market: the base market records no feature_config; pass feature_config=")
+    elif isinstance(base, MarketData):
+        if feature_config is None:
+            raise ValueError("prepare_fold_market: pass feature_config= with a MarketData base")
+        data, config = base, effective_feature_config(feature_config, base)
+    else:
+        raise TypeError(f"prepare_fold_market: base must be a PreparedMarket or MarketData, got {type(base).__name__}")
+    if validation_bars < 0:
+        raise ValueError(f"validation_bars must be >= 0, got {validation_bars}")
+    frame, n = data.frame, len(data.frame)
+    train = tuple(fold.train)
+    if not train or not fold.test:
+        raise ValueError(f"fold {fold.fold}: no training segment or no test group")
+    validation = None
+    if validation_bars:
+        train, validation = _carve_validation(train, validation_bars)
+    rows = fit_rows(train, n)  # checks every segment lies inside the market's bars
+    for a, b in fold.test:
+        if not 0 <= a < b <= n:
+            raise ValueError(f"fold {fold.fold}: test group [{a}, {b}) outside the market's {n} bars")
+    features = build_observation_features(frame, None, config, train_rows=rows)
+    arrays = MarketArrays.from_frame(frame, features.values, features.first_valid)
+    splits = {"train": _split("train", frame, train[0][0], train[-1][1])}
+    if validation is not None:
+        splits["validation"] = _split("validation", frame, *validation)
+    for group, (a, b) in zip(fold.groups, fold.test, strict=True):
+        splits[f"test:{group}"] = _split(f"test:{group}", frame, a, b)
+    if len(fold.test) == 1:
+        splits["test"] = _split("test", frame, *fold.test[0])
+    return PreparedMarket(data=data, splits=splits, features=features, arrays=arrays, feature_config=config,
+                          fold=fold, train_segments=train)

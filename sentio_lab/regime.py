@@ -1,9 +1,10 @@
 """Market regimes: a Gaussian HMM fitted on the training range, used through *filtered* probabilities.
 
 The HMM sees two inputs per bar: the 1-bar log return and the log of realised volatility over the last
-``VOL_WINDOW`` returns. It is fitted with hmmlearn on the training range only, from several seeded
-restarts; the best converged restart by log-likelihood wins and its states are ordered by volatility
-(state 0 = calmest), so labels do not depend on the seed or on EM's arbitrary numbering.
+``VOL_WINDOW`` returns. It is fitted with hmmlearn on the training rows only (one range, or several disjoint
+runs such as a CPCV fold's training segments: each run is its own sequence, so EM never chains a transition
+across a gap), from several seeded restarts; the best converged restart by log-likelihood wins and its states
+are ordered by volatility (state 0 = calmest), so labels do not depend on the seed or on EM's arbitrary numbering.
 
 The features are filtered probabilities ``p(z_t | x_1..x_t)`` from the normalised forward recursion,
 computed here in numpy from the fitted ``startprob``, ``transmat`` and Gaussian emission densities.
@@ -123,19 +124,32 @@ def _converged(monitor) -> bool:  # noqa: ANN001 - hmmlearn ConvergenceMonitor
     return len(history) >= 2 and history[-1] - history[-2] < monitor.tol
 
 
+def row_runs(rows: np.ndarray) -> list[tuple[int, int]]:
+    """Maximal runs of True in a boolean row mask, as ``[start, stop)`` pairs in time order."""
+    mask = np.asarray(rows, dtype=bool)
+    if mask.ndim != 1:
+        raise ValueError(f"a row mask must be 1-D, got shape {mask.shape}")
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], mask.astype(np.int8), [0]])))
+    return [(int(a), int(b)) for a, b in zip(edges[::2], edges[1::2], strict=True)]
+
+
 def fit_regime_model(
     inputs: np.ndarray,
-    start: int,
-    stop: int,
+    start: int | None,
+    stop: int | None,
     n_states: int,
     *,
+    rows: np.ndarray | None = None,
     seed: int = 0,
     restarts: int = 4,
     n_iter: int = 300,
     tol: float = 1e-2,
 ) -> RegimeModel:
-    """Fit a Gaussian HMM on ``inputs[start:stop]`` (the training rows) from seeded restarts.
+    """Fit a Gaussian HMM on the training rows from seeded restarts: ``inputs[start:stop]``, or the rows where
+    the boolean mask ``rows`` (one entry per input row; then ``start`` and ``stop`` are None) is True.
 
+    Each run of consecutive training rows is a separate sequence for EM (hmmlearn's ``lengths``): no transition
+    is fitted across a gap, and the standardisation uses the training rows only.
     Raises :class:`ValueError` for unusable input and :class:`RegimeFitError` if no restart converged.
     """
     from hmmlearn.hmm import GaussianHMM
@@ -144,7 +158,23 @@ def fit_regime_model(
         raise ValueError(f"a regime model needs at least 2 states, got {n_states}")
     if restarts < 1:
         raise ValueError(f"restarts must be >= 1, got {restarts}")
-    x = np.asarray(inputs, dtype=np.float64)[start:stop]
+    inputs = np.asarray(inputs, dtype=np.float64)
+    if rows is None:
+        if start is None or stop is None:
+            raise ValueError("fit_regime_model: give start and stop, or a rows mask")
+        x = inputs[start:stop]
+        lengths = np.asarray([len(x)])
+        where = f"{start}..{stop}"
+    else:
+        if start is not None or stop is not None:
+            raise ValueError("fit_regime_model: give a rows mask or start and stop, not both")
+        mask = np.asarray(rows)
+        if mask.dtype != bool or mask.shape != (len(inputs),):
+            raise ValueError(f"rows must be a boolean mask of shape ({len(inputs)},), got {mask.dtype} {mask.shape}")
+        runs = row_runs(mask)
+        x = inputs[mask]
+        lengths = np.asarray([b - a for a, b in runs], dtype=np.int64)
+        where = ", ".join(f"{a}..{b}" for a, b in runs[:4]) + (f" (+{len(runs) - 4} runs)" if len(runs) > 4 else "")
     if len(x) < MIN_ROWS_PER_STATE * n_states:
         raise ValueError(
             f"{len(x)} training rows for a {n_states}-state HMM; "
@@ -152,7 +182,7 @@ def fit_regime_model(
         )
     if not np.isfinite(x).all():
         raise ValueError(
-            f"HMM inputs contain NaN/inf in training rows {start}..{stop}; start after the warm-up"
+            f"HMM inputs contain NaN/inf in training rows {where}; start after the warm-up"
         )
     center, scale = x.mean(axis=0), x.std(axis=0)
     if np.any(scale == 0):
@@ -170,8 +200,8 @@ def fit_regime_model(
                 n_components=n_states, covariance_type="full", n_iter=n_iter, tol=tol, random_state=int(s)
             )
             try:
-                model.fit(z)
-                ll = float(model.score(z))
+                model.fit(z, lengths)
+                ll = float(model.score(z, lengths))
             except (ValueError, np.linalg.LinAlgError) as err:  # a degenerate restart; others may work
                 record.append({"seed": int(s), "error": str(err), "converged": False})
                 continue

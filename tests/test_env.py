@@ -840,3 +840,116 @@ def test_ruin_fraction_must_be_a_fraction(nasdaq, ruin):
         TradingEnv(nasdaq, num_envs=2, window=4, episode_length=20, ruin_fraction=ruin)
     with pytest.raises(ValueError, match=r"ruin_fraction must be in \[0, 1\)"):
         NumpyTradingEnv(nasdaq, window=4, episode_length=20, ruin_fraction=ruin)
+
+
+# ------------------------------------------------------------------------------------------ segment starts
+SEGMENTS = ((0, 60), (150, 190), (300, 400))
+
+
+def segmented_market(n: int = 420) -> MarketArrays:
+    """Prices only inside :data:`SEGMENTS` (NaN elsewhere: a fill or mark there poisons equity); feature row t = t."""
+    rng = np.random.default_rng(4)
+    close = 100 * np.exp(np.cumsum(rng.normal(0, 0.01, n)))
+    open_ = close * np.exp(rng.normal(0, 0.003, n))
+    inside = np.zeros(n, dtype=bool)
+    for s, e in SEGMENTS:
+        inside[s:e] = True
+    open_[~inside], close[~inside] = np.nan, np.nan
+    return MarketArrays(open=open_, close=close, features=np.arange(n, dtype=np.float32)[:, None], first_valid=2)
+
+
+def segment_sampler(window: int = 3, length: int = 16, first_valid: int = 2):
+    from sentio_lab.splits import SegmentEpisodeSampler
+
+    return SegmentEpisodeSampler(SEGMENTS, window, length, first_valid=first_valid)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_segmented_episodes_never_cross_a_gap(device):
+    """Staggered first episodes and every auto-reset stay in one segment: fills, marks, observations and the
+    bootstrap observation (feature row t is t, so an observation names its bar)."""
+    market, sampler = segmented_market(), segment_sampler()
+    env = TradingEnv(market, num_envs=64, window=3, episode_length=16, costs=COSTS, seed=2, start_sampler=sampler,
+                     device=device)
+    assert (env.start_low, env.start_high) == (4, 383) and sampler.bounds == [(4, 43), (150, 173), (300, 383)]
+    segment_of = np.full(len(market.close), -1)
+    for k, (s, e) in enumerate(SEGMENTS):
+        segment_of[s:e] = k
+    obs = env.reset().cpu()
+    assert len(set(env.steps.tolist())) > 8  # staggered
+    home = segment_of[env.t.cpu().numpy()]
+    gen, ends = torch.Generator().manual_seed(0), 0
+    for _ in range(200):
+        assert (home >= 0).all() and (segment_of[obs[:, 2].long().numpy()] == home).all()  # newest row in it
+        assert bool(sampler.contains(env.t[env.steps == 0].cpu()).all())  # every episode began on a valid start
+        obs, reward, _, _, info = env.step(torch.randint(0, 3, (64,), generator=gen).to(device))
+        obs = obs.cpu()
+        assert bool(torch.isfinite(reward).all())  # no fill or mark on a NaN bar outside the segments
+        bootstrap_bar = info["final_obs"][:, 2].long().cpu().numpy()
+        assert (segment_of[bootstrap_bar] == home).all()
+        done = info["done"].cpu().numpy()
+        ends += done.sum()
+        home = np.where(done, segment_of[env.t.cpu().numpy()], home)
+    assert ends > 64 * 10 and set(home.tolist()) == {0, 1, 2}
+
+
+def test_segmented_starts_are_uniform_over_valid_starts():
+    market, sampler = segmented_market(), segment_sampler()
+    env = TradingEnv(market, num_envs=4096, window=3, episode_length=16, seed=7, start_sampler=sampler)
+    draws = []
+    for _ in range(10):
+        env.reset()
+        draws.append(env.t.clone())
+    for _ in range(16):  # auto-resets draw from the sampler too
+        _, _, _, _, info = env.step(torch.ones(4096, dtype=torch.long))
+        draws.append(env.t[info["done"]])
+    draws = torch.cat(draws).numpy()
+    valid = np.concatenate([np.arange(lo, hi + 1) for lo, hi in sampler.bounds])
+    values, counts = np.unique(draws, return_counts=True)
+    assert np.array_equal(values, valid)  # every valid start and nothing else
+    expected = len(draws) / len(valid)
+    chi2 = float(((counts - expected) ** 2 / expected).sum())
+    dof = len(valid) - 1
+    assert chi2 < dof + 6 * np.sqrt(2 * dof)  # uniform: weighted by each segment's number of starts
+
+
+def test_segmented_env_resumes_exactly():
+    market, sampler = segmented_market(), segment_sampler()
+
+    def make(seed):
+        return TradingEnv(market, num_envs=8, window=3, episode_length=16, costs=COSTS, seed=seed,
+                          start_sampler=sampler)
+
+    actions = torch.randint(0, 3, (60, 8), generator=torch.Generator().manual_seed(1))
+    env = make(3)
+    env.reset()
+    for a in actions[:5]:
+        env.step(a)
+    state = env.state_dict()
+    tail = [env.step(a) for a in actions[5:]]
+    resumed = make(42)
+    resumed.reset()
+    resumed.load_state_dict(state)
+    for a, (o, r, te, tr, info) in zip(actions[5:], tail, strict=True):
+        o2, r2, te2, tr2, info2 = resumed.step(a)
+        assert torch.equal(o, o2) and torch.equal(r, r2) and torch.equal(tr, tr2) and torch.equal(te, te2)
+        assert torch.equal(info["final_obs"], info2["final_obs"])
+    assert torch.equal(resumed.t, env.t) and torch.equal(resumed.steps, env.steps)
+
+
+def test_segmented_env_rejects_starts_outside_its_segments_and_a_mismatched_sampler():
+    market, sampler = segmented_market(), segment_sampler()
+    env = TradingEnv(market, num_envs=3, window=3, episode_length=16, start_sampler=sampler)
+    env.reset(starts=[4, 173, 383])  # first, inner last and last valid starts
+    for bad in (44, 149, 174, 299):  # inside the env's overall range, but no start of any segment
+        with pytest.raises(ValueError, match=rf"starts \[{bad}\] are no valid start of the sampler's segments"):
+            env.reset(starts=[4, bad, 300])
+    with pytest.raises(ValueError, match=r"starts \[3\] outside the valid range \[4, 383\]"):
+        env.reset(starts=[3, 150, 300])
+    with pytest.raises(ValueError, match="sized for window 3, episode_length 16"):
+        TradingEnv(market, num_envs=3, window=3, episode_length=8, start_sampler=sampler)
+    with pytest.raises(ValueError, match=r"start_sampler starts \[4, 383\] leave the env's valid starts \[150"):
+        TradingEnv(market, num_envs=3, window=3, episode_length=16, start=150, start_sampler=sampler)
+    early = segment_sampler(first_valid=0)  # ignores the market's warm-up of 2 rows
+    with pytest.raises(ValueError, match=r"start_sampler starts \[2, 383\] leave the env's valid starts \[4"):
+        TradingEnv(market, num_envs=3, window=3, episode_length=16, start_sampler=early)

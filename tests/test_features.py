@@ -533,3 +533,94 @@ def test_raw_features_validates_its_input():
     shuffled = frame[["volume", "close", "open", "low", "high"]].rename(columns=str.title)
     np.testing.assert_array_equal(F.raw_features(shuffled, cfg, pd.Timedelta("1D")).values,
                                   F.raw_features(frame, cfg, pd.Timedelta("1D")).values)
+
+
+# ------------------------------------------------------------------------------- training rows as a mask
+def rewrite_bars(frame: pd.DataFrame, mask: np.ndarray, seed: int = 1) -> pd.DataFrame:
+    """``frame`` with the OHLCV of the rows in ``mask`` replaced by different valid bars (same timestamps)."""
+    rng = np.random.default_rng(seed)
+    out = frame.copy()
+    k = int(mask.sum())
+    o = out["open"].to_numpy()[mask] * np.exp(rng.normal(0, 0.05, k))
+    c = out["close"].to_numpy()[mask] * np.exp(rng.normal(0, 0.05, k))
+    out.loc[mask, "open"], out.loc[mask, "close"] = o, c
+    out.loc[mask, "high"] = np.maximum(o, c) * 1.02
+    out.loc[mask, "low"] = np.minimum(o, c) * 0.98
+    out.loc[mask, "volume"] = rng.uniform(1e5, 1e7, k)
+    return out
+
+
+@pytest.fixture(scope="module")
+def two_segments():
+    """A frame, a config with every fitted part (pruning, a weekly block, an HMM), two training segments with
+    test bars between and after them, and the embargo after the first test block (one feature span)."""
+    from sentio_lab.splits import feature_span
+
+    frame = random_ohlcv(1100, 3)
+    config = FeatureConfig(timeframes=("W-FRI",), regimes=2, regime_restarts=2, prune_corr=0.95)
+    span = feature_span(config, frame)
+    test = np.zeros(len(frame), dtype=bool)
+    test[350:450] = test[900:] = True
+    embargo = np.zeros(len(frame), dtype=bool)
+    embargo[450 : 450 + span] = True
+    train = ~test & ~embargo
+    fitted = build_observation_features(frame, None, config, train_rows=train)
+    return frame, config, train, test, embargo, fitted
+
+
+def test_train_rows_fit_on_the_training_segments_only(two_segments):
+    """Rewrite every test bar: no fitted statistic moves (normaliser, kept and dropped columns, HMM), nor any
+    training row's features. Control: rewriting the embargo bars, which training rows read, moves the state."""
+    frame, config, train, test, embargo, fitted = two_segments
+    span = int(embargo.sum())
+    fv = fitted.first_valid
+    assert fitted.state["fit_segments"] == [[fv, 350], [450 + span, 900]]
+    assert fitted.state["fit_rows"] == [fv, 900] and fitted.state["regime"] is not None
+    changed = build_observation_features(rewrite_bars(frame, test), None, config, train_rows=train)
+    assert changed.state == fitted.state
+    np.testing.assert_array_equal(changed.values[train], fitted.values[train])
+    assert (changed.values[test] != fitted.values[test]).any()  # the rewrite is real
+    leaky = build_observation_features(rewrite_bars(frame, embargo), None, config, train_rows=train)
+    assert leaky.state["normaliser"] != fitted.state["normaliser"]
+    assert leaky.state["regime"]["means"] != fitted.state["regime"]["means"]
+    # the training rows are the fit: statistics of the first segment alone differ
+    first_only = build_observation_features(frame, 350, config)
+    assert first_only.state["normaliser"] != fitted.state["normaliser"]
+
+
+def test_train_rows_features_stay_causal(two_segments):
+    """With the fitted transform fixed, row t of the features reads bars <= t only."""
+    frame, config, train, _, _, fitted = two_segments
+    for t in (400, 700, 1000):
+        future = np.arange(len(frame)) > t
+        again = build_observation_features(rewrite_bars(frame, future, seed=t), None, config, fitted.state,
+                                           train_rows=train)
+        np.testing.assert_array_equal(again.values[: t + 1], fitted.values[: t + 1])
+        assert (again.values[t + 1 :] != fitted.values[t + 1 :]).any()
+
+
+def test_a_prefix_mask_is_the_train_stop_fit(daily):
+    frame = daily.frame.iloc[:900]
+    config = FeatureConfig(bank="talib", prune_corr=0.9, timeframes=("W-FRI",), regimes=2, regime_restarts=2)
+    by_stop = build_observation_features(frame, 700, config)
+    by_mask = build_observation_features(frame, None, config, train_rows=np.arange(900) < 700)
+    assert by_mask.state == by_stop.state and by_mask.names == by_stop.names
+    np.testing.assert_array_equal(by_mask.values, by_stop.values)
+
+
+def test_train_rows_are_checked(two_segments):
+    frame, config, train, *_ = two_segments
+    with pytest.raises(ValueError, match="not both"):
+        build_observation_features(frame, 500, config, train_rows=train)
+    with pytest.raises(ValueError, match=r"boolean mask of shape \(1100,\)"):
+        build_observation_features(frame, None, config, train_rows=train[:-1])
+    with pytest.raises(ValueError, match="boolean mask"):
+        build_observation_features(frame, None, config, train_rows=train.astype(np.int8))
+    with pytest.raises(ValueError, match="selects no row"):
+        build_observation_features(frame, None, config, train_rows=np.zeros(len(frame), dtype=bool))
+    few = np.zeros(len(frame), dtype=bool)
+    few[:110] = True  # all but a few rows inside the weekly warm-up
+    with pytest.raises(ValueError, match=r"train_rows \(110 rows\) leaves \d+ training rows"):
+        build_observation_features(frame, None, config, train_rows=few)
+    with pytest.raises(TypeError, match="integer"):
+        build_observation_features(frame, None, config)

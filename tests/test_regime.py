@@ -186,3 +186,78 @@ def test_constant_inputs_are_rejected():
     x = np.ones((200, 2))
     with pytest.raises(ValueError, match="constant"):
         R.fit_regime_model(x, 0, 200, 2)
+
+
+# ------------------------------------------------------------------------------------ several training runs
+def _log_likelihood(model, z):
+    """log p(z) of one sequence by an independent forward recursion (sum of the log normalisers)."""
+    log_b = R.emission_log_likelihood(model, z)
+    with np.errstate(divide="ignore"):
+        alpha = np.log(model.startprob) + log_b[0]
+    total = np.logaddexp.reduce(alpha)
+    alpha -= total
+    for row in log_b[1:]:
+        alpha = np.logaddexp.reduce(alpha[:, None] + np.log(model.transmat), axis=0) + row
+        norm = np.logaddexp.reduce(alpha)
+        total, alpha = total + norm, alpha - norm
+    return total
+
+
+def test_row_runs():
+    mask = np.zeros(12, dtype=bool)
+    mask[[0, 1, 2, 5, 9, 10, 11]] = True
+    assert R.row_runs(mask) == [(0, 3), (5, 6), (9, 12)]
+    assert R.row_runs(np.zeros(4, dtype=bool)) == [] and R.row_runs(np.ones(3, dtype=bool)) == [(0, 3)]
+    with pytest.raises(ValueError, match="1-D"):
+        R.row_runs(np.ones((2, 2), dtype=bool))
+
+
+def test_a_rows_mask_fits_each_run_as_its_own_sequence(fitted):
+    """Two training runs with a gap: the rows outside are never read (NaN there changes nothing), the
+    standardisation is the training rows', and the likelihood is the sum over the runs -- no transition across
+    the gap (chaining the runs into one sequence gives another likelihood)."""
+    _, _, inputs, _ = fitted
+    rows = np.zeros(len(inputs), dtype=bool)
+    rows[R.INPUT_LOOKBACK : 400] = True
+    rows[620:1000] = True
+    model = R.fit_regime_model(inputs, None, None, 2, rows=rows, seed=0, restarts=2)
+    poisoned = inputs.copy()
+    poisoned[~rows] = np.nan
+    again = R.fit_regime_model(poisoned, None, None, 2, rows=rows, seed=0, restarts=2)
+    for name in ("startprob", "transmat", "means", "covars", "center", "scale"):
+        np.testing.assert_array_equal(getattr(again, name), getattr(model, name), err_msg=name)
+    x = inputs[rows]
+    np.testing.assert_array_equal(model.center, x.mean(axis=0))
+    np.testing.assert_array_equal(model.scale, x.std(axis=0))
+    z_a, z_b = model.standardise(inputs[R.INPUT_LOOKBACK : 400]), model.standardise(inputs[620:1000])
+    separate = _log_likelihood(model, z_a) + _log_likelihood(model, z_b)
+    chained = _log_likelihood(model, np.concatenate([z_a, z_b]))
+    assert model.log_likelihood == pytest.approx(separate, rel=1e-9)
+    assert abs(chained - separate) > 1e-3  # the check can tell the two apart
+    # a single run by mask is exactly the start/stop fit
+    prefix = np.arange(len(inputs)) < 900
+    prefix[: R.INPUT_LOOKBACK] = False
+    by_mask = R.fit_regime_model(inputs, None, None, 2, rows=prefix, seed=0, restarts=3)
+    by_range = R.fit_regime_model(inputs, R.INPUT_LOOKBACK, 900, 2, seed=0, restarts=3)
+    assert by_mask.to_state() == by_range.to_state()
+
+
+def test_a_rows_mask_is_checked(fitted):
+    _, _, inputs, _ = fitted
+    rows = np.zeros(len(inputs), dtype=bool)
+    rows[100:200] = True
+    with pytest.raises(ValueError, match="not both"):
+        R.fit_regime_model(inputs, 0, 100, 2, rows=rows)
+    with pytest.raises(ValueError, match="give start and stop, or a rows mask"):
+        R.fit_regime_model(inputs, None, None, 2)
+    with pytest.raises(ValueError, match="boolean mask"):
+        R.fit_regime_model(inputs, None, None, 2, rows=rows[:-1])
+    with pytest.raises(ValueError, match="boolean mask"):
+        R.fit_regime_model(inputs, None, None, 2, rows=rows.astype(int))
+    rows[:5] = True
+    with pytest.raises(ValueError, match=r"NaN/inf in training rows 0\.\.5, 100\.\.200"):
+        R.fit_regime_model(inputs, None, None, 2, rows=rows)
+    few = np.zeros(len(inputs), dtype=bool)
+    few[[100, 300, 500]] = True
+    with pytest.raises(ValueError, match="3 training rows"):
+        R.fit_regime_model(inputs, None, None, 2, rows=few)

@@ -88,16 +88,10 @@ def perturb(frame, mask, seed=1):
     return out
 
 
-class SegmentedEnv(TradingEnv):
-    """TradingEnv drawing its episode starts from a SegmentEpisodeSampler (the suggested env.py change)."""
-
-    def __init__(self, market, sampler, **kwargs):
-        super().__init__(market, start=sampler.segments[0][0], stop=sampler.segments[-1][1],
-                         window=sampler.window, episode_length=sampler.episode_length, **kwargs)
-        self.sampler = sampler
-
-    def _sample_starts(self, n):
-        return self.sampler.sample(n, self.generator)
+def segmented_env(market, sampler, **kwargs):
+    """A TradingEnv drawing every episode start from ``sampler``."""
+    return TradingEnv(market, window=sampler.window, episode_length=sampler.episode_length, start_sampler=sampler,
+                      **kwargs)
 
 
 # ------------------------------------------------------------------------------------------------- the rule
@@ -251,7 +245,7 @@ def _market(frame, config, state):
 
 
 def _rollout(market, sampler, steps=150, seed=3):
-    env = SegmentedEnv(market, sampler, num_envs=16, positions=(-1.0, 0.0, 1.0), costs=CostModel(), seed=seed)
+    env = segmented_env(market, sampler, num_envs=16, positions=(-1.0, 0.0, 1.0), costs=CostModel(), seed=seed)
     gen = torch.Generator().manual_seed(seed)
     obs = env.reset()
     trace, visited = [obs.clone()], [env.t.clone()]
@@ -352,7 +346,7 @@ def test_episodes_in_a_segmented_env_stay_inside_their_segment():
                           features=np.arange(n, dtype=np.float32)[:, None], first_valid=0)
     segments = [(0, 60), (150, 190), (300, 400)]
     sampler = SegmentEpisodeSampler(segments, window=3, episode_length=16)
-    env = SegmentedEnv(market, sampler, num_envs=32, seed=5)
+    env = segmented_env(market, sampler, num_envs=32, seed=5)
     env.reset()
     segment_of = np.full(n, -1)
     for k, (s, e) in enumerate(segments):
