@@ -65,18 +65,24 @@ class TrainedAgent:
 def load_trained(path: str | Path, *, dataset: str | Path | None = None) -> TrainedAgent:
     """Rebuild agent and market from a checkpoint; features reuse the saved training statistics.
 
-    With ``dataset`` the model is applied to other data (e.g. a later file of the same market);
-    otherwise the checkpoint's own dataset is reloaded and must match its fingerprint.
+    With ``dataset`` the model is applied to other data (e.g. a later file of the same market), loaded whole
+    with the default stale-open policy; otherwise the checkpoint's own dataset is reloaded over the same bar
+    range (``data_start`` / ``data_end``) with the same stale-open policy, and must match its fingerprint.
     """
     bundle = load_checkpoint(path)
     variant = load_variant(bundle["variant"])
     args = variant.Args(**bundle["args"])
+    # .get: checkpoints older than these arguments loaded the dataset's default range, refusing stale opens
+    saved = bundle["args"] if dataset is None else {}
     market = prepare_market(
         dataset if dataset is not None else args.dataset,
         variant.feature_config(args),
         train_fraction=args.train_fraction,
         validation_fraction=args.validation_fraction,
         feature_state=bundle["feature_state"],
+        start=saved.get("data_start"),
+        end=saved.get("data_end"),
+        stale_opens=saved.get("stale_opens", "refuse"),
     )
     if dataset is None and market.data.fingerprint != bundle["data_fingerprint"]:
         raise ValueError(

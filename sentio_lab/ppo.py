@@ -9,8 +9,20 @@ Differences from CleanRL, and why:
   log equity changes multiplied by ``reward_scale``;
 * truncated episodes (end of a random window) are *not* terminal: the value of the final observation is
   bootstrapped into the last reward (``r += gamma * V(s_final)``), as Stable-Baselines3 does;
+* the rollout maths (GAE, the truncation bootstrap, the losses, approximate KL) lives in
+  :mod:`sentio_lab.rollout`, shared with the other variants and tested there against hand-computed values;
 * runs can stop on a wall-clock budget or an iteration count, and resume from a checkpoint bundle to the
-  same final weights as an uninterrupted run.
+  same final weights as an uninterrupted run (on the same device);
+* a NaN / infinite reward, value, loss or gradient stops the run with :class:`NonFiniteError` before the
+  optimizer steps on it; the last good checkpoint on disk is left as it was.
+
+Resuming (``--resume PATH``): the run-control arguments (:data:`RUN_CONTROL_FIELDS`: budgets, tracking,
+progress bar, where checkpoints go) come from the command line. Every other (experiment) argument comes
+from the checkpoint, and one the caller set away from its default to a value other than the checkpoint's
+is refused, naming each such field with both values. An argument left at its default is taken from the
+checkpoint (an argument given explicitly *at* its default cannot be told apart, and is taken from the
+checkpoint too). A checkpoint written on CUDA resumes on a CPU-only machine with a warning: it continues
+the same run, but is bit-identical to an uninterrupted run only on the device it was trained on.
 """
 
 from __future__ import annotations
@@ -18,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import random
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,12 +41,24 @@ import tyro
 from torch import nn, optim
 from tqdm.auto import tqdm
 
-from sentio_lab.checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
+from sentio_lab.checkpoint import CheckpointError, capture_rng, load_checkpoint, restore_rng, save_checkpoint
 from sentio_lab.costs import CostModel
 from sentio_lab.env import TradingEnv
 from sentio_lab.features import FeatureConfig
 from sentio_lab.market import PreparedMarket, prepare_market
 from sentio_lab.nets import MLPActorCritic
+from sentio_lab.rollout import (
+    NonFiniteError,
+    approx_kl,
+    bootstrap_truncated,
+    clip_fraction,
+    compute_gae,
+    describe_non_finite,
+    kl_early_stop,
+    normalise_advantages,
+    policy_loss,
+    value_loss,
+)
 from sentio_lab.tracking import Tracker
 
 VARIANT = "ppo"
@@ -46,7 +71,7 @@ class Args:
     exp_name: str = VARIANT
     """name of this experiment (part of the run name)"""
     seed: int = 1
-    """seed of python, numpy, torch and the env's episode sampler"""
+    """seed of python, numpy, torch and the env's episode sampler (not of the features: see feature_seed)"""
     torch_deterministic: bool = True
     """make cuDNN deterministic, as CleanRL does (CPU runs are bit-reproducible either way; tested)"""
     device: str = "cpu"
@@ -65,6 +90,13 @@ class Args:
     # Data and features
     dataset: str = "sp500"
     """bundled dataset name (sp500, nasdaq, eurusd_1h) or path to a CSV / Parquet OHLCV file"""
+    data_start: str | None = None
+    """first bar to load; None = the dataset's default start (sp500 starts 2013-05-10, after its stale-open
+    stretches)"""
+    data_end: str | None = None
+    """last bar to load; None = the end of the dataset"""
+    stale_opens: str = "refuse"
+    """"refuse" or "allow" a range with stale opens (opens copied from the previous close; sentio_lab.data)"""
     train_fraction: float = 0.6
     """first fraction of bars used for training (features and normalisation are fitted here only)"""
     validation_fraction: float = 0.2
@@ -77,6 +109,8 @@ class Args:
     """number of HMM regimes whose filtered probabilities join the observation (0 = none)"""
     regime_restarts: int = 4
     """seeded HMM restarts (the best converged fit by likelihood is kept)"""
+    feature_seed: int = 0
+    """seed of the feature pipeline (HMM restarts), kept apart from --seed so seeds vary the policy only"""
     normalise: str = "robust"
     """feature normalisation fitted on the training range: "robust", "rank" or "none" """
     prune_corr: float | None = None
@@ -93,6 +127,8 @@ class Args:
     """fee per fill, basis points of traded notional"""
     slippage_bps: float = 1.0
     """slippage per fill, basis points of price"""
+    borrow_bps: float = 0.0
+    """annual borrow rate of a short, basis points of its market value (sentio_lab.costs)"""
     episode_length: int = 256
     """steps per training episode (random windows inside the training range)"""
     reward_scale: float = 100.0
@@ -114,7 +150,8 @@ class Args:
     gae_lambda: float = 0.95
     """lambda of generalised advantage estimation"""
     num_minibatches: int = 4
-    """minibatches per epoch"""
+    """minibatches per epoch, of batch_size // num_minibatches samples each; when the batch does not divide,
+    the remainder (a different random few each epoch) is left out of that epoch, as CleanRL's floor does"""
     update_epochs: int = 4
     """epochs over each rollout"""
     norm_adv: bool = True
@@ -146,7 +183,9 @@ class Args:
     checkpoint_path: str | None = None
     """checkpoint file; default run_dir/<run name>/checkpoint.pt"""
     resume: str | None = None
-    """continue the run saved in this checkpoint (its experiment arguments are used)"""
+    """continue the run saved in this checkpoint: run-control arguments come from the command line, every other
+    argument from the checkpoint; one set away from its default to a value other than the checkpoint's is an
+    error naming it (arguments left at their defaults are taken from the checkpoint)"""
 
     # Filled in at run time
     batch_size: int = 0
@@ -161,7 +200,7 @@ class Args:
 
 #: Arguments that control one invocation rather than define the experiment (taken from the command
 #: line on --resume; everything else comes from the checkpoint so the resumed run is the same run --
-#: the device too: RNG streams differ between CPU and CUDA).
+#: the device too: RNG streams differ between CPU and CUDA, so CUDA falls back to cpu only when absent).
 RUN_CONTROL_FIELDS = frozenset(
     {"track", "wandb_mode", "progress", "time_budget_s", "max_iterations", "checkpoint_every",
      "checkpoint_path", "resume", "run_dir"}
@@ -187,13 +226,22 @@ def feature_config(args: Args) -> FeatureConfig:
     return FeatureConfig(
         bank=args.feature_bank, timeframes=tuple(args.timeframes), regimes=args.regimes,
         regime_restarts=args.regime_restarts, normalise=args.normalise, prune_corr=args.prune_corr,
-        cache_dir=args.feature_cache_dir, seed=args.seed,
+        cache_dir=args.feature_cache_dir, seed=args.feature_seed,
     )
 
 
 def cost_model(args: Args) -> CostModel:
     """The cost model these arguments ask for."""
-    return CostModel(fee_bps=args.fee_bps, slippage_bps=args.slippage_bps)
+    return CostModel(fee_bps=args.fee_bps, slippage_bps=args.slippage_bps, borrow_bps=args.borrow_bps)
+
+
+def market_for(args: Args, feature_state: dict | None = None) -> PreparedMarket:
+    """The market these arguments ask for (dataset, bar range, stale-open policy, features, ranges)."""
+    return prepare_market(
+        args.dataset, feature_config(args), train_fraction=args.train_fraction,
+        validation_fraction=args.validation_fraction, feature_state=feature_state,
+        start=args.data_start, end=args.data_end, stale_opens=args.stale_opens,
+    )
 
 
 def resolve_device(name: str) -> torch.device:
@@ -225,6 +273,12 @@ def build_agent(args: Args, obs_dim: int, num_actions: int) -> MLPActorCritic:
     return MLPActorCritic(obs_dim, num_actions, hidden=args.hidden_size, norm_obs=args.norm_obs)
 
 
+def progress_postfix(sps: float, recent_returns: list[float]) -> dict[str, str]:
+    """What the progress bar shows: steps per second and the mean recent episode log return ("n/a" before one ends)."""
+    ret = f"{float(np.mean(recent_returns)):+.4f}" if recent_returns else "n/a"
+    return {"sps": f"{sps:,.0f}", "ret": ret}
+
+
 def _seed_everything(seed: int, deterministic: bool) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -232,40 +286,101 @@ def _seed_everything(seed: int, deterministic: bool) -> None:
     torch.backends.cudnn.deterministic = deterministic
 
 
+def _same(a: Any, b: Any) -> bool:
+    # tuples from the command line, lists from an older checkpoint: the same arguments
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return tuple(a) == tuple(b)
+    return a == b
+
+
+def resume_args(given: Args, saved: dict[str, Any], source: str | Path) -> Args:
+    """The arguments of a resumed run: the checkpoint's experiment, the caller's run control.
+
+    An experiment argument (not in :data:`RUN_CONTROL_FIELDS`) that the caller changed from its default
+    and that differs from the checkpoint's value is an error naming each such field with both values;
+    one left at its default is taken from the checkpoint.
+    """
+    saved_args = Args(**saved)
+    defaults = Args()
+    conflicts = []
+    for spec in dataclasses.fields(Args):
+        name = spec.name
+        if name in RUN_CONTROL_FIELDS:
+            continue
+        mine, theirs = getattr(given, name), getattr(saved_args, name)
+        if not _same(mine, getattr(defaults, name)) and not _same(mine, theirs):
+            conflicts.append(f"{name}: given {mine!r}, checkpoint {theirs!r}")
+    if conflicts:
+        raise CheckpointError(
+            f"--resume {source}: experiment arguments differ from the checkpoint's ({'; '.join(conflicts)}); "
+            "leave them out to continue that run, or start a new run without --resume"
+        )
+    control = {name: getattr(given, name) for name in RUN_CONTROL_FIELDS}
+    control["checkpoint_path"] = given.checkpoint_path or str(source)
+    return dataclasses.replace(saved_args, **control)
+
+
+def _derive_sizes(args: Args) -> Args:
+    """A copy of a fresh run's arguments with batch sizes, iteration count and run name filled in."""
+    args = dataclasses.replace(args)
+    args.batch_size = args.num_envs * args.num_steps
+    if args.num_minibatches < 1 or args.num_minibatches > args.batch_size:
+        raise ValueError(
+            f"num_minibatches={args.num_minibatches} must be in [1, batch_size={args.batch_size}] "
+            f"(batch_size = num_envs {args.num_envs} x num_steps {args.num_steps}): minibatches would be empty"
+        )
+    args.minibatch_size = args.batch_size // args.num_minibatches
+    args.num_iterations = args.total_timesteps // args.batch_size
+    if args.num_iterations < 1:
+        raise ValueError(f"total_timesteps={args.total_timesteps} < one rollout ({args.batch_size} steps)")
+    stem = Path(str(args.dataset)).stem
+    args.run_name = args.run_name or f"{stem}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    return args
+
+
+def _resume_device(args: Args, bundle: dict[str, Any]) -> bool:
+    """Fall back from CUDA to cpu when CUDA is absent (in place); True when the device type changed, with a warning."""
+    if args.device != "auto" and torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        args.device = "cpu"
+    now = resolve_device(args.device).type
+    # "device" is recorded since the CUDA fallback exists; older bundles only have the argument
+    saved = bundle["extra"].get("device", bundle["args"].get("device", "cpu"))
+    saved = resolve_device(saved).type if saved != "auto" else now
+    if now == saved:
+        return False
+    warnings.warn(
+        f"--resume {args.resume}: the checkpoint was trained on {saved}, continuing on {now}. The run goes on "
+        "from the saved state, but it is bit-identical to an uninterrupted run only on the same device "
+        "(random streams and kernels differ); the env's episode sampler is reseeded.",
+        RuntimeWarning, stacklevel=3,
+    )
+    return True
+
+
 def train(args: Args, *, market: PreparedMarket | None = None, env: Any | None = None) -> TrainResult:
     """Run PPO as ``args`` say; ``market`` / ``env`` may be given to reuse prepared data (tests, benchmarks).
 
     An ``env`` passed in needs ``obs_dim``, ``num_actions``, ``reset()`` and ``step()`` like
-    :class:`TradingEnv`; without a market no checkpoint can be written.
+    :class:`TradingEnv` (and ``state_dict()`` when checkpoints are written); without a market no
+    checkpoint can be written. Raises :class:`NonFiniteError` when a reward, value, loss or gradient is
+    not finite, before any update or save uses it.
     """
     bundle = None
+    device_changed = False
     if args.resume:
         bundle = load_checkpoint(args.resume, variant=VARIANT)
-        saved = Args(**bundle["args"])
-        control = {name: getattr(args, name) for name in RUN_CONTROL_FIELDS}
-        control["checkpoint_path"] = args.checkpoint_path or str(args.resume)
-        args = dataclasses.replace(saved, **control)
+        args = resume_args(args, bundle["args"], args.resume)
+        device_changed = _resume_device(args, bundle)
     else:
-        args = dataclasses.replace(args)
-        args.batch_size = args.num_envs * args.num_steps
-        args.minibatch_size = args.batch_size // args.num_minibatches
-        args.num_iterations = args.total_timesteps // args.batch_size
-        if args.num_iterations < 1:
-            raise ValueError(f"total_timesteps={args.total_timesteps} < one rollout ({args.batch_size} steps)")
-        stem = Path(str(args.dataset)).stem
-        args.run_name = args.run_name or f"{stem}__{args.exp_name}__{args.seed}__{int(time.time())}"
+        args = _derive_sizes(args)
     _seed_everything(args.seed, args.torch_deterministic)
     device = resolve_device(args.device)
 
     if env is None:
-        feature_state = bundle["feature_state"] if bundle else None
-        market = market or prepare_market(
-            args.dataset, feature_config(args), train_fraction=args.train_fraction,
-            validation_fraction=args.validation_fraction, feature_state=feature_state,
-        )
+        market = market or market_for(args, bundle["feature_state"] if bundle else None)
         env = make_env(args, market)
     if bundle is not None and market is not None and bundle["data_fingerprint"] != market.data.fingerprint:
-        raise ValueError(f"--resume {args.resume}: the checkpoint was trained on other data")
+        raise CheckpointError(f"--resume {args.resume}: the checkpoint was trained on other data")
     checkpoint_path = None
     if market is not None:
         checkpoint_path = Path(args.checkpoint_path or Path(args.run_dir) / args.run_name / "checkpoint.pt")
@@ -291,16 +406,24 @@ def train(args: Args, *, market: PreparedMarket | None = None, env: Any | None =
     else:
         agent.load_state_dict(bundle["agent"])
         optimizer.load_state_dict(bundle["optimizer"])
-        next_obs = env.load_state_dict(bundle["env_state"])
+        env_state = bundle["env_state"]
+        if device_changed:
+            # A CUDA generator's state does not fit a CPU generator (and back): a fresh, seeded stream instead.
+            generator = torch.Generator(device=device).manual_seed(args.seed + 1_000_003 * bundle["iteration"])
+            env_state = {**env_state, "generator": generator.get_state()}
+        next_obs = env.load_state_dict(env_state)
         next_done = bundle["extra"]["next_done"].to(device)
         episode_return = bundle["extra"]["episode_return"].to(device)
         recent_returns = list(bundle["extra"]["recent_returns"])
         restore_rng(bundle["rng"])
         global_step, start_iteration = bundle["global_step"], bundle["iteration"] + 1
+    last_saved = bundle["iteration"] if bundle is not None else None
 
     def save(iteration: int) -> Path | None:
+        nonlocal last_saved
         if checkpoint_path is None:
             return None
+        last_saved = iteration
         return save_checkpoint(checkpoint_path, {
             "variant": VARIANT,
             "args": dataclasses.asdict(args),
@@ -315,8 +438,16 @@ def train(args: Args, *, market: PreparedMarket | None = None, env: Any | None =
             "data_fingerprint": market.data.fingerprint,
             "data_name": market.data.name,
             "extra": {"next_done": next_done.cpu(), "episode_return": episode_return.cpu(),
-                      "recent_returns": list(recent_returns)},
+                      "recent_returns": list(recent_returns), "device": device.type},
         })
+
+    def non_finite(iteration: int, what: str) -> NonFiniteError:
+        # nothing is saved: the checkpoint on disk stays the last good one, never the failed state
+        progress.close()
+        tracker.finish()
+        kept = (f"the last good checkpoint, {checkpoint_path} (iteration {last_saved}), is left as it was"
+                if last_saved is not None else "no checkpoint was written")
+        return NonFiniteError(f"iteration {iteration}: {what}; stopped before using it ({kept})")
 
     tracker = Tracker(
         args.track, project=args.wandb_project_name, run_name=args.run_name, config=dataclasses.asdict(args),
@@ -354,7 +485,7 @@ def train(args: Args, *, market: PreparedMarket | None = None, env: Any | None =
                 # The window ended, the market did not: bootstrap with the value of where we would be next.
                 with torch.no_grad():
                     final_value = agent.get_value(agent.normalise(info["final_obs"]))
-                reward = reward + args.gamma * final_value * truncated
+                reward = bootstrap_truncated(reward, final_value, truncated, args.gamma)
             rewards[step] = reward
             done = terminated | truncated
             next_done = done.to(torch.float32)
@@ -366,18 +497,11 @@ def train(args: Args, *, market: PreparedMarket | None = None, env: Any | None =
         # ---- bootstrap value and GAE
         with torch.no_grad():
             next_value = agent.get_value(agent.normalise(next_obs))
-            advantages = torch.zeros_like(rewards)
-            lastgaelam = 0
-            for t in reversed(range(args.num_steps)):
-                if t == args.num_steps - 1:
-                    nextnonterminal = 1.0 - next_done
-                    nextvalues = next_value
-                else:
-                    nextnonterminal = 1.0 - dones[t + 1]
-                    nextvalues = values[t + 1]
-                delta = rewards[t] + args.gamma * nextvalues * nextnonterminal - values[t]
-                advantages[t] = lastgaelam = delta + args.gamma * args.gae_lambda * nextnonterminal * lastgaelam
-            returns = advantages + values
+            problem = describe_non_finite(rewards=rewards, values=values, next_value=next_value)
+            if problem is not None:
+                raise non_finite(iteration, f"the rollout produced non-finite {problem} (index: step, env)")
+            gamma, gae_lambda = args.gamma, args.gae_lambda
+            advantages, returns = compute_gae(rewards, values, dones, next_value, next_done, gamma, gae_lambda)
 
         # ---- flatten the batch
         b_obs = obs.reshape((-1, env.obs_dim))
@@ -389,9 +513,12 @@ def train(args: Args, *, market: PreparedMarket | None = None, env: Any | None =
 
         # ---- optimise policy and value network
         clipfracs = []
-        for _epoch in range(args.update_epochs):
+        epochs_run = updates_run = 0
+        # exactly num_minibatches per epoch: a remainder of an indivisible batch is left out (Args doc)
+        used = args.num_minibatches * args.minibatch_size
+        for epoch in range(args.update_epochs):
             b_inds = torch.randperm(args.batch_size, device=device)
-            for start in range(0, args.batch_size, args.minibatch_size):
+            for minibatch, start in enumerate(range(0, used, args.minibatch_size)):
                 mb_inds = b_inds[start : start + args.minibatch_size]
                 # one contiguous gather per tensor (index_select is several times faster than [mb_inds])
                 batch = (b_obs, b_actions, b_logprobs, b_advantages, b_returns, b_values)
@@ -402,37 +529,30 @@ def train(args: Args, *, market: PreparedMarket | None = None, env: Any | None =
                 logratio = newlogprob - mb_logprobs
                 ratio = logratio.exp()
                 with torch.no_grad():
-                    # http://joschu.net/blog/kl-approx.html
-                    old_approx_kl = (-logratio).mean()
-                    approx_kl = ((ratio - 1) - logratio).mean()
-                    clipfracs.append(((ratio - 1.0).abs() > args.clip_coef).float().mean().item())
+                    old_kl, kl = approx_kl(logratio, ratio)
+                    clipfracs.append(clip_fraction(ratio, args.clip_coef).item())
 
                 if args.norm_adv:
-                    mb_advantages = (mb_advantages - mb_advantages.mean()) / (mb_advantages.std() + 1e-8)
-
-                # Policy loss: clipped surrogate
-                pg_loss1 = -mb_advantages * ratio
-                pg_loss2 = -mb_advantages * torch.clamp(ratio, 1 - args.clip_coef, 1 + args.clip_coef)
-                pg_loss = torch.max(pg_loss1, pg_loss2).mean()
-
-                # Value loss, optionally clipped around the rollout's value estimate
-                if args.clip_vloss:
-                    v_loss_unclipped = (newvalue - mb_returns) ** 2
-                    v_clipped = mb_values + torch.clamp(newvalue - mb_values, -args.clip_coef, args.clip_coef)
-                    v_loss_clipped = (v_clipped - mb_returns) ** 2
-                    v_loss = 0.5 * torch.max(v_loss_unclipped, v_loss_clipped).mean()
-                else:
-                    v_loss = 0.5 * ((newvalue - mb_returns) ** 2).mean()
-
+                    mb_advantages = normalise_advantages(mb_advantages)
+                pg_loss = policy_loss(mb_advantages, ratio, args.clip_coef)
+                v_loss = value_loss(newvalue, mb_returns, mb_values, args.clip_coef, args.clip_vloss)
                 entropy_loss = entropy.mean()
                 loss = pg_loss - args.ent_coef * entropy_loss + v_loss * args.vf_coef
 
                 optimizer.zero_grad()
                 loss.backward()
-                nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
+                grad_norm = nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
+                # one device sync for both; the optimizer must not step on a NaN / inf (it would poison the weights)
+                if not bool(torch.isfinite(torch.stack((loss.detach(), grad_norm))).all()):
+                    raise non_finite(iteration, (
+                        f"non-finite loss or gradient at epoch {epoch + 1}, minibatch {minibatch + 1}: "
+                        f"loss {loss.item()}, gradient norm {grad_norm.item()} (policy loss {pg_loss.item()}, "
+                        f"value loss {v_loss.item()}, entropy {entropy_loss.item()})"
+                    ))
                 optimizer.step()
-
-            if args.target_kl is not None and approx_kl > args.target_kl:
+                updates_run += 1
+            epochs_run += 1
+            if kl_early_stop(kl, args.target_kl):
                 break
 
         y_pred, y_true = b_values.cpu().numpy(), b_returns.cpu().numpy()
@@ -447,17 +567,19 @@ def train(args: Args, *, market: PreparedMarket | None = None, env: Any | None =
             "losses/value_loss": v_loss.item(),
             "losses/policy_loss": pg_loss.item(),
             "losses/entropy": entropy_loss.item(),
-            "losses/old_approx_kl": old_approx_kl.item(),
-            "losses/approx_kl": approx_kl.item(),
+            "losses/old_approx_kl": old_kl.item(),
+            "losses/approx_kl": kl.item(),
             "losses/clipfrac": float(np.mean(clipfracs)),
             "losses/explained_variance": float(explained_var),
+            "losses/epochs": epochs_run,
+            "losses/updates": updates_run,
             "charts/SPS": sps,
             "global_step": global_step,
         }
         history.append(record)
         tracker.log(record, step=global_step)
         progress.update(args.batch_size)
-        progress.set_postfix(sps=f"{sps:,.0f}", ret=f"{record['charts/episode_log_return']:+.4f}")
+        progress.set_postfix(progress_postfix(sps, recent_returns))
 
         invocation_iterations += 1
         out_of_time = args.time_budget_s is not None and elapsed >= args.time_budget_s
@@ -479,7 +601,10 @@ def train(args: Args, *, market: PreparedMarket | None = None, env: Any | None =
 def main() -> None:
     """Entry point of ``python -m sentio_lab.ppo``."""
     args = tyro.cli(Args)
-    result = train(args)
+    try:
+        result = train(args)
+    except (CheckpointError, NonFiniteError) as err:  # the message says it all: no traceback for the user
+        raise SystemExit(f"error: {err}") from err
     status = "finished" if result.finished else "stopped early (resume with --resume)"
     print(f"{status} at step {result.global_step}; checkpoint: {result.checkpoint_path}")
 
