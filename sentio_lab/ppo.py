@@ -252,8 +252,16 @@ def resolve_device(name: str) -> torch.device:
 
 
 def make_env(args: Args, market: PreparedMarket, range_name: str = "train") -> TradingEnv:
-    """Training env: ``num_envs`` random windows inside the named range."""
+    """Training env: ``num_envs`` random windows inside the named range.
+
+    On a fold market (purged walk-forward / CPCV, :func:`sentio_lab.market.prepare_fold_market`) the training
+    range spans test groups: episodes are then drawn from the fold's training segments only, and none crosses
+    a gap between them.
+    """
     start, stop = market.range(range_name)
+    sampler = None
+    if range_name == "train" and market.train_segments is not None:
+        sampler = market.episode_sampler(args.window, args.episode_length)
     return TradingEnv(
         market.arrays,
         num_envs=args.num_envs,
@@ -265,6 +273,7 @@ def make_env(args: Args, market: PreparedMarket, range_name: str = "train") -> T
         costs=cost_model(args),
         device=resolve_device(args.device),
         seed=args.seed,
+        start_sampler=sampler,
     )
 
 

@@ -50,7 +50,8 @@ def parse_variant_args(variant: str, argv: tuple[str, ...] | list[str]) -> Any:
     return tyro.cli(module.Args, args=list(argv))
 
 
-def _write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
+def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
+    """Write ``payload`` as JSON to ``path`` through a temporary file and a rename (never half a file)."""
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str))
     os.replace(tmp, path)
@@ -73,8 +74,13 @@ def validation_sharpe(agent: torch.nn.Module, market: PreparedMarket, args: Any,
     return float(sharpe_ratio(returns))
 
 
-def train_cell(cell: Cell, market: PreparedMarket, folder: Path, *, select_every: int = 0) -> dict[str, Any]:
+def train_cell(
+    cell: Cell, market: PreparedMarket, folder: Path, *, select_every: int = 0, write_record: bool = True
+) -> dict[str, Any]:
     """Train ``cell`` on ``market``'s training segments; with ``select_every`` pick a checkpoint on validation.
+
+    With ``write_record=False`` the caller writes ``cell.json`` itself, after work of its own (the runner
+    evaluates the trained agent first, so that a finished record always has its evaluation beside it).
 
     Torch runs on one thread in every cell, whatever the number of worker processes, so that results do not
     depend on how the experiment was parallelised. Returns the record written to ``cell.json``.
@@ -114,5 +120,6 @@ def train_cell(cell: Cell, market: PreparedMarket, folder: Path, *, select_every
             result = module.train(resume_args, market=market)
         record.update(global_step=result.global_step, checkpoint="best.pt", selected_iteration=best_iteration,
                       validation_sharpe=best, selection_history=history)
-    _write_json_atomic(folder / CELL_FILE, record)
+    if write_record:
+        write_json_atomic(folder / CELL_FILE, record)
     return record

@@ -1,0 +1,49 @@
+"""``python -m sentio_lab.experiment``: run a named experiment file (see ``experiments/configs/*.toml``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import tyro
+
+from sentio_lab.experiment.config import load_config
+from sentio_lab.experiment.runner import RESULTS_FILE, plan_experiment, run_experiment, summarise
+
+
+@dataclass
+class Args:
+    """Command-line arguments of ``python -m sentio_lab.experiment``."""
+
+    config: str
+    """experiment TOML file, e.g. experiments/configs/sp500_cpcv.toml"""
+    output_root: str = "reports/experiments"
+    """results go to <output_root>/<experiment name>/ (a rerun there resumes: finished cells are kept)"""
+    workers: int = 1
+    """worker processes (results are identical for any number: every cell is seeded and single-threaded)"""
+    seeds: tuple[int, ...] | None = None
+    """override the file's seeds"""
+    extra_args: tuple[str, ...] = ()
+    """arguments appended to every agent's command line, e.g. --extra-args --total-timesteps 8192 (CI-sized)"""
+    name: str | None = None
+    """override the experiment name (and so its output folder)"""
+    progress: bool = True
+    """show a progress bar with cells done and time left"""
+
+
+def main(argv: list[str] | None = None) -> Path:
+    """Parse arguments, run the experiment, print the per-strategy summary; returns the output folder."""
+    args = tyro.cli(Args, args=argv)
+    config = load_config(args.config, seeds=args.seeds, name=args.name)
+    output = Path(args.output_root) / config.name
+    plan = plan_experiment(config, args.extra_args)
+    print(f"{config.name}: {len(plan.folds)} folds, {len(plan.cells)} cells ({config.n_trials} configurations x "
+          f"{len(config.seeds)} seeds x {len(plan.folds)} folds), purge {plan.gaps.purge}, embargo {plan.gaps.embargo}")
+    results = run_experiment(plan, output, workers=args.workers, progress=args.progress)
+    print(summarise(results).to_string())
+    print(f"results: {output / RESULTS_FILE}")
+    return output
+
+
+if __name__ == "__main__":
+    main()

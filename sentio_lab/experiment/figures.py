@@ -1,0 +1,81 @@
+"""Figures and the HTML page of an experiment's evaluation report (matplotlib PNGs, a plain HTML file)."""
+
+from __future__ import annotations
+
+import dataclasses
+import html
+from collections.abc import Mapping
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # reports are written headless (papermill, CI)
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from sentio_lab.experiment.summary import Inference, sharpe_distribution  # noqa: E402
+
+
+def plot_path_equity(curves: pd.DataFrame, results: pd.DataFrame, path: str | Path) -> Path:
+    """One panel per backtest path: every agent seed (thin) and every baseline (labelled), log scale."""
+    kinds = results.drop_duplicates("name").set_index("name")["kind"]
+    paths = sorted(curves["path"].unique())
+    fig, axes = plt.subplots(len(paths), 1, figsize=(11, 2.6 * len(paths)), sharex=True, squeeze=False)
+    for ax, p in zip(axes[:, 0], paths, strict=True):
+        on_path = curves[curves["path"] == p]
+        for (name, seed), curve in on_path.groupby(["name", "seed"], sort=False):
+            agent = kinds.get(name) == "agent"
+            label = None if agent and seed != on_path[on_path["name"] == name]["seed"].min() else name
+            ax.plot(pd.DatetimeIndex(curve["timestamp"]), curve["equity"], lw=0.7 if agent else 1.1,
+                    alpha=0.6 if agent else 0.9, color="tab:red" if agent else None, label=label)
+        ax.set(yscale="log", ylabel="equity", title=f"backtest path {p}")
+        ax.legend(fontsize=7, ncol=4, loc="upper left")
+    fig.tight_layout()
+    out = Path(path)
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+    return out
+
+
+def plot_sharpe_distribution(results: pd.DataFrame, path: str | Path) -> Path:
+    """Box plot of every strategy's annualised Sharpe over paths x seeds."""
+    values = sharpe_distribution(results)
+    fig, ax = plt.subplots(figsize=(9, 3.5))
+    ax.boxplot(list(values.values()), showmeans=True)
+    ax.set_xticks(range(1, len(values) + 1), list(values), rotation=20)
+    ax.axhline(0.0, color="grey", lw=0.8)
+    ax.set(ylabel="annualised Sharpe", title="Sharpe over backtest paths x seeds (out of sample, net of costs)")
+    fig.tight_layout()
+    out = Path(path)
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+    return out
+
+
+def write_html(
+    output: str | Path,
+    *,
+    title: str,
+    verdict: str,
+    table: pd.DataFrame,
+    inference: Mapping[str, Inference],
+    targets: Mapping[str, pd.DataFrame],
+    figures: Mapping[str, str],
+    meta: Mapping[str, object],
+) -> Path:
+    """``report.html``: the verdict, the per-strategy table, the tests, the targets and the figures."""
+    tests = pd.DataFrame({name: dataclasses.asdict(found) for name, found in inference.items()})
+    parts = [f"<h1>{html.escape(title)}</h1>", f"<p><strong>{html.escape(verdict)}</strong></p>",
+             "<h2>Strategies: median [q25, q75] over paths x seeds</h2>", table.to_html(float_format="%.4f"),
+             "<h2>Statistical tests (ensemble returns)</h2>", tests.to_html(float_format="%.4f")]
+    for name, frame in targets.items():
+        parts += [f"<h2>Seed-system targets: {html.escape(name)}</h2>", frame.to_html(float_format="%.4f")]
+    parts += [f'<h2>{html.escape(label)}</h2><img src="{html.escape(src)}" style="max-width:100%">'
+              for label, src in figures.items()]
+    rows = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>" for k, v in meta.items())
+    parts.append(f"<h2>Run</h2><table>{rows}</table>")
+    page = f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title></head>" \
+           f"<body>{''.join(parts)}</body></html>"
+    out = Path(output) / "report.html"
+    out.write_text(page, encoding="utf-8")
+    return out

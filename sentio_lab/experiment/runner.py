@@ -1,0 +1,343 @@
+"""Run an experiment: configurations x seeds x folds, plus the baselines, into one tidy table and path equities.
+
+The plan (:func:`plan_experiment`) is a pure function of the experiment file: the data, the folds (purged
+walk-forward or CPCV from :mod:`sentio_lab.splits`, gaps sized from the widest observation any agent sees)
+and the cells (one per configuration x seed x fold). Each cell trains once on its fold's training segments
+(features and HMM fitted there only), is evaluated greedily on the fold's test groups, and writes its folder
+under ``<output>/cells/``; ``cell.json`` is written last, so a run killed at any point recomputes only the
+cells that were in flight. Baselines are evaluated per fold the same way (``<output>/baselines/``).
+
+Assembly (:func:`assemble`) reads only those files: for every backtest path it chains the test groups'
+equity curves (:func:`sentio_lab.splits.stitch_equity`) and computes the statistics of each (configuration,
+seed, path) and each baseline path. Every cell is deterministic and runs torch on one thread, so the table
+is identical whatever the number of worker processes and however often the run was interrupted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from sentio_lab import splits as splitting
+from sentio_lab.baselines import evaluate_baseline, evaluate_random
+from sentio_lab.checkpoint import load_checkpoint
+from sentio_lab.evaluate import Evaluation, evaluate_policies, load_variant
+from sentio_lab.experiment.cells import CELL_FILE, Cell, cell_done, parse_variant_args, train_cell, write_json_atomic
+from sentio_lab.experiment.config import AgentSpec, ExperimentConfig
+from sentio_lab.market import PreparedMarket, prepare_fold_market, prepare_market
+from sentio_lab.metrics import summary_stats
+
+RESULTS_FILE = "results.parquet"
+EQUITY_FILE = "equity.parquet"
+GROUPS_FILE = "groups.parquet"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything a run does, decided before anything trains."""
+
+    config: ExperimentConfig
+    folds: tuple[splitting.Fold, ...]
+    cells: tuple[Cell, ...]
+    gaps: splitting.PurgeEmbargo
+    n_bars: int
+    first_valid: int
+    accounting: dict[str, Any]
+    """window, positions and cost model shared by every agent and the baselines."""
+
+
+def agent_argv(config: ExperimentConfig, agent_args: Sequence[str], extra_args: Sequence[str] = ()) -> tuple[str, ...]:
+    """The command line of one configuration: dataset and range, ``common_args``, its own args, ``extra_args``."""
+    data = ["--dataset", str(config.dataset)]
+    if config.data_start is not None:
+        data += ["--data-start", config.data_start]
+    if config.data_end is not None:
+        data += ["--data-end", config.data_end]
+    return (*data, *config.common_args, *agent_args, *extra_args)
+
+
+def _accounting(args: Any, variant: str) -> dict[str, Any]:
+    module = load_variant(variant)
+    return {"window": int(args.window), "positions": tuple(float(p) for p in args.positions),
+            "costs": module.cost_model(args)}
+
+
+def plan_experiment(config: ExperimentConfig, extra_args: Sequence[str] = ()) -> Plan:
+    """Folds and cells of ``config``; refuses agents whose accounting (window, positions, costs) differs."""
+    parsed = [(agent, parse_variant_args(agent.variant, agent_argv(config, agent.args, extra_args)))
+              for agent in config.agents]
+    accountings = {agent.name: _accounting(args, agent.variant) for agent, args in parsed}
+    first_name, first = next(iter(accountings.items()))
+    for name, other in accountings.items():
+        if other != first:
+            raise ValueError(
+                f"experiment {config.name!r}: agents {first_name!r} and {name!r} differ in window, positions or "
+                f"costs ({first} vs {other}); put those in common_args so every row has the same accounting"
+            )
+    # The gaps must cover the widest view of any agent (the longest feature span over their feature sets) and
+    # the folds start after the longest warm-up, so every configuration and baseline trades the same bars.
+    gap_options, first_valid, base = [], 0, None
+    for agent, args in parsed:
+        market = prepare_market(config.dataset, load_variant(agent.variant).feature_config(args),
+                                start=config.data_start, end=config.data_end)
+        base = base or market
+        gap_options.append(splitting.PurgeEmbargo.for_features(first["window"], market.feature_config,
+                                                               market.data.frame))
+        first_valid = max(first_valid, int(market.arrays.first_valid))
+    gaps = max(gap_options, key=lambda g: g.embargo)
+    n_bars = len(base.data.frame)
+    if config.split == "cpcv":
+        folds = splitting.combinatorial_purged(n_bars, gaps, n_groups=config.n_groups,
+                                               n_test_groups=config.n_test_groups, first_valid=first_valid)
+    else:
+        folds = splitting.walk_forward(n_bars, gaps, n_folds=config.n_groups, first_valid=first_valid,
+                                       train_size=config.train_bars, expanding=config.split == "walk_forward")
+    cells = tuple(
+        Cell(agent=agent.name, variant=agent.variant, args=agent_argv(config, agent.args, extra_args), seed=seed,
+             fold=fold.fold)
+        for agent in config.agents for seed in config.seeds for fold in folds
+    )
+    return Plan(config=config, folds=tuple(folds), cells=cells, gaps=gaps, n_bars=n_bars, first_valid=first_valid,
+                accounting=first)
+
+
+# ================================================================================================= cells
+_MARKETS: dict[tuple, PreparedMarket] = {}
+
+
+def fold_market(plan: Plan, fold: splitting.Fold, feature_config: Any) -> PreparedMarket:
+    """The fold's market: features and HMM fitted on its training segments only; cached per process."""
+    key = (fold.fold, repr(feature_config))
+    if key not in _MARKETS:
+        _MARKETS.clear()  # one fold at a time per process keeps memory flat
+        base = prepare_market(plan.config.dataset, feature_config, start=plan.config.data_start,
+                              end=plan.config.data_end)
+        _MARKETS[key] = prepare_fold_market(base, fold, validation_bars=plan.config.validation_bars)
+    return _MARKETS[key]
+
+
+def _groups_frame(evaluations: Sequence[Evaluation], fold: splitting.Fold) -> pd.DataFrame:
+    """Long table of a fold's test-group episodes: group, path, bar time, equity, weight (NaN on the last)."""
+    parts = []
+    for j, evaluation in enumerate(evaluations):
+        weights = evaluation.weights.reindex(evaluation.equity.index)
+        parts.append(pd.DataFrame({
+            "group": fold.groups[j], "path": fold.paths[j], "timestamp": evaluation.equity.index,
+            "equity": evaluation.equity.to_numpy(), "weight": weights.to_numpy(), "ruined": evaluation.ruined,
+        }))
+    return pd.concat(parts, ignore_index=True)
+
+
+def load_cell_agent(path: Path, market: PreparedMarket) -> torch.nn.Module:
+    """The agent saved in a cell's checkpoint, for the fold market it was trained on (greedy, eval mode)."""
+    bundle = load_checkpoint(path, data_fingerprint=market.data.fingerprint)
+    module = load_variant(bundle["variant"])
+    args = module.Args(**bundle["args"])
+    agent = module.build_agent(args, market.arrays.features.shape[1] * args.window + 1, len(args.positions))
+    agent.load_state_dict(bundle["agent"])
+    return agent.eval()
+
+
+def run_cell(plan: Plan, cell: Cell, output: Path) -> dict[str, Any]:
+    """Train ``cell`` on its fold's training segments (resumably, see :mod:`sentio_lab.experiment.cells`)."""
+    folder = output / "cells" / cell.cell_id
+    done = cell_done(folder)
+    if done is not None:
+        return done
+    args = parse_variant_args(cell.variant, cell.args)
+    market = fold_market(plan, plan.folds[cell.fold], load_variant(cell.variant).feature_config(args))
+    return train_cell(cell, market, folder, select_every=plan.config.select_every)
+
+
+def evaluation_folder(output: Path, agent: str, fold: int) -> Path:
+    """Where the test-group episodes of every seed of configuration ``agent`` on ``fold`` are written."""
+    return output / "evaluations" / f"{agent}__fold{fold:03d}"
+
+
+def evaluate_fold(plan: Plan, agent: AgentSpec, fold: splitting.Fold, output: Path) -> None:
+    """Every seed of ``agent`` trained on ``fold``, greedy on each of the fold's test groups, stepped together."""
+    folder = evaluation_folder(output, agent.name, fold.fold)
+    if cell_done(folder) is not None:
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    cells = [c for c in plan.cells if c.agent == agent.name and c.fold == fold.fold]
+    args = parse_variant_args(agent.variant, cells[0].args)
+    market = fold_market(plan, fold, load_variant(agent.variant).feature_config(args))
+    records = [cell_done(output / "cells" / c.cell_id) for c in cells]
+    agents = [load_cell_agent(output / "cells" / c.cell_id / r["checkpoint"], market)
+              for c, r in zip(cells, records, strict=True)]
+    acc = plan.accounting
+    ranges = [f"test:{group}" for group in fold.groups]
+    results = evaluate_policies(agents, market, ranges, window=acc["window"], positions=acc["positions"],
+                                costs=acc["costs"])
+    frames = [_groups_frame(per_agent, fold).assign(seed=c.seed) for c, per_agent in zip(cells, results, strict=True)]
+    pd.concat(frames, ignore_index=True).to_parquet(folder / GROUPS_FILE)
+    write_json_atomic(folder / CELL_FILE, {
+        "agent": agent.name, "fold": fold.fold,
+        "selected_iterations": {str(c.seed): r.get("selected_iteration") for c, r in zip(cells, records, strict=True)},
+    })
+
+
+def run_baselines(plan: Plan, fold: splitting.Fold, output: Path) -> None:
+    """Every baseline of the plan on the fold's test groups (the random policy: the mean over its seeds)."""
+    config = plan.config
+    acc = plan.accounting
+    agent = config.agents[0]
+    args = parse_variant_args(agent.variant, agent_argv(config, agent.args))
+    market = fold_market(plan, fold, load_variant(agent.variant).feature_config(args))
+    kwargs = {"window": acc["window"], "positions": acc["positions"], "costs": acc["costs"]}
+    for name in config.baselines:
+        folder = output / "baselines" / f"{name}__fold{fold.fold:03d}"
+        if cell_done(folder) is not None:
+            continue
+        folder.mkdir(parents=True, exist_ok=True)
+        if name == "random":
+            seeds = tuple(range(config.random_seeds))
+            runs = [evaluate_random(market, seeds, range_name=f"test:{group}", **kwargs) for group in fold.groups]
+            evaluations = [dataclasses.replace(r.evaluations[0], equity=r.mean_equity,
+                                               weights=r.evaluations[0].weights * np.nan) for r in runs]
+        else:
+            evaluations = [evaluate_baseline(name, market, range_name=f"test:{group}",
+                                             train=market.training_segments(), **kwargs) for group in fold.groups]
+        _groups_frame(evaluations, fold).assign(seed=-1).to_parquet(folder / GROUPS_FILE)
+        write_json_atomic(folder / CELL_FILE, {"baseline": name, "fold": fold.fold})
+
+
+def _job(kind: str, plan: Plan, item: Any, output: str) -> str:
+    """One unit of work in a worker process (or in-process): torch on one thread, whatever the worker count."""
+    torch.set_num_threads(1)
+    out = Path(output)
+    if kind == "train":
+        run_cell(plan, item, out)
+    elif kind == "evaluate":
+        agent, fold = item
+        evaluate_fold(plan, agent, plan.folds[fold], out)
+    else:
+        run_baselines(plan, plan.folds[item], out)
+    return kind
+
+
+def _run_jobs(jobs: list[tuple[str, Any]], plan: Plan, output: Path, workers: int, bar: tqdm) -> None:
+    if workers <= 1:
+        threads = torch.get_num_threads()
+        try:
+            for kind, item in jobs:
+                _job(kind, plan, item, str(output))
+                bar.update(1)
+        finally:
+            torch.set_num_threads(threads)
+        return
+    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+        futures = [pool.submit(_job, kind, plan, item, str(output)) for kind, item in jobs]
+        for future in as_completed(futures):
+            future.result()
+            bar.update(1)
+
+
+def run_experiment(plan: Plan, output: str | Path, *, workers: int = 1, progress: bool = True) -> pd.DataFrame:
+    """Train every unfinished cell, then evaluate (all seeds of a configuration on a fold together) and run the
+    baselines, in ``workers`` processes; then :func:`assemble`. Finished work is never redone."""
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "plan.json").write_text(json.dumps(_plan_record(plan), indent=2, default=str))
+    config = plan.config
+    train = [("train", c) for c in plan.cells if cell_done(output / "cells" / c.cell_id) is None]
+    evaluate = [("evaluate", (a, f.fold)) for a in config.agents for f in plan.folds
+                if cell_done(evaluation_folder(output, a.name, f.fold)) is None]
+    baselines = [("baselines", f.fold) for f in plan.folds
+                 if any(cell_done(output / "baselines" / f"{b}__fold{f.fold:03d}") is None for b in config.baselines)]
+    total = len(plan.cells) + len(config.agents) * len(plan.folds) + len(plan.folds)
+    bar = tqdm(total=total, initial=total - len(train) - len(evaluate) - len(baselines), unit="job",
+               disable=not progress, dynamic_ncols=True, desc=config.name)
+    _run_jobs(train, plan, output, workers, bar)  # evaluation needs every seed of a fold trained
+    _run_jobs(evaluate + baselines, plan, output, workers, bar)
+    bar.close()
+    return assemble(plan, output)
+
+
+def _plan_record(plan: Plan) -> dict[str, Any]:
+    return {
+        "experiment": plan.config.name, "n_trials": plan.config.n_trials, "n_bars": plan.n_bars,
+        "first_valid": plan.first_valid, "purge": plan.gaps.purge, "embargo": plan.gaps.embargo,
+        "folds": [dataclasses.asdict(f) for f in plan.folds], "cells": [c.cell_id for c in plan.cells],
+        "accounting": {**plan.accounting, "costs": dataclasses.asdict(plan.accounting["costs"])},
+        "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+
+
+# ============================================================================================== assembly
+def _path_curves(groups: pd.DataFrame, members: list[tuple[int, int]], plan: Plan) -> tuple[pd.Series, pd.Series]:
+    """A backtest path's stitched equity and the target weights decided on its bars (one per return)."""
+    pieces, weights = [], []
+    for fold_id, j in members:
+        group_id = plan.folds[fold_id].groups[j]
+        rows = groups[(groups["fold"] == fold_id) & (groups["group"] == group_id)]
+        index = pd.DatetimeIndex(rows["timestamp"])
+        pieces.append(pd.Series(rows["equity"].to_numpy(), index=index))
+        weights.append(pd.Series(rows["weight"].to_numpy()[:-1], index=index[:-1]))  # the last mark decides nothing
+    return splitting.stitch_equity(pieces), pd.concat(weights).rename("weight")
+
+
+def assemble(plan: Plan, output: str | Path) -> pd.DataFrame:
+    """Read every finished cell and baseline, stitch backtest paths, write ``results.parquet`` / ``equity.parquet``."""
+    output = Path(output)
+    paths = splitting.backtest_paths(plan.folds)
+    rows, curves = [], []
+    units: list[tuple[dict[str, Any], pd.DataFrame]] = []
+    for agent in plan.config.agents:
+        frames, selected = [], {}
+        for fold in plan.folds:
+            folder = evaluation_folder(output, agent.name, fold.fold)
+            record = cell_done(folder)
+            if record is None:
+                raise FileNotFoundError(f"{folder}: evaluation not finished; run the experiment first")
+            frames.append(pd.read_parquet(folder / GROUPS_FILE).assign(fold=fold.fold))
+            for seed, iteration in record["selected_iterations"].items():
+                selected.setdefault(int(seed), []).append(iteration)
+        groups = pd.concat(frames, ignore_index=True)
+        for seed in plan.config.seeds:
+            units.append(({"kind": "agent", "name": agent.name, "variant": agent.variant, "seed": seed,
+                           "selected_iterations": json.dumps(selected[seed])}, groups[groups["seed"] == seed]))
+    for name in plan.config.baselines:
+        frames = [pd.read_parquet(output / "baselines" / f"{name}__fold{f.fold:03d}" / GROUPS_FILE).assign(fold=f.fold)
+                  for f in plan.folds]
+        units.append(({"kind": "baseline", "name": name, "variant": "", "seed": -1, "selected_iterations": "[]"},
+                      pd.concat(frames, ignore_index=True)))
+    for key, groups in units:
+        for path, members in paths.items():
+            equity, weights = _path_curves(groups, members, plan)
+            known = None if weights.isna().any() else weights  # the random baseline reports a mean over seeds
+            stats = summary_stats(equity, known)
+            rows.append({"experiment": plan.config.name, **key, "path": path, "n_trials": plan.config.n_trials,
+                         **{k: v for k, v in stats.items()}})
+            curves.append(pd.DataFrame({"name": key["name"], "seed": key["seed"], "path": path,
+                                        "timestamp": equity.index, "equity": equity.to_numpy()}))
+    results = pd.DataFrame(rows)
+    results.to_parquet(output / RESULTS_FILE)
+    pd.concat(curves, ignore_index=True).to_parquet(output / EQUITY_FILE)
+    return results
+
+
+def summarise(results: pd.DataFrame, columns: Sequence[str] = ("sharpe", "cagr", "max_drawdown")) -> pd.DataFrame:
+    """Median and interquartile range over paths x seeds of each strategy's statistics (one row per strategy)."""
+    grouped = results.groupby(["kind", "name"], sort=False)
+    parts = {}
+    for column in columns:
+        values = grouped[column]
+        parts[(column, "median")] = values.median()
+        parts[(column, "q25")] = values.quantile(0.25)
+        parts[(column, "q75")] = values.quantile(0.75)
+    parts[("paths x seeds", "n")] = grouped.size()
+    return pd.DataFrame(parts)

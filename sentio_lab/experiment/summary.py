@@ -1,0 +1,148 @@
+"""What an experiment's results say: per-strategy medians and IQRs, PSR / DSR / PBO / SPA, targets, a verdict.
+
+Everything here reads the runner's two files (``results.parquet``: one row per strategy x seed x path;
+``equity.parquet``: the path equity curves), so a report regenerates from them alone.
+
+Conventions (stated once, used everywhere in the report):
+
+* Distribution figures (median, quartiles) are over **paths x seeds** of each configuration; a baseline has
+  one row per path (the random policy: the mean over its seeds).
+* The statistical tests need one return series per strategy on common bars: the **ensemble** return of a
+  strategy at a bar is the mean, over its seeds and backtest paths, of their simple returns at that bar
+  (CPCV paths are alternative histories of the same bars). Sharpe ratios in the tests are per bar.
+* PSR is the ensemble agent's PSR against the best baseline's ensemble Sharpe; DSR deflates the selected
+  configuration's Sharpe for the number of configurations tried (with one configuration it equals PSR(0),
+  nothing having been selected); PBO (CSCV) needs at least two configurations; SPA asks whether the agent
+  beats every baseline (:func:`sentio_lab.inference.spa_agent_vs_baselines`, small p: it does).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from sentio_lab import inference
+from sentio_lab.metrics import probabilistic_sharpe_ratio, sharpe_ratio
+
+#: Statistics of the report's per-strategy table (columns of results.parquet).
+REPORT_STATS: tuple[str, ...] = ("sharpe", "cagr", "max_drawdown", "cvar_5", "positive_months", "trade_win_rate",
+                                 "turnover_per_year")
+
+#: The seed system's targets: statistic, comparison, threshold, as the seed system wrote them.
+TARGETS: tuple[tuple[str, str, float, str], ...] = (
+    ("sharpe", ">", 3.0, "Sharpe > 3"),
+    ("max_drawdown", ">", -0.08, "max drawdown < 8%"),
+    ("trade_win_rate", ">", 0.65, "win rate > 65%"),
+    ("positive_months", ">", 0.80, "positive months > 80%"),
+)
+
+
+def strategy_table(results: pd.DataFrame, stats: Sequence[str] = REPORT_STATS) -> pd.DataFrame:
+    """Median and interquartile range over paths x seeds of each strategy (rows) and statistic (columns)."""
+    grouped = results.groupby(["kind", "name"], sort=False)
+    columns = {}
+    for stat in stats:
+        values = grouped[stat]
+        columns[(stat, "median")] = values.median()
+        columns[(stat, "q25")] = values.quantile(0.25)
+        columns[(stat, "q75")] = values.quantile(0.75)
+    columns[("runs", "paths x seeds")] = grouped.size()
+    return pd.DataFrame(columns)
+
+
+def ensemble_returns(curves: pd.DataFrame) -> pd.DataFrame:
+    """Bars x strategies: each strategy's mean simple return over its seeds and paths at every common bar."""
+    curves = curves.sort_values(["name", "seed", "path", "timestamp"])
+    returns = curves.groupby(["name", "seed", "path"], sort=False)["equity"].pct_change()
+    frame = curves.assign(ret=returns).dropna(subset=["ret"])
+    wide = frame.groupby(["timestamp", "name"])["ret"].mean().unstack("name")
+    return wide.dropna()  # bars every strategy traded
+
+
+@dataclass(frozen=True)
+class Inference:
+    """The report's statistical tests for one agent configuration against the baselines."""
+
+    agent: str
+    sharpe: float
+    """Per-bar Sharpe of the agent's ensemble returns."""
+    best_baseline: str
+    best_baseline_sharpe: float
+    psr_vs_best_baseline: float
+    psr_zero: float
+    dsr: float
+    n_trials: int
+    pbo: float
+    """NaN with a single configuration (nothing to overfit by selection among configurations)."""
+    spa_p_value: float
+    """Consistent SPA p-value that the agent does not beat every baseline (small: it beats them all)."""
+    spa_reverse_p_value: float
+    """Consistent SPA p-value that no baseline beats the agent (small: some baseline beats it)."""
+    bars: int
+
+
+def infer(results: pd.DataFrame, curves: pd.DataFrame, agent: str, *, reps: int = 1000, seed: int = 0,
+          pbo_blocks: int = 16) -> Inference:
+    """PSR, DSR, PBO and SPA of configuration ``agent`` on the ensemble returns (module docstring)."""
+    wide = ensemble_returns(curves)
+    kinds = results.drop_duplicates("name").set_index("name")["kind"]
+    agents = [n for n in wide.columns if kinds.get(n) == "agent"]
+    baselines = [n for n in wide.columns if kinds.get(n) == "baseline"]
+    if agent not in agents:
+        raise KeyError(f"{agent!r} is not an agent of these results; agents: {agents}")
+    if not baselines:
+        raise ValueError("infer: the results hold no baseline to compare with")
+    returns = wide[agent]
+    against = inference.psr_against_benchmarks(returns, wide[baselines])
+    n_trials = int(results["n_trials"].iloc[0])
+    if len(agents) >= 2:
+        dsr = inference.deflated_sharpe_of_trials(wide[agents], selected=agent, n_trials=max(n_trials, len(agents)))
+        dsr_value = dsr.dsr
+        pbo = inference.probability_of_backtest_overfitting(wide[agents], n_blocks=pbo_blocks).pbo
+    else:
+        dsr_value = probabilistic_sharpe_ratio(returns.to_numpy(), 0.0)
+        pbo = float("nan")
+    spa = inference.spa_agent_vs_baselines(wide[[agent]], wide[baselines], reps=reps, seed=seed)
+    return Inference(
+        agent=agent, sharpe=sharpe_ratio(returns.to_numpy()), best_baseline=against.benchmark,
+        best_baseline_sharpe=against.sr_benchmark, psr_vs_best_baseline=against.psr,
+        psr_zero=probabilistic_sharpe_ratio(returns.to_numpy(), 0.0), dsr=dsr_value, n_trials=n_trials, pbo=pbo,
+        spa_p_value=spa.consistent, spa_reverse_p_value=spa.reverse[agent].consistent, bars=len(wide),
+    )
+
+
+def targets_table(results: pd.DataFrame, agent: str) -> pd.DataFrame:
+    """The seed system's four targets beside the agent's median over paths x seeds, and whether each is met."""
+    rows = results[results["name"] == agent]
+    out = []
+    for stat, op, threshold, label in TARGETS:
+        value = float(rows[stat].median())
+        met = value > threshold if op == ">" else value < threshold
+        out.append({"target": label, "measured (median)": value, "met": bool(met)})
+    return pd.DataFrame(out).set_index("target")
+
+
+def verdict(results: pd.DataFrame, found: Inference, *, alpha: float = 0.05) -> str:
+    """One plain sentence: does the agent beat the baselines out of sample, net of costs, after the search?"""
+    rows = results[results["name"] == found.agent]
+    median = float(rows["sharpe"].median())
+    bh = results[results["name"] == "buy_and_hold"]["sharpe"]
+    bh_text = f", buy-and-hold {bh.median():.2f}" if len(bh) else ""
+    if found.spa_p_value < alpha and found.psr_vs_best_baseline > 1 - alpha:
+        head = f"{found.agent} beats every baseline"
+    elif found.spa_reverse_p_value < alpha:
+        head = f"{found.agent} loses to at least one baseline ({found.best_baseline} is the best)"
+    else:
+        head = f"{found.agent} does not beat the baselines"
+    return (f"{head}: out of sample, net of costs, median annualised Sharpe {median:.2f} over "
+            f"{len(rows)} paths x seeds{bh_text}; PSR vs the best baseline ({found.best_baseline}) "
+            f"{found.psr_vs_best_baseline:.2f}, SPA p = {found.spa_p_value:.3f}, DSR {found.dsr:.2f} "
+            f"({found.n_trials} configuration{'s' if found.n_trials != 1 else ''} tried).")
+
+
+def sharpe_distribution(results: pd.DataFrame) -> dict[str, np.ndarray]:
+    """Every strategy's annualised Sharpe over its paths x seeds, for the distribution figure."""
+    return {name: group["sharpe"].to_numpy() for name, group in results.groupby("name", sort=False)}

@@ -1,0 +1,121 @@
+"""The experiment runner end to end on a CI-sized CPCV experiment: table, paths, resume, workers, CLI."""
+
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from sentio_lab.experiment.__main__ import main
+from sentio_lab.experiment.config import AgentSpec, ExperimentConfig
+from sentio_lab.experiment.runner import (
+    EQUITY_FILE,
+    RESULTS_FILE,
+    evaluation_folder,
+    plan_experiment,
+    run_experiment,
+    summarise,
+)
+
+TINY = ("--total-timesteps", "256", "--num-envs", "8", "--num-steps", "16", "--num-minibatches", "2",
+        "--update-epochs", "1", "--hidden-size", "8")
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory):
+    cache = str(tmp_path_factory.mktemp("feature-cache"))
+    return ExperimentConfig(
+        name="tiny_cpcv", dataset="nasdaq", data_end="2004-12-31", split="cpcv", n_groups=4, n_test_groups=2,
+        seeds=(1, 2), random_seeds=2,
+        common_args=("--window", "4", "--episode-length", "16", "--feature-cache-dir", cache),
+        agents=(AgentSpec("tiny", "ppo", TINY),),
+    )
+
+
+@pytest.fixture(scope="module")
+def finished(config, tmp_path_factory):
+    plan = plan_experiment(config)
+    output = tmp_path_factory.mktemp("runs") / config.name
+    return plan, output, run_experiment(plan, output, progress=False)
+
+
+def test_table_has_every_strategy_seed_and_path(finished, config):
+    plan, output, results = finished
+    assert len(plan.folds) == 6 and len(plan.cells) == 12  # C(4, 2) folds x 2 seeds
+    n_paths = 3  # C(3, 1) backtest paths
+    agents = results[results["kind"] == "agent"]
+    assert sorted(set(zip(agents["seed"], agents["path"], strict=True))) == [(s, p) for s in (1, 2)
+                                                                            for p in range(n_paths)]
+    baselines = results[results["kind"] == "baseline"]
+    assert sorted(baselines["name"].unique()) == sorted(config.baselines)
+    assert (baselines.groupby("name").size() == n_paths).all()
+    assert (results["n_trials"] == 1).all()
+    assert np.isfinite(results["sharpe"]).all() and np.isfinite(results["max_drawdown"]).all()
+    # every strategy's path covers the same bars: one accounting for every row of the comparison
+    curves = pd.read_parquet(output / EQUITY_FILE)
+    spans = curves.groupby(["name", "seed", "path"])["timestamp"].agg(["min", "max", "count"])
+    assert spans.groupby(level="path").nunique().eq(1).all().all()
+    table = pd.read_parquet(output / RESULTS_FILE)
+    pd.testing.assert_frame_equal(table, results)
+    summary = summarise(results)
+    assert summary.loc[("agent", "tiny"), ("paths x seeds", "n")] == 2 * n_paths
+
+
+def test_paths_cover_the_test_bars_once(finished):
+    plan, output, _ = finished
+    curves = pd.read_parquet(output / EQUITY_FILE)
+    bh = curves[curves["name"] == "buy_and_hold"]
+    for path, curve in bh.groupby("path"):
+        stamps = pd.DatetimeIndex(curve["timestamp"])
+        assert stamps.is_monotonic_increasing and stamps.is_unique, path
+    # CPCV: each of the 4 groups is tested in 3 folds, and each path uses each group once
+    assert sum(len(f.test) for f in plan.folds) == 4 * 3
+
+
+def test_a_killed_run_resumes_to_the_same_table(finished, config, tmp_path):
+    plan, output, results = finished
+    copy = tmp_path / "copy"
+    shutil.copytree(output, copy)
+    # a training cell killed after its checkpoint but before cell.json, an evaluation never written
+    cell = copy / "cells" / plan.cells[3].cell_id
+    (cell / "cell.json").unlink()
+    shutil.rmtree(evaluation_folder(copy, "tiny", plan.cells[3].fold))
+    shutil.rmtree(copy / "baselines" / "momentum__fold002")
+    (copy / RESULTS_FILE).unlink()
+    again = run_experiment(plan, copy, progress=False)
+    pd.testing.assert_frame_equal(again, results)
+
+
+@pytest.mark.slow
+def test_results_do_not_depend_on_the_worker_count(finished, tmp_path):
+    plan, _, results = finished
+    parallel = run_experiment(plan, tmp_path / "two_workers", workers=2, progress=False)
+    pd.testing.assert_frame_equal(parallel, results)
+
+
+def test_agents_must_share_the_accounting(config):
+    other = ExperimentConfig(**{**config.__dict__, "agents": (
+        AgentSpec("a", "ppo", TINY), AgentSpec("b", "ppo", (*TINY, "--fee-bps", "5")))})
+    with pytest.raises(ValueError, match="differ in window, positions or costs"):
+        plan_experiment(other)
+
+
+def test_command_line_runs_a_named_file(tmp_path, capsys):
+    path = tmp_path / "cli.toml"
+    cache = tmp_path / "cache"
+    path.write_text(f"""
+name = "cli"
+dataset = "nasdaq"
+data_end = "2003-12-31"
+split = "walk_forward"
+n_groups = 2
+seeds = [1]
+baselines = ["buy_and_hold"]
+common_args = ["--window", "4", "--episode-length", "16", "--feature-cache-dir", "{cache}"]
+[agents.tiny]
+args = {list(TINY)!r}
+""".replace("'", '"'))
+    output = main(["--config", str(path), "--output-root", str(tmp_path / "out"), "--no-progress"])
+    printed = capsys.readouterr().out
+    assert "cli: 2 folds, 2 cells" in printed and "buy_and_hold" in printed
+    assert (output / RESULTS_FILE).exists()
