@@ -96,3 +96,238 @@ def test_evaluation_charges_the_checkpoints_borrow_and_old_checkpoints_none(tiny
     old = evaluate_checkpoint(old_path)
     assert old.costs.borrow_bps == 0.0
     pd.testing.assert_series_equal(old.equity, free.equity)
+
+
+# ------------------------------------------------------------------------------------------ batched evaluation
+def _with_ranges(market, **ranges):
+    """``market`` with extra named ranges ``name=(start, stop)``."""
+    from sentio_lab.data import Split
+
+    index = market.data.frame.index
+    splits = dict(market.splits)
+    for name, (a, b) in ranges.items():
+        splits[name] = Split(name, a, b, index[a], index[b - 1])
+    return dataclasses.replace(market, splits=splits)
+
+
+def _mlp_agents(market, window, positions, specs):
+    """Small MLP agents, ``specs`` = [(seed, hidden, bias on the actor's last layer)], whose normalisers have seen
+    real observations (each agent its own statistics)."""
+    import torch
+
+    from sentio_lab.env import TradingEnv
+    from sentio_lab.nets import MLPActorCritic
+
+    obs_dim = market.arrays.features.shape[1] * window + 1
+    agents = []
+    for seed, hidden, bias in specs:
+        torch.manual_seed(seed)
+        agent = MLPActorCritic(obs_dim, len(positions), hidden=hidden)
+        env = TradingEnv(market.arrays, num_envs=32, window=window, episode_length=8, positions=positions, seed=seed)
+        agent.obs_norm.update(env.reset())
+        with torch.no_grad():
+            agent.actor[-1].weight.mul_(100.0)  # trained-like logit scale: actions change from bar to bar
+            agent.actor[-1].bias.add_(torch.tensor(bias, dtype=torch.float32))
+        agents.append(agent)
+    return agents
+
+
+def _assert_same(batched, single):
+    assert (batched.range_name, batched.start, batched.ruined, batched.costs) == (
+        single.range_name, single.start, single.ruined, single.costs)
+    pd.testing.assert_series_equal(batched.weights, single.weights, check_exact=True)
+    pd.testing.assert_series_equal(batched.equity, single.equity, check_exact=True)
+    assert np.array_equal(batched.equity.to_numpy(), single.equity.to_numpy())  # bit for bit, not "close"
+
+
+@pytest.fixture(scope="module")
+def ranged_market(sp500_market):
+    """sp500 with three extra ranges of different lengths: one starting inside the feature warm-up, one over the
+    August 2015 sell-off (the longest) and a short one ending on the market's last bar."""
+    n = len(sp500_market.data.frame)
+    crash = sp500_market.data.frame.index.get_loc(pd.Timestamp("2015-08-24"))
+    return _with_ranges(sp500_market, early=(0, 140), crash=(crash - 120, crash + 80), end=(n - 60, n))
+
+
+def test_batched_evaluation_equals_one_at_a_time(ranged_market):
+    from sentio_lab.costs import CostModel
+    from sentio_lab.evaluate import evaluate_policies
+
+    window, positions = 8, (0.0, 1.0, 40.0)  # 40x long is ruined by a 2.5% down bar
+    costs = CostModel(fee_bps=1.0, slippage_bps=2.0)
+    # two architectures (hidden 16 and 24): two vmapped groups; agent 1 leans to 40x, agent 0 away from it
+    agents = _mlp_agents(ranged_market, window, positions, [(0, 16, [0.0, 0.0, -3.0]), (1, 16, [0.0, 0.0, 1.0]),
+                                                            (2, 24, [0.0, 0.0, 0.0])])
+    names = ["early", "crash", "end"]
+    batched = evaluate_policies(agents, ranged_market, names, window=window, positions=positions, costs=costs)
+    assert len(batched) == 3 and all(len(row) == 3 for row in batched)
+    lengths = set()
+    for i, agent in enumerate(agents):
+        for j, name in enumerate(names):
+            single = evaluate_policy(agent, ranged_market, window=window, positions=positions, costs=costs,
+                                     range_name=name)
+            _assert_same(batched[i][j], single)
+            if not single.ruined:
+                lengths.add(len(single.weights))
+    # the cases the test is about actually happened: ranges of different lengths, ruin and no ruin, changing actions
+    assert len(lengths) >= 2
+    ruined = [[e.ruined for e in row] for row in batched]
+    assert any(map(any, ruined)) and not all(map(all, ruined))
+    assert batched[1][1].ruined  # the 40x-leaning agent over the sell-off
+    assert all(batched[0][j].weights.nunique() >= 2 for j in range(3))
+    assert batched[0][0].start == ranged_market.arrays.first_valid + window - 1  # the warm-up clamp
+    assert not batched[0][2].ruined  # ran to the market's last bar, and no further
+    assert batched[0][2].equity.index[-1] == ranged_market.data.frame.index[-1]
+
+
+def test_batched_evaluation_mixes_other_policies_and_duplicate_ranges(ranged_market):
+    """A policy that is no MLPActorCritic (here: always 50x long, ruined) goes through its own act_greedy, beside
+    a stacked MLP agent; a range named twice is evaluated twice."""
+    import torch
+
+    from sentio_lab.evaluate import evaluate_policies
+
+    class AlwaysLong(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.dummy = torch.nn.Parameter(torch.zeros(1))
+
+        def act_greedy(self, obs):
+            return torch.full((obs.shape[0],), 1, dtype=torch.long)
+
+    window, positions, costs = 8, (0.0, 50.0), ppo.cost_model(ppo.Args())
+    (mlp,) = _mlp_agents(ranged_market, window, positions, [(3, 16, [0.0, -2.0])])
+    agents = [AlwaysLong(), mlp]
+    names = ["crash", "test", "crash"]
+    batched = evaluate_policies(agents, ranged_market, names, window=window, positions=positions, costs=costs)
+    for i, agent in enumerate(agents):
+        for j, name in enumerate(names):
+            single = evaluate_policy(agent, ranged_market, window=window, positions=positions, costs=costs,
+                                     range_name=name)
+            _assert_same(batched[i][j], single)
+    assert batched[0][0].ruined and batched[0][0].equity.iloc[-1] == 1e-12
+
+
+@pytest.mark.parametrize("logit_scale", [1.0, 100.0])
+def test_stacked_logits_agree_with_unbatched_far_inside_the_tie_guard(ranged_market, logit_scale):
+    """The guard's margin: batched (vmapped) logits differ from one-row logits by far less than the tolerance,
+    for an untrained policy head (gain 0.01) and one with trained-like logits (100x its weights)."""
+    import torch
+
+    from sentio_lab.env import TradingEnv
+    from sentio_lab.evaluate import TIE_ATOL, TIE_RTOL, _StackedGreedy
+
+    window, positions = 8, (-1.0, 0.0, 1.0)
+    agents = _mlp_agents(ranged_market, window, positions, [(s, 16, [0.0, 0.0, 0.0]) for s in range(4)])
+    for agent in agents:
+        with torch.no_grad():
+            agent.actor[-1].weight.mul_(logit_scale / 100.0)
+    env = TradingEnv(ranged_market.arrays, num_envs=4 * 256, window=window, episode_length=8, seed=7)
+    obs = env.reset().view(4, 256, -1)
+    stacked = _StackedGreedy(agents, "cpu")
+    with torch.no_grad():
+        logits = stacked.logits(obs)
+        single = torch.stack([torch.cat([a.actor(a.normalise(obs[g, b : b + 1])) for b in range(256)])
+                              for g, a in enumerate(agents)])
+    tolerance = (TIE_ATOL + TIE_RTOL * stacked.scale)[:, None]
+    error = (logits - single).abs().amax(-1)
+    assert (error <= tolerance / 20).all(), float((error / tolerance).max())
+    assert (error > 0).any()  # batched and one-row logits do differ in the last bits: the guard is needed
+    assert single.abs().max() > 0.01 * logit_scale  # logits of the intended size
+    actions = stacked(obs)
+    assert torch.equal(actions, torch.stack([a.act_greedy(obs[g]) for g, a in enumerate(agents)]))
+
+
+def test_exact_ties_are_decided_by_the_unbatched_argmax(ranged_market):
+    """Two identical logit rows tie exactly: every tied row is re-run unbatched and takes the first index."""
+    import torch
+
+    from sentio_lab.evaluate import _StackedGreedy, evaluate_policies
+
+    window, positions = 8, (0.0, 1.0, -1.0)
+    agents = _mlp_agents(ranged_market, window, positions, [(4, 16, [0.0, 0.0, 0.0]), (5, 16, [0.0, 0.0, 0.0])])
+    for agent in agents:
+        with torch.no_grad():
+            agent.actor[-1].weight[2] = agent.actor[-1].weight[1]
+            agent.actor[-1].bias[2] = agent.actor[-1].bias[1]
+    costs = ppo.cost_model(ppo.Args())
+    batched = evaluate_policies(agents, ranged_market, ["early", "end"], window=window, positions=positions,
+                                costs=costs)
+    for i, agent in enumerate(agents):
+        for j, name in enumerate(["early", "end"]):
+            single = evaluate_policy(agent, ranged_market, window=window, positions=positions, costs=costs,
+                                     range_name=name)
+            _assert_same(batched[i][j], single)
+            assert -1.0 not in set(single.weights) and 1.0 in set(single.weights)  # ties went to index 1
+    from sentio_lab.env import TradingEnv
+
+    env = TradingEnv(ranged_market.arrays, num_envs=2 * 16, window=window, episode_length=8, seed=3,
+                     positions=positions)
+    obs = env.reset().view(2, 16, -1)
+    stacked = _StackedGreedy(agents, "cpu")
+    with torch.no_grad():
+        logits = stacked.logits(obs)
+        actions = stacked(obs)
+    tied = logits[..., 1] >= logits[..., 0]
+    assert tied.any() and stacked.rechecked >= int(tied.sum())
+    assert torch.equal(actions, torch.stack([a.act_greedy(obs[g]) for g, a in enumerate(agents)]))
+
+
+def test_length_buckets_keep_every_env_inside_the_data():
+    from sentio_lab.evaluate import _length_buckets
+
+    # the short range ending on the last bar (index 2) cannot run the longest range's 199 steps
+    assert _length_buckets([27, 500, 1361], [112, 199, 59], 1421) == [[1, 0], [2]]
+    assert _length_buckets([10, 20, 30], [5, 5, 5], 100) == [[0, 1, 2]]
+    for firsts, lengths, n in [([0, 900, 40], [100, 99, 800], 1000), ([5, 6, 7, 8], [10, 9, 8, 7], 18)]:
+        buckets = _length_buckets(firsts, lengths, n)
+        assert sorted(j for b in buckets for j in b) == list(range(len(firsts)))
+        for bucket in buckets:
+            longest = max(lengths[j] for j in bucket)
+            assert lengths[bucket[0]] == longest and all(firsts[j] + longest <= n - 1 for j in bucket)
+
+
+def test_batched_evaluation_edge_cases(ranged_market):
+    from sentio_lab.evaluate import evaluate_policies
+
+    window, positions, costs = 8, (-1.0, 0.0, 1.0), ppo.cost_model(ppo.Args())
+    agents = _mlp_agents(ranged_market, window, positions, [(0, 16, [0.0, 0.0, 0.0])])
+    kw = dict(window=window, positions=positions, costs=costs)
+    assert evaluate_policies([], ranged_market, ["test"], **kw) == []
+    assert evaluate_policies(agents, ranged_market, [], **kw) == [[]]
+    with pytest.raises(KeyError, match="unknown range"):
+        evaluate_policies(agents, ranged_market, ["test", "nope"], **kw)
+    short = _with_ranges(ranged_market, tiny=(0, 5))  # ends inside the feature warm-up
+    with pytest.raises(ValueError, match="too short"):
+        evaluate_policies(agents, short, ["tiny"], **kw)
+    # one decision bar exactly: first observable bar 27, stop 29; and no decision at all: stop 28
+    edge = _with_ranges(ranged_market, one=(20, 29), none=(27, 28))
+    (one, none), = evaluate_policies(agents, edge, ["one", "none"], **kw)
+    for batched, name in [(one, "one"), (none, "none")]:
+        _assert_same(batched, evaluate_policy(agents[0], edge, range_name=name, **kw))
+    assert len(one.weights) == 1 and len(none.weights) == 0 and list(none.equity) == [1.0]
+
+
+def test_batched_evaluation_of_cpcv_test_groups(sp500_market):
+    """A CPCV fold's test groups (the last one runs to the market's end and is longer): every agent over every
+    group in one call, equal to one evaluation at a time on the fold's own market."""
+    from sentio_lab.evaluate import evaluate_policies
+    from sentio_lab.market import prepare_fold_market
+    from sentio_lab.splits import PurgeEmbargo, combinatorial_purged
+
+    window, positions, costs = 8, (-1.0, 0.0, 1.0), ppo.cost_model(ppo.Args())
+    gaps = PurgeEmbargo.for_features(window, sp500_market.feature_config, sp500_market.data.frame)
+    folds = combinatorial_purged(len(sp500_market.data), gaps, n_groups=6, n_test_groups=2,
+                                 first_valid=sp500_market.arrays.first_valid)
+    fold = next(f for f in folds if f.groups == (0, 5))
+    market = prepare_fold_market(sp500_market, fold)
+    names = [f"test:{g}" for g in fold.groups]
+    agents = _mlp_agents(market, window, positions, [(s, 16, [0.0, 0.0, 0.0]) for s in range(3)])
+    batched = evaluate_policies(agents, market, names, window=window, positions=positions, costs=costs)
+    for i, agent in enumerate(agents):
+        for j, name in enumerate(names):
+            _assert_same(batched[i][j], evaluate_policy(agent, market, window=window, positions=positions,
+                                                        costs=costs, range_name=name))
+    first, last = (len(e.weights) for e in batched[0])
+    assert last > first  # skfolio's last group takes the remainder
+    assert batched[0][1].equity.index[-1] == market.data.frame.index[-1]
