@@ -16,7 +16,7 @@ export PYDEVD_DISABLE_FILE_VALIDATION = 1
 DEMO_OUT ?= reports/demo
 DEMO_TIMESTEPS ?= 200000
 
-.PHONY: install demo test lint bench bench-features clean
+.PHONY: install demo test lint bench bench-features bench-evaluation golden clean
 
 install: $(STAMP)
 
@@ -39,12 +39,26 @@ lint: $(STAMP)
 
 test: $(STAMP) lint
 	$(BIN)/python -m pytest -q --cov=sentio_lab --cov-report=term-missing:skip-covered
+	$(BIN)/python -m pytest -q -p no:cacheprovider --nbval $(GOLDEN) --nbval-sanitize-with reports/golden/sanitize.cfg
+
+# The committed, executed CI-sized evaluation report that nbval re-executes (a moved number fails `make test`).
+GOLDEN := reports/golden/evaluation_report.ipynb
+GOLDEN_PARAMS := -p config experiments/configs/sp500_cpcv.toml -p run_dir temp -p output_dir reports/ci_evaluation \
+	-p spa_reps 200 -y '{"overrides": {"seeds": [1, 2], "n_groups": 4, "random_seeds": 2}, "extra_args": \
+	["--total-timesteps", "512", "--num-envs", "8", "--num-steps", "16", "--num-minibatches", "2", \
+	"--update-epochs", "1", "--hidden-size", "8"]}'
+
+golden: $(STAMP)
+	$(BIN)/papermill notebooks/evaluation_report.ipynb $(GOLDEN) --kernel python3 $(GOLDEN_PARAMS)
 
 bench: $(STAMP)
 	$(BIN)/python experiments/benchmarks/bench_ppo_vs_sb3.py
 
 bench-features: $(STAMP)
 	$(BIN)/python experiments/benchmarks/bench_features.py
+
+bench-evaluation: $(STAMP)
+	$(BIN)/python experiments/benchmarks/bench_evaluation.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .coverage runs .cache

@@ -16,6 +16,11 @@ import pandas as pd  # noqa: E402
 from sentio_lab.experiment.summary import Inference, sharpe_distribution  # noqa: E402
 
 
+def _fmt(value: float) -> str:
+    """Four decimals, the report's precision."""
+    return f"{value:.4f}"
+
+
 def plot_path_equity(curves: pd.DataFrame, results: pd.DataFrame, path: str | Path) -> Path:
     """One panel per backtest path: every agent seed (thin) and every baseline (labelled), log scale."""
     kinds = results.drop_duplicates("name").set_index("name")["kind"]
@@ -66,10 +71,10 @@ def write_html(
     """``report.html``: the verdict, the per-strategy table, the tests, the targets and the figures."""
     tests = pd.DataFrame({name: dataclasses.asdict(found) for name, found in inference.items()})
     parts = [f"<h1>{html.escape(title)}</h1>", f"<p><strong>{html.escape(verdict)}</strong></p>",
-             "<h2>Strategies: median [q25, q75] over paths x seeds</h2>", table.to_html(float_format="%.4f"),
-             "<h2>Statistical tests (ensemble returns)</h2>", tests.to_html(float_format="%.4f")]
+             "<h2>Strategies: median [q25, q75] over paths x seeds</h2>", table.to_html(float_format=_fmt),
+             "<h2>Statistical tests (ensemble returns)</h2>", tests.to_html(float_format=_fmt)]
     for name, frame in targets.items():
-        parts += [f"<h2>Seed-system targets: {html.escape(name)}</h2>", frame.to_html(float_format="%.4f")]
+        parts += [f"<h2>Seed-system targets: {html.escape(name)}</h2>", frame.to_html(float_format=_fmt)]
     parts += [f'<h2>{html.escape(label)}</h2><img src="{html.escape(src)}" style="max-width:100%">'
               for label, src in figures.items()]
     rows = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>" for k, v in meta.items())

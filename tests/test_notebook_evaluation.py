@@ -1,0 +1,64 @@
+"""The evaluation report notebook: parameters, a golden copy made from it, and nbval catching a moved number."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOK = ROOT / "notebooks" / "evaluation_report.ipynb"
+GOLDEN = ROOT / "reports" / "golden" / "evaluation_report.ipynb"
+SANITIZE = ROOT / "reports" / "golden" / "sanitize.cfg"
+
+
+def code_cells(path: Path) -> list[dict]:
+    return [c for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "code"]
+
+
+def test_notebook_has_one_parameters_cell_and_no_outputs():
+    papermill = pytest.importorskip("papermill")
+    cells = code_cells(NOTEBOOK)
+    assert [("parameters" in c["metadata"].get("tags", [])) for c in cells].count(True) == 1
+    assert all(not c["outputs"] and c["execution_count"] is None for c in cells)
+    params = papermill.inspect_notebook(str(NOTEBOOK))
+    assert {"config", "overrides", "extra_args", "workers", "run_dir", "output_dir", "spa_reps"} <= set(params)
+
+
+def test_golden_was_executed_from_this_notebook():
+    """`make golden` regenerates the golden copy; a notebook edit without it fails here, not silently."""
+    source = [c["source"] for c in code_cells(NOTEBOOK)]
+    golden = [c for c in code_cells(GOLDEN) if "injected-parameters" not in c["metadata"].get("tags", [])]
+    assert [c["source"] for c in golden] == source
+    assert all(c["outputs"] for c in golden[1:])  # executed: every cell after the defaults printed something
+    text = json.dumps(golden)
+    assert "does not beat the baselines" in text or "beats every baseline" in text or "loses to" in text
+
+
+@pytest.mark.slow
+def test_nbval_fails_when_a_reported_number_moves():
+    nb = json.loads(GOLDEN.read_text())
+    moved = False
+    for cell in nb["cells"]:
+        for output in cell.get("outputs", []):
+            text = output.get("text")
+            if text and "median annualised Sharpe" in "".join(text):
+                output["text"] = ["".join(text).replace("median annualised Sharpe ", "median annualised Sharpe 9")]
+                moved = True
+    assert moved
+    folder = ROOT / "reports" / "nbval_check"  # inside the repository: the notebook finds the root from its folder
+    folder.mkdir(exist_ok=True)
+    try:
+        tampered = folder / "tampered.ipynb"
+        tampered.write_text(json.dumps(nb))
+        run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--nbval",
+                              str(tampered), "--nbval-sanitize-with", str(SANITIZE)],
+                             capture_output=True, text=True, cwd=ROOT)
+    finally:
+        shutil.rmtree(folder)
+    assert run.returncode == 1, run.stdout[-2000:]
+    assert "1 failed, 7 passed" in run.stdout  # only the cell whose stored number was moved
