@@ -20,6 +20,8 @@ from sentio_lab.features import (
     build_observation_features,
     registered_producers,
 )
+from sentio_lab.features import raw as features_raw
+from sentio_lab.features import registry as features_registry
 
 
 def random_ohlcv(n: int, seed: int, *, freq: str = "B", start: str = "2010-01-04", price: float = 100.0):
@@ -63,7 +65,7 @@ def test_registry_lists_basic_inside_talib_and_names_are_unique():
 
 
 def test_register_feature_rejects_duplicates_bad_banks_and_negative_lookback(monkeypatch):
-    monkeypatch.setattr(F, "FEATURE_REGISTRY", dict(FEATURE_REGISTRY))
+    monkeypatch.setattr(features_registry, "FEATURE_REGISTRY", dict(FEATURE_REGISTRY))
     with pytest.raises(ValueError, match="already registered"):
         F.register_feature("ret_1", lookback=1)(lambda b: {})
     with pytest.raises(ValueError, match="unknown bank"):
@@ -76,7 +78,7 @@ def test_register_feature_rejects_duplicates_bad_banks_and_negative_lookback(mon
         """Twice the close."""
         return {"test_double_close": 2 * b.close}
 
-    producer = F.FEATURE_REGISTRY["test_double_close"]
+    producer = features_registry.FEATURE_REGISTRY["test_double_close"]
     assert producer.description == "Twice the close." and producer.bank == "basic"
     bars = Bars.from_frame(random_ohlcv(10, 1))
     np.testing.assert_array_equal(producer(bars)["test_double_close"], 2 * bars.close)
@@ -316,7 +318,7 @@ def test_fitting_ignores_rows_after_train_stop(daily):
 
 
 def test_constant_training_columns_are_dropped(monkeypatch):
-    monkeypatch.setattr(F, "FEATURE_REGISTRY", dict(FEATURE_REGISTRY))
+    monkeypatch.setattr(features_registry, "FEATURE_REGISTRY", dict(FEATURE_REGISTRY))
 
     @F.register_feature("late_flag", lookback=0)
     def _late(b):
@@ -330,14 +332,14 @@ def test_constant_training_columns_are_dropped(monkeypatch):
 
 
 def test_a_block_with_only_constant_columns_is_an_error(monkeypatch):
-    monkeypatch.setattr(F, "FEATURE_REGISTRY", {})
+    monkeypatch.setattr(features_registry, "FEATURE_REGISTRY", {})
     F.register_feature("zero", lookback=0)(lambda b: {"zero": np.zeros(len(b))})
     with pytest.raises(ValueError, match="every feature is constant"):
         build_observation_features(random_ohlcv(200, 2), 100)
 
 
 def test_nan_after_the_warm_up_is_an_error_naming_the_feature(monkeypatch):
-    monkeypatch.setattr(F, "FEATURE_REGISTRY", dict(FEATURE_REGISTRY))
+    monkeypatch.setattr(features_registry, "FEATURE_REGISTRY", dict(FEATURE_REGISTRY))
 
     @F.register_feature("leaky", lookback=2)
     def _leaky(b):
@@ -374,7 +376,7 @@ def test_cache_hit_returns_identical_values(daily, tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("features recomputed despite a cache hit")
 
-    monkeypatch.setattr(F, "compute_features", boom)
+    monkeypatch.setattr(features_raw, "compute_features", boom)
     second = build_observation_features(frame, 1200, cfg)
     np.testing.assert_array_equal(first.values, second.values)
     assert first.names == second.names and first.blocks == second.blocks

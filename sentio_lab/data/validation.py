@@ -1,0 +1,128 @@
+"""The canonical OHLCV frame: :func:`canonicalize` validates raw input or raises :class:`DataValidationError`
+naming the problem, the source and the offending rows (nothing is dropped, filled or reordered);
+:func:`infer_bar_freq` and :func:`fingerprint` describe a canonical frame."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pandas as pd
+
+OHLCV_COLUMNS: tuple[str, ...] = ("open", "high", "low", "close", "volume")
+PRICE_COLUMNS: tuple[str, ...] = ("open", "high", "low", "close")
+#: Fewer rows than this cannot hold a train, validation and test range worth the name.
+DEFAULT_MIN_ROWS = 50
+#: How many offending rows an error message lists before it says "and N more".
+_MAX_ROWS_SHOWN = 5
+
+
+class DataValidationError(ValueError):
+    """Raised when OHLCV input is malformed; the message names the problem, the source and the rows."""
+
+
+def _rows(index: pd.Index, mask: np.ndarray) -> str:
+    """Describe offending rows: their count and the first few timestamps / labels."""
+    where = np.flatnonzero(mask)
+    shown = ", ".join(str(index[i]) for i in where[:_MAX_ROWS_SHOWN])
+    more = f" and {len(where) - _MAX_ROWS_SHOWN} more" if len(where) > _MAX_ROWS_SHOWN else ""
+    return f"{len(where)} row(s) [{shown}{more}]"
+
+
+def canonicalize(raw: pd.DataFrame, *, source: str = "input", min_rows: int = DEFAULT_MIN_ROWS) -> pd.DataFrame:
+    """Return the canonical frame for ``raw`` or raise :class:`DataValidationError`.
+
+    Column names match case-insensitively (surrounding spaces ignored); extra columns are ignored.
+    """
+    by_lower: dict[str, object] = {}
+    for col in raw.columns:
+        key = str(col).strip().lower()
+        if key in OHLCV_COLUMNS and key in by_lower:
+            raise DataValidationError(f"{source}: column {key!r} appears twice (case-insensitively)")
+        by_lower[key] = col
+    missing = [c for c in OHLCV_COLUMNS if c not in by_lower]
+    if missing:
+        raise DataValidationError(
+            f"{source}: missing column(s) {missing}; found {[str(c) for c in raw.columns]}"
+        )
+
+    index = raw.index
+    if not isinstance(index, pd.DatetimeIndex) and pd.api.types.is_numeric_dtype(index.dtype):
+        # pd.to_datetime would read integers as nanoseconds since 1970: 20200102 -> 1970-01-01 00:00:00.020.
+        raise DataValidationError(
+            f"{source}: index is not parseable as timestamps (numeric values such as {index[0]!r}; "
+            "convert them explicitly, e.g. pd.to_datetime(..., unit='s') or format='%Y%m%d')"
+        )
+    if not isinstance(index, pd.DatetimeIndex):
+        try:
+            index = pd.DatetimeIndex(pd.to_datetime(index))
+        except (ValueError, TypeError) as err:
+            raise DataValidationError(f"{source}: index is not parseable as timestamps ({err})") from err
+    if index.hasnans:
+        # A missing timestamp reads NaT, which locates nothing: report 0-based row positions instead.
+        positions = _rows(pd.RangeIndex(len(index)), np.asarray(index.isna()))
+        raise DataValidationError(f"{source}: missing timestamp(s) in {positions} (0-based row positions)")
+
+    frame = pd.DataFrame(index=index.rename("timestamp"))
+    for col in OHLCV_COLUMNS:
+        values = pd.to_numeric(pd.Series(raw[by_lower[col]].to_numpy(), index=index), errors="coerce")
+        original = raw[by_lower[col]].to_numpy()
+        not_numeric = values.isna().to_numpy() & ~pd.isna(original)
+        if not_numeric.any():
+            raise DataValidationError(f"{source}: non-numeric {col!r} in {_rows(index, not_numeric)}")
+        frame[col] = values.to_numpy(dtype=np.float64)
+
+    if len(frame) < min_rows:
+        raise DataValidationError(f"{source}: too few rows ({len(frame)}); at least {min_rows} are needed")
+
+    duplicated = np.asarray(index.duplicated(keep=False))
+    if duplicated.any():
+        raise DataValidationError(f"{source}: duplicate timestamp(s) in {_rows(index, duplicated)}")
+    steps = np.diff(_nanoseconds(index))
+    unsorted = np.concatenate([[False], steps < 0])
+    if unsorted.any():
+        raise DataValidationError(
+            f"{source}: timestamps not in increasing order at {_rows(index, unsorted)} "
+            "(sort the file first; nothing is reordered silently)"
+        )
+
+    values = frame.to_numpy()
+    for j, col in enumerate(OHLCV_COLUMNS):
+        bad = ~np.isfinite(values[:, j])
+        if bad.any():
+            raise DataValidationError(f"{source}: NaN or inf in {col!r} at {_rows(index, bad)}")
+    for col in PRICE_COLUMNS:
+        bad = frame[col].to_numpy() <= 0
+        if bad.any():
+            raise DataValidationError(f"{source}: non-positive {col!r} at {_rows(index, bad)}")
+    bad = frame["volume"].to_numpy() < 0
+    if bad.any():
+        raise DataValidationError(f"{source}: negative volume at {_rows(index, bad)}")
+    o, h, lo, c = (frame[col].to_numpy() for col in PRICE_COLUMNS)
+    bad = h < np.maximum(o, c)
+    if bad.any():
+        raise DataValidationError(f"{source}: high below max(open, close) at {_rows(index, bad)}")
+    bad = lo > np.minimum(o, c)
+    if bad.any():
+        raise DataValidationError(f"{source}: low above min(open, close) at {_rows(index, bad)}")
+    return frame
+
+
+def _nanoseconds(index: pd.DatetimeIndex) -> np.ndarray:
+    """Timestamps as int64 nanoseconds whatever unit pandas stores (pandas 3 keeps microseconds)."""
+    return index.as_unit("ns").asi8
+
+
+def infer_bar_freq(frame: pd.DataFrame) -> pd.Timedelta:
+    """Bar spacing as the median gap between timestamps (robust to weekends and holidays)."""
+    gaps = np.diff(_nanoseconds(frame.index))
+    return pd.Timedelta(int(np.median(gaps)), unit="ns") if len(gaps) else pd.Timedelta(0)
+
+
+def fingerprint(frame: pd.DataFrame) -> str:
+    """SHA-256 (first 16 hex digits) of the canonical frame's timestamps, column names and values."""
+    digest = hashlib.sha256()
+    digest.update(",".join(map(str, frame.columns)).encode())
+    digest.update(np.ascontiguousarray(_nanoseconds(frame.index)).tobytes())
+    digest.update(np.ascontiguousarray(frame.to_numpy(dtype=np.float64)).tobytes())
+    return digest.hexdigest()[:16]
