@@ -1,5 +1,6 @@
 """The experiment runner end to end on a CI-sized CPCV experiment: table, paths, resume, workers, CLI."""
 
+import json
 import shutil
 
 import numpy as np
@@ -119,3 +120,20 @@ args = {list(TINY)!r}
     printed = capsys.readouterr().out
     assert "cli: 2 folds, 2 cells" in printed and "buy_and_hold" in printed
     assert (output / RESULTS_FILE).exists()
+
+
+def test_model_selection_on_an_inner_validation_slice_is_recorded(config, tmp_path):
+    selecting = ExperimentConfig(**{**config.__dict__, "name": "select", "split": "walk_forward", "n_groups": 2,
+                                    "seeds": (1,), "baselines": ("buy_and_hold",), "validation_bars": 40,
+                                    "select_every": 1})
+    plan = plan_experiment(selecting)
+    results = run_experiment(plan, tmp_path / "select", progress=False)
+    chosen = [json.loads(v) for v in results.loc[results["kind"] == "agent", "selected_iterations"]]
+    assert chosen and all(len(c) == 2 and all(i in (1, 2) for i in c) for c in chosen)  # 2 iterations, 2 folds
+    for fold in plan.folds:  # each fold scored its checkpoints on the validation slice and kept the best
+        record = json.loads((tmp_path / "select" / "cells" / f"tiny__seed1__fold{fold.fold:03d}" / "cell.json")
+                            .read_text())
+        history = record["selection_history"]
+        assert [h["iteration"] for h in history] == [1, 2] and record["checkpoint"] == "best.pt"
+        best = max(history, key=lambda h: h["validation_sharpe"])
+        assert record["selected_iteration"] == best["iteration"]

@@ -146,3 +146,24 @@ def verdict(results: pd.DataFrame, found: Inference, *, alpha: float = 0.05) -> 
 def sharpe_distribution(results: pd.DataFrame) -> dict[str, np.ndarray]:
     """Every strategy's annualised Sharpe over its paths x seeds, for the distribution figure."""
     return {name: group["sharpe"].to_numpy() for name, group in results.groupby("name", sort=False)}
+
+
+def ab_tests(curves: pd.DataFrame, results: pd.DataFrame, *, reps: int = 2000, seed: int = 0) -> pd.DataFrame:
+    """Paired A/B of every pair of configurations on the same bars: the stationary-bootstrap confidence
+    interval and p-value of their per-bar Sharpe difference (ensemble returns;
+    :func:`sentio_lab.inference.sharpe_difference_test`).
+
+    Empty with fewer than two configurations.
+    """
+    wide = ensemble_returns(curves)
+    kinds = results.drop_duplicates("name").set_index("name")["kind"]
+    agents = [n for n in wide.columns if kinds.get(n) == "agent"]
+    rows = []
+    for i, a in enumerate(agents):
+        for b in agents[i + 1:]:
+            test = inference.sharpe_difference_test(wide[a], wide[b], reps=reps, seed=seed)
+            rows.append({"a": a, "b": b, "sharpe_a": test.sharpe_a, "sharpe_b": test.sharpe_b,
+                         "difference": test.difference, "ci_low": test.ci_low, "ci_high": test.ci_high,
+                         "p_value": test.p_value, "block_size": test.block_size})
+    return pd.DataFrame(rows, columns=["a", "b", "sharpe_a", "sharpe_b", "difference", "ci_low", "ci_high",
+                                       "p_value", "block_size"])

@@ -1,0 +1,122 @@
+"""Summary of experiment results on synthetic paths whose answers are known by construction."""
+
+import dataclasses
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from sentio_lab.experiment.figures import plot_path_equity, plot_sharpe_distribution, write_html
+from sentio_lab.experiment.summary import (
+    TARGETS,
+    ab_tests,
+    ensemble_returns,
+    infer,
+    strategy_table,
+    targets_table,
+    verdict,
+)
+from sentio_lab.metrics import summary_stats
+
+BARS = pd.bdate_range("2015-01-02", periods=600)
+
+
+def synthetic(edges: dict[str, float], seeds=(1, 2), paths=(0, 1)):
+    """Curves and results: a market return plus each strategy's daily edge; agents get seeds, baselines not."""
+    rng = np.random.default_rng(0)
+    market = rng.normal(0.0003, 0.01, len(BARS))
+    curve_rows, result_rows = [], []
+    for name, edge in edges.items():
+        kind = "baseline" if name in ("buy_and_hold", "sma_crossover") else "agent"
+        for seed in (seeds if kind == "agent" else (-1,)):
+            for path in paths:
+                noise = rng.normal(0, 0.001, len(BARS)) if kind == "agent" else 0.0
+                rets = market + edge + noise
+                rets[0] = 0.0
+                equity = pd.Series(np.cumprod(1 + rets), index=BARS)
+                curve_rows.append(pd.DataFrame({"name": name, "seed": seed, "path": path, "timestamp": BARS,
+                                                "equity": equity.to_numpy()}))
+                stats = summary_stats(equity, pd.Series(1.0, index=BARS[:-1]))
+                result_rows.append({"kind": kind, "name": name, "seed": seed, "path": path, "n_trials": 2, **stats})
+    return pd.concat(curve_rows, ignore_index=True), pd.DataFrame(result_rows)
+
+
+@pytest.fixture(scope="module")
+def two_agents():
+    return synthetic({"strong": 0.002, "weak": -0.003, "buy_and_hold": 0.0, "sma_crossover": -0.0002})
+
+
+def test_strategy_table_is_median_and_iqr_over_paths_x_seeds(two_agents):
+    curves, results = two_agents
+    table = strategy_table(results)
+    strong = results[results["name"] == "strong"]["sharpe"]
+    assert table.loc[("agent", "strong"), ("sharpe", "median")] == pytest.approx(strong.median())
+    assert table.loc[("agent", "strong"), ("sharpe", "q25")] == pytest.approx(strong.quantile(0.25))
+    assert table.loc[("agent", "strong"), ("runs", "paths x seeds")] == 4
+    assert table.loc[("baseline", "buy_and_hold"), ("runs", "paths x seeds")] == 2
+
+
+def test_ensemble_returns_average_seeds_and_paths(two_agents):
+    curves, _ = two_agents
+    wide = ensemble_returns(curves)
+    strong = curves[curves["name"] == "strong"]
+    by_run = [g.set_index("timestamp")["equity"].pct_change() for _, g in strong.groupby(["seed", "path"])]
+    expected = pd.concat(by_run, axis=1).mean(axis=1).dropna()
+    np.testing.assert_allclose(wide["strong"].to_numpy(), expected.to_numpy(), rtol=1e-12)
+    assert len(wide) == len(BARS) - 1
+
+
+def test_infer_and_verdict_tell_a_strong_agent_from_a_weak_one(two_agents):
+    curves, results = two_agents
+    strong = infer(results, curves, "strong", reps=300)
+    weak = infer(results, curves, "weak", reps=300)
+    assert strong.best_baseline == weak.best_baseline == "buy_and_hold"
+    assert strong.spa_p_value < 0.05 and strong.psr_vs_best_baseline > 0.95
+    assert weak.spa_reverse_p_value < 0.05 and weak.spa_p_value > 0.5
+    assert 0.0 <= strong.pbo <= 1.0 and strong.n_trials == 2 and 0 <= strong.dsr <= 1
+    assert verdict(results, strong).startswith("strong beats every baseline")
+    assert verdict(results, weak).startswith("weak loses to at least one baseline (buy_and_hold")
+    with pytest.raises(KeyError, match="not an agent"):
+        infer(results, curves, "buy_and_hold")
+
+
+def test_one_configuration_has_no_pbo_and_dsr_is_psr0():
+    curves, results = synthetic({"only": 0.0, "buy_and_hold": 0.0})
+    found = infer(results, curves, "only", reps=200)
+    assert np.isnan(found.pbo) and found.dsr == found.psr_zero
+    undecided = dataclasses.replace(found, spa_p_value=0.5, spa_reverse_p_value=0.5)
+    assert verdict(results, undecided).startswith("only does not beat the baselines: ")
+    assert ab_tests(curves, results).empty
+    no_baselines = results[results["kind"] == "agent"]
+    with pytest.raises(ValueError, match="no baseline"):
+        infer(no_baselines, curves[curves["name"] == "only"], "only")
+
+
+def test_targets_compare_the_median_with_the_seed_system_thresholds(two_agents):
+    _, results = two_agents
+    table = targets_table(results, "strong")
+    assert list(table.index) == [label for *_, label in TARGETS]
+    median_sharpe = results[results["name"] == "strong"]["sharpe"].median()
+    assert table.loc["Sharpe > 3", "measured (median)"] == pytest.approx(median_sharpe)
+    assert table.loc["Sharpe > 3", "met"] == (median_sharpe > 3)
+
+
+def test_ab_tests_find_the_better_configuration(two_agents):
+    curves, results = two_agents
+    ab = ab_tests(curves, results, reps=300)
+    (row,) = ab.to_dict("records")
+    assert (row["a"], row["b"]) == ("strong", "weak")
+    assert row["difference"] > 0 and row["ci_low"] > 0 and row["p_value"] < 0.05
+
+
+def test_figures_and_html_are_written(two_agents, tmp_path):
+    curves, results = two_agents
+    found = {"strong": infer(results, curves, "strong", reps=100)}
+    eq = plot_path_equity(curves, results, tmp_path / "eq.png")
+    sh = plot_sharpe_distribution(results, tmp_path / "sh.png")
+    assert eq.stat().st_size > 5000 and sh.stat().st_size > 5000
+    page = write_html(tmp_path, title="t", verdict="v", table=strategy_table(results), inference=found,
+                      targets={"strong": targets_table(results, "strong")}, figures={"Equity": eq.name},
+                      meta={"dataset": "synthetic"})
+    text = page.read_text()
+    assert "strong" in text and 'src="eq.png"' in text and "synthetic" in text
