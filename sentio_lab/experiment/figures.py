@@ -26,18 +26,25 @@ def plot_path_equity(curves: pd.DataFrame, results: pd.DataFrame, path: str | Pa
     kinds = results.drop_duplicates("name").set_index("name")["kind"]
     paths = sorted(curves["path"].unique())
     fig, axes = plt.subplots(len(paths), 1, figsize=(11, 2.6 * len(paths)), sharex=True, squeeze=False)
+    # Baselines get distinct colours; every seed of an agent configuration shares one dark shade.
+    baseline_colours = dict(zip([n for n in kinds.index if kinds[n] == "baseline"],
+                                ["tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown", "tab:pink",
+                                 "tab:olive", "tab:cyan"], strict=False))
+    agent_colours = dict(zip([n for n in kinds.index if kinds[n] == "agent"],
+                             ["black", "tab:red", "dimgrey", "darkred"], strict=False))
     for ax, p in zip(axes[:, 0], paths, strict=True):
         on_path = curves[curves["path"] == p]
         for (name, seed), curve in on_path.groupby(["name", "seed"], sort=False):
             agent = kinds.get(name) == "agent"
             label = None if agent and seed != on_path[on_path["name"] == name]["seed"].min() else name
+            colour = agent_colours.get(name) if agent else baseline_colours.get(name)
             ax.plot(pd.DatetimeIndex(curve["timestamp"]), curve["equity"], lw=0.7 if agent else 1.1,
-                    alpha=0.6 if agent else 0.9, color="tab:red" if agent else None, label=label)
+                    alpha=0.55 if agent else 0.9, color=colour, label=label)
         ax.set(yscale="log", ylabel="equity", title=f"backtest path {p}")
         ax.legend(fontsize=7, ncol=4, loc="upper left")
     fig.tight_layout()
     out = Path(path)
-    fig.savefig(out, dpi=90)
+    fig.savefig(out, dpi=72)
     plt.close(fig)
     return out
 
@@ -52,7 +59,7 @@ def plot_sharpe_distribution(results: pd.DataFrame, path: str | Path) -> Path:
     ax.set(ylabel="annualised Sharpe", title="Sharpe over backtest paths x seeds (out of sample, net of costs)")
     fig.tight_layout()
     out = Path(path)
-    fig.savefig(out, dpi=90)
+    fig.savefig(out, dpi=72)
     plt.close(fig)
     return out
 
