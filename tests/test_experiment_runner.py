@@ -1,5 +1,6 @@
 """The experiment runner end to end on a CI-sized CPCV experiment: table, paths, resume, workers, CLI."""
 
+import dataclasses
 import json
 import shutil
 
@@ -8,6 +9,7 @@ import pandas as pd
 import pytest
 
 from sentio_lab.experiment.__main__ import main
+from sentio_lab.experiment.cells import parse_variant_args
 from sentio_lab.experiment.config import AgentSpec, ExperimentConfig
 from sentio_lab.experiment.runner import (
     EQUITY_FILE,
@@ -137,3 +139,31 @@ def test_model_selection_on_an_inner_validation_slice_is_recorded(config, tmp_pa
         assert [h["iteration"] for h in history] == [1, 2] and record["checkpoint"] == "best.pt"
         best = max(history, key=lambda h: h["validation_sharpe"])
         assert record["selected_iteration"] == best["iteration"]
+
+
+def test_trades_are_counted_per_test_group(finished):
+    """Each group's episode starts flat: buy-and-hold enters once per group, and no trade spans two groups."""
+    plan, _, results = finished
+    bh = results[results["name"] == "buy_and_hold"]
+    assert (bh["n_trades"] == 4).all() and (bh["round_trips"] == 4).all()  # 4 groups on every CPCV path
+
+
+def test_a_ruined_group_is_carried_flat_to_the_end_of_its_group(finished):
+    from sentio_lab.evaluate import Evaluation
+    from sentio_lab.experiment.runner import _groups_frame, fold_market
+    from sentio_lab.ppo import cost_model, feature_config
+
+    plan, _, _ = finished
+    fold = plan.folds[0]
+    args = parse_variant_args("ppo", plan.cells[0].args)
+    market = fold_market(plan, fold, feature_config(args))
+    start, stop = market.range(f"test:{fold.groups[0]}")
+    index = market.data.frame.index
+    equity = pd.Series([1.0, 0.5, 1e-12], index=index[start : start + 3])
+    weights = pd.Series([1.0, 1.0], index=index[start : start + 2])
+    ruined = Evaluation("x", start, weights, equity, cost_model(args), ruined=True)
+    frame = _groups_frame([ruined], dataclasses.replace(fold, groups=fold.groups[:1], paths=fold.paths[:1]), market)
+    assert list(frame["timestamp"]) == list(index[start:stop])
+    assert (frame["equity"].iloc[2:] == 1e-12).all() and frame["ruined"].all()
+    assert list(frame["weight"].iloc[:2]) == [1.0, 1.0] and (frame["weight"].iloc[2:-1] == 0).all()
+    assert np.isnan(frame["weight"].iloc[-1])

@@ -37,7 +37,7 @@ from sentio_lab.evaluate import Evaluation, evaluate_policies, load_variant
 from sentio_lab.experiment.cells import CELL_FILE, Cell, cell_done, parse_variant_args, train_cell, write_json_atomic
 from sentio_lab.experiment.config import AgentSpec, ExperimentConfig
 from sentio_lab.market import PreparedMarket, prepare_fold_market, prepare_market
-from sentio_lab.metrics import summary_stats
+from sentio_lab.metrics import round_trip_trades, summary_stats
 
 RESULTS_FILE = "results.parquet"
 EQUITY_FILE = "equity.parquet"
@@ -128,14 +128,26 @@ def fold_market(plan: Plan, fold: splitting.Fold, feature_config: Any) -> Prepar
     return _MARKETS[key]
 
 
-def _groups_frame(evaluations: Sequence[Evaluation], fold: splitting.Fold) -> pd.DataFrame:
-    """Long table of a fold's test-group episodes: group, path, bar time, equity, weight (NaN on the last)."""
+def _groups_frame(evaluations: Sequence[Evaluation], fold: splitting.Fold, market: PreparedMarket) -> pd.DataFrame:
+    """Long table of a fold's test-group episodes: group, path, bar time, equity, weight (NaN on the last mark).
+
+    A ruined episode stopped early: its account is carried, flat, at its floored last value to the end of the
+    group, so that the backtest path still chains over every bar (a ruined account trades nothing more).
+    """
     parts = []
+    index = market.data.frame.index
     for j, evaluation in enumerate(evaluations):
-        weights = evaluation.weights.reindex(evaluation.equity.index)
+        equity = evaluation.equity
+        weights = evaluation.weights.reindex(equity.index)
+        if evaluation.ruined:
+            _, stop = market.range(f"test:{fold.groups[j]}")
+            rest = index[index.get_loc(equity.index[-1]) + 1 : stop]
+            equity = pd.concat([equity, pd.Series(float(equity.iloc[-1]), index=rest)])
+            weights = pd.concat([weights.iloc[:-1], pd.Series(0.0, index=equity.index[len(weights) - 1 : -1]),
+                                 pd.Series([np.nan], index=equity.index[-1:])])
         parts.append(pd.DataFrame({
-            "group": fold.groups[j], "path": fold.paths[j], "timestamp": evaluation.equity.index,
-            "equity": evaluation.equity.to_numpy(), "weight": weights.to_numpy(), "ruined": evaluation.ruined,
+            "group": fold.groups[j], "path": fold.paths[j], "timestamp": equity.index,
+            "equity": equity.to_numpy(), "weight": weights.to_numpy(), "ruined": evaluation.ruined,
         }))
     return pd.concat(parts, ignore_index=True)
 
@@ -143,6 +155,11 @@ def _groups_frame(evaluations: Sequence[Evaluation], fold: splitting.Fold) -> pd
 def load_cell_agent(path: Path, market: PreparedMarket) -> torch.nn.Module:
     """The agent saved in a cell's checkpoint, for the fold market it was trained on (greedy, eval mode)."""
     bundle = load_checkpoint(path, data_fingerprint=market.data.fingerprint)
+    # The fold market is refitted in this process: it must be the features the agent was trained on.
+    saved, refitted = (json.dumps(state, sort_keys=True, default=str)
+                       for state in (bundle["feature_state"], market.features.state))
+    if saved != refitted:
+        raise ValueError(f"{path}: the refitted fold features differ from the ones this agent was trained on")
     module = load_variant(bundle["variant"])
     args = module.Args(**bundle["args"])
     agent = module.build_agent(args, market.arrays.features.shape[1] * args.window + 1, len(args.positions))
@@ -182,7 +199,8 @@ def evaluate_fold(plan: Plan, agent: AgentSpec, fold: splitting.Fold, output: Pa
     ranges = [f"test:{group}" for group in fold.groups]
     results = evaluate_policies(agents, market, ranges, window=acc["window"], positions=acc["positions"],
                                 costs=acc["costs"])
-    frames = [_groups_frame(per_agent, fold).assign(seed=c.seed) for c, per_agent in zip(cells, results, strict=True)]
+    frames = [_groups_frame(per_agent, fold, market).assign(seed=c.seed)
+              for c, per_agent in zip(cells, results, strict=True)]
     pd.concat(frames, ignore_index=True).to_parquet(folder / GROUPS_FILE)
     write_json_atomic(folder / CELL_FILE, {
         "agent": agent.name, "fold": fold.fold,
@@ -211,7 +229,7 @@ def run_baselines(plan: Plan, fold: splitting.Fold, output: Path) -> None:
         else:
             evaluations = [evaluate_baseline(name, market, range_name=f"test:{group}",
                                              train=market.training_segments(), **kwargs) for group in fold.groups]
-        _groups_frame(evaluations, fold).assign(seed=-1).to_parquet(folder / GROUPS_FILE)
+        _groups_frame(evaluations, fold, market).assign(seed=-1).to_parquet(folder / GROUPS_FILE)
         write_json_atomic(folder / CELL_FILE, {"baseline": name, "fold": fold.fold})
 
 
@@ -278,16 +296,40 @@ def _plan_record(plan: Plan) -> dict[str, Any]:
 
 
 # ============================================================================================== assembly
-def _path_curves(groups: pd.DataFrame, members: list[tuple[int, int]], plan: Plan) -> tuple[pd.Series, pd.Series]:
-    """A backtest path's stitched equity and the target weights decided on its bars (one per return)."""
-    pieces, weights = [], []
+def _path_curves(
+    groups: pd.DataFrame, members: list[tuple[int, int]], plan: Plan
+) -> tuple[pd.Series, pd.Series, list[tuple[pd.Series, pd.Series]]]:
+    """A backtest path's stitched equity, the target weights decided on its bars (one per return), and the
+    (equity, weights) piece of each test group in time order."""
+    pieces = []
     for fold_id, j in members:
         group_id = plan.folds[fold_id].groups[j]
         rows = groups[(groups["fold"] == fold_id) & (groups["group"] == group_id)]
         index = pd.DatetimeIndex(rows["timestamp"])
-        pieces.append(pd.Series(rows["equity"].to_numpy(), index=index))
-        weights.append(pd.Series(rows["weight"].to_numpy()[:-1], index=index[:-1]))  # the last mark decides nothing
-    return splitting.stitch_equity(pieces), pd.concat(weights).rename("weight")
+        pieces.append((pd.Series(rows["equity"].to_numpy(), index=index),
+                       pd.Series(rows["weight"].to_numpy()[:-1], index=index[:-1])))  # the last mark decides nothing
+    equity = splitting.stitch_equity([e for e, _ in pieces])
+    return equity, pd.concat([w for _, w in pieces]).rename("weight"), pieces
+
+
+def _path_stats(equity: pd.Series, weights: pd.Series | None, pieces: list[tuple[pd.Series, pd.Series]]) -> dict:
+    """:func:`summary_stats` of a stitched path, with the trade statistics counted per test group.
+
+    Every test group's episode starts flat, so the env enters (and pays for it) at each group boundary even when
+    the concatenated weights show no change there: fills, turnover and round trips are counted within each piece
+    (from flat) and added up, and a trade never spans two groups.
+    """
+    stats = summary_stats(equity, weights)
+    if weights is None:
+        return stats
+    ppy = float(stats["periods_per_year"])
+    moves = np.concatenate([np.abs(np.diff(w.to_numpy(), prepend=0.0)) for _, w in pieces])
+    trades = pd.concat([round_trip_trades(e, w) for e, w in pieces], ignore_index=True)
+    stats["n_trades"] = int(np.count_nonzero(moves))
+    stats["turnover_per_year"] = float(moves.mean() * ppy)
+    stats["round_trips"] = len(trades)
+    stats["trade_win_rate"] = float(np.mean(trades["pnl"].to_numpy() > 0)) if len(trades) else float("nan")
+    return stats
 
 
 def assemble(plan: Plan, output: str | Path) -> pd.DataFrame:
@@ -317,9 +359,9 @@ def assemble(plan: Plan, output: str | Path) -> pd.DataFrame:
                       pd.concat(frames, ignore_index=True)))
     for key, groups in units:
         for path, members in paths.items():
-            equity, weights = _path_curves(groups, members, plan)
+            equity, weights, pieces = _path_curves(groups, members, plan)
             known = None if weights.isna().any() else weights  # the random baseline reports a mean over seeds
-            stats = summary_stats(equity, known)
+            stats = _path_stats(equity, known, pieces)
             rows.append({"experiment": plan.config.name, **key, "path": path, "n_trials": plan.config.n_trials,
                          **{k: v for k, v in stats.items()}})
             curves.append(pd.DataFrame({"name": key["name"], "seed": key["seed"], "path": path,

@@ -7,13 +7,20 @@ Conventions (stated once, used everywhere in the report):
 
 * Distribution figures (median, quartiles) are over **paths x seeds** of each configuration; a baseline has
   one row per path (the random policy: the mean over its seeds).
-* The statistical tests need one return series per strategy on common bars: the **ensemble** return of a
-  strategy at a bar is the mean, over its seeds and backtest paths, of their simple returns at that bar
-  (CPCV paths are alternative histories of the same bars). Sharpe ratios in the tests are per bar.
-* PSR is the ensemble agent's PSR against the best baseline's ensemble Sharpe; DSR deflates the selected
-  configuration's Sharpe for the number of configurations tried (with one configuration it equals PSR(0),
-  nothing having been selected); PBO (CSCV) needs at least two configurations; SPA asks whether the agent
-  beats every baseline (:func:`sentio_lab.inference.spa_agent_vs_baselines`, small p: it does).
+* The statistical tests run on each **run** -- one (seed, backtest path) of the agent, a single honest
+  backtest -- against the baselines on the same path, and report medians over the runs (and the share of
+  runs that reject). Averaging runs first would bag several models into one, and its Sharpe would not be
+  any single agent's. Sharpe ratios in the tests are per bar.
+* PSR is against the best baseline's Sharpe (the baseline with the best median over paths); DSR deflates
+  the configuration's Sharpe for the number of configurations tried (with one configuration it equals
+  PSR(0), nothing having been selected); PBO (CSCV) needs at least two configurations; SPA asks whether the
+  agent beats every baseline (:func:`sentio_lab.inference.spa_agent_vs_baselines`, small p: it does) and,
+  reversed, whether some baseline beats the agent. A clearly worse agent gets an SPA p-value near 0.5, not
+  1: arch's consistent statistic is max(0, .), which is 0 then; the reverse test is the one that says it
+  loses.
+* A/B (:func:`ab_tests`) compares two configurations on their **ensemble** returns (mean over seeds and
+  paths at each bar); both sides are averaged alike, so the comparison is fair, but its Sharpe ratios are
+  those of the ensembles.
 """
 
 from __future__ import annotations
@@ -62,55 +69,94 @@ def ensemble_returns(curves: pd.DataFrame) -> pd.DataFrame:
     return wide.dropna()  # bars every strategy traded
 
 
+def run_returns(curves: pd.DataFrame) -> dict[tuple[str, int, int], pd.Series]:
+    """Simple returns of every run: ``(name, seed, path) -> returns`` indexed by bar time (baselines: seed -1)."""
+    out = {}
+    for (name, seed, path), curve in curves.groupby(["name", "seed", "path"], sort=False):
+        equity = pd.Series(curve["equity"].to_numpy(), index=pd.DatetimeIndex(curve["timestamp"])).sort_index()
+        out[(str(name), int(seed), int(path))] = equity.pct_change().iloc[1:]
+    return out
+
+
 @dataclass(frozen=True)
 class Inference:
-    """The report's statistical tests for one agent configuration against the baselines."""
+    """The report's statistical tests for one agent configuration against the baselines.
+
+    Each test runs on every (seed, path) of the agent against the baselines on the same path -- one honest
+    backtest each, never an average of models -- and the fields are medians over those runs.
+    """
 
     agent: str
     sharpe: float
-    """Per-bar Sharpe of the agent's ensemble returns."""
+    """Median per-bar Sharpe of the agent's runs."""
     best_baseline: str
+    """The baseline with the highest median per-bar Sharpe over the paths."""
     best_baseline_sharpe: float
     psr_vs_best_baseline: float
+    """Median over runs of PSR against the best baseline's Sharpe on the same path."""
     psr_zero: float
     dsr: float
+    """Median over runs of the DSR for the configurations tried (PSR(0) with a single configuration)."""
     n_trials: int
     pbo: float
-    """NaN with a single configuration (nothing to overfit by selection among configurations)."""
+    """Median over runs of PBO (CSCV) across configurations; NaN with a single configuration."""
     spa_p_value: float
-    """Consistent SPA p-value that the agent does not beat every baseline (small: it beats them all)."""
+    """Median consistent SPA p-value that the agent does not beat every baseline (small: it beats them all)."""
     spa_reverse_p_value: float
-    """Consistent SPA p-value that no baseline beats the agent (small: some baseline beats it)."""
+    """Median consistent SPA p-value that no baseline beats the agent (small: some baseline beats it)."""
+    spa_rejections: float
+    """Share of runs in which SPA says the agent beats every baseline at the 5% level."""
+    reverse_rejections: float
+    """Share of runs in which the reverse SPA says some baseline beats the agent at the 5% level."""
+    runs: int
     bars: int
+    """Median bars per run."""
 
 
 def infer(results: pd.DataFrame, curves: pd.DataFrame, agent: str, *, reps: int = 1000, seed: int = 0,
-          pbo_blocks: int = 16) -> Inference:
-    """PSR, DSR, PBO and SPA of configuration ``agent`` on the ensemble returns (module docstring)."""
-    wide = ensemble_returns(curves)
+          pbo_blocks: int = 16, alpha: float = 0.05) -> Inference:
+    """PSR, DSR, PBO and SPA of configuration ``agent``, per (seed, path) run, as medians (module docstring)."""
     kinds = results.drop_duplicates("name").set_index("name")["kind"]
-    agents = [n for n in wide.columns if kinds.get(n) == "agent"]
-    baselines = [n for n in wide.columns if kinds.get(n) == "baseline"]
+    returns = run_returns(curves)
+    agents = [n for n in kinds.index if kinds[n] == "agent"]
+    baselines = [n for n in kinds.index if kinds[n] == "baseline"]
     if agent not in agents:
         raise KeyError(f"{agent!r} is not an agent of these results; agents: {agents}")
     if not baselines:
         raise ValueError("infer: the results hold no baseline to compare with")
-    returns = wide[agent]
-    against = inference.psr_against_benchmarks(returns, wide[baselines])
     n_trials = int(results["n_trials"].iloc[0])
-    if len(agents) >= 2:
-        dsr = inference.deflated_sharpe_of_trials(wide[agents], selected=agent, n_trials=max(n_trials, len(agents)))
-        dsr_value = dsr.dsr
-        pbo = inference.probability_of_backtest_overfitting(wide[agents], n_blocks=pbo_blocks).pbo
-    else:
-        dsr_value = probabilistic_sharpe_ratio(returns.to_numpy(), 0.0)
-        pbo = float("nan")
-    spa = inference.spa_agent_vs_baselines(wide[[agent]], wide[baselines], reps=reps, seed=seed)
+    baseline_sharpe = {b: np.median([sharpe_ratio(r.to_numpy()) for (n, _, _), r in returns.items() if n == b])
+                       for b in baselines}
+    best = max(baseline_sharpe, key=baseline_sharpe.get)
+    rows = []
+    for (name, run_seed, path), r in returns.items():
+        if name != agent:
+            continue
+        frame = pd.concat({agent: r, **{b: returns[(b, -1, path)] for b in baselines}}, axis=1).dropna()
+        mine, base = frame[agent], frame[baselines]
+        against = inference.psr_against_benchmarks(mine, base[[best]])
+        spa = inference.spa_agent_vs_baselines(frame[[agent]], base, reps=reps, seed=seed)
+        row = {"sharpe": sharpe_ratio(mine.to_numpy()), "psr_best": against.psr,
+               "psr_zero": probabilistic_sharpe_ratio(mine.to_numpy(), 0.0), "spa": spa.consistent,
+               "reverse": spa.reverse[agent].consistent, "bars": len(frame)}
+        peers = {a: returns.get((a, run_seed, path)) for a in agents}
+        if len(agents) >= 2 and all(v is not None for v in peers.values()):
+            trials = pd.concat(peers, axis=1).dropna()
+            row["dsr"] = inference.deflated_sharpe_of_trials(trials, selected=agent,
+                                                            n_trials=max(n_trials, len(agents))).dsr
+            row["pbo"] = inference.probability_of_backtest_overfitting(trials, n_blocks=pbo_blocks).pbo
+        else:
+            row["dsr"], row["pbo"] = row["psr_zero"], float("nan")
+        rows.append(row)
+    table = pd.DataFrame(rows)
     return Inference(
-        agent=agent, sharpe=sharpe_ratio(returns.to_numpy()), best_baseline=against.benchmark,
-        best_baseline_sharpe=against.sr_benchmark, psr_vs_best_baseline=against.psr,
-        psr_zero=probabilistic_sharpe_ratio(returns.to_numpy(), 0.0), dsr=dsr_value, n_trials=n_trials, pbo=pbo,
-        spa_p_value=spa.consistent, spa_reverse_p_value=spa.reverse[agent].consistent, bars=len(wide),
+        agent=agent, sharpe=float(table["sharpe"].median()), best_baseline=best,
+        best_baseline_sharpe=float(baseline_sharpe[best]), psr_vs_best_baseline=float(table["psr_best"].median()),
+        psr_zero=float(table["psr_zero"].median()), dsr=float(table["dsr"].median()), n_trials=n_trials,
+        pbo=float(table["pbo"].median()), spa_p_value=float(table["spa"].median()),
+        spa_reverse_p_value=float(table["reverse"].median()), spa_rejections=float((table["spa"] < alpha).mean()),
+        reverse_rejections=float((table["reverse"] < alpha).mean()), runs=len(table),
+        bars=int(table["bars"].median()),
     )
 
 
@@ -139,8 +185,10 @@ def verdict(results: pd.DataFrame, found: Inference, *, alpha: float = 0.05) -> 
         head = f"{found.agent} does not beat the baselines"
     return (f"{head}: out of sample, net of costs, median annualised Sharpe {median:.2f} over "
             f"{len(rows)} paths x seeds{bh_text}; PSR vs the best baseline ({found.best_baseline}) "
-            f"{found.psr_vs_best_baseline:.2f}, SPA p = {found.spa_p_value:.3f}, DSR {found.dsr:.2f} "
-            f"({found.n_trials} configuration{'s' if found.n_trials != 1 else ''} tried).")
+            f"{found.psr_vs_best_baseline:.2f}, SPA p = {found.spa_p_value:.3f} "
+            f"(reverse {found.spa_reverse_p_value:.3f}), "
+            f"DSR {found.dsr:.2f} ({found.n_trials} configuration{'s' if found.n_trials != 1 else ''} tried); "
+            f"medians over {found.runs} runs.")
 
 
 def sharpe_distribution(results: pd.DataFrame) -> dict[str, np.ndarray]:
