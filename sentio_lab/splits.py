@@ -51,6 +51,7 @@ construction, :func:`fit_rows`, and the segment-aware episode sampler (skfolio k
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -431,6 +432,9 @@ class SegmentEpisodeSampler:
                                           first_valid=self.first_valid, n_bars=self.n_bars)
         self.bounds = [b for b in all_bounds if b is not None]
         self.skipped = [tuple(s) for s, b in zip(self.segments, all_bounds, strict=True) if b is None]
+        if self.skipped:  # never silently: those bars are not trained on
+            warnings.warn(f"segments {self.skipped} are too short for an episode of {self.episode_length} steps "
+                          f"with a {self.window}-bar window; no episode is drawn there", UserWarning, stacklevel=2)
         if not self.bounds:
             raise ValueError(f"no segment of {list(self.segments)} fits an episode of {self.episode_length} steps "
                              f"with a {self.window}-bar window")

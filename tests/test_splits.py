@@ -323,7 +323,8 @@ def test_segment_start_bounds_match_the_env():
 
 def test_sampler_is_uniform_over_valid_starts_and_never_crosses_a_gap():
     segments = [(0, 50), (100, 130), (200, 205), (300, 311)]
-    sampler = SegmentEpisodeSampler(segments, window=4, episode_length=10)
+    with pytest.warns(UserWarning, match=r"segments \[\(200, 205\)\] are too short"):
+        sampler = SegmentEpisodeSampler(segments, window=4, episode_length=10)
     assert sampler.bounds == [(3, 39), (100, 119), (300, 300)] and sampler.skipped == [(200, 205)]
     assert sampler.num_starts == 37 + 20 + 1 and (sampler.start_low, sampler.start_high) == (3, 300)
     draws = sampler.sample(116_000, torch.Generator().manual_seed(0))

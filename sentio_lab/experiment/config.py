@@ -65,7 +65,7 @@ class ExperimentConfig:
     n_test_groups: int = 2
     """CPCV: groups per test set"""
     train_bars: int | None = None
-    """rolling walk-forward: bars per training window (None: expanding)"""
+    """walk-forward: bars of the (first, when expanding) training window; None: one test size"""
     validation_bars: int = 0
     """inner validation slice at the end of each training fold, for model selection (0 = none)"""
     select_every: int = 0
