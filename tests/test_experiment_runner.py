@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from sentio_lab.data import load_market
 from sentio_lab.experiment.__main__ import main
 from sentio_lab.experiment.cells import parse_variant_args
 from sentio_lab.experiment.config import AgentSpec, ExperimentConfig
@@ -19,6 +20,7 @@ from sentio_lab.experiment.runner import (
     run_experiment,
     summarise,
 )
+from sentio_lab.splits import backtest_paths
 
 TINY = ("--total-timesteps", "256", "--num-envs", "8", "--num-steps", "16", "--num-minibatches", "2",
         "--update-epochs", "1", "--hidden-size", "8")
@@ -167,3 +169,18 @@ def test_a_ruined_group_is_carried_flat_to_the_end_of_its_group(finished):
     assert (frame["equity"].iloc[2:] == 1e-12).all() and frame["ruined"].all()
     assert list(frame["weight"].iloc[:2]) == [1.0, 1.0] and (frame["weight"].iloc[2:-1] == 0).all()
     assert np.isnan(frame["weight"].iloc[-1])
+
+
+def test_costs_paid_add_up_the_fills_of_every_group(finished):
+    """Buy-and-hold enters each of the 4 groups of a path from flat: 1 - 1/((1+s)(1+f)) of the equity each time."""
+    plan, output, results = finished
+    curves = pd.read_parquet(output / EQUITY_FILE)
+    entry = 1 - 1 / (1.0001 * 1.0001)  # default 1 bp slippage and 1 bp fee
+    starts = sorted({plan.folds[f].test[j][0] for f, j in backtest_paths(plan.folds)[0]})
+    bh = results[(results["name"] == "buy_and_hold") & (results["path"] == 0)].iloc[0]
+    curve = curves[(curves["name"] == "buy_and_hold") & (curves["path"] == 0)].set_index("timestamp")["equity"]
+    index = load_market("nasdaq", end="2004-12-31").frame.index
+    expected = sum(entry * curve.loc[index[a]] for a in starts)
+    assert bh["costs_paid"] == pytest.approx(expected, rel=1e-9)
+    agents = results[results["kind"] == "agent"]
+    assert (agents["costs_paid"] > 0).all() and results[results["name"] == "random"]["costs_paid"].isna().all()

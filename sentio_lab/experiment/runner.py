@@ -31,13 +31,14 @@ import torch
 from tqdm.auto import tqdm
 
 from sentio_lab import splits as splitting
+from sentio_lab.backtest import order_sizes
 from sentio_lab.baselines import evaluate_baseline, evaluate_random
 from sentio_lab.checkpoint import load_checkpoint
 from sentio_lab.evaluate import Evaluation, evaluate_policies, load_variant
 from sentio_lab.experiment.cells import CELL_FILE, Cell, cell_done, parse_variant_args, train_cell, write_json_atomic
 from sentio_lab.experiment.config import AgentSpec, ExperimentConfig
 from sentio_lab.market import PreparedMarket, prepare_fold_market, prepare_market
-from sentio_lab.metrics import round_trip_trades, summary_stats
+from sentio_lab.metrics import fill_costs, round_trip_trades, summary_stats
 
 RESULTS_FILE = "results.parquet"
 EQUITY_FILE = "equity.parquet"
@@ -135,19 +136,27 @@ def _groups_frame(evaluations: Sequence[Evaluation], fold: splitting.Fold, marke
     group, so that the backtest path still chains over every bar (a ruined account trades nothing more).
     """
     parts = []
-    index = market.data.frame.index
+    frame = market.data.frame
+    index = frame.index
     for j, evaluation in enumerate(evaluations):
         equity = evaluation.equity
         weights = evaluation.weights.reindex(equity.index)
+        if evaluation.weights.isna().any():  # the random baseline's mean over seeds: no single set of fills
+            cost = pd.Series(np.nan, index=equity.index)
+        else:  # what each fill paid at the open of its bar (account currency; the episode starts at 1.0)
+            sizes = order_sizes(frame, evaluation.start, evaluation.weights.to_numpy(), evaluation.costs)
+            cost = fill_costs(sizes, frame["open"], evaluation.costs).reindex(equity.index)
         if evaluation.ruined:
             _, stop = market.range(f"test:{fold.groups[j]}")
             rest = index[index.get_loc(equity.index[-1]) + 1 : stop]
             equity = pd.concat([equity, pd.Series(float(equity.iloc[-1]), index=rest)])
             weights = pd.concat([weights.iloc[:-1], pd.Series(0.0, index=equity.index[len(weights) - 1 : -1]),
                                  pd.Series([np.nan], index=equity.index[-1:])])
+            cost = cost.reindex(equity.index, fill_value=0.0)
         parts.append(pd.DataFrame({
             "group": fold.groups[j], "path": fold.paths[j], "timestamp": equity.index,
-            "equity": equity.to_numpy(), "weight": weights.to_numpy(), "ruined": evaluation.ruined,
+            "equity": equity.to_numpy(), "weight": weights.to_numpy(), "cost": cost.to_numpy(),
+            "ruined": evaluation.ruined,
         }))
     return pd.concat(parts, ignore_index=True)
 
@@ -300,31 +309,35 @@ def _path_curves(
     groups: pd.DataFrame, members: list[tuple[int, int]], plan: Plan
 ) -> tuple[pd.Series, pd.Series, list[tuple[pd.Series, pd.Series]]]:
     """A backtest path's stitched equity, the target weights decided on its bars (one per return), and the
-    (equity, weights) piece of each test group in time order."""
+    (equity, weights, fill costs) piece of each test group in time order."""
     pieces = []
     for fold_id, j in members:
         group_id = plan.folds[fold_id].groups[j]
         rows = groups[(groups["fold"] == fold_id) & (groups["group"] == group_id)]
         index = pd.DatetimeIndex(rows["timestamp"])
         pieces.append((pd.Series(rows["equity"].to_numpy(), index=index),
-                       pd.Series(rows["weight"].to_numpy()[:-1], index=index[:-1])))  # the last mark decides nothing
-    equity = splitting.stitch_equity([e for e, _ in pieces])
-    return equity, pd.concat([w for _, w in pieces]).rename("weight"), pieces
+                       pd.Series(rows["weight"].to_numpy()[:-1], index=index[:-1]),  # the last mark decides nothing
+                       pd.Series(rows["cost"].to_numpy(), index=index)))
+    equity = splitting.stitch_equity([e for e, _, _ in pieces])
+    return equity, pd.concat([w for _, w, _ in pieces]).rename("weight"), pieces
 
 
-def _path_stats(equity: pd.Series, weights: pd.Series | None, pieces: list[tuple[pd.Series, pd.Series]]) -> dict:
+def _path_stats(equity: pd.Series, weights: pd.Series | None, pieces: list[tuple[pd.Series, ...]]) -> dict:
     """:func:`summary_stats` of a stitched path, with the trade statistics counted per test group.
 
     Every test group's episode starts flat, so the env enters (and pays for it) at each group boundary even when
     the concatenated weights show no change there: fills, turnover and round trips are counted within each piece
-    (from flat) and added up, and a trade never spans two groups.
+    (from flat) and added up, and a trade never spans two groups. Costs paid: each group's fill costs (in units
+    of its own starting equity, 1.0) scaled by the path's equity where the group starts, over the path's start.
     """
     stats = summary_stats(equity, weights)
     if weights is None:
         return stats
     ppy = float(stats["periods_per_year"])
-    moves = np.concatenate([np.abs(np.diff(w.to_numpy(), prepend=0.0)) for _, w in pieces])
-    trades = pd.concat([round_trip_trades(e, w) for e, w in pieces], ignore_index=True)
+    moves = np.concatenate([np.abs(np.diff(w.to_numpy(), prepend=0.0)) for _, w, _ in pieces])
+    trades = pd.concat([round_trip_trades(e, w) for e, w, _ in pieces], ignore_index=True)
+    paid = sum(float(c.sum()) * float(equity.loc[e.index[0]]) for e, _, c in pieces)
+    stats["costs_paid"] = paid / float(equity.iloc[0])
     stats["n_trades"] = int(np.count_nonzero(moves))
     stats["turnover_per_year"] = float(moves.mean() * ppy)
     stats["round_trips"] = len(trades)
