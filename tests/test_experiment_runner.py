@@ -86,6 +86,11 @@ def test_a_killed_run_resumes_to_the_same_table(finished, config, tmp_path):
     (cell / "cell.json").unlink()
     shutil.rmtree(evaluation_folder(copy, "tiny", plan.cells[3].fold))
     shutil.rmtree(copy / "baselines" / "momentum__fold002")
+    # an evaluation written by an older version of the files (no cost column): redone, not mixed in
+    old = evaluation_folder(copy, "tiny", plan.folds[0].fold)
+    pd.read_parquet(old / "groups.parquet").drop(columns="cost").to_parquet(old / "groups.parquet")
+    record = json.loads((old / "cell.json").read_text())
+    (old / "cell.json").write_text(json.dumps({**record, "format": 1}))
     (copy / RESULTS_FILE).unlink()
     again = run_experiment(plan, copy, progress=False)
     pd.testing.assert_frame_equal(again, results)

@@ -43,6 +43,15 @@ from sentio_lab.metrics import fill_costs, round_trip_trades, summary_stats
 RESULTS_FILE = "results.parquet"
 EQUITY_FILE = "equity.parquet"
 GROUPS_FILE = "groups.parquet"
+#: Version of the evaluation files (``groups.parquet``); evaluations written by another version are redone
+#: (cheap: training cells are kept), so a resumed run never mixes old and new columns.
+GROUPS_FORMAT = 2
+
+
+def evaluation_done(folder: Path) -> dict[str, Any] | None:
+    """The record of a finished evaluation or baseline folder of the current format, else None."""
+    record = cell_done(folder)
+    return record if record is not None and record.get("format") == GROUPS_FORMAT else None
 
 
 @dataclass(frozen=True)
@@ -195,7 +204,7 @@ def evaluation_folder(output: Path, agent: str, fold: int) -> Path:
 def evaluate_fold(plan: Plan, agent: AgentSpec, fold: splitting.Fold, output: Path) -> None:
     """Every seed of ``agent`` trained on ``fold``, greedy on each of the fold's test groups, stepped together."""
     folder = evaluation_folder(output, agent.name, fold.fold)
-    if cell_done(folder) is not None:
+    if evaluation_done(folder) is not None:
         return
     folder.mkdir(parents=True, exist_ok=True)
     cells = [c for c in plan.cells if c.agent == agent.name and c.fold == fold.fold]
@@ -212,7 +221,7 @@ def evaluate_fold(plan: Plan, agent: AgentSpec, fold: splitting.Fold, output: Pa
               for c, per_agent in zip(cells, results, strict=True)]
     pd.concat(frames, ignore_index=True).to_parquet(folder / GROUPS_FILE)
     write_json_atomic(folder / CELL_FILE, {
-        "agent": agent.name, "fold": fold.fold,
+        "agent": agent.name, "fold": fold.fold, "format": GROUPS_FORMAT,
         "selected_iterations": {str(c.seed): r.get("selected_iteration") for c, r in zip(cells, records, strict=True)},
     })
 
@@ -227,7 +236,7 @@ def run_baselines(plan: Plan, fold: splitting.Fold, output: Path) -> None:
     kwargs = {"window": acc["window"], "positions": acc["positions"], "costs": acc["costs"]}
     for name in config.baselines:
         folder = output / "baselines" / f"{name}__fold{fold.fold:03d}"
-        if cell_done(folder) is not None:
+        if evaluation_done(folder) is not None:
             continue
         folder.mkdir(parents=True, exist_ok=True)
         if name == "random":
@@ -239,7 +248,7 @@ def run_baselines(plan: Plan, fold: splitting.Fold, output: Path) -> None:
             evaluations = [evaluate_baseline(name, market, range_name=f"test:{group}",
                                              train=market.training_segments(), **kwargs) for group in fold.groups]
         _groups_frame(evaluations, fold, market).assign(seed=-1).to_parquet(folder / GROUPS_FILE)
-        write_json_atomic(folder / CELL_FILE, {"baseline": name, "fold": fold.fold})
+        write_json_atomic(folder / CELL_FILE, {"baseline": name, "fold": fold.fold, "format": GROUPS_FORMAT})
 
 
 def _job(kind: str, plan: Plan, item: Any, output: str) -> str:
@@ -282,9 +291,10 @@ def run_experiment(plan: Plan, output: str | Path, *, workers: int = 1, progress
     config = plan.config
     train = [("train", c) for c in plan.cells if cell_done(output / "cells" / c.cell_id) is None]
     evaluate = [("evaluate", (a, f.fold)) for a in config.agents for f in plan.folds
-                if cell_done(evaluation_folder(output, a.name, f.fold)) is None]
+                if evaluation_done(evaluation_folder(output, a.name, f.fold)) is None]
     baselines = [("baselines", f.fold) for f in plan.folds
-                 if any(cell_done(output / "baselines" / f"{b}__fold{f.fold:03d}") is None for b in config.baselines)]
+                 if any(evaluation_done(output / "baselines" / f"{b}__fold{f.fold:03d}") is None
+                        for b in config.baselines)]
     total = len(plan.cells) + len(config.agents) * len(plan.folds) + len(plan.folds)
     bar = tqdm(total=total, initial=total - len(train) - len(evaluate) - len(baselines), unit="job",
                disable=not progress, dynamic_ncols=True, desc=config.name)
@@ -355,7 +365,7 @@ def assemble(plan: Plan, output: str | Path) -> pd.DataFrame:
         frames, selected = [], {}
         for fold in plan.folds:
             folder = evaluation_folder(output, agent.name, fold.fold)
-            record = cell_done(folder)
+            record = evaluation_done(folder)
             if record is None:
                 raise FileNotFoundError(f"{folder}: evaluation not finished; run the experiment first")
             frames.append(pd.read_parquet(folder / GROUPS_FILE).assign(fold=fold.fold))
