@@ -1,4 +1,5 @@
-"""Neural networks shared by the PPO variants: layer init, observation normaliser, MLP actor-critic."""
+"""Neural networks shared by the PPO variants: layer init, observation normaliser, masked categorical, MLP
+actor-critic."""
 
 from __future__ import annotations
 
@@ -61,6 +62,58 @@ def mlp(in_dim: int, hidden: int, out_dim: int, out_std: float, layers: int = 2)
     return nn.Sequential(*modules)
 
 
+def check_mask(mask: torch.Tensor, num_actions: int) -> torch.Tensor:
+    """``mask`` as a bool tensor ``(..., num_actions)``; a row without a single valid action is a ValueError.
+
+    Never a silent fallback: with every logit masked a softmax would be uniform over *invalid* actions (or NaN).
+    The check costs one device sync per call, which the caller pays once per rollout step or minibatch.
+    """
+    if mask.dtype != torch.bool:
+        raise TypeError(f"action mask must be a bool tensor, got dtype {mask.dtype}")
+    if mask.shape[-1] != num_actions:
+        raise ValueError(f"action mask has {mask.shape[-1]} actions, the policy {num_actions}")
+    empty = ~mask.any(-1)
+    if bool(empty.any()):
+        rows = torch.nonzero(empty).flatten().tolist()[:10]
+        raise ValueError(f"action mask: row(s) {rows} (first 10) have no valid action")
+    return mask
+
+
+class MaskedCategorical(Categorical):
+    """Categorical over the actions a bool ``mask`` allows (``mask=None``: exactly torch's ``Categorical``).
+
+    Invalid logits are replaced, by ``torch.where``, with the dtype's most negative finite value: their
+    probability is exactly 0 (``exp`` underflows), they are never sampled, and ``torch.where`` routes no
+    gradient to them, so the policy is not pushed around on actions it cannot take. A finite value rather
+    than ``-inf`` keeps ``0 * logit`` at 0 instead of NaN; the entropy sums over valid actions only
+    (``-sum_valid p log p``). With every action valid the values and gradients are bit-identical to the
+    unmasked distribution (the same softmax of the same logits; ``torch.where`` passes them through).
+    """
+
+    def __init__(self, logits: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+        """``logits`` ``(..., K)``; ``mask`` bool ``(..., K)`` or None (see :func:`check_mask`)."""
+        if mask is not None:
+            mask = check_mask(mask, logits.shape[-1])
+            logits = torch.where(mask, logits, torch.finfo(logits.dtype).min)
+        self.mask = mask
+        super().__init__(logits=logits, validate_args=False)  # checks cost time, logits are finite
+
+    def entropy(self) -> torch.Tensor:
+        """Entropy over the valid actions; without a mask, torch's."""
+        if self.mask is None:
+            return super().entropy()
+        p_log_p = torch.where(self.mask, self.logits * self.probs, 0.0)
+        return -p_log_p.sum(-1)
+
+
+def masked_argmax(logits: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Index of the largest logit among the valid actions (``mask=None``: of all); an all-invalid row is an error."""
+    if mask is None:
+        return logits.argmax(-1)
+    mask = check_mask(mask.to(logits.device), logits.shape[-1])
+    return torch.where(mask, logits, -torch.inf).argmax(-1)
+
+
 class MLPActorCritic(nn.Module):
     """Separate actor and critic MLPs over a (normalised) flat observation, categorical policy."""
 
@@ -80,15 +133,19 @@ class MLPActorCritic(nn.Module):
         return self.critic(obs).squeeze(-1)
 
     def get_action_and_value(
-        self, obs: torch.Tensor, action: torch.Tensor | None = None
+        self, obs: torch.Tensor, action: torch.Tensor | None = None, mask: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Sample (or score the given) actions: (action, log_prob, entropy, value)."""
-        dist = Categorical(logits=self.actor(obs), validate_args=False)  # checks cost time, logits are finite
+        """Sample (or score the given) actions: (action, log_prob, entropy, value).
+
+        ``mask`` (bool, ``(B, num_actions)``) restricts the policy to the valid actions (:class:`MaskedCategorical`);
+        None is the plain categorical, bit for bit.
+        """
+        dist = MaskedCategorical(self.actor(obs), mask)
         if action is None:
             action = dist.sample()
         return action, dist.log_prob(action), dist.entropy(), self.get_value(obs)
 
     @torch.no_grad()
-    def act_greedy(self, obs: torch.Tensor) -> torch.Tensor:
-        """Most probable action for raw observations (deterministic evaluation)."""
-        return self.actor(self.normalise(obs)).argmax(-1)
+    def act_greedy(self, obs: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Most probable (valid, when ``mask`` is given) action for raw observations (deterministic evaluation)."""
+        return masked_argmax(self.actor(self.normalise(obs)), mask)
