@@ -102,12 +102,15 @@ def test_tracking_writes_offline_wandb_files(tiny_args, synthetic_market, tmp_pa
 def test_main_runs_from_the_command_line(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(sys, "argv", [
         "ppo", "--total-timesteps", "256", "--num-envs", "8", "--num-steps", "32", "--window", "8",
-        "--episode-length", "32", "--no-track", "--no-progress", "--run-dir", str(tmp_path),
+        "--episode-length", "32", "--no-track", "--run-dir", str(tmp_path),
     ])
     ppo.main()
     out = capsys.readouterr().out
     assert "finished at step 256" in out
+    assert "data quality of sp500" in out and "stale-open stretches" in out  # printed before training
     (checkpoint,) = tmp_path.rglob("checkpoint.pt")
+    quality = load_checkpoint(checkpoint)["data_quality"]  # saved with the run
+    assert quality["source"] == "sp500" and quality["stale_stretches"] == [] and quality["default_start_used"]
     # resuming with a changed experiment argument: a one-line error naming it, not a traceback
     monkeypatch.setattr(sys, "argv", ["ppo", "--resume", str(checkpoint), "--gamma", "0.5", "--no-track"])
     with pytest.raises(SystemExit, match="error: --resume .*gamma: given 0.5, checkpoint 0.99"):
