@@ -4,6 +4,12 @@ Variants are reached only through the explicit table :data:`VARIANTS` (name -> m
 module provides ``Args``, ``build_agent(args, obs_dim, num_actions)``, ``feature_config(args)`` and
 ``cost_model(args)``.
 
+Masked variants (``ppo_masked``: their ``Args`` carry ``masks``, a :class:`~sentio_lab.masks.MaskConfig`, and
+``invalid_action``) are evaluated under the same mask rules: pass ``**action_masking(args)`` to
+:func:`evaluate_policy` / :func:`evaluate_policies` (:func:`evaluate_checkpoint` does), the env is built with
+those masks and the greedy action is the best *valid* one (``act_greedy(obs, env.action_masks())``). Without
+masks both functions run exactly as before.
+
 :func:`evaluate_policy` runs one agent over one range, one env step per bar: the reference.
 :func:`evaluate_policies` runs many agents over many ranges (e.g. every seed of a variant over every CPCV
 path) in one batched env and gives the same :class:`Evaluation` objects, bit for bit on CPU.
@@ -17,7 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -29,10 +35,13 @@ from sentio_lab.costs import CostModel
 from sentio_lab.env import _MIN_EQUITY as _EQUITY_FLOOR
 from sentio_lab.env import TradingEnv, episode_start_bounds
 from sentio_lab.market import PreparedMarket, prepare_market
-from sentio_lab.nets import MLPActorCritic
+from sentio_lab.nets import MLPActorCritic, check_mask
+
+if TYPE_CHECKING:
+    from sentio_lab.masks import MaskConfig, MaskInputs
 
 #: The PPO variants evaluation knows about: checkpoint "variant" field -> module.
-VARIANTS: dict[str, str] = {"ppo": "sentio_lab.ppo"}
+VARIANTS: dict[str, str] = {"ppo": "sentio_lab.ppo", "ppo_masked": "sentio_lab.ppo_masked"}
 
 
 def load_variant(name: str) -> ModuleType:
@@ -102,6 +111,34 @@ def load_trained(path: str | Path, *, dataset: str | Path | None = None) -> Trai
     return TrainedAgent(agent=agent, args=args, market=market, bundle=bundle)
 
 
+def action_masking(args: Any) -> dict[str, Any]:
+    """The mask keywords of :func:`evaluate_policy` / :func:`evaluate_policies` for a variant's arguments:
+    ``{"masks": args.masks, "invalid_action": args.invalid_action}`` for a masked variant, ``{}`` otherwise."""
+    masks = getattr(args, "masks", None)
+    if masks is None:
+        return {}
+    return {"masks": masks, "invalid_action": getattr(args, "invalid_action", "nearest")}
+
+
+def _mask_env_kwargs(masks: MaskConfig | None, invalid_action: str, market: PreparedMarket) -> dict[str, Any]:
+    """TradingEnv keywords for ``masks`` (none without masks, so the unmasked env is built exactly as before)."""
+    if masks is None:
+        return {}
+    return {"masks": masks, "invalid_action": invalid_action, "mask_inputs": _mask_inputs(masks, market)}
+
+
+def _mask_inputs(masks: MaskConfig, market: PreparedMarket) -> MaskInputs | None:
+    """As ``ppo_masked.mask_inputs``: a GARCH volatility forecast is fitted on the longest training segment only
+    (never on the evaluated range); the env's defaults serve every other rule."""
+    if masks.risk_budget is None or masks.vol_model != "garch":
+        return None
+    from sentio_lab.masks import MaskInputs
+
+    fit_range = max(market.training_segments(), key=lambda seg: (seg[1] - seg[0], -seg[0]))
+    arrays = market.arrays
+    return MaskInputs.build(masks, arrays.close, arrays.features, fit_range=(int(fit_range[0]), int(fit_range[1])))
+
+
 def evaluate_policy(
     agent: nn.Module,
     market: PreparedMarket,
@@ -110,13 +147,20 @@ def evaluate_policy(
     positions: tuple[float, ...],
     costs: CostModel,
     range_name: str = "test",
+    masks: MaskConfig | None = None,
+    invalid_action: str = "nearest",
 ) -> Evaluation:
-    """Run ``agent.act_greedy`` over the whole named range in one episode (fixed start, no randomness)."""
+    """Run ``agent.act_greedy`` over the whole named range in one episode (fixed start, no randomness).
+
+    With ``masks`` the env applies those rules and each decision is ``agent.act_greedy(obs, env.action_masks())``:
+    the best valid action (see :func:`action_masking`).
+    """
     start, stop = market.range(range_name)
     first = max(start, market.arrays.first_valid + window - 1)
     length = stop - 1 - first
     env = TradingEnv(market.arrays, num_envs=1, window=window, episode_length=length, start=start, stop=stop,
-                     positions=positions, costs=costs, ruin_fraction=0.0)
+                     positions=positions, costs=costs, ruin_fraction=0.0,
+                     **_mask_env_kwargs(masks, invalid_action, market))
     obs = env.reset(starts=[first])
     levels = np.asarray(positions, dtype=np.float64)
     chosen = np.empty(length, dtype=np.int64)
@@ -126,7 +170,10 @@ def evaluate_policy(
     device = next(agent.parameters()).device
     with torch.no_grad():
         for k in range(length):
-            action = agent.act_greedy(obs.to(device))
+            if masks is None:
+                action = agent.act_greedy(obs.to(device))
+            else:
+                action = agent.act_greedy(obs.to(device), env.action_masks().to(device))
             chosen[k] = int(action[0])
             obs, _, terminated, _, info = env.step(action)
             equity[k + 1] = float(info["equity"][0])
@@ -152,7 +199,7 @@ def evaluate_checkpoint(path: str | Path, range_name: str = "test", *, dataset: 
     variant = load_variant(trained.bundle["variant"])
     return evaluate_policy(
         trained.agent, trained.market, window=trained.args.window, positions=tuple(trained.args.positions),
-        costs=variant.cost_model(trained.args), range_name=range_name,
+        costs=variant.cost_model(trained.args), range_name=range_name, **action_masking(trained.args),
     )
 
 
@@ -233,9 +280,16 @@ class _StackedGreedy:
         """Actor logits ``(G, B, K)`` for raw observations ``(G, B, D)``, row g through agent g."""
         return self._vmapped(self._norm_state, self._actor_state, obs)
 
-    def __call__(self, obs: torch.Tensor) -> torch.Tensor:
-        """Greedy actions ``(G, B)``: the argmax of :meth:`logits`, near-ties decided by the agent's ``act_greedy``."""
+    def __call__(self, obs: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Greedy actions ``(G, B)``: the argmax of :meth:`logits`, near-ties decided by the agent's ``act_greedy``.
+
+        With ``mask`` (bool ``(G, B, K)``) invalid logits become ``-inf`` first, as ``act_greedy(obs, mask)`` does:
+        the argmax and the two largest logits of the tie guard are then over valid actions only (a row with one
+        valid action has a gap of ``inf``, never a near-tie), and a near-tie is recomputed with the row's mask.
+        """
         logits = self.logits(obs)
+        if mask is not None:
+            logits = torch.where(check_mask(mask, logits.shape[-1]), logits, -torch.inf)
         actions = logits.argmax(-1)
         if logits.shape[-1] > 1:
             top = logits.topk(2, dim=-1).values
@@ -243,7 +297,11 @@ class _StackedGreedy:
             if bool(near.any()):
                 for g, b in near.nonzero().tolist():
                     row = obs[g, b : b + 1].to(self.devices[g])
-                    actions[g, b] = self.agents[g].act_greedy(row)[0].to(actions.device)
+                    if mask is None:
+                        actions[g, b] = self.agents[g].act_greedy(row)[0].to(actions.device)
+                    else:
+                        row_mask = mask[g, b : b + 1].to(self.devices[g])
+                        actions[g, b] = self.agents[g].act_greedy(row, row_mask)[0].to(actions.device)
                     self.rechecked += 1
         return actions
 
@@ -276,17 +334,22 @@ class _GreedyPolicies:
         """Rows decided unbatched by the near-tie guard so far."""
         return sum(stacked.rechecked for _, _, stacked in self.groups)
 
-    def __call__(self, obs: torch.Tensor) -> torch.Tensor:
-        """One action per row of ``obs`` ``(num_agents * B, D)``."""
+    def __call__(self, obs: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """One action per row of ``obs`` ``(num_agents * B, D)``, valid under ``mask`` ``(num_agents * B, K)``."""
         blocks = obs.view(self.num_agents, -1, obs.shape[-1])
+        masks = None if mask is None else mask.view(self.num_agents, -1, mask.shape[-1])
         actions = torch.empty(blocks.shape[:2], dtype=torch.long, device=obs.device)
         for idx, index, stacked in self.groups:
             if idx == list(range(self.num_agents)):
-                actions = stacked(blocks)
+                actions = stacked(blocks, masks)
             else:
-                actions[index] = stacked(blocks.index_select(0, index))
+                actions[index] = stacked(blocks.index_select(0, index),
+                                         None if masks is None else masks.index_select(0, index))
         for i, agent, device in self.loose:
-            actions[i] = agent.act_greedy(blocks[i].to(device)).to(obs.device)
+            if masks is None:
+                actions[i] = agent.act_greedy(blocks[i].to(device)).to(obs.device)
+            else:
+                actions[i] = agent.act_greedy(blocks[i].to(device), masks[i].to(device)).to(obs.device)
         return actions.reshape(-1)
 
 
@@ -313,6 +376,8 @@ def evaluate_policies(
     positions: tuple[float, ...],
     costs: CostModel,
     device: str | torch.device = "cpu",
+    masks: MaskConfig | None = None,
+    invalid_action: str = "nearest",
 ) -> list[list[Evaluation]]:
     """Every agent over every named range, all episodes stepped together: ``result[i][j]`` is agent i on range j.
 
@@ -333,6 +398,10 @@ def evaluate_policies(
 
     The env runs on ``device``; stacked weights are copied there, near-ties are recomputed on the agent's own
     device. On CUDA the float64 accounting may round differently from the CPU reference (fused multiply-adds).
+
+    With ``masks`` every env applies those rules and the greedy actions are the best valid ones, in the stacked
+    forward too (invalid logits set to ``-inf`` before the argmax and the tie guard), as in
+    :func:`evaluate_policy` with the same ``masks``.
 
     An unknown range name is a KeyError; a range without a single observable bar (it ends inside the warm-up
     and the first window) is a ValueError, raised before anything runs.
@@ -362,7 +431,8 @@ def evaluate_policies(
         longest = lengths[bucket[0]]
         env = TradingEnv(arrays, num_envs=len(agents) * len(bucket), window=window, episode_length=longest,
                          start=min(firsts[j] for j in bucket), stop=max(firsts[j] for j in bucket) + longest + 1,
-                         positions=positions, costs=costs, ruin_fraction=0.0, device=device)
+                         positions=positions, costs=costs, ruin_fraction=0.0, device=device,
+                         **_mask_env_kwargs(masks, invalid_action, market))
         obs = env.reset(starts=[firsts[j] for _ in agents for j in bucket])  # agent-major rows
         own_length = torch.tensor([lengths[j] for _ in agents for j in bucket], device=env.device)
         recorded = own_length.clone()  # steps kept per env: its own length, or up to its ruin
@@ -370,7 +440,7 @@ def evaluate_policies(
         chosen, equity = [], []
         with torch.no_grad():
             for k in range(longest):
-                action = greedy(obs)
+                action = greedy(obs) if masks is None else greedy(obs, env.action_masks())
                 obs, _, terminated, _, info = env.step(action)
                 chosen.append(action)
                 equity.append(info["equity"])

@@ -331,3 +331,102 @@ def test_batched_evaluation_of_cpcv_test_groups(sp500_market):
     first, last = (len(e.weights) for e in batched[0])
     assert last > first  # skfolio's last group takes the remainder
     assert batched[0][1].equity.index[-1] == market.data.frame.index[-1]
+
+
+# ------------------------------------------------------------------------------------------ masked evaluation
+def _masked_reference(agent, market, range_name, window, positions, costs, masks):
+    """A hand-written greedy episode under ``masks``: invalid logits to -inf, argmax; and the env's rule counters."""
+    import torch
+
+    from sentio_lab.env import TradingEnv
+
+    start, stop = market.range(range_name)
+    first = max(start, market.arrays.first_valid + window - 1)
+    env = TradingEnv(market.arrays, num_envs=1, window=window, episode_length=stop - 1 - first, start=start,
+                     stop=stop, positions=positions, costs=costs, ruin_fraction=0.0, masks=masks)
+    obs, chosen = env.reset(starts=[first]), []
+    with torch.no_grad():
+        for _ in range(stop - 1 - first):
+            valid = env.action_masks()
+            logits = agent.actor(agent.normalise(obs))
+            action = torch.where(valid, logits, -torch.inf).argmax(-1)
+            assert bool(valid[0, action[0]])
+            chosen.append(int(action[0]))
+            obs, _, terminated, _, _ = env.step(action)
+            if bool(terminated[0]):
+                break
+    return np.asarray(positions)[chosen], env.mask_counts
+
+
+def test_masked_evaluation_takes_the_best_valid_action_batched_and_single_alike(ranged_market):
+    from sentio_lab.costs import CostModel
+    from sentio_lab.evaluate import action_masking, evaluate_policies
+    from sentio_lab.masks import MaskConfig
+
+    window, positions = 8, (-1.0, 0.0, 1.0)
+    costs = CostModel(fee_bps=1.0, slippage_bps=1.0)
+    masks = MaskConfig(long_only=True, cooldown=3)
+    # agent 0 leans hard to the short level the masks forbid; the others are mixed
+    agents = _mlp_agents(ranged_market, window, positions, [(0, 16, [5.0, 0.0, 0.0]), (1, 16, [0.0, 0.0, 0.0]),
+                                                            (2, 24, [0.0, 0.5, 0.0])])
+    names = ["early", "crash", "validation"]
+    batched = evaluate_policies(agents, ranged_market, names, window=window, positions=positions, costs=costs,
+                                masks=masks)
+    for i, agent in enumerate(agents):
+        for j, name in enumerate(names):
+            single = evaluate_policy(agent, ranged_market, window=window, positions=positions, costs=costs,
+                                     range_name=name, masks=masks)
+            _assert_same(batched[i][j], single)
+            weights, counts = _masked_reference(agent, ranged_market, name, window, positions, costs, masks)
+            np.testing.assert_array_equal(single.weights.to_numpy(), weights)
+            assert counts == {"long_only": 0, "cooldown": 0}  # the greedy agent never chose a masked action
+            assert (single.weights >= 0).all()
+            # cool-down 3: a new non-flat level is held for at least 3 decisions (flat may always be taken)
+            w = single.weights.to_numpy()
+            changes = np.flatnonzero(w[1:] != w[:-1]) + 1
+            for a, b in zip(changes[:-1], changes[1:], strict=True):
+                assert b - a >= 3 or w[b] == 0.0
+    unmasked = evaluate_policy(agents[0], ranged_market, window=window, positions=positions, costs=costs,
+                               range_name="crash")
+    assert (unmasked.weights < 0).any()  # without masks agent 0 does go short: the masks made the difference
+    # no masks: the keywords are empty and nothing changes
+    assert action_masking(ppo.Args()) == {}
+    plain = evaluate_policy(agents[1], ranged_market, window=window, positions=positions, costs=costs,
+                            range_name="crash", **action_masking(ppo.Args()))
+    _assert_same(evaluate_policies([agents[1]], ranged_market, ["crash"], window=window, positions=positions,
+                                   costs=costs)[0][0], plain)
+
+
+def test_tie_guard_with_masks_ranks_valid_logits_only(ranged_market):
+    """The largest logit is masked and the two valid ones tie exactly: every row is a near-tie of the *valid*
+    logits, re-run unbatched with its mask; a row with one valid action is never a near-tie."""
+    import torch
+
+    from sentio_lab.env import TradingEnv
+    from sentio_lab.evaluate import _StackedGreedy
+
+    window, positions = 8, (-1.0, 0.0, 1.0)
+    agents = _mlp_agents(ranged_market, window, positions, [(4, 16, [50.0, 0.0, 0.0]), (5, 16, [50.0, 0.0, 0.0])])
+    for agent in agents:
+        with torch.no_grad():
+            agent.actor[-1].weight[2] = agent.actor[-1].weight[1]
+            agent.actor[-1].bias[2] = agent.actor[-1].bias[1]
+    env = TradingEnv(ranged_market.arrays, num_envs=2 * 16, window=window, episode_length=8, seed=3,
+                     positions=positions)
+    obs = env.reset().view(2, 16, -1)
+    mask = torch.ones(2, 16, 3, dtype=torch.bool)
+    mask[..., 0] = False  # long only
+    stacked = _StackedGreedy(agents, "cpu")
+    with torch.no_grad():
+        assert (stacked.logits(obs).argmax(-1) == 0).all()  # unmasked, the short level wins everywhere
+        actions = stacked(obs, mask)
+    assert (actions == 1).all() and stacked.rechecked == 2 * 16  # exact ties of the valid pair: first index
+    assert torch.equal(actions, torch.stack([a.act_greedy(obs[g], mask[g]) for g, a in enumerate(agents)]))
+    only = torch.zeros_like(mask)
+    only[..., 2] = True
+    with torch.no_grad():
+        assert (stacked(obs, only) == 2).all() and stacked.rechecked == 2 * 16  # one valid action: no recheck
+    empty = mask.clone()
+    empty[1, 3] = False
+    with pytest.raises(ValueError, match="no valid action"):
+        stacked(obs, empty)
