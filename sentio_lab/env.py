@@ -26,6 +26,7 @@ import pandas as pd
 import torch
 
 from sentio_lab.costs import CostModel, borrow_cost, rebalance, year_fractions
+from sentio_lab.masks import InvalidAction, MaskConfig, MaskInputs, make_masker
 
 #: Default action levels: short, flat, long (fractions of equity).
 DEFAULT_POSITIONS: tuple[float, ...] = (-1.0, 0.0, 1.0)
@@ -146,6 +147,14 @@ def check_positions(positions: Sequence[float]) -> np.ndarray:
     return levels
 
 
+def _bad_actions_error(actions: torch.Tensor | np.ndarray, num_actions: int) -> ValueError:
+    """The error of level indices outside ``[0, num_actions)``."""
+    return ValueError(
+        f"step: actions {list(actions.tolist())} outside [0, {num_actions}) (one level index per env); "
+        "the env is unchanged"
+    )
+
+
 class StartSampler(Protocol):
     """Where episodes may start, for episodes confined to several disjoint segments of bars.
 
@@ -188,6 +197,12 @@ class TradingEnv:
     training ranges): every start -- the first reset, every auto-reset and every given start -- is one of the
     sampler's valid starts, so no episode crosses a gap between segments. The sampler draws from the env's
     generator (resuming by :meth:`state_dict` stays exact); its window and episode length must be the env's.
+
+    Masks (``masks``, :mod:`sentio_lab.masks`): :meth:`action_masks` gives the valid levels of the decision the
+    next :meth:`step` takes (after an auto-reset: the new episode's first); ``step`` enforces them for every
+    policy (``invalid_action``: ``"refuse"`` raises, ``"nearest"`` maps to the nearest valid level, ties towards
+    flat). ``mask_counts`` / ``mask_binding`` count per rule the chosen actions it masked / the decisions where it
+    masked any level. The mask state is part of :meth:`state_dict`. ``masks=None`` is the unmasked env, unchanged.
     """
 
     def __init__(
@@ -206,9 +221,13 @@ class TradingEnv:
         seed: int = 0,
         stagger_starts: bool = True,
         start_sampler: StartSampler | None = None,
+        masks: MaskConfig | None = None,
+        invalid_action: InvalidAction = "nearest",
+        mask_inputs: MaskInputs | None = None,
     ) -> None:
         """Build the env on bars ``[start, stop)`` of ``market`` (episodes from ``start_sampler`` when given,
-        whose starts must lie inside that range); tensors live on ``device``."""
+        whose starts must lie inside that range); tensors live on ``device``. ``mask_inputs`` overrides the
+        series the mask rules read (required for the GARCH forecast: fitted on the training range)."""
         stop = len(market.close) if stop is None else stop
         self.start_low, self.start_high = episode_start_bounds(market, window, start, stop, episode_length)
         self.start_sampler = start_sampler
@@ -258,6 +277,8 @@ class TradingEnv:
         self.steps = torch.zeros_like(self.t)
         self.level = torch.full_like(self.t, self._flat_level)
         self.cash, self.shares, self.equity = zeros.clone(), zeros.clone(), zeros.clone()
+        self.masker = make_masker(market.close, market.features, np.asarray(positions, dtype=np.float64), masks,
+                                  mask_inputs, num_envs, invalid_action, dev)
 
     # ----------------------------------------------------------------------------------- observations
     def _observe(self, t: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
@@ -309,7 +330,25 @@ class TradingEnv:
         self.cash = torch.ones(self.num_envs, dtype=torch.float64, device=self.device)
         self.shares = torch.zeros_like(self.cash)
         self.equity = torch.ones_like(self.cash)
+        if self.masker is not None:
+            self.masker.reset_where(torch.ones_like(self.t, dtype=torch.bool))
         return self._observe(self.t, self.level)
+
+    def action_masks(self) -> torch.Tensor:
+        """Bool ``(num_envs, num_actions)``: the levels the next :meth:`step` may choose (all without masks)."""
+        if self.masker is None:
+            return torch.ones(self.num_envs, self.num_actions, dtype=torch.bool, device=self.device)
+        return self.masker.action_masks(self.t, self.level, self.equity)
+
+    @property
+    def mask_counts(self) -> dict[str, int]:
+        """Per active rule: how many chosen actions it masked (refused or remapped), since construction."""
+        return {} if self.masker is None else self.masker.counts("counts")
+
+    @property
+    def mask_binding(self) -> dict[str, int]:
+        """Per active rule: in how many decisions it masked at least one level."""
+        return {} if self.masker is None else self.masker.counts("binding")
 
     def step(self, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, dict]:
         """Apply one target level per env; return (obs, reward, terminated, truncated, info).
@@ -329,6 +368,10 @@ class TradingEnv:
         # assert) and reported below, in the one host sync the step needs anyway, before any state changes.
         bad = (actions < 0) | (actions >= self.num_actions)
         level = actions.clamp(0, self.num_actions - 1)  # a new tensor: the caller's must not move
+        if self.masker is not None:  # masks index by level: check the range first (one more sync, masks only)
+            if bool(bad.any()):
+                raise _bad_actions_error(actions[bad], self.num_actions)
+            level = self.masker.apply(level, self.t, self.level, self.equity)
         next_t = self.t + 1
         price = self.open.index_select(0, next_t)
         weights = self.positions.index_select(0, level)
@@ -343,10 +386,9 @@ class TradingEnv:
         done = terminated | truncated
         any_bad, any_done = torch.stack([bad.any(), done.any()]).tolist()
         if any_bad:
-            raise ValueError(
-                f"step: actions {actions[bad].tolist()} outside [0, {self.num_actions}) (one level index per env); "
-                "the env is unchanged"
-            )
+            raise _bad_actions_error(actions[bad], self.num_actions)
+        if self.masker is not None:
+            self.masker.update(level != self.level, equity, steps)
         self.cash, self.shares, self.level = cash, shares, level
         self.equity, self.t, self.steps = equity, next_t, steps
         obs = self._observe(self.t, self.level)
@@ -362,6 +404,8 @@ class TradingEnv:
         names = ("t", "steps", "level", "cash", "shares", "equity")
         state = {name: getattr(self, name).detach().cpu().clone() for name in names}
         state["generator"] = self.generator.get_state()
+        if self.masker is not None:
+            state.update({f"mask:{k}": v for k, v in self.masker.state_dict().items()})
         return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -371,6 +415,8 @@ class TradingEnv:
         for name in ("t", "steps", "level", "cash", "shares", "equity"):
             setattr(self, name, state[name].to(self.device).clone())
         self.generator.set_state(state["generator"])
+        if self.masker is not None:
+            self.masker.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("mask:")})
         return self._observe(self.t, self.level)
 
     def _reset_done(self, done: torch.Tensor) -> None:
@@ -382,6 +428,8 @@ class TradingEnv:
         self.cash = torch.where(done, one, self.cash)
         self.shares = torch.where(done, 0.0 * one, self.shares)
         self.equity = torch.where(done, one, self.equity)
+        if self.masker is not None:
+            self.masker.reset_where(done)
 
 
 class NumpyTradingEnv(gym.Env):
@@ -403,8 +451,11 @@ class NumpyTradingEnv(gym.Env):
         positions: Sequence[float] = DEFAULT_POSITIONS,
         costs: CostModel = CostModel(),
         ruin_fraction: float = 0.05,
+        masks: MaskConfig | None = None,
+        invalid_action: InvalidAction = "nearest",
+        mask_inputs: MaskInputs | None = None,
     ) -> None:
-        """Same arguments as :class:`TradingEnv`, for a single episode."""
+        """Same arguments as :class:`TradingEnv`, for a single episode; masks by the same rules (numpy arrays)."""
         super().__init__()
         stop = len(market.close) if stop is None else stop
         self.start_low, self.start_high = episode_start_bounds(market, window, start, stop, episode_length)
@@ -416,6 +467,14 @@ class NumpyTradingEnv(gym.Env):
         obs_dim = window * market.features.shape[1] + 1
         self.observation_space = gym.spaces.Box(-np.inf, np.inf, shape=(obs_dim,), dtype=np.float32)
         self.action_space = gym.spaces.Discrete(len(positions))
+        self.masker = make_masker(market.close, market.features, self.positions, masks, mask_inputs, 1, invalid_action,
+                                  None)
+
+    def action_masks(self) -> np.ndarray:
+        """Bool ``(num_actions,)``: the levels the next :meth:`step` may choose (sb3-contrib's MaskablePPO API)."""
+        if self.masker is None:
+            return np.ones(len(self.positions), dtype=bool)
+        return self.masker.action_masks(np.array([self.t]), np.array([self.level]), np.array([self.equity]))[0]
 
     def _observe(self) -> np.ndarray:
         rows = self.market.features[self.t - self.window + 1 : self.t + 1]
@@ -432,6 +491,8 @@ class NumpyTradingEnv(gym.Env):
             raise ValueError(f"reset: start {start} outside [{self.start_low}, {self.start_high}]")
         self.t, self.steps, self.level = int(start), 0, self.flat_level
         self.cash, self.shares, self.equity = 1.0, 0.0, 1.0
+        if self.masker is not None:
+            self.masker.reset_where(np.array([True]))
         return self._observe(), {"equity": self.equity}
 
     def step(self, action: int) -> tuple[np.ndarray, float, bool, bool, dict]:
@@ -442,6 +503,10 @@ class NumpyTradingEnv(gym.Env):
         if not 0 <= index < len(self.positions):
             raise ValueError(f"step: action {index} outside [0, {len(self.positions)})")
         action = index
+        if self.masker is not None:
+            action = int(self.masker.apply(np.array([action]), np.array([self.t]), np.array([self.level]),
+                                           np.array([self.equity]))[0])
+        changed = action != self.level
         price = self.market.open[self.t + 1]
         self.cash, self.shares, _ = rebalance(
             self.cash, self.shares, price, self.positions[action], action != self.level, self.costs
@@ -456,6 +521,8 @@ class NumpyTradingEnv(gym.Env):
         equity = self.cash + self.shares * close
         reward = float(np.log(max(equity, _MIN_EQUITY) / self.equity))
         self.equity = equity
+        if self.masker is not None:
+            self.masker.update(np.array([changed]), np.array([equity]), np.array([self.steps]))
         terminated = bool(equity <= self.ruin_fraction)
         truncated = bool(self.steps >= self.episode_length and not terminated)
         return self._observe(), reward, terminated, truncated, {"equity": equity}
