@@ -425,7 +425,10 @@ def train(args: Args, *, market: PreparedMarket | None = None, env: Any | None =
     device = resolve_device(args.device)
 
     if env is None:
-        market = market or market_for(args, bundle["feature_state"] if bundle else None)
+        if market is None:
+            market = market_for(args, bundle["feature_state"] if bundle else None)
+            if args.progress:  # read it before trusting fills at the next open (stale opens, zero volume, ...)
+                print(market.data.quality)
         env = make_env(args, market)
     if bundle is not None and market is not None and bundle["data_fingerprint"] != market.data.fingerprint:
         raise CheckpointError(f"--resume {args.resume}: the checkpoint was trained on other data")
@@ -487,6 +490,7 @@ def train(args: Args, *, market: PreparedMarket | None = None, env: Any | None =
             "iteration": iteration,
             "data_fingerprint": market.data.fingerprint,
             "data_name": market.data.name,
+            "data_quality": None if market.data.quality is None else market.data.quality.to_dict(),
             "extra": {"next_done": next_done.cpu(), "episode_return": episode_return.cpu(),
                       "recent_returns": list(recent_returns), "device": device.type},
         })
