@@ -11,9 +11,11 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from sentio_lab import regime as R
 from sentio_lab.data import load_market
+from sentio_lab.env import MarketArrays, TradingEnv
 from sentio_lab.features import (
     Bars,
     FeatureConfig,
@@ -21,6 +23,7 @@ from sentio_lab.features import (
     raw_features,
     registered_producers,
 )
+from sentio_lab.masks import MaskConfig, MaskInputs, ewma_volatility, fit_garch, garch_volatility
 
 N_BARS = 520
 
@@ -163,3 +166,65 @@ def test_fitting_uses_nothing_after_train_stop(hourly):
         refit = build_observation_features(replace_future(hourly, t, seed=t, new_times=True), train_stop, config)
         assert refit.state == fitted.state
         assert np.array_equal(fitted.values[: t + 1], refit.values[: t + 1])
+
+
+# ------------------------------------------------------------------------------------------------ masks
+MASK_TRAIN_STOP = 300
+
+
+def test_volatility_forecasts_are_causal(frames):
+    frame = frames["nasdaq"]
+    close = frame["close"].to_numpy()
+    params = fit_garch(close, (0, MASK_TRAIN_STOP))
+    reference = {"ewma": ewma_volatility(close, 0.94), "garch": garch_volatility(close, params)}
+    for t in (0, 1, 2, 150, MASK_TRAIN_STOP - 1, MASK_TRAIN_STOP, 480):
+        moved = replace_future(frame, t, seed=t)["close"].to_numpy()
+        changed = {"ewma": ewma_volatility(moved, 0.94), "garch": garch_volatility(moved, params)}
+        for name, vol in reference.items():
+            assert np.array_equal(vol[: t + 1], changed[name][: t + 1]), f"{name} at t={t}"
+            assert t >= len(close) - 2 or not np.array_equal(vol[t + 1 :], changed[name][t + 1 :]), name
+        if t >= MASK_TRAIN_STOP - 1:  # refitting after the training range finds the same parameters
+            assert fit_garch(moved, (0, MASK_TRAIN_STOP)) == params
+
+
+def _mask_market(frame: pd.DataFrame, state: dict | None):
+    """Arrays with basic features and a 2-state regime block fitted on bars < MASK_TRAIN_STOP (or ``state``)."""
+    cfg = FeatureConfig(regimes=2, regime_restarts=1)
+    features = build_observation_features(frame, MASK_TRAIN_STOP, cfg, state=state)
+    return MarketArrays.from_frame(frame, features.values, features.first_valid), features
+
+
+def test_masks_at_or_before_t_ignore_the_future():
+    frame = random_ohlcv(N_BARS, 23)
+    arrays, fitted = _mask_market(frame, None)
+    column = fitted.blocks["regime"].stop - 1  # states ordered by volatility: last = most volatile
+    params = fit_garch(arrays.close, (0, MASK_TRAIN_STOP))
+    start, length, positions = 260, 200, (-1.0, -0.5, 0.0, 0.5, 1.0)
+    actions = torch.randint(0, 5, (length, 1), generator=torch.Generator().manual_seed(3))
+
+    def masks_of(arrays: MarketArrays, vol_model: str) -> torch.Tensor:
+        cfg = MaskConfig(risk_budget=0.012, vol_model=vol_model, drawdown_threshold=0.03, recover_threshold=0.01,
+                         regime_threshold=0.6, regime_column=column, cooldown=2, max_trades=4, period_bars=10)
+        vol = (ewma_volatility(arrays.close, cfg.ewma_lambda) if vol_model == "ewma"
+               else garch_volatility(arrays.close, params))
+        inputs = MaskInputs(vol=vol, regime_prob=arrays.features[:, column].astype(np.float64))
+        env = TradingEnv(arrays, num_envs=1, window=4, episode_length=length, positions=positions, masks=cfg,
+                         mask_inputs=inputs, stagger_starts=False)
+        env.reset(starts=[start])
+        out = []
+        for a in actions[:-1]:
+            out.append(env.action_masks()[0])
+            env.step(a)
+        return torch.stack(out)  # row i: the decision at bar start + i
+
+    for vol_model in ("ewma", "garch"):
+        reference = masks_of(arrays, vol_model)
+        assert not reference.all(), "the rules never fired: the test would prove nothing"
+        moved_any = False
+        for t in (start, start + 1, 330, 400):
+            moved, _ = _mask_market(replace_future(frame, t, seed=t), fitted.state)
+            changed = masks_of(moved, vol_model)
+            upto = t - start + 1
+            assert torch.equal(reference[:upto], changed[:upto]), f"{vol_model}: a mask at or before t={t} moved"
+            moved_any |= not torch.equal(reference[upto:], changed[upto:])
+        assert moved_any, f"{vol_model}: the future never changed a later mask"
