@@ -953,3 +953,25 @@ def test_segmented_env_rejects_starts_outside_its_segments_and_a_mismatched_samp
     early = segment_sampler(first_valid=0)  # ignores the market's warm-up of 2 rows
     with pytest.raises(ValueError, match=r"start_sampler starts \[2, 383\] leave the env's valid starts \[4"):
         TradingEnv(market, num_envs=3, window=3, episode_length=16, start_sampler=early)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_masked_env_on_device_matches_cpu(nasdaq, device):
+    from sentio_lab.masks import MaskConfig
+
+    cfg = MaskConfig(max_abs_level=0.5, risk_budget=0.015, drawdown_threshold=0.05, cooldown=3, max_trades=2,
+                     period_bars=8)
+    actions = torch.randint(0, 5, (80, 6), generator=torch.Generator().manual_seed(4))
+    runs = []
+    for dev in ("cpu", device):
+        env = TradingEnv(nasdaq, num_envs=6, window=4, episode_length=25, positions=FIVE_LEVELS, costs=COSTS,
+                         masks=cfg, device=dev, seed=2)
+        env.reset()
+        masks, rewards = [], []
+        for a in actions:
+            masks.append(env.action_masks().cpu())
+            rewards.append(env.step(a.to(dev))[1].cpu())
+        runs.append((torch.stack(masks), torch.stack(rewards), env.mask_counts))
+    assert torch.equal(runs[0][0], runs[1][0]) and not runs[0][0].all()
+    torch.testing.assert_close(runs[0][1], runs[1][1], rtol=1e-12, atol=1e-12)
+    assert runs[0][2] == runs[1][2]
