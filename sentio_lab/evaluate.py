@@ -378,8 +378,14 @@ def evaluate_policies(
     device: str | torch.device = "cpu",
     masks: MaskConfig | None = None,
     invalid_action: str = "nearest",
+    rule_counts: dict[str, int] | None = None,
 ) -> list[list[Evaluation]]:
     """Every agent over every named range, all episodes stepped together: ``result[i][j]`` is agent i on range j.
+
+    ``rule_counts``, when given, receives per mask rule ``binding:<rule>`` (decisions in which the rule masked
+    at least one level) and ``masked:<rule>`` (chosen actions it masked), summed over every env, and
+    ``decisions``; the recorded steps of ruined episodes and the steps past a short range's own end are
+    included in those sums (they are counts of the envs, not of the recorded episodes).
 
     The same as ``evaluate_policy(agents[i], market, range_name=range_names[j], ...)`` for each pair (same
     :class:`Evaluation` fields, same first bar, length and ruin handling; on CPU the weights and the equity are
@@ -456,6 +462,11 @@ def evaluate_policies(
         else:
             chosen_np = np.empty((env.num_envs, 0), dtype=np.int64)
             equity_np = np.empty((env.num_envs, 0))
+        if rule_counts is not None:
+            rule_counts["decisions"] = rule_counts.get("decisions", 0) + len(chosen) * env.num_envs
+            for kind, counts in (("binding", env.mask_binding), ("masked", env.mask_counts)):
+                for rule, n in counts.items():
+                    rule_counts[f"{kind}:{rule}"] = rule_counts.get(f"{kind}:{rule}", 0) + int(n)
         recorded_np, ruined_np = recorded.cpu().numpy(), ruined.cpu().numpy()
         for e in range(env.num_envs):
             i, j = divmod(e, len(bucket))

@@ -189,3 +189,26 @@ def test_costs_paid_add_up_the_fills_of_every_group(finished):
     assert bh["costs_paid"] == pytest.approx(expected, rel=1e-9)
     agents = results[results["kind"] == "agent"]
     assert (agents["costs_paid"] > 0).all() and results[results["name"] == "random"]["costs_paid"].isna().all()
+
+
+def test_masked_and_unmasked_configurations_compare_through_the_runner(config, tmp_path):
+    from sentio_lab.experiment.runner import RULES_FILE
+    from sentio_lab.experiment.summary import infer, rule_table
+
+    both = ExperimentConfig(**{**config.__dict__, "name": "masked", "split": "walk_forward", "n_groups": 2,
+                               "seeds": (1,), "baselines": ("buy_and_hold",), "agents": (
+                                   AgentSpec("plain", "ppo", TINY),
+                                   AgentSpec("masked", "ppo_masked", (*TINY, "--masks.long-only",
+                                                                      "--masks.cooldown", "3")))})
+    plan = plan_experiment(both)
+    results = run_experiment(plan, tmp_path / "masked", progress=False)
+    assert set(results["name"]) == {"plain", "masked", "buy_and_hold"} and (results["n_trials"] == 2).all()
+    for fold in plan.folds:  # the masked agent's greedy episodes obey its rules: never short
+        groups = pd.read_parquet(evaluation_folder(tmp_path / "masked", "masked", fold.fold) / "groups.parquet")
+        assert (groups["weight"].dropna() >= 0).all()
+    rules = rule_table(pd.read_parquet(tmp_path / "masked" / RULES_FILE))
+    assert list(rules.index) == ["masked"]  # the unmasked configuration has no rules
+    assert rules.loc["masked", ("long_only", "binding")] == 1.0  # short levels are masked at every decision
+    assert 0 < rules.loc["masked", ("cooldown", "binding")] < 1
+    found = infer(results, pd.read_parquet(tmp_path / "masked" / EQUITY_FILE), "masked", reps=100)
+    assert 0 <= found.pbo <= 1 and found.n_trials == 2  # two configurations: PBO and DSR over both

@@ -34,7 +34,7 @@ from sentio_lab import splits as splitting
 from sentio_lab.backtest import order_sizes
 from sentio_lab.baselines import evaluate_baseline, evaluate_random
 from sentio_lab.checkpoint import load_checkpoint
-from sentio_lab.evaluate import Evaluation, evaluate_policies, load_variant
+from sentio_lab.evaluate import Evaluation, action_masking, evaluate_policies, load_variant
 from sentio_lab.experiment.cells import CELL_FILE, Cell, cell_done, parse_variant_args, train_cell, write_json_atomic
 from sentio_lab.experiment.config import AgentSpec, ExperimentConfig
 from sentio_lab.market import PreparedMarket, prepare_fold_market, prepare_market
@@ -43,6 +43,7 @@ from sentio_lab.metrics import fill_costs, round_trip_trades, summary_stats
 RESULTS_FILE = "results.parquet"
 EQUITY_FILE = "equity.parquet"
 GROUPS_FILE = "groups.parquet"
+RULES_FILE = "mask_rules.parquet"
 #: Version of the evaluation files (``groups.parquet``); evaluations written by another version are redone
 #: (cheap: training cells are kept), so a resumed run never mixes old and new columns.
 GROUPS_FORMAT = 2
@@ -215,13 +216,14 @@ def evaluate_fold(plan: Plan, agent: AgentSpec, fold: splitting.Fold, output: Pa
               for c, r in zip(cells, records, strict=True)]
     acc = plan.accounting
     ranges = [f"test:{group}" for group in fold.groups]
+    rule_counts: dict[str, int] = {}
     results = evaluate_policies(agents, market, ranges, window=acc["window"], positions=acc["positions"],
-                                costs=acc["costs"])
+                                costs=acc["costs"], rule_counts=rule_counts, **action_masking(args))
     frames = [_groups_frame(per_agent, fold, market).assign(seed=c.seed)
               for c, per_agent in zip(cells, results, strict=True)]
     pd.concat(frames, ignore_index=True).to_parquet(folder / GROUPS_FILE)
     write_json_atomic(folder / CELL_FILE, {
-        "agent": agent.name, "fold": fold.fold, "format": GROUPS_FORMAT,
+        "agent": agent.name, "fold": fold.fold, "format": GROUPS_FORMAT, "rule_counts": rule_counts,
         "selected_iterations": {str(c.seed): r.get("selected_iteration") for c, r in zip(cells, records, strict=True)},
     })
 
@@ -356,10 +358,11 @@ def _path_stats(equity: pd.Series, weights: pd.Series | None, pieces: list[tuple
 
 
 def assemble(plan: Plan, output: str | Path) -> pd.DataFrame:
-    """Read every finished cell and baseline, stitch backtest paths, write ``results.parquet`` / ``equity.parquet``."""
+    """Read every finished cell and baseline, stitch backtest paths, write ``results.parquet``, ``equity.parquet``
+    and ``mask_rules.parquet`` (per configuration and fold: decisions and how often each mask rule bound)."""
     output = Path(output)
     paths = splitting.backtest_paths(plan.folds)
-    rows, curves = [], []
+    rows, curves, rules = [], [], []
     units: list[tuple[dict[str, Any], pd.DataFrame]] = []
     for agent in plan.config.agents:
         frames, selected = [], {}
@@ -371,6 +374,7 @@ def assemble(plan: Plan, output: str | Path) -> pd.DataFrame:
             frames.append(pd.read_parquet(folder / GROUPS_FILE).assign(fold=fold.fold))
             for seed, iteration in record["selected_iterations"].items():
                 selected.setdefault(int(seed), []).append(iteration)
+            rules.append({"name": agent.name, "fold": fold.fold, **record.get("rule_counts", {})})
         groups = pd.concat(frames, ignore_index=True)
         for seed in plan.config.seeds:
             units.append(({"kind": "agent", "name": agent.name, "variant": agent.variant, "seed": seed,
@@ -392,6 +396,7 @@ def assemble(plan: Plan, output: str | Path) -> pd.DataFrame:
     results = pd.DataFrame(rows)
     results.to_parquet(output / RESULTS_FILE)
     pd.concat(curves, ignore_index=True).to_parquet(output / EQUITY_FILE)
+    pd.DataFrame(rules).to_parquet(output / RULES_FILE)  # mask rules: how often each fired, per fold
     return results
 
 

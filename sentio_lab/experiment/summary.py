@@ -215,3 +215,17 @@ def ab_tests(curves: pd.DataFrame, results: pd.DataFrame, *, reps: int = 2000, s
                          "p_value": test.p_value, "block_size": test.block_size})
     return pd.DataFrame(rows, columns=["a", "b", "sharpe_a", "sharpe_b", "difference", "ci_low", "ci_high",
                                        "p_value", "block_size"])
+
+
+def rule_table(rules: pd.DataFrame) -> pd.DataFrame:
+    """How often each mask rule fired, per configuration: the share of decisions in which it masked at least one
+    level (``binding``) and the share of chosen actions it masked (``masked``); empty without masked variants."""
+    columns = [c for c in rules.columns if c.startswith(("binding:", "masked:"))]
+    if rules.empty or not columns:
+        return pd.DataFrame()
+    masked = rules.groupby("name", sort=False)[columns].apply(lambda g: g.notna().any().any())
+    rules = rules[rules["name"].isin(masked[masked].index)].fillna(0)  # configurations without rules: left out
+    totals = rules.groupby("name", sort=False)[["decisions", *columns]].sum()
+    shares = totals[columns].div(totals["decisions"].where(totals["decisions"] > 0), axis=0)
+    shares.columns = pd.MultiIndex.from_tuples([tuple(c.split(":", 1)[::-1]) for c in columns], names=["rule", ""])
+    return shares.sort_index(axis=1).assign(decisions=totals["decisions"])
