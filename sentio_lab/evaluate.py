@@ -128,15 +128,10 @@ def _mask_env_kwargs(masks: MaskConfig | None, invalid_action: str, market: Prep
 
 
 def _mask_inputs(masks: MaskConfig, market: PreparedMarket) -> MaskInputs | None:
-    """As ``ppo_masked.mask_inputs``: a GARCH volatility forecast is fitted on the longest training segment only
-    (never on the evaluated range); the env's defaults serve every other rule."""
-    if masks.risk_budget is None or masks.vol_model != "garch":
-        return None
-    from sentio_lab.masks import MaskInputs
+    """As the variant's own: :func:`sentio_lab.masks.market_mask_inputs` (GARCH fitted on training bars only)."""
+    from sentio_lab.masks import market_mask_inputs
 
-    fit_range = max(market.training_segments(), key=lambda seg: (seg[1] - seg[0], -seg[0]))
-    arrays = market.arrays
-    return MaskInputs.build(masks, arrays.close, arrays.features, fit_range=(int(fit_range[0]), int(fit_range[1])))
+    return market_mask_inputs(masks, market)
 
 
 def evaluate_policy(

@@ -459,3 +459,28 @@ def make_masker(
         return None
     inputs = inputs if inputs is not None else MaskInputs.build(masks, close, features)
     return Masker(masks, positions, inputs, num_envs, invalid_action, device)
+
+
+def market_mask_inputs(config: MaskConfig | None, market: Any) -> MaskInputs | None:
+    """What a variant's env and its evaluation read for ``config`` on a prepared market (``sentio_lab.market``).
+
+    The GARCH forecast is fitted on the longest training segment only (the ``"train"`` range of a chronological
+    market), never on an evaluated range. The regime rule reads the most volatile state's filtered probability,
+    the last column of the market's ``"regime"`` block (states are ordered by volatility), unless
+    ``config.regime_column`` names another. None when the env's own defaults serve every rule.
+    """
+    if config is None:
+        return None
+    garch = config.risk_budget is not None and config.vol_model == "garch"
+    regime = config.regime_threshold is not None and config.regime_column is None
+    if not (garch or regime):
+        return None
+    fit_range = max(market.training_segments(), key=lambda seg: (seg[1] - seg[0], -seg[0]))
+    arrays = market.arrays
+    prob = None
+    if regime:
+        if "regime" not in market.features.blocks:
+            raise ValueError("the regime mask rule needs regime features: pass --regimes N (N >= 2)")
+        prob = arrays.features[:, market.features.blocks["regime"].stop - 1]
+    return MaskInputs.build(config, arrays.close, arrays.features, fit_range=(int(fit_range[0]), int(fit_range[1])),
+                            regime_prob=prob)

@@ -42,7 +42,7 @@ from sentio_lab.costs import CostModel
 from sentio_lab.env import TradingEnv
 from sentio_lab.features import FeatureConfig
 from sentio_lab.market import PreparedMarket, prepare_market
-from sentio_lab.masks import MaskConfig, MaskInputs
+from sentio_lab.masks import MaskConfig, MaskInputs, market_mask_inputs
 from sentio_lab.nets import MLPActorCritic
 from sentio_lab.rollout import (
     NonFiniteError,
@@ -262,16 +262,9 @@ def mask_config(args: Args) -> MaskConfig:
 
 
 def mask_inputs(config: MaskConfig, market: PreparedMarket) -> MaskInputs | None:
-    """The series the mask rules read, when the env's default (built from the whole market) will not do.
-
-    The GARCH volatility forecast is fitted, so it is fitted on training bars only: the longest training segment
-    (the "train" range of a chronological market). Every other rule is causal by construction and left to the env.
-    """
-    if config.risk_budget is None or config.vol_model != "garch":
-        return None
-    fit_range = max(market.training_segments(), key=lambda seg: (seg[1] - seg[0], -seg[0]))
-    arrays = market.arrays
-    return MaskInputs.build(config, arrays.close, arrays.features, fit_range=(int(fit_range[0]), int(fit_range[1])))
+    """The series the mask rules read on ``market`` (GARCH fitted on training bars only; the regime column):
+    :func:`sentio_lab.masks.market_mask_inputs`, shared with the evaluation so both see the same masks."""
+    return market_mask_inputs(config, market)
 
 
 def resolve_device(name: str) -> torch.device:

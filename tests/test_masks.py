@@ -312,3 +312,24 @@ def test_regime_rule_needs_a_source_and_invalid_action_is_checked():
         TradingEnv(arrays, num_envs=1, window=2, episode_length=9, masks=MaskConfig(regime_threshold=0.5))
     with pytest.raises(ValueError, match="invalid_action"):
         TradingEnv(arrays, num_envs=1, window=2, episode_length=9, masks=MaskConfig(), invalid_action="sample")
+
+
+def test_market_mask_inputs_read_the_most_volatile_regime_and_fit_garch_on_training_bars():
+    from sentio_lab.features import FeatureConfig
+    from sentio_lab.market import prepare_market
+    from sentio_lab.masks import MaskConfig, fit_garch, garch_volatility, market_mask_inputs
+
+    market = prepare_market("nasdaq", FeatureConfig(regimes=2, regime_restarts=1), end="2004-12-31")
+    regime = MaskConfig(regime_threshold=0.6)
+    inputs = market_mask_inputs(regime, market)
+    last = market.features.blocks["regime"].stop - 1
+    np.testing.assert_array_equal(inputs.regime_prob, market.arrays.features[:, last].astype(np.float64))
+    assert market.features.names[last] == "regime:p1"  # the most volatile of the 2 states
+    assert market_mask_inputs(MaskConfig(cooldown=3), market) is None  # the env's defaults serve the rest
+    garch = market_mask_inputs(MaskConfig(risk_budget=0.01, vol_model="garch"), market)
+    start, stop = market.range("train")
+    expected = garch_volatility(market.arrays.close, fit_garch(market.arrays.close, (start, stop)))
+    np.testing.assert_array_equal(garch.vol, expected)  # fitted on the "train" range, nothing later
+    plain = prepare_market("nasdaq", FeatureConfig(), end="2004-12-31")
+    with pytest.raises(ValueError, match="needs regime features"):
+        market_mask_inputs(regime, plain)
