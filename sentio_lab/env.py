@@ -415,8 +415,11 @@ class TradingEnv:
         for name in ("t", "steps", "level", "cash", "shares", "equity"):
             setattr(self, name, state[name].to(self.device).clone())
         self.generator.set_state(state["generator"])
+        mask_state = {k[5:]: v for k, v in state.items() if k.startswith("mask:")}
         if self.masker is not None:
-            self.masker.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("mask:")})
+            self.masker.load_state_dict(mask_state)
+        elif mask_state:
+            raise ValueError("env state holds mask-rule state, but this env has no masks (build it with masks=)")
         return self._observe(self.t, self.level)
 
     def _reset_done(self, done: torch.Tensor) -> None:

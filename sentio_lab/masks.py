@@ -164,6 +164,9 @@ def fit_garch(close: np.ndarray, fit_range: tuple[int, int]) -> dict[str, float]
         raise ValueError(f"fit_garch: fit_range {fit_range} must lie in the {len(close)} bars and hold >= 50 bars")
     r = 100.0 * log_returns(close)[a + 1 : b]
     result = arch_model(r, mean="Constant", vol="GARCH", p=1, q=1, dist="normal", rescale=False).fit(disp="off")
+    if result.convergence_flag != 0:  # never silently: a failed fit would give wrong risk-budget masks
+        raise ValueError(f"fit_garch: the GARCH(1,1) fit on bars {fit_range} did not converge "
+                         f"(arch convergence flag {result.convergence_flag}); use vol_model='ewma' or more data")
     p = result.params
     return {"mu": float(p["mu"]), "omega": float(p["omega"]), "alpha": float(p["alpha[1]"]),
             "beta": float(p["beta[1]"])}

@@ -629,8 +629,10 @@ def train(args: Args, *, market: PreparedMarket | None = None, env: Any | None =
             "global_step": global_step,
         }
         # the env's per-rule counters (cumulative): how often each rule masked the chosen action, and bound at all
-        for rule, count in _mask_counts(env).items():
+        for rule, count in _mask_counts(env, "mask_counts").items():
             record[f"masks/{rule}"] = count
+        for rule, count in _mask_counts(env, "mask_binding").items():
+            record[f"masks_binding/{rule}"] = count
         history.append(record)
         tracker.log(record, step=global_step)
         progress.update(args.batch_size)
@@ -653,9 +655,10 @@ def train(args: Args, *, market: PreparedMarket | None = None, env: Any | None =
     )
 
 
-def _mask_counts(env: Any) -> dict[str, float]:
-    """``env.mask_counts`` as ``{rule: count}`` floats for logging (empty when the env keeps none)."""
-    counts = getattr(env, "mask_counts", None) or {}
+def _mask_counts(env: Any, kind: str) -> dict[str, float]:
+    """``env.mask_counts`` (chosen actions a rule masked) or ``env.mask_binding`` (decisions in which it masked a
+    level) as ``{rule: count}`` floats for logging (empty when the env keeps none)."""
+    counts = getattr(env, kind, None) or {}
     return {str(k): float(torch.as_tensor(v).sum()) for k, v in dict(counts).items()}
 
 

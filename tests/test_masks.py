@@ -333,3 +333,74 @@ def test_market_mask_inputs_read_the_most_volatile_regime_and_fit_garch_on_train
     plain = prepare_market("nasdaq", FeatureConfig(), end="2004-12-31")
     with pytest.raises(ValueError, match="needs regime features"):
         market_mask_inputs(regime, plain)
+
+
+def test_masks_match_an_independent_reference():
+    """Every rule recomputed from scratch (pandas EWMA, drawdown latch from the equity path, hold counter, trades
+    per window, regime), against NumpyTradingEnv.action_masks() over random decisions with all rules on."""
+    import pandas as pd
+
+    from sentio_lab.env import NumpyTradingEnv
+    from sentio_lab.masks import MaskConfig
+
+    arr = market(n=900, spike_at=500, regime=True, clusters=True, seed=5)
+    cfg = MaskConfig(max_abs_level=0.9, risk_budget=0.02, ewma_lambda=0.9, drawdown_threshold=0.03,
+                     recover_threshold=0.01, regime_threshold=0.5, regime_column=-1, cooldown=3, max_trades=3,
+                     period_bars=7)
+    r = np.r_[0.0, np.diff(np.log(arr.close))]
+    vol = np.r_[0.0, np.sqrt(pd.Series(r[1:] ** 2).ewm(alpha=1 - cfg.ewma_lambda, adjust=False).mean().to_numpy())]
+    prob = arr.features[:, -1].astype(float)
+    levels = np.array(FIVE)
+
+    def no_increase(wa, w):
+        return wa == 0 or (np.sign(wa) == np.sign(w) and abs(wa) <= abs(w) + 1e-12)
+
+    rng = np.random.default_rng(1)
+    decisions, mismatches, masked = 0, 0, 0
+    for start in (20, 200, 430, 480, 600):
+        env = NumpyTradingEnv(arr, window=2, episode_length=120, positions=FIVE, masks=cfg, costs=COSTS)
+        env.reset(options={"start": start})
+        equity, changes, guard, k = [1.0], [], False, 0
+        while True:
+            t, level = env.t, env.level
+            drawdown = 1 - env.equity / max(equity)
+            guard = drawdown >= cfg.drawdown_threshold or (guard and drawdown > cfg.recover_threshold)
+            since = (k - changes[-1]) if changes else 10**9
+            window = [c for c in changes if c // cfg.period_bars == k // cfg.period_bars]
+            reference = []
+            for a, wa in enumerate(levels):
+                ok = abs(wa) <= cfg.max_abs_level and vol[t] * abs(wa) <= cfg.risk_budget + 1e-12
+                ok &= (not guard) or no_increase(wa, levels[level])
+                ok &= (not prob[t] > cfg.regime_threshold) or no_increase(wa, levels[level])
+                ok &= wa == 0 or a == level or since >= cfg.cooldown
+                ok &= wa == 0 or a == level or len(window) < cfg.max_trades
+                reference.append(bool(ok))
+            got = env.action_masks().tolist()
+            decisions += 1
+            mismatches += got != reference
+            masked += not all(reference)
+            _, _, terminated, truncated, info = env.step(int(rng.integers(0, len(FIVE))))
+            if env.level != level:
+                changes.append(k)
+            equity.append(info["equity"])
+            k += 1
+            if terminated or truncated:
+                break
+    assert decisions == 600 and masked > 300  # the rules really bind
+    assert mismatches == 0
+
+
+def test_a_masked_state_does_not_load_into_an_unmasked_env():
+    import torch
+
+    from sentio_lab.env import TradingEnv
+    from sentio_lab.masks import MaskConfig
+
+    arr = market(n=300, seed=2)
+    masked = TradingEnv(arr, num_envs=2, window=2, episode_length=20, positions=FIVE, costs=COSTS,
+                        masks=MaskConfig(cooldown=3))
+    masked.reset()
+    masked.step(torch.tensor([4, 0]))
+    plain = TradingEnv(arr, num_envs=2, window=2, episode_length=20, positions=FIVE, costs=COSTS)
+    with pytest.raises(ValueError, match="mask-rule state, but this env has no masks"):
+        plain.load_state_dict(masked.state_dict())
