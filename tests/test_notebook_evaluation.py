@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -61,4 +62,4 @@ def test_nbval_fails_when_a_reported_number_moves():
     finally:
         shutil.rmtree(folder)
     assert run.returncode == 1, run.stdout[-2000:]
-    assert "1 failed, 7 passed" in run.stdout  # only the cell whose stored number was moved
+    assert re.search(r"\b1 failed, \d+ passed", run.stdout)  # only the cell whose stored number was moved
