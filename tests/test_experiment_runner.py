@@ -212,3 +212,17 @@ def test_masked_and_unmasked_configurations_compare_through_the_runner(config, t
     assert 0 < rules.loc["masked", ("cooldown", "binding")] < 1
     found = infer(results, pd.read_parquet(tmp_path / "masked" / EQUITY_FILE), "masked", reps=100)
     assert 0 <= found.pbo <= 1 and found.n_trials == 2  # two configurations: PBO and DSR over both
+
+
+def test_fold_markets_are_not_shared_between_experiments(finished, config):
+    """Two plans with a fold 0 each get their own fold market (a cache keyed on the fold number alone did not)."""
+    from sentio_lab.experiment.runner import fold_market
+    from sentio_lab.ppo import feature_config
+
+    plan, _, _ = finished
+    other = plan_experiment(ExperimentConfig(**{**config.__dict__, "split": "walk_forward", "n_groups": 2}))
+    args = parse_variant_args("ppo", plan.cells[0].args)
+    cpcv = fold_market(plan, plan.folds[0], feature_config(args))
+    walk = fold_market(other, other.folds[0], feature_config(args))
+    assert cpcv.train_segments == plan.folds[0].train and walk.train_segments == other.folds[0].train
+    assert cpcv.train_segments != walk.train_segments

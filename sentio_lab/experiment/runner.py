@@ -130,7 +130,9 @@ _MARKETS: dict[tuple, PreparedMarket] = {}
 
 def fold_market(plan: Plan, fold: splitting.Fold, feature_config: Any) -> PreparedMarket:
     """The fold's market: features and HMM fitted on its training segments only; cached per process."""
-    key = (fold.fold, repr(feature_config))
+    # Everything the market depends on: data and range, the fold's own segments, the validation slice, features.
+    config = plan.config
+    key = (str(config.dataset), config.data_start, config.data_end, fold, config.validation_bars, repr(feature_config))
     if key not in _MARKETS:
         _MARKETS.clear()  # one fold at a time per process keeps memory flat
         base = prepare_market(plan.config.dataset, feature_config, start=plan.config.data_start,
