@@ -18,8 +18,8 @@ from sentio_lab.experiment.runner import (
     evaluation_folder,
     plan_experiment,
     run_experiment,
-    summarise,
 )
+from sentio_lab.experiment.summary import strategy_table
 from sentio_lab.splits import backtest_paths
 
 TINY = ("--total-timesteps", "256", "--num-envs", "8", "--num-steps", "16", "--num-minibatches", "2",
@@ -62,8 +62,8 @@ def test_table_has_every_strategy_seed_and_path(finished, config):
     assert spans.groupby(level="path").nunique().eq(1).all().all()
     table = pd.read_parquet(output / RESULTS_FILE)
     pd.testing.assert_frame_equal(table, results)
-    summary = summarise(results)
-    assert summary.loc[("agent", "tiny"), ("paths x seeds", "n")] == 2 * n_paths
+    summary = strategy_table(results)
+    assert summary.loc[("agent", "tiny"), ("runs", "paths x seeds")] == 2 * n_paths
 
 
 def test_paths_cover_the_test_bars_once(finished):

@@ -8,7 +8,8 @@ from pathlib import Path
 import tyro
 
 from sentio_lab.experiment.config import load_config
-from sentio_lab.experiment.runner import RESULTS_FILE, plan_experiment, run_experiment, summarise
+from sentio_lab.experiment.runner import RESULTS_FILE, plan_experiment, run_experiment
+from sentio_lab.experiment.summary import strategy_table
 
 
 @dataclass
@@ -40,7 +41,7 @@ def main(argv: list[str] | None = None) -> Path:
     print(f"{config.name}: {len(plan.folds)} folds, {len(plan.cells)} cells ({config.n_trials} configurations x "
           f"{len(config.seeds)} seeds x {len(plan.folds)} folds), purge {plan.gaps.purge}, embargo {plan.gaps.embargo}")
     results = run_experiment(plan, output, workers=args.workers, progress=args.progress)
-    print(summarise(results).to_string())
+    print(strategy_table(results, ("sharpe", "cagr", "max_drawdown")).to_string())
     print(f"results: {output / RESULTS_FILE}")
     return output
 

@@ -401,15 +401,3 @@ def assemble(plan: Plan, output: str | Path) -> pd.DataFrame:
     pd.DataFrame(rules).to_parquet(output / RULES_FILE)  # mask rules: how often each fired, per fold
     return results
 
-
-def summarise(results: pd.DataFrame, columns: Sequence[str] = ("sharpe", "cagr", "max_drawdown")) -> pd.DataFrame:
-    """Median and interquartile range over paths x seeds of each strategy's statistics (one row per strategy)."""
-    grouped = results.groupby(["kind", "name"], sort=False)
-    parts = {}
-    for column in columns:
-        values = grouped[column]
-        parts[(column, "median")] = values.median()
-        parts[(column, "q25")] = values.quantile(0.25)
-        parts[(column, "q75")] = values.quantile(0.75)
-    parts[("paths x seeds", "n")] = grouped.size()
-    return pd.DataFrame(parts)

@@ -62,10 +62,9 @@ def strategy_table(results: pd.DataFrame, stats: Sequence[str] = REPORT_STATS) -
 
 def ensemble_returns(curves: pd.DataFrame) -> pd.DataFrame:
     """Bars x strategies: each strategy's mean simple return over its seeds and paths at every common bar."""
-    curves = curves.sort_values(["name", "seed", "path", "timestamp"])
-    returns = curves.groupby(["name", "seed", "path"], sort=False)["equity"].pct_change()
-    frame = curves.assign(ret=returns).dropna(subset=["ret"])
-    wide = frame.groupby(["timestamp", "name"])["ret"].mean().unstack("name")
+    runs = run_returns(curves)
+    frame = pd.concat(runs.values(), keys=[name for name, _, _ in runs], names=["name", "timestamp"])
+    wide = frame.groupby(["timestamp", "name"]).mean().unstack("name")
     return wide.dropna()  # bars every strategy traded
 
 
