@@ -32,7 +32,6 @@ import json
 import shlex
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -162,25 +161,6 @@ def bench_floor(obs_dim: int, s: dict[str, int], cli: argparse.Namespace, run_di
 def bench_maskable(market: PreparedMarket, s: dict[str, int], cli: argparse.Namespace, vec_env: str) -> dict:
     """sb3-contrib MaskablePPO on ``N`` masked numpy envs in ``vec_env`` ("DummyVecEnv" or "SubprocVecEnv")."""
     from sb3_contrib import MaskablePPO
-    from stable_baselines3.common.callbacks import BaseCallback
-    from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecNormalize
-
-    class RolloutClock(BaseCallback):
-        """Timestamps at the start of every rollout and at the end of training."""
-
-        def __init__(self) -> None:
-            super().__init__()
-            self.starts: list[float] = []
-            self.end = float("nan")
-
-        def _on_rollout_start(self) -> None:
-            self.starts.append(time.perf_counter())
-
-        def _on_step(self) -> bool:
-            return True
-
-        def _on_training_end(self) -> None:
-            self.end = time.perf_counter()
 
     start, stop = market.range("train")
     arrays, masks = market.arrays, mask_config(cli)
@@ -190,31 +170,14 @@ def bench_maskable(market: PreparedMarket, s: dict[str, int], cli: argparse.Name
         return NumpyTradingEnv(arrays, window=cli.window, episode_length=cli.episode_length, start=start, stop=stop,
                                positions=tuple(cli.positions), costs=costs, masks=masks)
 
-    fns = [make_env] * s["num_envs"]
-    # fork: the workers share the parent's already-imported modules and market arrays (copy on write).
-    venv = DummyVecEnv(fns) if vec_env == "DummyVecEnv" else SubprocVecEnv(fns, start_method="fork")
-    venv = VecNormalize(venv, norm_obs=True, norm_reward=False)
-    try:
-        model = MaskablePPO(
-            "MlpPolicy", venv, learning_rate=cli.learning_rate, n_steps=s["num_steps"],
-            batch_size=s["minibatch_size"], n_epochs=s["update_epochs"], gamma=0.99, gae_lambda=0.95,
-            clip_range=0.2, clip_range_vf=0.2, normalize_advantage=True, ent_coef=0.01, vf_coef=0.5,
-            max_grad_norm=0.5, target_kl=None, seed=cli.seed, device="cpu", verbose=0,
-            policy_kwargs=dict(net_arch=dict(pi=[64, 64], vf=[64, 64]), activation_fn=torch.nn.Tanh),
-        )
-        clock = RolloutClock()
-        model.learn(total_timesteps=s["total_timesteps"], callback=clock)
-        binding: dict[str, int] = {}
+    def binding(venv: Any) -> dict:
+        counts: dict[str, int] = {}
         for masker in venv.get_attr("masker"):
             for rule, count in masker.counts("binding").items():
-                binding[rule] = binding.get(rule, 0) + count
-    finally:
-        venv.close()
-    if len(clock.starts) != cli.iterations + 1:
-        raise RuntimeError(f"MaskablePPO ran {len(clock.starts)} iterations, expected {cli.iterations + 1}")
-    steps = s["batch_size"] * cli.iterations
-    seconds = clock.end - clock.starts[1]
-    return {"steps": steps, "seconds": seconds, "steps_per_s": steps / seconds, "mask_binding": binding}
+                counts[rule] = counts.get(rule, 0) + count
+        return {"mask_binding": counts}
+
+    return base.run_sb3(MaskablePPO, make_env, s, cli, vec_env, "MaskablePPO", after_learn=binding)
 
 
 # ------------------------------------------------------------------------------------------------ report

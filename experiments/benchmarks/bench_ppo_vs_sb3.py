@@ -36,6 +36,7 @@ import shlex
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -174,9 +175,13 @@ def bench_floor(obs_dim: int, num_actions: int, s: dict[str, int], cli: argparse
     return _timed_from_history(result.history, s["batch_size"], cli.iterations)
 
 
-def bench_sb3(market: PreparedMarket, s: dict[str, int], cli: argparse.Namespace, vec_env: str) -> dict:
-    """SB3 PPO on ``N`` numpy envs of the same market in ``vec_env`` ("DummyVecEnv" or "SubprocVecEnv")."""
-    from stable_baselines3 import PPO
+def run_sb3(algo: type, make_env: Callable[[], Any], s: dict[str, int], cli: argparse.Namespace, vec_env: str,
+            label: str, after_learn: Callable[[Any], dict] | None = None) -> dict:
+    """Train an SB3-family ``algo`` (PPO, sb3-contrib's MaskablePPO) on ``N`` envs from ``make_env`` in ``vec_env``
+    ("DummyVecEnv" or "SubprocVecEnv") with our PPO's settings, timed from the second rollout to the end.
+
+    ``after_learn(venv)`` runs before the vec env closes and its dict joins the result (e.g. env counters).
+    """
     from stable_baselines3.common.callbacks import BaseCallback
     from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecNormalize
 
@@ -197,19 +202,13 @@ def bench_sb3(market: PreparedMarket, s: dict[str, int], cli: argparse.Namespace
         def _on_training_end(self) -> None:
             self.end = time.perf_counter()
 
-    start, stop = market.range("train")
-    arrays, costs, positions = market.arrays, ppo.cost_model(ppo.Args()), ppo.Args.positions
-
-    def make_env() -> NumpyTradingEnv:
-        return NumpyTradingEnv(arrays, window=cli.window, episode_length=cli.episode_length, start=start,
-                               stop=stop, positions=positions, costs=costs)
-
     fns = [make_env] * s["num_envs"]
     # fork: the workers share the parent's already-imported modules and market arrays (copy on write).
     venv = DummyVecEnv(fns) if vec_env == "DummyVecEnv" else SubprocVecEnv(fns, start_method="fork")
     venv = VecNormalize(venv, norm_obs=True, norm_reward=False)
+    extra: dict = {}
     try:
-        model = PPO(
+        model = algo(
             "MlpPolicy", venv, learning_rate=cli.learning_rate, n_steps=s["num_steps"],
             batch_size=s["minibatch_size"], n_epochs=s["update_epochs"], gamma=0.99, gae_lambda=0.95,
             clip_range=0.2, clip_range_vf=0.2, normalize_advantage=True, ent_coef=0.01, vf_coef=0.5,
@@ -218,13 +217,29 @@ def bench_sb3(market: PreparedMarket, s: dict[str, int], cli: argparse.Namespace
         )
         clock = RolloutClock()
         model.learn(total_timesteps=s["total_timesteps"], callback=clock)
+        if after_learn is not None:
+            extra = after_learn(venv)
     finally:
         venv.close()
     if len(clock.starts) != cli.iterations + 1:
-        raise RuntimeError(f"SB3 ran {len(clock.starts)} iterations, expected {cli.iterations + 1}")
+        raise RuntimeError(f"{label} ran {len(clock.starts)} iterations, expected {cli.iterations + 1}")
     steps = s["batch_size"] * cli.iterations
     seconds = clock.end - clock.starts[1]
-    return {"steps": steps, "seconds": seconds, "steps_per_s": steps / seconds}
+    return {"steps": steps, "seconds": seconds, "steps_per_s": steps / seconds, **extra}
+
+
+def bench_sb3(market: PreparedMarket, s: dict[str, int], cli: argparse.Namespace, vec_env: str) -> dict:
+    """SB3 PPO on ``N`` numpy envs of the same market in ``vec_env`` ("DummyVecEnv" or "SubprocVecEnv")."""
+    from stable_baselines3 import PPO
+
+    start, stop = market.range("train")
+    arrays, costs, positions = market.arrays, ppo.cost_model(ppo.Args()), ppo.Args.positions
+
+    def make_env() -> NumpyTradingEnv:
+        return NumpyTradingEnv(arrays, window=cli.window, episode_length=cli.episode_length, start=start,
+                               stop=stop, positions=positions, costs=costs)
+
+    return run_sb3(PPO, make_env, s, cli, vec_env, "SB3")
 
 
 def _best(runs: list[dict]) -> dict:
