@@ -38,7 +38,7 @@ from sentio_lab.evaluate import Evaluation, action_masking, evaluate_policies, l
 from sentio_lab.experiment.cells import CELL_FILE, Cell, cell_done, parse_variant_args, train_cell, write_json_atomic
 from sentio_lab.experiment.config import AgentSpec, ExperimentConfig
 from sentio_lab.market import PreparedMarket, prepare_fold_market, prepare_market
-from sentio_lab.metrics import fill_costs, round_trip_trades, summary_stats
+from sentio_lab.metrics import fill_costs, number_of_trades, round_trip_trades, summary_stats
 
 RESULTS_FILE = "results.parquet"
 EQUITY_FILE = "equity.parquet"
@@ -352,7 +352,7 @@ def _path_stats(equity: pd.Series, weights: pd.Series | None, pieces: list[tuple
     trades = pd.concat([round_trip_trades(e, w) for e, w, _ in pieces], ignore_index=True)
     paid = sum(float(c.sum()) * float(equity.loc[e.index[0]]) for e, _, c in pieces)
     stats["costs_paid"] = paid / float(equity.iloc[0])
-    stats["n_trades"] = int(np.count_nonzero(moves))
+    stats["n_trades"] = sum(number_of_trades(w) for _, w, _ in pieces)
     stats["turnover_per_year"] = float(moves.mean() * ppy)
     stats["round_trips"] = len(trades)
     stats["trade_win_rate"] = float(np.mean(trades["pnl"].to_numpy() > 0)) if len(trades) else float("nan")
