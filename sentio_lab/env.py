@@ -11,7 +11,13 @@ Timing (see ARCHITECTURE.md), the same in both environments:
 
 Holding the same level trades nothing; changing level rebalances to the new target weight
 (``costs.rebalance``). Observations are a window of the last ``window`` feature rows, flattened, plus the
-current position level.
+current position level; optionally followed by token blocks (:class:`TokenBlock`: e.g. the last K completed bars
+of a higher timeframe, gathered by precomputed indices) and the drawdown state ``(D_t, M_t)`` (``drawdown_obs``).
+The layout, in this order, is :func:`observation_layout`.
+
+Drawdown state (``drawdown_obs``): with ``peak_t`` the episode's highest marked equity so far (starting at 1),
+``D_t = 1 - equity_t / peak_t`` and ``M_t = max_{s<=t} D_s``. ``info["drawdown_cost"]`` of a step is
+``M_{t+1} - M_t >= 0``; over an episode these costs sum to its maximum drawdown (telescoping, ``M_0 = 0``).
 """
 
 from __future__ import annotations
@@ -27,6 +33,12 @@ import torch
 
 from sentio_lab.costs import CostModel, borrow_cost, rebalance, year_fractions
 from sentio_lab.masks import InvalidAction, MaskConfig, MaskInputs, make_masker
+from sentio_lab.observation_layout import (
+    TokenBlock,
+    check_token_blocks,
+    observation_dim,
+    observation_layout,
+)
 
 #: Default action levels: short, flat, long (fractions of equity).
 DEFAULT_POSITIONS: tuple[float, ...] = (-1.0, 0.0, 1.0)
@@ -224,10 +236,13 @@ class TradingEnv:
         masks: MaskConfig | None = None,
         invalid_action: InvalidAction = "nearest",
         mask_inputs: MaskInputs | None = None,
+        token_blocks: Sequence[TokenBlock] = (),
+        drawdown_obs: bool = False,
     ) -> None:
         """Build the env on bars ``[start, stop)`` of ``market`` (episodes from ``start_sampler`` when given,
         whose starts must lie inside that range); tensors live on ``device``. ``mask_inputs`` overrides the
-        series the mask rules read (required for the GARCH forecast: fitted on the training range)."""
+        series the mask rules read (required for the GARCH forecast: fitted on the training range).
+        ``token_blocks`` and ``drawdown_obs`` extend the observation (module doc, :func:`observation_layout`)."""
         stop = len(market.close) if stop is None else stop
         self.start_low, self.start_high = episode_start_bounds(market, window, start, stop, episode_length)
         self.start_sampler = start_sampler
@@ -248,9 +263,15 @@ class TradingEnv:
         self.costs, self.ruin_fraction, self.stagger_starts = costs, check_ruin_fraction(ruin_fraction), stagger_starts
         self.device = torch.device(device)
         self.num_features = market.features.shape[1]
-        self.obs_dim = window * self.num_features + 1
+        self.token_blocks, self.drawdown_obs = tuple(token_blocks), drawdown_obs
+        self.obs_layout = observation_layout(self.num_features, window, self.token_blocks, drawdown_obs)
+        self.obs_dim = observation_dim(self.obs_layout)
         self.num_actions = len(positions)
         dev, f64 = self.device, torch.float64
+        self._tokens = []
+        for block in check_token_blocks(self.token_blocks, len(market.close)):
+            self._tokens.append((torch.tensor(block.table, dtype=torch.float32, device=dev),
+                                 torch.tensor(block.index, dtype=torch.long, device=dev)))
         self.positions = torch.as_tensor(check_positions(positions), dtype=f64, device=dev)
         self.open = torch.tensor(market.open, dtype=f64, device=dev)
         self.close = torch.tensor(market.close, dtype=f64, device=dev)
@@ -277,17 +298,31 @@ class TradingEnv:
         self.steps = torch.zeros_like(self.t)
         self.level = torch.full_like(self.t, self._flat_level)
         self.cash, self.shares, self.equity = zeros.clone(), zeros.clone(), zeros.clone()
+        self.peak, self.max_drawdown = zeros + 1.0, zeros.clone()
         self.masker = make_masker(market.close, market.features, np.asarray(positions, dtype=np.float64), masks,
                                   mask_inputs, num_envs, invalid_action, dev)
 
+    @property
+    def _state_names(self) -> tuple[str, ...]:
+        names = ("t", "steps", "level", "cash", "shares", "equity")
+        return names + ("peak", "max_drawdown") if self.drawdown_obs else names
+
     # ----------------------------------------------------------------------------------- observations
-    def _observe(self, t: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
+    def _observe(self, t: torch.Tensor, level: torch.Tensor, envs: torch.Tensor | None = None) -> torch.Tensor:
         if self._window_matrix is not None:
             rows = self._window_matrix.index_select(0, t - (self.window - 1))
         else:  # (N, window, F): bars t-window+1 .. t, flattened
             rows = self.features[t[:, None] + self._window_offsets].reshape(len(t), -1)
         position = self.positions.index_select(0, level).to(torch.float32)[:, None]
-        return torch.cat([rows, position], dim=1)
+        if not self._tokens and not self.drawdown_obs:
+            return torch.cat([rows, position], dim=1)
+        parts = [rows, position]
+        for table, index in self._tokens:  # (N, K) rows of the table -> (N, K * d)
+            parts.append(table[index.index_select(0, t)].reshape(len(t), -1))
+        if self.drawdown_obs:  # (D_t, M_t) of the observed envs (``envs``: a bool subset, as after auto-resets)
+            state = torch.stack([1.0 - self.equity / self.peak, self.max_drawdown], dim=1)
+            parts.append((state if envs is None else state[envs]).to(torch.float32))
+        return torch.cat(parts, dim=1)
 
     def _sample_starts(self, n: int) -> torch.Tensor:
         if self.start_sampler is not None:  # one draw from the env's generator: state_dict resumes exactly
@@ -330,6 +365,7 @@ class TradingEnv:
         self.cash = torch.ones(self.num_envs, dtype=torch.float64, device=self.device)
         self.shares = torch.zeros_like(self.cash)
         self.equity = torch.ones_like(self.cash)
+        self.peak, self.max_drawdown = torch.ones_like(self.cash), torch.zeros_like(self.cash)
         if self.masker is not None:
             self.masker.reset_where(torch.ones_like(self.t, dtype=torch.bool))
         return self._observe(self.t, self.level)
@@ -389,20 +425,27 @@ class TradingEnv:
             raise _bad_actions_error(actions[bad], self.num_actions)
         if self.masker is not None:
             self.masker.update(level != self.level, equity, steps)
+        drawdown_cost = None
+        if self.drawdown_obs:  # M_{t+1} - M_t (module doc); out of place like every state update
+            peak = torch.maximum(self.peak, equity)
+            max_drawdown = torch.maximum(self.max_drawdown, 1.0 - equity / peak)
+            drawdown_cost = max_drawdown - self.max_drawdown
+            self.peak, self.max_drawdown = peak, max_drawdown
         self.cash, self.shares, self.level = cash, shares, level
         self.equity, self.t, self.steps = equity, next_t, steps
         obs = self._observe(self.t, self.level)
         info = {"equity": equity, "final_obs": obs, "done": done}
+        if drawdown_cost is not None:
+            info["drawdown_cost"] = drawdown_cost
         if any_done:
             info["final_obs"] = obs.clone()
             self._reset_done(done)
-            obs[done] = self._observe(self.t[done], self.level[done])
+            obs[done] = self._observe(self.t[done], self.level[done], done)
         return obs, reward, terminated, truncated, info
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Everything that evolves while stepping (episode positions, accounts, generator), for resuming."""
-        names = ("t", "steps", "level", "cash", "shares", "equity")
-        state = {name: getattr(self, name).detach().cpu().clone() for name in names}
+        state = {name: getattr(self, name).detach().cpu().clone() for name in self._state_names}
         state["generator"] = self.generator.get_state()
         if self.masker is not None:
             state.update({f"mask:{k}": v for k, v in self.masker.state_dict().items()})
@@ -412,7 +455,10 @@ class TradingEnv:
         """Restore :meth:`state_dict` output; return the current observation to continue from."""
         if len(state["t"]) != self.num_envs:
             raise ValueError(f"env state holds {len(state['t'])} episodes, this env runs {self.num_envs}")
-        for name in ("t", "steps", "level", "cash", "shares", "equity"):
+        missing = [name for name in self._state_names if name not in state]
+        if missing:
+            raise ValueError(f"env state lacks {missing} (saved by an env without drawdown_obs?)")
+        for name in self._state_names:
             setattr(self, name, state[name].to(self.device).clone())
         self.generator.set_state(state["generator"])
         mask_state = {k[5:]: v for k, v in state.items() if k.startswith("mask:")}
@@ -431,6 +477,9 @@ class TradingEnv:
         self.cash = torch.where(done, one, self.cash)
         self.shares = torch.where(done, 0.0 * one, self.shares)
         self.equity = torch.where(done, one, self.equity)
+        if self.drawdown_obs:
+            self.peak = torch.where(done, one, self.peak)
+            self.max_drawdown = torch.where(done, 0.0 * one, self.max_drawdown)
         if self.masker is not None:
             self.masker.reset_where(done)
 
@@ -457,6 +506,8 @@ class NumpyTradingEnv(gym.Env):
         masks: MaskConfig | None = None,
         invalid_action: InvalidAction = "nearest",
         mask_inputs: MaskInputs | None = None,
+        token_blocks: Sequence[TokenBlock] = (),
+        drawdown_obs: bool = False,
     ) -> None:
         """Same arguments as :class:`TradingEnv`, for a single episode; masks by the same rules (numpy arrays)."""
         super().__init__()
@@ -467,7 +518,10 @@ class NumpyTradingEnv(gym.Env):
         self.costs, self.ruin_fraction = costs, check_ruin_fraction(ruin_fraction)
         self._borrow_years = _borrow_years(market, costs)
         self.flat_level = int(np.argmin(np.abs(self.positions)))
-        obs_dim = window * market.features.shape[1] + 1
+        self.token_blocks, self.drawdown_obs = tuple(token_blocks), drawdown_obs
+        self.obs_layout = observation_layout(market.features.shape[1], window, self.token_blocks, drawdown_obs)
+        obs_dim = observation_dim(self.obs_layout)
+        check_token_blocks(self.token_blocks, len(market.close))
         self.observation_space = gym.spaces.Box(-np.inf, np.inf, shape=(obs_dim,), dtype=np.float32)
         self.action_space = gym.spaces.Discrete(len(positions))
         self.masker = make_masker(market.close, market.features, self.positions, masks, mask_inputs, 1, invalid_action,
@@ -482,7 +536,11 @@ class NumpyTradingEnv(gym.Env):
     def _observe(self) -> np.ndarray:
         rows = self.market.features[self.t - self.window + 1 : self.t + 1]
         position = np.float32(self.positions[self.level])
-        return np.concatenate([rows.reshape(-1), [position]]).astype(np.float32)
+        parts = [rows.reshape(-1), [position]]
+        parts += [block.table[block.index[self.t]].reshape(-1) for block in self.token_blocks]
+        if self.drawdown_obs:
+            parts.append([1.0 - self.equity / self.peak, self.max_drawdown])
+        return np.concatenate(parts).astype(np.float32)
 
     def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[np.ndarray, dict]:
         """Start an episode at ``options["start"]`` or at a random valid bar."""
@@ -494,6 +552,7 @@ class NumpyTradingEnv(gym.Env):
             raise ValueError(f"reset: start {start} outside [{self.start_low}, {self.start_high}]")
         self.t, self.steps, self.level = int(start), 0, self.flat_level
         self.cash, self.shares, self.equity = 1.0, 0.0, 1.0
+        self.peak, self.max_drawdown = 1.0, 0.0
         if self.masker is not None:
             self.masker.reset_where(np.array([True]))
         return self._observe(), {"equity": self.equity}
@@ -528,4 +587,9 @@ class NumpyTradingEnv(gym.Env):
             self.masker.update(np.array([changed]), np.array([equity]), np.array([self.steps]))
         terminated = bool(equity <= self.ruin_fraction)
         truncated = bool(self.steps >= self.episode_length and not terminated)
-        return self._observe(), reward, terminated, truncated, {"equity": equity}
+        info = {"equity": equity}
+        if self.drawdown_obs:
+            self.peak = max(self.peak, equity)
+            max_drawdown = max(self.max_drawdown, 1.0 - equity / self.peak)
+            info["drawdown_cost"], self.max_drawdown = max_drawdown - self.max_drawdown, max_drawdown
+        return self._observe(), reward, terminated, truncated, info

@@ -10,6 +10,11 @@ Masked variants (``ppo_masked``: their ``Args`` carry ``masks``, a :class:`~sent
 those masks and the greedy action is the best *valid* one (``act_greedy(obs, env.action_masks())``). Without
 masks both functions run exactly as before.
 
+Variants whose agents observe more than the feature window and position (token blocks of higher timeframes,
+the drawdown state; :mod:`sentio_lab.observation_layout`) define ``env_options(args, market)`` in their module:
+the extra :class:`~sentio_lab.env.TradingEnv` keywords for a market. :func:`env_options` finds it from the
+arguments' class; pass its result as ``env_options=`` to :func:`evaluate_policy` / :func:`evaluate_policies`.
+
 :func:`evaluate_policy` runs one agent over one range, one env step per bar: the reference.
 :func:`evaluate_policies` runs many agents over many ranges (e.g. every seed of a variant over every CPCV
 path) in one batched env and gives the same :class:`Evaluation` objects, bit for bit on CPU.
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,12 +42,18 @@ from sentio_lab.env import _MIN_EQUITY as _EQUITY_FLOOR
 from sentio_lab.env import TradingEnv, episode_start_bounds
 from sentio_lab.market import PreparedMarket, prepare_market
 from sentio_lab.nets import MLPActorCritic, check_mask
+from sentio_lab.observation_layout import observation_dim, observation_layout
 
 if TYPE_CHECKING:
     from sentio_lab.masks import MaskConfig, MaskInputs
 
 #: The PPO variants evaluation knows about: checkpoint "variant" field -> module.
-VARIANTS: dict[str, str] = {"ppo": "sentio_lab.ppo", "ppo_masked": "sentio_lab.ppo_masked"}
+VARIANTS: dict[str, str] = {
+    "ppo": "sentio_lab.ppo",
+    "ppo_masked": "sentio_lab.ppo_masked",
+    "ppo_risk": "sentio_lab.ppo_risk",
+    "ppo_transformer": "sentio_lab.ppo_transformer",
+}
 
 
 def load_variant(name: str) -> ModuleType:
@@ -105,7 +117,7 @@ def load_trained(path: str | Path, *, dataset: str | Path | None = None) -> Trai
             f"{path}: dataset {args.dataset!r} now has fingerprint {market.data.fingerprint}, "
             f"the model was trained on {bundle['data_fingerprint']}"
         )
-    agent = variant.build_agent(args, market.arrays.features.shape[1] * args.window + 1, len(args.positions))
+    agent = variant.build_agent(args, agent_obs_dim(args, market), len(args.positions))
     agent.load_state_dict(bundle["agent"])
     agent.eval()
     return TrainedAgent(agent=agent, args=args, market=market, bundle=bundle)
@@ -118,6 +130,22 @@ def action_masking(args: Any) -> dict[str, Any]:
     if masks is None:
         return {}
     return {"masks": masks, "invalid_action": getattr(args, "invalid_action", "nearest")}
+
+
+def env_options(args: Any, market: PreparedMarket) -> dict[str, Any]:
+    """Extra :class:`~sentio_lab.env.TradingEnv` keywords the agent's observation needs on ``market`` (module
+    doc): the variant's own ``env_options(args, market)`` when the module defining ``type(args)`` has one, else
+    ``{}`` (``ppo``, ``ppo_masked``)."""
+    hook = getattr(sys.modules.get(type(args).__module__), "env_options", None)
+    return {} if hook is None else dict(hook(args, market))
+
+
+def agent_obs_dim(args: Any, market: PreparedMarket) -> int:
+    """Width of the observation an agent with ``args`` sees on ``market`` (window, position and extensions)."""
+    options = env_options(args, market)
+    layout = observation_layout(market.arrays.features.shape[1], args.window, options.get("token_blocks", ()),
+                                options.get("drawdown_obs", False))
+    return observation_dim(layout)
 
 
 def _mask_env_kwargs(masks: MaskConfig | None, invalid_action: str, market: PreparedMarket) -> dict[str, Any]:
@@ -144,18 +172,19 @@ def evaluate_policy(
     range_name: str = "test",
     masks: MaskConfig | None = None,
     invalid_action: str = "nearest",
+    env_options: dict[str, Any] | None = None,
 ) -> Evaluation:
     """Run ``agent.act_greedy`` over the whole named range in one episode (fixed start, no randomness).
 
     With ``masks`` the env applies those rules and each decision is ``agent.act_greedy(obs, env.action_masks())``:
-    the best valid action (see :func:`action_masking`).
+    the best valid action (see :func:`action_masking`). ``env_options`` are extra env keywords (module doc).
     """
     start, stop = market.range(range_name)
     first = max(start, market.arrays.first_valid + window - 1)
     length = stop - 1 - first
     env = TradingEnv(market.arrays, num_envs=1, window=window, episode_length=length, start=start, stop=stop,
                      positions=positions, costs=costs, ruin_fraction=0.0,
-                     **_mask_env_kwargs(masks, invalid_action, market))
+                     **_mask_env_kwargs(masks, invalid_action, market), **(env_options or {}))
     obs = env.reset(starts=[first])
     levels = np.asarray(positions, dtype=np.float64)
     chosen = np.empty(length, dtype=np.int64)
@@ -195,6 +224,7 @@ def evaluate_checkpoint(path: str | Path, range_name: str = "test", *, dataset: 
     return evaluate_policy(
         trained.agent, trained.market, window=trained.args.window, positions=tuple(trained.args.positions),
         costs=variant.cost_model(trained.args), range_name=range_name, **action_masking(trained.args),
+        env_options=env_options(trained.args, trained.market),
     )
 
 
@@ -374,13 +404,15 @@ def evaluate_policies(
     masks: MaskConfig | None = None,
     invalid_action: str = "nearest",
     rule_counts: dict[str, int] | None = None,
+    env_options: dict[str, Any] | None = None,
 ) -> list[list[Evaluation]]:
     """Every agent over every named range, all episodes stepped together: ``result[i][j]`` is agent i on range j.
 
     ``rule_counts``, when given, receives per mask rule ``binding:<rule>`` (decisions in which the rule masked
     at least one level) and ``masked:<rule>`` (chosen actions it masked), summed over every env, and
     ``decisions``; the recorded steps of ruined episodes and the steps past a short range's own end are
-    included in those sums (they are counts of the envs, not of the recorded episodes).
+    included in those sums (they are counts of the envs, not of the recorded episodes). ``env_options`` are
+    extra env keywords (module doc), the same for every agent.
 
     The same as ``evaluate_policy(agents[i], market, range_name=range_names[j], ...)`` for each pair (same
     :class:`Evaluation` fields, same first bar, length and ruin handling; on CPU the weights and the equity are
@@ -433,7 +465,7 @@ def evaluate_policies(
         env = TradingEnv(arrays, num_envs=len(agents) * len(bucket), window=window, episode_length=longest,
                          start=min(firsts[j] for j in bucket), stop=max(firsts[j] for j in bucket) + longest + 1,
                          positions=positions, costs=costs, ruin_fraction=0.0, device=device,
-                         **_mask_env_kwargs(masks, invalid_action, market))
+                         **_mask_env_kwargs(masks, invalid_action, market), **(env_options or {}))
         obs = env.reset(starts=[firsts[j] for _ in agents for j in bucket])  # agent-major rows
         own_length = torch.tensor([lengths[j] for _ in agents for j in bucket], device=env.device)
         recorded = own_length.clone()  # steps kept per env: its own length, or up to its ruin

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import tyro
 
-from sentio_lab.evaluate import action_masking, evaluate_policy, load_variant
+from sentio_lab.evaluate import action_masking, env_options, evaluate_policy, load_variant
 from sentio_lab.market import PreparedMarket
 from sentio_lab.metrics import sharpe_ratio
 
@@ -67,7 +67,8 @@ def validation_sharpe(agent: torch.nn.Module, market: PreparedMarket, args: Any,
     """Per-period Sharpe of the greedy policy over the market's ``validation`` range (net of costs)."""
     module = load_variant(variant)
     evaluation = evaluate_policy(agent, market, window=args.window, positions=tuple(args.positions),
-                                 costs=module.cost_model(args), range_name="validation", **action_masking(args))
+                                 costs=module.cost_model(args), range_name="validation", **action_masking(args),
+                                 env_options=env_options(args, market))
     returns = evaluation.equity.pct_change().dropna().to_numpy()
     if len(returns) < 2 or np.std(returns) == 0:
         return 0.0

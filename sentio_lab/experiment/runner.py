@@ -34,7 +34,14 @@ from sentio_lab import splits as splitting
 from sentio_lab.backtest import order_sizes
 from sentio_lab.baselines import evaluate_baseline, evaluate_random
 from sentio_lab.checkpoint import load_checkpoint
-from sentio_lab.evaluate import Evaluation, action_masking, evaluate_policies, load_variant
+from sentio_lab.evaluate import (
+    Evaluation,
+    action_masking,
+    agent_obs_dim,
+    env_options,
+    evaluate_policies,
+    load_variant,
+)
 from sentio_lab.experiment.cells import CELL_FILE, Cell, cell_done, parse_variant_args, train_cell, write_json_atomic
 from sentio_lab.experiment.config import AgentSpec, ExperimentConfig
 from sentio_lab.market import PreparedMarket, prepare_fold_market, prepare_market
@@ -183,7 +190,7 @@ def load_cell_agent(path: Path, market: PreparedMarket) -> torch.nn.Module:
         raise ValueError(f"{path}: the refitted fold features differ from the ones this agent was trained on")
     module = load_variant(bundle["variant"])
     args = module.Args(**bundle["args"])
-    agent = module.build_agent(args, market.arrays.features.shape[1] * args.window + 1, len(args.positions))
+    agent = module.build_agent(args, agent_obs_dim(args, market), len(args.positions))
     agent.load_state_dict(bundle["agent"])
     return agent.eval()
 
@@ -220,7 +227,8 @@ def evaluate_fold(plan: Plan, agent: AgentSpec, fold: splitting.Fold, output: Pa
     ranges = [f"test:{group}" for group in fold.groups]
     rule_counts: dict[str, int] = {}
     results = evaluate_policies(agents, market, ranges, window=acc["window"], positions=acc["positions"],
-                                costs=acc["costs"], rule_counts=rule_counts, **action_masking(args))
+                                costs=acc["costs"], rule_counts=rule_counts, **action_masking(args),
+                                env_options=env_options(args, market))
     frames = [_groups_frame(per_agent, fold, market).assign(seed=c.seed)
               for c, per_agent in zip(cells, results, strict=True)]
     pd.concat(frames, ignore_index=True).to_parquet(folder / GROUPS_FILE)
