@@ -24,9 +24,7 @@ line, so that the one difference is easy to see: the policy is a categorical ove
 from __future__ import annotations
 
 import dataclasses
-import random
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +35,7 @@ import tyro
 from torch import nn, optim
 from tqdm.auto import tqdm
 
+from sentio_lab import training
 from sentio_lab.checkpoint import CheckpointError, capture_rng, load_checkpoint, restore_rng, save_checkpoint
 from sentio_lab.costs import CostModel
 from sentio_lab.env import TradingEnv
@@ -57,6 +56,7 @@ from sentio_lab.rollout import (
     value_loss,
 )
 from sentio_lab.tracking import Tracker
+from sentio_lab.training import derive_sizes, progress_postfix, resolve_device, resume_device, seed_everything
 
 VARIANT = "ppo_masked"
 
@@ -267,13 +267,6 @@ def mask_inputs(config: MaskConfig, market: PreparedMarket) -> MaskInputs | None
     return market_mask_inputs(config, market)
 
 
-def resolve_device(name: str) -> torch.device:
-    """Map "auto" to cuda when available, else cpu."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def make_env(args: Args, market: PreparedMarket, range_name: str = "train") -> TradingEnv:
     """Training env: ``num_envs`` random windows inside the named range.
 
@@ -308,94 +301,9 @@ def build_agent(args: Args, obs_dim: int, num_actions: int) -> MLPActorCritic:
     return MLPActorCritic(obs_dim, num_actions, hidden=args.hidden_size, norm_obs=args.norm_obs)
 
 
-def progress_postfix(sps: float, recent_returns: list[float]) -> dict[str, str]:
-    """What the progress bar shows: steps per second and the mean recent episode log return ("n/a" before one ends)."""
-    ret = f"{float(np.mean(recent_returns)):+.4f}" if recent_returns else "n/a"
-    return {"sps": f"{sps:,.0f}", "ret": ret}
-
-
-def _seed_everything(seed: int, deterministic: bool) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    torch.backends.cudnn.deterministic = deterministic
-
-
-def _same(a: Any, b: Any) -> bool:
-    # tuples from the command line, lists from an older checkpoint: the same arguments
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return tuple(a) == tuple(b)
-    return a == b
-
-
 def resume_args(given: Args, saved: dict[str, Any], source: str | Path) -> Args:
-    """The arguments of a resumed run: the checkpoint's experiment, the caller's run control.
-
-    An experiment argument (not in :data:`RUN_CONTROL_FIELDS`) that the caller changed from its default
-    and that differs from the checkpoint's value is an error naming each such field with both values;
-    one left at its default is taken from the checkpoint.
-    """
-    saved_args = Args(**saved)
-    defaults = Args()
-    conflicts = []
-    for spec in dataclasses.fields(Args):
-        name = spec.name
-        if name in RUN_CONTROL_FIELDS:
-            continue
-        mine, theirs, default = getattr(given, name), getattr(saved_args, name), getattr(defaults, name)
-        if name == "masks":  # rule by rule: a rule left at its default is taken from the checkpoint
-            for rule in dataclasses.fields(MaskConfig):
-                m, t, d = getattr(mine, rule.name), getattr(theirs, rule.name), getattr(default, rule.name)
-                if not _same(m, d) and not _same(m, t):
-                    conflicts.append(f"masks.{rule.name}: given {m!r}, checkpoint {t!r}")
-            continue
-        if not _same(mine, default) and not _same(mine, theirs):
-            conflicts.append(f"{name}: given {mine!r}, checkpoint {theirs!r}")
-    if conflicts:
-        raise CheckpointError(
-            f"--resume {source}: experiment arguments differ from the checkpoint's ({'; '.join(conflicts)}); "
-            "leave them out to continue that run, or start a new run without --resume"
-        )
-    control = {name: getattr(given, name) for name in RUN_CONTROL_FIELDS}
-    control["checkpoint_path"] = given.checkpoint_path or str(source)
-    return dataclasses.replace(saved_args, **control)
-
-
-def _derive_sizes(args: Args) -> Args:
-    """A copy of a fresh run's arguments with batch sizes, iteration count and run name filled in."""
-    args = dataclasses.replace(args)
-    args.batch_size = args.num_envs * args.num_steps
-    if args.num_minibatches < 1 or args.num_minibatches > args.batch_size:
-        raise ValueError(
-            f"num_minibatches={args.num_minibatches} must be in [1, batch_size={args.batch_size}] "
-            f"(batch_size = num_envs {args.num_envs} x num_steps {args.num_steps}): minibatches would be empty"
-        )
-    args.minibatch_size = args.batch_size // args.num_minibatches
-    args.num_iterations = args.total_timesteps // args.batch_size
-    if args.num_iterations < 1:
-        raise ValueError(f"total_timesteps={args.total_timesteps} < one rollout ({args.batch_size} steps)")
-    stem = Path(str(args.dataset)).stem
-    args.run_name = args.run_name or f"{stem}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    return args
-
-
-def _resume_device(args: Args, bundle: dict[str, Any]) -> bool:
-    """Fall back from CUDA to cpu when CUDA is absent (in place); True when the device type changed, with a warning."""
-    if args.device != "auto" and torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
-        args.device = "cpu"
-    now = resolve_device(args.device).type
-    # "device" is recorded since the CUDA fallback exists; older bundles only have the argument
-    saved = bundle["extra"].get("device", bundle["args"].get("device", "cpu"))
-    saved = resolve_device(saved).type if saved != "auto" else now
-    if now == saved:
-        return False
-    warnings.warn(
-        f"--resume {args.resume}: the checkpoint was trained on {saved}, continuing on {now}. The run goes on "
-        "from the saved state, but it is bit-identical to an uninterrupted run only on the same device "
-        "(random streams and kernels differ); the env's episode sampler is reseeded.",
-        RuntimeWarning, stacklevel=3,
-    )
-    return True
+    """The arguments of a resumed run (:func:`sentio_lab.training.resume_args` with :data:`RUN_CONTROL_FIELDS`)."""
+    return training.resume_args(given, saved, source, RUN_CONTROL_FIELDS)
 
 
 def train(args: Args, *, market: PreparedMarket | None = None, env: Any | None = None) -> TrainResult:
@@ -411,10 +319,10 @@ def train(args: Args, *, market: PreparedMarket | None = None, env: Any | None =
     if args.resume:
         bundle = load_checkpoint(args.resume, variant=VARIANT)
         args = resume_args(args, bundle["args"], args.resume)
-        device_changed = _resume_device(args, bundle)
+        device_changed = resume_device(args, bundle)
     else:
-        args = _derive_sizes(args)
-    _seed_everything(args.seed, args.torch_deterministic)
+        args = derive_sizes(args)
+    seed_everything(args.seed, args.torch_deterministic)
     device = resolve_device(args.device)
 
     if env is None:

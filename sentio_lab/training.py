@@ -1,0 +1,135 @@
+"""Run plumbing shared by the PPO variants: devices, seeding, batch sizes, progress and resume rules.
+
+The algorithms live in the variant files (``ppo.py``, ``ppo_masked.py``, ...); what every variant does the
+same way around them -- derive its batch sizes, seed the generators, decide which arguments a resumed run may
+change, fall back from CUDA to CPU on resume -- lives here once, so the variants cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import time
+import warnings
+from collections.abc import Collection
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+
+from sentio_lab.checkpoint import CheckpointError
+
+ArgsT = TypeVar("ArgsT")
+
+
+def resolve_device(name: str) -> torch.device:
+    """Map "auto" to cuda when available, else cpu."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def progress_postfix(sps: float, recent_returns: list[float]) -> dict[str, str]:
+    """What the progress bar shows: steps per second and the mean recent episode log return ("n/a" before one ends)."""
+    ret = f"{float(np.mean(recent_returns)):+.4f}" if recent_returns else "n/a"
+    return {"sps": f"{sps:,.0f}", "ret": ret}
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    """Seed python's, numpy's and torch's global generators; ``deterministic`` asks cuDNN for deterministic kernels."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.backends.cudnn.deterministic = deterministic
+
+
+def same_value(a: Any, b: Any) -> bool:
+    """Argument equality that treats tuples (command line) and lists (older checkpoints) alike."""
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return tuple(a) == tuple(b)
+    return a == b
+
+
+def _conflicts(name: str, mine: Any, theirs: Any, default: Any) -> list[str]:
+    # Nested argument groups (e.g. ppo_masked's MaskConfig) are compared field by field: a field left at its
+    # default is taken from the checkpoint, exactly like a top-level argument.
+    if dataclasses.is_dataclass(default) and not isinstance(default, type):
+        found = []
+        for spec in dataclasses.fields(default):
+            found += _conflicts(f"{name}.{spec.name}", getattr(mine, spec.name), getattr(theirs, spec.name),
+                                getattr(default, spec.name))
+        return found
+    if not same_value(mine, default) and not same_value(mine, theirs):
+        return [f"{name}: given {mine!r}, checkpoint {theirs!r}"]
+    return []
+
+
+def resume_args(
+    given: ArgsT,
+    saved: dict[str, Any],
+    source: str | Path,
+    run_control_fields: Collection[str],
+    *,
+    allow_changes: Collection[str] = (),
+) -> ArgsT:
+    """The arguments of a resumed run: the checkpoint's experiment, the caller's run control.
+
+    An experiment argument (not in ``run_control_fields``) that the caller changed from its default and that
+    differs from the checkpoint's value is an error naming each such field with both values; one left at its
+    default is taken from the checkpoint. ``allow_changes`` names experiment arguments the caller may change on
+    purpose (population-based training's explore step mutates hyperparameters): the given value is taken.
+    """
+    cls = type(given)
+    saved_args, defaults = cls(**saved), cls()
+    conflicts = []
+    for spec in dataclasses.fields(cls):
+        name = spec.name
+        if name in run_control_fields or name in allow_changes:
+            continue
+        conflicts += _conflicts(name, getattr(given, name), getattr(saved_args, name), getattr(defaults, name))
+    if conflicts:
+        raise CheckpointError(
+            f"--resume {source}: experiment arguments differ from the checkpoint's ({'; '.join(conflicts)}); "
+            "leave them out to continue that run, or start a new run without --resume"
+        )
+    control = {name: getattr(given, name) for name in (*run_control_fields, *allow_changes)}
+    control["checkpoint_path"] = given.checkpoint_path or str(source)
+    return dataclasses.replace(saved_args, **control)
+
+
+def derive_sizes(args: ArgsT) -> ArgsT:
+    """A copy of a fresh run's arguments with batch sizes, iteration count and run name filled in."""
+    args = dataclasses.replace(args)
+    args.batch_size = args.num_envs * args.num_steps
+    if args.num_minibatches < 1 or args.num_minibatches > args.batch_size:
+        raise ValueError(
+            f"num_minibatches={args.num_minibatches} must be in [1, batch_size={args.batch_size}] "
+            f"(batch_size = num_envs {args.num_envs} x num_steps {args.num_steps}): minibatches would be empty"
+        )
+    args.minibatch_size = args.batch_size // args.num_minibatches
+    args.num_iterations = args.total_timesteps // args.batch_size
+    if args.num_iterations < 1:
+        raise ValueError(f"total_timesteps={args.total_timesteps} < one rollout ({args.batch_size} steps)")
+    stem = Path(str(args.dataset)).stem
+    args.run_name = args.run_name or f"{stem}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    return args
+
+
+def resume_device(args: Any, bundle: dict[str, Any]) -> bool:
+    """Fall back from CUDA to cpu when CUDA is absent (in place); True when the device type changed, with a warning."""
+    if args.device != "auto" and torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        args.device = "cpu"
+    now = resolve_device(args.device).type
+    # "device" is recorded since the CUDA fallback exists; older bundles only have the argument
+    saved = bundle["extra"].get("device", bundle["args"].get("device", "cpu"))
+    saved = resolve_device(saved).type if saved != "auto" else now
+    if now == saved:
+        return False
+    warnings.warn(
+        f"--resume {args.resume}: the checkpoint was trained on {saved}, continuing on {now}. The run goes on "
+        "from the saved state, but it is bit-identical to an uninterrupted run only on the same device "
+        "(random streams and kernels differ); the env's episode sampler is reseeded.",
+        RuntimeWarning, stacklevel=3,
+    )
+    return True

@@ -1,0 +1,80 @@
+"""Shared run plumbing: the resume rules (nested groups, allowed changes), sizes, devices and seeding."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from sentio_lab import training
+from sentio_lab.checkpoint import CheckpointError
+
+
+@dataclasses.dataclass
+class Group:
+    """A nested argument group (like ppo_masked's MaskConfig)."""
+
+    limit: float = 1.0
+    rule: str = "off"
+
+
+@dataclasses.dataclass
+class Args:
+    """A variant's arguments in miniature."""
+
+    learning_rate: float = 3e-4
+    ent_coef: float = 0.0
+    group: Group = dataclasses.field(default_factory=Group)
+    total_timesteps: int = 100
+    checkpoint_path: str | None = None
+
+
+CONTROL = ("total_timesteps", "checkpoint_path")
+
+
+def test_resume_takes_the_checkpoint_experiment_and_the_callers_control():
+    saved = dataclasses.asdict(Args(learning_rate=1e-3, group=Group(limit=0.5)))
+    saved["group"] = Group(**saved["group"])
+    resumed = training.resume_args(Args(total_timesteps=500), saved, "ck.pt", CONTROL)
+    assert resumed.learning_rate == 1e-3 and resumed.group == Group(limit=0.5)
+    assert resumed.total_timesteps == 500 and resumed.checkpoint_path == "ck.pt"
+
+
+def test_resume_refuses_changes_field_by_field_in_nested_groups():
+    saved = {"learning_rate": 1e-3, "ent_coef": 0.0, "group": Group(limit=0.5), "total_timesteps": 100,
+             "checkpoint_path": None}
+    with pytest.raises(CheckpointError) as error:
+        training.resume_args(Args(learning_rate=2e-3, group=Group(limit=0.7, rule="off")), saved, "ck.pt", CONTROL)
+    assert "learning_rate: given 0.002, checkpoint 0.001" in str(error.value)
+    assert "group.limit: given 0.7, checkpoint 0.5" in str(error.value)
+    assert "group.rule" not in str(error.value)  # left at its default: taken from the checkpoint
+
+
+def test_allowed_changes_take_the_given_value():
+    saved = {"learning_rate": 1e-3, "ent_coef": 0.01, "group": Group(), "total_timesteps": 100,
+             "checkpoint_path": None}
+    resumed = training.resume_args(Args(learning_rate=2e-3, ent_coef=0.0), saved, "ck.pt", CONTROL,
+                                   allow_changes=("learning_rate", "ent_coef"))
+    # an allowed field takes the caller's value even when it is the default (an explicit mutation back to it)
+    assert resumed.learning_rate == 2e-3 and resumed.ent_coef == 0.0
+
+
+def test_same_value_treats_lists_and_tuples_alike():
+    assert training.same_value((1, 2), [1, 2]) and not training.same_value((1, 2), [2, 1])
+    assert training.same_value(0.5, 0.5) and not training.same_value(0.5, (0.5,))
+
+
+def test_progress_postfix_and_device():
+    assert training.progress_postfix(1234.4, []) == {"sps": "1,234", "ret": "n/a"}
+    assert training.resolve_device("cpu") == torch.device("cpu")
+    assert training.resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def test_seed_everything_repeats_every_generator():
+    draws = []
+    for _ in range(2):
+        training.seed_everything(7, deterministic=True)
+        draws.append((np.random.rand(), torch.rand(1).item(), __import__("random").random()))
+    assert draws[0] == draws[1]
