@@ -33,6 +33,13 @@ the group falls by exactly the charge and ``value()`` still equals the env's equ
 charges show in ``portfolio.orders`` on that column, their ``Fees`` sum is the borrow paid. The amounts
 come from :func:`sentio_lab.costs.borrow_cost` (what vectorbt checks is the accounting, not the rate);
 a replay whose borrow order is rejected raises instead of returning a wrong curve.
+
+Non-flat cost models (half-spread, impact, participation cap: :mod:`sentio_lab.costs.execution`). The walk
+fills through :func:`sentio_lab.costs.execute` on the same causal estimates as the envs
+(:func:`frame_cost_inputs`, computed on the whole frame as the env computes them on the whole market), and
+vectorbt receives each row's own price concession as a per-order ``slippage`` array: the fill price is then
+``open (1 +- rate)`` and the fee is charged on it, exactly the env's fill. :func:`fills` lists every order with
+its reason, cost and implementation shortfall.
 """
 
 from __future__ import annotations
@@ -43,7 +50,19 @@ import numpy as np
 import pandas as pd
 import vectorbt as vbt
 
-from sentio_lab.costs import CostModel, borrow_cost, rebalance, year_fractions
+from sentio_lab.costs import (
+    CostInputs,
+    CostModel,
+    bars_per_day,
+    borrow_cost,
+    cost_inputs,
+    execute,
+    fill_cap,
+    fill_reason,
+    impact_eta,
+    rebalance,
+    year_fractions,
+)
 from sentio_lab.data import infer_bar_freq
 
 #: Column name of the traded instrument in the portfolio.
@@ -119,28 +138,56 @@ def _weights(
     return w
 
 
+def frame_cost_inputs(frame: pd.DataFrame, costs: CostModel) -> CostInputs | None:
+    """The causal estimates a non-flat ``costs`` fills with, from the frame's OHLCV columns (None when flat)."""
+    if costs.is_flat:
+        return None
+    high, low, close, volume = (frame[c].to_numpy(dtype=np.float64) if c in frame.columns else None
+                                for c in ("high", "low", "close", "volume"))
+    return cost_inputs(costs, high, low, close, volume, bars_per_day(frame.index))
+
+
 def _walk(
     frame: pd.DataFrame, start: int, w: np.ndarray, costs: CostModel
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Iterate the env's step over the path: ``rebalance`` at the open, short borrow at the close.
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[dict]]:
+    """Iterate the env's step over the path: the fill at the open, short borrow at the close.
 
-    Returns (share deltas, cash, shares, borrow charges), each ``len(w) + 1`` rows; cash is after the charge.
+    Returns (share deltas, cash, shares, borrow charges, fill rates, fill records), the arrays ``len(w) + 1``
+    rows; cash is after the charge; the rate is each row's price concession (``costs.slippage`` when flat).
     """
     rows = slice(start, start + len(w) + 1)
     opens = frame["open"].to_numpy(dtype=np.float64)[rows][1:]
     closes = frame["close"].to_numpy(dtype=np.float64)[rows][1:]
     years = year_fractions(frame.index[rows])[1:] if costs.borrow_rate > 0 else np.zeros(len(w))
+    inputs = frame_cost_inputs(frame, costs)
     deltas = np.zeros(len(w) + 1)
     cash = np.ones(len(w) + 1)
     shares = np.zeros(len(w) + 1)
     charges = np.zeros(len(w) + 1)
-    held = 0.0
+    rates = np.full(len(w) + 1, costs.slippage)
+    records: list[dict] = []
+    held, pending = 0.0, False
     for k, (weight, price) in enumerate(zip(w, opens, strict=True)):
-        new_cash, new_shares, delta = rebalance(cash[k], shares[k], price, weight, weight != held, costs)
+        trade = bool(weight != held) or pending
+        if inputs is None:
+            new_cash, new_shares, delta = rebalance(cash[k], shares[k], price, weight, weight != held, costs)
+        else:
+            t = start + k  # decision bar: estimates from bars <= t; the fill bar is t + 1
+            eta = impact_eta(costs, inputs.sigma[t], inputs.adv[t])
+            cap = fill_cap(costs, price, inputs.volume[t + 1], inputs.adv[t], inputs.per_day)
+            fill = execute(cash[k], shares[k], price, weight, trade, costs, inputs.half_spread[t], eta, cap)
+            new_cash, new_shares, delta = fill.cash, fill.shares, fill.delta
+            rates[k + 1] = fill.rate
+            pending = costs.remainder == "carry" and bool(fill.capped)
+            if trade:
+                records.append({"row": k + 1, "target_weight": float(weight), "requested": float(fill.requested),
+                                "rate": float(fill.rate), "half_spread": float(inputs.half_spread[t]),
+                                "reason": fill_reason(trade, bool(fill.capped), float(cap), float(inputs.adv[t]),
+                                                      costs)})
         charge = float(borrow_cost(new_shares, closes[k], years[k], costs)) if costs.borrow_rate > 0 else 0.0
         cash[k + 1], shares[k + 1], deltas[k + 1], charges[k + 1] = new_cash - charge, new_shares, delta, charge
         held = weight
-    return deltas, cash, shares, charges
+    return deltas, cash, shares, charges, rates, records
 
 
 def order_sizes(
@@ -156,8 +203,60 @@ def order_sizes(
     """
     _check_frame(frame)
     w = _weights(frame, start, target_weights)
-    deltas, _, _, _ = _walk(frame, int(start), w, costs)
+    deltas = _walk(frame, int(start), w, costs)[0]
     return pd.Series(deltas, index=frame.index[int(start) : int(start) + len(w) + 1], name="order_size")
+
+
+def fills(
+    frame: pd.DataFrame,
+    start: int,
+    target_weights: pd.Series | np.ndarray | Sequence[float],
+    costs: CostModel,
+) -> pd.DataFrame:
+    """One row per order the env sends (a level change, or a carried remainder), with its execution quality.
+
+    Columns: ``decision_time`` (bar t, whose close the agent saw), ``fill_time`` (bar t + 1, filled at its open),
+    ``target_weight``, ``reason`` (:func:`sentio_lab.costs.fill_reason`; ``filled`` for every flat-model order),
+    ``delta`` (shares per unit of starting equity), ``requested`` and ``filled`` (notional in currency:
+    ``capital x``), ``rate`` (price concession: slippage + half-spread + impact), ``half_spread``,
+    ``decision_price``, ``arrival_price`` (the open), ``executed_price``, ``cost`` (currency: concession and fee),
+    and the implementation shortfall in basis points, fee included, of the filled part against the decision
+    price (``shortfall_decision_bps``: overnight move plus costs) and the arrival price
+    (``shortfall_arrival_bps``: costs alone). The unfilled part of a capped order is not in the shortfall.
+    """
+    _check_frame(frame)
+    w = _weights(frame, start, target_weights)
+    start_pos = int(start)
+    deltas, _, _, _, rates, records = _walk(frame, start_pos, w, costs)
+    if costs.is_flat:
+        held = np.r_[0.0, w[:-1]]
+        records = [{"row": k + 1, "target_weight": float(w[k]), "requested": np.nan, "rate": costs.slippage,
+                    "half_spread": 0.0, "reason": "filled"} for k in np.flatnonzero(w != held)]
+    opens = frame["open"].to_numpy(dtype=np.float64)
+    closes = frame["close"].to_numpy(dtype=np.float64)
+    rows = []
+    for record in records:
+        k = record["row"]
+        t = start_pos + k - 1
+        delta, arrival, decision = deltas[k], opens[t + 1], closes[t]
+        side = 1.0 if delta > 0 else -1.0
+        executed = arrival * (1.0 + side * record["rate"])
+        effective = executed * (1.0 + side * costs.fee)
+        filled = abs(delta) * arrival * costs.capital
+        rows.append({
+            "decision_time": frame.index[t], "fill_time": frame.index[t + 1],
+            "target_weight": record["target_weight"], "reason": record["reason"], "delta": delta,
+            "requested": record["requested"] * costs.capital if not costs.is_flat else filled, "filled": filled,
+            "rate": record["rate"], "half_spread": record["half_spread"], "decision_price": decision,
+            "arrival_price": arrival, "executed_price": executed,
+            "cost": abs(delta) * (abs(executed - arrival) + executed * costs.fee) * costs.capital,
+            "shortfall_decision_bps": side * (effective - decision) / decision / 1e-4 if delta else np.nan,
+            "shortfall_arrival_bps": side * (effective - arrival) / arrival / 1e-4 if delta else np.nan,
+        })
+    columns = ["decision_time", "fill_time", "target_weight", "reason", "delta", "requested", "filled", "rate",
+               "half_spread", "decision_price", "arrival_price", "executed_price", "cost",
+               "shortfall_decision_bps", "shortfall_arrival_bps"]
+    return pd.DataFrame(rows, columns=columns)
 
 
 def replay(
@@ -177,7 +276,7 @@ def replay(
         raise TypeError(f"costs: expected a CostModel, got {type(costs).__name__}")
     w = _weights(frame, start, target_weights)
     start_pos = int(start)
-    deltas, cash, _, charges = _walk(frame, start_pos, w, costs)
+    deltas, cash, _, charges, rates, _ = _walk(frame, start_pos, w, costs)
     rows = slice(start_pos, start_pos + len(w) + 1)
     close = frame["close"].iloc[rows].astype(np.float64)
     opens = frame["open"].to_numpy(dtype=np.float64)[rows]
@@ -192,7 +291,7 @@ def replay(
             size=deltas,
             price=opens,
             fees=costs.fee,
-            slippage=costs.slippage,
+            slippage=costs.slippage if costs.is_flat else rates,
             **common,
         )
     # Columns: (loan), asset, (borrow). Within a row vectorbt executes a group's orders in column order, so
@@ -201,18 +300,18 @@ def replay(
     columns: dict[str, tuple] = {}
     ones, zeros = np.ones(len(opens)), np.zeros(len(opens))
     if loan_orders.any():
-        columns[LOAN_COLUMN] = (ones, loan_orders, ones, 0.0, 0.0, zeros)
-    columns[ASSET_COLUMN] = (close.to_numpy(), deltas, opens, costs.fee, costs.slippage, zeros)
+        columns[LOAN_COLUMN] = (ones, loan_orders, ones, 0.0, zeros, zeros)
+    columns[ASSET_COLUMN] = (close.to_numpy(), deltas, opens, costs.fee, rates, zeros)
     if charged.any():
         fee_only = np.full(len(opens), _FEE_ONLY_PRICE)
-        columns[BORROW_COLUMN] = (fee_only, charged.astype(np.float64), fee_only, 0.0, 0.0, charges)
+        columns[BORROW_COLUMN] = (fee_only, charged.astype(np.float64), fee_only, 0.0, zeros, charges)
     closes, sizes, prices, fees, slippages, fixed_fees = zip(*columns.values(), strict=True)
     portfolio = vbt.Portfolio.from_orders(
         pd.DataFrame(dict(zip(columns, closes, strict=True)), index=close.index),
         size=np.column_stack(sizes),
         price=np.column_stack(prices),
         fees=np.array([fees]),
-        slippage=np.array([slippages]),
+        slippage=np.column_stack(slippages),
         fixed_fees=np.column_stack(fixed_fees),
         group_by=True,
         cash_sharing=True,

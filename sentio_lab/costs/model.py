@@ -1,4 +1,4 @@
-"""Transaction costs and the one rebalancing formula shared by both environments and the backtest.
+"""The cost model and the closed-form rebalancing formula of the flat (fee + slippage) model.
 
 Accounting (vectorbt's, so that a vectorbt replay reproduces the env's equity exactly):
 the account holds ``cash`` and ``shares`` (negative when short). A rebalance at price ``p`` to a target
@@ -42,9 +42,21 @@ BPS = 1e-4
 YEAR = pd.Timedelta(days=365)
 
 
+SPREAD_MODELS = ("none", "corwin_schultz", "abdi_ranaldo")
+IMPACT_MODELS = ("none", "sqrt", "almgren_chriss")
+REMAINDERS = ("cancel", "carry")
+CAP_VOLUMES = ("bar", "forecast")
+VOLUME_KINDS = ("quantity", "ticks")
+
+
 @dataclass(frozen=True)
 class CostModel:
-    """Proportional costs, in basis points of traded notional, charged on every fill."""
+    """Costs charged on every fill: proportional fee and slippage, and optionally an estimated half-spread,
+    size-dependent market impact and a participation cap (:mod:`sentio_lab.costs.execution`).
+
+    The default (fee and slippage only) is the flat model every env and the backtest price with
+    :func:`rebalance`; any other setting goes through :func:`sentio_lab.costs.execution.execute`.
+    """
 
     fee_bps: float = 1.0
     """Commission / exchange fee per fill."""
@@ -52,6 +64,41 @@ class CostModel:
     """Price concession per fill: buys fill above, sells below the reference price."""
     borrow_bps: float = 0.0
     """Annual borrow / financing rate of a short, in basis points of its market value (module doc)."""
+    spread: str = "none"
+    """Half-spread paid on top of slippage, estimated from OHLC bars <= t: "none", "corwin_schultz" (2012) or
+    "abdi_ranaldo" (2017); see :mod:`sentio_lab.costs.estimators`."""
+    spread_window: int = 20
+    """Bars averaged by the spread estimator."""
+    impact: str = "none"
+    """Market impact: "none", "sqrt" (``Y sigma_daily sqrt(Q / ADV)``) or "almgren_chriss" (linear permanent
+    plus temporary, ``sigma_daily (permanent / 2 + temporary) Q / ADV``)."""
+    impact_y: float = 0.7
+    """Y of the square-root law."""
+    ac_permanent: float = 0.4
+    """Almgren-Chriss permanent impact coefficient (price move in daily sigmas per ADV traded); the trade pays half
+    of it (its average fill is half-way along the move). Later marks are not moved: the price path is exogenous."""
+    ac_temporary: float = 0.5
+    """Almgren-Chriss temporary impact coefficient (daily sigmas per ADV traded), paid by the trade only."""
+    vol_window: int = 20
+    """Days of close-to-close log returns in the causal sigma_daily estimate."""
+    adv_window: int = 20
+    """Days of volume in the causal average daily volume (currency: volume x close)."""
+    capital: float = 1e6
+    """Starting capital in account currency: the env's equity 1.0 is this much, so impact and caps depend on it."""
+    adv: float | None = None
+    """User-given average daily volume in currency (replaces the estimate from the bars' volume); required for
+    impact where the volume column is not traded quantity (``volume="ticks"``, e.g. FX tick volume)."""
+    volume: str = "quantity"
+    """What the volume column counts: "quantity" (units of the instrument) or "ticks" (FX tick volume)."""
+    participation: float | None = None
+    """Participation cap: at most this share of the volume (see ``cap_volume``) fills per bar; None = no cap."""
+    cap_volume: str = "bar"
+    """Volume the cap applies to: "bar" (the fill bar's own volume, as a percent-of-volume execution over that bar
+    would see; the environment's execution reads it, the agent never does) or "forecast" (ADV from bars <= t over
+    the bars per day: known at the decision)."""
+    remainder: str = "cancel"
+    """What a capped order's unfilled part does: "cancel" (dropped) or "carry" (keeps trading to the target weight
+    on the next bars until it is reached or the agent changes level)."""
 
     def __post_init__(self) -> None:
         """Reject negative or absurd costs early, naming the field."""
@@ -63,6 +110,47 @@ class CostModel:
             raise ValueError(
                 f"CostModel.borrow_bps must be in [0, 100000) annual basis points, got {self.borrow_bps}"
             )
+        for name, options in (("spread", SPREAD_MODELS), ("impact", IMPACT_MODELS), ("remainder", REMAINDERS),
+                              ("cap_volume", CAP_VOLUMES), ("volume", VOLUME_KINDS)):
+            if getattr(self, name) not in options:
+                raise ValueError(f"CostModel.{name} must be one of {options}, got {getattr(self, name)!r}")
+        for name in ("spread_window", "vol_window", "adv_window"):
+            if int(getattr(self, name)) != getattr(self, name) or getattr(self, name) < 2:
+                raise ValueError(f"CostModel.{name} must be an integer >= 2, got {getattr(self, name)}")
+        for name in ("impact_y", "ac_permanent", "ac_temporary"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                raise ValueError(f"CostModel.{name} must be finite and >= 0, got {getattr(self, name)}")
+        if not (math.isfinite(self.capital) and self.capital > 0):
+            raise ValueError(f"CostModel.capital must be a positive amount of currency, got {self.capital}")
+        if self.adv is not None and not (math.isfinite(self.adv) and self.adv > 0):
+            raise ValueError(f"CostModel.adv must be a positive currency amount per day or None, got {self.adv}")
+        if self.participation is not None and not (0 < self.participation <= 1):
+            raise ValueError(f"CostModel.participation must be in (0, 1] or None, got {self.participation}")
+        if self.volume == "ticks" and self.adv is None:
+            if self.impact != "none":
+                raise ValueError(
+                    f"CostModel.impact={self.impact!r} with volume='ticks': tick volume is not traded quantity, so "
+                    "the ADV cannot come from it; give the average daily volume in currency (CostModel.adv, --adv)"
+                )
+            if self.participation is not None:
+                raise ValueError(
+                    "CostModel.participation with volume='ticks': tick volume is not traded quantity, so no share "
+                    "of it can be filled; give CostModel.adv (currency per day) and cap_volume='forecast'"
+                )
+        if self.volume == "ticks" and self.participation is not None and self.cap_volume == "bar":
+            raise ValueError("CostModel.participation with volume='ticks' needs cap_volume='forecast' (the cap is "
+                             "then a share of the user-given ADV per bar): a bar's tick count is not a quantity")
+
+    @property
+    def is_flat(self) -> bool:
+        """True for fee and slippage only: the closed-form :func:`rebalance` prices it (bit-identical to before)."""
+        return self.spread == "none" and self.impact == "none" and self.participation is None
+
+    @property
+    def needs_volume(self) -> bool:
+        """Whether fills read the bars' volume (impact without a user ADV, or a participation cap on bar volume)."""
+        return (self.impact != "none" and self.adv is None) or (
+            self.participation is not None and (self.cap_volume == "bar" or self.adv is None))
 
     @property
     def fee(self) -> float:
