@@ -31,7 +31,18 @@ import numpy as np
 import pandas as pd
 import torch
 
-from sentio_lab.costs import CostModel, borrow_cost, rebalance, year_fractions
+from sentio_lab.costs import (
+    CostModel,
+    bars_per_day,
+    borrow_cost,
+    cost_inputs,
+    execute,
+    fill_cap,
+    fill_reason,
+    impact_eta,
+    rebalance,
+    year_fractions,
+)
 from sentio_lab.masks import InvalidAction, MaskConfig, MaskInputs, make_masker
 from sentio_lab.observation_layout import (
     TokenBlock,
@@ -63,6 +74,14 @@ class MarketArrays:
     year_fraction: np.ndarray | None = None
     """float64 (T,) or None: calendar time from bar t-1's close to bar t's close in 365-day years (entry 0
     is 0; :func:`sentio_lab.costs.year_fractions`). Needed only to charge short borrow; None without timestamps."""
+    high: np.ndarray | None = None
+    """float64 (T,) bar highs, or None: read by the spread estimators only."""
+    low: np.ndarray | None = None
+    """float64 (T,) bar lows, or None: read by the spread estimators only."""
+    volume: np.ndarray | None = None
+    """float64 (T,) bar volumes, or None: read by impact (ADV) and participation caps only, never observed."""
+    bars_per_day: float = 1.0
+    """Bars per calendar day (:func:`sentio_lab.costs.bars_per_day`): scales sigma_daily and ADV."""
 
     @classmethod
     def from_frame(cls, frame, features: np.ndarray, first_valid: int = 0) -> MarketArrays:
@@ -77,6 +96,8 @@ class MarketArrays:
             features=np.ascontiguousarray(features, dtype=np.float32),
             first_valid=first_valid,
             year_fraction=year_fractions(index) if isinstance(index, pd.DatetimeIndex) else None,
+            **{c: frame[c].to_numpy(dtype=np.float64) for c in ("high", "low", "volume") if c in frame.columns},
+            bars_per_day=bars_per_day(index if isinstance(index, pd.DatetimeIndex) else None),
         )
 
     def __post_init__(self) -> None:
@@ -94,6 +115,10 @@ class MarketArrays:
             raise ValueError(
                 f"MarketArrays: non-finite features at rows {np.flatnonzero(bad)[:5] + self.first_valid}"
             )
+        for name in ("high", "low", "volume"):
+            column = getattr(self, name)
+            if column is not None and np.shape(column) != (n,):
+                raise ValueError(f"MarketArrays: {name} must be ({n},), got {np.shape(column)}")
         if self.year_fraction is not None:
             years = np.asarray(self.year_fraction)
             if years.shape != (n,) or years.dtype != np.float64:
@@ -115,6 +140,33 @@ def _borrow_years(market: MarketArrays, costs: CostModel) -> np.ndarray | None:
             "(build the market with MarketArrays.from_frame on a DatetimeIndex, or pass year_fraction=)"
         )
     return market.year_fraction
+
+
+def fill_arrays(market: MarketArrays, costs: CostModel, first: int = 0, last: int | None = None
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """Per decision bar t: (half-spread, impact eta, fill cap of the fill at t + 1) for a non-flat ``costs``
+    (:mod:`sentio_lab.costs.execution`); None for the flat model. Raises if an estimate the decisions
+    ``first .. last - 1`` need is undefined (too few bars before ``first``) or the market lacks a column."""
+    if costs.is_flat:
+        return None
+    inputs = cost_inputs(costs, market.high, market.low, market.close, market.volume, market.bars_per_day)
+    half = inputs.half_spread
+    eta = impact_eta(costs, inputs.sigma, inputs.adv)
+    # the fill of decision t happens on bar t + 1: its open, its volume (the env's execution, never observed)
+    fill_open, fill_volume = np.r_[market.open[1:], np.nan], np.r_[inputs.volume[1:], 0.0]
+    cap = fill_cap(costs, fill_open, fill_volume, inputs.adv, inputs.per_day)
+    last = len(market.close) - 1 if last is None else last
+    used = slice(first, last)
+    checks = [("half-spread", half)]
+    if costs.impact != "none" or (costs.participation is not None and costs.cap_volume == "forecast"):
+        checks += [("sigma_daily", inputs.sigma if costs.impact != "none" else half), ("ADV", inputs.adv)]
+    for name, values in checks:
+        bad = np.isnan(values[used])
+        if bad.any():
+            bar = first + int(np.flatnonzero(bad)[0])
+            raise ValueError(f"cost model: the {name} estimate is undefined at decision bar {bar} (too few earlier "
+                             "bars for the estimator): start later")
+    return half, eta, cap
 
 
 def episode_start_bounds(
@@ -281,6 +333,10 @@ class TradingEnv:
         self._borrow_per_share = (
             None if years is None else torch.tensor(costs.borrow_rate * years * market.close, dtype=f64, device=dev)
         )
+        # Non-flat cost models: per decision bar the half-spread, impact coefficient and fill cap (None: flat).
+        arrays = fill_arrays(market, costs, self.start_low, stop - 1)
+        self._fill_arrays = None if arrays is None else tuple(torch.tensor(a, dtype=f64, device=dev) for a in arrays)
+        self._carry = costs.remainder == "carry" and costs.participation is not None
         self._window_offsets = torch.arange(-window + 1, 1, device=dev)
         # Row r of the window matrix is the flattened window ending at bar r + window - 1. Copying one
         # contiguous row per env is ~10x cheaper than a 2-D gather, at the price of window x the memory;
@@ -299,12 +355,14 @@ class TradingEnv:
         self.level = torch.full_like(self.t, self._flat_level)
         self.cash, self.shares, self.equity = zeros.clone(), zeros.clone(), zeros.clone()
         self.peak, self.max_drawdown = zeros + 1.0, zeros.clone()
+        self.pending = torch.zeros(num_envs, dtype=torch.bool, device=dev)
         self.masker = make_masker(market.close, market.features, np.asarray(positions, dtype=np.float64), masks,
                                   mask_inputs, num_envs, invalid_action, dev)
 
     @property
     def _state_names(self) -> tuple[str, ...]:
         names = ("t", "steps", "level", "cash", "shares", "equity")
+        names = names + ("pending",) if self._carry else names
         return names + ("peak", "max_drawdown") if self.drawdown_obs else names
 
     # ----------------------------------------------------------------------------------- observations
@@ -366,6 +424,7 @@ class TradingEnv:
         self.shares = torch.zeros_like(self.cash)
         self.equity = torch.ones_like(self.cash)
         self.peak, self.max_drawdown = torch.ones_like(self.cash), torch.zeros_like(self.cash)
+        self.pending = torch.zeros_like(self.t, dtype=torch.bool)
         if self.masker is not None:
             self.masker.reset_where(torch.ones_like(self.t, dtype=torch.bool))
         return self._observe(self.t, self.level)
@@ -411,7 +470,14 @@ class TradingEnv:
         next_t = self.t + 1
         price = self.open.index_select(0, next_t)
         weights = self.positions.index_select(0, level)
-        cash, shares, _ = rebalance(self.cash, self.shares, price, weights, level != self.level, self.costs)
+        fill = None
+        if self._fill_arrays is None:
+            cash, shares, _ = rebalance(self.cash, self.shares, price, weights, level != self.level, self.costs)
+        else:  # spread / impact / cap: the decision bar's estimates, the fill bar's cap (sentio_lab.costs)
+            half, eta, cap = (a.index_select(0, self.t) for a in self._fill_arrays)
+            trade = (level != self.level) | self.pending
+            fill = execute(self.cash, self.shares, price, weights, trade, self.costs, half, eta, cap)
+            cash, shares = fill.cash, fill.shares
         if self._borrow_per_share is not None:
             cash = cash - shares.neg().clamp_min(0.0) * self._borrow_per_share.index_select(0, next_t)
         equity = cash + shares * self.close.index_select(0, next_t)
@@ -433,8 +499,12 @@ class TradingEnv:
             self.peak, self.max_drawdown = peak, max_drawdown
         self.cash, self.shares, self.level = cash, shares, level
         self.equity, self.t, self.steps = equity, next_t, steps
+        if self._carry:
+            self.pending = fill.capped
         obs = self._observe(self.t, self.level)
         info = {"equity": equity, "final_obs": obs, "done": done}
+        if fill is not None:  # the fill record: shares traded, price concession, whether the cap bound
+            info["fill"] = {"delta": fill.delta, "rate": fill.rate, "capped": fill.capped, "requested": fill.requested}
         if drawdown_cost is not None:
             info["drawdown_cost"] = drawdown_cost
         if any_done:
@@ -477,6 +547,7 @@ class TradingEnv:
         self.cash = torch.where(done, one, self.cash)
         self.shares = torch.where(done, 0.0 * one, self.shares)
         self.equity = torch.where(done, one, self.equity)
+        self.pending = self.pending & ~done
         if self.drawdown_obs:
             self.peak = torch.where(done, one, self.peak)
             self.max_drawdown = torch.where(done, 0.0 * one, self.max_drawdown)
@@ -517,6 +588,9 @@ class NumpyTradingEnv(gym.Env):
         self.positions = check_positions(positions)
         self.costs, self.ruin_fraction = costs, check_ruin_fraction(ruin_fraction)
         self._borrow_years = _borrow_years(market, costs)
+        self._fill_arrays = fill_arrays(market, costs, self.start_low, stop - 1)
+        self._adv = None if self._fill_arrays is None else cost_inputs(
+            costs, market.high, market.low, market.close, market.volume, market.bars_per_day).adv
         self.flat_level = int(np.argmin(np.abs(self.positions)))
         self.token_blocks, self.drawdown_obs = tuple(token_blocks), drawdown_obs
         self.obs_layout = observation_layout(market.features.shape[1], window, self.token_blocks, drawdown_obs)
@@ -553,6 +627,7 @@ class NumpyTradingEnv(gym.Env):
         self.t, self.steps, self.level = int(start), 0, self.flat_level
         self.cash, self.shares, self.equity = 1.0, 0.0, 1.0
         self.peak, self.max_drawdown = 1.0, 0.0
+        self.pending = False
         if self.masker is not None:
             self.masker.reset_where(np.array([True]))
         return self._observe(), {"equity": self.equity}
@@ -570,9 +645,22 @@ class NumpyTradingEnv(gym.Env):
                                            np.array([self.equity]))[0])
         changed = action != self.level
         price = self.market.open[self.t + 1]
-        self.cash, self.shares, _ = rebalance(
-            self.cash, self.shares, price, self.positions[action], action != self.level, self.costs
-        )
+        record = None
+        if self._fill_arrays is None:
+            self.cash, self.shares, _ = rebalance(
+                self.cash, self.shares, price, self.positions[action], action != self.level, self.costs
+            )
+        else:  # spread / impact / cap (sentio_lab.costs.execution); a capped order may carry to the next bar
+            half, eta, cap = (float(a[self.t]) for a in self._fill_arrays)
+            trade = bool(changed or self.pending)
+            fill = execute(np.float64(self.cash), np.float64(self.shares), price, self.positions[action], trade,
+                           self.costs, half, eta, cap)
+            self.cash, self.shares = fill.cash, fill.shares
+            capped = bool(fill.capped)
+            self.pending = capped and self.costs.remainder == "carry"
+            record = {"delta": float(fill.delta), "rate": float(fill.rate), "capped": capped,
+                      "requested": float(fill.requested),
+                      "reason": fill_reason(trade, capped, cap, float(self._adv[self.t]), self.costs)}
         self.cash, self.shares = float(self.cash), float(self.shares)
         self.level = action
         self.t += 1
@@ -588,6 +676,8 @@ class NumpyTradingEnv(gym.Env):
         terminated = bool(equity <= self.ruin_fraction)
         truncated = bool(self.steps >= self.episode_length and not terminated)
         info = {"equity": equity}
+        if record is not None:
+            info["fill"] = record
         if self.drawdown_obs:
             self.peak = max(self.peak, equity)
             max_drawdown = max(self.max_drawdown, 1.0 - equity / self.peak)
