@@ -1,0 +1,380 @@
+"""Population-based training (and random search) of any registered variant on Ray Tune.
+
+``python -m sentio_lab.tune --variant ppo --num-trials 4 --iterations 8 --steps-per-iteration 16384`` starts a local
+Ray instance (``ray.init`` inside the command: nothing to start by hand, no dashboard, usage stats off) and runs
+Ray Tune's :class:`~ray.tune.schedulers.PopulationBasedTraining`; ``--address ray://host:10001`` (or ``auto``)
+runs the same thing on an existing Ray cluster, whose nodes must have this package installed.
+
+How a trial works (:func:`trainable`): the variant's own training loop (``variant.train``) runs in Tune
+iterations. Every iteration continues the trial's checkpoint bundle with the variant's ``--resume`` for
+``steps_per_iteration`` env steps (``--max-iterations``), scores the agent on the **validation** range (the
+greedy policy's annualised Sharpe ratio, net of costs: the fitness; the test range is never read during the
+search), and hands the bundle to Tune's checkpoint API (``tune.report(..., checkpoint=...)``). When PBT exploits,
+Tune restarts the weak trial from the strong trial's checkpoint: the bundle is copied in whole (weights,
+optimizer, observation normalisation statistics, env state and every RNG state as saved), and the explore step's
+new hyperparameters are written into the copy by :func:`apply_mutation` -- the one, narrow exception to
+``--resume``'s rule that a resumed run keeps its experiment arguments: only the :data:`MUTABLE` fields may change,
+anything else is refused. The run then continues from there exactly as ``--resume`` would with those values.
+
+``--scheduler random`` runs the same population (the same initial configurations, seeds and number of env steps)
+without exploitation: the random-search control at equal compute. Every trial runs
+``iterations * steps_per_iteration`` env steps (the learning-rate schedule, when annealed, is over that total).
+
+Afterwards the champion (the trial with the best *last* validation score) is evaluated once on the test range
+(:func:`sentio_lab.evaluate.evaluate_checkpoint`) and reported with the deflated Sharpe ratio, whose ``N`` counts
+every distinct configuration the search scored (each trial's initial one plus every explore step's), and whose
+``Var[SR_n]`` is the variance of the trials' per-period validation Sharpe ratios. ``summary.json`` and
+``trials.csv`` are written under the experiment folder. An interrupted experiment continues with ``--resume``
+(``Tuner.restore``: unfinished and errored trials go on from their last checkpoints).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shlex
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import tyro
+
+from sentio_lab import metrics
+from sentio_lab.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from sentio_lab.evaluate import action_masking, evaluate_checkpoint, evaluate_policy, load_variant
+
+#: Hyperparameters PBT may change between iterations of a trial, with the bounds explore steps are clipped to
+#: (a perturbation multiplies by 0.8 or 1.2 and could leave e.g. GAE lambda above 1).
+MUTABLE: dict[str, tuple[float, float]] = {
+    "learning_rate": (1e-5, 3e-3),
+    "ent_coef": (0.0, 0.1),
+    "clip_coef": (0.05, 0.5),
+    "gae_lambda": (0.8, 0.999),
+}
+CHECKPOINT_FILE = "checkpoint.pt"
+METRIC = "validation_sharpe"
+
+
+@dataclass
+class TuneArgs:
+    """Command-line arguments of ``python -m sentio_lab.tune``."""
+
+    variant: str = "ppo"
+    """registered variant (sentio_lab.evaluate.VARIANTS) to train"""
+    variant_args: str = ""
+    """the variant's own arguments, as on its command line, e.g. "--dataset sp500 --window 16" (one string)"""
+    scheduler: str = "pbt"
+    """"pbt" (population-based training) or "random" (the same population without exploitation: random search)"""
+    num_trials: int = 4
+    """population size (trials run concurrently as CPUs allow)"""
+    iterations: int = 8
+    """Tune iterations per trial (each one is steps_per_iteration env steps, then a validation score)"""
+    steps_per_iteration: int = 16384
+    """env steps per Tune iteration (a multiple of the variant's num_envs * num_steps)"""
+    perturbation_interval: int = 2
+    """PBT exploits / explores every this many iterations"""
+    quantile_fraction: float = 0.25
+    """PBT: the bottom fraction of trials copies the top fraction (use 0.5 with 2 or 3 trials)"""
+    synch: bool = False
+    """PBT: wait until every trial reaches the perturbation point before exploiting (reproducible, slower)"""
+    resample_probability: float = 0.25
+    """PBT: chance that an explored hyperparameter is redrawn from its prior instead of perturbed"""
+    seed: int = 1
+    """trial i is seeded seed + i; the initial hyperparameters are drawn with this seed too"""
+    address: str | None = None
+    """Ray cluster address ("auto", "ray://host:10001"); None = start a local Ray instance"""
+    num_cpus: int | None = None
+    """CPUs of the local Ray instance (None = all of this machine's)"""
+    cpus_per_trial: float = 1.0
+    """CPUs reserved per trial (also its torch threads)"""
+    gpus_per_trial: float = 0.0
+    """GPUs per trial (pass --variant-args "--device cuda" too)"""
+    storage: str = "runs/tune"
+    """where Tune keeps experiments (checkpoints, results); the experiment folder is storage/name"""
+    name: str = "pbt"
+    """experiment name"""
+    resume: bool = False
+    """continue the interrupted experiment storage/name (Tune's restore) instead of starting a new one"""
+    evaluate_champion: bool = True
+    """evaluate the champion once on the test range and report its DSR"""
+
+
+# ------------------------------------------------------------------------------------------ the trial itself
+def apply_mutation(path: str | Path, changes: dict[str, float]) -> dict[str, tuple[Any, Any]]:
+    """Write PBT's explored hyperparameters into the checkpoint bundle at ``path``; returns {field: (old, new)}.
+
+    The explicit allowance to ``--resume``'s no-changed-arguments rule: only :data:`MUTABLE` fields may change
+    (anything else raises ``ValueError``). Without learning-rate annealing the optimizer's saved learning rate
+    is set too (with annealing the variant recomputes it from ``learning_rate`` every iteration). Nothing else in
+    the bundle moves, so the run continues from the saved weights, optimizer, normalisation, env and RNG state.
+    """
+    unknown = set(changes) - set(MUTABLE)
+    if unknown:
+        raise ValueError(f"PBT may change only {sorted(MUTABLE)}, not {sorted(unknown)}")
+    bundle = load_checkpoint(path)
+    changed = {k: (bundle["args"][k], v) for k, v in changes.items() if bundle["args"][k] != v}
+    if not changed:
+        return {}
+    bundle["args"].update({k: new for k, (_, new) in changed.items()})
+    if "learning_rate" in changed and not bundle["args"].get("anneal_lr", True):
+        for group in bundle["optimizer"]["param_groups"]:
+            group["lr"] = changed["learning_rate"][1]
+    save_checkpoint(path, bundle)
+    return changed
+
+
+def variant_base(variant_name: str, argv: list[str] | tuple[str, ...]) -> Any:
+    """The variant's ``Args`` from its command-line arguments (parsed by the variant's own tyro CLI)."""
+    variant = load_variant(variant_name)
+    return tyro.cli(variant.Args, args=list(argv)) if argv else variant.Args()
+
+
+def trial_args(variant_name: str, config: dict[str, Any], checkpoint: Path) -> Any:
+    """The variant's ``Args`` for the next Tune iteration of a trial: resume ``checkpoint`` when it exists."""
+    base = variant_base(variant_name, config["argv"])
+    return dataclasses.replace(
+        base, **config["overrides"], **{k: config[k] for k in MUTABLE if k in config}, seed=config["seed"],
+        checkpoint_path=str(checkpoint), resume=str(checkpoint) if checkpoint.exists() else None,
+        max_iterations=config["variant_iterations"], checkpoint_every=0, track=False, progress=False,
+    )
+
+
+def validation_score(variant_name: str, agent: Any, args: Any, market: Any) -> dict[str, float]:
+    """Fitness of an agent: its greedy episode over the validation range, net of costs (never the test range)."""
+    variant = load_variant(variant_name)
+    evaluation = evaluate_policy(agent, market, window=args.window, positions=tuple(args.positions),
+                                 costs=variant.cost_model(args), range_name="validation", **action_masking(args))
+    returns = metrics.simple_returns(evaluation.equity)
+    per_period = metrics.sharpe_ratio(returns)
+    ppy = metrics.periods_per_year(evaluation.equity.index)
+    # a flat policy has no Sharpe ratio; it ranks below every trading one rather than poisoning PBT's ordering
+    annual = per_period * math.sqrt(ppy) if np.isfinite(per_period) else -10.0
+    return {METRIC: float(annual), "validation_sharpe_per_period": float(per_period),
+            "validation_total_return": float(evaluation.equity.iloc[-1] - 1.0)}
+
+
+def run_iteration(variant_name: str, config: dict[str, Any], work: Path, market: Any) -> dict[str, Any]:
+    """One Tune iteration of a trial outside Ray: explore's changes, ``variant_iterations`` of training, a score."""
+    checkpoint = work / CHECKPOINT_FILE
+    mutated = {}
+    if checkpoint.exists():
+        mutated = apply_mutation(checkpoint, {k: config[k] for k in MUTABLE if k in config})
+    args = trial_args(variant_name, config, checkpoint)
+    result = load_variant(variant_name).train(args, market=market)
+    return {**validation_score(variant_name, result.agent, result.args, market),
+            "global_step": result.global_step, "finished": result.finished, "mutated": sorted(mutated),
+            **{f"hp_{k}": float(getattr(result.args, k)) for k in MUTABLE}}
+
+
+def trainable(config: dict[str, Any]) -> None:
+    """Ray Tune function trainable: restore the bundle from Tune's checkpoint, train in iterations, report each."""
+    from ray import tune
+
+    torch.set_num_threads(max(1, int(config.get("threads", 1))))
+    variant = load_variant(config["variant"])
+    work = Path(tempfile.mkdtemp(prefix="sentio-trial-"))
+    restored = tune.get_checkpoint()
+    feature_state = None
+    if restored is not None:  # a restart, an exploit (another trial's bundle) or Tuner.restore
+        with restored.as_directory() as folder:
+            shutil.copy(Path(folder) / CHECKPOINT_FILE, work / CHECKPOINT_FILE)
+        feature_state = load_checkpoint(work / CHECKPOINT_FILE)["feature_state"]
+    market = variant.market_for(trial_args(config["variant"], config, work / CHECKPOINT_FILE), feature_state)
+    while True:
+        report = run_iteration(config["variant"], config, work, market)
+        with tempfile.TemporaryDirectory() as folder:
+            shutil.copy(work / CHECKPOINT_FILE, Path(folder) / CHECKPOINT_FILE)
+            tune.report({k: v for k, v in report.items() if k != "mutated"} | {"mutated": ",".join(report["mutated"])},
+                        checkpoint=tune.Checkpoint.from_directory(folder))
+        if report["finished"]:
+            break
+
+
+# ------------------------------------------------------------------------------------------ the experiment
+def base_arguments(args: TuneArgs) -> dict[str, Any]:
+    """What every trial shares: the variant's arguments, the total env steps, absolute paths; checked here.
+
+    Paths are made absolute because Tune runs trials in their own working directories (and, on a cluster, on
+    other machines). The variant's arguments travel as its command line and are parsed by its own CLI in the
+    trial, so any variant (with nested argument types) works.
+    """
+    argv = shlex.split(args.variant_args)
+    base = variant_base(args.variant, argv)
+    batch = base.num_envs * base.num_steps
+    if args.steps_per_iteration % batch:
+        raise ValueError(f"steps_per_iteration={args.steps_per_iteration} is not a multiple of the variant's "
+                         f"rollout, num_envs x num_steps = {batch}")
+    overrides: dict[str, Any] = {"total_timesteps": args.iterations * args.steps_per_iteration,
+                                 "run_dir": str(Path(base.run_dir).resolve())}
+    if base.feature_cache_dir:
+        overrides["feature_cache_dir"] = str(Path(base.feature_cache_dir).resolve())
+    if Path(str(base.dataset)).exists():
+        overrides["dataset"] = str(Path(base.dataset).resolve())
+    return {"argv": argv, "overrides": overrides, "variant_iterations": args.steps_per_iteration // batch}
+
+
+def search_space() -> dict[str, Any]:
+    """Initial distributions of the mutable hyperparameters (PBT resamples from them too), log-uniform for rates."""
+    from ray import tune
+
+    return {
+        "learning_rate": tune.loguniform(5e-5, 1e-3),
+        "ent_coef": tune.loguniform(1e-4, 5e-2),
+        "clip_coef": tune.uniform(0.1, 0.3),
+        "gae_lambda": tune.uniform(0.9, 0.99),
+    }
+
+
+def clip_to_bounds(config: dict[str, Any]) -> dict[str, Any]:
+    """PBT's custom explore: keep every mutated hyperparameter inside :data:`MUTABLE`'s bounds."""
+    for key, (low, high) in MUTABLE.items():
+        if key in config:
+            config[key] = float(min(max(config[key], low), high))
+    return config
+
+
+def init_ray(address: str | None, num_cpus: int | None) -> bool:
+    """Connect to ``address`` or start a local Ray instance (no dashboard, no usage stats); False if already up."""
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if ray.is_initialized():
+        return False
+    if address:
+        ray.init(address=address, log_to_driver=False)
+    else:  # pragma: no cover -- the tests share one session started by their fixture
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    return True
+
+
+def make_tuner(args: TuneArgs, trainable_fn: Any = trainable) -> Any:
+    """The Ray Tune ``Tuner`` of this experiment (new, or restored with ``args.resume``)."""
+    from ray import tune
+    from ray.tune.schedulers import FIFOScheduler, PopulationBasedTraining
+    from ray.tune.search import BasicVariantGenerator
+
+    if args.scheduler not in ("pbt", "random"):
+        raise ValueError(f"scheduler must be 'pbt' or 'random', got {args.scheduler!r}")
+    resources = {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial}
+    wrapped = tune.with_resources(trainable_fn, resources)
+    storage = str(Path(args.storage).resolve())
+    path = Path(storage) / args.name
+    if args.resume:
+        if not tune.Tuner.can_restore(str(path)):
+            raise FileNotFoundError(f"--resume: no Tune experiment to restore at {path}")
+        return tune.Tuner.restore(str(path), wrapped, resume_unfinished=True, resume_errored=True)
+    base = base_arguments(args)
+    space = search_space()
+    param_space = {
+        "variant": args.variant, "argv": base["argv"], "overrides": base["overrides"],
+        "variant_iterations": base["variant_iterations"],
+        "threads": max(1, int(args.cpus_per_trial)),
+        "seed": tune.grid_search([args.seed + i for i in range(args.num_trials)]),
+        **space,
+    }
+    if args.scheduler == "pbt":
+        scheduler = PopulationBasedTraining(
+            time_attr="training_iteration", perturbation_interval=args.perturbation_interval,
+            hyperparam_mutations=space, quantile_fraction=args.quantile_fraction,
+            resample_probability=args.resample_probability, custom_explore_fn=clip_to_bounds, synch=args.synch,
+        )
+    else:
+        scheduler = FIFOScheduler()
+    return tune.Tuner(
+        wrapped, param_space=param_space,
+        tune_config=tune.TuneConfig(metric=METRIC, mode="max", scheduler=scheduler, num_samples=1,
+                                    search_alg=BasicVariantGenerator(random_state=args.seed), reuse_actors=True),
+        run_config=tune.RunConfig(name=args.name, storage_path=storage, verbose=0,
+                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=4),
+                                  stop={"training_iteration": args.iterations}),
+    )
+
+
+def summarise(results: Any, args: TuneArgs, folder: Path, wall_s: float) -> dict[str, Any]:
+    """Write ``trials.csv`` and ``summary.json`` (champion on test once, DSR over every configuration)."""
+    rows, per_period = [], []
+    for result in results:
+        history = result.metrics_dataframe
+        metrics_ = result.metrics or {}
+        rows.append({
+            "trial": os.path.basename(result.path), "seed": result.config.get("seed"),
+            "status": "error" if result.error else "ok", METRIC: metrics_.get(METRIC),
+            "best_validation_sharpe": None if history is None or history.empty else float(history[METRIC].max()),
+            "validation_sharpe_per_period": metrics_.get("validation_sharpe_per_period"),
+            "iterations": metrics_.get("training_iteration"), "global_step": metrics_.get("global_step"),
+            **{k: result.config.get(k) for k in MUTABLE},
+            "checkpoint": result.checkpoint.path if result.checkpoint else None,
+        })
+        if np.isfinite(metrics_.get("validation_sharpe_per_period", np.nan)):
+            per_period.append(metrics_["validation_sharpe_per_period"])
+    table = pd.DataFrame(rows)
+    # Tune's own record of PBT: one line per exploit + explore, i.e. one more configuration scored
+    log = folder / "pbt_global.txt"
+    explores = len(log.read_text().splitlines()) if log.exists() else 0
+    configurations = len(table) + explores
+    folder.mkdir(parents=True, exist_ok=True)
+    table.to_csv(folder / "trials.csv", index=False)
+    scored = table.dropna(subset=[METRIC])
+    summary: dict[str, Any] = {
+        "scheduler": args.scheduler, "variant": args.variant, "num_trials": len(table),
+        "iterations": args.iterations, "steps_per_iteration": args.steps_per_iteration,
+        "env_steps_total": int(table["global_step"].fillna(0).sum()), "wall_s": wall_s,
+        "configurations_scored": configurations, "pbt_explore_steps": explores,
+        "fitness": "validation range, greedy policy, net of costs",
+        "best_validation_sharpe_last": None if scored.empty else float(scored[METRIC].max()),
+        "best_validation_sharpe_any_iteration": None if scored.empty else float(table["best_validation_sharpe"].max()),
+    }
+    if args.evaluate_champion and not scored.empty:
+        champion = scored.loc[scored[METRIC].idxmax()]
+        champion_path = folder / "champion.pt"
+        shutil.copy(Path(champion["checkpoint"]) / CHECKPOINT_FILE, champion_path)
+        test = evaluate_checkpoint(champion_path, "test")  # the one look at the test range
+        returns = metrics.simple_returns(test.equity)
+        ppy = metrics.periods_per_year(test.equity.index)
+        summary["champion"] = {
+            "trial": champion["trial"], "validation_sharpe": float(champion[METRIC]),
+            "test_sharpe": float(metrics.sharpe_ratio(returns) * math.sqrt(ppy)),
+            "test_total_return": float(test.equity.iloc[-1] - 1.0),
+            "test_range": f"{test.equity.index[0]:%Y-%m-%d} .. {test.equity.index[-1]:%Y-%m-%d}",
+            **{k: float(champion[k]) for k in MUTABLE},
+        }
+        n_trials = max(configurations, 2)
+        if len(per_period) >= 2 and np.var(per_period, ddof=1) > 0:
+            summary["champion"]["dsr"] = float(metrics.deflated_sharpe_ratio(
+                returns, n_trials=n_trials, trial_sharpes=per_period))
+        else:
+            summary["champion"]["dsr"] = None
+        summary["champion"]["dsr_n_trials"] = n_trials
+    (folder / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    return summary
+
+
+def run_tune(args: TuneArgs, trainable_fn: Any = trainable) -> dict[str, Any]:
+    """Run (or resume) the experiment on Ray and summarise it; see the module docstring."""
+    init_ray(args.address, args.num_cpus)
+    tuner = make_tuner(args, trainable_fn)
+    start = time.time()
+    results = tuner.fit()
+    return summarise(results, args, Path(args.storage).resolve() / args.name, time.time() - start)
+
+
+def main() -> None:
+    """Entry point of ``python -m sentio_lab.tune``."""
+    args = tyro.cli(TuneArgs)
+    try:
+        summary = run_tune(args)
+    except (CheckpointError, ValueError, FileNotFoundError) as err:
+        raise SystemExit(f"error: {err}") from err
+    print(json.dumps(summary, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,184 @@
+"""PBT on Ray Tune: narrow mutation of bundles, exact continuation after an exploit, end to end, restore."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from sentio_lab import ppo
+from sentio_lab import tune as T
+from sentio_lab.checkpoint import load_checkpoint
+from sentio_lab.evaluate import load_variant
+
+TINY = ("--num-envs 8 --num-steps 16 --hidden-size 8 --window 16 --episode-length 64 --num-minibatches 2 "
+        "--update-epochs 1")
+STEPS = 256  # two variant iterations per Tune iteration
+
+
+def _config(tmp_path: Path, iterations: int = 3, **hps) -> dict:
+    args = T.TuneArgs(variant_args=f"{TINY} --run-dir {tmp_path / 'runs'}", iterations=iterations,
+                      steps_per_iteration=STEPS)
+    hp = {"learning_rate": 3e-4, "ent_coef": 0.01, "clip_coef": 0.2, "gae_lambda": 0.95, **hps}
+    return {"variant": "ppo", **T.base_arguments(args), "seed": 3, **hp}
+
+
+@pytest.fixture(scope="module")
+def market():
+    args = ppo.Args(window=16)
+    return load_variant("ppo").market_for(args)
+
+
+def _bundle_equal(a: dict, b: dict, skip_args: tuple[str, ...] = ()) -> None:
+    for key in ("agent",):
+        assert a[key].keys() == b[key].keys()
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key])
+    assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
+    for k, state in a["optimizer"]["state"].items():
+        assert all(torch.equal(v, b["optimizer"]["state"][k][n]) for n, v in state.items())
+    assert a["rng"]["python"] == b["rng"]["python"] and a["rng"]["numpy"] == b["rng"]["numpy"]
+    assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])
+    assert torch.equal(a["env_state"]["generator"], b["env_state"]["generator"])
+    skip = set(skip_args) | ppo.RUN_CONTROL_FIELDS  # where the checkpoint is, not what it holds
+    assert {k: v for k, v in a["args"].items() if k not in skip} == {
+        k: v for k, v in b["args"].items() if k not in skip}
+
+
+def test_apply_mutation_is_narrow_and_keeps_the_state(tmp_path, market):
+    config = _config(tmp_path)
+    config["argv"] = [*config["argv"], "--no-anneal-lr"]
+    work = tmp_path / "a"
+    work.mkdir()
+    T.run_iteration("ppo", config, work, market)
+    path = work / T.CHECKPOINT_FILE
+    before = load_checkpoint(path)
+    with pytest.raises(ValueError, match="only"):
+        T.apply_mutation(path, {"learning_rate": 1e-3, "num_envs": 4})
+    assert T.apply_mutation(path, {"learning_rate": 3e-4, "gae_lambda": 0.95}) == {}  # unchanged: file untouched
+    changed = T.apply_mutation(path, {"learning_rate": 1e-3, "gae_lambda": 0.9, "clip_coef": 0.2})
+    assert changed == {"learning_rate": (3e-4, 1e-3), "gae_lambda": (0.95, 0.9)}
+    after = load_checkpoint(path)
+    _bundle_equal(before, after, skip_args=("learning_rate", "gae_lambda"))
+    assert after["args"]["learning_rate"] == 1e-3 and after["args"]["gae_lambda"] == 0.9
+    # no annealing: the optimizer would otherwise keep stepping with the saved learning rate
+    assert [g["lr"] for g in after["optimizer"]["param_groups"]] == [1e-3]
+    # ppo's own --resume refuses the changed value unless the bundle was rewritten: the allowance is only here
+    mine = ppo.Args(learning_rate=5e-4, resume=str(path))
+    with pytest.raises(Exception, match="learning_rate"):
+        ppo.resume_args(mine, before["args"], path)
+
+
+def test_exploit_continues_from_the_copied_checkpoint_exactly(tmp_path, market):
+    donor, weak = tmp_path / "donor", tmp_path / "weak"
+    donor.mkdir()
+    weak.mkdir()
+    config = _config(tmp_path, iterations=4)
+    T.run_iteration("ppo", config, donor, market)
+    T.run_iteration("ppo", config, donor, market)
+    shutil.copy(donor / T.CHECKPOINT_FILE, weak / T.CHECKPOINT_FILE)  # what Tune's exploit hands the weak trial
+    saved = load_checkpoint(weak / T.CHECKPOINT_FILE)
+    donor_next = T.run_iteration("ppo", config, donor, market)
+    # exploit without a change: the weak trial's next iteration is the donor's own, bit for bit
+    weak_next = T.run_iteration("ppo", dict(config), weak, market)
+    assert weak_next == donor_next
+    _bundle_equal(load_checkpoint(donor / T.CHECKPOINT_FILE), load_checkpoint(weak / T.CHECKPOINT_FILE))
+    # exploit and explore: the bundle resumed is the saved one but for the mutated fields
+    explored = tmp_path / "explored"
+    explored.mkdir()
+    shutil.copy(weak / T.CHECKPOINT_FILE, explored / T.CHECKPOINT_FILE)
+    restored = load_checkpoint(explored / T.CHECKPOINT_FILE)
+    assert saved["global_step"] == 2 * STEPS and restored["global_step"] == 3 * STEPS
+    loop = T.run_iteration("ppo", {**config, "ent_coef": 0.02, "clip_coef": 0.25}, explored, market)
+    assert loop["mutated"] == ["clip_coef", "ent_coef"] and loop["hp_ent_coef"] == 0.02
+    assert loop["global_step"] == 4 * STEPS and loop != weak_next
+
+
+def test_clip_to_bounds_and_bad_inputs(tmp_path):
+    clipped = T.clip_to_bounds({"gae_lambda": 1.1, "learning_rate": 1e-9, "ent_coef": 0.01, "other": 5})
+    assert clipped == {"gae_lambda": 0.999, "learning_rate": 1e-5, "ent_coef": 0.01, "other": 5}
+    with pytest.raises(ValueError, match="multiple"):
+        T.base_arguments(T.TuneArgs(variant_args=TINY, steps_per_iteration=100))
+    with pytest.raises(ValueError, match="scheduler"):
+        T.make_tuner(T.TuneArgs(scheduler="bayes"))
+    with pytest.raises(FileNotFoundError, match="restore"):
+        T.make_tuner(T.TuneArgs(resume=True, storage=str(tmp_path), name="none"))
+    base = T.base_arguments(T.TuneArgs(variant_args=f"{TINY} --dataset {Path('tests/conftest.py')}",
+                                       steps_per_iteration=STEPS))
+    assert Path(base["overrides"]["dataset"]).is_absolute()
+
+
+# ------------------------------------------------------------------------------------------ on Ray
+@pytest.fixture(scope="module")
+def ray_session():
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    assert T.init_ray(None, None) is False  # the command reuses a running session
+    yield ray
+    ray.shutdown()
+
+
+def _tune_args(tmp_path: Path, **kw) -> T.TuneArgs:
+    fields = {"variant_args": TINY, "num_trials": 2, "iterations": 4, "steps_per_iteration": STEPS,
+              "perturbation_interval": 1, "quantile_fraction": 0.5, "storage": str(tmp_path / "tune"), **kw}
+    return T.TuneArgs(**fields)
+
+
+@pytest.mark.slow
+def test_pbt_end_to_end_on_local_ray(tmp_path, ray_session, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # run_dir / caches are made absolute before the trials change directory
+    Path("runs").mkdir()
+    summary = T.run_tune(_tune_args(tmp_path, name="pbt", iterations=3, synch=True))
+    folder = tmp_path / "tune" / "pbt"
+    trials = pd.read_csv(folder / "trials.csv")
+    assert len(trials) == 2 and (trials["status"] == "ok").all()
+    assert (trials["iterations"] == 3).all()
+    # PBT exploited and explored (synch: every trial reaches each perturbation point): Tune's log has the steps
+    explores = len((folder / "pbt_global.txt").read_text().splitlines())
+    assert explores >= 1 and summary["pbt_explore_steps"] == explores
+    assert summary["configurations_scored"] == 2 + explores
+    champion = summary["champion"]
+    assert champion["validation_sharpe"] == pytest.approx(trials["validation_sharpe"].max())
+    assert champion["dsr_n_trials"] == summary["configurations_scored"]
+    assert champion["dsr"] is None or 0 <= champion["dsr"] <= 1
+    assert (folder / "champion.pt").exists() and champion["test_range"].startswith("20")
+    assert json.loads((folder / "summary.json").read_text())["scheduler"] == "pbt"
+
+
+def _crashing_trainable(marker: str):
+    def crashing(config):
+        import ray.tune
+
+        real, count = ray.tune.report, [0]
+
+        def report(metrics, checkpoint=None):
+            real(metrics, checkpoint=checkpoint)
+            count[0] += 1
+            if count[0] == 2 and not Path(marker).exists():
+                Path(marker).write_text("crashed")
+                raise RuntimeError("killed")
+
+        ray.tune.report = report
+        T.trainable(config)
+
+    return crashing
+
+
+@pytest.mark.slow
+def test_random_search_killed_then_restored_through_tune(tmp_path, ray_session):
+    trainable = _crashing_trainable(str(tmp_path / "crashed"))
+    args = _tune_args(tmp_path, name="random", scheduler="random", num_trials=1, iterations=3,
+                      evaluate_champion=False)
+    first = T.run_tune(args, trainable)
+    trials = pd.read_csv(tmp_path / "tune" / "random" / "trials.csv")
+    assert (trials["status"] == "error").all() and (trials["global_step"] == 2 * STEPS).all()
+    assert "champion" not in first
+    restored = T.run_tune(_tune_args(tmp_path, name="random", scheduler="random", num_trials=1, iterations=3,
+                                     resume=True, evaluate_champion=False), trainable)
+    trials = pd.read_csv(tmp_path / "tune" / "random" / "trials.csv")
+    assert (trials["status"] == "ok").all() and (trials["iterations"] == 3).all()
+    # continued from the last checkpoint (step 512 -> 768), not restarted from zero
+    assert (trials["global_step"] == 3 * STEPS).all() and restored["env_steps_total"] == 3 * STEPS
