@@ -39,7 +39,7 @@ import tyro
 from torch import nn, optim
 from tqdm.auto import tqdm
 
-from sentio_lab import training
+from sentio_lab import distributed, training
 from sentio_lab.checkpoint import CheckpointError, capture_rng, load_checkpoint, restore_rng, save_checkpoint
 from sentio_lab.costs import CostModel
 from sentio_lab.env import TradingEnv
@@ -298,13 +298,25 @@ def train(args: Args, *, market: PreparedMarket | None = None, env: Any | None =
         args = derive_sizes(args)
     seed_everything(args.seed, args.torch_deterministic)
     device = resolve_device(args.device)
+    # Data parallel under torchrun (sentio_lab.distributed): this rank steps num_envs / world_size of the episodes.
+    # In a world of one every distributed.* call below is the identity and n_envs == num_envs.
+    ctx = distributed.context()
+    n_envs = distributed.local_envs(args.num_envs, ctx)
+    # A bundle's env / RNG state resumes exactly only in the world size of one it was written in; otherwise (written
+    # by, or resumed into, several ranks) the run goes on from its weights, optimizer, normalisation and step counter
+    # with fresh, seeded episodes on every rank.
+    fresh_envs = bundle is not None and (ctx.enabled or bundle["extra"].get("world_size", 1) > 1)
 
     if env is None:
         if market is None:
             market = market_for(args, bundle["feature_state"] if bundle else None)
-            if args.progress:  # read it before trusting fills at the next open (stale opens, zero volume, ...)
+            if args.progress and ctx.is_main:  # read it before trusting fills at the next open (stale opens, ...)
                 print(market.data.quality)
-        env = make_env(args, market)
+        if ctx.enabled or fresh_envs:
+            env_seed = distributed.rank_seed(args.seed, ctx.rank) + (1_000_003 * bundle["iteration"] if bundle else 0)
+            env = make_env(dataclasses.replace(args, num_envs=n_envs, seed=env_seed), market)
+        else:
+            env = make_env(args, market)
     if bundle is not None and market is not None and bundle["data_fingerprint"] != market.data.fingerprint:
         raise CheckpointError(f"--resume {args.resume}: the checkpoint was trained on other data")
     checkpoint_path = None
@@ -314,22 +326,30 @@ def train(args: Args, *, market: PreparedMarket | None = None, env: Any | None =
     agent = build_agent(args, env.obs_dim, env.num_actions).to(device)
     # fused: one kernel for all parameters instead of ~10 small ops per tensor (measured ~3x faster step)
     optimizer = optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, fused=True)
+    local_batch = args.num_steps * n_envs  # == batch_size in one process
+    minibatch_size = local_batch // args.num_minibatches  # per rank: each rank shuffles and splits its own batch
+    if minibatch_size < 1:
+        raise ValueError(f"num_minibatches={args.num_minibatches} > this rank's batch of {local_batch} steps")
 
     # Rollout storage
-    obs = torch.zeros((args.num_steps, args.num_envs, env.obs_dim), device=device)
-    actions = torch.zeros((args.num_steps, args.num_envs), dtype=torch.long, device=device)
-    logprobs = torch.zeros((args.num_steps, args.num_envs), device=device)
-    rewards = torch.zeros((args.num_steps, args.num_envs), device=device)
-    dones = torch.zeros((args.num_steps, args.num_envs), device=device)
-    values = torch.zeros((args.num_steps, args.num_envs), device=device)
-    episode_return = torch.zeros(args.num_envs, dtype=torch.float64, device=device)
+    obs = torch.zeros((args.num_steps, n_envs, env.obs_dim), device=device)
+    actions = torch.zeros((args.num_steps, n_envs), dtype=torch.long, device=device)
+    logprobs = torch.zeros((args.num_steps, n_envs), device=device)
+    rewards = torch.zeros((args.num_steps, n_envs), device=device)
+    dones = torch.zeros((args.num_steps, n_envs), device=device)
+    values = torch.zeros((args.num_steps, n_envs), device=device)
+    episode_return = torch.zeros(n_envs, dtype=torch.float64, device=device)
 
     global_step, start_iteration = 0, 1
     recent_returns: list[float] = []  # log returns of the last 100 finished episodes (for logging)
-    if bundle is None:
+    if bundle is None or fresh_envs:
         next_obs = env.reset()
-        next_done = torch.zeros(args.num_envs, device=device)
-    else:
+        next_done = torch.zeros(n_envs, device=device)
+    if fresh_envs:
+        agent.load_state_dict(bundle["agent"])
+        optimizer.load_state_dict(bundle["optimizer"])
+        global_step, start_iteration = bundle["global_step"], bundle["iteration"] + 1
+    elif bundle is not None:
         agent.load_state_dict(bundle["agent"])
         optimizer.load_state_dict(bundle["optimizer"])
         env_state = bundle["env_state"]
@@ -344,10 +364,14 @@ def train(args: Args, *, market: PreparedMarket | None = None, env: Any | None =
         restore_rng(bundle["rng"])
         global_step, start_iteration = bundle["global_step"], bundle["iteration"] + 1
     last_saved = bundle["iteration"] if bundle is not None else None
+    if ctx.enabled:
+        distributed.broadcast_module(agent, ctx)  # identical weights and statistics on every rank from the start
+        # distinct action-sampling and minibatch streams per rank (the weights above were drawn with the same seed)
+        torch.manual_seed(distributed.rank_seed(args.seed, ctx.rank) + 1_000_003 * (start_iteration - 1))
 
     def save(iteration: int) -> Path | None:
         nonlocal last_saved
-        if checkpoint_path is None:
+        if checkpoint_path is None or not ctx.is_main:  # only rank 0 writes (every rank holds the same weights)
             return None
         last_saved = iteration
         return save_checkpoint(checkpoint_path, {
@@ -365,7 +389,8 @@ def train(args: Args, *, market: PreparedMarket | None = None, env: Any | None =
             "data_name": market.data.name,
             "data_quality": None if market.data.quality is None else market.data.quality.to_dict(),
             "extra": {"next_done": next_done.cpu(), "episode_return": episode_return.cpu(),
-                      "recent_returns": list(recent_returns), "device": device.type},
+                      "recent_returns": list(recent_returns), "device": device.type,
+                      **({"world_size": ctx.world_size} if ctx.enabled else {})},
         })
 
     def non_finite(iteration: int, what: str) -> NonFiniteError:
@@ -377,12 +402,12 @@ def train(args: Args, *, market: PreparedMarket | None = None, env: Any | None =
         return NonFiniteError(f"iteration {iteration}: {what}; stopped before using it ({kept})")
 
     tracker = Tracker(
-        args.track, project=args.wandb_project_name, run_name=args.run_name, config=dataclasses.asdict(args),
-        run_dir=args.run_dir, mode=args.wandb_mode,
+        args.track and ctx.is_main, project=args.wandb_project_name, run_name=args.run_name,
+        config=dataclasses.asdict(args), run_dir=args.run_dir, mode=args.wandb_mode,
     )
     history: list[dict[str, float]] = []
     progress = tqdm(total=args.num_iterations * args.batch_size, initial=global_step, unit="step",
-                    disable=not args.progress, dynamic_ncols=True)
+                    disable=not args.progress or not ctx.is_main, dynamic_ncols=True)
     start_time, start_step = time.time(), global_step
     iteration = start_iteration - 1
     invocation_iterations = 0
@@ -395,8 +420,8 @@ def train(args: Args, *, market: PreparedMarket | None = None, env: Any | None =
         for step in range(args.num_steps):
             global_step += args.num_envs
             with torch.no_grad():
-                if agent.obs_norm is not None:
-                    agent.obs_norm.update(next_obs)
+                if agent.obs_norm is not None:  # with every rank's observations: the same statistics everywhere
+                    agent.obs_norm.update(distributed.all_gather_rows(next_obs, ctx))
                 norm_obs = agent.normalise(next_obs)
                 obs[step] = norm_obs
                 dones[step] = next_done
@@ -425,7 +450,8 @@ def train(args: Args, *, market: PreparedMarket | None = None, env: Any | None =
         with torch.no_grad():
             next_value = agent.get_value(agent.normalise(next_obs))
             problem = describe_non_finite(rewards=rewards, values=values, next_value=next_value)
-            if problem is not None:
+            if distributed.any_rank(problem is not None, ctx, device):  # every rank stops together
+                problem = problem or "values on another rank"
                 raise non_finite(iteration, f"the rollout produced non-finite {problem} (index: step, env)")
             gamma, gae_lambda = args.gamma, args.gae_lambda
             advantages, returns = compute_gae(rewards, values, dones, next_value, next_done, gamma, gae_lambda)
@@ -442,11 +468,11 @@ def train(args: Args, *, market: PreparedMarket | None = None, env: Any | None =
         clipfracs = []
         epochs_run = updates_run = 0
         # exactly num_minibatches per epoch: a remainder of an indivisible batch is left out (Args doc)
-        used = args.num_minibatches * args.minibatch_size
+        used = args.num_minibatches * minibatch_size
         for epoch in range(args.update_epochs):
-            b_inds = torch.randperm(args.batch_size, device=device)
-            for minibatch, start in enumerate(range(0, used, args.minibatch_size)):
-                mb_inds = b_inds[start : start + args.minibatch_size]
+            b_inds = torch.randperm(local_batch, device=device)
+            for minibatch, start in enumerate(range(0, used, minibatch_size)):
+                mb_inds = b_inds[start : start + minibatch_size]
                 # one contiguous gather per tensor (index_select is several times faster than [mb_inds])
                 batch = (b_obs, b_actions, b_logprobs, b_advantages, b_returns, b_values)
                 mb_obs, mb_actions, mb_logprobs, mb_advantages, mb_returns, mb_values = (
@@ -468,6 +494,7 @@ def train(args: Args, *, market: PreparedMarket | None = None, env: Any | None =
 
                 optimizer.zero_grad()
                 loss.backward()
+                distributed.average_gradients(agent, ctx)  # the mean over ranks, before clipping (as DDP)
                 grad_norm = nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
                 # one device sync for both; the optimizer must not step on a NaN / inf (it would poison the weights)
                 if not bool(torch.isfinite(torch.stack((loss.detach(), grad_norm))).all()):
@@ -479,7 +506,7 @@ def train(args: Args, *, market: PreparedMarket | None = None, env: Any | None =
                 optimizer.step()
                 updates_run += 1
             epochs_run += 1
-            if kl_early_stop(kl, args.target_kl):
+            if kl_early_stop(distributed.mean_over_ranks(kl, ctx), args.target_kl):  # all ranks stop together
                 break
 
         y_pred, y_true = b_values.cpu().numpy(), b_returns.cpu().numpy()
@@ -510,6 +537,7 @@ def train(args: Args, *, market: PreparedMarket | None = None, env: Any | None =
 
         invocation_iterations += 1
         out_of_time = args.time_budget_s is not None and elapsed >= args.time_budget_s
+        out_of_time = distributed.any_rank(out_of_time, ctx, device)  # rank clocks differ: stop together
         out_of_iterations = args.max_iterations is not None and invocation_iterations >= args.max_iterations
         if out_of_time or out_of_iterations:
             break
@@ -528,12 +556,16 @@ def train(args: Args, *, market: PreparedMarket | None = None, env: Any | None =
 def main() -> None:
     """Entry point of ``python -m sentio_lab.ppo``."""
     args = tyro.cli(Args)
+    ctx = distributed.init_from_env(args.device)  # a process group under torchrun; nothing otherwise
     try:
         result = train(args)
     except (CheckpointError, NonFiniteError) as err:  # the message says it all: no traceback for the user
         raise SystemExit(f"error: {err}") from err
+    finally:
+        distributed.shutdown()
     status = "finished" if result.finished else "stopped early (resume with --resume)"
-    print(f"{status} at step {result.global_step}; checkpoint: {result.checkpoint_path}")
+    if ctx.is_main:
+        print(f"{status} at step {result.global_step}; checkpoint: {result.checkpoint_path}")
 
 
 if __name__ == "__main__":
