@@ -312,3 +312,122 @@ def test_replay_refuses_when_vectorbt_cannot_book_a_charge(monkeypatch):
     monkeypatch.setattr(bt, "_loan_orders", lambda cash: np.zeros(len(cash)))  # no loan: cash runs out
     with pytest.raises(RuntimeError, match="booked .* of .* short borrow charges"):
         bt.replay(frame, 5, np.full(len(frame) - 6, -1.0), CostModel(0, 0, borrow_bps=99_999))
+
+
+# ============================================================== non-flat cost models (issue 10)
+from sentio_lab.env import fill_arrays  # noqa: E402
+
+MODELS = {
+    "corwin-schultz": CostModel(fee_bps=10, slippage_bps=5, spread="corwin_schultz"),
+    "abdi-ranaldo": CostModel(fee_bps=10, slippage_bps=5, spread="abdi_ranaldo"),
+    "sqrt": CostModel(fee_bps=10, slippage_bps=5, impact="sqrt", capital=1e10),
+    "almgren-chriss": CostModel(fee_bps=10, slippage_bps=5, impact="almgren_chriss", capital=1e10),
+    "sqrt-user-adv": CostModel(fee_bps=10, slippage_bps=5, impact="sqrt", capital=1e8, adv=2e9),
+    "cap-carry": CostModel(fee_bps=10, slippage_bps=5, impact="sqrt", capital=1e10, participation=3e-4,
+                           remainder="carry"),
+    "cap-cancel-forecast": CostModel(fee_bps=10, slippage_bps=5, capital=1e10, participation=1e-4,
+                                     cap_volume="forecast"),
+}
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_replay_reproduces_the_env_under_every_cost_model(frame, market, name):
+    costs = MODELS[name]
+    weights, equities, _ = run_env(market, (-1.0, 0.0, 0.5, 1.0, 2.0), seed=3, costs=costs)
+    error = max_rel_error(frame, weights, equities, costs)
+    print(f"max relative equity error, env vs vectorbt ({name}): {error:.3e}")
+    assert error < 1e-9
+    flat_weights, flat_equities, _ = run_env(market, (-1.0, 0.0, 0.5, 1.0, 2.0), seed=3, costs=COSTS)
+    assert np.array_equal(weights, flat_weights) and np.max(np.abs(equities / flat_equities - 1)) > 1e-4
+
+
+def _numpy_fills(market, costs, actions, start=STARTS[1], positions=(0.0, 1.0)):
+    env = NumpyTradingEnv(market, window=8, episode_length=len(actions) + 1, positions=positions, costs=costs,
+                          ruin_fraction=0.0)
+    env.reset(options={"start": start})
+    records = []
+    for a in actions:
+        _, _, _, _, info = env.step(int(a))
+        records.append({**info["fill"], "shares": env.shares, "t": env.t})
+    return records
+
+
+def test_participation_cap_holds_and_carried_remainders_fill_later(frame, market):
+    volume = frame["volume"].to_numpy()
+    capital, share = 1e10, 2e-4
+    actions = [1] * 40 + [0] * 40
+    carry = _numpy_fills(market, CostModel(capital=capital, participation=share, remainder="carry"), actions)
+    cancel = _numpy_fills(market, CostModel(capital=capital, participation=share, remainder="cancel"), actions)
+    for record in carry + cancel:  # never more than the share of the fill bar's volume
+        assert abs(record["delta"]) * capital <= share * volume[record["t"]] * (1 + 1e-12)
+    assert carry[0]["reason"] == cancel[0]["reason"] == "capped"
+    # cancel: the remainder is dropped, holding the level sends no new order
+    assert cancel[1]["reason"] == "hold" and cancel[1]["shares"] == cancel[0]["shares"]
+    # carry: it keeps buying on the next bars until the target is reached, then holds
+    filled = [i for i, r in enumerate(carry[:40]) if r["reason"] == "filled"]
+    assert filled and all(r["reason"] == "capped" for r in carry[: filled[0]])
+    assert all(r["reason"] == "hold" for r in carry[filled[0] + 1 : 40])
+    assert carry[filled[0]]["shares"] > 10 * cancel[filled[0]]["shares"]
+    # the same in the batched env: equal shares, and the fill record shows the cap bound
+    env = TradingEnv(market, num_envs=1, window=8, episode_length=81, positions=(0.0, 1.0),
+                     costs=CostModel(capital=capital, participation=share, remainder="carry"), ruin_fraction=0.0)
+    env.reset(starts=[STARTS[1]])
+    for i, a in enumerate(actions[:20]):
+        _, _, _, _, info = env.step(torch.tensor([a]))
+        assert float(env.shares[0]) == pytest.approx(carry[i]["shares"], rel=1e-12)
+        assert bool(info["fill"]["capped"][0]) == (carry[i]["reason"] == "capped")
+    state = env.state_dict()
+    assert "pending" in state
+    env.load_state_dict(state)
+
+
+def test_zero_volume_bar_fills_nothing_and_says_why(frame):
+    frame = frame.copy()
+    frame.iloc[101, frame.columns.get_loc("volume")] = 0.0  # the fill bar of the decision at 100
+    log_returns = np.log(frame["close"]).diff().fillna(0.0).to_numpy()[:, None]
+    market = MarketArrays.from_frame(frame, log_returns, first_valid=1)
+    records = _numpy_fills(market, CostModel(capital=1e6, participation=0.01), [1, 1], start=100)
+    assert records[0]["reason"] == "zero_volume" and records[0]["delta"] == 0.0
+    assert records[1]["reason"] == "hold"  # cancelled: the next bar sends nothing
+    fills = bt.fills(frame, 100, [1.0, 1.0], CostModel(capital=1e6, participation=0.01, remainder="carry"))
+    assert fills["reason"].tolist() == ["zero_volume", "filled"]
+    assert np.isnan(fills["shortfall_arrival_bps"].iloc[0]) and fills["filled"].iloc[0] == 0.0
+
+
+def test_fill_records_and_implementation_shortfall(frame):
+    costs = CostModel(fee_bps=10, slippage_bps=5, impact="sqrt", capital=1e10)
+    weights = np.array([1.0, 1.0, 0.0, -1.0, -1.0])
+    records = bt.fills(frame, 500, weights, costs)
+    assert len(records) == 3 and (records["reason"] == "filled").all()
+    opens, closes = frame["open"].to_numpy(), frame["close"].to_numpy()
+    first = records.iloc[0]
+    assert first["decision_price"] == closes[500] and first["arrival_price"] == opens[501]
+    assert first["executed_price"] == pytest.approx(opens[501] * (1 + first["rate"]), rel=1e-15)
+    # against the arrival price: the concession plus the fee, in bps; against the decision: plus the overnight move
+    assert first["shortfall_arrival_bps"] == pytest.approx(((1 + first["rate"]) * 1.001 - 1) * 1e4, rel=1e-9)
+    overnight = (opens[501] - closes[500]) / closes[500]
+    assert first["shortfall_decision_bps"] == pytest.approx(
+        ((1 + overnight) * (1 + first["rate"]) * 1.001 - 1) * 1e4, rel=1e-9)
+    assert (records["rate"] > 5e-4).all()  # impact on top of the 5 bps slippage
+    paid = bt.fill_costs_paid(frame, 500, weights, costs)
+    assert paid.sum() == pytest.approx(records["cost"].sum() / costs.capital, rel=1e-12)
+    flat = bt.fills(frame, 500, weights, COSTS)
+    assert len(flat) == 3 and (flat["rate"] == COSTS.slippage).all()
+
+
+def test_fill_arrays_are_causal_except_the_fill_bars_own_cap(frame):
+    """Half-spread and impact at decision t read bars <= t; the cap of the fill at t + 1 reads bar t + 1's volume."""
+    costs = CostModel(spread="corwin_schultz", impact="sqrt", participation=0.01, capital=1e9)
+    log_returns = np.log(frame["close"]).diff().fillna(0.0).to_numpy()[:, None]
+    base = fill_arrays(MarketArrays.from_frame(frame, log_returns, first_valid=1), costs, 30)
+    changed = frame.copy()
+    t = 700
+    changed.iloc[t + 1 :, :] = changed.iloc[t + 1 :, :].to_numpy() * 1.1
+    after = fill_arrays(MarketArrays.from_frame(changed, log_returns, first_valid=1), costs, 30)
+    for name, a, b in zip(("half", "eta"), base[:2], after[:2], strict=True):
+        np.testing.assert_array_equal(a[: t + 1], b[: t + 1], err_msg=name)
+    np.testing.assert_array_equal(base[2][:t], after[2][:t])
+    assert base[2][t] != after[2][t]  # the environment's execution on bar t + 1, never the agent's observation
+    with pytest.raises(ValueError, match="undefined at decision bar 0"):
+        fill_arrays(MarketArrays.from_frame(frame, log_returns, first_valid=1), costs, 0)
+    assert fill_arrays(MarketArrays.from_frame(frame, log_returns, first_valid=1), COSTS) is None

@@ -242,3 +242,161 @@ def test_borrow_cost_charges_shorts_only_for_every_type():
     np.testing.assert_array_equal(torch_charge.numpy(), borrow_cost(shares, price, years, costs))
     assert float(borrow_cost(-10.0, 50.0, 1 / 365, costs)) == pytest.approx(0.05, rel=1e-13)
     assert float(borrow_cost(-10.0, 50.0, 1 / 365, CostModel())) == 0.0  # no rate, no charge
+
+
+# ============================================================== non-flat models (issue 10): spread, impact, cap
+from sentio_lab.costs import (  # noqa: E402
+    abdi_ranaldo,
+    average_daily_volume,
+    bars_per_day,
+    corwin_schultz,
+    cost_inputs,
+    daily_volatility,
+    execute,
+    fill_cap,
+    fill_reason,
+    impact_eta,
+)
+from sentio_lab.data import load_market  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def bars() -> pd.DataFrame:
+    return load_market("nasdaq").frame.iloc[:800].copy()
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"spread": "roll"}, r"CostModel\.spread must be one of"),
+    ({"impact": "linear"}, r"CostModel\.impact must be one of"),
+    ({"remainder": "keep"}, r"CostModel\.remainder"),
+    ({"spread_window": 1}, r"CostModel\.spread_window must be an integer >= 2"),
+    ({"impact_y": -0.1}, r"CostModel\.impact_y"),
+    ({"capital": 0.0}, r"CostModel\.capital"),
+    ({"adv": -5.0}, r"CostModel\.adv"),
+    ({"participation": 1.5}, r"CostModel\.participation"),
+    ({"impact": "sqrt", "volume": "ticks"}, r"tick volume is not traded quantity.*CostModel\.adv"),
+    ({"participation": 0.1, "volume": "ticks"}, r"tick volume is not traded quantity"),
+    ({"participation": 0.1, "volume": "ticks", "adv": 1e9}, r"cap_volume='forecast'"),
+])
+def test_nonflat_options_are_checked(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        CostModel(**kwargs)
+
+
+def test_flatness_and_volume_needs():
+    assert CostModel().is_flat and not CostModel().needs_volume
+    assert not CostModel(spread="corwin_schultz").is_flat and not CostModel(spread="corwin_schultz").needs_volume
+    assert CostModel(impact="sqrt").needs_volume and not CostModel(impact="sqrt", adv=1e9).needs_volume
+    assert CostModel(participation=0.1).needs_volume
+    assert CostModel(impact="sqrt", volume="ticks", adv=1e9).impact == "sqrt"  # FX: the user's ADV, no error
+
+
+@pytest.mark.parametrize("t", [30, 200, 555])
+def test_estimators_use_no_future_bars(bars, t):
+    """Replace every bar after t: the estimates at bars <= t do not move, bit for bit."""
+    rng = np.random.default_rng(t)
+    future = bars.copy()
+    n = len(future) - t - 1
+    scale = np.exp(rng.normal(0, 0.05, n))
+    for column in ("open", "high", "low", "close"):
+        future.iloc[t + 1 :, future.columns.get_loc(column)] *= scale
+    future.iloc[t + 1 :, future.columns.get_loc("high")] *= 1.02
+    future.iloc[t + 1 :, future.columns.get_loc("volume")] *= rng.uniform(0, 3, n)
+    model = CostModel(spread="corwin_schultz", impact="sqrt")
+    for name, fn in [("cs", lambda f: corwin_schultz(f.high, f.low, f.close, 20)),
+                     ("ar", lambda f: abdi_ranaldo(f.high, f.low, f.close, 20)),
+                     ("sigma", lambda f: daily_volatility(f.close, 20)),
+                     ("adv", lambda f: average_daily_volume(f.volume, f.close, 20)),
+                     ("inputs", lambda f: cost_inputs(model, f.high, f.low, f.close, f.volume).half_spread)]:
+        before, after = fn(bars), fn(future)
+        np.testing.assert_array_equal(before[: t + 1], after[: t + 1], err_msg=name)
+        assert not np.array_equal(before[t + 1 :], after[t + 1 :]), name  # the perturbation reached them
+
+
+def test_spread_estimates_on_flat_tiny_and_gapping_bars(bars):
+    # flat bars (high == low == close): the two-bar Corwin-Schultz estimate is negative -> clamped to 0, as the
+    # paper does; Abdi-Ranaldo's averaged term is 0
+    flat = np.full(30, 50.0)
+    assert np.all(corwin_schultz(flat, flat, flat, 5)[1:] == 0.0)
+    assert np.all(abdi_ranaldo(flat, flat, flat, 5)[1:] == 0.0)
+    high, low, close = (bars[c].to_numpy() for c in ("high", "low", "close"))
+    cs, ar = corwin_schultz(high, low, close), abdi_ranaldo(high, low, close)
+    assert np.isnan(cs[0]) and np.isnan(ar[0]) and (cs[1:] >= 0).all() and (ar[1:] >= 0).all()
+    # an index has no quoted spread: Corwin-Schultz reads its high-low noise as ~0.5 %, Abdi-Ranaldo's averaged
+    # covariance is mostly negative there (-> 0)
+    assert 1e-4 < np.median(cs[1:]) < 0.05 and 0 < ar[1:].max() < 0.05
+    # tiny prices: log-based estimators are scale-free
+    np.testing.assert_allclose(corwin_schultz(high * 1e-9, low * 1e-9, close * 1e-9), cs, rtol=1e-9, atol=1e-15)
+    np.testing.assert_allclose(daily_volatility(close * 1e-9), daily_volatility(close), rtol=1e-9)
+    # an overnight gap: bar 2 trades wholly above close 1; the adjustment shifts it down by the gap
+    h, lo, c = np.array([10.2, 10.3, 11.4]), np.array([9.9, 10.0, 11.1]), np.array([10.0, 10.1, 11.3])
+    shifted = corwin_schultz(np.r_[h[:2], h[2] - 1.0], np.r_[lo[:2], lo[2] - 1.0], c, 1)
+    np.testing.assert_allclose(corwin_schultz(h, lo, c, 1)[2], shifted[2], rtol=1e-12)
+    assert bars_per_day(bars.index) == 1.0 and bars_per_day(None) == 1.0
+    hourly = pd.date_range("2024-01-01", periods=96, freq="h")
+    assert bars_per_day(hourly) == 24.0
+
+
+def test_zero_volume_adv_and_cap():
+    volume, close = np.r_[np.zeros(5), np.full(5, 100.0)], np.full(10, 20.0)
+    adv = average_daily_volume(volume, close, 3)
+    assert adv[:5].tolist() == [0.0] * 5 and adv[-1] == 2000.0
+    costs = CostModel(impact="sqrt", participation=0.1)
+    eta = impact_eta(costs, np.full(10, 0.01), adv)
+    assert (eta[:5] == 0).all() and (eta[5:] > 0).all()
+    cap = fill_cap(costs, close, volume, adv, 1.0)
+    assert (cap[:5] == 0).all()  # impact without an ADV: no fill has a price, nothing fills
+    fill = execute(np.ones(10), np.zeros(10), close, np.ones(10), np.ones(10, bool), costs, np.zeros(10), eta, cap)
+    assert (fill.delta[:5] == 0).all() and fill.capped[:5].all() and (fill.cash[:5] == 1.0).all()
+    assert fill_reason(True, True, 0.0, 0.0, costs) == "no_adv"
+    capped_only = CostModel(participation=0.1)
+    assert fill_reason(True, True, 0.0, 5.0, capped_only) == "zero_volume"
+    assert fill_reason(True, True, 3.0, 5.0, capped_only) == "capped"
+    assert fill_reason(False, False, 3.0, 5.0, capped_only) == "hold"
+    assert fill_reason(True, False, 3.0, 5.0, capped_only) == "filled"
+    with pytest.raises(ValueError, match="high and low"):
+        cost_inputs(CostModel(spread="abdi_ranaldo"), None, None, close, volume)
+    with pytest.raises(ValueError, match="no volume column"):
+        cost_inputs(CostModel(impact="sqrt"), None, None, close, None)
+    assert np.isnan(cost_inputs(CostModel(spread="none", participation=None), None, None, close, None).adv).all()
+
+
+ACCOUNTS = dict(cash=CASH, shares=SHARES, price=PRICE, target_weight=WEIGHT)
+
+
+@pytest.mark.parametrize("impact", ["sqrt", "almgren_chriss"])
+def test_impact_fills_meet_the_weight_rule_and_grow_with_size(impact):
+    sigma, adv, half = np.full(8, 0.02), np.full(8, 5e6), np.full(8, 3e-4)
+    rates = []
+    for capital in (1e2, 4e2, 1.6e3):  # impact small against the trade: sizes barely change with capital
+        costs = CostModel(fee_bps=10, slippage_bps=20, impact=impact, capital=capital)
+        eta = impact_eta(costs, sigma, adv)
+        fill = execute(CASH, SHARES, PRICE, WEIGHT, TRADE, costs, half, eta, np.full(8, np.inf))
+        # the post-trade weight rule holds to rounding (Newton converged), and untraded rows do not move
+        equity_after = fill.cash + fill.shares * PRICE
+        moved = TRADE & (WEIGHT != 0)
+        np.testing.assert_allclose((fill.shares * PRICE)[moved], (WEIGHT * equity_after)[moved], rtol=1e-13)
+        assert fill.delta[~TRADE].tolist() == [0.0] and fill.shares[1] == 0.0  # exact move to flat
+        # torch gives the same fill
+        inf = torch.full((8,), float("inf"), dtype=torch.float64)
+        tfill = execute(*(torch.as_tensor(a) for a in (CASH, SHARES, PRICE, WEIGHT, TRADE)), costs,
+                        torch.as_tensor(half), torch.as_tensor(eta), inf)
+        np.testing.assert_allclose(tfill.cash.numpy(), fill.cash, rtol=1e-15, atol=1e-15)
+        rates.append(fill.rate - 0.002 - half)
+    rates = np.array(rates)[:, TRADE]
+    ratio = rates[1:] / rates[:-1]  # 4 x the capital: sqrt impact x2, linear (Almgren-Chriss) x4 (sizes ~ capital)
+    expected = 2.0 if impact == "sqrt" else 4.0
+    np.testing.assert_allclose(ratio, expected, rtol=0.02)
+
+
+def test_flat_spread_model_does_not_depend_on_capital():
+    half = np.full(8, 5e-4)
+    fills = [execute(CASH, SHARES, PRICE, WEIGHT, TRADE, CostModel(spread="abdi_ranaldo", capital=c), half,
+                     np.zeros(8), np.full(8, np.inf)) for c in (1e3, 1e9)]
+    np.testing.assert_array_equal(fills[0].cash, fills[1].cash)
+    # and with no spread and no impact the fill equals the closed-form rebalance
+    plain = execute(CASH, SHARES, PRICE, WEIGHT, TRADE, CostModel(participation=1.0), np.zeros(8), np.zeros(8),
+                    np.full(8, np.inf))
+    cash, shares, _ = rebalance(CASH, SHARES, PRICE, WEIGHT, TRADE, CostModel())
+    np.testing.assert_allclose(plain.cash, cash, rtol=1e-15)
+    np.testing.assert_allclose(plain.shares, shares, rtol=1e-15)
