@@ -556,7 +556,7 @@ def train(args: Args, *, market: PreparedMarket | None = None, env: Any | None =
                 # one device sync for both; the optimizer must not step on a NaN / inf (it would poison the weights)
                 finite = torch.isfinite(torch.stack((loss.detach(), grad_norm)))
                 if scaler.is_enabled() and bool(finite[0]) and not bool(finite[1]):
-                    skipped += 1  # fp16 overflow in the backward: scaler.step skips it and lowers the scale
+                    skipped += 1  # pragma: no cover - fp16 (CUDA): scaler.step skips it, lowers the scale
                 elif not bool(finite.all()):
                     raise non_finite(iteration, (
                         f"non-finite loss or gradient at epoch {epoch + 1}, minibatch {minibatch + 1}: "

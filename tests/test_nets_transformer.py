@@ -126,6 +126,8 @@ def test_bad_configurations_are_refused():
         MultiTimeframeActorCritic(layout, streams, 3, d_model=15, heads=2)
     with pytest.raises(ValueError, match="layout width"):
         MultiTimeframeActorCritic(layout, [Stream("window", WINDOW + 1, F)], 3)
+    with pytest.raises(ValueError, match="no agent state"):
+        MultiTimeframeActorCritic({"window": layout["window"]}, streams[:1], 3)
     with pytest.raises(ValueError, match="does not split"):
         streams_for(layout, WINDOW + 1, [])
 

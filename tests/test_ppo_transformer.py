@@ -73,7 +73,7 @@ def test_run_is_registered_trains_and_resumes_bit_for_bit(args, market, tmp_path
     assert full.finished and full.global_step == 8 * 16 * 3
     assert all(np.isfinite(v) for rec in full.history for k, v in rec.items() if k.startswith("losses/")
                and k != "losses/explained_variance")
-    first = pt.train(dataclasses.replace(args, run_name="split", max_iterations=2), market=market)
+    first = pt.train(dataclasses.replace(args, run_name="split", max_iterations=2, checkpoint_every=1), market=market)
     assert not first.finished
     resumed = pt.train(pt.Args(resume=str(first.checkpoint_path), track=False, progress=False), market=market)
     assert resumed.finished
@@ -118,7 +118,8 @@ def test_settings_that_cannot_run_are_refused(args, market):
 
 def test_compile_flag_and_gated_fusion_and_no_tokens_run(args, market):
     compiled = pt.train(dataclasses.replace(args, compile=True, compile_backend="eager", total_timesteps=128,
-                                            checkpoint_path=None, fusion="gated"), market=market)
+                                            checkpoint_path=None, fusion="gated", target_kl=0.0), market=market)
+    assert compiled.history[0]["losses/epochs"] == 1  # target_kl 0: the epoch loop stops after the first
     assert compiled.finished and compiled.agent._encode is not compiled.agent.encode
     single = pt.train(dataclasses.replace(args, token_timeframes=(), token_counts=(), total_timesteps=128,
                                           run_name="single"), market=market)
@@ -177,3 +178,28 @@ def test_policy_output_at_t_ignores_bars_after_t_through_the_whole_pipeline(args
     changed.iloc[1150:, 3] *= 1.01
     changed.iloc[1150:, 1] = np.maximum(changed.iloc[1150:, 1], changed.iloc[1150:, 3])
     assert not torch.equal(outputs(market_of(changed, train_stop), 1150), outputs(base, 1150))
+
+
+def test_non_finite_loss_stops_before_the_optimizer_steps(args, market, monkeypatch):
+    from sentio_lab.rollout import NonFiniteError
+
+    monkeypatch.setattr(pt, "value_loss", lambda *a, **k: torch.tensor(float("nan")))
+    with pytest.raises(NonFiniteError, match="non-finite loss or gradient"):
+        pt.train(dataclasses.replace(args, checkpoint_path=None), market=market)
+
+
+def test_resume_refuses_other_data_and_main_runs_from_the_command_line(args, market, monkeypatch, tmp_path, capsys):
+    first = pt.train(dataclasses.replace(args, max_iterations=1), market=market)
+    other = pt.market_for(pt.Args(dataset="eurusd_1h", data_end="2017-03-20", feature_cache_dir=None))
+    with pytest.raises(CheckpointError, match="other data"):
+        pt.train(pt.Args(resume=str(first.checkpoint_path), track=False, progress=False), market=other)
+    argv = ["ppo_transformer", "--data-end", END, "--total-timesteps", "64", "--num-envs", "4", "--num-steps", "16",
+            "--window", "8", "--episode-length", "24", "--token-counts", "3", "2", "--d-model", "8", "--no-track",
+            "--no-progress", "--run-dir", str(tmp_path / "cli"), "--feature-cache-dir", "None"]
+    monkeypatch.setattr("sys.argv", argv)
+    pt.main()
+    assert "finished at step 64" in capsys.readouterr().out
+    monkeypatch.setattr("sys.argv", [*argv, "--amp", "fp16"])
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="needs CUDA"):
+            pt.main()

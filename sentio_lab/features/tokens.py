@@ -99,7 +99,7 @@ def timeframe_token_block(
         raise ValueError(f"train_rows must have one entry per frame row ({len(frame)}), got {train_rows.shape}")
     view = resample_causal(frame, rule, base_freq, session_close=session_close)
     values, names, lookback = compute_features(Bars.from_frame(view.bars), registered_producers(bank))
-    if tuple(names) != token_feature_names(bank):
+    if tuple(names) != token_feature_names(bank):  # pragma: no cover - producers emit fixed columns
         raise RuntimeError(f"bank {bank!r} produced columns {names}, expected {token_feature_names(bank)}")
     n_htf = len(view.bars)
     defined = (np.arange(n_htf) >= lookback) & np.isfinite(values).all(axis=1)

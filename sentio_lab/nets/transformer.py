@@ -173,6 +173,8 @@ class MultiTimeframeActorCritic(nn.Module):
         names = {s.name for s in self.streams}
         self.state_slices = [part for name, part in layout.items() if name not in names]
         state_dim = sum(part.stop - part.start for part in self.state_slices)
+        if not state_dim:
+            raise ValueError("the layout has no agent state (position) beside the streams")
         self.fusion = fusion
         self.obs_norm = RunningObsNorm(obs_dim) if norm_obs else None
         raw = torch.zeros(obs_dim, dtype=torch.bool)
@@ -181,7 +183,7 @@ class MultiTimeframeActorCritic(nn.Module):
                 raw[part.start + stream.token_dim - 1 : part.stop : stream.token_dim] = True
         self.register_buffer("raw_columns", raw, persistent=False)
         self.encoders = nn.ModuleList(TimeframeEncoder(s, d_model, heads, layers, ff) for s in self.streams)
-        self.state_embed = nn.Linear(max(state_dim, 1), d_model)
+        self.state_embed = nn.Linear(state_dim, d_model)
         self.timeframe_embed = nn.Parameter(torch.zeros(len(self.streams), d_model))
         nn.init.normal_(self.timeframe_embed, std=0.02)
         if fusion == "attention":
@@ -221,11 +223,7 @@ class MultiTimeframeActorCritic(nn.Module):
             tokens = obs[:, part].reshape(b, stream.num_tokens, stream.token_dim)
             summaries.append(encoder(tokens))
         pooled = torch.stack(summaries, dim=1)  # (B, H, d)
-        if self.state_slices:
-            state = torch.cat([obs[:, part] for part in self.state_slices], dim=1)
-        else:
-            state = obs.new_zeros(b, 1)
-        s = self.state_embed(state)
+        s = self.state_embed(torch.cat([obs[:, part] for part in self.state_slices], dim=1))
         if self.fusion == "attention":
             kv = pooled + self.timeframe_embed.to(pooled.dtype)
             h, d = self.fuse_heads, s.shape[-1]
