@@ -129,6 +129,20 @@ class Args:
     """slippage per fill, basis points of price"""
     borrow_bps: float = 0.0
     """annual borrow rate of a short, basis points of its market value (sentio_lab.costs)"""
+    spread: str = "none"
+    """half-spread estimated from OHLC bars <= t on top of slippage: "none", "corwin_schultz", "abdi_ranaldo" """
+    impact: str = "none"
+    """market impact: "none", "sqrt" (Y sigma_daily sqrt(Q / ADV)) or "almgren_chriss" (sentio_lab.costs)"""
+    impact_y: float = 0.7
+    """Y of the square-root impact law"""
+    capital: float = 1e6
+    """starting capital in account currency: impact and participation caps depend on the size traded"""
+    adv: float | None = None
+    """user-given average daily volume in currency (required for impact on FX tick volume); None = from the bars"""
+    participation: float | None = None
+    """at most this share of the fill bar's volume fills per bar; None = no cap"""
+    remainder: str = "cancel"
+    """what a capped order's unfilled part does: "cancel" or "carry" (keeps trading to the target)"""
     episode_length: int = 256
     """steps per training episode (random windows inside the training range)"""
     reward_scale: float = 100.0
@@ -232,7 +246,9 @@ def feature_config(args: Args) -> FeatureConfig:
 
 def cost_model(args: Args) -> CostModel:
     """The cost model these arguments ask for."""
-    return CostModel(fee_bps=args.fee_bps, slippage_bps=args.slippage_bps, borrow_bps=args.borrow_bps)
+    return CostModel(fee_bps=args.fee_bps, slippage_bps=args.slippage_bps, borrow_bps=args.borrow_bps,
+                     spread=args.spread, impact=args.impact, impact_y=args.impact_y, capital=args.capital, adv=args.adv,
+                     participation=args.participation, remainder=args.remainder)
 
 
 def market_for(args: Args, feature_state: dict | None = None) -> PreparedMarket:
