@@ -1,0 +1,32 @@
+"""Smoke test of the cost-model benchmark: every model measured, ratios to flat consistent; no timing assertions."""
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "benchmarks" / "bench_costs.py"
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("bench_costs", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quick_run_measures_every_model_beside_flat(tmp_path, capsys):
+    bench = load_bench()
+    path = tmp_path / "bench.json"
+    out = bench.main(["--quick", "--json", str(path)])
+    assert json.loads(path.read_text()) == json.loads(json.dumps(out))
+    names = [r["model"] for r in out["results"]]
+    assert names == list(bench.cost_models(1e9)) and names[0] == "flat"
+    flat = out["results"][0]
+    for r in out["results"]:
+        assert r["torch_steps_per_s"] > 0 and r["numpy_steps_per_s"] > 0
+        assert math.isclose(r["torch_ratio_to_flat"], r["torch_steps_per_s"] / flat["torch_steps_per_s"])
+        assert math.isclose(r["numpy_ratio_to_flat"], r["numpy_steps_per_s"] / flat["numpy_steps_per_s"])
+    assert out["settings"]["num_envs"] == bench.QUICK["num_envs"] and "--quick" in out["command"]
+    printed = capsys.readouterr().out
+    assert "x flat" in printed and "sqrt+cap" in printed
