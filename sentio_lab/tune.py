@@ -1,6 +1,6 @@
 """Population-based training (and random search) of any registered variant on Ray Tune.
 
-``python -m sentio_lab.tune --variant ppo --num-trials 4 --iterations 8 --steps-per-iteration 16384`` starts a local
+``python -m sentio_lab.tune --variant ppo --variant-args="--window 16" --num-trials 4 --iterations 8`` starts a local
 Ray instance (``ray.init`` inside the command: nothing to start by hand, no dashboard, usage stats off) and runs
 Ray Tune's :class:`~ray.tune.schedulers.PopulationBasedTraining`; ``--address ray://host:10001`` (or ``auto``)
 runs the same thing on an existing Ray cluster, whose nodes must have this package installed.
@@ -70,7 +70,7 @@ class TuneArgs:
     variant: str = "ppo"
     """registered variant (sentio_lab.evaluate.VARIANTS) to train"""
     variant_args: str = ""
-    """the variant's own arguments, as on its command line, e.g. "--dataset sp500 --window 16" (one string)"""
+    """the variant's own arguments as on its command line, one string: --variant-args="--dataset sp500 --window 16" """
     scheduler: str = "pbt"
     """"pbt" (population-based training) or "random" (the same population without exploitation: random search)"""
     num_trials: int = 4
@@ -359,6 +359,8 @@ def summarise(results: Any, args: TuneArgs, folder: Path, wall_s: float) -> dict
 
 def run_tune(args: TuneArgs, trainable_fn: Any = trainable) -> dict[str, Any]:
     """Run (or resume) the experiment on Ray and summarise it; see the module docstring."""
+    if not args.resume:
+        base_arguments(args)  # refuse bad arguments before starting Ray
     init_ray(args.address, args.num_cpus)
     tuner = make_tuner(args, trainable_fn)
     start = time.time()

@@ -182,3 +182,35 @@ def test_random_search_killed_then_restored_through_tune(tmp_path, ray_session):
     assert (trials["status"] == "ok").all() and (trials["iterations"] == 3).all()
     # continued from the last checkpoint (step 512 -> 768), not restarted from zero
     assert (trials["global_step"] == 3 * STEPS).all() and restored["env_steps_total"] == 3 * STEPS
+
+
+def test_trainable_reports_checkpoints_and_restarts_from_one(tmp_path, monkeypatch):
+    # the Ray function trainable itself, in this process, with Tune's session calls replaced by recorders
+    from ray import tune as ray_tune
+
+    reports, kept = [], tmp_path / "kept"
+    restored: list = [None]
+
+    def report(metrics, checkpoint=None):
+        with checkpoint.as_directory() as folder:
+            target = kept / str(len(reports))
+            shutil.copytree(folder, target)
+        reports.append((metrics, target))
+
+    monkeypatch.setattr(ray_tune, "report", report)
+    monkeypatch.setattr(ray_tune, "get_checkpoint", lambda: restored[0])
+    config = {**_config(tmp_path, iterations=2), "threads": 1}
+    T.trainable(config)
+    assert [m["global_step"] for m, _ in reports] == [STEPS, 2 * STEPS] and reports[-1][0]["finished"]
+    assert reports[0][0]["mutated"] == "" and set(reports[0][0]) >= {T.METRIC, "hp_learning_rate"}
+    # a restart from the first checkpoint (what an exploit or Tuner.restore hands over) goes on from step 256
+    restored[0] = ray_tune.Checkpoint.from_directory(str(reports[0][1]))
+    T.trainable({**config, "learning_rate": 5e-4})
+    assert reports[-1][0]["global_step"] == 2 * STEPS and reports[-1][0]["mutated"] == "learning_rate"
+    assert reports[-1][0][T.METRIC] != reports[1][0][T.METRIC]
+
+
+def test_main_reports_errors_without_a_traceback(monkeypatch):
+    monkeypatch.setattr("sys.argv", ["sentio_lab.tune", f"--variant-args={TINY}", "--steps-per-iteration", "100"])
+    with pytest.raises(SystemExit, match="error: steps_per_iteration=100"):
+        T.main()
