@@ -259,6 +259,21 @@ def fills(
     return pd.DataFrame(rows, columns=columns)
 
 
+def fill_costs_paid(
+    frame: pd.DataFrame,
+    start: int,
+    target_weights: pd.Series | np.ndarray | Sequence[float],
+    costs: CostModel,
+) -> pd.Series:
+    """What each replay row's fill paid, in units of the starting equity (concession and fee; :func:`fills`'s
+    ``cost`` over the capital), on bars ``start .. start + L``: the non-flat twin of
+    :func:`sentio_lab.metrics.fill_costs`."""
+    records = fills(frame, start, target_weights, costs)
+    index = frame.index[int(start) : int(start) + len(np.asarray(target_weights)) + 1]
+    paid = records.groupby("fill_time")["cost"].sum() / costs.capital
+    return paid.reindex(index, fill_value=0.0).rename("cost")
+
+
 def replay(
     frame: pd.DataFrame,
     start: int,

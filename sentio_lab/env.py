@@ -82,9 +82,13 @@ class MarketArrays:
     """float64 (T,) bar volumes, or None: read by impact (ADV) and participation caps only, never observed."""
     bars_per_day: float = 1.0
     """Bars per calendar day (:func:`sentio_lab.costs.bars_per_day`): scales sigma_daily and ADV."""
+    volume_kind: str = "quantity"
+    """What ``volume`` counts: "quantity" (units traded) or "ticks" (FX tick volume: no quantity, so impact and
+    caps need a user-given ADV, ``CostModel.adv``)."""
 
     @classmethod
-    def from_frame(cls, frame, features: np.ndarray, first_valid: int = 0) -> MarketArrays:
+    def from_frame(cls, frame, features: np.ndarray, first_valid: int = 0, volume_kind: str = "quantity"
+                   ) -> MarketArrays:
         """Take opens, closes and bar times from a canonical OHLCV frame (``sentio_lab.data``) beside its features.
 
         ``year_fraction`` comes from the frame's DatetimeIndex (None if the index holds no timestamps).
@@ -98,6 +102,7 @@ class MarketArrays:
             year_fraction=year_fractions(index) if isinstance(index, pd.DatetimeIndex) else None,
             **{c: frame[c].to_numpy(dtype=np.float64) for c in ("high", "low", "volume") if c in frame.columns},
             bars_per_day=bars_per_day(index if isinstance(index, pd.DatetimeIndex) else None),
+            volume_kind=volume_kind,
         )
 
     def __post_init__(self) -> None:
@@ -149,6 +154,11 @@ def fill_arrays(market: MarketArrays, costs: CostModel, first: int = 0, last: in
     ``first .. last - 1`` need is undefined (too few bars before ``first``) or the market lacks a column."""
     if costs.is_flat:
         return None
+    if market.volume_kind == "ticks" and costs.needs_volume and costs.volume != "ticks":
+        raise ValueError(
+            "this market's volume is tick volume (FX), not traded quantity: impact or a participation cap cannot "
+            "read it; give the average daily volume in currency (CostModel.adv, --adv; caps: cap_volume='forecast')"
+        )
     inputs = cost_inputs(costs, market.high, market.low, market.close, market.volume, market.bars_per_day)
     half = inputs.half_spread
     eta = impact_eta(costs, inputs.sigma, inputs.adv)

@@ -23,6 +23,14 @@ from sentio_lab.env import MarketArrays
 from sentio_lab.features import FeatureConfig, ObservationFeatures, build_observation_features
 from sentio_lab.splits import FILL_DELAY, Fold, Segment, SegmentEpisodeSampler, fit_rows
 
+#: Bundled datasets whose volume column is tick volume (no traded quantity; see ``MarketArrays.volume_kind``).
+TICK_VOLUME_DATASETS = frozenset({"eurusd_1h"})
+
+
+def volume_kind(data: MarketData) -> str:
+    """"ticks" for a bundled FX dataset (:data:`TICK_VOLUME_DATASETS`), else "quantity"."""
+    return "ticks" if data.name in TICK_VOLUME_DATASETS else "quantity"
+
 
 @dataclass
 class PreparedMarket:
@@ -94,7 +102,7 @@ def prepare_market(
     splits = chronological_split(data, train_fraction, validation_fraction)
     config = effective_feature_config(feature_config, data, feature_state)
     features = build_observation_features(data.frame, splits["train"].stop, config, state=feature_state)
-    arrays = MarketArrays.from_frame(data.frame, features.values, features.first_valid)
+    arrays = MarketArrays.from_frame(data.frame, features.values, features.first_valid, volume_kind(data))
     return PreparedMarket(data=data, splits=splits, features=features, arrays=arrays, feature_config=config)
 
 
@@ -162,7 +170,7 @@ def prepare_fold_market(
         if not 0 <= a < b <= n:
             raise ValueError(f"fold {fold.fold}: test group [{a}, {b}) outside the market's {n} bars")
     features = build_observation_features(frame, None, config, train_rows=rows)
-    arrays = MarketArrays.from_frame(frame, features.values, features.first_valid)
+    arrays = MarketArrays.from_frame(frame, features.values, features.first_valid, volume_kind(data))
     splits = {"train": _split("train", frame, train[0][0], train[-1][1])}
     if validation is not None:
         splits["validation"] = _split("validation", frame, *validation)

@@ -431,3 +431,19 @@ def test_fill_arrays_are_causal_except_the_fill_bars_own_cap(frame):
     with pytest.raises(ValueError, match="undefined at decision bar 0"):
         fill_arrays(MarketArrays.from_frame(frame, log_returns, first_valid=1), costs, 0)
     assert fill_arrays(MarketArrays.from_frame(frame, log_returns, first_valid=1), COSTS) is None
+
+
+def test_tick_volume_needs_a_user_adv():
+    from sentio_lab.market import volume_kind
+
+    data = load_market("eurusd_1h", end="2017-03-31")
+    returns = np.log(data.frame["close"]).diff().fillna(0.0).to_numpy()[:, None]
+    market = MarketArrays.from_frame(data.frame, returns, first_valid=1, volume_kind=volume_kind(data))
+    assert market.volume_kind == "ticks" and market.bars_per_day == 24.0
+    with pytest.raises(ValueError, match="tick volume.*CostModel.adv"):
+        NumpyTradingEnv(market, window=8, episode_length=16, costs=CostModel(impact="sqrt"))
+    env = NumpyTradingEnv(market, window=8, episode_length=16, costs=CostModel(impact="sqrt", adv=5e10, capital=1e9))
+    env.reset(options={"start": 200})
+    _, _, _, _, info = env.step(2)
+    assert info["fill"]["reason"] == "filled" and info["fill"]["rate"] > CostModel().slippage
+    NumpyTradingEnv(market, window=8, episode_length=16, costs=CostModel(spread="corwin_schultz"))  # no volume read
