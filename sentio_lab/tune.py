@@ -83,8 +83,9 @@ class TuneArgs:
     """PBT exploits / explores every this many iterations"""
     quantile_fraction: float = 0.25
     """PBT: the bottom fraction of trials copies the top fraction (use 0.5 with 2 or 3 trials)"""
-    synch: bool = False
-    """PBT: wait until every trial reaches the perturbation point before exploiting (reproducible, slower)"""
+    synch: bool = True
+    """PBT: wait until every trial reaches the perturbation point before exploiting (Ray's default is asynchronous,
+    which never exploited in our 4-trial run on 2 CPUs: the first trials finished before the last ones started)"""
     resample_probability: float = 0.25
     """PBT: chance that an explored hyperparameter is redrawn from its prior instead of perturbed"""
     seed: int = 1

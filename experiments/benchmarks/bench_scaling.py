@@ -95,14 +95,14 @@ def bench_tune(options: argparse.Namespace) -> dict[str, Any]:
 
     results = {}
     storage = tempfile.mkdtemp(prefix="bench-tune-") if options.tune_storage is None else options.tune_storage
-    for scheduler in ("pbt", "random"):
+    for scheduler in options.schedulers:
         ray.init(num_cpus=options.ray_cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
         try:
             args = tune.TuneArgs(
                 variant_args=options.variant_args, scheduler=scheduler, num_trials=options.trials,
                 iterations=options.iterations, steps_per_iteration=options.steps_per_iteration,
                 perturbation_interval=options.perturbation_interval, quantile_fraction=options.quantile_fraction,
-                storage=storage, name=f"bench_{scheduler}", seed=options.seed,
+                storage=storage, name=f"bench_{scheduler}", seed=options.seed, synch=not options.async_pbt,
             )
             start = time.perf_counter()
             summary = tune.run_tune(args)
@@ -128,6 +128,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--steps-per-iteration", type=int, default=8192)
     p.add_argument("--perturbation-interval", type=int, default=2)
     p.add_argument("--quantile-fraction", type=float, default=0.25)
+    p.add_argument("--schedulers", nargs="+", choices=("pbt", "random"), default=["pbt", "random"])
+    p.add_argument("--async-pbt", action="store_true", help="asynchronous PBT (Ray's default; ours is synchronous)")
     p.add_argument("--variant-args", default="--window 16 --episode-length 128")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--ray-cpus", type=int, default=2)
