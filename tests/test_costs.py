@@ -400,3 +400,14 @@ def test_flat_spread_model_does_not_depend_on_capital():
     cash, shares, _ = rebalance(CASH, SHARES, PRICE, WEIGHT, TRADE, CostModel())
     np.testing.assert_allclose(plain.cash, cash, rtol=1e-15)
     np.testing.assert_allclose(plain.shares, shares, rtol=1e-15)
+
+
+@pytest.mark.parametrize("impact", ["none", "sqrt", "almgren_chriss"])
+def test_scalar_fills_are_the_array_fills_bit_for_bit(impact):
+    costs = CostModel(fee_bps=10, slippage_bps=20, impact=impact, capital=3e5, participation=0.5)
+    half, eta, cap = np.full(8, 2e-4), np.linspace(0, 3e-3, 8), np.r_[np.full(7, np.inf), 1.0]
+    arrays = execute(CASH, SHARES, PRICE, WEIGHT, TRADE, costs, half, eta, cap)
+    for i in range(8):
+        one = execute(float(CASH[i]), float(SHARES[i]), float(PRICE[i]), float(WEIGHT[i]), bool(TRADE[i]), costs,
+                      float(half[i]), float(eta[i]), float(cap[i]))
+        assert [float(x) for x in one] == [float(x[i]) for x in arrays], i

@@ -24,6 +24,7 @@ trade stops there (``capped``); a zero cap (a zero-volume bar; or impact with an
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import numpy as np
@@ -106,6 +107,10 @@ def execute(
 
     ``half_spread`` and ``eta`` are the decision bar's (:func:`impact_eta`), ``cap`` the fill's (:func:`fill_cap`).
     """
+    if not any(isinstance(x, np.ndarray | torch.Tensor) for x in (cash, shares, price, target_weight, half_spread,
+                                                                    eta, cap)):
+        return _execute_scalar(float(cash), float(shares), float(price), float(target_weight), bool(trade), costs,
+                               float(half_spread), float(eta), float(cap))
     alpha = 0.5 if costs.impact == "sqrt" else 1.0
     fee = costs.fee
     r0 = costs.slippage + half_spread
@@ -136,6 +141,43 @@ def execute(
     traded_value = delta * executed
     fee_paid = abs(traded_value) * fee
     return Fill(cash - traded_value - fee_paid, shares + delta, delta, rate, capped, _where(trade, y, 0.0 * y))
+
+
+def _execute_scalar(cash: float, shares: float, price: float, w: float, trade: bool, costs: CostModel,
+                    half_spread: float, eta: float, cap: float) -> Fill:
+    """:func:`execute` on python floats (the numpy env's one account): the same operations in the same order, so
+    the same bits, without numpy's per-call overhead on 0-d values (~20x faster)."""
+    sqrt = costs.impact == "sqrt"
+    fee = costs.fee
+    r0 = costs.slippage + half_spread
+    gap = w * (cash + shares * price) - shares * price
+    buy = gap > 0
+    size = abs(gap)
+    a = (1.0 + fee) * (1.0 + r0) - 1.0 if buy else 1.0 - (1.0 - fee) * (1.0 - r0)
+    b = (1.0 + fee) * eta if buy else (1.0 - fee) * eta
+    sw = w if buy else -w
+    y = size / (1.0 + sw * a)
+    if costs.impact != "none":
+        alpha = 0.5 if sqrt else 1.0
+        for _ in range(NEWTON_STEPS):
+            phi = math.sqrt(y) if sqrt else y
+            value = y * (1.0 + sw * (a + b * phi)) - size
+            slope = 1.0 + sw * (a + b * (1.0 + alpha) * phi)
+            y = max(y - value / slope, 0.0)
+    capped = trade and y > cap
+    filled = min(y, cap)
+    if not trade:
+        delta = 0.0
+    elif w == 0 and not capped:
+        delta = -shares
+    else:
+        delta = (1.0 if buy else -1.0) * filled / price
+    traded = abs(delta) * price
+    rate = r0 + eta * (math.sqrt(traded) if sqrt else traded)
+    executed = price * (1.0 + rate) if delta > 0 else price * (1.0 - rate)
+    traded_value = delta * executed
+    return Fill(cash - traded_value - abs(traded_value) * fee, shares + delta, delta, rate, capped,
+                y if trade else 0.0)
 
 
 FILL_REASONS = ("hold", "filled", "capped", "zero_volume", "no_adv")
