@@ -144,8 +144,9 @@ def losses_and_grads(agent, obs, actions, autocast_dtype=None):
 
 
 def test_bf16_autocast_matches_fp32_within_tolerance():
-    """Stated tolerances: bf16 keeps 8 mantissa bits (~4e-3 relative per op); over the trunk the loss agrees to
-    5e-2 absolute (it is O(1)), the gradient vector to cosine similarity >= 0.98 and 15% relative norm."""
+    """Stated tolerances: bf16 keeps 8 mantissa bits (~4e-3 relative per op). The loss agrees to 1e-2 absolute, the
+    gradient vector (every parameter) to cosine similarity >= 0.999 and 5% relative norm. Measured on this case
+    (2 blocks, d_model 16): 1.1e-3, 0.99996 and 1.0%."""
     agent, layout, streams = make_agent()
     obs = agent.normalise(random_obs(layout, streams, n=64))
     actions = torch.randint(0, 3, (64,), generator=torch.Generator().manual_seed(1))
@@ -153,10 +154,10 @@ def test_bf16_autocast_matches_fp32_within_tolerance():
     loss16, grad16 = losses_and_grads(agent, obs, actions, torch.bfloat16)
     assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in agent.parameters())
     assert torch.isfinite(grad16).all()
-    assert abs(loss16.item() - loss32.item()) < 5e-2
+    assert abs(loss16.item() - loss32.item()) < 1e-2
     cosine = torch.nn.functional.cosine_similarity(grad16, grad32, dim=0).item()
-    assert cosine >= 0.98, cosine
-    assert (grad16.norm() - grad32.norm()).abs() / grad32.norm() < 0.15
+    assert cosine >= 0.999, cosine
+    assert (grad16.norm() - grad32.norm()).abs() / grad32.norm() < 0.05
     assert not torch.equal(grad16, grad32)  # autocast did run in bf16
 
 
