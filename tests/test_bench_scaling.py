@@ -1,6 +1,6 @@
 """Smoke test of the scaling benchmark: its DDP part runs at 1 and 2 processes and reports consistent figures."""
 
-import importlib.util
+import importlib
 import json
 import math
 from pathlib import Path
@@ -11,16 +11,15 @@ import torch
 SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "benchmarks" / "bench_scaling.py"
 
 
-def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_scaling", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+@pytest.fixture()
+def bench(monkeypatch):
+    # importable by name: the DDP part spawns processes that unpickle its worker function by module name
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    return importlib.import_module("bench_scaling")
 
 
 @pytest.mark.slow
-def test_quick_ddp_part_reports_steps_per_second(tmp_path):
-    bench = load_bench()
+def test_quick_ddp_part_reports_steps_per_second(tmp_path, bench):
     out = bench.main(["--part", "ddp", "--quick", "--json", str(tmp_path / "b.json")])
     assert json.loads((tmp_path / "b.json").read_text()) == json.loads(json.dumps(out, default=str))
     rows = out["ddp"]
@@ -32,7 +31,6 @@ def test_quick_ddp_part_reports_steps_per_second(tmp_path):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only skip")
-def test_cuda_part_skips_cleanly_without_a_gpu():
-    bench = load_bench()
+def test_cuda_part_skips_cleanly_without_a_gpu(bench):
     rows = bench.bench_ddp(bench.parse(["--device", "cuda", "--quick"]))
     assert rows == [{"skipped": "no CUDA device here: GPU figures not measured"}]

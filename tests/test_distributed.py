@@ -213,3 +213,52 @@ def test_torchrun_cli_two_processes(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.count("finished at step 1024") == 1  # rank 0 alone prints
     assert load_checkpoint(tmp_path / "ddp.pt")["extra"]["world_size"] == 2
+
+
+def test_collectives_in_process_with_a_simulated_second_rank(monkeypatch):
+    # the multi-rank branches, in this process: torch.distributed's collectives replaced by what a second rank
+    # holding the same tensors would make of them (the real 2-process runs are the tests above)
+    ctx = distributed.DistContext(rank=0, world_size=2)
+
+    def all_gather(parts, x):
+        for part in parts:
+            part.copy_(x)
+
+    def all_reduce(t, op=None):
+        if op == dist.ReduceOp.MAX:
+            return
+        t.mul_(2)
+
+    monkeypatch.setattr(dist, "all_gather", all_gather)
+    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    monkeypatch.setattr(dist, "broadcast", lambda t, src: None)
+    x = torch.arange(6.0).reshape(3, 2)
+    assert torch.equal(distributed.all_gather_rows(x, ctx), torch.cat([x, x]))
+    assert torch.equal(distributed.mean_over_ranks(x, ctx), x)
+    assert distributed.any_rank(True, ctx) and not distributed.any_rank(False, ctx)
+    agent = ppo.build_agent(ppo.Args(hidden_size=4), 3, 2)
+    agent.get_value(torch.randn(5, 3)).sum().backward()
+    grads = [p.grad.clone() if p.grad is not None else None for p in agent.parameters()]
+    distributed.average_gradients(agent, ctx)  # the mean of two equal gradients is the gradient
+    for p, g in zip(agent.parameters(), grads, strict=True):
+        assert (p.grad is None and g is None) or torch.equal(p.grad, g)
+    before = _flat(agent)
+    distributed.broadcast_module(agent, ctx)
+    assert torch.equal(_flat(agent), before)
+    assert distributed.local_envs(8, ctx) == 4
+
+
+def test_init_from_env_joins_a_one_process_gloo_group_and_context_reads_it(monkeypatch, tmp_path):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    calls, real_init = [], dist.init_process_group
+    monkeypatch.setattr(dist, "init_process_group", lambda backend: calls.append(backend))
+    assert distributed.init_from_env("cpu") == distributed.DistContext()  # not initialised by the stub
+    assert calls == ["gloo"]
+    real_init("gloo", init_method=f"file://{tmp_path / 'rdzv'}", rank=0, world_size=1)
+    try:
+        monkeypatch.setenv("LOCAL_RANK", "0")
+        assert distributed.context() == distributed.DistContext(rank=0, world_size=1, local_rank=0)
+        assert distributed.init_from_env("cpu") == distributed.context()  # already initialised: joined as is
+    finally:
+        distributed.shutdown()
+    assert not dist.is_initialized()
