@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6.5), sharex=True)
     for name, colour in ((f"{cli.constrained}_drawdown", "tab:blue"), (f"{cli.reference}_drawdown", "tab:grey")):
         part = table[name]
-        top.plot(part.index, part["median"], color=colour, label=name.replace("_drawdown", "") + " (median)")
+        top.plot(part.index, part["median"], color=colour, label=name[: -len("_drawdown")] + " (median)")
         top.fill_between(part.index, part["q25"], part["q75"], color=colour, alpha=0.2)
     top.axhline(limit, color="tab:red", linestyle="--", label=f"limit {limit:g}")
     top.set_ylabel("mean episode max drawdown")
