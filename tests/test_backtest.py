@@ -447,3 +447,8 @@ def test_tick_volume_needs_a_user_adv():
     _, _, _, _, info = env.step(2)
     assert info["fill"]["reason"] == "filled" and info["fill"]["rate"] > CostModel().slippage
     NumpyTradingEnv(market, window=8, episode_length=16, costs=CostModel(spread="corwin_schultz"))  # no volume read
+
+
+def test_market_arrays_check_the_cost_columns(market):
+    with pytest.raises(ValueError, match="volume must be"):
+        MarketArrays(open=market.open, close=market.close, features=market.features, volume=market.close[:-1])
