@@ -452,3 +452,19 @@ def test_tick_volume_needs_a_user_adv():
 def test_market_arrays_check_the_cost_columns(market):
     with pytest.raises(ValueError, match="volume must be"):
         MarketArrays(open=market.open, close=market.close, features=market.features, volume=market.close[:-1])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_nonflat_env_on_cuda_matches_cpu(market):
+    costs = MODELS["cap-carry"]
+    equities = []
+    for device in ("cpu", "cuda"):
+        env = TradingEnv(market, num_envs=len(STARTS), window=8, episode_length=STEPS, costs=costs, device=device)
+        env.reset(starts=STARTS)
+        gen = torch.Generator().manual_seed(0)
+        curve = []
+        for _ in range(50):
+            _, _, _, _, info = env.step(torch.randint(0, 3, (len(STARTS),), generator=gen).to(device))
+            curve.append(info["equity"].cpu().numpy())
+        equities.append(np.array(curve))
+    np.testing.assert_allclose(equities[1], equities[0], rtol=1e-12)
