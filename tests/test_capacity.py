@@ -93,7 +93,7 @@ def test_a_rerun_resumes_and_bad_files_are_refused(finished, tmp_path):
     root, capacity, report, results = finished
     folds = sorted((root / "runs" / "tiny_capacity" / "folds").glob("*.parquet"))
     stamps = [f.stat().st_mtime_ns for f in folds]
-    again = main(["--config", str(capacity)])
+    again = main(["--config", str(capacity), "--workers", "2"])  # worker processes find every fold done
     assert [f.stat().st_mtime_ns for f in folds] == stamps  # nothing re-evaluated
     pd.testing.assert_frame_equal(again, results)
     bad = tmp_path / "bad.toml"
