@@ -59,7 +59,14 @@ from sentio_lab.rollout import (
     value_loss,
 )
 from sentio_lab.tracking import Tracker
-from sentio_lab.training import derive_sizes, progress_postfix, resolve_device, resume_device, seed_everything
+from sentio_lab.training import (
+    cost_model_from,
+    derive_sizes,
+    progress_postfix,
+    resolve_device,
+    resume_device,
+    seed_everything,
+)
 
 VARIANT = "ppo"
 
@@ -246,9 +253,7 @@ def feature_config(args: Args) -> FeatureConfig:
 
 def cost_model(args: Args) -> CostModel:
     """The cost model these arguments ask for."""
-    return CostModel(fee_bps=args.fee_bps, slippage_bps=args.slippage_bps, borrow_bps=args.borrow_bps,
-                     spread=args.spread, impact=args.impact, impact_y=args.impact_y, capital=args.capital, adv=args.adv,
-                     participation=args.participation, remainder=args.remainder)
+    return cost_model_from(args)
 
 
 def market_for(args: Args, feature_state: dict | None = None) -> PreparedMarket:

@@ -19,8 +19,19 @@ import numpy as np
 import torch
 
 from sentio_lab.checkpoint import CheckpointError
+from sentio_lab.costs import CostModel
 
 ArgsT = TypeVar("ArgsT")
+
+
+#: The cost-model arguments every variant's ``Args`` carries (the fields of :class:`~sentio_lab.costs.CostModel`).
+COST_FIELDS = ("fee_bps", "slippage_bps", "borrow_bps", "spread", "impact", "impact_y", "capital", "adv",
+               "participation", "remainder")
+
+
+def cost_model_from(args: Any) -> CostModel:
+    """The :class:`~sentio_lab.costs.CostModel` a variant's arguments ask for (their :data:`COST_FIELDS`)."""
+    return CostModel(**{name: getattr(args, name) for name in COST_FIELDS})
 
 
 def resolve_device(name: str) -> torch.device:
