@@ -49,7 +49,7 @@ import tyro
 
 from sentio_lab import metrics
 from sentio_lab.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from sentio_lab.evaluate import action_masking, evaluate_checkpoint, evaluate_policy, load_variant
+from sentio_lab.evaluate import action_masking, env_options, evaluate_checkpoint, evaluate_policy, load_variant
 
 #: Hyperparameters PBT may change between iterations of a trial, with the bounds explore steps are clipped to
 #: (a perturbation multiplies by 0.8 or 1.2 and could leave e.g. GAE lambda above 1).
@@ -97,7 +97,7 @@ class TuneArgs:
     cpus_per_trial: float = 1.0
     """CPUs reserved per trial (also its torch threads)"""
     gpus_per_trial: float = 0.0
-    """GPUs per trial (pass --variant-args "--device cuda" too)"""
+    """GPUs per trial (pass --variant-args="--device cuda" too)"""
     storage: str = "runs/tune"
     """where Tune keeps experiments (checkpoints, results); the experiment folder is storage/name"""
     name: str = "pbt"
@@ -152,7 +152,8 @@ def validation_score(variant_name: str, agent: Any, args: Any, market: Any) -> d
     """Fitness of an agent: its greedy episode over the validation range, net of costs (never the test range)."""
     variant = load_variant(variant_name)
     evaluation = evaluate_policy(agent, market, window=args.window, positions=tuple(args.positions),
-                                 costs=variant.cost_model(args), range_name="validation", **action_masking(args))
+                                 costs=variant.cost_model(args), range_name="validation", **action_masking(args),
+                                 env_options=env_options(args, market))
     returns = metrics.simple_returns(evaluation.equity)
     per_period = metrics.sharpe_ratio(returns)
     ppy = metrics.periods_per_year(evaluation.equity.index)
