@@ -16,7 +16,8 @@ export PYDEVD_DISABLE_FILE_VALIDATION = 1
 DEMO_OUT ?= reports/demo
 DEMO_TIMESTEPS ?= 200000
 
-.PHONY: install demo test lint bench bench-features bench-evaluation golden clean
+.PHONY: install demo test lint bench bench-features bench-evaluation bench-risk bench-costs bench-scaling bench-transformer \
+	capacity sweep-example golden clean
 
 install: $(STAMP)
 
@@ -59,6 +60,26 @@ bench-features: $(STAMP)
 
 bench-evaluation: $(STAMP)
 	$(BIN)/python experiments/benchmarks/bench_evaluation.py
+
+bench-risk: $(STAMP)
+	$(BIN)/python experiments/benchmarks/bench_ppo_risk.py
+
+bench-costs: $(STAMP)
+	$(BIN)/python experiments/benchmarks/bench_costs.py
+
+bench-scaling: $(STAMP)
+	OMP_NUM_THREADS=1 $(BIN)/python experiments/benchmarks/bench_scaling.py
+
+bench-transformer: $(STAMP)
+	$(BIN)/python experiments/benchmarks/bench_transformer.py
+
+# The issue-10 capacity curve: re-evaluates the sp500_cpcv agents (trained by that experiment) under impact.
+capacity: $(STAMP)
+	$(BIN)/python -m sentio_lab.experiment.capacity --config experiments/configs/sp500_capacity.toml --workers 2 \
+		--report reports/sp500_capacity
+
+sweep-example: $(STAMP)
+	$(BIN)/python -m sentio_lab.sweep experiments/sweeps/sp500_fees.toml --workers 2
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .coverage runs .cache
