@@ -141,9 +141,12 @@ def infer(results: pd.DataFrame, curves: pd.DataFrame, agent: str, *, reps: int 
         peers = {a: returns.get((a, run_seed, path)) for a in agents}
         if len(agents) >= 2 and all(v is not None for v in peers.values()):
             trials = pd.concat(peers, axis=1).dropna()
-            row["dsr"] = inference.deflated_sharpe_of_trials(trials, selected=agent,
-                                                            n_trials=max(n_trials, len(agents))).dsr
-            row["pbo"] = inference.probability_of_backtest_overfitting(trials, n_blocks=pbo_blocks).pbo
+            if not (trials.std() > 0).all():  # a run that never trades has no Sharpe ratio: no DSR / PBO for it
+                row["dsr"], row["pbo"] = float("nan"), float("nan")
+            else:
+                row["dsr"] = inference.deflated_sharpe_of_trials(trials, selected=agent,
+                                                                n_trials=max(n_trials, len(agents))).dsr
+                row["pbo"] = inference.probability_of_backtest_overfitting(trials, n_blocks=pbo_blocks).pbo
         else:
             row["dsr"], row["pbo"] = row["psr_zero"], float("nan")
         rows.append(row)
