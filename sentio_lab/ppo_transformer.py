@@ -58,7 +58,14 @@ from sentio_lab.rollout import (
     value_loss,
 )
 from sentio_lab.tracking import Tracker
-from sentio_lab.training import derive_sizes, progress_postfix, resolve_device, resume_device, seed_everything
+from sentio_lab.training import (
+    cost_model_from,
+    derive_sizes,
+    progress_postfix,
+    resolve_device,
+    resume_device,
+    seed_everything,
+)
 
 VARIANT = "ppo_transformer"
 #: Mixed-precision modes (--amp) and their autocast dtypes.
@@ -135,6 +142,20 @@ class Args:
     """slippage per fill, basis points of price"""
     borrow_bps: float = 0.0
     """annual borrow rate of a short, basis points of its market value (sentio_lab.costs)"""
+    spread: str = "none"
+    """half-spread estimated from OHLC bars <= t on top of slippage: "none", "corwin_schultz", "abdi_ranaldo" """
+    impact: str = "none"
+    """market impact: "none", "sqrt" (Y sigma_daily sqrt(Q / ADV)) or "almgren_chriss" (sentio_lab.costs)"""
+    impact_y: float = 0.7
+    """Y of the square-root impact law"""
+    capital: float = 1e6
+    """starting capital in account currency: impact and participation caps depend on the size traded"""
+    adv: float | None = None
+    """user-given average daily volume in currency (required for impact on FX tick volume); None = from the bars"""
+    participation: float | None = None
+    """at most this share of the fill bar's volume fills per bar; None = no cap"""
+    remainder: str = "cancel"
+    """what a capped order's unfilled part does: "cancel" or "carry" (keeps trading to the target)"""
     episode_length: int = 256
     """steps per training episode (random windows inside the training range)"""
     reward_scale: float = 100.0
@@ -255,7 +276,7 @@ def feature_config(args: Args) -> FeatureConfig:
 
 def cost_model(args: Args) -> CostModel:
     """The cost model these arguments ask for."""
-    return CostModel(fee_bps=args.fee_bps, slippage_bps=args.slippage_bps, borrow_bps=args.borrow_bps)
+    return cost_model_from(args)
 
 
 def market_for(args: Args, feature_state: dict | None = None) -> PreparedMarket:
