@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import numpy as np
@@ -53,7 +54,9 @@ def test_write_report_writes_every_file(tmp_path, inputs):
     assert f"{stats.loc['sharpe', 'agent']:.4f}" in sharpe_line
 
     saved = json.loads(paths["meta_json"].read_text())
-    assert saved["costs"] == {"fee_bps": 10, "slippage_bps": 5, "borrow_bps": 25}  # short borrow is recorded
+    # every cost field is recorded (short borrow and the microstructure options included)
+    assert saved["costs"] == dataclasses.asdict(CostModel(10, 5, borrow_bps=25))
+    assert {"fee_bps": 10, "slippage_bps": 5, "borrow_bps": 25, "impact": "none"}.items() <= saved["costs"].items()
     assert saved["seed"] == 7 and saved["seeds"] == [1, 2] and saved["n"] == 3
     assert saved["generated"] == "2024-01-01 00:00:00"
 
