@@ -136,3 +136,15 @@ def test_figures_and_html_are_written(two_agents, tmp_path):
                       meta={"dataset": "synthetic"})
     text = page.read_text()
     assert "strong" in text and 'src="eq.png"' in text and "synthetic" in text
+
+
+def test_a_configuration_that_never_trades_gets_no_dsr_or_pbo():
+    """A run of zero-variance returns has no Sharpe ratio: its DSR / PBO are NaN, not an error or a number."""
+    curves, results = synthetic({"strong": 0.002, "flat": 0.0, "buy_and_hold": 0.0})
+    flat = curves["name"] == "flat"
+    curves.loc[flat, "equity"] = 1.0  # never trades: equity stays at its start
+    found = infer(results, curves, "strong", reps=100)
+    assert np.isnan(found.dsr) and np.isnan(found.pbo)
+    assert np.isfinite(found.psr_zero) and found.sharpe > 0  # the strong agent's own statistics are still there
+    traded = synthetic({"strong": 0.002, "weak": -0.003, "buy_and_hold": 0.0})
+    assert np.isfinite(infer(traded[1], traded[0], "strong", reps=100).dsr)
