@@ -138,13 +138,22 @@ def test_figures_and_html_are_written(two_agents, tmp_path):
     assert "strong" in text and 'src="eq.png"' in text and "synthetic" in text
 
 
-def test_a_configuration_that_never_trades_gets_no_dsr_or_pbo():
-    """A run of zero-variance returns has no Sharpe ratio: its DSR / PBO are NaN, not an error or a number."""
-    curves, results = synthetic({"strong": 0.002, "flat": 0.0, "buy_and_hold": 0.0})
+def test_a_configuration_that_never_trades_is_left_out_not_propagated():
+    """A run of zero-variance returns has no Sharpe ratio: the flat configuration gets NaN statistics and is left
+    out of its peers' DSR variance and PBO (it still counts as a trial); the peers keep their own numbers."""
+    curves, results = synthetic({"strong": 0.002, "flat": 0.0, "weak": -0.003, "buy_and_hold": 0.0})
     flat = curves["name"] == "flat"
     curves.loc[flat, "equity"] = 1.0  # never trades: equity stays at its start
+    results.loc[results["name"] == "flat", "sharpe"] = np.nan
+    results["n_trials"] = 3
     found = infer(results, curves, "strong", reps=100)
-    assert np.isnan(found.dsr) and np.isnan(found.pbo)
-    assert np.isfinite(found.psr_zero) and found.sharpe > 0  # the strong agent's own statistics are still there
-    traded = synthetic({"strong": 0.002, "weak": -0.003, "buy_and_hold": 0.0})
-    assert np.isfinite(infer(traded[1], traded[0], "strong", reps=100).dsr)
+    keep_results, keep_curves = results["name"] != "flat", curves["name"] != "flat"
+    reference = infer(results[keep_results], curves[keep_curves], "strong", reps=100)
+    # the same DSR as if the flat configuration had not been there (3 trials counted in both)
+    assert found.dsr == pytest.approx(reference.dsr, rel=1e-12) and np.isfinite(found.dsr)
+    assert found.pbo == pytest.approx(reference.pbo, rel=1e-12) and found.undefined_runs == 0
+    assert found.dsr <= found.psr_zero + 1e-12  # with N >= 2 trials the deflated threshold is above 0
+    flat_found = infer(results, curves, "flat", reps=100)
+    assert np.isnan(flat_found.dsr) and np.isnan(flat_found.sharpe) and flat_found.undefined_runs == 4
+    assert "the 0 of 4 paths x seeds that traded (the other 4 never traded" in verdict(results, flat_found)
+    assert "medians over 0 runs" in verdict(results, flat_found)

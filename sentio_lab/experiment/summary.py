@@ -110,6 +110,9 @@ class Inference:
     runs: int
     bars: int
     """Median bars per run."""
+    undefined_runs: int = 0
+    """Runs whose returns never varied (the agent never traded): their Sharpe, PSR and DSR are undefined (NaN) and
+    every median above is over the other ``runs - undefined_runs`` runs."""
 
 
 def infer(results: pd.DataFrame, curves: pd.DataFrame, agent: str, *, reps: int = 1000, seed: int = 0,
@@ -141,12 +144,17 @@ def infer(results: pd.DataFrame, curves: pd.DataFrame, agent: str, *, reps: int 
         peers = {a: returns.get((a, run_seed, path)) for a in agents}
         if len(agents) >= 2 and all(v is not None for v in peers.values()):
             trials = pd.concat(peers, axis=1).dropna()
-            if not (trials.std() > 0).all():  # a run that never trades has no Sharpe ratio: no DSR / PBO for it
+            # A configuration that never traded in this run has no Sharpe ratio: it is left out of the DSR's
+            # variance and of PBO (its trial still counts in n_trials); the agent's own flat run has no DSR.
+            traded = [a for a in trials.columns if trials[a].std() > 0]
+            if agent not in traded:
                 row["dsr"], row["pbo"] = float("nan"), float("nan")
-            else:
-                row["dsr"] = inference.deflated_sharpe_of_trials(trials, selected=agent,
+            elif len(traded) >= 2:
+                row["dsr"] = inference.deflated_sharpe_of_trials(trials[traded], selected=agent,
                                                                 n_trials=max(n_trials, len(agents))).dsr
-                row["pbo"] = inference.probability_of_backtest_overfitting(trials, n_blocks=pbo_blocks).pbo
+                row["pbo"] = inference.probability_of_backtest_overfitting(trials[traded], n_blocks=pbo_blocks).pbo
+            else:
+                row["dsr"], row["pbo"] = row["psr_zero"], float("nan")
         else:
             row["dsr"], row["pbo"] = row["psr_zero"], float("nan")
         rows.append(row)
@@ -158,7 +166,7 @@ def infer(results: pd.DataFrame, curves: pd.DataFrame, agent: str, *, reps: int 
         pbo=float(table["pbo"].median()), spa_p_value=float(table["spa"].median()),
         spa_reverse_p_value=float(table["reverse"].median()), spa_rejections=float((table["spa"] < alpha).mean()),
         reverse_rejections=float((table["reverse"] < alpha).mean()), runs=len(table),
-        bars=int(table["bars"].median()),
+        bars=int(table["bars"].median()), undefined_runs=int(table["sharpe"].isna().sum()),
     )
 
 
@@ -185,12 +193,16 @@ def verdict(results: pd.DataFrame, found: Inference, *, alpha: float = 0.05) -> 
         head = f"{found.agent} loses to at least one baseline ({found.best_baseline} is the best)"
     else:
         head = f"{found.agent} does not beat the baselines"
+    defined = int(rows["sharpe"].notna().sum())
+    over = f"{len(rows)} paths x seeds" if defined == len(rows) else (
+        f"the {defined} of {len(rows)} paths x seeds that traded (the other {len(rows) - defined} never traded: "
+        "Sharpe undefined)")
     return (f"{head}: out of sample, net of costs, median annualised Sharpe {median:.2f} over "
-            f"{len(rows)} paths x seeds{bh_text}; PSR vs the best baseline ({found.best_baseline}) "
+            f"{over}{bh_text}; PSR vs the best baseline ({found.best_baseline}) "
             f"{found.psr_vs_best_baseline:.2f}, SPA p = {found.spa_p_value:.3f} "
             f"(reverse {found.spa_reverse_p_value:.3f}), "
             f"DSR {found.dsr:.2f} ({found.n_trials} configuration{'s' if found.n_trials != 1 else ''} tried); "
-            f"medians over {found.runs} runs.")
+            f"medians over {found.runs - found.undefined_runs} runs.")
 
 
 def sharpe_distribution(results: pd.DataFrame) -> dict[str, np.ndarray]:
