@@ -147,6 +147,9 @@ class Args:
     """at most this share of the fill bar's volume fills per bar; None = no cap"""
     remainder: str = "cancel"
     """what a capped order's unfilled part does: "cancel" or "carry" (keeps trading to the target)"""
+    cap_volume: str = "bar"
+    """volume the participation cap reads: "bar" (the fill bar's own, the simulated execution; never observed) or
+    "forecast" (ADV from bars <= t per bar, known at the decision)"""
     episode_length: int = 256
     """steps per training episode (random windows inside the training range)"""
     reward_scale: float = 100.0

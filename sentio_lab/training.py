@@ -26,7 +26,7 @@ ArgsT = TypeVar("ArgsT")
 
 #: The cost-model arguments every variant's ``Args`` carries (the fields of :class:`~sentio_lab.costs.CostModel`).
 COST_FIELDS = ("fee_bps", "slippage_bps", "borrow_bps", "spread", "impact", "impact_y", "capital", "adv",
-               "participation", "remainder")
+               "participation", "remainder", "cap_volume")
 
 
 def cost_model_from(args: Any) -> CostModel:

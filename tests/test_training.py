@@ -78,3 +78,18 @@ def test_seed_everything_repeats_every_generator():
         training.seed_everything(7, deterministic=True)
         draws.append((np.random.rand(), torch.rand(1).item(), __import__("random").random()))
     assert draws[0] == draws[1]
+
+
+@pytest.mark.parametrize("variant", ["ppo", "ppo_masked", "ppo_risk", "ppo_transformer"])
+def test_every_variant_takes_every_cost_option(variant):
+    """Each variant's Args carries all of COST_FIELDS, and cost_model builds the CostModel they ask for."""
+    from sentio_lab.costs import CostModel
+    from sentio_lab.evaluate import load_variant
+
+    module = load_variant(variant)
+    chosen = dict(fee_bps=2.0, slippage_bps=3.0, borrow_bps=50.0, spread="abdi_ranaldo", impact="sqrt",
+                  impact_y=0.5, capital=1e8, adv=2e9, participation=0.05, remainder="carry", cap_volume="forecast")
+    assert set(chosen) == set(training.COST_FIELDS)
+    args = module.Args(**chosen)
+    assert module.cost_model(args) == CostModel(**chosen)
+    assert module.cost_model(module.Args()) == CostModel()  # the defaults are today's flat model
