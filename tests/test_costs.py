@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -335,6 +337,71 @@ def test_spread_estimates_on_flat_tiny_and_gapping_bars(bars):
     assert bars_per_day(bars.index) == 1.0 and bars_per_day(None) == 1.0
     hourly = pd.date_range("2024-01-01", periods=96, freq="h")
     assert bars_per_day(hourly) == 24.0
+
+
+# Hand-computed reference values, written from the papers' formulas in plain python (math), independently of
+# sentio_lab.costs.estimators. Six bars: bar 2 gaps up over close 1, bar 3 gaps down under close 2 (both take the
+# overnight adjustment, and both estimates stay positive so the adjustment shows), bars 4 and 5 give negative
+# two-bar Corwin-Schultz estimates (-> 0) and negative Abdi-Ranaldo terms (so a window's mean is negative -> 0).
+HAND_H = [10.2, 10.3, 11.4, 11.25, 11.05, 10.72]
+HAND_L = [9.9, 9.95, 11.1, 10.9, 10.6, 10.35]
+HAND_C = [10.0, 10.1, 11.3, 11.0, 10.7, 10.5]
+
+
+def _hand_corwin_schultz_terms():
+    """Two-bar Corwin-Schultz (2012) spreads S_t for t >= 1, eqs. (14), (18): beta over the pair (t - 1, t),
+    gamma over their joint range, alpha, S = 2 (e^alpha - 1) / (1 + e^alpha); bar t adjusted for the overnight
+    gap against close t - 1 (bar t - 1 as traded), as the module documents."""
+    k = 3.0 - 2.0 * math.sqrt(2.0)
+    raw = []
+    for t in range(1, len(HAND_C)):
+        h, lo, gap_ref = HAND_H[t], HAND_L[t], HAND_C[t - 1]
+        if lo > gap_ref:  # whole bar above the previous close: shift it down by the gap
+            h, lo = h - (lo - gap_ref), gap_ref
+        elif h < gap_ref:  # whole bar below: shift it up by the gap
+            h, lo = gap_ref, lo + (gap_ref - HAND_H[t])
+        beta = math.log(HAND_H[t - 1] / HAND_L[t - 1]) ** 2 + math.log(h / lo) ** 2
+        gamma = math.log(max(HAND_H[t - 1], h) / min(HAND_L[t - 1], lo)) ** 2
+        alpha = (math.sqrt(2.0 * beta) - math.sqrt(beta)) / k - math.sqrt(gamma / k)
+        raw.append(2.0 * (math.exp(alpha) - 1.0) / (1.0 + math.exp(alpha)))
+    return raw
+
+
+def _hand_abdi_ranaldo_terms():
+    """Two-bar Abdi-Ranaldo (2017) terms 4 (c_{t-1} - eta_{t-1}) (c_{t-1} - eta_t), t >= 1, log prices,
+    eta the log mid-range (log H + log L) / 2."""
+    c = [math.log(x) for x in HAND_C]
+    eta = [0.5 * (math.log(h) + math.log(lo)) for h, lo in zip(HAND_H, HAND_L, strict=True)]
+    return [4.0 * (c[t - 1] - eta[t - 1]) * (c[t - 1] - eta[t]) for t in range(1, len(HAND_C))]
+
+
+def _window_means(terms, window):
+    """Mean of the last ``window`` terms ending at each bar t >= 1 (fewer at the start: bar 0 has none)."""
+    return [sum(terms[max(0, i - window + 1) : i + 1]) / len(terms[max(0, i - window + 1) : i + 1])
+            for i in range(len(terms))]
+
+
+@pytest.mark.parametrize("window", [1, 2, 3])
+def test_spread_estimators_match_hand_computed_values(window):
+    cs_raw, ar_raw = _hand_corwin_schultz_terms(), _hand_abdi_ranaldo_terms()
+    # the fixture exercises every branch: both gap adjustments, the per-term CS clamp, a negative AR term
+    assert HAND_L[2] > HAND_C[1] and HAND_H[3] < HAND_C[2]
+    assert cs_raw[1] > 0 and cs_raw[2] > 0 and cs_raw[3] < 0 and cs_raw[4] < 0 and ar_raw[3] < 0 and ar_raw[4] < 0
+    # Corwin-Schultz: each two-bar estimate clamped at 0, then averaged; full spread
+    cs_expected = [math.nan] + _window_means([max(s, 0.0) for s in cs_raw], window)
+    # Abdi-Ranaldo: terms averaged, then S = sqrt(max(mean, 0)); full spread
+    ar_expected = [math.nan] + [math.sqrt(max(m, 0.0)) for m in _window_means(ar_raw, window)]
+    h, lo, c = np.array(HAND_H), np.array(HAND_L), np.array(HAND_C)
+    np.testing.assert_allclose(corwin_schultz(h, lo, c, window), cs_expected, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(abdi_ranaldo(h, lo, c, window), ar_expected, rtol=0, atol=1e-12)
+    if window == 2:  # AR's window (bars 4, 5) averages to a negative number: the clamp acts on the mean
+        assert (ar_raw[3] + ar_raw[4]) / 2 < 0 and ar_expected[5] == 0.0
+    # a fill pays half the spread: cost_inputs hands the env half the estimator's value (CostModel wants window >= 2)
+    for name in ("corwin_schultz", "abdi_ranaldo") if window >= 2 else ():
+        model = CostModel(spread=name, spread_window=window)
+        expected = cs_expected if name == "corwin_schultz" else ar_expected
+        half = cost_inputs(model, h, lo, c, None).half_spread
+        np.testing.assert_allclose(half, 0.5 * np.array(expected), rtol=0, atol=1e-12)
 
 
 def test_zero_volume_adv_and_cap():
