@@ -201,10 +201,11 @@ class WidthCheckingAgent(torch.nn.Module):
         super().__init__()
         self.weight = torch.nn.Parameter(torch.zeros(1))
         self.widths: set[int] = set()
+        self.drawdown_seen: list[np.ndarray] = []
 
     def act_greedy(self, obs: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         self.widths.add(obs.shape[1])
-        assert (obs[:, -2:] >= 0).all()  # D_t and M_t are non-negative
+        self.drawdown_seen.append(obs[0, -2:].numpy().copy())  # (D_t, M_t) the agent was shown
         return torch.full((len(obs),), 2, dtype=torch.long)
 
 
@@ -221,6 +222,10 @@ def test_evaluation_applies_the_variants_env_options(sp500_market):
     agent = WidthCheckingAgent()
     kwargs = dict(window=args.window, positions=(-1.0, 0.0, 1.0), costs=CostModel())
     one = evaluate_policy(agent, sp500_market, range_name="test", env_options=options, **kwargs)
+    # the drawdown state shown at each decision is the one of the equity marked so far (by hand from the curve)
+    d, m = drawdown_by_hand(one.equity.to_numpy())
+    np.testing.assert_allclose(np.array(agent.drawdown_seen), np.column_stack([d, m])[:-1], rtol=1e-6, atol=1e-7)
+    assert m[-1] > 0.05  # always long over sp500's 2017-2018 test range: a real drawdown was tracked
     many = evaluate_policies([agent], sp500_market, ["test"], env_options=options, **kwargs)
     assert agent.widths == {width + 2}
     pd.testing.assert_series_equal(one.equity, many[0][0].equity)
