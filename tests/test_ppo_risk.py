@@ -180,10 +180,51 @@ def test_resume_is_bit_identical_with_multiplier_pid_and_kl_state(risk_args, syn
         assert key in ours.columns
 
 
-def test_cvar_value_sits_below_the_mean_and_evaluation_sees_the_drawdown_state(risk_args, sp500_market):
+def _hand_cvar(quantiles: np.ndarray, alpha: float) -> np.ndarray:
+    """CVaR_alpha of N equally likely quantile atoms, by hand: the mean of the quantile function over [0, alpha],
+    i.e. the sorted atoms wholly below alpha at 1/N each plus the straddling atom's part, divided by alpha."""
+    n = quantiles.shape[-1]
+    q = np.sort(quantiles.astype(np.float64), axis=-1)
+    whole = int(np.floor(alpha * n + 1e-12))
+    tail = q[..., :whole].sum(-1) / n
+    if whole < n:
+        tail = tail + (alpha - whole / n) * q[..., whole]
+    return tail / alpha
+
+
+def test_cvar_value_of_a_known_quantile_vector_counts_the_straddling_atom(risk_args):
+    """8 atoms at alpha = 0.3: two whole atoms (1/8 each) and 0.05 of the third, over 0.3; the heads' order does
+    not matter. Neutral is the plain mean."""
+    q = torch.tensor([[3.0, -2.0, 0.5, 7.0, -1.0, 2.0, 4.0, 1.0]])
+    agent = ppo_risk.build_agent(dataclasses.replace(risk_args, risk="cvar", cvar_alpha=0.3), 4, 3)
+    expected = (-2.0 / 8 + -1.0 / 8 + 0.05 * 0.5) / 0.3  # sorted: -2, -1, 0.5 (straddles), 1, ...
+    assert float(agent.value_of(q)) == pytest.approx(expected, abs=1e-6)
+    assert float(agent.value_of(q)) == pytest.approx(float(_hand_cvar(q.numpy(), 0.3)[0]), abs=1e-6)
+    assert expected != pytest.approx((-2.0 - 1.0) / 2, abs=1e-3)  # not the two-atom mean: the third atom counts
+    neutral = ppo_risk.build_agent(risk_args, 4, 3)
+    assert float(neutral.value_of(q)) == pytest.approx(14.5 / 8, abs=1e-6)
+
+
+def test_cvar_value_sits_below_the_mean_and_evaluation_sees_the_drawdown_state(risk_args, sp500_market, monkeypatch):
     args = dataclasses.replace(risk_args, risk="cvar", cvar_alpha=0.25, cost_limit=0.05)
+    # record the quantiles the rollouts see (sampling calls, no action given), to recompute the logged gap by hand
+    rollout_quantiles = []
+    original = ppo_risk.QuantileActorCritic.get_action_and_value
+
+    def recording(self, obs, action=None, mask=None):
+        out = original(self, obs, action, mask)
+        if action is None:
+            rollout_quantiles.append(out[3].detach().numpy().copy())
+        return out
+
+    monkeypatch.setattr(ppo_risk.QuantileActorCritic, "get_action_and_value", recording)
     result = ppo_risk.train(args, market=sp500_market)
-    assert all(h["risk/value_tail_gap"] >= 0 for h in result.history)  # mean - CVaR >= 0
+    steps = args.num_steps
+    assert len(rollout_quantiles) == steps * len(result.history)
+    for i, record in enumerate(result.history):  # logged gap = batch mean of (mean - CVaR_0.25) over 8 atoms
+        q = np.stack(rollout_quantiles[i * steps : (i + 1) * steps])  # (num_steps, num_envs, N)
+        hand_gap = float((q.astype(np.float64).mean(-1) - _hand_cvar(q, 0.25)).mean())
+        assert record["risk/value_tail_gap"] == pytest.approx(hand_gap, abs=1e-5), i
     assert result.history[-1]["risk/value_tail_gap"] > 0
     assert ppo_risk.env_options(args, sp500_market) == {"drawdown_obs": True}
     n_features = sp500_market.arrays.features.shape[1]
