@@ -21,10 +21,12 @@ without exploitation: the random-search control at equal compute. Every trial ru
 ``iterations * steps_per_iteration`` env steps (the learning-rate schedule, when annealed, is over that total).
 
 Afterwards the champion (the trial with the best *last* validation score) is evaluated once on the test range
-(:func:`sentio_lab.evaluate.evaluate_checkpoint`) and reported with the deflated Sharpe ratio, whose ``N`` counts
-every distinct configuration the search scored (each trial's initial one plus every explore step's), and whose
-``Var[SR_n]`` is the variance of the trials' per-period validation Sharpe ratios. ``summary.json`` and
-``trials.csv`` are written under the experiment folder. An interrupted experiment continues with ``--resume``
+(:func:`sentio_lab.evaluate.evaluate_checkpoint`) and reported with the deflated Sharpe ratio over the set of
+every validation score the search computed: one per reported (trial, iteration), recorded by our driver-side
+:class:`ScoreLog` callback in ``validation_scores.jsonl``, since each is a configuration (weights +
+hyperparameters) PBT ranked and could have kept. ``N`` is the size of that set and ``Var[SR_n]`` the sample
+variance of its per-period Sharpe ratios (:func:`deflation`). ``summary.json`` and ``trials.csv`` are written
+under the experiment folder. An interrupted experiment continues with ``--resume``
 (``Tuner.restore``: unfinished and errored trials go on from their last checkpoints).
 """
 
@@ -46,6 +48,7 @@ import numpy as np
 import pandas as pd
 import torch
 import tyro
+from ray.tune import Callback
 
 from sentio_lab import metrics
 from sentio_lab.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
@@ -61,6 +64,7 @@ MUTABLE: dict[str, tuple[float, float]] = {
 }
 CHECKPOINT_FILE = "checkpoint.pt"
 METRIC = "validation_sharpe"
+SCORES_FILE = "validation_scores.jsonl"
 
 
 @dataclass
@@ -243,6 +247,36 @@ def clip_to_bounds(config: dict[str, Any]) -> dict[str, Any]:
     return config
 
 
+class ScoreLog(Callback):
+    """Driver-side record of every validation score: one JSON line per reported (trial, iteration).
+
+    Why our own record rather than Tune's per-trial history (``Result.metrics_dataframe``): that history loses
+    rows when PBT exploits (the weak trial's result files are restored over; in a 2-trial, 3-iteration PBT run it
+    held 3 of the 6 scores). This callback sees every ``tune.report`` on the driver (so on a cluster too) and
+    appends, so a ``--resume`` adds to the first run's lines.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = str(path)
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        """Append the trial's id, iteration and scores of this report."""
+        Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        line = {"trial_id": trial.trial_id, "training_iteration": result.get("training_iteration"),
+                METRIC: result.get(METRIC), "validation_sharpe_per_period": result.get("validation_sharpe_per_period")}
+        with open(self.path, "a") as file:
+            file.write(json.dumps(line) + "\n")
+
+
+def score_histories(path: str | Path) -> dict[str, pd.DataFrame]:
+    """:class:`ScoreLog`'s file as one table per trial id (empty when the file does not exist)."""
+    path = Path(path)
+    if not path.exists():
+        return {}
+    table = pd.DataFrame([json.loads(line) for line in path.read_text().splitlines() if line])
+    return {trial_id: rows.reset_index(drop=True) for trial_id, rows in table.groupby("trial_id", sort=False)}
+
+
 def init_ray(address: str | None, num_cpus: int | None) -> bool:
     """Connect to ``address`` or start a local Ray instance (no dashboard, no usage stats); False if already up."""
     import ray
@@ -273,6 +307,7 @@ def make_tuner(args: TuneArgs, trainable_fn: Any = trainable) -> Any:
         if not tune.Tuner.can_restore(str(path)):
             raise FileNotFoundError(f"--resume: no Tune experiment to restore at {path}")
         return tune.Tuner.restore(str(path), wrapped, resume_unfinished=True, resume_errored=True)
+    (path / SCORES_FILE).unlink(missing_ok=True)  # a new experiment under this name: the old scores are not its own
     base = base_arguments(args)
     space = search_space()
     param_space = {
@@ -296,13 +331,49 @@ def make_tuner(args: TuneArgs, trainable_fn: Any = trainable) -> Any:
                                     search_alg=BasicVariantGenerator(random_state=args.seed), reuse_actors=True),
         run_config=tune.RunConfig(name=args.name, storage_path=storage, verbose=0,
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=4),
+                                  callbacks=[ScoreLog(path / SCORES_FILE)],
                                   stop={"training_iteration": args.iterations}),
     )
 
 
+def validation_scores(histories: Any) -> np.ndarray:
+    """Per-period validation Sharpe ratio of every scored (trial, iteration): the rows of every trial's history.
+
+    ``histories`` are the trials' score tables (:func:`score_histories`: one row per ``tune.report``, kept
+    across exploits and restores; ``None`` or empty for a trial that never reported). Every row counts, the
+    last one of a trial as much as the earlier ones: PBT ranks the population on each of them, so each is a
+    configuration the search looked at on the validation range. A flat policy's score is NaN (it has no
+    Sharpe ratio) and is kept here as NaN: it was scored all the same.
+    """
+    scores = [history["validation_sharpe_per_period"].to_numpy(dtype=float) for history in histories
+              if history is not None and not history.empty and "validation_sharpe_per_period" in history]
+    return np.concatenate(scores) if scores else np.empty(0)
+
+
+def deflation(returns: pd.Series, scores: np.ndarray) -> dict[str, Any]:
+    """Deflated Sharpe ratio of the champion's test ``returns`` against the search's validation ``scores``.
+
+    ``scores`` are :func:`validation_scores`. ``N`` (``dsr_n_trials``) is the number of scores, every scored
+    (trial, iteration), at least 2; ``Var[SR_n]`` (``dsr_sr_variance``) is the sample variance (ddof=1) of the
+    finite ones. The two sets differ only by the flat-policy scores (``dsr_flat_scores``): they count as trials
+    in ``N`` (the search did try them, which can only make the deflation stricter) but have no Sharpe ratio to
+    enter the variance. With fewer than 2 finite scores or zero variance the DSR is undefined (None).
+    """
+    scores = np.asarray(scores, dtype=float)
+    finite = scores[np.isfinite(scores)]
+    n_trials = max(len(scores), 2)
+    variance = float(np.var(finite, ddof=1)) if len(finite) >= 2 else None
+    dsr = None
+    if variance is not None and variance > 0:
+        dsr = float(metrics.deflated_sharpe_ratio(returns, n_trials=n_trials, sr_variance=variance))
+    return {"dsr": dsr, "dsr_n_trials": n_trials, "dsr_sr_variance": variance,
+            "dsr_flat_scores": int(len(scores) - len(finite)),
+            "dsr_trial_set": "every (trial, iteration) validation score of the search"}
+
+
 def summarise(results: Any, args: TuneArgs, folder: Path, wall_s: float) -> dict[str, Any]:
-    """Write ``trials.csv`` and ``summary.json`` (champion on test once, DSR over every configuration)."""
-    rows, per_period = [], []
+    """Write ``trials.csv`` and ``summary.json`` (champion on test once, DSR over every scored iteration)."""
+    rows, logged = [], score_histories(folder / SCORES_FILE)
     for result in results:
         history = result.metrics_dataframe
         metrics_ = result.metrics or {}
@@ -312,12 +383,12 @@ def summarise(results: Any, args: TuneArgs, folder: Path, wall_s: float) -> dict
             "best_validation_sharpe": None if history is None or history.empty else float(history[METRIC].max()),
             "validation_sharpe_per_period": metrics_.get("validation_sharpe_per_period"),
             "iterations": metrics_.get("training_iteration"), "global_step": metrics_.get("global_step"),
+            "validation_scores": len(validation_scores([logged.get(metrics_.get("trial_id"))])),
             **{k: result.config.get(k) for k in MUTABLE},
             "checkpoint": result.checkpoint.path if result.checkpoint else None,
         })
-        if np.isfinite(metrics_.get("validation_sharpe_per_period", np.nan)):
-            per_period.append(metrics_["validation_sharpe_per_period"])
     table = pd.DataFrame(rows)
+    scores = validation_scores(logged.values())
     # Tune's own record of PBT: one line per exploit + explore, i.e. one more configuration scored
     log = folder / "pbt_global.txt"
     explores = len(log.read_text().splitlines()) if log.exists() else 0
@@ -329,7 +400,9 @@ def summarise(results: Any, args: TuneArgs, folder: Path, wall_s: float) -> dict
         "scheduler": args.scheduler, "variant": args.variant, "num_trials": len(table),
         "iterations": args.iterations, "steps_per_iteration": args.steps_per_iteration,
         "env_steps_total": int(table["global_step"].fillna(0).sum()), "wall_s": wall_s,
+        # distinct hyperparameter configurations (trials + explore steps); the DSR's N is validation_scores
         "configurations_scored": configurations, "pbt_explore_steps": explores,
+        "validation_scores": int(len(scores)),
         "fitness": "validation range, greedy policy, net of costs",
         "best_validation_sharpe_last": None if scored.empty else float(scored[METRIC].max()),
         "best_validation_sharpe_any_iteration": None if scored.empty else float(table["best_validation_sharpe"].max()),
@@ -348,13 +421,7 @@ def summarise(results: Any, args: TuneArgs, folder: Path, wall_s: float) -> dict
             "test_range": f"{test.equity.index[0]:%Y-%m-%d} .. {test.equity.index[-1]:%Y-%m-%d}",
             **{k: float(champion[k]) for k in MUTABLE},
         }
-        n_trials = max(configurations, 2)
-        if len(per_period) >= 2 and np.var(per_period, ddof=1) > 0:
-            summary["champion"]["dsr"] = float(metrics.deflated_sharpe_ratio(
-                returns, n_trials=n_trials, trial_sharpes=per_period))
-        else:
-            summary["champion"]["dsr"] = None
-        summary["champion"]["dsr_n_trials"] = n_trials
+        summary["champion"].update(deflation(returns, scores))
     (folder / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary
 

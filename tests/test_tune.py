@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
-from sentio_lab import ppo
+from sentio_lab import metrics, ppo
 from sentio_lab import tune as T
 from sentio_lab.checkpoint import load_checkpoint
 from sentio_lab.evaluate import VARIANTS, load_variant
@@ -98,6 +99,65 @@ def test_exploit_continues_from_the_copied_checkpoint_exactly(tmp_path, market):
     assert loop["global_step"] == 4 * STEPS and loop != weak_next
 
 
+def _history(*per_period: float) -> pd.DataFrame:
+    return pd.DataFrame({"validation_sharpe_per_period": per_period, T.METRIC: np.nan_to_num(per_period, nan=-10.0),
+                         "training_iteration": range(1, len(per_period) + 1)})
+
+
+def test_dsr_variance_and_n_are_over_every_scored_iteration():
+    histories = [_history(0.01, -0.02, 0.05), _history(0.03, np.nan, 0.04), None, pd.DataFrame()]
+    scores = T.validation_scores(histories)
+    # every reported (trial, iteration), in order, the flat one (NaN) included; silent trials add nothing
+    np.testing.assert_array_equal(scores, [0.01, -0.02, 0.05, 0.03, np.nan, 0.04])
+    returns = pd.Series(np.random.default_rng(0).normal(0.002, 0.01, 500))
+    out = T.deflation(returns, scores)
+    every = [0.01, -0.02, 0.05, 0.03, 0.04]
+    assert out["dsr_n_trials"] == 6 and out["dsr_flat_scores"] == 1
+    assert out["dsr_sr_variance"] == pytest.approx(np.var(every, ddof=1))
+    assert out["dsr"] == pytest.approx(metrics.deflated_sharpe_ratio(returns, n_trials=6,
+                                                                      sr_variance=np.var(every, ddof=1)))
+    # not the old set (each trial's last score only), whose variance here is ~15x smaller
+    last_only = metrics.deflated_sharpe_ratio(returns, n_trials=6, trial_sharpes=[0.05, 0.04])
+    assert out["dsr"] != pytest.approx(last_only)
+    # undefined without two finite scores or with no spread; N is at least 2
+    assert T.deflation(returns, np.array([0.01, np.nan]))["dsr"] is None
+    assert T.deflation(returns, np.array([0.02, 0.02, 0.02]))["dsr"] is None
+    assert T.deflation(returns, np.empty(0)) | {"dsr_trial_set": ""} == {
+        "dsr": None, "dsr_n_trials": 2, "dsr_sr_variance": None, "dsr_flat_scores": 0, "dsr_trial_set": ""}
+
+
+def test_summarise_writes_the_dsr_over_every_scored_iteration(tmp_path, monkeypatch):
+    # summarise on stand-ins for Tune's results (no Ray run); the champion's test evaluation is faked
+    folder = tmp_path / "exp"
+    log = T.ScoreLog(folder / T.SCORES_FILE)
+
+    def result(name: str, history: pd.DataFrame):
+        trial = tmp_path / name
+        trial.mkdir()
+        (trial / T.CHECKPOINT_FILE).write_text("bundle")
+        for row in history.to_dict("records"):  # what Tune hands the callback at every report
+            log.on_trial_result(0, [], SimpleNamespace(trial_id=name), row | {"trial_id": name})
+        last = history.iloc[-1].to_dict() | {"global_step": 3 * STEPS, "trial_id": name}
+        # Tune's own history may have lost rows (it does after a PBT exploit): summarise must not read it
+        return SimpleNamespace(path=str(trial), config={"seed": 1, **dict.fromkeys(T.MUTABLE, 0.1)}, error=None,
+                               metrics=last, metrics_dataframe=history.tail(1),
+                               checkpoint=SimpleNamespace(path=str(trial)))
+
+    results = [result("a", _history(0.01, -0.02, 0.05)), result("b", _history(0.03, np.nan, 0.04))]
+    assert list(T.score_histories(folder / T.SCORES_FILE)) == ["a", "b"] and T.score_histories(tmp_path / "no") == {}
+    index = pd.date_range("2024-01-01", periods=300, freq="D")
+    equity = pd.Series(np.cumprod(1 + np.random.default_rng(1).normal(0.001, 0.01, 300)), index=index)
+    monkeypatch.setattr(T, "evaluate_checkpoint", lambda path, range_name: SimpleNamespace(equity=equity))
+    summary = T.summarise(results, T.TuneArgs(scheduler="random"), folder, 1.0)
+    assert summary["validation_scores"] == 6 and summary["configurations_scored"] == 2
+    champion = json.loads((folder / "summary.json").read_text())["champion"]
+    assert champion["trial"] == "a" and champion["dsr_n_trials"] == 6 and champion["dsr_flat_scores"] == 1
+    assert champion["dsr_sr_variance"] == pytest.approx(np.var([0.01, -0.02, 0.05, 0.03, 0.04], ddof=1))
+    expected = T.deflation(metrics.simple_returns(equity), np.array([0.01, -0.02, 0.05, 0.03, np.nan, 0.04]))
+    assert champion["dsr"] == pytest.approx(expected["dsr"]) and 0 <= champion["dsr"] <= 1
+    assert pd.read_csv(folder / "trials.csv")["validation_scores"].tolist() == [3, 3]
+
+
 def test_clip_to_bounds_and_bad_inputs(tmp_path):
     clipped = T.clip_to_bounds({"gae_lambda": 1.1, "learning_rate": 1e-9, "ent_coef": 0.01, "other": 5})
     assert clipped == {"gae_lambda": 0.999, "learning_rate": 1e-5, "ent_coef": 0.01, "other": 5}
@@ -143,7 +203,9 @@ def test_pbt_end_to_end_on_local_ray(tmp_path, ray_session, monkeypatch):
     assert summary["configurations_scored"] == 2 + explores
     champion = summary["champion"]
     assert champion["validation_sharpe"] == pytest.approx(trials["validation_sharpe"].max())
-    assert champion["dsr_n_trials"] == summary["configurations_scored"]
+    # the DSR's set: every (trial, iteration) validation score, one per reported iteration of each trial
+    assert champion["dsr_n_trials"] == summary["validation_scores"] == trials["validation_scores"].sum() == 2 * 3
+    assert champion["dsr_trial_set"].startswith("every (trial, iteration)")
     assert champion["dsr"] is None or 0 <= champion["dsr"] <= 1
     assert (folder / "champion.pt").exists() and champion["test_range"].startswith("20")
     assert json.loads((folder / "summary.json").read_text())["scheduler"] == "pbt"
@@ -183,6 +245,8 @@ def test_random_search_killed_then_restored_through_tune(tmp_path, ray_session):
     assert (trials["status"] == "ok").all() and (trials["iterations"] == 3).all()
     # continued from the last checkpoint (step 512 -> 768), not restarted from zero
     assert (trials["global_step"] == 3 * STEPS).all() and restored["env_steps_total"] == 3 * STEPS
+    # the score log kept the first run's two reports and added the resumed one
+    assert restored["validation_scores"] == 3 and (trials["validation_scores"] == 3).all()
 
 
 def test_trainable_reports_checkpoints_and_restarts_from_one(tmp_path, monkeypatch):
