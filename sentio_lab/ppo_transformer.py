@@ -41,7 +41,7 @@ from sentio_lab.checkpoint import CheckpointError, capture_rng, load_checkpoint,
 from sentio_lab.costs import CostModel
 from sentio_lab.env import TradingEnv
 from sentio_lab.features import FeatureConfig
-from sentio_lab.features.tokens import block_name, build_token_blocks, token_width
+from sentio_lab.features.tokens import block_name, build_token_blocks, token_span, token_width
 from sentio_lab.market import PreparedMarket, prepare_market
 from sentio_lab.nets.transformer import FUSIONS, MultiTimeframeActorCritic, streams_for
 from sentio_lab.observation_layout import TokenBlock, observation_dim, observation_layout
@@ -309,6 +309,12 @@ def env_options(args: Args, market: PreparedMarket) -> dict[str, Any]:
     if not args.token_timeframes:
         return {}
     return {"token_blocks": build_token_blocks(market, args.token_timeframes, args.token_counts)}
+
+
+def observation_span(args: Args, market: PreparedMarket) -> int:
+    """Base bars before bar t that this variant's observation reads beyond the feature window: the token blocks'
+    reach (:func:`sentio_lab.features.tokens.token_span`). The experiment runner sizes its CPCV embargo with it."""
+    return token_span(market, args.token_timeframes, args.token_counts) if args.token_timeframes else 0
 
 
 def make_env(args: Args, market: PreparedMarket, range_name: str = "train") -> TradingEnv:

@@ -111,8 +111,16 @@ def plan_experiment(config: ExperimentConfig, extra_args: Sequence[str] = ()) ->
         market = prepare_market(config.dataset, load_variant(agent.variant).feature_config(args),
                                 start=config.data_start, end=config.data_end)
         base = base or market
-        gap_options.append(splitting.PurgeEmbargo.for_features(first["window"], market.feature_config,
-                                                               market.data.frame))
+        gaps = splitting.PurgeEmbargo.for_features(first["window"], market.feature_config, market.data.frame)
+        # A variant whose observation reads further back than its feature window (token blocks of completed
+        # higher-timeframe bars) declares how far: the span grows until the reach (window - 1 + span) covers it,
+        # so the embargo and the touched-bar audit (splits.check_fold) both count it.
+        span_of = getattr(load_variant(agent.variant), "observation_span", None)
+        if span_of is not None:
+            beyond = int(span_of(args, market)) - gaps.reach
+            if beyond > 0:
+                gaps = dataclasses.replace(gaps, feature_span=gaps.feature_span + beyond)
+        gap_options.append(gaps)
         first_valid = max(first_valid, int(market.arrays.first_valid))
     gaps = max(gap_options, key=lambda g: g.embargo)
     n_bars = len(base.data.frame)

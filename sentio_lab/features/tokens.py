@@ -141,3 +141,23 @@ def build_token_blocks(market: object, timeframes: Sequence[str], num_tokens: Se
         timeframe_token_block(frame, rule, int(k), rows, base_freq, session_close=session_close)
         for rule, k in zip(timeframes, num_tokens, strict=True)
     ]
+
+
+def token_span(market: object, timeframes: Sequence[str], num_tokens: Sequence[int], bank: str = TOKEN_BANK) -> int:
+    """Base bars before bar t that the token blocks seen at t may read, on ``market``'s own calendar.
+
+    The oldest of the ``K`` completed bars of a timeframe and the ``bank``'s longest lookback before it: an HTF
+    producer of lookback ``K - 1 + L`` (:func:`sentio_lab.splits.htf_span`, which also counts the forming bar, so
+    the bound is conservative by one HTF bar). The experiment runner widens its embargo to cover it
+    (``observation_span`` of ``ppo_transformer``); 0 without token timeframes.
+    """
+    from sentio_lab.splits import htf_span  # splits imports the features package: import here, not at the top
+
+    if len(timeframes) != len(num_tokens):
+        raise ValueError(f"{len(timeframes)} token timeframes but {len(num_tokens)} token counts")
+    lookback = max((p.lookback for p in registered_producers(bank)), default=0)
+    frame = market.data.frame
+    base_freq = pd.Timedelta(int(market.features.state["base_freq_ns"]), unit="ns")
+    session_close = None if market.feature_config is None else market.feature_config.session_close
+    return max((htf_span(frame, rule, int(k) - 1 + lookback, base_freq, session_close)
+                for rule, k in zip(timeframes, num_tokens, strict=True)), default=0)
