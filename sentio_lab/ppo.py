@@ -44,7 +44,7 @@ from sentio_lab.checkpoint import CheckpointError, capture_rng, load_checkpoint,
 from sentio_lab.costs import CostModel
 from sentio_lab.env import TradingEnv
 from sentio_lab.features import FeatureConfig
-from sentio_lab.market import PreparedMarket, prepare_market
+from sentio_lab.market import PreparedMarket
 from sentio_lab.nets import MLPActorCritic
 from sentio_lab.rollout import (
     NonFiniteError,
@@ -247,11 +247,7 @@ class TrainResult:
 
 def feature_config(args: Args) -> FeatureConfig:
     """The feature pipeline these arguments ask for."""
-    return FeatureConfig(
-        bank=args.feature_bank, timeframes=tuple(args.timeframes), regimes=args.regimes,
-        regime_restarts=args.regime_restarts, normalise=args.normalise, prune_corr=args.prune_corr,
-        cache_dir=args.feature_cache_dir, seed=args.feature_seed,
-    )
+    return training.feature_config_from(args)
 
 
 def cost_model(args: Args) -> CostModel:
@@ -261,11 +257,7 @@ def cost_model(args: Args) -> CostModel:
 
 def market_for(args: Args, feature_state: dict | None = None) -> PreparedMarket:
     """The market these arguments ask for (dataset, bar range, stale-open policy, features, ranges)."""
-    return prepare_market(
-        args.dataset, feature_config(args), train_fraction=args.train_fraction,
-        validation_fraction=args.validation_fraction, feature_state=feature_state,
-        start=args.data_start, end=args.data_end, stale_opens=args.stale_opens,
-    )
+    return training.market_from(args, feature_state)
 
 
 def make_env(args: Args, market: PreparedMarket, range_name: str = "train") -> TradingEnv:
@@ -275,23 +267,7 @@ def make_env(args: Args, market: PreparedMarket, range_name: str = "train") -> T
     range spans test groups: episodes are then drawn from the fold's training segments only, and none crosses
     a gap between them.
     """
-    start, stop = market.range(range_name)
-    sampler = None
-    if range_name == "train" and market.train_segments is not None:
-        sampler = market.episode_sampler(args.window, args.episode_length)
-    return TradingEnv(
-        market.arrays,
-        num_envs=args.num_envs,
-        window=args.window,
-        episode_length=args.episode_length,
-        start=start,
-        stop=stop,
-        positions=args.positions,
-        costs=cost_model(args),
-        device=resolve_device(args.device),
-        seed=args.seed,
-        start_sampler=sampler,
-    )
+    return training.training_env(args, market, range_name)
 
 
 def build_agent(args: Args, obs_dim: int, num_actions: int) -> MLPActorCritic:

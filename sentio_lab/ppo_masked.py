@@ -40,7 +40,7 @@ from sentio_lab.checkpoint import CheckpointError, capture_rng, load_checkpoint,
 from sentio_lab.costs import CostModel
 from sentio_lab.env import TradingEnv
 from sentio_lab.features import FeatureConfig
-from sentio_lab.market import PreparedMarket, prepare_market
+from sentio_lab.market import PreparedMarket
 from sentio_lab.masks import MaskConfig, MaskInputs, market_mask_inputs
 from sentio_lab.nets import MLPActorCritic
 from sentio_lab.rollout import (
@@ -259,11 +259,7 @@ class TrainResult:
 
 def feature_config(args: Args) -> FeatureConfig:
     """The feature pipeline these arguments ask for."""
-    return FeatureConfig(
-        bank=args.feature_bank, timeframes=tuple(args.timeframes), regimes=args.regimes,
-        regime_restarts=args.regime_restarts, normalise=args.normalise, prune_corr=args.prune_corr,
-        cache_dir=args.feature_cache_dir, seed=args.feature_seed,
-    )
+    return training.feature_config_from(args)
 
 
 def cost_model(args: Args) -> CostModel:
@@ -273,11 +269,7 @@ def cost_model(args: Args) -> CostModel:
 
 def market_for(args: Args, feature_state: dict | None = None) -> PreparedMarket:
     """The market these arguments ask for (dataset, bar range, stale-open policy, features, ranges)."""
-    return prepare_market(
-        args.dataset, feature_config(args), train_fraction=args.train_fraction,
-        validation_fraction=args.validation_fraction, feature_state=feature_state,
-        start=args.data_start, end=args.data_end, stale_opens=args.stale_opens,
-    )
+    return training.market_from(args, feature_state)
 
 
 def mask_config(args: Args) -> MaskConfig:
@@ -298,24 +290,8 @@ def make_env(args: Args, market: PreparedMarket, range_name: str = "train") -> T
     range spans test groups: episodes are then drawn from the fold's training segments only, and none crosses
     a gap between them.
     """
-    start, stop = market.range(range_name)
-    sampler = None
-    if range_name == "train" and market.train_segments is not None:
-        sampler = market.episode_sampler(args.window, args.episode_length)
-    return TradingEnv(
-        market.arrays,
-        num_envs=args.num_envs,
-        window=args.window,
-        episode_length=args.episode_length,
-        start=start,
-        stop=stop,
-        positions=args.positions,
-        costs=cost_model(args),
-        device=resolve_device(args.device),
-        seed=args.seed,
-        start_sampler=sampler,
-        masks=mask_config(args),
-        invalid_action=args.invalid_action,
+    return training.training_env(
+        args, market, range_name, masks=mask_config(args), invalid_action=args.invalid_action,
         mask_inputs=mask_inputs(mask_config(args), market),
     )
 

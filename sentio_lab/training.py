@@ -20,6 +20,9 @@ import torch
 
 from sentio_lab.checkpoint import CheckpointError
 from sentio_lab.costs import CostModel
+from sentio_lab.env import TradingEnv
+from sentio_lab.features import FeatureConfig
+from sentio_lab.market import PreparedMarket, prepare_market
 
 ArgsT = TypeVar("ArgsT")
 
@@ -32,6 +35,43 @@ COST_FIELDS = ("fee_bps", "slippage_bps", "borrow_bps", "spread", "impact", "imp
 def cost_model_from(args: Any) -> CostModel:
     """The :class:`~sentio_lab.costs.CostModel` a variant's arguments ask for (their :data:`COST_FIELDS`)."""
     return CostModel(**{name: getattr(args, name) for name in COST_FIELDS})
+
+
+def feature_config_from(args: Any) -> FeatureConfig:
+    """The feature pipeline a variant's arguments ask for (bank, timeframes, regimes, normalisation, cache, seed)."""
+    return FeatureConfig(
+        bank=args.feature_bank, timeframes=tuple(args.timeframes), regimes=args.regimes,
+        regime_restarts=args.regime_restarts, normalise=args.normalise, prune_corr=args.prune_corr,
+        cache_dir=args.feature_cache_dir, seed=args.feature_seed,
+    )
+
+
+def market_from(args: Any, feature_state: dict | None = None) -> PreparedMarket:
+    """The market a variant's arguments ask for (dataset, bar range, stale-open policy, features, ranges)."""
+    return prepare_market(
+        args.dataset, feature_config_from(args), train_fraction=args.train_fraction,
+        validation_fraction=args.validation_fraction, feature_state=feature_state,
+        start=args.data_start, end=args.data_end, stale_opens=args.stale_opens,
+    )
+
+
+def training_env(args: Any, market: PreparedMarket, range_name: str = "train", **env_kwargs: Any) -> TradingEnv:
+    """A variant's training env: ``num_envs`` random windows inside the named range; ``env_kwargs`` are the
+    variant's own extras (masks, token blocks, the drawdown state).
+
+    On a fold market (purged walk-forward / CPCV, :func:`sentio_lab.market.prepare_fold_market`) the training
+    range spans test groups: episodes are then drawn from the fold's training segments only, and none crosses
+    a gap between them.
+    """
+    start, stop = market.range(range_name)
+    sampler = None
+    if range_name == "train" and market.train_segments is not None:
+        sampler = market.episode_sampler(args.window, args.episode_length)
+    return TradingEnv(
+        market.arrays, num_envs=args.num_envs, window=args.window, episode_length=args.episode_length,
+        start=start, stop=stop, positions=args.positions, costs=cost_model_from(args),
+        device=resolve_device(args.device), seed=args.seed, start_sampler=sampler, **env_kwargs,
+    )
 
 
 def resolve_device(name: str) -> torch.device:
