@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -281,18 +281,10 @@ RUN_CONTROL_FIELDS = frozenset(
 
 
 @dataclass
-class TrainResult:
-    """What :func:`train` hands back: the agent, where it was saved, and the logged history."""
+class TrainResult(training.TrainResult):
+    """:class:`sentio_lab.training.TrainResult` plus the constraint's controllers; ``history`` holds this
+    invocation's iterations (the whole run's are in ``history.csv`` and the checkpoint)."""
 
-    agent: nn.Module
-    args: Args
-    checkpoint_path: Path | None
-    global_step: int
-    finished: bool
-    """True when total_timesteps were reached (False after a budget / iteration stop)."""
-    history: list[dict[str, float]] = field(default_factory=list)
-    """Records of this invocation's iterations (the whole run's are in ``history.csv`` and the checkpoint)."""
-    market: PreparedMarket | None = None
     lagrangian: PIDLagrangian | None = None
     kl_control: AdaptiveKL | None = None
 

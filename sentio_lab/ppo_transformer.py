@@ -26,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +59,7 @@ from sentio_lab.rollout import (
 )
 from sentio_lab.tracking import Tracker
 from sentio_lab.training import (
+    TrainResult,
     cost_model_from,
     derive_sizes,
     progress_postfix,
@@ -252,20 +253,6 @@ RUN_CONTROL_FIELDS = frozenset(
     {"track", "wandb_mode", "progress", "time_budget_s", "max_iterations", "checkpoint_every",
      "checkpoint_path", "resume", "run_dir"}
 )
-
-
-@dataclass
-class TrainResult:
-    """What :func:`train` hands back: the agent, where it was saved, and the logged history."""
-
-    agent: nn.Module
-    args: Args
-    checkpoint_path: Path | None
-    global_step: int
-    finished: bool
-    """True when total_timesteps were reached (False after a budget / iteration stop)."""
-    history: list[dict[str, float]] = field(default_factory=list)
-    market: PreparedMarket | None = None
 
 
 def feature_config(args: Args) -> FeatureConfig:

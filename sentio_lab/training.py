@@ -12,11 +12,13 @@ import random
 import time
 import warnings
 from collections.abc import Collection
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
 import torch
+from torch import nn
 
 from sentio_lab.checkpoint import CheckpointError
 from sentio_lab.costs import CostModel
@@ -25,6 +27,21 @@ from sentio_lab.features import FeatureConfig
 from sentio_lab.market import PreparedMarket, prepare_market
 
 ArgsT = TypeVar("ArgsT")
+
+
+@dataclass
+class TrainResult:
+    """What a variant's ``train`` hands back: the agent, where it was saved, and the logged history."""
+
+    agent: nn.Module
+    args: Any
+    """The run's arguments (the variant's ``Args``, sizes derived)."""
+    checkpoint_path: Path | None
+    global_step: int
+    finished: bool
+    """True when total_timesteps were reached (False after a budget / iteration stop)."""
+    history: list[dict[str, float]] = field(default_factory=list)
+    market: PreparedMarket | None = None
 
 
 #: The cost-model arguments every variant's ``Args`` carries (the fields of :class:`~sentio_lab.costs.CostModel`).
