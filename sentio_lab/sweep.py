@@ -188,6 +188,8 @@ def _run_cell(notebook: str, cell_dir: str, params: dict[str, Any], kernel: str 
     """Execute one cell with papermill in this (worker) process; never raises: errors are recorded."""
     import papermill
 
+    from sentio_lab.experiment.cells import write_json_atomic  # the runner's: a killed worker leaves no half file
+
     out = Path(cell_dir)
     out.mkdir(parents=True, exist_ok=True)
     parameters = dict(params)
@@ -207,7 +209,7 @@ def _run_cell(notebook: str, cell_dir: str, params: dict[str, Any], kernel: str 
         record["error"] = f"{ename}: {evalue}"
         record["traceback"] = traceback.format_exc(limit=5)
     record["duration_s"] = time.time() - record["started"]
-    (out / CELL_FILE).write_text(json.dumps(record, indent=2, default=str))
+    write_json_atomic(out / CELL_FILE, record)
     return record
 
 
