@@ -138,22 +138,20 @@ def resume_args(
     saved: dict[str, Any],
     source: str | Path,
     run_control_fields: Collection[str],
-    *,
-    allow_changes: Collection[str] = (),
 ) -> ArgsT:
     """The arguments of a resumed run: the checkpoint's experiment, the caller's run control.
 
     An experiment argument (not in ``run_control_fields``) that the caller changed from its default and that
     differs from the checkpoint's value is an error naming each such field with both values; one left at its
-    default is taken from the checkpoint. ``allow_changes`` names experiment arguments the caller may change on
-    purpose (population-based training's explore step mutates hyperparameters): the given value is taken.
+    default is taken from the checkpoint. (Population-based training changes hyperparameters inside the bundle
+    instead: :func:`sentio_lab.tune.apply_mutation`.)
     """
     cls = type(given)
     saved_args, defaults = cls(**saved), cls()
     conflicts = []
     for spec in dataclasses.fields(cls):
         name = spec.name
-        if name in run_control_fields or name in allow_changes:
+        if name in run_control_fields:
             continue
         conflicts += _conflicts(name, getattr(given, name), getattr(saved_args, name), getattr(defaults, name))
     if conflicts:
@@ -161,7 +159,7 @@ def resume_args(
             f"--resume {source}: experiment arguments differ from the checkpoint's ({'; '.join(conflicts)}); "
             "leave them out to continue that run, or start a new run without --resume"
         )
-    control = {name: getattr(given, name) for name in (*run_control_fields, *allow_changes)}
+    control = {name: getattr(given, name) for name in run_control_fields}
     control["checkpoint_path"] = given.checkpoint_path or str(source)
     return dataclasses.replace(saved_args, **control)
 

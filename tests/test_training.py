@@ -52,15 +52,6 @@ def test_resume_refuses_changes_field_by_field_in_nested_groups():
     assert "group.rule" not in str(error.value)  # left at its default: taken from the checkpoint
 
 
-def test_allowed_changes_take_the_given_value():
-    saved = {"learning_rate": 1e-3, "ent_coef": 0.01, "group": Group(), "total_timesteps": 100,
-             "checkpoint_path": None}
-    resumed = training.resume_args(Args(learning_rate=2e-3, ent_coef=0.0), saved, "ck.pt", CONTROL,
-                                   allow_changes=("learning_rate", "ent_coef"))
-    # an allowed field takes the caller's value even when it is the default (an explicit mutation back to it)
-    assert resumed.learning_rate == 2e-3 and resumed.ent_coef == 0.0
-
-
 def test_same_value_treats_lists_and_tuples_alike():
     assert training.same_value((1, 2), [1, 2]) and not training.same_value((1, 2), [2, 1])
     assert training.same_value(0.5, 0.5) and not training.same_value(0.5, (0.5,))
