@@ -20,13 +20,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from sentio_lab.arguments import RUN_CONTROL_FIELDS
 from sentio_lab.checkpoint import CheckpointError
 from sentio_lab.costs import CostModel
 from sentio_lab.env import TradingEnv
 from sentio_lab.features import FeatureConfig
 from sentio_lab.market import PreparedMarket, prepare_market
 
-ArgsT = TypeVar("ArgsT")
+ArgsT = TypeVar("ArgsT", bound=Any)
 
 
 @dataclass
@@ -51,24 +52,26 @@ COST_FIELDS = ("fee_bps", "slippage_bps", "borrow_bps", "spread", "impact", "imp
 
 def cost_model_from(args: Any) -> CostModel:
     """The :class:`~sentio_lab.costs.CostModel` a variant's arguments ask for (their :data:`COST_FIELDS`)."""
-    return CostModel(**{name: getattr(args, name) for name in COST_FIELDS})
+    return CostModel(**{name: getattr(args.env, name) for name in COST_FIELDS})
 
 
 def feature_config_from(args: Any) -> FeatureConfig:
     """The feature pipeline a variant's arguments ask for (bank, timeframes, regimes, normalisation, cache, seed)."""
+    features = args.features
     return FeatureConfig(
-        bank=args.feature_bank, timeframes=tuple(args.timeframes), regimes=args.regimes,
-        regime_restarts=args.regime_restarts, normalise=args.normalise, prune_corr=args.prune_corr,
-        cache_dir=args.feature_cache_dir, seed=args.feature_seed,
+        bank=features.feature_bank, timeframes=tuple(features.timeframes), regimes=features.regimes,
+        regime_restarts=features.regime_restarts, normalise=features.normalise, prune_corr=features.prune_corr,
+        cache_dir=features.feature_cache_dir, seed=features.feature_seed,
     )
 
 
 def market_from(args: Any, feature_state: dict | None = None) -> PreparedMarket:
     """The market a variant's arguments ask for (dataset, bar range, stale-open policy, features, ranges)."""
+    data = args.data
     return prepare_market(
-        args.dataset, feature_config_from(args), train_fraction=args.train_fraction,
-        validation_fraction=args.validation_fraction, feature_state=feature_state,
-        start=args.data_start, end=args.data_end, stale_opens=args.stale_opens,
+        data.dataset, feature_config_from(args), train_fraction=data.train_fraction,
+        validation_fraction=data.validation_fraction, feature_state=feature_state,
+        start=data.data_start, end=data.data_end, stale_opens=data.stale_opens,
     )
 
 
@@ -81,13 +84,14 @@ def training_env(args: Any, market: PreparedMarket, range_name: str = "train", *
     a gap between them.
     """
     start, stop = market.range(range_name)
+    window, episode_length = args.features.window, args.env.episode_length
     sampler = None
     if range_name == "train" and market.train_segments is not None:
-        sampler = market.episode_sampler(args.window, args.episode_length)
+        sampler = market.episode_sampler(window, episode_length)
     return TradingEnv(
-        market.arrays, num_envs=args.num_envs, window=args.window, episode_length=args.episode_length,
-        start=start, stop=stop, positions=args.positions, costs=cost_model_from(args),
-        device=resolve_device(args.device), seed=args.seed, start_sampler=sampler, **env_kwargs,
+        market.arrays, num_envs=args.ppo.num_envs, window=window, episode_length=episode_length,
+        start=start, stop=stop, positions=args.env.positions, costs=cost_model_from(args),
+        device=resolve_device(args.run.device), seed=args.run.seed, start_sampler=sampler, **env_kwargs,
     )
 
 
@@ -137,63 +141,78 @@ def resume_args(
     given: ArgsT,
     saved: dict[str, Any],
     source: str | Path,
-    run_control_fields: Collection[str],
+    run_control_fields: Collection[str] = RUN_CONTROL_FIELDS,
 ) -> ArgsT:
     """The arguments of a resumed run: the checkpoint's experiment, the caller's run control.
 
-    An experiment argument (not in ``run_control_fields``) that the caller changed from its default and that
-    differs from the checkpoint's value is an error naming each such field with both values; one left at its
-    default is taken from the checkpoint. (Population-based training changes hyperparameters inside the bundle
-    instead: :func:`sentio_lab.tune.apply_mutation`.)
+    ``saved`` is the checkpoint's ``args`` dict, nested by group or (checkpoints written before the groups) flat:
+    :meth:`~sentio_lab.arguments.VariantArgs.from_dict` reads both. An experiment argument (not in
+    ``run_control_fields``) that the caller changed from its default and that differs from the checkpoint's value is
+    an error naming each such field with both values; one left at its default is taken from the checkpoint.
+    (Population-based training changes hyperparameters inside the bundle instead:
+    :func:`sentio_lab.tune.apply_mutation`.)
     """
     cls = type(given)
-    saved_args, defaults = cls(**saved), cls()
+    try:
+        saved_args = cls.from_dict(saved)
+    except TypeError as err:
+        raise CheckpointError(f"--resume {source}: the checkpoint's arguments do not fit this variant ({err})") from err
+    mine, theirs, defaults = given.flat(), saved_args.flat(), cls().flat()
     conflicts = []
-    for spec in dataclasses.fields(cls):
-        name = spec.name
+    for name in mine:
         if name in run_control_fields:
             continue
-        conflicts += _conflicts(name, getattr(given, name), getattr(saved_args, name), getattr(defaults, name))
+        conflicts += _conflicts(name, mine[name], theirs[name], defaults[name])
     if conflicts:
         raise CheckpointError(
             f"--resume {source}: experiment arguments differ from the checkpoint's ({'; '.join(conflicts)}); "
             "leave them out to continue that run, or start a new run without --resume"
         )
-    control = {name: getattr(given, name) for name in run_control_fields}
-    control["checkpoint_path"] = given.checkpoint_path or str(source)
-    return dataclasses.replace(saved_args, **control)
+    control = {name: mine[name] for name in run_control_fields}
+    control["checkpoint_path"] = given.run.checkpoint_path or str(source)
+    return saved_args.replace(**control)
 
 
 def derive_sizes(args: ArgsT) -> ArgsT:
-    """A copy of a fresh run's arguments with batch sizes, iteration count and run name filled in."""
-    args = dataclasses.replace(args)
-    args.batch_size = args.num_envs * args.num_steps
-    if args.num_minibatches < 1 or args.num_minibatches > args.batch_size:
+    """A copy of a fresh run's arguments with batch sizes, iteration count and run name filled in.
+
+    Sizes that cannot run are a ``ValueError`` naming the flag to change (``--num-envs 0``, ...).
+    """
+    ppo = args.ppo
+    for flag, value in (("--num-envs", ppo.num_envs), ("--num-steps", ppo.num_steps),
+                        ("--total-timesteps", ppo.total_timesteps)):
+        if value < 1:
+            raise ValueError(f"{flag} {value}: must be at least 1")
+    batch_size = ppo.num_envs * ppo.num_steps
+    if ppo.num_minibatches < 1 or ppo.num_minibatches > batch_size:
         raise ValueError(
-            f"num_minibatches={args.num_minibatches} must be in [1, batch_size={args.batch_size}] "
-            f"(batch_size = num_envs {args.num_envs} x num_steps {args.num_steps}): minibatches would be empty"
+            f"--num-minibatches {ppo.num_minibatches} must be in [1, batch_size={batch_size}] "
+            f"(batch_size = --num-envs {ppo.num_envs} x --num-steps {ppo.num_steps}): minibatches would be empty"
         )
-    args.minibatch_size = args.batch_size // args.num_minibatches
-    args.num_iterations = args.total_timesteps // args.batch_size
-    if args.num_iterations < 1:
-        raise ValueError(f"total_timesteps={args.total_timesteps} < one rollout ({args.batch_size} steps)")
-    stem = Path(str(args.dataset)).stem
-    args.run_name = args.run_name or f"{stem}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    return args
+    num_iterations = ppo.total_timesteps // batch_size
+    if num_iterations < 1:
+        raise ValueError(f"--total-timesteps {ppo.total_timesteps} < one rollout ({batch_size} steps = --num-envs "
+                         f"{ppo.num_envs} x --num-steps {ppo.num_steps})")
+    stem = Path(str(args.data.dataset)).stem
+    run_name = args.run.run_name or f"{stem}__{args.run.exp_name}__{args.run.seed}__{int(time.time())}"
+    return args.replace(batch_size=batch_size, minibatch_size=batch_size // ppo.num_minibatches,
+                        num_iterations=num_iterations, run_name=run_name)
 
 
 def resume_device(args: Any, bundle: dict[str, Any]) -> bool:
     """Fall back from CUDA to cpu when CUDA is absent (in place); True when the device type changed, with a warning."""
-    if args.device != "auto" and torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
-        args.device = "cpu"
-    now = resolve_device(args.device).type
-    # "device" is recorded since the CUDA fallback exists; older bundles only have the argument
-    saved = bundle["extra"].get("device", bundle["args"].get("device", "cpu"))
+    run = args.run
+    if run.device != "auto" and torch.device(run.device).type == "cuda" and not torch.cuda.is_available():
+        run.device = "cpu"
+    now = resolve_device(run.device).type
+    # "device" is recorded since the CUDA fallback exists; older bundles only have the argument (flat or nested)
+    saved_args = bundle["args"]
+    saved = bundle["extra"].get("device", saved_args.get("run", saved_args).get("device", "cpu"))
     saved = resolve_device(saved).type if saved != "auto" else now
     if now == saved:
         return False
     warnings.warn(
-        f"--resume {args.resume}: the checkpoint was trained on {saved}, continuing on {now}. The run goes on "
+        f"--resume {run.resume}: the checkpoint was trained on {saved}, continuing on {now}. The run goes on "
         "from the saved state, but it is bit-identical to an uninterrupted run only on the same device "
         "(random streams and kernels differ); the env's episode sampler is reseeded.",
         RuntimeWarning, stacklevel=3,

@@ -1,0 +1,314 @@
+"""The scaffolding around every variant's training loop: start or resume, checkpoints, logging, stops, the CLI.
+
+A variant's ``train`` reads top to bottom as the algorithm (rollout, advantages, update); what every variant does
+the same way around it lives here once:
+
+* :func:`start_run` -- load and check the bundle of ``--resume`` (the resume rules of
+  :func:`sentio_lab.training.resume_args`) or derive a fresh run's sizes, seed the generators, prepare the market
+  (printing its data-quality report) and the env, and choose the checkpoint path;
+* :meth:`TrainingRun.restore` -- the loop state of a fresh run or of the bundle (weights, optimizer, env, RNG,
+  counters; under torchrun fresh per-rank episodes);
+* :meth:`TrainingRun.save` -- one checkpoint bundle (rank 0 only);
+* :meth:`TrainingRun.non_finite` -- the error that stops a run before a NaN reaches the weights, leaving the last
+  good checkpoint as it was;
+* :meth:`TrainingRun.log`, :meth:`TrainingRun.stop_or_checkpoint`, :meth:`TrainingRun.finish` -- W&B and the
+  progress bar, the wall-clock / iteration budgets and periodic checkpoints, the final save;
+* :func:`run_cli` -- the ``main()`` of every variant: parse with tyro, train, print one line per error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import tyro
+from tqdm.auto import tqdm
+
+from sentio_lab import distributed
+from sentio_lab.checkpoint import CheckpointError, capture_rng, load_checkpoint, restore_rng, save_checkpoint
+from sentio_lab.distributed import DistContext
+from sentio_lab.market import PreparedMarket
+from sentio_lab.rollout import NonFiniteError
+from sentio_lab.tracking import Tracker
+from sentio_lab.training import (
+    TrainResult,
+    derive_sizes,
+    progress_postfix,
+    resolve_device,
+    resume_args,
+    resume_device,
+    seed_everything,
+)
+
+
+@dataclass
+class LoopState:
+    """What the loop carries from one iteration to the next (and a checkpoint saves)."""
+
+    next_obs: torch.Tensor
+    next_done: torch.Tensor
+    episode_return: torch.Tensor
+    recent_returns: list[float] = field(default_factory=list)
+    """log returns of the last 100 finished episodes (for logging)"""
+    global_step: int = 0
+    start_iteration: int = 1
+
+
+@dataclass
+class TrainingRun:
+    """One invocation of a variant's ``train``: its arguments, device, process group, market, env and bundle."""
+
+    variant: str
+    args: Any
+    device: torch.device
+    ctx: DistContext
+    n_envs: int
+    """episodes this rank steps (``num_envs`` in one process)"""
+    env: Any
+    market: PreparedMarket | None
+    bundle: dict[str, Any] | None
+    checkpoint_path: Path | None
+    fresh_envs: bool
+    device_changed: bool
+    last_saved: int | None = None
+    history: list[dict[str, float]] = field(default_factory=list)
+    tracker: Any = None
+    progress: Any = None
+    start_time: float = 0.0
+    start_step: int = 0
+    elapsed: float = 0.0
+    invocation_iterations: int = 0
+
+    @property
+    def local_batch(self) -> int:
+        """Steps of one rollout on this rank (``batch_size`` in one process)."""
+        return self.args.ppo.num_steps * self.n_envs
+
+    def minibatch_size(self) -> int:
+        """Samples per minibatch on this rank (each rank shuffles and splits its own batch)."""
+        size = self.local_batch // self.args.ppo.num_minibatches
+        if size < 1:
+            raise ValueError(f"--num-minibatches {self.args.ppo.num_minibatches} > this rank's batch of "
+                             f"{self.local_batch} steps")
+        return size
+
+    def restore(self, agent: torch.nn.Module, optimizer: torch.optim.Optimizer) -> LoopState:
+        """The loop state to start from: a reset env, or the bundle's weights, optimizer, env, RNG and counters.
+
+        A bundle's env / RNG state resumes exactly only in the world size of one it was written in; otherwise
+        (written by, or resumed into, several ranks) the run goes on from its weights, optimizer, normalisation and
+        step counter with fresh, seeded episodes on every rank.
+        """
+        bundle, device = self.bundle, self.device
+        state = LoopState(next_obs=torch.zeros(0), next_done=torch.zeros(self.n_envs, device=device),
+                          episode_return=torch.zeros(self.n_envs, dtype=torch.float64, device=device))
+        if bundle is None or self.fresh_envs:
+            state.next_obs = self.env.reset()
+        if bundle is not None:
+            agent.load_state_dict(bundle["agent"])
+            optimizer.load_state_dict(bundle["optimizer"])
+            state.global_step, state.start_iteration = bundle["global_step"], bundle["iteration"] + 1
+        if bundle is not None and not self.fresh_envs:
+            env_state = bundle["env_state"]
+            if self.device_changed:
+                # A CUDA generator's state does not fit a CPU generator (and back): a fresh, seeded stream instead.
+                seed = self.args.run.seed + 1_000_003 * bundle["iteration"]
+                env_state = {**env_state, "generator": torch.Generator(device=device).manual_seed(seed).get_state()}
+            state.next_obs = self.env.load_state_dict(env_state)
+            extra = bundle["extra"]
+            state.next_done = extra["next_done"].to(device)
+            state.episode_return = extra["episode_return"].to(device)
+            state.recent_returns = list(extra["recent_returns"])
+            restore_rng(bundle["rng"])
+        self.last_saved = bundle["iteration"] if bundle is not None else None
+        if self.ctx.enabled:
+            distributed.broadcast_module(agent, self.ctx)  # identical weights and statistics on every rank
+            # distinct action-sampling and minibatch streams per rank (the weights were drawn with the same seed)
+            torch.manual_seed(distributed.rank_seed(self.args.run.seed, self.ctx.rank)
+                              + 1_000_003 * (state.start_iteration - 1))
+        self.tracker = Tracker(
+            self.args.tracking.track and self.ctx.is_main, project=self.args.tracking.wandb_project_name,
+            run_name=self.args.run.run_name, config=dataclasses.asdict(self.args), run_dir=self.args.run.run_dir,
+            mode=self.args.tracking.wandb_mode,
+        )
+        ppo = self.args.ppo
+        self.progress = tqdm(total=ppo.num_iterations * ppo.batch_size, initial=state.global_step, unit="step",
+                             disable=not self.args.run.progress or not self.ctx.is_main, dynamic_ncols=True)
+        self.start_time, self.start_step = time.time(), state.global_step
+        return state
+
+    def save(self, iteration: int, agent: torch.nn.Module, optimizer: torch.optim.Optimizer, state: LoopState,
+             extra: dict[str, Any] | None = None, **items: Any) -> Path | None:
+        """Write the checkpoint bundle of ``iteration`` (rank 0 only; every rank holds the same weights); ``extra``
+        joins the bundle's ``extra`` (the variant's own loop state), ``items`` its top level."""
+        if self.checkpoint_path is None or not self.ctx.is_main:
+            return None
+        self.last_saved = iteration
+        market = self.market
+        return save_checkpoint(self.checkpoint_path, {
+            "variant": self.variant,
+            "args": dataclasses.asdict(self.args),
+            "agent": agent.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            **items,
+            "feature_state": market.features.state,
+            "feature_names": market.features.names,
+            "rng": capture_rng(),
+            "env_state": self.env.state_dict(),
+            "global_step": state.global_step,
+            "iteration": iteration,
+            "data_fingerprint": market.data.fingerprint,
+            "data_name": market.data.name,
+            "data_quality": None if market.data.quality is None else market.data.quality.to_dict(),
+            "extra": {"next_done": state.next_done.cpu(), "episode_return": state.episode_return.cpu(),
+                      "recent_returns": list(state.recent_returns), "device": self.device.type,
+                      **(extra or {}), **({"world_size": self.ctx.world_size} if self.ctx.enabled else {})},
+        })
+
+    def non_finite(self, iteration: int, what: str) -> NonFiniteError:
+        """The error that stops the run at ``iteration``; nothing is saved, so the checkpoint on disk stays the last
+        good one, never the failed state."""
+        self.progress.close()
+        self.tracker.finish()
+        kept = (f"the last good checkpoint, {self.checkpoint_path} (iteration {self.last_saved}), is left as it was"
+                if self.last_saved is not None else "no checkpoint was written")
+        return NonFiniteError(f"iteration {iteration}: {what}; stopped before using it ({kept})")
+
+    def steps_per_second(self, global_step: int) -> float:
+        """Env steps per second of this invocation so far (the clock the time budget reads too)."""
+        self.elapsed = time.time() - self.start_time
+        return (global_step - self.start_step) / max(self.elapsed, 1e-9)
+
+    def log(self, record: dict[str, float], state: LoopState, postfix: dict[str, str] | None = None) -> None:
+        """Keep ``record`` in the history, send it to W&B and move the progress bar (``postfix`` adds to the
+        bar's steps/s and recent return)."""
+        self.history.append(record)
+        self.tracker.log(record, step=state.global_step)
+        self.progress.update(self.args.ppo.batch_size)
+        self.progress.set_postfix({**progress_postfix(record["charts/SPS"], state.recent_returns), **(postfix or {})})
+
+    def stop_or_checkpoint(self, iteration: int, save: Callable[[int], Any]) -> bool:
+        """True when this invocation's wall-clock or iteration budget is spent (every rank together); otherwise
+        save every ``checkpoint_every`` iterations (the last iteration is saved by :meth:`finish`)."""
+        run = self.args.run
+        self.invocation_iterations += 1
+        out_of_time = run.time_budget_s is not None and self.elapsed >= run.time_budget_s
+        out_of_time = distributed.any_rank(out_of_time, self.ctx, self.device)  # rank clocks differ
+        out_of_iterations = run.max_iterations is not None and self.invocation_iterations >= run.max_iterations
+        if out_of_time or out_of_iterations:
+            return True
+        if run.checkpoint_every and iteration % run.checkpoint_every == 0 and iteration < self.args.ppo.num_iterations:
+            save(iteration)
+        return False
+
+    def finish(self, iteration: int, save: Callable[[int], Path | None], agent: torch.nn.Module, state: LoopState,
+               result_type: type[TrainResult] = TrainResult, **result_items: Any) -> TrainResult:
+        """Close the bar, save the last iteration, close W&B; the :class:`~sentio_lab.training.TrainResult`."""
+        self.progress.close()
+        saved_path = save(iteration)
+        self.tracker.finish()
+        return result_type(
+            agent=agent, args=self.args, checkpoint_path=saved_path, global_step=state.global_step,
+            finished=iteration >= self.args.ppo.num_iterations, history=self.history, market=self.market,
+            **result_items,
+        )
+
+
+def start_run(
+    variant: str,
+    args: Any,
+    *,
+    market: PreparedMarket | None,
+    env: Any | None,
+    market_for: Callable[[Any, dict | None], PreparedMarket],
+    make_env: Callable[[Any, PreparedMarket], Any],
+    distributed_ok: bool = False,
+) -> TrainingRun:
+    """Resume or start a run of ``variant``: its arguments, seeds, device, market (data quality printed) and env.
+
+    ``distributed_ok``: the variant runs data parallel under torchrun (``ppo``); otherwise it ignores the process
+    group. Raises :class:`~sentio_lab.checkpoint.CheckpointError` for a bundle of another variant or other data.
+    """
+    bundle = None
+    device_changed = False
+    if args.run.resume:
+        bundle = load_checkpoint(args.run.resume, variant=variant)
+        args = resume_args(args, bundle["args"], args.run.resume)
+        device_changed = resume_device(args, bundle)
+    else:
+        args = derive_sizes(args)
+    seed_everything(args.run.seed, args.run.torch_deterministic)
+    device = resolve_device(args.run.device)
+    # Data parallel under torchrun (sentio_lab.distributed): this rank steps num_envs / world_size of the episodes.
+    # In a world of one every distributed.* call is the identity and n_envs == num_envs.
+    ctx = distributed.context() if distributed_ok else DistContext()
+    n_envs = distributed.local_envs(args.ppo.num_envs, ctx)
+    fresh_envs = bundle is not None and (ctx.enabled or bundle["extra"].get("world_size", 1) > 1)
+    if env is None:
+        if market is None:
+            market = market_for(args, bundle["feature_state"] if bundle else None)
+            if args.run.progress and ctx.is_main:  # read it before trusting fills at the next open (stale opens, ...)
+                print(market.data.quality)
+        if ctx.enabled or fresh_envs:
+            resumed_at = bundle["iteration"] if bundle else 0
+            env_seed = distributed.rank_seed(args.run.seed, ctx.rank) + 1_000_003 * resumed_at
+            env = make_env(args.replace(num_envs=n_envs, seed=env_seed), market)
+        else:
+            env = make_env(args, market)
+    if bundle is not None and market is not None and bundle["data_fingerprint"] != market.data.fingerprint:
+        raise CheckpointError(f"--resume {args.run.resume}: the checkpoint was trained on other data")
+    checkpoint_path = None
+    if market is not None:
+        checkpoint_path = Path(args.run.checkpoint_path or Path(args.run.run_dir) / args.run.run_name / "checkpoint.pt")
+    return TrainingRun(variant=variant, args=args, device=device, ctx=ctx, n_envs=n_envs, env=env, market=market,
+                       bundle=bundle, checkpoint_path=checkpoint_path, fresh_envs=fresh_envs,
+                       device_changed=device_changed)
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor) -> float:
+    """1 - Var(returns - values) / Var(returns) over a flattened batch (NaN when the returns do not vary)."""
+    y_pred, y_true = values.cpu().numpy(), returns.cpu().numpy()
+    var_y = np.var(y_true)
+    return float(np.nan if var_y == 0 else 1 - np.var(y_true - y_pred) / var_y)
+
+
+#: Errors a user can fix from the command line: printed as one line (without ``--debug``).
+USER_ERRORS: tuple[type[BaseException], ...] = (CheckpointError, NonFiniteError, ValueError)
+
+
+def run_cli(
+    args_type: type,
+    train: Callable[[Any], TrainResult],
+    prog: str,
+    argv: list[str] | None = None,
+    distributed_ok: bool = False,
+) -> TrainResult | None:
+    """The ``main()`` of a variant: parse its ``Args`` (grouped ``--help``, choices checked up front), train, report.
+
+    A data or argument error (``ValueError`` and its subclasses from :mod:`sentio_lab.data`, a refused checkpoint,
+    a non-finite stop) prints one line, ``error: <message>``, and exits with status 1; ``--debug`` shows the
+    traceback instead. ``distributed_ok``: join the torchrun process group (``ppo``).
+    """
+    args = tyro.cli(args_type, args=argv, prog=prog)
+    ctx = distributed.init_from_env(args.run.device) if distributed_ok else DistContext()
+    try:
+        result = train(args)
+    except USER_ERRORS as err:
+        if args.run.debug:
+            raise
+        message = " ".join(str(err).split())  # one line, whatever the message's own layout
+        raise SystemExit(f"error: {message} (--debug shows the traceback)") from err
+    finally:
+        if distributed_ok:
+            distributed.shutdown()
+    if ctx.is_main:
+        status = "finished" if result.finished else "stopped early (resume with --resume)"
+        print(f"{status} at step {result.global_step}; checkpoint: {result.checkpoint_path}", file=sys.stdout)
+    return result
