@@ -17,7 +17,7 @@ forwarding. Programmatic construction and copies go through :meth:`VariantArgs.f
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
 import tyro
@@ -284,3 +284,16 @@ class VariantArgs:
                 flat[name] = type(default)(**value)
         return defaults.replace(**flat)  # type: ignore[attr-defined]
 
+
+
+@dataclass
+class SharedArgs(VariantArgs):
+    """The shared groups, as a variant's ``Args`` inherits them (a variant overrides a group's defaults by
+    redeclaring its field, e.g. ``run`` with its own ``exp_name``, and adds its own fields after them)."""
+
+    data: Flat[DataArgs] = field(default_factory=DataArgs)
+    features: Flat[FeatureArgs] = field(default_factory=FeatureArgs)
+    env: Flat[EnvArgs] = field(default_factory=EnvArgs)
+    ppo: Flat[PPOArgs] = field(default_factory=PPOArgs)
+    run: Flat[RunArgs] = field(default_factory=RunArgs)
+    tracking: Flat[TrackingArgs] = field(default_factory=TrackingArgs)

@@ -27,16 +27,15 @@ the same run, but is bit-identical to an uninterrupted run only on the device it
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn, optim
 
 from sentio_lab import distributed, training
-from sentio_lab.arguments import DataArgs, EnvArgs, FeatureArgs, Flat, PPOArgs, RunArgs, TrackingArgs, VariantArgs
+from sentio_lab.arguments import SharedArgs
 from sentio_lab.env import TradingEnv
 from sentio_lab.market import PreparedMarket
 from sentio_lab.nets import MLPActorCritic
@@ -45,28 +44,21 @@ from sentio_lab.rollout import (
     bootstrap_truncated,
     clip_fraction,
     compute_gae,
-    describe_non_finite,
     kl_early_stop,
     normalise_advantages,
     policy_loss,
     value_loss,
 )
-from sentio_lab.run_loop import explained_variance, run_cli, start_run
+from sentio_lab.run_loop import rollout_storage, run_cli, start_run
 from sentio_lab.training import TrainResult
 
 VARIANT = "ppo"
 
 
 @dataclass
-class Args(VariantArgs):
-    """Command-line arguments of ``python -m sentio_lab.ppo`` (the shared groups of :mod:`sentio_lab.arguments`)."""
-
-    data: Flat[DataArgs] = field(default_factory=DataArgs)
-    features: Flat[FeatureArgs] = field(default_factory=FeatureArgs)
-    env: Flat[EnvArgs] = field(default_factory=EnvArgs)
-    ppo: Flat[PPOArgs] = field(default_factory=PPOArgs)
-    run: Flat[RunArgs] = field(default_factory=lambda: RunArgs(exp_name=VARIANT))
-    tracking: Flat[TrackingArgs] = field(default_factory=TrackingArgs)
+class Args(SharedArgs):
+    """Command-line arguments of ``python -m sentio_lab.ppo``: the shared groups of :mod:`sentio_lab.arguments`
+    (data, features, env and costs, PPO, run control, tracking), nothing of its own."""
 
 
 #: The hooks orchestration reads (evaluation, the experiment runner, Tune), shared by every variant.
@@ -105,15 +97,7 @@ def train(args: Args, *, market: PreparedMarket | None = None, env: Any | None =
     agent = build_agent(args, env.obs_dim, env.num_actions).to(device)
     # fused: one kernel for all parameters instead of ~10 small ops per tensor (measured ~3x faster step)
     optimizer = optim.Adam(agent.parameters(), lr=hp.learning_rate, eps=1e-5, fused=True)
-    minibatch_size = run.minibatch_size()
-
-    # Rollout storage
-    obs = torch.zeros((hp.num_steps, n_envs, env.obs_dim), device=device)
-    actions = torch.zeros((hp.num_steps, n_envs), dtype=torch.long, device=device)
-    logprobs = torch.zeros((hp.num_steps, n_envs), device=device)
-    rewards = torch.zeros((hp.num_steps, n_envs), device=device)
-    dones = torch.zeros((hp.num_steps, n_envs), device=device)
-    values = torch.zeros((hp.num_steps, n_envs), device=device)
+    obs, actions, logprobs, rewards, dones, values = rollout_storage(hp.num_steps, n_envs, env.obs_dim, device)
     state = run.restore(agent, optimizer)
     next_obs, next_done = state.next_obs, state.next_done
 
@@ -123,9 +107,7 @@ def train(args: Args, *, market: PreparedMarket | None = None, env: Any | None =
 
     iteration = state.start_iteration - 1
     for iteration in range(state.start_iteration, hp.num_iterations + 1):
-        if hp.anneal_lr:
-            frac = 1.0 - (iteration - 1.0) / hp.num_iterations
-            optimizer.param_groups[0]["lr"] = frac * hp.learning_rate
+        run.anneal_learning_rate(optimizer, iteration)
 
         # ---- rollout: num_steps steps of all num_envs episodes
         for step in range(hp.num_steps):
@@ -152,17 +134,12 @@ def train(args: Args, *, market: PreparedMarket | None = None, env: Any | None =
             rewards[step] = reward
             done = terminated | truncated
             next_done = done.to(torch.float32)
-            if bool(done.any()):
-                state.recent_returns = (state.recent_returns + state.episode_return[done].tolist())[-100:]
-                state.episode_return = torch.where(done, 0.0, state.episode_return)
+            run.end_episodes(state, done)
 
         # ---- bootstrap value and GAE
         with torch.no_grad():
             next_value = agent.get_value(agent.normalise(next_obs))
-            problem = describe_non_finite(rewards=rewards, values=values, next_value=next_value)
-            if distributed.any_rank(problem is not None, ctx, device):  # every rank stops together
-                problem = problem or "values on another rank"
-                raise run.non_finite(iteration, f"the rollout produced non-finite {problem} (index: step, env)")
+            run.check_rollout(iteration, rewards=rewards, values=values, next_value=next_value)
             advantages, returns = compute_gae(rewards, values, dones, next_value, next_done, hp.gamma, hp.gae_lambda)
 
         # ---- flatten the batch
@@ -176,12 +153,8 @@ def train(args: Args, *, market: PreparedMarket | None = None, env: Any | None =
         # ---- optimise policy and value network
         clipfracs = []
         epochs_run = updates_run = 0
-        # exactly num_minibatches per epoch: a remainder of an indivisible batch is left out (PPOArgs doc)
-        used = hp.num_minibatches * minibatch_size
         for epoch in range(hp.update_epochs):
-            b_inds = torch.randperm(run.local_batch, device=device)
-            for minibatch, start in enumerate(range(0, used, minibatch_size)):
-                mb_inds = b_inds[start : start + minibatch_size]
+            for minibatch, mb_inds in run.minibatches():
                 # one contiguous gather per tensor (index_select is several times faster than [mb_inds])
                 batch = (b_obs, b_actions, b_logprobs, b_advantages, b_returns, b_values)
                 mb_obs, mb_actions, mb_logprobs, mb_advantages, mb_returns, mb_values = (
@@ -205,35 +178,17 @@ def train(args: Args, *, market: PreparedMarket | None = None, env: Any | None =
                 loss.backward()
                 distributed.average_gradients(agent, ctx)  # the mean over ranks, before clipping (as DDP)
                 grad_norm = nn.utils.clip_grad_norm_(agent.parameters(), hp.max_grad_norm)
-                # one device sync for both; the optimizer must not step on a NaN / inf (it would poison the weights)
-                if not bool(torch.isfinite(torch.stack((loss.detach(), grad_norm))).all()):
-                    raise run.non_finite(iteration, (
-                        f"non-finite loss or gradient at epoch {epoch + 1}, minibatch {minibatch + 1}: "
-                        f"loss {loss.item()}, gradient norm {grad_norm.item()} (policy loss {pg_loss.item()}, "
-                        f"value loss {v_loss.item()}, entropy {entropy_loss.item()})"
-                    ))
+                run.check_update(iteration, epoch, minibatch, loss, grad_norm, policy_loss=pg_loss,
+                                 value_loss=v_loss, entropy=entropy_loss)
                 optimizer.step()
                 updates_run += 1
             epochs_run += 1
             if kl_early_stop(distributed.mean_over_ranks(kl, ctx), hp.target_kl):  # all ranks stop together
                 break
 
-        recent = state.recent_returns
-        run.log({
-            "charts/learning_rate": optimizer.param_groups[0]["lr"],
-            "charts/episode_log_return": float(np.mean(recent)) if recent else float("nan"),
-            "losses/value_loss": v_loss.item(),
-            "losses/policy_loss": pg_loss.item(),
-            "losses/entropy": entropy_loss.item(),
-            "losses/old_approx_kl": old_kl.item(),
-            "losses/approx_kl": kl.item(),
-            "losses/clipfrac": float(np.mean(clipfracs)),
-            "losses/explained_variance": explained_variance(b_values, b_returns),
-            "losses/epochs": epochs_run,
-            "losses/updates": updates_run,
-            "charts/SPS": run.steps_per_second(state.global_step),
-            "global_step": state.global_step,
-        }, state)
+        losses = {"value_loss": v_loss, "policy_loss": pg_loss, "entropy": entropy_loss, "old_approx_kl": old_kl,
+                  "approx_kl": kl}
+        run.log(run.record(state, optimizer, losses, clipfracs, b_values, b_returns, epochs_run, updates_run), state)
         if run.stop_or_checkpoint(iteration, save):
             break
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,7 +35,7 @@ from sentio_lab import distributed
 from sentio_lab.checkpoint import CheckpointError, capture_rng, load_checkpoint, restore_rng, save_checkpoint
 from sentio_lab.distributed import DistContext
 from sentio_lab.market import PreparedMarket
-from sentio_lab.rollout import NonFiniteError
+from sentio_lab.rollout import NonFiniteError, describe_non_finite
 from sentio_lab.tracking import Tracker
 from sentio_lab.training import (
     TrainResult,
@@ -91,6 +91,7 @@ class TrainingRun:
         """Steps of one rollout on this rank (``batch_size`` in one process)."""
         return self.args.ppo.num_steps * self.n_envs
 
+    @property
     def minibatch_size(self) -> int:
         """Samples per minibatch on this rank (each rank shuffles and splits its own batch)."""
         size = self.local_batch // self.args.ppo.num_minibatches
@@ -98,6 +99,50 @@ class TrainingRun:
             raise ValueError(f"--num-minibatches {self.args.ppo.num_minibatches} > this rank's batch of "
                              f"{self.local_batch} steps")
         return size
+
+    def anneal_learning_rate(self, optimizer: torch.optim.Optimizer, iteration: int) -> None:
+        """With ``anneal_lr``, set the learning rate of ``iteration`` (linear from ``learning_rate`` to 0)."""
+        ppo = self.args.ppo
+        if ppo.anneal_lr:
+            optimizer.param_groups[0]["lr"] = (1.0 - (iteration - 1.0) / ppo.num_iterations) * ppo.learning_rate
+
+    def minibatches(self) -> Iterator[tuple[int, torch.Tensor]]:
+        """One epoch's ``(minibatch number, sample indices)``: a fresh permutation of this rank's batch, cut into
+        exactly ``num_minibatches`` (the remainder of an indivisible batch is left out, as CleanRL's floor does)."""
+        size = self.minibatch_size
+        b_inds = torch.randperm(self.local_batch, device=self.device)
+        for minibatch, start in enumerate(range(0, self.args.ppo.num_minibatches * size, size)):
+            yield minibatch, b_inds[start : start + size]
+
+    def end_episodes(self, state: LoopState, done: torch.Tensor) -> None:
+        """Bookkeeping of the episodes that ended at this step: their log returns join ``recent_returns`` (the last
+        100 are kept), their running returns restart at 0."""
+        if bool(done.any()):
+            state.recent_returns = (state.recent_returns + state.episode_return[done].tolist())[-100:]
+            state.episode_return = torch.where(done, 0.0, state.episode_return)
+
+    def check_rollout(self, iteration: int, **tensors: torch.Tensor) -> None:
+        """Stop (every rank together) when a rollout tensor holds a NaN / inf, before GAE or an update uses it."""
+        problem = describe_non_finite(**tensors)
+        if distributed.any_rank(problem is not None, self.ctx, self.device):
+            problem = problem or "values on another rank"
+            raise self.non_finite(iteration, f"the rollout produced non-finite {problem} (index: step, env)")
+
+    def check_update(self, iteration: int, epoch: int, minibatch: int, loss: torch.Tensor, grad_norm: torch.Tensor,
+                     scaled: bool = False, **losses: torch.Tensor) -> bool:
+        """Stop before the optimizer steps on a NaN / inf loss or gradient (it would poison the weights); one device
+        sync for both. ``scaled`` (an fp16 ``GradScaler``): an infinite gradient of a finite loss is the scaler's
+        overflow, skipped by ``scaler.step``: returns True then. ``losses`` name the parts the message shows."""
+        finite = torch.isfinite(torch.stack((loss.detach(), grad_norm)))
+        if scaled and bool(finite[0]) and not bool(finite[1]):
+            return True  # pragma: no cover - fp16 needs CUDA
+        if not bool(finite.all()):
+            parts = ", ".join(f"{name.replace('_', ' ')} {value.item()}" for name, value in losses.items())
+            raise self.non_finite(iteration, (
+                f"non-finite loss or gradient at epoch {epoch + 1}, minibatch {minibatch + 1}: "
+                f"loss {loss.item()}, gradient norm {grad_norm.item()} ({parts})"
+            ))
+        return False
 
     def restore(self, agent: torch.nn.Module, optimizer: torch.optim.Optimizer) -> LoopState:
         """The loop state to start from: a reset env, or the bundle's weights, optimizer, env, RNG and counters.
@@ -180,6 +225,24 @@ class TrainingRun:
         kept = (f"the last good checkpoint, {self.checkpoint_path} (iteration {self.last_saved}), is left as it was"
                 if self.last_saved is not None else "no checkpoint was written")
         return NonFiniteError(f"iteration {iteration}: {what}; stopped before using it ({kept})")
+
+    def record(self, state: LoopState, optimizer: torch.optim.Optimizer, losses: dict[str, torch.Tensor],
+               clipfracs: list[float], values: torch.Tensor, returns: torch.Tensor, epochs: int,
+               updates: int) -> dict[str, float]:
+        """The scalars every variant logs after an update (``losses``: name -> last minibatch's value, logged as
+        ``losses/<name>``); the variant adds its own."""
+        recent = state.recent_returns
+        return {
+            "charts/learning_rate": optimizer.param_groups[0]["lr"],
+            "charts/episode_log_return": float(np.mean(recent)) if recent else float("nan"),
+            **{f"losses/{name}": value.item() for name, value in losses.items()},
+            "losses/clipfrac": float(np.mean(clipfracs)),
+            "losses/explained_variance": explained_variance(values, returns),
+            "losses/epochs": epochs,
+            "losses/updates": updates,
+            "charts/SPS": self.steps_per_second(state.global_step),
+            "global_step": state.global_step,
+        }
 
     def steps_per_second(self, global_step: int) -> float:
         """Env steps per second of this invocation so far (the clock the time budget reads too)."""
@@ -270,6 +333,14 @@ def start_run(
     return TrainingRun(variant=variant, args=args, device=device, ctx=ctx, n_envs=n_envs, env=env, market=market,
                        bundle=bundle, checkpoint_path=checkpoint_path, fresh_envs=fresh_envs,
                        device_changed=device_changed)
+
+
+def rollout_storage(num_steps: int, n_envs: int, obs_dim: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Zeroed rollout buffers, (step, env) each: observations (and their width), actions, log-probabilities,
+    rewards, dones and values."""
+    obs = torch.zeros((num_steps, n_envs, obs_dim), device=device)
+    actions = torch.zeros((num_steps, n_envs), dtype=torch.long, device=device)
+    return (obs, actions, *(torch.zeros((num_steps, n_envs), device=device) for _ in range(4)))
 
 
 def explained_variance(values: torch.Tensor, returns: torch.Tensor) -> float:
