@@ -293,11 +293,13 @@ def start_run(
     market_for: Callable[[Any, dict | None], PreparedMarket],
     make_env: Callable[[Any, PreparedMarket], Any],
     distributed_ok: bool = False,
+    check: Callable[[Any], None] | None = None,
 ) -> TrainingRun:
     """Resume or start a run of ``variant``: its arguments, seeds, device, market (data quality printed) and env.
 
     ``distributed_ok``: the variant runs data parallel under torchrun (``ppo``); otherwise it ignores the process
-    group. Raises :class:`~sentio_lab.checkpoint.CheckpointError` for a bundle of another variant or other data.
+    group. ``check`` rejects the run's arguments before any data is loaded (a ``ValueError`` naming the flag).
+    Raises :class:`~sentio_lab.checkpoint.CheckpointError` for a bundle of another variant or other data.
     """
     bundle = None
     device_changed = False
@@ -307,6 +309,8 @@ def start_run(
         device_changed = resume_device(args, bundle)
     else:
         args = derive_sizes(args)
+    if check is not None:
+        check(args)
     seed_everything(args.run.seed, args.run.torch_deterministic)
     device = resolve_device(args.run.device)
     # Data parallel under torchrun (sentio_lab.distributed): this rank steps num_envs / world_size of the episodes.
