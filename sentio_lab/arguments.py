@@ -216,6 +216,18 @@ RUN_CONTROL_FIELDS = frozenset(
 )
 
 
+def saved_fields(saved: dict[str, Any], name: str) -> dict[str, Any]:
+    """The dict inside a checkpoint's ``args`` that holds the flat field ``name``: its group's (nested bundles) or
+    ``saved`` itself (flat bundles written before the groups, and a variant's own fields). Writing into it changes
+    the bundle's argument, whichever form the bundle has."""
+    for group in GROUPS:
+        if isinstance(saved.get(group), dict) and name in saved[group]:
+            return saved[group]
+    if name in saved:
+        return saved
+    raise KeyError(f"checkpoint arguments hold no {name!r}")
+
+
 class VariantArgs:
     """Base of every variant's ``Args``: routing between flat keywords and the nested groups.
 

@@ -99,25 +99,26 @@ def load_trained(path: str | Path, *, dataset: str | Path | None = None) -> Trai
     """
     bundle = load_checkpoint(path)
     variant = load_variant(bundle["variant"])
-    args = variant.Args(**bundle["args"])
-    # .get: checkpoints older than these arguments loaded the dataset's default range, refusing stale opens
-    saved = bundle["args"] if dataset is None else {}
+    # flat (older) or nested by group: Args.from_dict reads both; arguments a checkpoint predates take their
+    # defaults (the dataset's default range, refusing stale opens), as those checkpoints were trained with them
+    args = variant.Args.from_dict(bundle["args"])
+    data = args.data
     market = prepare_market(
-        dataset if dataset is not None else args.dataset,
+        dataset if dataset is not None else data.dataset,
         variant.feature_config(args),
-        train_fraction=args.train_fraction,
-        validation_fraction=args.validation_fraction,
+        train_fraction=data.train_fraction,
+        validation_fraction=data.validation_fraction,
         feature_state=bundle["feature_state"],
-        start=saved.get("data_start"),
-        end=saved.get("data_end"),
-        stale_opens=saved.get("stale_opens", "refuse"),
+        start=data.data_start if dataset is None else None,
+        end=data.data_end if dataset is None else None,
+        stale_opens=data.stale_opens if dataset is None else "refuse",
     )
     if dataset is None and market.data.fingerprint != bundle["data_fingerprint"]:
         raise ValueError(
-            f"{path}: dataset {args.dataset!r} now has fingerprint {market.data.fingerprint}, "
+            f"{path}: dataset {data.dataset!r} now has fingerprint {market.data.fingerprint}, "
             f"the model was trained on {bundle['data_fingerprint']}"
         )
-    agent = variant.build_agent(args, agent_obs_dim(args, market), len(args.positions))
+    agent = variant.build_agent(args, agent_obs_dim(args, market), len(args.env.positions))
     agent.load_state_dict(bundle["agent"])
     agent.eval()
     return TrainedAgent(agent=agent, args=args, market=market, bundle=bundle)
@@ -143,7 +144,7 @@ def env_options(args: Any, market: PreparedMarket) -> dict[str, Any]:
 def agent_obs_dim(args: Any, market: PreparedMarket) -> int:
     """Width of the observation an agent with ``args`` sees on ``market`` (window, position and extensions)."""
     options = env_options(args, market)
-    layout = observation_layout(market.arrays.features.shape[1], args.window, options.get("token_blocks", ()),
+    layout = observation_layout(market.arrays.features.shape[1], args.features.window, options.get("token_blocks", ()),
                                 options.get("drawdown_obs", False))
     return observation_dim(layout)
 
@@ -222,7 +223,7 @@ def evaluate_checkpoint(path: str | Path, range_name: str = "test", *, dataset: 
     trained = load_trained(path, dataset=dataset)
     variant = load_variant(trained.bundle["variant"])
     return evaluate_policy(
-        trained.agent, trained.market, window=trained.args.window, positions=tuple(trained.args.positions),
+        trained.agent, trained.market, window=trained.args.features.window, positions=tuple(trained.args.env.positions),
         costs=variant.cost_model(trained.args), range_name=range_name, **action_masking(trained.args),
         env_options=env_options(trained.args, trained.market),
     )

@@ -32,7 +32,6 @@ under the experiment folder. An interrupted experiment continues with ``--resume
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -51,6 +50,7 @@ import tyro
 from ray.tune import Callback
 
 from sentio_lab import metrics
+from sentio_lab.arguments import saved_fields
 from sentio_lab.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from sentio_lab.evaluate import action_masking, env_options, evaluate_checkpoint, evaluate_policy, load_variant
 
@@ -125,11 +125,13 @@ def apply_mutation(path: str | Path, changes: dict[str, float]) -> dict[str, tup
     if unknown:
         raise ValueError(f"PBT may change only {sorted(MUTABLE)}, not {sorted(unknown)}")
     bundle = load_checkpoint(path)
-    changed = {k: (bundle["args"][k], v) for k, v in changes.items() if bundle["args"][k] != v}
+    saved = bundle["args"]  # nested by group, or flat (older bundles): saved_fields finds each field's dict
+    changed = {k: (saved_fields(saved, k)[k], v) for k, v in changes.items() if saved_fields(saved, k)[k] != v}
     if not changed:
         return {}
-    bundle["args"].update({k: new for k, (_, new) in changed.items()})
-    if "learning_rate" in changed and not bundle["args"].get("anneal_lr", True):
+    for name, (_, new) in changed.items():
+        saved_fields(saved, name)[name] = new
+    if "learning_rate" in changed and not saved_fields(saved, "anneal_lr")["anneal_lr"]:
         for group in bundle["optimizer"]["param_groups"]:
             group["lr"] = changed["learning_rate"][1]
     save_checkpoint(path, bundle)
@@ -145,8 +147,8 @@ def variant_base(variant_name: str, argv: list[str] | tuple[str, ...]) -> Any:
 def trial_args(variant_name: str, config: dict[str, Any], checkpoint: Path) -> Any:
     """The variant's ``Args`` for the next Tune iteration of a trial: resume ``checkpoint`` when it exists."""
     base = variant_base(variant_name, config["argv"])
-    return dataclasses.replace(
-        base, **config["overrides"], **{k: config[k] for k in MUTABLE if k in config}, seed=config["seed"],
+    return base.replace(
+        **config["overrides"], **{k: config[k] for k in MUTABLE if k in config}, seed=config["seed"],
         checkpoint_path=str(checkpoint), resume=str(checkpoint) if checkpoint.exists() else None,
         max_iterations=config["variant_iterations"], checkpoint_every=0, track=False, progress=False,
     )
@@ -155,7 +157,7 @@ def trial_args(variant_name: str, config: dict[str, Any], checkpoint: Path) -> A
 def validation_score(variant_name: str, agent: Any, args: Any, market: Any) -> dict[str, float]:
     """Fitness of an agent: its greedy episode over the validation range, net of costs (never the test range)."""
     variant = load_variant(variant_name)
-    evaluation = evaluate_policy(agent, market, window=args.window, positions=tuple(args.positions),
+    evaluation = evaluate_policy(agent, market, window=args.features.window, positions=tuple(args.env.positions),
                                  costs=variant.cost_model(args), range_name="validation", **action_masking(args),
                                  env_options=env_options(args, market))
     returns = metrics.simple_returns(evaluation.equity)
@@ -177,7 +179,7 @@ def run_iteration(variant_name: str, config: dict[str, Any], work: Path, market:
     result = load_variant(variant_name).train(args, market=market)
     return {**validation_score(variant_name, result.agent, result.args, market),
             "global_step": result.global_step, "finished": result.finished, "mutated": sorted(mutated),
-            **{f"hp_{k}": float(getattr(result.args, k)) for k in MUTABLE}}
+            **{f"hp_{k}": float(getattr(result.args.ppo, k)) for k in MUTABLE}}
 
 
 def trainable(config: dict[str, Any]) -> None:
@@ -214,16 +216,16 @@ def base_arguments(args: TuneArgs) -> dict[str, Any]:
     """
     argv = shlex.split(args.variant_args)
     base = variant_base(args.variant, argv)
-    batch = base.num_envs * base.num_steps
+    batch = base.ppo.num_envs * base.ppo.num_steps
     if args.steps_per_iteration % batch:
         raise ValueError(f"steps_per_iteration={args.steps_per_iteration} is not a multiple of the variant's "
                          f"rollout, num_envs x num_steps = {batch}")
     overrides: dict[str, Any] = {"total_timesteps": args.iterations * args.steps_per_iteration,
-                                 "run_dir": str(Path(base.run_dir).resolve())}
-    if base.feature_cache_dir:
-        overrides["feature_cache_dir"] = str(Path(base.feature_cache_dir).resolve())
-    if Path(str(base.dataset)).exists():
-        overrides["dataset"] = str(Path(base.dataset).resolve())
+                                 "run_dir": str(Path(base.run.run_dir).resolve())}
+    if base.features.feature_cache_dir:
+        overrides["feature_cache_dir"] = str(Path(base.features.feature_cache_dir).resolve())
+    if Path(str(base.data.dataset)).exists():
+        overrides["dataset"] = str(Path(base.data.dataset).resolve())
     return {"argv": argv, "overrides": overrides, "variant_iterations": args.steps_per_iteration // batch}
 
 

@@ -19,7 +19,7 @@ def tiny_args(tmp_path):
     """PPO arguments small enough for a unit test (3 iterations of 8 x 16 steps)."""
     from sentio_lab.ppo import Args
 
-    return Args(
+    return Args.from_flat(
         total_timesteps=8 * 16 * 3, num_envs=8, num_steps=16, num_minibatches=2, update_epochs=2,
         window=8, episode_length=24, track=False, progress=False, run_dir=str(tmp_path / "runs"),
         run_name="tiny", checkpoint_every=0, feature_cache_dir=str(tmp_path / "feature-cache"),
@@ -113,4 +113,4 @@ def messy_nasdaq() -> MessyMarket:
 
 def replace(args, **changes):
     """dataclasses.replace, importable by tests."""
-    return dataclasses.replace(args, **changes)
+    return args.replace(**changes)

@@ -53,8 +53,8 @@ def test_episode_ranges_have_exactly_the_requested_length(sp500_market):
     assert starts[0] == sp500_market.arrays.first_valid + 7 and starts[-1] == len(sp500_market.arrays.close) - 31
     market, names = bench.episode_market(sp500_market, starts, 30)
     agents = bench.make_agents(market, 2, 8, 16)
-    results = evaluate_policies(agents, market, names, window=8, positions=ppo.Args.positions,
-                                costs=ppo.cost_model(ppo.Args()))
+    results = evaluate_policies(agents, market, names, window=8, positions=ppo.Args().env.positions,
+                                costs=ppo.cost_model(ppo.Args.from_flat()))
     for row in results:
         assert [e.start for e in row] == starts and all(len(e.weights) == 30 for e in row)
     assert not agents[0].obs_norm.mean.eq(agents[1].obs_norm.mean).all()  # each normaliser saw its own batch

@@ -80,6 +80,6 @@ def test_aliases_and_mask_rules_from_the_command_line():
     assert masks.cooldown == 5 and not masks.long_only
     s = bench.settings_for(512, cli)
     args = bench.masked_args(s, cli, "runs")
-    assert args.masks == masks and args.positions == bench.POSITIONS
-    assert args.num_minibatches == 32 and not args.anneal_lr and args.target_kl is None
-    assert np.isclose(args.learning_rate, 2.5e-4)
+    assert args.masks == masks and args.env.positions == bench.POSITIONS
+    assert args.ppo.num_minibatches == 32 and not args.ppo.anneal_lr and args.ppo.target_kl is None
+    assert np.isclose(args.ppo.learning_rate, 2.5e-4)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import socket
 import subprocess
@@ -44,7 +43,7 @@ def _worker(rank: int, world: int, port: int, out: str, task: str) -> None:
     try:
         if task == "grad":
             torch.manual_seed(0)
-            agent = ppo.build_agent(ppo.Args(hidden_size=8), 5, 3)
+            agent = ppo.build_agent(ppo.Args.from_flat(hidden_size=8), 5, 3)
             data = torch.load(out_dir / "batch.pt")
             half = slice(rank * 8, rank * 8 + 8)
             _, logp, ent, value = agent.get_action_and_value(data["obs"][half], data["actions"][half])
@@ -55,7 +54,7 @@ def _worker(rank: int, world: int, port: int, out: str, task: str) -> None:
             assert distributed.any_rank(rank == 1, ctx) and not distributed.any_rank(False, ctx)
             assert float(distributed.mean_over_ranks(torch.tensor(float(rank)), ctx)) == 0.5
             return
-        market = ppo.market_for(ppo.Args(window=16))
+        market = ppo.market_for(ppo.Args.from_flat(window=16))
         steps: list[torch.Tensor] = []
         original = torch.optim.Adam.step
 
@@ -69,7 +68,7 @@ def _worker(rank: int, world: int, port: int, out: str, task: str) -> None:
             finals = {}
             for seed in SEEDS:
                 steps.clear()
-                args = ppo.Args(**TINY, seed=seed, total_timesteps=4096, run_dir=str(out_dir / "runs"),
+                args = ppo.Args.from_flat(**TINY, seed=seed, total_timesteps=4096, run_dir=str(out_dir / "runs"),
                                 run_name=f"s{seed}")
                 result = ppo.train(args, market=market)
                 finals[seed] = {"entropy": result.history[-1]["losses/entropy"],
@@ -81,7 +80,8 @@ def _worker(rank: int, world: int, port: int, out: str, task: str) -> None:
                            out_dir / f"rank{rank}_seed{seed}.pt")
             torch.save(finals, out_dir / f"finals{rank}.pt")
         elif task == "resume":
-            args = ppo.Args(**TINY, seed=5, total_timesteps=2048, resume=str(out_dir / "single.pt"), max_iterations=1,
+            args = ppo.Args.from_flat(**TINY, seed=5, total_timesteps=2048, resume=str(out_dir / "single.pt"),
+                                      max_iterations=1,
                             checkpoint_path=str(out_dir / "from_single.pt"))
             result = ppo.train(args, market=market)
             path = None if result.checkpoint_path is None else str(result.checkpoint_path)
@@ -108,7 +108,7 @@ def test_helpers_in_a_world_of_one():
         distributed.local_envs(7, distributed.DistContext(rank=0, world_size=2))
     assert distributed.backend_for("cpu") == "gloo" and distributed.backend_for("cuda:0") == "nccl"
     assert distributed.backend_for("auto") == ("nccl" if torch.cuda.is_available() else "gloo")
-    agent = ppo.build_agent(ppo.Args(hidden_size=4), 3, 2)
+    agent = ppo.build_agent(ppo.Args.from_flat(hidden_size=4), 3, 2)
     before = _flat(agent)
     distributed.average_gradients(agent, ctx)
     distributed.broadcast_module(agent, ctx)
@@ -125,7 +125,7 @@ def test_averaged_gradients_equal_the_single_process_gradient(tmp_path):
     torch.save(data, tmp_path / "batch.pt")
     _spawn(tmp_path, "grad")
     torch.manual_seed(0)
-    agent = ppo.build_agent(ppo.Args(hidden_size=8), 5, 3)
+    agent = ppo.build_agent(ppo.Args.from_flat(hidden_size=8), 5, 3)
     _, logp, ent, value = agent.get_action_and_value(data["obs"], data["actions"])
     ((logp * data["adv"]).mean() + value.square().mean() - 0.01 * ent.mean()).backward()
     grads = [torch.load(tmp_path / f"grad{r}.pt") for r in (0, 1)]
@@ -137,7 +137,7 @@ def test_averaged_gradients_equal_the_single_process_gradient(tmp_path):
 @pytest.mark.slow
 def test_two_process_training_identical_ranks_and_equivalent_to_one_process(tmp_path, monkeypatch):
     _spawn(tmp_path, "train")
-    market = ppo.market_for(ppo.Args(window=16))
+    market = ppo.market_for(ppo.Args.from_flat(window=16))
     steps: list[torch.Tensor] = []
     original = torch.optim.Adam.step
 
@@ -150,7 +150,7 @@ def test_two_process_training_identical_ranks_and_equivalent_to_one_process(tmp_
     single = {}
     for seed in SEEDS:
         steps.clear()
-        ppo.train(ppo.Args(**TINY, seed=seed, total_timesteps=4096, run_dir=str(tmp_path / "one"),
+        ppo.train(ppo.Args.from_flat(**TINY, seed=seed, total_timesteps=4096, run_dir=str(tmp_path / "one"),
                                     run_name=f"s{seed}"), market=market)
         single[seed] = float((steps[-1] - steps[0]).norm())
     finals = [torch.load(tmp_path / f"finals{r}.pt") for r in (0, 1)]
@@ -179,9 +179,9 @@ def test_two_process_training_identical_ranks_and_equivalent_to_one_process(tmp_
 
 @pytest.mark.slow
 def test_checkpoints_resume_at_any_world_size(tmp_path):
-    market = ppo.market_for(ppo.Args(window=16))
+    market = ppo.market_for(ppo.Args.from_flat(window=16))
     # one process, stopped after 2 of 4 iterations, resumed by 2 processes
-    first = ppo.train(ppo.Args(**TINY, seed=5, total_timesteps=2048, max_iterations=2,
+    first = ppo.train(ppo.Args.from_flat(**TINY, seed=5, total_timesteps=2048, max_iterations=2,
                                checkpoint_path=str(tmp_path / "single.pt")), market=market)
     assert not first.finished and first.global_step == 1024
     _spawn(tmp_path, "resume")
@@ -191,13 +191,13 @@ def test_checkpoints_resume_at_any_world_size(tmp_path):
     two = load_checkpoint(tmp_path / "from_single.pt")
     assert two["extra"]["world_size"] == 2 and two["iteration"] == 3 and two["global_step"] == 1536
     # and the 2-process checkpoint resumed by one process (fresh seeded episodes, same weights and counters)
-    args = ppo.Args(**{**TINY, "seed": 5}, total_timesteps=2048, resume=str(tmp_path / "from_single.pt"),
+    args = ppo.Args.from_flat(**{**TINY, "seed": 5}, total_timesteps=2048, resume=str(tmp_path / "from_single.pt"),
                     checkpoint_path=str(tmp_path / "back.pt"))
     back = ppo.train(args, market=market)
     assert back.finished and back.global_step == 2048 and len(back.history) == 1
     assert back.history[0]["charts/learning_rate"] == pytest.approx(0.25 * 2.5e-4)  # iteration 4 of 4, annealed
     assert "world_size" not in load_checkpoint(tmp_path / "back.pt")["extra"]  # a single-process bundle as before
-    again = ppo.train(dataclasses.replace(args, resume=str(tmp_path / "single.pt"),
+    again = ppo.train(args.replace(resume=str(tmp_path / "single.pt"),
                                           checkpoint_path=str(tmp_path / "again.pt")), market=market)
     assert again.finished and len(again.history) == 2
 
@@ -236,7 +236,7 @@ def test_collectives_in_process_with_a_simulated_second_rank(monkeypatch):
     assert torch.equal(distributed.all_gather_rows(x, ctx), torch.cat([x, x]))
     assert torch.equal(distributed.mean_over_ranks(x, ctx), x)
     assert distributed.any_rank(True, ctx) and not distributed.any_rank(False, ctx)
-    agent = ppo.build_agent(ppo.Args(hidden_size=4), 3, 2)
+    agent = ppo.build_agent(ppo.Args.from_flat(hidden_size=4), 3, 2)
     agent.get_value(torch.randn(5, 3)).sum().backward()
     grads = [p.grad.clone() if p.grad is not None else None for p in agent.parameters()]
     distributed.average_gradients(agent, ctx)  # the mean of two equal gradients is the gradient

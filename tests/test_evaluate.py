@@ -15,7 +15,8 @@ def test_unknown_variant():
 
 def test_checkpoint_evaluation_equals_live_agent(tiny_args, sp500_market):
     result = ppo.train(tiny_args, market=sp500_market)
-    live = evaluate_policy(result.agent, sp500_market, window=tiny_args.window, positions=tiny_args.positions,
+    live = evaluate_policy(result.agent, sp500_market, window=tiny_args.features.window,
+                           positions=tiny_args.env.positions,
                            costs=ppo.cost_model(tiny_args))
     restored = evaluate_checkpoint(result.checkpoint_path)
     pd.testing.assert_series_equal(live.weights, restored.weights)
@@ -23,14 +24,14 @@ def test_checkpoint_evaluation_equals_live_agent(tiny_args, sp500_market):
     test_start, test_stop = sp500_market.range("test")
     assert restored.start == test_start and restored.equity.index[-1] == sp500_market.data.frame.index[test_stop - 1]
     assert len(restored.equity) == len(restored.weights) + 1 and restored.equity.iloc[0] == 1.0
-    assert set(np.unique(restored.weights)) <= set(tiny_args.positions)
+    assert set(np.unique(restored.weights)) <= set(tiny_args.env.positions)
 
 
 def test_checkpoint_on_changed_data_is_refused(tiny_args, sp500_market, tmp_path):
     frame = sp500_market.data.frame.copy()
     csv = tmp_path / "sp500.csv"
     frame.to_csv(csv)
-    args = dataclasses.replace(tiny_args, dataset=str(csv))
+    args = tiny_args.replace(dataset=str(csv))
     result = ppo.train(args)
     trained = load_trained(result.checkpoint_path)
     assert trained.market.data.fingerprint == sp500_market.data.fingerprint
@@ -58,7 +59,7 @@ def test_ruin_ends_the_evaluation_early(sp500_market):
 
     # 50x leverage on a daily index goes bust on the first big down day of the range
     evaluation = evaluate_policy(AlwaysLong(), sp500_market, window=8, positions=(0.0, 50.0),
-                                 costs=ppo.cost_model(ppo.Args()), range_name="train")
+                                 costs=ppo.cost_model(ppo.Args.from_flat()), range_name="train")
     assert evaluation.ruined and evaluation.equity.iloc[-1] == 1e-12
     assert (evaluation.equity.iloc[:-1] > 1e-12).all()
     from sentio_lab.metrics import summary_stats
@@ -76,15 +77,15 @@ def test_evaluation_charges_the_checkpoints_borrow_and_old_checkpoints_none(tiny
 
     if "borrow_bps" not in {f.name for f in dataclasses.fields(ppo.Args)}:
         pytest.skip("ppo.Args has no borrow_bps field yet")
-    args = dataclasses.replace(tiny_args, borrow_bps=2_000.0, positions=(-1.0, 0.0, 1.0))
+    args = tiny_args.replace(borrow_bps=2_000.0, positions=(-1.0, 0.0, 1.0))
     result = ppo.train(args, market=sp500_market)
     restored = evaluate_checkpoint(result.checkpoint_path)
-    assert restored.costs == CostModel(fee_bps=args.fee_bps, slippage_bps=args.slippage_bps, borrow_bps=2_000.0)
-    live = evaluate_policy(result.agent, sp500_market, window=args.window, positions=args.positions,
+    assert restored.costs == CostModel(fee_bps=args.env.fee_bps, slippage_bps=args.env.slippage_bps, borrow_bps=2_000.0)
+    live = evaluate_policy(result.agent, sp500_market, window=args.features.window, positions=args.env.positions,
                            costs=restored.costs)
     pd.testing.assert_series_equal(live.equity, restored.equity)
-    free = evaluate_policy(result.agent, sp500_market, window=args.window, positions=args.positions,
-                           costs=CostModel(fee_bps=args.fee_bps, slippage_bps=args.slippage_bps))
+    free = evaluate_policy(result.agent, sp500_market, window=args.features.window, positions=args.env.positions,
+                           costs=CostModel(fee_bps=args.env.fee_bps, slippage_bps=args.env.slippage_bps))
     pd.testing.assert_series_equal(free.weights, restored.weights)  # borrow is not in the observation
     if (restored.weights < 0).any():  # a short was held: it paid
         assert restored.equity.iloc[-1] < free.equity.iloc[-1]
@@ -195,7 +196,7 @@ def test_batched_evaluation_mixes_other_policies_and_duplicate_ranges(ranged_mar
         def act_greedy(self, obs):
             return torch.full((obs.shape[0],), 1, dtype=torch.long)
 
-    window, positions, costs = 8, (0.0, 50.0), ppo.cost_model(ppo.Args())
+    window, positions, costs = 8, (0.0, 50.0), ppo.cost_model(ppo.Args.from_flat())
     (mlp,) = _mlp_agents(ranged_market, window, positions, [(3, 16, [0.0, -2.0])])
     agents = [AlwaysLong(), mlp]
     names = ["crash", "test", "crash"]
@@ -250,7 +251,7 @@ def test_exact_ties_are_decided_by_the_unbatched_argmax(ranged_market):
         with torch.no_grad():
             agent.actor[-1].weight[2] = agent.actor[-1].weight[1]
             agent.actor[-1].bias[2] = agent.actor[-1].bias[1]
-    costs = ppo.cost_model(ppo.Args())
+    costs = ppo.cost_model(ppo.Args.from_flat())
     batched = evaluate_policies(agents, ranged_market, ["early", "end"], window=window, positions=positions,
                                 costs=costs)
     for i, agent in enumerate(agents):
@@ -290,7 +291,7 @@ def test_length_buckets_keep_every_env_inside_the_data():
 def test_batched_evaluation_edge_cases(ranged_market):
     from sentio_lab.evaluate import evaluate_policies
 
-    window, positions, costs = 8, (-1.0, 0.0, 1.0), ppo.cost_model(ppo.Args())
+    window, positions, costs = 8, (-1.0, 0.0, 1.0), ppo.cost_model(ppo.Args.from_flat())
     agents = _mlp_agents(ranged_market, window, positions, [(0, 16, [0.0, 0.0, 0.0])])
     kw = dict(window=window, positions=positions, costs=costs)
     assert evaluate_policies([], ranged_market, ["test"], **kw) == []
@@ -315,7 +316,7 @@ def test_batched_evaluation_of_cpcv_test_groups(sp500_market):
     from sentio_lab.market import prepare_fold_market
     from sentio_lab.splits import PurgeEmbargo, combinatorial_purged
 
-    window, positions, costs = 8, (-1.0, 0.0, 1.0), ppo.cost_model(ppo.Args())
+    window, positions, costs = 8, (-1.0, 0.0, 1.0), ppo.cost_model(ppo.Args.from_flat())
     gaps = PurgeEmbargo.for_features(window, sp500_market.feature_config, sp500_market.data.frame)
     folds = combinatorial_purged(len(sp500_market.data), gaps, n_groups=6, n_test_groups=2,
                                  first_valid=sp500_market.arrays.first_valid)
@@ -390,9 +391,9 @@ def test_masked_evaluation_takes_the_best_valid_action_batched_and_single_alike(
                                range_name="crash")
     assert (unmasked.weights < 0).any()  # without masks agent 0 does go short: the masks made the difference
     # no masks: the keywords are empty and nothing changes
-    assert action_masking(ppo.Args()) == {}
+    assert action_masking(ppo.Args.from_flat()) == {}
     plain = evaluate_policy(agents[1], ranged_market, window=window, positions=positions, costs=costs,
-                            range_name="crash", **action_masking(ppo.Args()))
+                            range_name="crash", **action_masking(ppo.Args.from_flat()))
     _assert_same(evaluate_policies([agents[1]], ranged_market, ["crash"], window=window, positions=positions,
                                    costs=costs)[0][0], plain)
 

@@ -11,7 +11,7 @@ TINY = ("--total-timesteps", str(8 * 16 * 4), "--num-envs", "8", "--num-steps", 
 
 def test_parse_variant_args_uses_the_variants_parser():
     args = parse_variant_args("ppo", ["--hidden-size", "16", "--fee-bps", "3"])
-    assert args.hidden_size == 16 and args.fee_bps == 3.0
+    assert args.ppo.hidden_size == 16 and args.env.fee_bps == 3.0
 
 
 def test_cell_trains_once_and_records_itself(tmp_path, synthetic_market):

@@ -12,7 +12,7 @@ CONFIGS = sorted((Path(__file__).parent.parent / "experiments" / "configs").glob
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
 def test_named_configs_parse_into_ppo_args(path):
     args = tyro.cli(ppo.Args, args=shlex.split(path.read_text()))
-    assert args.total_timesteps > 0 and args.feature_bank in ("basic", "talib")
+    assert args.ppo.total_timesteps > 0 and args.features.feature_bank in ("basic", "talib")
     ppo.feature_config(args)  # the feature pipeline accepts it
 
 

@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
+from sentio_lab.arguments import FeatureArgs
 from sentio_lab.env import MarketArrays, NumpyTradingEnv, TradingEnv
 from sentio_lab.observation_layout import TokenBlock, check_token_blocks, observation_dim, observation_layout
 
@@ -186,7 +187,7 @@ def test_drawdown_state_resumes_and_old_states_are_refused():
 class DrawdownArgs:
     """Stands in for a variant's Args: this module's env_options() asks for the drawdown state."""
 
-    window: int = 8
+    features: FeatureArgs = dataclasses.field(default_factory=lambda: FeatureArgs(window=8))
 
 
 def env_options(args: DrawdownArgs, market) -> dict:
@@ -217,10 +218,10 @@ def test_evaluation_applies_the_variants_env_options(sp500_market):
     args = DrawdownArgs()
     options = find_env_options(args, sp500_market)
     assert options == {"drawdown_obs": True}
-    width = sp500_market.arrays.features.shape[1] * args.window + 1
+    width = sp500_market.arrays.features.shape[1] * args.features.window + 1
     assert agent_obs_dim(args, sp500_market) == width + 2
     agent = WidthCheckingAgent()
-    kwargs = dict(window=args.window, positions=(-1.0, 0.0, 1.0), costs=CostModel())
+    kwargs = dict(window=args.features.window, positions=(-1.0, 0.0, 1.0), costs=CostModel())
     one = evaluate_policy(agent, sp500_market, range_name="test", env_options=options, **kwargs)
     # the drawdown state shown at each decision is the one of the equity marked so far (by hand from the curve)
     d, m = drawdown_by_hand(one.equity.to_numpy())

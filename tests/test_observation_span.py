@@ -48,7 +48,7 @@ def test_token_span_grows_by_a_day_of_bars_per_daily_token(plans):
     market = ppo_transformer.market_for(args)
     five, ten = (token_span(market, ("1D",), (k,)) for k in (5, 10))
     assert 5 * 20 <= ten - five <= 5 * 24 + 72  # hourly FX: ~24 bars a day (a weekend inside adds no bars)
-    assert ppo_transformer.observation_span(dataclasses.replace(args, token_timeframes=(), token_counts=()),
+    assert ppo_transformer.observation_span(args.replace(token_timeframes=(), token_counts=()),
                                             market) == 0
     with pytest.raises(ValueError, match="token timeframes but"):
         token_span(market, ("1D", "4h"), (3,))

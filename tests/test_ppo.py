@@ -1,4 +1,3 @@
-import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +12,7 @@ from sentio_lab.checkpoint import REQUIRED_KEYS, CheckpointError, load_checkpoin
 from sentio_lab.data import DataValidationError
 from sentio_lab.evaluate import evaluate_policy, load_trained
 from sentio_lab.metrics import sharpe_ratio
+from sentio_lab.rollout import NonFiniteError
 
 
 def weights_equal(a, b):
@@ -30,16 +30,16 @@ def test_help_lists_every_argument():
 
 def test_same_seed_same_weights_other_seed_differs(tiny_args, synthetic_market):
     first = ppo.train(tiny_args, market=synthetic_market)
-    again = ppo.train(dataclasses.replace(tiny_args, run_name="again"), market=synthetic_market)
-    other = ppo.train(dataclasses.replace(tiny_args, run_name="other", seed=2), market=synthetic_market)
+    again = ppo.train(tiny_args.replace(run_name="again"), market=synthetic_market)
+    other = ppo.train(tiny_args.replace(run_name="other", seed=2), market=synthetic_market)
     assert weights_equal(first.agent, again.agent)
     assert not weights_equal(first.agent, other.agent)
-    assert first.finished and first.global_step == tiny_args.total_timesteps
+    assert first.finished and first.global_step == tiny_args.ppo.total_timesteps
 
 
 def test_split_run_resumed_equals_uninterrupted(tiny_args, synthetic_market):
-    whole = ppo.train(dataclasses.replace(tiny_args, total_timesteps=8 * 16 * 5), market=synthetic_market)
-    part = ppo.train(dataclasses.replace(tiny_args, total_timesteps=8 * 16 * 5, run_name="split", max_iterations=2),
+    whole = ppo.train(tiny_args.replace(total_timesteps=8 * 16 * 5), market=synthetic_market)
+    part = ppo.train(tiny_args.replace(total_timesteps=8 * 16 * 5, run_name="split", max_iterations=2),
                      market=synthetic_market)
     assert not part.finished and part.global_step == 8 * 16 * 2
     bundle = load_checkpoint(part.checkpoint_path, variant="ppo")
@@ -49,7 +49,7 @@ def test_split_run_resumed_equals_uninterrupted(tiny_args, synthetic_market):
     assert "obs_norm.mean" in bundle["agent"] and bundle["optimizer"]["state"]
     # tensors and plain python only: loads with weights_only=True and needs no allow-list at all
     assert torch.serialization.get_unsafe_globals_in_checkpoint(part.checkpoint_path) == []
-    resumed = ppo.train(ppo.Args(resume=str(part.checkpoint_path), track=False, progress=False),
+    resumed = ppo.train(ppo.Args.from_flat(resume=str(part.checkpoint_path), track=False, progress=False),
                         market=synthetic_market)
     assert resumed.finished and resumed.global_step == whole.global_step
     assert weights_equal(whole.agent, resumed.agent)
@@ -57,24 +57,25 @@ def test_split_run_resumed_equals_uninterrupted(tiny_args, synthetic_market):
 
 
 def test_resume_refuses_other_data(tiny_args, synthetic_market, sp500_market):
-    part = ppo.train(dataclasses.replace(tiny_args, max_iterations=1), market=synthetic_market)
+    part = ppo.train(tiny_args.replace(max_iterations=1), market=synthetic_market)
     with pytest.raises(ValueError, match="other data"):
-        ppo.train(ppo.Args(resume=str(part.checkpoint_path), track=False, progress=False), market=sp500_market)
+        ppo.train(ppo.Args.from_flat(resume=str(part.checkpoint_path), track=False, progress=False),
+                  market=sp500_market)
 
 
 def test_time_budget_stops_cleanly_and_saves(tiny_args, synthetic_market):
-    result = ppo.train(dataclasses.replace(tiny_args, time_budget_s=0.0), market=synthetic_market)
+    result = ppo.train(tiny_args.replace(time_budget_s=0.0), market=synthetic_market)
     assert not result.finished and result.global_step == 8 * 16
     assert load_checkpoint(result.checkpoint_path)["iteration"] == 1
 
 
 def test_too_few_timesteps_is_an_error(tiny_args):
     with pytest.raises(ValueError, match="one rollout"):
-        ppo.train(dataclasses.replace(tiny_args, total_timesteps=10))
+        ppo.train(tiny_args.replace(total_timesteps=10))
 
 
 def test_variants_of_the_update_run_and_log(tiny_args, synthetic_market):
-    args = dataclasses.replace(tiny_args, target_kl=0.0, clip_vloss=False, norm_obs=False, anneal_lr=False,
+    args = tiny_args.replace(target_kl=0.0, clip_vloss=False, norm_obs=False, anneal_lr=False,
                                checkpoint_every=1)
     result = ppo.train(args, market=synthetic_market)
     assert result.agent.obs_norm is None
@@ -82,7 +83,7 @@ def test_variants_of_the_update_run_and_log(tiny_args, synthetic_market):
     record = result.history[-1]
     for key in ("losses/approx_kl", "losses/clipfrac", "losses/explained_variance", "charts/SPS"):
         assert np.isfinite(record[key])
-    assert record["charts/learning_rate"] == args.learning_rate
+    assert record["charts/learning_rate"] == args.ppo.learning_rate
 
 
 def test_truncated_episodes_are_counted_and_learning_rate_anneals(tiny_args, synthetic_market):
@@ -90,11 +91,11 @@ def test_truncated_episodes_are_counted_and_learning_rate_anneals(tiny_args, syn
     # episode_length 24 < 48 steps per env: episodes finished and their log returns were recorded
     assert np.isfinite(result.history[-1]["charts/episode_log_return"])
     lrs = [h["charts/learning_rate"] for h in result.history]
-    assert lrs[0] == tiny_args.learning_rate and lrs[1] < lrs[0]
+    assert lrs[0] == tiny_args.ppo.learning_rate and lrs[1] < lrs[0]
 
 
 def test_tracking_writes_offline_wandb_files(tiny_args, synthetic_market, tmp_path):
-    ppo.train(dataclasses.replace(tiny_args, track=True, run_dir=str(tmp_path / "tracked")), market=synthetic_market)
+    ppo.train(tiny_args.replace(track=True, run_dir=str(tmp_path / "tracked")), market=synthetic_market)
     runs = list((tmp_path / "tracked" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and any(runs[0].rglob("*.wandb"))
 
@@ -120,41 +121,42 @@ def test_main_runs_from_the_command_line(monkeypatch, tmp_path, capsys):
 def test_observation_uses_the_talib_bank_regimes_and_higher_timeframe(tiny_args):
     from sentio_lab.evaluate import evaluate_checkpoint
 
-    args = dataclasses.replace(tiny_args, feature_bank="talib", regimes=2, regime_restarts=1, timeframes=("W-FRI",),
+    args = tiny_args.replace(feature_bank="talib", regimes=2, regime_restarts=1, timeframes=("W-FRI",),
                                window=2, total_timesteps=8 * 16)
     result = ppo.train(args)
     features = result.market.features
     assert set(features.blocks) == {"base", "W-FRI", "regime"}
     assert features.blocks["base"].stop - features.blocks["base"].start >= 150
-    assert result.agent.obs_norm.mean.shape[0] == args.window * len(features.names) + 1
+    assert result.agent.obs_norm.mean.shape[0] == args.features.window * len(features.names) + 1
     # the checkpoint restores the same fitted pipeline: identical feature matrix, same greedy episode
     assert torch.serialization.get_unsafe_globals_in_checkpoint(result.checkpoint_path) == []  # HMM state too
     trained = load_trained(result.checkpoint_path)
     np.testing.assert_array_equal(trained.market.features.values, features.values)
     again = evaluate_checkpoint(result.checkpoint_path, "validation")
-    live = evaluate_policy(result.agent, result.market, window=2, positions=args.positions,
+    live = evaluate_policy(result.agent, result.market, window=2, positions=args.env.positions,
                            costs=ppo.cost_model(args), range_name="validation")
     assert again.weights.equals(live.weights) and again.equity.equals(live.equity)
 
 
 def test_resume_refuses_changed_experiment_arguments_and_names_them(tiny_args, synthetic_market):
-    part = ppo.train(dataclasses.replace(tiny_args, max_iterations=1), market=synthetic_market)
+    part = ppo.train(tiny_args.replace(max_iterations=1), market=synthetic_market)
     resume = dict(resume=str(part.checkpoint_path), track=False, progress=False)
     with pytest.raises(CheckpointError) as refused:
-        ppo.train(ppo.Args(**resume, learning_rate=1e-3, gamma=0.9, positions=(0.0, 1.0)), market=synthetic_market)
+        ppo.train(ppo.Args.from_flat(**resume, learning_rate=1e-3, gamma=0.9, positions=(0.0, 1.0)),
+                  market=synthetic_market)
     message = str(refused.value)
     assert "learning_rate: given 0.001, checkpoint 0.00025" in message
     assert "gamma: given 0.9, checkpoint 0.99" in message
     assert "positions: given (0.0, 1.0), checkpoint (-1.0, 0.0, 1.0)" in message
     assert "window" not in message  # left at its default (32): taken from the checkpoint (8), no conflict
     # the checkpoint's own values may be repeated, run control may change, defaults are filled from the checkpoint
-    resumed = ppo.train(ppo.Args(**resume, num_envs=8, window=32, max_iterations=1), market=synthetic_market)
-    assert resumed.args.window == 8 and resumed.args.num_envs == 8 and resumed.global_step == 8 * 16 * 2
+    resumed = ppo.train(ppo.Args.from_flat(**resume, num_envs=8, window=32, max_iterations=1), market=synthetic_market)
+    assert resumed.args.features.window == 8 and resumed.args.ppo.num_envs == 8 and resumed.global_step == 8 * 16 * 2
 
 
 def test_cuda_checkpoint_resumes_on_a_cpu_machine_with_a_warning(tiny_args, synthetic_market, monkeypatch):
     """Faked without a GPU: the bundle says cuda and carries a CUDA-sized generator state the CPU cannot take."""
-    part = ppo.train(dataclasses.replace(tiny_args, max_iterations=1), market=synthetic_market)
+    part = ppo.train(tiny_args.replace(max_iterations=1), market=synthetic_market)
     bundle = load_checkpoint(part.checkpoint_path)
     bundle["args"]["device"] = "cuda"
     bundle["extra"]["device"] = "cuda"
@@ -164,9 +166,10 @@ def test_cuda_checkpoint_resumes_on_a_cpu_machine_with_a_warning(tiny_args, synt
     cuda_path = save_checkpoint(part.checkpoint_path.with_name("cuda.pt"), bundle)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.warns(RuntimeWarning, match="trained on cuda, continuing on cpu.*bit-identical.*only on the same"):
-        resumed = ppo.train(ppo.Args(resume=str(cuda_path), track=False, progress=False), market=synthetic_market)
-    assert resumed.finished and resumed.global_step == tiny_args.total_timesteps
-    assert resumed.args.device == "cpu" and next(resumed.agent.parameters()).device.type == "cpu"
+        resumed = ppo.train(ppo.Args.from_flat(resume=str(cuda_path), track=False, progress=False),
+                            market=synthetic_market)
+    assert resumed.finished and resumed.global_step == tiny_args.ppo.total_timesteps
+    assert resumed.args.run.device == "cpu" and next(resumed.agent.parameters()).device.type == "cpu"
     assert load_checkpoint(cuda_path)["extra"]["device"] == "cpu"  # the run now continues on cpu
 
 
@@ -192,11 +195,11 @@ class NaNAfter:
 
 
 def test_non_finite_rewards_stop_the_run_and_keep_the_last_good_checkpoint(tiny_args, synthetic_market):
-    args = dataclasses.replace(tiny_args, checkpoint_every=1)  # 3 iterations of 16 steps: saves after 1 and 2
+    args = tiny_args.replace(checkpoint_every=1)  # 3 iterations of 16 steps: saves after 1 and 2
     env = NaNAfter(ppo.make_env(args, synthetic_market), steps=2 * 16 + 5)
-    with pytest.raises(ppo.NonFiniteError, match=r"iteration 3: the rollout produced non-finite rewards") as err:
+    with pytest.raises(NonFiniteError, match=r"iteration 3: the rollout produced non-finite rewards") as err:
         ppo.train(args, market=synthetic_market, env=env)
-    path = Path(args.run_dir) / args.run_name / "checkpoint.pt"
+    path = Path(args.run.run_dir) / args.run.run_name / "checkpoint.pt"
     assert f"{path} (iteration 2), is left as it was" in str(err.value)
     kept = load_checkpoint(path)
     assert kept["iteration"] == 2
@@ -214,25 +217,25 @@ def test_non_finite_loss_stops_before_the_optimizer_steps(tiny_args, synthetic_m
         return loss * float("nan") if calls["n"] == 5 else loss
 
     monkeypatch.setattr(ppo, "value_loss", value_loss_nan_in_iteration_2)
-    args = dataclasses.replace(tiny_args, checkpoint_every=1)
-    with pytest.raises(ppo.NonFiniteError, match=r"iteration 2: non-finite loss or gradient at epoch 1, minibatch 1"):
+    args = tiny_args.replace(checkpoint_every=1)
+    with pytest.raises(NonFiniteError, match=r"iteration 2: non-finite loss or gradient at epoch 1, minibatch 1"):
         ppo.train(args, market=synthetic_market)
-    kept = load_checkpoint(Path(args.run_dir) / args.run_name / "checkpoint.pt")
+    kept = load_checkpoint(Path(args.run.run_dir) / args.run.run_name / "checkpoint.pt")
     assert kept["iteration"] == 1 and all(torch.isfinite(v).all() for v in kept["agent"].values())
 
 
 @pytest.mark.parametrize("num_minibatches", [0, 8 * 16 + 1])
 def test_minibatch_count_outside_the_batch_is_a_clear_error(tiny_args, num_minibatches):
-    with pytest.raises(ValueError, match=f"num_minibatches={num_minibatches} must be in \\[1, batch_size=128\\]"):
-        ppo.train(dataclasses.replace(tiny_args, num_minibatches=num_minibatches))
+    with pytest.raises(ValueError, match=f"--num-minibatches {num_minibatches} must be in \\[1, batch_size=128\\]"):
+        ppo.train(tiny_args.replace(num_minibatches=num_minibatches))
 
 
 def test_indivisible_batch_runs_exactly_num_minibatches(tiny_args, synthetic_market):
     """129 = 2 x 64 + 1: a CleanRL-style remainder minibatch of one sample would normalise its advantage to NaN."""
-    args = dataclasses.replace(tiny_args, num_envs=3, num_steps=43, total_timesteps=129 * 2, num_minibatches=2)
+    args = tiny_args.replace(num_envs=3, num_steps=43, total_timesteps=129 * 2, num_minibatches=2)
     result = ppo.train(args, market=synthetic_market)
-    assert result.args.minibatch_size == 64
-    assert [h["losses/updates"] for h in result.history] == [2 * args.update_epochs] * 2
+    assert result.args.ppo.minibatch_size == 64
+    assert [h["losses/updates"] for h in result.history] == [2 * args.ppo.update_epochs] * 2
     assert all(torch.isfinite(v).all() for v in result.agent.state_dict().values())
 
 
@@ -240,16 +243,16 @@ def test_policy_seed_leaves_the_features_alone():
     """--seed varies the policy only; the HMM fit (seed-sensitive with one restart) follows --feature-seed."""
     small = dict(dataset="nasdaq", data_start="2010-01-01", data_end="2011-12-31", regimes=3, regime_restarts=1,
                  feature_cache_dir=None)
-    one, two = (ppo.market_for(ppo.Args(**small, seed=seed)) for seed in (1, 2))
-    other_features = ppo.market_for(ppo.Args(**small, seed=1, feature_seed=1))
+    one, two = (ppo.market_for(ppo.Args.from_flat(**small, seed=seed)) for seed in (1, 2))
+    other_features = ppo.market_for(ppo.Args.from_flat(**small, seed=1, feature_seed=1))
     assert "regime:p0" in one.features.names and len(one.data.frame) < 600
     np.testing.assert_array_equal(one.features.values, two.features.values)
     assert not np.array_equal(one.features.values, other_features.features.values)  # the seed does reach the HMM
-    assert ppo.feature_config(ppo.Args(seed=5, feature_seed=7)).seed == 7
+    assert ppo.feature_config(ppo.Args.from_flat(seed=5, feature_seed=7)).seed == 7
 
 
 def test_borrow_cost_reaches_the_env(tiny_args, synthetic_market):
-    args = dataclasses.replace(tiny_args, borrow_bps=150.0)
+    args = tiny_args.replace(borrow_bps=150.0)
     assert ppo.cost_model(args).borrow_bps == 150.0
     assert ppo.make_env(args, synthetic_market).costs.borrow_bps == 150.0
 
@@ -258,8 +261,8 @@ def test_data_range_and_stale_open_policy_reach_training_and_evaluation(tiny_arg
     """sp500 opens are stale before 2013-05-10: refused by default, loaded knowingly with stale_opens="allow"."""
     stale = dict(dataset="sp500", data_start="2012-06-01", data_end="2014-06-30", feature_cache_dir=None)
     with pytest.raises(DataValidationError, match="stale"):
-        ppo.market_for(ppo.Args(**stale))
-    args = dataclasses.replace(tiny_args, **stale, stale_opens="allow", window=4, total_timesteps=8 * 16)
+        ppo.market_for(ppo.Args.from_flat(**stale))
+    args = tiny_args.replace(**stale, stale_opens="allow", window=4, total_timesteps=8 * 16)
     with pytest.warns(UserWarning, match="stale"):
         result = ppo.train(args)
     index = result.market.data.frame.index
@@ -323,13 +326,13 @@ def test_agent_learns_an_announced_move(synthetic_market, tmp_path):
     Sharpe alone is a weak check here (a 66%-right agent already has Sharpe > 5): the agent must be right on
     more than 95% of the bars and keep at least 85% of the log return of the oracle that always is.
     """
-    args = ppo.Args(total_timesteps=32 * 64 * 12, num_envs=32, num_steps=64, window=1, episode_length=64,
+    args = ppo.Args.from_flat(total_timesteps=32 * 64 * 12, num_envs=32, num_steps=64, window=1, episode_length=64,
                     fee_bps=1.0, slippage_bps=1.0, track=False, progress=False, run_dir=str(tmp_path), seed=3)
     result = ppo.train(args, market=synthetic_market)
     moves = np.r_[0.0, synthetic_market.arrays.features[:-1, 0]]  # the feature at bar t is the sign of bar t+1
 
     def run(agent):
-        return evaluate_policy(agent, synthetic_market, window=1, positions=args.positions,
+        return evaluate_policy(agent, synthetic_market, window=1, positions=args.env.positions,
                                costs=ppo.cost_model(args))
 
     trained = run(result.agent)
@@ -400,11 +403,11 @@ def test_agent_learns_a_move_announced_bars_ahead(tmp_path):
     same PPO with gamma 0 (myopic) do not: they end up holding one position throughout.
     """
     market, moves = delayed_market()
-    args = ppo.Args(**DELAYED_ARGS, run_dir=str(tmp_path))
+    args = ppo.Args.from_flat(**DELAYED_ARGS, run_dir=str(tmp_path))
     costs = ppo.cost_model(args)
 
     def run(agent):
-        return evaluate_policy(agent, market, window=1, positions=args.positions, costs=costs)
+        return evaluate_policy(agent, market, window=1, positions=args.env.positions, costs=costs)
 
     # the market is what it claims: a move follows on only ~1/4 of the bars, worth less than a fill's cost
     next_bar_moves = np.mean(moves[1:] != 0)
@@ -413,11 +416,11 @@ def test_agent_learns_a_move_announced_bars_ahead(tmp_path):
     random_sharpe, _, _ = score(run(RandomAgent()), moves)
     assert oracle_accuracy == 1.0 and oracle_sharpe > 4.0 and random_sharpe < 0
 
-    myopic = ppo.train(dataclasses.replace(args, gamma=0.0, run_name="myopic"), market=market)
+    myopic = ppo.train(args.replace(gamma=0.0, run_name="myopic"), market=market)
     myopic_sharpe, myopic_return, myopic_accuracy = score(run(myopic.agent), moves)
     assert myopic_accuracy < 0.7 and myopic_return < 0.3 * oracle_return
 
-    result = ppo.train(dataclasses.replace(args, run_name="farsighted"), market=market)
+    result = ppo.train(args.replace(run_name="farsighted"), market=market)
     sharpe, log_return, accuracy = score(run(result.agent), moves)
     assert accuracy > 0.9
     assert log_return > 0.8 * oracle_return

@@ -26,7 +26,7 @@ def weights_equal(a, b):
 @pytest.fixture()
 def masked_args(tiny_args):
     """tiny_args (conftest) as ppo_masked arguments, every rule off."""
-    return ppo_masked.Args(**{f.name: getattr(tiny_args, f.name) for f in dataclasses.fields(ppo.Args)})
+    return ppo_masked.Args.from_flat(**{f.name: getattr(tiny_args, f.name) for f in dataclasses.fields(ppo.Args)})
 
 
 class RecordingEnv:
@@ -54,8 +54,8 @@ def test_help_lists_the_mask_arguments():
 
 def test_every_action_valid_reproduces_ppo_bit_for_bit(tiny_args, masked_args, synthetic_market):
     # the masked code path runs (masks stored, passed to sampling and update), with all-True masks
-    plain = ppo.train(dataclasses.replace(tiny_args, total_timesteps=8 * 16 * 4), market=synthetic_market)
-    masked = ppo_masked.train(dataclasses.replace(masked_args, total_timesteps=8 * 16 * 4, run_name="masked"),
+    plain = ppo.train(tiny_args.replace(total_timesteps=8 * 16 * 4), market=synthetic_market)
+    masked = ppo_masked.train(masked_args.replace(total_timesteps=8 * 16 * 4, run_name="masked"),
                               market=synthetic_market)
     assert weights_equal(plain.agent, masked.agent)
     p_opt = load_checkpoint(plain.checkpoint_path)["optimizer"]["state"]
@@ -66,13 +66,13 @@ def test_every_action_valid_reproduces_ppo_bit_for_bit(tiny_args, masked_args, s
         assert {k: v for k, v in p.items() if k != "charts/SPS"} == {
             k: v for k, v in m.items() if k not in ("charts/SPS", "charts/masked_fraction")}
     # and the comparison can fail: another seed gives other weights
-    other = ppo_masked.train(dataclasses.replace(masked_args, seed=2, run_name="other"), market=synthetic_market)
+    other = ppo_masked.train(masked_args.replace(seed=2, run_name="other"), market=synthetic_market)
     assert not weights_equal(other.agent, masked.agent)
 
 
 def test_training_with_mask_rules_never_takes_a_masked_action(masked_args, synthetic_market):
-    args = dataclasses.replace(masked_args, masks=RULES, invalid_action="refuse")
-    env = RecordingEnv(ppo_masked.make_env(dataclasses.replace(args, num_envs=8), synthetic_market))
+    args = masked_args.replace(masks=RULES, invalid_action="refuse")
+    env = RecordingEnv(ppo_masked.make_env(args.replace(num_envs=8), synthetic_market))
     result = ppo_masked.train(args, market=synthetic_market, env=env)
     masks, actions = torch.stack(env.masks), torch.stack(env.actions)  # (steps, envs, K), (steps, envs)
     assert masks.shape == (3 * 16, 8, 3)
@@ -102,8 +102,9 @@ class _RecordingAgent(MLPActorCritic):
 
 
 def test_update_scores_actions_under_the_masks_they_were_sampled_with(masked_args, synthetic_market, monkeypatch):
-    monkeypatch.setattr(ppo_masked, "build_agent", lambda args, d, k: _RecordingAgent(d, k, hidden=args.hidden_size))
-    args = dataclasses.replace(masked_args, masks=RULES, total_timesteps=8 * 16, update_epochs=1)
+    monkeypatch.setattr(ppo_masked, "build_agent", lambda args, d, k: _RecordingAgent(d, k,
+                                                                                      hidden=args.ppo.hidden_size))
+    args = masked_args.replace(masks=RULES, total_timesteps=8 * 16, update_epochs=1)
     agent = ppo_masked.train(args, market=synthetic_market).agent
     obs = torch.cat([r[0] for r in agent.rollout])
     acts = torch.cat([r[1] for r in agent.rollout])
@@ -120,43 +121,44 @@ def test_update_scores_actions_under_the_masks_they_were_sampled_with(masked_arg
 
 
 def test_split_run_with_masks_resumes_exactly(masked_args, synthetic_market):
-    args = dataclasses.replace(masked_args, masks=RULES, total_timesteps=8 * 16 * 5)
+    args = masked_args.replace(masks=RULES, total_timesteps=8 * 16 * 5)
     whole = ppo_masked.train(args, market=synthetic_market)
-    part = ppo_masked.train(dataclasses.replace(args, run_name="split", max_iterations=2), market=synthetic_market)
+    part = ppo_masked.train(args.replace(run_name="split", max_iterations=2), market=synthetic_market)
     assert not part.finished
     bundle = load_checkpoint(part.checkpoint_path, variant="ppo_masked")
     assert bundle["args"]["masks"]["cooldown"] == 3 and "mask:since_trade" in bundle["env_state"]
     assert torch.serialization.get_unsafe_globals_in_checkpoint(part.checkpoint_path) == []
-    resumed = ppo_masked.train(ppo_masked.Args(resume=str(part.checkpoint_path), track=False, progress=False),
+    resumed = ppo_masked.train(ppo_masked.Args.from_flat(resume=str(part.checkpoint_path), track=False, progress=False),
                                market=synthetic_market)
     assert resumed.args.masks == RULES and resumed.finished and resumed.global_step == whole.global_step
     assert weights_equal(whole.agent, resumed.agent)
     assert resumed.history[-1] == {**whole.history[-1], "charts/SPS": resumed.history[-1]["charts/SPS"]}
     # a changed rule is refused by name; a rule left at its default is taken from the checkpoint
     with pytest.raises(CheckpointError, match=r"masks\.cooldown: given 5, checkpoint 3"):
-        ppo_masked.train(ppo_masked.Args(resume=str(part.checkpoint_path), track=False, progress=False,
+        ppo_masked.train(ppo_masked.Args.from_flat(resume=str(part.checkpoint_path), track=False, progress=False,
                                          masks=MaskConfig(cooldown=5)), market=synthetic_market)
-    with pytest.raises(ppo_masked.CheckpointError, match="variant"):
-        ppo.train(ppo.Args(resume=str(part.checkpoint_path), track=False, progress=False), market=synthetic_market)
+    with pytest.raises(CheckpointError, match="variant"):
+        ppo.train(ppo.Args.from_flat(resume=str(part.checkpoint_path), track=False, progress=False),
+                  market=synthetic_market)
 
 
 def test_checkpoint_evaluation_applies_the_runs_masks(masked_args, sp500_market):
-    args = dataclasses.replace(masked_args, masks=MaskConfig(long_only=True, cooldown=2))
+    args = masked_args.replace(masks=MaskConfig(long_only=True, cooldown=2))
     result = ppo_masked.train(args, market=sp500_market)
     assert action_masking(result.args) == {"masks": args.masks, "invalid_action": "nearest"}
-    live = evaluate_policy(result.agent, sp500_market, window=args.window, positions=args.positions,
+    live = evaluate_policy(result.agent, sp500_market, window=args.features.window, positions=args.env.positions,
                            costs=ppo_masked.cost_model(args), range_name="validation", **action_masking(args))
     restored = evaluate_checkpoint(result.checkpoint_path, "validation")
     assert restored.weights.equals(live.weights) and restored.equity.equals(live.equity)
     assert (live.weights >= 0).all()
-    unmasked = evaluate_policy(result.agent, sp500_market, window=args.window, positions=args.positions,
+    unmasked = evaluate_policy(result.agent, sp500_market, window=args.features.window, positions=args.env.positions,
                                costs=ppo_masked.cost_model(args), range_name="validation")
     assert (unmasked.weights < 0).any()  # the masks, not the agent, kept evaluation long-only
 
 
 def test_args_round_trip_through_a_dict_and_reject_unknown_enforcement():
-    args = ppo_masked.Args(masks=RULES)
-    assert ppo_masked.Args(**dataclasses.asdict(args)) == args
-    with pytest.raises(ValueError, match="invalid_action"):
-        ppo_masked.Args(invalid_action="ignore")
-    assert np.isclose(ppo_masked.Args().learning_rate, ppo.Args().learning_rate)
+    args = ppo_masked.Args.from_flat(masks=RULES)
+    assert ppo_masked.Args.from_dict(dataclasses.asdict(args)) == args
+    with pytest.raises(ValueError, match="invalid-action"):
+        ppo_masked.Args.from_flat(invalid_action="ignore")
+    assert np.isclose(ppo_masked.Args().ppo.learning_rate, ppo.Args().ppo.learning_rate)

@@ -1,7 +1,6 @@
 """ppo_risk: equality with ppo where the algorithms coincide, the drawdown bookkeeping, the constraint doing its job,
 the adaptive KL coefficient, exact resume with the multiplier and PID state, evaluation and the command line."""
 
-import dataclasses
 import subprocess
 import sys
 
@@ -18,6 +17,7 @@ from sentio_lab.env import MarketArrays, TradingEnv
 from sentio_lab.evaluate import agent_obs_dim, evaluate_checkpoint, evaluate_policy, load_trained
 from sentio_lab.features import ObservationFeatures
 from sentio_lab.market import PreparedMarket
+from sentio_lab.rollout import NonFiniteError
 
 TINY = dict(total_timesteps=8 * 16 * 3, num_envs=8, num_steps=16, num_minibatches=2, update_epochs=2, window=8,
             episode_length=24, track=False, progress=False, run_name="tiny", checkpoint_every=0)
@@ -26,7 +26,7 @@ TINY = dict(total_timesteps=8 * 16 * 3, num_envs=8, num_steps=16, num_minibatche
 @pytest.fixture()
 def risk_args(tmp_path):
     """ppo_risk arguments for a unit test: 3 iterations of 8 x 16 steps, 8 quantiles."""
-    return ppo_risk.Args(**TINY, num_quantiles=8, run_dir=str(tmp_path / "runs"),
+    return ppo_risk.Args.from_flat(**TINY, num_quantiles=8, run_dir=str(tmp_path / "runs"),
                          feature_cache_dir=str(tmp_path / "feature-cache"))
 
 
@@ -37,9 +37,10 @@ def weights_equal(a, b):
 
 def drawdown_env(args, market, **kwargs):
     start, stop = market.range("train")
-    return TradingEnv(market.arrays, num_envs=args.num_envs, window=args.window, episode_length=args.episode_length,
-                      start=start, stop=stop, positions=args.positions, seed=args.seed, drawdown_obs=True,
-                      costs=CostModel(fee_bps=args.fee_bps, slippage_bps=args.slippage_bps), **kwargs)
+    return TradingEnv(market.arrays, num_envs=args.ppo.num_envs, window=args.features.window,
+                      episode_length=args.env.episode_length,
+                      start=start, stop=stop, positions=args.env.positions, seed=args.run.seed, drawdown_obs=True,
+                      costs=CostModel(fee_bps=args.env.fee_bps, slippage_bps=args.env.slippage_bps), **kwargs)
 
 
 def test_help_lists_the_risk_arguments():
@@ -56,8 +57,8 @@ def test_one_quantile_unconstrained_update_equals_ppos_bit_for_bit(synthetic_mar
     where |u| <= kappa, so with kappa = 1024 (a power of two far above any TD error here) and vf_coef = 2 kappa x
     ppo's 0.5, the loss, every gradient and so every weight equal ppo's exactly (powers of two scale floats exactly).
     With Huber's default kappa = 1 they cannot: errors beyond kappa get a linear, not a squared, loss (checked too)."""
-    a = ppo.Args(**TINY, clip_vloss=clip_vloss)
-    r = ppo_risk.Args(**TINY, clip_vloss=clip_vloss, num_quantiles=1, kappa=1024.0, vf_coef=1024.0)
+    a = ppo.Args.from_flat(**TINY, clip_vloss=clip_vloss)
+    r = ppo_risk.Args.from_flat(**TINY, clip_vloss=clip_vloss, num_quantiles=1, kappa=1024.0, vf_coef=1024.0)
     theirs = ppo.train(a, env=drawdown_env(a, synthetic_market))
     ours = ppo_risk.train(r, env=drawdown_env(r, synthetic_market))
     ours_state = {k: v for k, v in ours.agent.state_dict().items() if k != "taus"}
@@ -66,7 +67,7 @@ def test_one_quantile_unconstrained_update_equals_ppos_bit_for_bit(synthetic_mar
     assert ours.history[-1]["losses/value_loss"] * 2048 == theirs.history[-1]["losses/value_loss"]
     assert ours.history[-1]["losses/approx_kl"] == theirs.history[-1]["losses/approx_kl"]
 
-    huber = ppo_risk.train(dataclasses.replace(r, kappa=1.0, vf_coef=2.0), env=drawdown_env(r, synthetic_market))
+    huber = ppo_risk.train(r.replace(kappa=1.0, vf_coef=2.0), env=drawdown_env(r, synthetic_market))
     assert not weights_equal(huber.agent, ours.agent)
 
 
@@ -93,19 +94,19 @@ def test_drawdown_costs_sum_to_each_episodes_max_drawdown_and_the_logged_mean_is
     """Random equity paths (the policy samples; fees make losers too): for every finished episode, the per-step costs
     add up to the max drawdown worked out from its equity path by hand (float64 sums of differences: to 1e-12), and
     the history's mean episode drawdown of each iteration is the mean over exactly the episodes that ended in it."""
-    args = dataclasses.replace(risk_args, fee_bps=20.0)
+    args = risk_args.replace(fee_bps=20.0)
     env = Recorder(drawdown_env(args, synthetic_market))
     result = ppo_risk.train(args, env=env)
     equity, cost, done = (np.array(x) for x in (env.equity, env.cost, env.done))  # (steps, envs)
     checked, per_iteration = 0, {}
-    for i in range(args.num_envs):
+    for i in range(args.ppo.num_envs):
         begin = 0
         for t in np.flatnonzero(done[:, i]):
             path = np.r_[1.0, equity[begin : t + 1, i]]
             by_hand = float(np.max(1.0 - path / np.maximum.accumulate(path)))
             assert cost[begin : t + 1, i].sum() == pytest.approx(by_hand, rel=1e-12, abs=1e-15)
             assert np.all(cost[begin : t + 1, i] >= 0)
-            per_iteration.setdefault(t // args.num_steps, []).append(by_hand)
+            per_iteration.setdefault(t // args.ppo.num_steps, []).append(by_hand)
             begin, checked = t + 1, checked + 1
     assert checked >= 8 and max(per_iteration.values(), key=len)
     for iteration, record in enumerate(result.history):
@@ -120,7 +121,7 @@ def test_drawdown_costs_sum_to_each_episodes_max_drawdown_and_the_logged_mean_is
 def test_no_finished_episode_holds_the_multiplier(risk_args, synthetic_market):
     """Episodes of 40 steps, rollouts of 16, no staggering: iterations 1 and 2 end no episode, so the PID is not
     stepped (lambda stays 0, two skips); iteration 3 ends all of them and takes the first measurement."""
-    args = dataclasses.replace(risk_args, episode_length=40, cost_limit=0.0, fee_bps=20.0)
+    args = risk_args.replace(episode_length=40, cost_limit=0.0, fee_bps=20.0)
     result = ppo_risk.train(args, env=drawdown_env(args, synthetic_market, stagger_starts=False))
     assert [h["risk/episodes"] for h in result.history] == [0, 0, 8]
     assert [h["risk/lambda"] for h in result.history][:2] == [0.0, 0.0]
@@ -130,18 +131,18 @@ def test_no_finished_episode_holds_the_multiplier(risk_args, synthetic_market):
 
 
 def test_a_cost_limit_needs_the_drawdown_cost(risk_args, synthetic_market):
-    env = ppo.make_env(ppo.Args(**TINY), synthetic_market)  # no drawdown_obs: no info["drawdown_cost"]
+    env = ppo.make_env(ppo.Args.from_flat(**TINY), synthetic_market)  # no drawdown_obs: no info["drawdown_cost"]
     with pytest.raises(ValueError, match="drawdown_obs"):
-        ppo_risk.train(dataclasses.replace(risk_args, cost_limit=0.1), env=env)
+        ppo_risk.train(risk_args.replace(cost_limit=0.1), env=env)
     # without a constraint such an env still trains (nothing to measure: drawdowns are logged as NaN)
     result = ppo_risk.train(risk_args, env=env)
     assert all(np.isnan(h["risk/episode_max_drawdown"]) for h in result.history)
 
 
 def test_adaptive_kl_coefficient_rises_on_overshoot_and_falls_on_undershoot(risk_args, synthetic_market):
-    big = ppo_risk.train(dataclasses.replace(risk_args, kl_penalty=True, kl_coef=0.1, kl_target=1e-6,
+    big = ppo_risk.train(risk_args.replace(kl_penalty=True, kl_coef=0.1, kl_target=1e-6,
                                              learning_rate=1e-2), market=synthetic_market)
-    small = ppo_risk.train(dataclasses.replace(risk_args, kl_penalty=True, kl_coef=0.1, kl_target=10.0),
+    small = ppo_risk.train(risk_args.replace(kl_penalty=True, kl_coef=0.1, kl_target=10.0),
                            market=synthetic_market)
     for result, factor in ((big, 2.0), (small, 0.5)):
         coefs = [h["losses/kl_coef"] for h in result.history] + [result.kl_control.coef]
@@ -151,19 +152,19 @@ def test_adaptive_kl_coefficient_rises_on_overshoot_and_falls_on_undershoot(risk
 
 
 def test_trust_region_stops_the_epoch_loop(risk_args, synthetic_market):
-    result = ppo_risk.train(dataclasses.replace(risk_args, target_kl=0.0, update_epochs=4), market=synthetic_market)
+    result = ppo_risk.train(risk_args.replace(target_kl=0.0, update_epochs=4), market=synthetic_market)
     assert all(h["losses/epochs"] == 1 and h["losses/updates"] == 2 for h in result.history)
 
 
 def test_resume_is_bit_identical_with_multiplier_pid_and_kl_state(risk_args, synthetic_market):
-    args = dataclasses.replace(risk_args, total_timesteps=8 * 16 * 5, cost_limit=0.005, kl_penalty=True,
+    args = risk_args.replace(total_timesteps=8 * 16 * 5, cost_limit=0.005, kl_penalty=True,
                                risk="cvar", fee_bps=20.0, pid_kd=1.0)
     whole = ppo_risk.train(args, market=synthetic_market)
-    part = ppo_risk.train(dataclasses.replace(args, run_name="split", max_iterations=2), market=synthetic_market)
+    part = ppo_risk.train(args.replace(run_name="split", max_iterations=2), market=synthetic_market)
     bundle = load_checkpoint(part.checkpoint_path, variant="ppo_risk")
     assert bundle["extra"]["lagrangian"]["updates"] == 2 and len(bundle["extra"]["history"]) == 2
     assert torch.serialization.get_unsafe_globals_in_checkpoint(part.checkpoint_path) == []
-    resumed = ppo_risk.train(ppo_risk.Args(resume=str(part.checkpoint_path), track=False, progress=False),
+    resumed = ppo_risk.train(ppo_risk.Args.from_flat(resume=str(part.checkpoint_path), track=False, progress=False),
                              market=synthetic_market)
     assert resumed.finished and resumed.global_step == whole.global_step
     assert weights_equal(whole.agent, resumed.agent)
@@ -196,7 +197,7 @@ def test_cvar_value_of_a_known_quantile_vector_counts_the_straddling_atom(risk_a
     """8 atoms at alpha = 0.3: two whole atoms (1/8 each) and 0.05 of the third, over 0.3; the heads' order does
     not matter. Neutral is the plain mean."""
     q = torch.tensor([[3.0, -2.0, 0.5, 7.0, -1.0, 2.0, 4.0, 1.0]])
-    agent = ppo_risk.build_agent(dataclasses.replace(risk_args, risk="cvar", cvar_alpha=0.3), 4, 3)
+    agent = ppo_risk.build_agent(risk_args.replace(risk="cvar", cvar_alpha=0.3), 4, 3)
     expected = (-2.0 / 8 + -1.0 / 8 + 0.05 * 0.5) / 0.3  # sorted: -2, -1, 0.5 (straddles), 1, ...
     assert float(agent.value_of(q)) == pytest.approx(expected, abs=1e-6)
     assert float(agent.value_of(q)) == pytest.approx(float(_hand_cvar(q.numpy(), 0.3)[0]), abs=1e-6)
@@ -206,7 +207,7 @@ def test_cvar_value_of_a_known_quantile_vector_counts_the_straddling_atom(risk_a
 
 
 def test_cvar_value_sits_below_the_mean_and_evaluation_sees_the_drawdown_state(risk_args, sp500_market, monkeypatch):
-    args = dataclasses.replace(risk_args, risk="cvar", cvar_alpha=0.25, cost_limit=0.05)
+    args = risk_args.replace(risk="cvar", cvar_alpha=0.25, cost_limit=0.05)
     # record the quantiles the rollouts see (sampling calls, no action given), to recompute the logged gap by hand
     rollout_quantiles = []
     original = ppo_risk.QuantileActorCritic.get_action_and_value
@@ -219,7 +220,7 @@ def test_cvar_value_sits_below_the_mean_and_evaluation_sees_the_drawdown_state(r
 
     monkeypatch.setattr(ppo_risk.QuantileActorCritic, "get_action_and_value", recording)
     result = ppo_risk.train(args, market=sp500_market)
-    steps = args.num_steps
+    steps = args.ppo.num_steps
     assert len(rollout_quantiles) == steps * len(result.history)
     for i, record in enumerate(result.history):  # logged gap = batch mean of (mean - CVaR_0.25) over 8 atoms
         q = np.stack(rollout_quantiles[i * steps : (i + 1) * steps])  # (num_steps, num_envs, N)
@@ -232,7 +233,7 @@ def test_cvar_value_sits_below_the_mean_and_evaluation_sees_the_drawdown_state(r
     trained = load_trained(result.checkpoint_path)
     assert weights_equal(trained.agent, result.agent) and trained.agent.cost_critic is not None
     again = evaluate_checkpoint(result.checkpoint_path, "validation")
-    live = evaluate_policy(result.agent, sp500_market, window=8, positions=args.positions,
+    live = evaluate_policy(result.agent, sp500_market, window=8, positions=args.env.positions,
                            costs=ppo_risk.cost_model(args), range_name="validation",
                            env_options=ppo_risk.env_options(args, sp500_market))
     assert again.weights.equals(live.weights) and again.equity.equals(live.equity)
@@ -260,14 +261,14 @@ class NaNAfter:
 
 
 def test_non_finite_rewards_stop_the_run_before_an_update(risk_args, synthetic_market):
-    args = dataclasses.replace(risk_args, checkpoint_every=1, cost_limit=0.1)
+    args = risk_args.replace(checkpoint_every=1, cost_limit=0.1)
     env = NaNAfter(ppo_risk.make_env(args, synthetic_market), steps=2 * 16 + 5)
-    with pytest.raises(ppo_risk.NonFiniteError, match=r"iteration 3: the rollout produced non-finite rewards"):
+    with pytest.raises(NonFiniteError, match=r"iteration 3: the rollout produced non-finite rewards"):
         ppo_risk.train(args, market=synthetic_market, env=env)
 
 
 def test_main_runs_and_a_time_budget_stops_cleanly(monkeypatch, tmp_path, capsys, risk_args, synthetic_market):
-    stopped = ppo_risk.train(dataclasses.replace(risk_args, time_budget_s=0.0), market=synthetic_market)
+    stopped = ppo_risk.train(risk_args.replace(time_budget_s=0.0), market=synthetic_market)
     assert not stopped.finished and stopped.global_step == 8 * 16
     monkeypatch.setattr(sys, "argv", [
         "ppo_risk", "--total-timesteps", "256", "--num-envs", "8", "--num-steps", "32", "--window", "8",
@@ -323,7 +324,7 @@ def test_the_constrained_agent_keeps_the_drawdown_limit_the_unconstrained_breaks
     constrained policy's measured drawdown over the last 10 iterations also stays within limit + tolerance (~0.08;
     the unconstrained one's ~0.13). Checked on seeds 1-3 while tuning; seed 1 runs here (~25 s on 2 shared cores)."""
     market, limit, tolerance = trending_market(), 0.07, 0.03
-    args = ppo_risk.Args(num_envs=32, num_steps=32, episode_length=32, window=1, positions=(0.0, 0.5, 1.0),
+    args = ppo_risk.Args.from_flat(num_envs=32, num_steps=32, episode_length=32, window=1, positions=(0.0, 0.5, 1.0),
                          fee_bps=0.0, slippage_bps=0.0, total_timesteps=32 * 32 * 40, learning_rate=2e-3,
                          anneal_lr=False, ent_coef=0.0, num_quantiles=8, pid_kp=20.0, pid_ki=20.0, track=False,
                          progress=False, run_name="trend", checkpoint_every=0)
@@ -331,7 +332,7 @@ def test_the_constrained_agent_keeps_the_drawdown_limit_the_unconstrained_breaks
     torch.set_num_threads(1)
     try:
         free = ppo_risk.train(args, env=ppo_risk.make_env(args, market))
-        bound = ppo_risk.train(dataclasses.replace(args, cost_limit=limit), env=ppo_risk.make_env(args, market))
+        bound = ppo_risk.train(args.replace(cost_limit=limit), env=ppo_risk.make_env(args, market))
     finally:
         torch.set_num_threads(threads)
     free_dd = greedy_episode_drawdown(free.agent, market, 32)

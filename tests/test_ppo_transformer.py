@@ -3,8 +3,6 @@ the variant table see the same observation, and the policy at t does not move wh
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import pytest
 import torch
@@ -39,7 +37,7 @@ def one_thread():
 @pytest.fixture()
 def args(tmp_path):
     """Three iterations of 8 x 16 steps with 4h and 1D tokens on two and a half months of EUR/USD."""
-    return pt.Args(
+    return pt.Args.from_flat(
         dataset="eurusd_1h", data_end=END, total_timesteps=8 * 16 * 3, num_envs=8, num_steps=16, num_minibatches=2,
         update_epochs=2, window=8, episode_length=24, token_timeframes=("4h", "1D"), token_counts=(4, 3),
         d_model=16, n_heads=2, ff_size=32, hidden_size=16, track=False, progress=False,
@@ -50,7 +48,7 @@ def args(tmp_path):
 @pytest.fixture(scope="module")
 def market():
     """The tiny args' market, prepared once."""
-    return pt.market_for(pt.Args(dataset="eurusd_1h", data_end=END, feature_cache_dir=None))
+    return pt.market_for(pt.Args.from_flat(dataset="eurusd_1h", data_end=END, feature_cache_dir=None))
 
 
 def weights(agent):
@@ -73,26 +71,28 @@ def test_run_is_registered_trains_and_resumes_bit_for_bit(args, market, tmp_path
     assert full.finished and full.global_step == 8 * 16 * 3
     assert all(np.isfinite(v) for rec in full.history for k, v in rec.items() if k.startswith("losses/")
                and k != "losses/explained_variance")
-    first = pt.train(dataclasses.replace(args, run_name="split", max_iterations=2, checkpoint_every=1), market=market)
+    first = pt.train(args.replace(run_name="split", max_iterations=2, checkpoint_every=1), market=market)
     assert not first.finished
-    resumed = pt.train(pt.Args(resume=str(first.checkpoint_path), track=False, progress=False), market=market)
+    resumed = pt.train(pt.Args.from_flat(resume=str(first.checkpoint_path), track=False, progress=False), market=market)
     assert resumed.finished
     assert torch.equal(weights(resumed.agent), weights(full.agent))
     # the checkpoint evaluates through the variant table with the same token observation
     evaluation = evaluate_checkpoint(full.checkpoint_path, "validation")
-    direct = evaluate_policy(full.agent, market, window=args.window, positions=args.positions,
+    direct = evaluate_policy(full.agent, market, window=args.features.window, positions=args.env.positions,
                              costs=pt.cost_model(args), range_name="validation", env_options=env_options(args, market))
     assert evaluation.weights.equals(direct.weights) and evaluation.equity.equals(direct.equity)
-    batched = evaluate_policies([full.agent], market, ["validation"], window=args.window, positions=args.positions,
+    batched = evaluate_policies([full.agent], market, ["validation"], window=args.features.window,
+                                positions=args.env.positions,
                                 costs=pt.cost_model(args), env_options=env_options(args, market))
     assert batched[0][0].weights.equals(direct.weights)
     with pytest.raises(CheckpointError, match="d_model"):
-        pt.train(pt.Args(resume=str(first.checkpoint_path), d_model=64, track=False, progress=False), market=market)
+        pt.train(pt.Args.from_flat(resume=str(first.checkpoint_path), d_model=64, track=False, progress=False),
+                 market=market)
 
 
 def test_bf16_ci_sized_run_stays_finite_and_close_to_fp32(args, market):
-    fp32 = pt.train(dataclasses.replace(args, checkpoint_path=None), market=market)
-    bf16 = pt.train(dataclasses.replace(args, amp="bf16", run_name="bf16"), market=market)
+    fp32 = pt.train(args.replace(checkpoint_path=None), market=market)
+    bf16 = pt.train(args.replace(amp="bf16", run_name="bf16"), market=market)
     for record in bf16.history:
         for key in ("losses/value_loss", "losses/policy_loss", "losses/entropy", "losses/approx_kl"):
             assert np.isfinite(record[key]), key
@@ -105,23 +105,23 @@ def test_bf16_ci_sized_run_stays_finite_and_close_to_fp32(args, market):
 
 def test_settings_that_cannot_run_are_refused(args, market):
     with pytest.raises(ValueError, match="needs CUDA"):
-        pt.check_args(dataclasses.replace(args, amp="fp16"))
+        pt.check_args(args.replace(amp="fp16"))
     with pytest.raises(ValueError, match="one count per timeframe"):
-        pt.train(dataclasses.replace(args, token_counts=(4,)), market=market)
+        pt.train(args.replace(token_counts=(4,)), market=market)
     with pytest.raises(ValueError, match="amp"):
-        pt.check_args(dataclasses.replace(args, amp="int8"))
+        pt.check_args(args.replace(amp="int8"))
     with pytest.raises(ValueError, match="fusion"):
-        pt.check_args(dataclasses.replace(args, fusion="sum"))
+        pt.check_args(args.replace(fusion="sum"))
     with pytest.raises(ValueError, match="does not fit"):
         pt.build_agent(args, 1000, 3)
 
 
 def test_compile_flag_and_gated_fusion_and_no_tokens_run(args, market):
-    compiled = pt.train(dataclasses.replace(args, compile=True, compile_backend="eager", total_timesteps=128,
+    compiled = pt.train(args.replace(compile=True, compile_backend="eager", total_timesteps=128,
                                             checkpoint_path=None, fusion="gated", target_kl=0.0), market=market)
     assert compiled.history[0]["losses/epochs"] == 1  # target_kl 0: the epoch loop stops after the first
     assert compiled.finished and compiled.agent._encode is not compiled.agent.encode
-    single = pt.train(dataclasses.replace(args, token_timeframes=(), token_counts=(), total_timesteps=128,
+    single = pt.train(args.replace(token_timeframes=(), token_counts=(), total_timesteps=128,
                                           run_name="single"), market=market)
     assert [s.name for s in single.agent.streams] == ["window"]
     assert env_options(single.args, market) == {}
@@ -129,7 +129,7 @@ def test_compile_flag_and_gated_fusion_and_no_tokens_run(args, market):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="fp16 + GradScaler needs CUDA")
 def test_fp16_run_on_cuda_stays_finite(args, market):  # pragma: no cover - CUDA only
-    result = pt.train(dataclasses.replace(args, amp="fp16", device="cuda", checkpoint_path=None), market=market)
+    result = pt.train(args.replace(amp="fp16", device="cuda", checkpoint_path=None), market=market)
     assert torch.isfinite(weights(result.agent)).all()
     assert all(np.isfinite(r["losses/value_loss"]) for r in result.history)
 
@@ -149,7 +149,7 @@ def test_policy_output_at_t_ignores_bars_after_t_through_the_whole_pipeline(args
     volumes) and the logits and value at t stay the same bit for bit."""
     frame = load_market("eurusd_1h", end=END).frame.iloc[:1200]
     train_stop = 700
-    args = dataclasses.replace(args, token_counts=(6, 4))
+    args = args.replace(token_counts=(6, 4))
     base = market_of(frame, train_stop)
     torch.manual_seed(0)
     agent = pt.build_agent(args, agent_obs_dim(args, base), 3)
@@ -158,7 +158,8 @@ def test_policy_output_at_t_ignores_bars_after_t_through_the_whole_pipeline(args
         agent.obs_norm.update(torch.randn(64, agent.obs_norm.mean.shape[0]) * 2 + 0.5)
 
     def outputs(market, t):
-        env = TradingEnv(market.arrays, num_envs=1, window=args.window, episode_length=1, start=t - args.window,
+        env = TradingEnv(market.arrays, num_envs=1, window=args.features.window, episode_length=1,
+                         start=t - args.features.window,
                          stop=t + 2, **env_options(args, market))
         obs = env.reset(starts=[t])
         with torch.no_grad():
@@ -185,14 +186,14 @@ def test_non_finite_loss_stops_before_the_optimizer_steps(args, market, monkeypa
 
     monkeypatch.setattr(pt, "value_loss", lambda *a, **k: torch.tensor(float("nan")))
     with pytest.raises(NonFiniteError, match="non-finite loss or gradient"):
-        pt.train(dataclasses.replace(args, checkpoint_path=None), market=market)
+        pt.train(args.replace(checkpoint_path=None), market=market)
 
 
 def test_resume_refuses_other_data_and_main_runs_from_the_command_line(args, market, monkeypatch, tmp_path, capsys):
-    first = pt.train(dataclasses.replace(args, max_iterations=1), market=market)
-    other = pt.market_for(pt.Args(dataset="eurusd_1h", data_end="2017-03-20", feature_cache_dir=None))
+    first = pt.train(args.replace(max_iterations=1), market=market)
+    other = pt.market_for(pt.Args.from_flat(dataset="eurusd_1h", data_end="2017-03-20", feature_cache_dir=None))
     with pytest.raises(CheckpointError, match="other data"):
-        pt.train(pt.Args(resume=str(first.checkpoint_path), track=False, progress=False), market=other)
+        pt.train(pt.Args.from_flat(resume=str(first.checkpoint_path), track=False, progress=False), market=other)
     argv = ["ppo_transformer", "--data-end", END, "--total-timesteps", "64", "--num-envs", "4", "--num-steps", "16",
             "--window", "8", "--episode-length", "24", "--token-counts", "3", "2", "--d-model", "8", "--no-track",
             "--no-progress", "--run-dir", str(tmp_path / "cli"), "--feature-cache-dir", "None"]
@@ -209,11 +210,12 @@ def test_resume_refuses_other_data_and_main_runs_from_the_command_line(args, mar
 def test_transformer_learns_an_announced_move(synthetic_market, tmp_path):
     """The single-timeframe transformer (window of 4 tokens) trades the announced next-bar move out of sample on more
     than 95% of the bars after 24k steps (the newest-token path; through the summary token alone it stayed at ~53%)."""
-    args = pt.Args(total_timesteps=32 * 64 * 12, num_envs=32, num_steps=64, window=4, episode_length=64, fee_bps=1.0,
+    args = pt.Args.from_flat(total_timesteps=32 * 64 * 12, num_envs=32, num_steps=64, window=4, episode_length=64,
+                             fee_bps=1.0,
                    slippage_bps=1.0, token_timeframes=(), token_counts=(), d_model=16, ff_size=32, hidden_size=32,
                    track=False, progress=False, run_dir=str(tmp_path), seed=3, checkpoint_path=None)
     result = pt.train(args, market=synthetic_market)
-    evaluation = evaluate_policy(result.agent, synthetic_market, window=4, positions=args.positions,
+    evaluation = evaluate_policy(result.agent, synthetic_market, window=4, positions=args.env.positions,
                                  costs=pt.cost_model(args))
     moves = np.r_[0.0, synthetic_market.arrays.features[:-1, 0]]  # the feature at bar t is the sign of bar t+1
     rows = synthetic_market.data.frame.index.get_indexer(evaluation.weights.index)

@@ -13,7 +13,6 @@ so every expected number below is a short exact sum.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import pytest
@@ -161,8 +160,8 @@ def test_normalised_advantages_and_non_finite_report():
 @pytest.mark.parametrize(("target_kl", "epochs"), [(None, 3), (1e9, 3), (0.0, 1)])
 def test_target_kl_stops_the_epoch_loop(tiny_args, synthetic_market, target_kl, epochs):
     """The KL check runs after each epoch: target 0 stops after the first, a huge target never stops."""
-    args = dataclasses.replace(tiny_args, update_epochs=3, target_kl=target_kl)
+    args = tiny_args.replace(update_epochs=3, target_kl=target_kl)
     result = ppo.train(args, market=synthetic_market)
     for record in result.history:
         assert record["losses/epochs"] == epochs
-        assert record["losses/updates"] == epochs * args.num_minibatches
+        assert record["losses/updates"] == epochs * args.ppo.num_minibatches

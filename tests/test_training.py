@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from sentio_lab import training
+from sentio_lab.arguments import SharedArgs
 from sentio_lab.checkpoint import CheckpointError
 
 
@@ -21,32 +22,29 @@ class Group:
 
 
 @dataclasses.dataclass
-class Args:
-    """A variant's arguments in miniature."""
+class Args(SharedArgs):
+    """A variant's arguments in miniature: the shared groups and a nested group of its own."""
 
-    learning_rate: float = 3e-4
-    ent_coef: float = 0.0
     group: Group = dataclasses.field(default_factory=Group)
-    total_timesteps: int = 100
-    checkpoint_path: str | None = None
 
 
 CONTROL = ("total_timesteps", "checkpoint_path")
 
 
 def test_resume_takes_the_checkpoint_experiment_and_the_callers_control():
-    saved = dataclasses.asdict(Args(learning_rate=1e-3, group=Group(limit=0.5)))
-    saved["group"] = Group(**saved["group"])
-    resumed = training.resume_args(Args(total_timesteps=500), saved, "ck.pt", CONTROL)
-    assert resumed.learning_rate == 1e-3 and resumed.group == Group(limit=0.5)
-    assert resumed.total_timesteps == 500 and resumed.checkpoint_path == "ck.pt"
+    saved = dataclasses.asdict(Args.from_flat(learning_rate=1e-3, group=Group(limit=0.5)))
+    resumed = training.resume_args(Args.from_flat(total_timesteps=500), saved, "ck.pt", CONTROL)
+    assert resumed.ppo.learning_rate == 1e-3 and resumed.group == Group(limit=0.5)
+    assert resumed.ppo.total_timesteps == 500 and resumed.run.checkpoint_path == "ck.pt"
 
 
 def test_resume_refuses_changes_field_by_field_in_nested_groups():
+    # a flat args dict, as checkpoints written before the argument groups hold it
     saved = {"learning_rate": 1e-3, "ent_coef": 0.0, "group": Group(limit=0.5), "total_timesteps": 100,
              "checkpoint_path": None}
     with pytest.raises(CheckpointError) as error:
-        training.resume_args(Args(learning_rate=2e-3, group=Group(limit=0.7, rule="off")), saved, "ck.pt", CONTROL)
+        training.resume_args(Args.from_flat(learning_rate=2e-3, group=Group(limit=0.7, rule="off")), saved, "ck.pt",
+                             CONTROL)
     assert "learning_rate: given 0.002, checkpoint 0.001" in str(error.value)
     assert "group.limit: given 0.7, checkpoint 0.5" in str(error.value)
     assert "group.rule" not in str(error.value)  # left at its default: taken from the checkpoint
@@ -81,6 +79,6 @@ def test_every_variant_takes_every_cost_option(variant):
     chosen = dict(fee_bps=2.0, slippage_bps=3.0, borrow_bps=50.0, spread="abdi_ranaldo", impact="sqrt",
                   impact_y=0.5, capital=1e8, adv=2e9, participation=0.05, remainder="carry", cap_volume="forecast")
     assert set(chosen) == set(training.COST_FIELDS)
-    args = module.Args(**chosen)
+    args = module.Args.from_flat(**chosen)
     assert module.cost_model(args) == CostModel(**chosen)
-    assert module.cost_model(module.Args()) == CostModel()  # the defaults are today's flat model
+    assert module.cost_model(module.Args.from_flat()) == CostModel()  # the defaults are today's flat model

@@ -14,6 +14,7 @@ import torch
 
 from sentio_lab import metrics, ppo
 from sentio_lab import tune as T
+from sentio_lab.arguments import RUN_CONTROL_FIELDS
 from sentio_lab.checkpoint import load_checkpoint
 from sentio_lab.evaluate import VARIANTS, load_variant
 
@@ -31,7 +32,7 @@ def _config(tmp_path: Path, iterations: int = 3, **hps) -> dict:
 
 @pytest.fixture(scope="module")
 def market():
-    args = ppo.Args(window=16)
+    args = ppo.Args.from_flat(window=16)
     return load_variant("ppo").market_for(args)
 
 
@@ -45,9 +46,9 @@ def _bundle_equal(a: dict, b: dict, skip_args: tuple[str, ...] = ()) -> None:
     assert a["rng"]["python"] == b["rng"]["python"] and a["rng"]["numpy"] == b["rng"]["numpy"]
     assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])
     assert torch.equal(a["env_state"]["generator"], b["env_state"]["generator"])
-    skip = set(skip_args) | ppo.RUN_CONTROL_FIELDS  # where the checkpoint is, not what it holds
-    assert {k: v for k, v in a["args"].items() if k not in skip} == {
-        k: v for k, v in b["args"].items() if k not in skip}
+    skip = set(skip_args) | RUN_CONTROL_FIELDS  # where the checkpoint is, not what it holds
+    flat_a, flat_b = (ppo.Args.from_dict(bundle["args"]).flat() for bundle in (a, b))
+    assert {k: v for k, v in flat_a.items() if k not in skip} == {k: v for k, v in flat_b.items() if k not in skip}
 
 
 def test_apply_mutation_is_narrow_and_keeps_the_state(tmp_path, market):
@@ -69,7 +70,7 @@ def test_apply_mutation_is_narrow_and_keeps_the_state(tmp_path, market):
     # no annealing: the optimizer would otherwise keep stepping with the saved learning rate
     assert [g["lr"] for g in after["optimizer"]["param_groups"]] == [1e-3]
     # ppo's own --resume refuses the changed value unless the bundle was rewritten: the allowance is only here
-    mine = ppo.Args(learning_rate=5e-4, resume=str(path))
+    mine = ppo.Args.from_flat(learning_rate=5e-4, resume=str(path))
     with pytest.raises(Exception, match="learning_rate"):
         ppo.resume_args(mine, before["args"], path)
 

@@ -81,8 +81,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--serial-episodes", type=int, default=50,
                    help="episodes the one-at-a-time loop really runs (the rest is extrapolated); 0 = all of them")
     p.add_argument("--dataset", default="sp500", help="bundled dataset name or OHLCV file (daily bars)")
-    p.add_argument("--window", type=int, default=ppo.Args.window, help="bars of feature history per observation")
-    p.add_argument("--hidden", type=int, default=ppo.Args.hidden_size, help="hidden units of the 2-layer MLP")
+    p.add_argument("--window", type=int, default=ppo.Args().features.window,
+                   help="bars of feature history per observation")
+    p.add_argument("--hidden", type=int, default=ppo.Args().ppo.hidden_size, help="hidden units of the 2-layer MLP")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     p.add_argument("--repeats", type=int, default=1, help="repeat each measurement and keep the fastest")
     p.add_argument("--device", default="cpu", help="device of the batched env and forward passes")
@@ -127,15 +128,15 @@ def spread_starts(market: PreparedMarket, window: int, length: int, n: int) -> l
 
 def make_agents(market: PreparedMarket, n: int, window: int, hidden: int) -> list[torch.nn.Module]:
     """``n`` default PPO networks (seed i), each normaliser updated on its own batch of real observations."""
-    args = ppo.Args(window=window, hidden_size=hidden)
+    args = ppo.Args.from_flat(window=window, hidden_size=hidden)
     obs_dim = market.arrays.features.shape[1] * window + 1
     start, stop = market.range("train")
     agents = []
     for i in range(n):
         torch.manual_seed(i)
-        agent = ppo.build_agent(args, obs_dim, len(args.positions))
+        agent = ppo.build_agent(args, obs_dim, len(args.env.positions))
         env = TradingEnv(market.arrays, num_envs=256, window=window, episode_length=8, start=start, stop=stop,
-                         positions=args.positions, seed=i)
+                         positions=args.env.positions, seed=i)
         if agent.obs_norm is not None:
             agent.obs_norm.update(env.reset())
         agent.eval()
@@ -194,7 +195,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"command: {command}", flush=True)
 
     base = prepare_market(cli.dataset, FeatureConfig())
-    positions, costs = tuple(ppo.Args.positions), ppo.cost_model(ppo.Args())
+    positions, costs = tuple(ppo.Args().env.positions), ppo.cost_model(ppo.Args.from_flat())
     max_agents = max(a for a, _ in cli.layouts)
     agents = make_agents(base, max_agents, cli.window, cli.hidden)
     obs_dim = base.arrays.features.shape[1] * cli.window + 1

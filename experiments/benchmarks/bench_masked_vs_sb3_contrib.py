@@ -82,8 +82,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="repeat each measurement and keep the fastest (robust to other load on the machine)")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads, the same for all three")
     p.add_argument("--learning-rate", type=float, default=2.5e-4, help="Adam learning rate (constant)")
-    p.add_argument("--window", type=int, default=ppo_masked.Args.window, help="bars of feature history per obs")
-    p.add_argument("--episode-length", type=int, default=ppo_masked.Args.episode_length, help="steps per episode")
+    p.add_argument("--window", type=int, default=ppo_masked.Args().features.window,
+                   help="bars of feature history per obs")
+    p.add_argument("--episode-length", type=int, default=ppo_masked.Args().env.episode_length, help="steps per episode")
     p.add_argument("--dataset", default="sp500", help="bundled dataset name or OHLCV file")
     p.add_argument("--positions", type=float, nargs="+", default=list(POSITIONS), help="position levels")
     p.add_argument("--cooldown", type=int, default=3, help="mask rule: minimum holding period (0 = off)")
@@ -108,7 +109,7 @@ def mask_config(cli: argparse.Namespace) -> MaskConfig:
 
 def masked_args(s: dict[str, int], cli: argparse.Namespace, run_dir: str) -> ppo_masked.Args:
     """Arguments of ``sentio_lab.ppo_masked`` for one setting (constant lr, no tracking, no progress bar)."""
-    return ppo_masked.Args(
+    return ppo_masked.Args.from_flat(
         seed=cli.seed, device="cpu", track=False, progress=False, run_dir=run_dir, run_name="bench",
         dataset=cli.dataset, window=cli.window, episode_length=cli.episode_length, positions=tuple(cli.positions),
         masks=mask_config(cli), total_timesteps=s["total_timesteps"], learning_rate=cli.learning_rate,
@@ -164,7 +165,7 @@ def bench_maskable(market: PreparedMarket, s: dict[str, int], cli: argparse.Name
 
     start, stop = market.range("train")
     arrays, masks = market.arrays, mask_config(cli)
-    costs = ppo_masked.cost_model(ppo_masked.Args())
+    costs = ppo_masked.cost_model(ppo_masked.Args.from_flat())
 
     def make_env() -> NumpyTradingEnv:
         return NumpyTradingEnv(arrays, window=cli.window, episode_length=cli.episode_length, start=start, stop=stop,

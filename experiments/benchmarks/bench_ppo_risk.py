@@ -80,9 +80,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=1, help="repeat each measurement and keep the fastest")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads, the same for all")
     p.add_argument("--learning-rate", type=float, default=2.5e-4, help="Adam learning rate (constant)")
-    p.add_argument("--window", type=int, default=ppo.Args.window, help="bars of feature history per observation")
-    p.add_argument("--episode-length", type=int, default=ppo.Args.episode_length, help="steps per episode")
-    p.add_argument("--num-quantiles", type=int, default=ppo_risk.Args.num_quantiles, help="quantile heads")
+    p.add_argument("--window", type=int, default=ppo.Args().features.window,
+                   help="bars of feature history per observation")
+    p.add_argument("--episode-length", type=int, default=ppo.Args().env.episode_length, help="steps per episode")
+    p.add_argument("--num-quantiles", type=int, default=ppo_risk.Args().num_quantiles, help="quantile heads")
     p.add_argument("--dataset", default="sp500", help="bundled dataset name or OHLCV file")
     p.add_argument("--seed", type=int, default=1, help="seed of every run")
     p.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test, not a measurement)")
@@ -104,11 +105,11 @@ def run_args(name: str, s: dict[str, int], cli: argparse.Namespace, run_dir: str
         update_epochs=s["update_epochs"], target_kl=None, hidden_size=64, norm_obs=True, checkpoint_every=0,
     )
     if name == "ppo":
-        return ppo.Args(**common)
+        return ppo.Args.from_flat(**common)
     risk = dict(num_quantiles=cli.num_quantiles)
     if name == "risk_full":
         risk.update(cost_limit=0.05, risk="cvar", kl_penalty=True)
-    return ppo_risk.Args(**common, **risk)
+    return ppo_risk.Args.from_flat(**common, **risk)
 
 
 def measure(name: str, floor: bool, market: Any, s: dict[str, int], cli: argparse.Namespace, run_dir: str) -> dict:

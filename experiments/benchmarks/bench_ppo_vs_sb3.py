@@ -75,8 +75,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="repeat each measurement and keep the fastest (robust to other load on the machine)")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads, the same for all three")
     p.add_argument("--learning-rate", type=float, default=2.5e-4, help="Adam learning rate (constant)")
-    p.add_argument("--window", type=int, default=ppo.Args.window, help="bars of feature history per observation")
-    p.add_argument("--episode-length", type=int, default=ppo.Args.episode_length, help="steps per episode")
+    p.add_argument("--window", type=int, default=ppo.Args().features.window,
+                   help="bars of feature history per observation")
+    p.add_argument("--episode-length", type=int, default=ppo.Args().env.episode_length, help="steps per episode")
     p.add_argument("--dataset", default="sp500", help="bundled dataset name or OHLCV file")
     p.add_argument("--subproc-max-envs", type=int, default=64,
                    help="also measure SB3 with SubprocVecEnv (one process per env) for N up to this; 0 = never")
@@ -105,7 +106,7 @@ def settings_for(num_envs: int, cli: argparse.Namespace) -> dict[str, int]:
 
 def ppo_args(s: dict[str, int], cli: argparse.Namespace, run_dir: str) -> ppo.Args:
     """Arguments of ``sentio_lab.ppo`` for one setting (constant lr, no tracking, no progress bar)."""
-    return ppo.Args(
+    return ppo.Args.from_flat(
         seed=cli.seed, device="cpu", track=False, progress=False, run_dir=run_dir, run_name="bench",
         dataset=cli.dataset, window=cli.window, episode_length=cli.episode_length,
         total_timesteps=s["total_timesteps"], learning_rate=cli.learning_rate, num_envs=s["num_envs"],
@@ -233,7 +234,7 @@ def bench_sb3(market: PreparedMarket, s: dict[str, int], cli: argparse.Namespace
     from stable_baselines3 import PPO
 
     start, stop = market.range("train")
-    arrays, costs, positions = market.arrays, ppo.cost_model(ppo.Args()), ppo.Args.positions
+    arrays, costs, positions = market.arrays, ppo.cost_model(ppo.Args.from_flat()), ppo.Args().env.positions
 
     def make_env() -> NumpyTradingEnv:
         return NumpyTradingEnv(arrays, window=cli.window, episode_length=cli.episode_length, start=start,

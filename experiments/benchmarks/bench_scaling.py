@@ -46,7 +46,7 @@ def _free_port() -> int:
 
 
 def _args(options: argparse.Namespace, run_dir: str) -> ppo.Args:
-    return ppo.Args(total_timesteps=options.timesteps, num_envs=options.num_envs, num_steps=options.num_steps,
+    return ppo.Args.from_flat(total_timesteps=options.timesteps, num_envs=options.num_envs, num_steps=options.num_steps,
                     device=options.device, track=False, progress=False, checkpoint_every=0, run_dir=run_dir,
                     seed=1)
 

@@ -85,8 +85,8 @@ def run_args(model: str, precision: str, num_envs: int, opts: argparse.Namespace
                   episode_length=opts.episode_length, track=False, progress=False, run_dir=run_dir,
                   checkpoint_path=None, device=opts.device, feature_cache_dir=None)
     if model == "mlp":
-        return ppo.Args(timeframes=("4h", "1D"), **common)
-    return ppo_transformer.Args(token_timeframes=("4h", "1D"), token_counts=tuple(opts.token_counts),
+        return ppo.Args.from_flat(timeframes=("4h", "1D"), **common)
+    return ppo_transformer.Args.from_flat(token_timeframes=("4h", "1D"), token_counts=tuple(opts.token_counts),
                                 d_model=opts.d_model, amp="off" if precision == "fp32" else precision, **common)
 
 

@@ -66,7 +66,7 @@ def cell_done(folder: Path) -> dict[str, Any] | None:
 def validation_sharpe(agent: torch.nn.Module, market: PreparedMarket, args: Any, variant: str) -> float:
     """Per-period Sharpe of the greedy policy over the market's ``validation`` range (net of costs)."""
     module = load_variant(variant)
-    evaluation = evaluate_policy(agent, market, window=args.window, positions=tuple(args.positions),
+    evaluation = evaluate_policy(agent, market, window=args.features.window, positions=tuple(args.env.positions),
                                  costs=module.cost_model(args), range_name="validation", **action_masking(args),
                                  env_options=env_options(args, market))
     returns = evaluation.equity.pct_change().dropna().to_numpy()
@@ -92,8 +92,8 @@ def train_cell(
     for stale in (folder / "checkpoint.pt", folder / "best.pt"):
         stale.unlink(missing_ok=True)  # an interrupted earlier attempt: start again from scratch
     args = parse_variant_args(cell.variant, cell.args)
-    args = dataclasses.replace(
-        args, seed=cell.seed, track=False, progress=False, run_dir=str(folder), run_name=cell.cell_id,
+    args = args.replace(
+        seed=cell.seed, track=False, progress=False, run_dir=str(folder), run_name=cell.cell_id,
         checkpoint_path=str(folder / "checkpoint.pt"), checkpoint_every=0,
     )
     record: dict[str, Any] = {"cell": dataclasses.asdict(cell), "command": shlex.join(cell.args)}
@@ -103,18 +103,18 @@ def train_cell(
     else:
         # Train in chunks (exact resume makes this the same run), score each chunk's end on validation.
         best, best_iteration, history = -np.inf, None, []
-        result = module.train(dataclasses.replace(args, max_iterations=select_every), market=market)
+        result = module.train(args.replace(max_iterations=select_every), market=market)
         while True:
             score = validation_sharpe(result.agent, market, result.args, cell.variant)
-            iteration = result.global_step // result.args.batch_size
+            iteration = result.global_step // result.args.ppo.batch_size
             history.append({"iteration": iteration, "validation_sharpe": score})
             if score > best:
                 best, best_iteration = score, iteration
                 shutil.copyfile(folder / "checkpoint.pt", folder / "best.pt")
             if result.finished:
                 break
-            resume_args = dataclasses.replace(
-                module.Args(), resume=str(folder / "checkpoint.pt"), track=False, progress=False,
+            resume_args = module.Args.from_flat(
+                resume=str(folder / "checkpoint.pt"), track=False, progress=False,
                 max_iterations=select_every, run_dir=str(folder), checkpoint_path=str(folder / "checkpoint.pt"),
                 checkpoint_every=0,
             )

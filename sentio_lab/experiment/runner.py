@@ -88,7 +88,7 @@ def agent_argv(config: ExperimentConfig, agent_args: Sequence[str], extra_args: 
 
 def _accounting(args: Any, variant: str) -> dict[str, Any]:
     module = load_variant(variant)
-    return {"window": int(args.window), "positions": tuple(float(p) for p in args.positions),
+    return {"window": int(args.features.window), "positions": tuple(float(p) for p in args.env.positions),
             "costs": module.cost_model(args)}
 
 
@@ -200,8 +200,8 @@ def load_cell_agent(path: Path, market: PreparedMarket) -> torch.nn.Module:
     if saved != refitted:
         raise ValueError(f"{path}: the refitted fold features differ from the ones this agent was trained on")
     module = load_variant(bundle["variant"])
-    args = module.Args(**bundle["args"])
-    agent = module.build_agent(args, agent_obs_dim(args, market), len(args.positions))
+    args = module.Args.from_dict(bundle["args"])
+    agent = module.build_agent(args, agent_obs_dim(args, market), len(args.env.positions))
     agent.load_state_dict(bundle["agent"])
     return agent.eval()
 
