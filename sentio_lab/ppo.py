@@ -13,11 +13,13 @@ Differences from CleanRL, and why:
   :mod:`sentio_lab.rollout`, shared with the other variants and tested there against hand-computed values;
 * runs can stop on a wall-clock budget or an iteration count, and resume from a checkpoint bundle to the
   same final weights as an uninterrupted run (on the same device);
-* a NaN / infinite reward, value, loss or gradient stops the run with :class:`NonFiniteError` before the
-  optimizer steps on it; the last good checkpoint on disk is left as it was.
+* a NaN / infinite reward, value, loss or gradient stops the run with :class:`~sentio_lab.rollout.NonFiniteError`
+  before the optimizer steps on it; the last good checkpoint on disk is left as it was;
+* the scaffolding around the algorithm (start / resume, checkpoints, logging, budgets, the command line) is
+  :mod:`sentio_lab.run_loop`, shared by every variant; the arguments are the groups of :mod:`sentio_lab.arguments`.
 
-Resuming (``--resume PATH``): the run-control arguments (:data:`RUN_CONTROL_FIELDS`: budgets, tracking,
-progress bar, where checkpoints go) come from the command line. Every other (experiment) argument comes
+Resuming (``--resume PATH``): the run-control arguments (:data:`sentio_lab.arguments.RUN_CONTROL_FIELDS`: budgets,
+tracking, progress bar, where checkpoints go) come from the command line. Every other (experiment) argument comes
 from the checkpoint, and one the caller set away from its default to a value other than the checkpoint's
 is refused, naming each such field with both values. An argument left at its default is taken from the
 checkpoint (an argument given explicitly *at* its default cannot be told apart, and is taken from the
@@ -57,8 +59,8 @@ VARIANT = "ppo"
 
 @dataclass
 class Args(SharedArgs):
-    """Command-line arguments of ``python -m sentio_lab.ppo``: the shared groups of :mod:`sentio_lab.arguments`
-    (data, features, env and costs, PPO, run control, tracking), nothing of its own."""
+    """PPO on the batched torch trading env (CleanRL style). The arguments are the shared groups (data, features,
+    env and costs, PPO, run control, tracking; sentio_lab/arguments.py): ppo adds none of its own."""
 
 
 #: The hooks orchestration reads (evaluation, the experiment runner, Tune), shared by every variant.
@@ -84,8 +86,8 @@ def train(args: Args, *, market: PreparedMarket | None = None, env: Any | None =
 
     An ``env`` passed in needs ``obs_dim``, ``num_actions``, ``reset()`` and ``step()`` like
     :class:`TradingEnv` (and ``state_dict()`` when checkpoints are written); without a market no
-    checkpoint can be written. Raises :class:`NonFiniteError` when a reward, value, loss or gradient is
-    not finite, before any update or save uses it.
+    checkpoint can be written. Raises :class:`~sentio_lab.rollout.NonFiniteError` when a reward, value, loss or
+    gradient is not finite, before any update or save uses it.
     """
     # resume or start (sentio_lab.run_loop): arguments, seeds, device, market, env; under torchrun this rank
     # steps n_envs = num_envs / world_size of the episodes, and every distributed.* call below is the identity

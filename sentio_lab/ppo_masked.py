@@ -54,7 +54,8 @@ VARIANT = "ppo_masked"
 
 @dataclass
 class Args(SharedArgs):
-    """Command-line arguments of ``python -m sentio_lab.ppo_masked``: ``ppo``'s groups, plus the mask rules."""
+    """PPO with invalid-action masking: ppo's argument groups, plus the mask rules (--masks.*) and what the env
+    does with an invalid action."""
 
     run: Flat[RunArgs] = field(default_factory=lambda: RunArgs(exp_name=VARIANT))
     masks: MaskConfig = field(default_factory=MaskConfig)

@@ -79,8 +79,8 @@ VARIANT = "ppo_risk"
 
 @dataclass
 class Args(SharedArgs):
-    """Command-line arguments of ``python -m sentio_lab.ppo_risk``: ``ppo``'s groups (value clipping off by
-    default), plus the distributional critic, the drawdown constraint and the KL penalty."""
+    """Risk-aware PPO: ppo's argument groups (value clipping off by default), plus the distributional critic, the
+    drawdown constraint and the adaptive KL penalty."""
 
     ppo: Flat[PPOArgs] = field(default_factory=lambda: PPOArgs(clip_vloss=False))
     run: Flat[RunArgs] = field(default_factory=lambda: RunArgs(exp_name=VARIANT))

@@ -59,8 +59,8 @@ AMP_DTYPES: dict[str, torch.dtype | None] = {"off": None, "bf16": torch.bfloat16
 
 @dataclass
 class Args(SharedArgs):
-    """Command-line arguments of ``python -m sentio_lab.ppo_transformer``: ``ppo``'s groups (hourly EUR/USD by
-    default), plus the token blocks and the transformer."""
+    """PPO with a multi-timeframe transformer policy: ppo's argument groups (hourly EUR/USD by default), plus the
+    token blocks and the transformer."""
 
     data: Flat[DataArgs] = field(default_factory=lambda: DataArgs(dataset="eurusd_1h"))
     run: Flat[RunArgs] = field(default_factory=lambda: RunArgs(exp_name=VARIANT))
