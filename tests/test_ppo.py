@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
-from sentio_lab import ppo
+from sentio_lab import ppo, training
 from sentio_lab.checkpoint import REQUIRED_KEYS, CheckpointError, load_checkpoint, save_checkpoint
 from sentio_lab.data import DataValidationError
 from sentio_lab.evaluate import evaluate_policy, load_trained
@@ -275,8 +275,8 @@ def test_data_range_and_stale_open_policy_reach_training_and_evaluation(tiny_arg
 
 
 def test_progress_bar_shows_n_a_until_an_episode_ends():
-    assert ppo.progress_postfix(12345.6, []) == {"sps": "12,346", "ret": "n/a"}
-    assert ppo.progress_postfix(10.0, [0.01, 0.03]) == {"sps": "10", "ret": "+0.0200"}
+    assert training.progress_postfix(12345.6, []) == {"sps": "12,346", "ret": "n/a"}
+    assert training.progress_postfix(10.0, [0.01, 0.03]) == {"sps": "10", "ret": "+0.0200"}
 
 
 class RandomAgent(torch.nn.Module):

@@ -26,7 +26,7 @@ def weights_equal(a, b):
 @pytest.fixture()
 def masked_args(tiny_args):
     """tiny_args (conftest) as ppo_masked arguments, every rule off."""
-    return ppo_masked.Args.from_flat(**{f.name: getattr(tiny_args, f.name) for f in dataclasses.fields(ppo.Args)})
+    return ppo_masked.Args.from_flat(**tiny_args.flat())
 
 
 class RecordingEnv:
