@@ -35,6 +35,7 @@ from sentio_lab import distributed
 from sentio_lab.checkpoint import CheckpointError, capture_rng, load_checkpoint, restore_rng, save_checkpoint
 from sentio_lab.distributed import DistContext
 from sentio_lab.market import PreparedMarket
+from sentio_lab.regime import RegimeFitError
 from sentio_lab.rollout import NonFiniteError, describe_non_finite
 from sentio_lab.tracking import Tracker
 from sentio_lab.training import (
@@ -354,8 +355,9 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor) -> float:
     return float(np.nan if var_y == 0 else 1 - np.var(y_true - y_pred) / var_y)
 
 
-#: Errors a user can fix from the command line: printed as one line (without ``--debug``).
-USER_ERRORS: tuple[type[BaseException], ...] = (CheckpointError, NonFiniteError, ValueError)
+#: Errors a user can fix from the command line (data, arguments, a refused checkpoint, a non-finite stop, an HMM fit
+#: that failed on the data): printed as one line (without ``--debug``).
+USER_ERRORS: tuple[type[BaseException], ...] = (CheckpointError, NonFiniteError, RegimeFitError, ValueError)
 
 
 def run_cli(
@@ -367,9 +369,10 @@ def run_cli(
 ) -> TrainResult | None:
     """The ``main()`` of a variant: parse its ``Args`` (grouped ``--help``, choices checked up front), train, report.
 
-    A data or argument error (``ValueError`` and its subclasses from :mod:`sentio_lab.data`, a refused checkpoint,
-    a non-finite stop) prints one line, ``error: <message>``, and exits with status 1; ``--debug`` shows the
-    traceback instead. ``distributed_ok``: join the torchrun process group (``ppo``).
+    A data or argument error (:data:`USER_ERRORS`: ``ValueError`` and its subclasses from :mod:`sentio_lab.data`, a
+    refused checkpoint, a non-finite stop, a failed regime fit) prints one line, ``error: <message>``, and exits
+    with status 1; ``--debug`` shows the traceback instead. ``distributed_ok``: join the torchrun process group
+    (``ppo``).
     """
     args = tyro.cli(args_type, args=argv, prog=prog)
     ctx = distributed.init_from_env(args.run.device) if distributed_ok else DistContext()

@@ -85,8 +85,8 @@ def test_argument_errors_are_one_line_naming_the_flag_and_debug_raises(capsys):
     assert str(exit_.value) == "error: --num-envs 0: must be at least 1 (--debug shows the traceback)"
     with pytest.raises(ValueError, match="--num-envs 0: must be at least 1"):
         run_cli(ppo.Args, ppo.train, prog="python -m sentio_lab.ppo", argv=["--num-envs", "0", "--debug"])
-    with pytest.raises(SystemExit, match=r"^error: --num-minibatches 999 must be in \[1, batch_size=8192\]"):
-        run_cli(ppo.Args, ppo.train, prog="python -m sentio_lab.ppo", argv=["--num-minibatches", "999"])
+    with pytest.raises(SystemExit, match=r"^error: --num-minibatches 9000 must be in \[1, batch_size=8192\]"):
+        run_cli(ppo.Args, ppo.train, prog="python -m sentio_lab.ppo", argv=["--num-minibatches", "9000", "--no-track"])
 
 
 def test_a_data_error_from_the_command_line_is_one_line_without_traceback_and_a_traceback_with_debug(tmp_path):
