@@ -91,7 +91,7 @@ def test_evaluation_charges_the_checkpoints_borrow_and_old_checkpoints_none(tiny
         assert restored.equity.iloc[-1] < free.equity.iloc[-1]
 
     bundle = load_checkpoint(result.checkpoint_path)
-    del bundle["args"]["borrow_bps"]
+    del bundle["args"]["env"]["borrow_bps"]
     bundle.pop("format_version", None)
     old_path = save_checkpoint(tmp_path / "old.pt", bundle)
     old = evaluate_checkpoint(old_path)

@@ -23,7 +23,7 @@ def test_cell_trains_once_and_records_itself(tmp_path, synthetic_market):
     assert cell_done(folder) == json.loads((folder / CELL_FILE).read_text())
     assert record["global_step"] == 8 * 16 * 4 and record["selected_iteration"] is None
     bundle = load_checkpoint(folder / "checkpoint.pt", variant="ppo")
-    assert bundle["args"]["seed"] == 2 and bundle["iteration"] == 4
+    assert bundle["args"]["run"]["seed"] == 2 and bundle["iteration"] == 4
 
 
 def test_selection_on_validation_keeps_the_best_chunk_and_matches_a_plain_run(tmp_path, synthetic_market):

@@ -158,7 +158,7 @@ def test_cuda_checkpoint_resumes_on_a_cpu_machine_with_a_warning(tiny_args, synt
     """Faked without a GPU: the bundle says cuda and carries a CUDA-sized generator state the CPU cannot take."""
     part = ppo.train(tiny_args.replace(max_iterations=1), market=synthetic_market)
     bundle = load_checkpoint(part.checkpoint_path)
-    bundle["args"]["device"] = "cuda"
+    bundle["args"]["run"]["device"] = "cuda"
     bundle["extra"]["device"] = "cuda"
     bundle["env_state"]["generator"] = torch.zeros(16, dtype=torch.uint8)  # a CUDA Philox state is 16 bytes
     bundle["rng"]["torch_cuda"] = [torch.zeros(16, dtype=torch.uint8)]

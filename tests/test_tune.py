@@ -66,7 +66,7 @@ def test_apply_mutation_is_narrow_and_keeps_the_state(tmp_path, market):
     assert changed == {"learning_rate": (3e-4, 1e-3), "gae_lambda": (0.95, 0.9)}
     after = load_checkpoint(path)
     _bundle_equal(before, after, skip_args=("learning_rate", "gae_lambda"))
-    assert after["args"]["learning_rate"] == 1e-3 and after["args"]["gae_lambda"] == 0.9
+    assert after["args"]["ppo"]["learning_rate"] == 1e-3 and after["args"]["ppo"]["gae_lambda"] == 0.9
     # no annealing: the optimizer would otherwise keep stepping with the saved learning rate
     assert [g["lr"] for g in after["optimizer"]["param_groups"]] == [1e-3]
     # ppo's own --resume refuses the changed value unless the bundle was rewritten: the allowance is only here
