@@ -114,7 +114,8 @@ def test_sp500_default_start_is_accepted_and_recorded():
 
 
 def test_sp500_allow_warns_and_the_report_records_the_choice():
-    with pytest.warns(UserWarning, match=r"--stale-opens allow \(stale_opens='allow'\): loading 2 stale-open stretch\(es\)") as record:
+    allow = r"--stale-opens allow \(stale_opens='allow'\): loading 2 stale-open stretch\(es\)"
+    with pytest.warns(UserWarning, match=allow) as record:
         market = load_market("sp500", start="1999", stale_opens="allow")
     assert "1999-01-05 .. 2007-09-24" in str(record[0].message)
     q = market.quality
@@ -417,3 +418,23 @@ def test_markets_carry_their_session_close():
     frame = real_opens(pd.bdate_range("2020-01-01", periods=60))
     assert to_market(frame, name="x", session_close="9:00 Asia/Tokyo").session_close == "09:00 Asia/Tokyo"
     assert SessionClose(9, 0, "Asia/Tokyo") == parse_session_close("09:00 Asia/Tokyo")
+
+
+def test_a_range_ending_inside_a_stretch_is_told_to_end_earlier():
+    # sp500 2010 .. 2013-01: the last stretch (from 2011-05-09) runs to the end of the selected range.
+    with pytest.raises(DataValidationError, match="the last stretch reaches the end of the selected range: pass "
+                                                  r"--data-end 2011-05-06 \(end='2011-05-06' in Python\)") as err:
+        load_market("sp500", start="2010", end="2013-01")
+    assert (err.value.flag, err.value.value) == ("--data-end", "2011-05-06")
+    assert load_market("sp500", start="2010", end=err.value.value).quality.stale_stretches == ()
+    # 1999 .. 2013-03: two stretches, a few bars after the last; the clean range lies between them.
+    with pytest.raises(DataValidationError, match="only 2 bars follow the last stretch") as err:
+        load_market("sp500", start="1999", end="2013-03-28")
+    text = str(err.value)
+    assert "pass --data-start 2007-09-25 (start='2007-09-25' in Python) and --data-end 2011-05-06" in text
+    assert load_market("sp500", start="2007-09-25", end="2011-05-06").quality.stale_stretches == ()
+    # Stale from the first bar to the last: no clean range to suggest, the flags are still named.
+    with pytest.raises(DataValidationError, match="reaches the end of the selected range: choose a range of at "
+                                                  "least 50 bars without them") as err:
+        load_market("sp500", start="2000", end="2004")
+    assert err.value.flag == "--data-end" and err.value.value is None

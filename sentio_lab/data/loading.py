@@ -158,9 +158,9 @@ def load_market(
         if stale_opens == "refuse":
             raise _stale_error(name, frame, quality, default_used, min_rows)
         listed = "; ".join(s.describe() for s in quality.stale_stretches)
-        message = (f"{name}: {CLI_FLAGS['stale_opens']} allow (stale_opens='allow'): loading {len(quality.stale_stretches)} stale-open stretch(es) "
-                   f"({listed}); on those bars the env fills at the close the agent has just seen (same-bar "
-                   "execution)")
+        message = (f"{name}: {CLI_FLAGS['stale_opens']} allow (stale_opens='allow'): loading "
+                   f"{len(quality.stale_stretches)} stale-open stretch(es) ({listed}); on those bars the env "
+                   "fills at the close the agent has just seen (same-bar execution)")
         warnings.warn(message, UserWarning, stacklevel=2)
         notes.append(f"{CLI_FLAGS['stale_opens']} allow (stale_opens='allow'): stale-open stretches accepted "
                      "knowingly (same-bar fills on them)")
@@ -210,13 +210,15 @@ def _stale_error(
     for begin, end, why in candidates:
         chosen = frame.loc[begin:end]
         if len(chosen) >= min_rows and not data_quality(chosen, infer_bar_freq(chosen)).stale_stretches:
-            moves = " and ".join(option(k, _day_or_time(v)) for k, v in (("start", begin), ("end", end)) if v is not None)
+            sides = (("start", begin), ("end", end))
+            moves = " and ".join(option(k, _day_or_time(v)) for k, v in sides if v is not None)
             fix = f"{lead}pass {moves}, {why}"
             flag, value = (CLI_FLAGS["start"], _day_or_time(begin)) if end is None else (
                 CLI_FLAGS["end"], _day_or_time(end))
             break
     else:
-        fix = f"{lead}choose a range of at least {min_rows} bars without them with {option('start')} / {option('end')}"
+        fix = (f"{lead}choose a range of at least {min_rows} bars without them with {option('start')} / "
+               f"{option('end')}")
         flag, value = CLI_FLAGS["end"] if lead else CLI_FLAGS["start"], None
     which = " (the dataset's default start)" if default_used else ""
     listed = "; ".join(s.describe() for s in stretches)
