@@ -557,3 +557,50 @@ def test_bars_needed_counts_the_evaluation_ranges_and_refuses_bad_input():
         bars_needed(warmup=-1, window=1, episode_length=1, train_fraction=0.5, validation_fraction=0.2)
     with pytest.raises(DataValidationError, match="fractions"):
         bars_needed(warmup=0, window=1, episode_length=1, train_fraction=0.9, validation_fraction=0.2)
+
+
+# ---------------------------------------------------------------------------------- timestamps and columns
+def test_local_times_across_a_daylight_saving_change_are_read_as_utc(tmp_path):
+    """Offsets that change inside a file (+01:00 then +02:00) are the same instants in UTC: kept, not refused."""
+    frame = make_ohlcv(n=60, freq="h", start="2021-03-27 12:00")
+    local = frame.index.tz_localize("UTC").tz_convert("Europe/Berlin")  # CET -> CEST on 2021-03-28 02:00
+    text = frame.copy()
+    text.index = [t.isoformat() for t in local]
+    path = tmp_path / "berlin.csv"
+    text.to_csv(path, index_label="Date")
+    assert "+01:00" in path.read_text() and "+02:00" in path.read_text()
+    market = load_market(path)
+    assert str(market.frame.index.tz) == "UTC" and market.bar_freq == pd.Timedelta(hours=1)
+    np.testing.assert_array_equal(market.frame.index, frame.index.tz_localize("UTC"))  # the same instants
+    # One offset throughout keeps it; naive stays naive (the loader never guesses a zone).
+    single = frame.copy()
+    single.index = frame.index.tz_localize("UTC").tz_convert("Asia/Tokyo")
+    single.to_csv(path, index_label="Date")
+    assert str(load_market(path).frame.index.tz) == "UTC+09:00"
+    frame.to_csv(path, index_label="Date")
+    assert load_market(path).frame.index.tz is None
+
+
+def test_naive_and_aware_timestamps_mixed_are_refused_in_one_line(tmp_path):
+    frame = make_ohlcv(n=60, freq="h")
+    text = frame.copy()
+    text.index = [t.isoformat() + ("+00:00" if i == 0 else "") for i, t in enumerate(frame.index)]
+    path = tmp_path / "mixed.csv"
+    text.to_csv(path, index_label="Date")
+    with pytest.raises(DataValidationError, match="not parseable as timestamps .* write ISO 8601") as err:
+        load_market(path)
+    assert "\n" not in str(err.value)
+
+
+def test_extra_columns_are_ignored_and_column_order_does_not_matter(tmp_path):
+    frame = make_ohlcv()
+    extra = frame[["volume", "close", "low", "high", "open"]].assign(Symbol="MSFT", Trades=7, Notes="x")
+    path = tmp_path / "extra.csv"
+    extra.to_csv(path, index_label="timestamp")
+    market = load_market(path)
+    assert tuple(market.frame.columns) == OHLCV_COLUMNS
+    np.testing.assert_array_equal(market.frame.to_numpy(), frame.to_numpy())
+    assert market.fingerprint == fingerprint(canonicalize(frame))
+    # A date-only column named "Date" in any case is the index; a column of timestamps not named so must be first.
+    frame.to_csv(path, index_label="DATE", date_format="%Y-%m-%d")
+    assert load_market(path).frame.index.equals(frame.index.rename("timestamp"))

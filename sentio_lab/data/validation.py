@@ -92,9 +92,12 @@ def canonicalize(raw: pd.DataFrame, *, source: str = "input", min_rows: int = DE
         )
     if not isinstance(index, pd.DatetimeIndex):
         try:
-            index = pd.DatetimeIndex(pd.to_datetime(index))
+            index = _parse_timestamps(index)
         except (ValueError, TypeError) as err:
-            raise DataValidationError(f"{source}: index is not parseable as timestamps ({err})") from err
+            raise DataValidationError(
+                f"{source}: index is not parseable as timestamps ({' '.join(str(err).split())}); write ISO 8601 "
+                "times such as 2017-01-02 or 2017-01-02 17:00:00 (+01:00 offsets allowed)"
+            ) from err
     if index.hasnans:
         # A missing timestamp reads NaT, which locates nothing: report 0-based row positions instead.
         positions = _rows(pd.RangeIndex(len(index)), np.asarray(index.isna()))
@@ -146,6 +149,17 @@ def canonicalize(raw: pd.DataFrame, *, source: str = "input", min_rows: int = DE
     if bad.any():
         raise DataValidationError(f"{source}: low above min(open, close) at {_rows(index, bad)}")
     return frame
+
+
+def _parse_timestamps(index: pd.Index) -> pd.DatetimeIndex:
+    """Text timestamps as a DatetimeIndex. Offsets that change inside the file (local time across a daylight
+    saving change, "+01:00" then "+02:00") are the same instants in UTC: they are read as UTC, not refused."""
+    try:
+        return pd.DatetimeIndex(pd.to_datetime(index))
+    except ValueError as err:
+        if "mixed time zones" not in str(err).lower() and "mixed timezones" not in str(err).lower():
+            raise
+        return pd.DatetimeIndex(pd.to_datetime(index, utc=True))
 
 
 def _nanoseconds(index: pd.DatetimeIndex) -> np.ndarray:
