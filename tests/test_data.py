@@ -604,3 +604,24 @@ def test_extra_columns_are_ignored_and_column_order_does_not_matter(tmp_path):
     # A date-only column named "Date" in any case is the index; a column of timestamps not named so must be first.
     frame.to_csv(path, index_label="DATE", date_format="%Y-%m-%d")
     assert load_market(path).frame.index.equals(frame.index.rename("timestamp"))
+
+
+def test_what_docs_data_md_says_about_messy_timestamp_columns(tmp_path):
+    # Separate Date and Time columns (MetaTrader exports): Date is the index, so hourly bars collide.
+    hours = pd.DataFrame({"Date": ["2020-01-02"] * 60, "Time": [f"{h % 24:02d}:00" for h in range(60)],
+                          "Open": 1.0, "High": 1.1, "Low": 0.9, "Close": 1.05, "Volume": 1.0})
+    path = tmp_path / "mt.csv"
+    hours.to_csv(path, index=False)
+    with pytest.raises(DataValidationError, match=r"duplicate timestamp\(s\) in 60 row\(s\)"):
+        load_market(path)
+    # Day-first text is read month-first until a day above 12 appears, then refused (one line).
+    frame = make_ohlcv(n=60)
+    text = frame.copy()
+    text.index = frame.index.strftime("%d.%m.%Y")
+    text.to_csv(path, index_label="Date")
+    with pytest.raises(DataValidationError, match='not parseable as timestamps .*"13.01.2021"') as err:
+        load_market(path)
+    assert "\n" not in str(err.value)
+    # Compressed CSV.
+    frame.to_csv(tmp_path / "prices.csv.gz", index_label="Date")
+    np.testing.assert_array_equal(load_market(tmp_path / "prices.csv.gz").frame.to_numpy(), frame.to_numpy())
