@@ -230,3 +230,13 @@ def test_report_html_stands_alone_when_moved(tmp_path, inputs):
     # Nothing is fetched from next to the page (no PNG, script or stylesheet by path); the figure is inline.
     assert not re.findall(r'(?:src|href)\s*=\s*["\'](?!data:|https?:|#)', text)
     assert "Plotly.newPlot" in moved.read_text() and "<img" not in text
+
+
+def test_a_strategy_that_never_closes_a_trade_says_so(tmp_path, inputs):
+    equities, _, _, meta = inputs
+    flat = pd.Series(0.0, index=equities["agent"].index[:-1])  # never in the market: no round trip
+    stats = mt.stats_table({"agent": equities["agent"]}, {"agent": flat})
+    md = write_report(tmp_path, {"agent": equities["agent"]}, None, stats, "t", meta)["stats_md"].read_text()
+    number = _row(md, "trade_win_rate")[0]
+    assert number.startswith("n/a (") and f"{number[4:]} trade_win_rate (agent): no closed round trip" in md
+    assert _row(md, "n_trades") == ["0"]
