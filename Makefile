@@ -39,7 +39,7 @@ demo: $(STAMP)
 	@echo "Report written to $(DEMO_OUT)/ (open $(DEMO_OUT)/report.html)"
 
 lint: $(STAMP)
-	$(BIN)/ruff check sentio_lab tests experiments notebooks
+	$(BIN)/ruff check sentio_lab tests experiments notebooks docs
 	$(BIN)/interrogate sentio_lab  # every public name has a docstring ([tool.interrogate]; -vv lists them)
 
 # The documentation site (docs/, mkdocs.yml) into site/, offline; --strict fails on a broken link or reference.

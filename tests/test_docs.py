@@ -113,3 +113,17 @@ def test_generated_reference_has_a_page_per_public_module(tmp_path):
     summary = (tmp_path / "reference" / "SUMMARY.md").read_text()
     for page in pages:
         assert f"]({page})" in summary, f"{page} is not in the reference navigation"
+
+
+def test_sphinx_roles_become_markdown():
+    spec = importlib.util.spec_from_file_location("griffe_sphinx_roles", ROOT / "docs" / "griffe_sphinx_roles.py")
+    roles = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(roles)
+    convert = roles.markdown_roles
+    assert convert(":class:`~sentio_lab.env.TradingEnv` steps") == "[`TradingEnv`][sentio_lab.env.TradingEnv] steps"
+    assert convert(":func:`sentio_lab.costs.execute`") == "[`sentio_lab.costs.execute`][sentio_lab.costs.execute]"
+    assert convert(":meth:`~sentio_lab.env.TradingEnv.step()`") == "[`step`][sentio_lab.env.TradingEnv.step]"
+    # relative and private targets cannot be resolved by the site: plain code, no link
+    assert convert("see :data:`VARIANTS` and :func:`sentio_lab.data.quality._pct`") == (
+        "see `VARIANTS` and `sentio_lab.data.quality._pct`")
+    assert convert("``code`` and :py:mod:`sentio_lab.data`") == "``code`` and [`sentio_lab.data`][sentio_lab.data]"
