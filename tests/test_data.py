@@ -625,3 +625,16 @@ def test_what_docs_data_md_says_about_messy_timestamp_columns(tmp_path):
     # Compressed CSV.
     frame.to_csv(tmp_path / "prices.csv.gz", index_label="Date")
     np.testing.assert_array_equal(load_market(tmp_path / "prices.csv.gz").frame.to_numpy(), frame.to_numpy())
+
+
+def test_a_variant_refuses_a_short_file_with_the_count_before_training(tmp_path):
+    """The variants build their market through training.market_from, which passes their window and episode."""
+    from sentio_lab import ppo
+
+    path = tmp_path / "short.csv"
+    make_ohlcv(n=300).to_csv(path)
+    with pytest.raises(DataValidationError, match="300 bars, too few to train on: at least 513 are needed") as err:
+        ppo.market_for(ppo.Args(dataset=str(path), feature_cache_dir=None))
+    assert (err.value.flag, err.value.value) == ("--episode-length", "128")
+    market = ppo.market_for(ppo.Args(dataset=str(path), feature_cache_dir=None, episode_length=128))
+    assert len(market.data) == 300

@@ -367,8 +367,12 @@ def test_select_range_is_inclusive_with_partial_dates():
     assert len(select_range(frame, end=pd.Timestamp("2017-05-02"))) == 2
     with pytest.raises(DataValidationError, match="feed: --data-start 2017-07-01 .* is after --data-end 2017-06-30"):
         select_range(frame, "2017-07-01", "2017-06-30", source="feed")
-    with pytest.raises(DataValidationError, match="cannot select"):
+    with pytest.raises(DataValidationError, match="cannot select") as err:
         select_range(frame, pd.Timestamp("2017-06-01", tz="UTC"), None)
+    assert err.value.flag == "--data-start" and "(the data start 2017-05-01 00:00:00)" in str(err.value)
+    with pytest.raises(DataValidationError, match=r"cannot select the range --data-end soon \(end='soon'") as err:
+        select_range(frame, None, "soon")
+    assert err.value.flag == "--data-end"
 
 
 def test_csv_without_a_timestamp_column_says_so(tmp_path):
