@@ -19,7 +19,7 @@ export DISABLE_MKDOCS_2_WARNING = true
 DEMO_OUT ?= reports/demo
 DEMO_TIMESTEPS ?= 200000
 
-.PHONY: install demo test lint docs bench bench-features bench-evaluation bench-risk bench-costs bench-scaling bench-transformer \
+.PHONY: install demo lab test lint docs bench bench-features bench-evaluation bench-risk bench-costs bench-scaling bench-transformer \
 	capacity sweep-example golden clean
 
 install: $(STAMP)
@@ -35,8 +35,13 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	mkdir -p $(DEMO_OUT)
 	$(BIN)/papermill notebooks/train_and_report.ipynb $(DEMO_OUT)/train_and_report.ipynb \
-		-p dataset sp500 -p total_timesteps $(DEMO_TIMESTEPS) -p output_dir $(DEMO_OUT) --kernel python3
+		-p dataset sp500 -p total_timesteps $(DEMO_TIMESTEPS) -p output_dir $(DEMO_OUT) -p progress text \
+		--kernel python3 --log-output
 	@echo "Report written to $(DEMO_OUT)/ (open $(DEMO_OUT)/report.html)"
+
+# JupyterLab on the notebooks (the repository is notebook-first); Ctrl-C stops the server.
+lab: $(STAMP)
+	$(BIN)/jupyter lab notebooks/
 
 lint: $(STAMP)
 	$(BIN)/ruff check sentio_lab tests experiments notebooks docs
