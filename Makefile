@@ -57,7 +57,7 @@ test: $(STAMP) lint docs
 
 # The committed, executed CI-sized evaluation report that nbval re-executes (a moved number fails `make test`).
 GOLDEN := reports/golden/evaluation_report.ipynb
-GOLDEN_PARAMS := -p config experiments/configs/sp500_cpcv.toml -p run_dir temp -p output_dir reports/ci_evaluation \
+GOLDEN_PARAMS := -p config experiments/configs/sp500_cpcv.toml -p run_dir temp -p output_dir reports/ci_evaluation -p progress none \
 	-y '{"overrides": {"seeds": [1, 2], "n_groups": 4, "random_seeds": 2}, "spa_reps": 200, "extra_args": \
 	["--total-timesteps", "512", "--num-envs", "8", "--num-steps", "16", "--num-minibatches", "2", \
 	"--update-epochs", "1", "--hidden-size", "8"]}'

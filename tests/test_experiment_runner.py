@@ -228,3 +228,25 @@ def test_fold_markets_are_not_shared_between_experiments(finished, config):
     walk = fold_market(other, other.folds[0], feature_config(args))
     assert cpcv.train_segments == plan.folds[0].train and walk.train_segments == other.folds[0].train
     assert cpcv.train_segments != walk.train_segments
+
+
+def test_finished_cells_of_other_arguments_are_refused_not_mixed_in(finished, config, tmp_path):
+    plan, output, _ = finished
+    copy = tmp_path / "copy"
+    shutil.copytree(output, copy)
+    planned = (copy / "plan.json").read_text()
+    other = plan_experiment(config, ("--gamma", "0.9"))  # same experiment name, same cell ids, other training
+    with pytest.raises(ValueError, match="finished with other arguments.*--gamma 0.9"):
+        run_experiment(other, copy, progress=False)
+    assert (copy / "plan.json").read_text() == planned  # refused before anything was written
+
+
+def test_the_command_line_and_the_notebook_share_one_run_folder():
+    from pathlib import Path
+
+    from sentio_lab.experiment.__main__ import Args
+    from sentio_lab.experiment.runner import RUNS_ROOT
+
+    assert Args.__dataclass_fields__["output_root"].default == RUNS_ROOT == "runs/experiments"
+    notebook = (Path(__file__).resolve().parents[1] / "notebooks" / "evaluation_report.ipynb").read_text()
+    assert 'f\\"{RUNS_ROOT}/{experiment.name}\\"' in notebook  # the notebook's default run_dir
