@@ -250,3 +250,14 @@ def test_the_command_line_and_the_notebook_share_one_run_folder():
     assert Args.__dataclass_fields__["output_root"].default == RUNS_ROOT == "runs/experiments"
     notebook = (Path(__file__).resolve().parents[1] / "notebooks" / "evaluation_report.ipynb").read_text()
     assert 'f\\"{RUNS_ROOT}/{experiment.name}\\"' in notebook  # the notebook's default run_dir
+
+
+def test_committed_reports_have_the_result_columns_the_runner_writes_today(finished):
+    from pathlib import Path
+
+    from test_committed_reports import committed_reports
+
+    _, _, results = finished
+    for report in committed_reports():
+        header = (report / "results.csv").read_text().splitlines()[0].split(",")
+        assert header == list(results.columns), f"{Path(report).name}: regenerate its tables (format changed)"
