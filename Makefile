@@ -19,7 +19,7 @@ export DISABLE_MKDOCS_2_WARNING = true
 DEMO_OUT ?= reports/demo
 DEMO_TIMESTEPS ?= 200000
 
-.PHONY: install demo lab test lint docs bench bench-features bench-evaluation bench-risk bench-costs bench-scaling bench-transformer \
+.PHONY: install demo lab report test lint docs bench bench-features bench-evaluation bench-risk bench-costs bench-scaling bench-transformer \
 	capacity sweep-example golden clean
 
 install: $(STAMP)
@@ -42,6 +42,16 @@ demo: $(STAMP)
 # JupyterLab on the notebooks (the repository is notebook-first); Ctrl-C stops the server.
 lab: $(STAMP)
 	$(BIN)/jupyter lab notebooks/
+
+# The evaluation report of one experiment file into reports/<file stem>/ (folder created: papermill refuses to write
+# into a missing one). It reuses the cells of a finished `python -m sentio_lab.experiment --config $(EXPERIMENT)` run
+# in runs/experiments/<name>/ and trains only the missing ones.
+EXPERIMENT ?= experiments/configs/sp500_cpcv.toml
+REPORT_OUT ?= reports/$(basename $(notdir $(EXPERIMENT)))
+report: $(STAMP)
+	mkdir -p $(REPORT_OUT)
+	$(BIN)/papermill notebooks/evaluation_report.ipynb $(REPORT_OUT)/evaluation_report.ipynb --kernel python3 \
+		-p config $(EXPERIMENT) -p output_dir $(REPORT_OUT) -p progress text --log-output
 
 lint: $(STAMP)
 	$(BIN)/ruff check sentio_lab tests experiments notebooks docs

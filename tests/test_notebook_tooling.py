@@ -49,3 +49,11 @@ def test_make_lab_opens_the_notebooks_in_jupyterlab():
 def test_make_demo_shows_a_text_progress_bar_through_papermill():
     demo = make_dry_run("demo")
     assert "--log-output" in demo and "-p progress text" in demo
+
+
+def test_make_report_creates_the_folder_papermill_writes_into():
+    report = make_dry_run("report").splitlines()
+    assert report[0] == "mkdir -p reports/sp500_cpcv"  # papermill: "output folder ... doesn't exist" otherwise
+    command = " ".join(report[1:])
+    assert "notebooks/evaluation_report.ipynb reports/sp500_cpcv/evaluation_report.ipynb" in command
+    assert "-p output_dir reports/sp500_cpcv" in command and "--log-output" in command
