@@ -105,7 +105,7 @@ def test_the_notebook_reports_a_finished_command_line_run_without_retraining(tmp
     executed = tmp_path / "executed.ipynb"
     pm.execute_notebook(str(NOTEBOOK), str(executed), kernel_name="python3", progress_bar=False,
                         parameters={"config": str(config), "run_dir": str(runs), "output_dir": str(report),
-                                    "spa_reps": 50, "progress": "none"})
+                                    "spa_reps": 100, "progress": "none"})
     # nothing retrained or re-evaluated: the same files, untouched
     after = {p: p.stat().st_mtime_ns for folder in ("cells", "evaluations", "baselines")
              for p in (runs / folder).rglob("*") if p.is_file()}
