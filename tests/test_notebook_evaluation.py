@@ -114,3 +114,26 @@ def test_the_notebook_reports_a_finished_command_line_run_without_retraining(tmp
     # and the report is the command line's results, bit for bit
     assert (report / "results.csv").read_text() == cli_results.to_csv(index=False)
     assert {"strategies.csv", "tests.csv", "verdict.txt", "report.html"} <= {p.name for p in report.iterdir()}
+
+
+def golden_texts(path: Path) -> list[str]:
+    """Every text nbval compares in the golden notebook: streams and text/plain of results."""
+    texts = []
+    for cell in code_cells(path):
+        for output in cell["outputs"]:
+            text = output.get("text") or output.get("data", {}).get("text/plain", "")
+            texts.append("".join(text))
+    return texts
+
+
+def assert_every_number_shown(path: Path) -> None:
+    texts = golden_texts(path)
+    assert not [t for t in texts if "..." in t]  # pandas elides wide tables with "...": nbval never compares those
+    table = next(t for t in texts if "paths x seeds" in t and "median" in t)
+    from sentio_lab.experiment.summary import REPORT_STATS
+
+    assert table.count("q25") == table.count("q75") == len(REPORT_STATS)  # cvar_5 q25 / q75 included
+
+
+def test_golden_shows_every_number_of_its_tables():
+    assert_every_number_shown(GOLDEN)  # the golden made before display.max_columns had cvar_5 q25 / q75 as "..."
