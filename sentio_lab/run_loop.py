@@ -29,12 +29,12 @@ from typing import Any
 import numpy as np
 import torch
 import tyro
-from tqdm.auto import tqdm
 
 from sentio_lab import distributed
 from sentio_lab.checkpoint import CheckpointError, capture_rng, load_checkpoint, restore_rng, save_checkpoint
 from sentio_lab.distributed import DistContext
 from sentio_lab.market import PreparedMarket
+from sentio_lab.progress import tqdm  # text bar under papermill (set_progress_mode)
 from sentio_lab.regime import RegimeFitError
 from sentio_lab.rollout import NonFiniteError, describe_non_finite
 from sentio_lab.tracking import Tracker

@@ -72,6 +72,7 @@ def market_from(args: Any, feature_state: dict | None = None) -> PreparedMarket:
         data.dataset, feature_config_from(args), train_fraction=data.train_fraction,
         validation_fraction=data.validation_fraction, feature_state=feature_state,
         start=data.data_start, end=data.data_end, stale_opens=data.stale_opens,
+        window=args.features.window, episode_length=args.env.episode_length,  # refuses a market too short to train on
     )
 
 
