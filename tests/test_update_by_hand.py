@@ -49,7 +49,8 @@ F64 = torch.float64
 
 #: One iteration of 8 envs x 16 steps, episodes of at most 5 steps (truncated several times in the rollout, and
 #: the last step of most envs is not: both the truncation bootstrap and the next-value bootstrap are in play), one
-#: minibatch, two epochs; a large learning rate and a small clip_coef so that the second step's ratio and value clips bind.
+#: minibatch, two epochs; a large learning rate and a small clip_coef so that the second step's ratio and value
+#: clips bind.
 TINY = dict(
     total_timesteps=8 * 16, num_envs=8, num_steps=16, num_minibatches=1, update_epochs=2, window=8, episode_length=5,
     learning_rate=0.002, clip_coef=0.02, ent_coef=0.1, norm_obs=False, track=False, progress=False, run_name="hand",
