@@ -28,8 +28,8 @@ mutation it guards against is far from the recorded one, so the comparison can s
 from __future__ import annotations
 
 import copy
-import dataclasses
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -47,15 +47,23 @@ MUTANT_GAP = 1e-3
 
 F64 = torch.float64
 
-#: One iteration of 8 envs x 16 steps, episodes of at most 5 steps (truncated several times in the rollout, and
-#: the last step of most envs is not: both the truncation bootstrap and the next-value bootstrap are in play), one
-#: minibatch, two epochs; a large learning rate and a small clip_coef so that the second step's ratio and value
-#: clips bind.
-TINY = dict(
-    total_timesteps=8 * 16, num_envs=8, num_steps=16, num_minibatches=1, update_epochs=2, window=8, episode_length=5,
-    learning_rate=0.002, clip_coef=0.02, ent_coef=0.1, norm_obs=False, track=False, progress=False, run_name="hand",
-    checkpoint_every=0, feature_cache_dir=None,
+#: The algorithm's settings, read by the hand computation from here (not from a variant's Args, whose layout may
+#: change): one iteration of 8 envs x 16 steps, one minibatch, two epochs; a large learning rate and a small clip_coef
+#: so that the second step's ratio and value clips bind; an entropy coefficient large enough to see its sign.
+HYPER = dict(
+    num_envs=8, num_steps=16, num_minibatches=1, update_epochs=2, gamma=0.99, gae_lambda=0.95, reward_scale=100.0,
+    learning_rate=0.002, clip_coef=0.02, ent_coef=0.1, vf_coef=0.5, max_grad_norm=0.5, positions=(-1.0, 0.0, 1.0),
 )
+#: The rest of a run: episodes of at most 5 steps (truncated several times in the rollout, and the last step of most
+#: envs is not: both the truncation bootstrap and the next-value bootstrap are in play), raw observations (the
+#: normaliser is not under test here), nothing written.
+RUN = dict(total_timesteps=8 * 16, window=8, episode_length=5, norm_obs=False, track=False, progress=False,
+           run_name="hand", checkpoint_every=0, feature_cache_dir=None)
+
+
+def settings(**extra: Any) -> SimpleNamespace:
+    """:data:`HYPER` plus the variant's own settings (clip_vloss; num_quantiles and kappa for ppo_risk)."""
+    return SimpleNamespace(**HYPER, **extra)
 
 
 @pytest.fixture(autouse=True)
@@ -183,16 +191,16 @@ class Batch:
     returns: torch.Tensor  # value targets: (B,) or per-quantile (B, N)
 
 
-def hand_batch(record: Record, args: Any, quantiles: bool) -> Batch:
+def hand_batch(record: Record, hp: SimpleNamespace, quantiles: bool) -> Batch:
     """Truncation bootstrap and GAE by hand from the recorded rollout (values: the rollout's own estimates)."""
     steps, rollout = record.env_steps, record.rollout
-    assert len(steps) == len(rollout) == args.num_steps
+    assert len(steps) == len(rollout) == hp.num_steps
     # what the agent saw at step t + 1 is what the env returned at step t (the variant feeds it the right obs)
-    for t in range(args.num_steps - 1):
+    for t in range(hp.num_steps - 1):
         assert torch.equal(rollout[t + 1]["obs"], steps[t]["next_obs"])
         assert torch.equal(rollout[t]["action"], steps[t]["action"])
     net = copy.deepcopy(record.initial_agent).double()
-    gamma, lam = args.gamma, args.gae_lambda
+    gamma, lam = hp.gamma, hp.gae_lambda
 
     def estimate(obs):  # V(s) (ppo) or the quantiles (ppo_risk) of the rollout's (not yet updated) agent
         with torch.no_grad():
@@ -200,7 +208,7 @@ def hand_batch(record: Record, args: Any, quantiles: bool) -> Batch:
 
     values = torch.stack([r["value"] for r in rollout]).to(F64)
     torch.testing.assert_close(values, torch.stack([estimate(r["obs"]) for r in rollout]), rtol=1e-5, atol=1e-5)
-    rewards = torch.stack([s["reward"] for s in steps]).to(F64) * args.reward_scale
+    rewards = torch.stack([s["reward"] for s in steps]).to(F64) * hp.reward_scale
     truncated = torch.stack([s["truncated"] for s in steps]).to(F64)
     ended = torch.maximum(truncated, torch.stack([s["terminated"] for s in steps]).to(F64))
     assert truncated.any() and not truncated[-1].all()  # both bootstraps below are in play
@@ -213,7 +221,7 @@ def hand_batch(record: Record, args: Any, quantiles: bool) -> Batch:
         _, returns = gae(quantile_rewards, values, ended[..., None], next_value, gamma, lam)
     else:
         advantages, returns = gae(rewards + gamma * final_values * truncated, values, ended, next_value, gamma, lam)
-    flat = lambda x: x.reshape(args.num_steps * args.num_envs, *x.shape[2:])  # noqa: E731
+    flat = lambda x: x.reshape(hp.num_steps * hp.num_envs, *x.shape[2:])  # noqa: E731
     masks = None if rollout[0]["mask"] is None else flat(torch.stack([r["mask"] for r in rollout]))
     return Batch(
         obs=flat(torch.stack([r["obs"] for r in rollout])), actions=flat(torch.stack([r["action"] for r in rollout])),
@@ -226,7 +234,8 @@ def hand_batch(record: Record, args: Any, quantiles: bool) -> Batch:
 MUTATIONS = ("no_adv_norm", "entropy_sign", "unclipped_surrogate", "min_surrogate", "no_value_clip", "value_clip")
 
 
-def hand_gradient(record: Record, step: int, batch: Batch, args: Any, quantiles: bool, mutation: str | None = None):
+def hand_gradient(record: Record, step: int, batch: Batch, hp: SimpleNamespace, quantiles: bool,
+                  mutation: str | None = None):
     """The gradient of CleanRL's PPO loss at the parameters of optimizer step ``step``, after the global norm clip;
     with ``mutation`` the same with one formula broken (:data:`MUTATIONS`). Also returns the clip diagnostics."""
     net = copy.deepcopy(record.initial_agent)
@@ -238,7 +247,7 @@ def hand_gradient(record: Record, step: int, batch: Batch, args: Any, quantiles:
     obs = batch.obs.to(F64)
     # log pi(k | s) of every action k, scored through the network; the one taken, the values, and the entropy
     per_action = []
-    for k in range(len(args.positions)):
+    for k in range(len(hp.positions)):
         _, logp_k, _, out = net.get_action_and_value(obs, torch.full_like(batch.actions, k), batch.masks)
         per_action.append(logp_k.to(F64))
     logp_all = torch.stack(per_action, dim=-1)
@@ -251,7 +260,7 @@ def hand_gradient(record: Record, step: int, batch: Batch, args: Any, quantiles:
     adv = batch.advantages
     if mutation != "no_adv_norm":
         adv = (adv - adv.mean()) / (adv.std() + 1e-8)  # sample std (Bessel), as CleanRL
-    eps = args.clip_coef
+    eps = hp.clip_coef
     surrogate = -adv * ratio
     clipped_surrogate = -adv * torch.clamp(ratio, 1 - eps, 1 + eps)
     if mutation == "unclipped_surrogate":
@@ -261,17 +270,17 @@ def hand_gradient(record: Record, step: int, batch: Batch, args: Any, quantiles:
     else:
         pg_loss = torch.maximum(surrogate, clipped_surrogate).mean()
 
-    clip_value = args.clip_vloss
+    clip_value = hp.clip_vloss
     if mutation == "no_value_clip":
         clip_value = False
     elif mutation == "value_clip":
         clip_value = True
     moved = batch.old_values + torch.clamp(new_values - batch.old_values, -eps, eps)
     if quantiles:
-        taus = (2 * torch.arange(args.num_quantiles, dtype=F64) + 1) / (2 * args.num_quantiles)
-        v_each = quantile_huber_per_sample(new_values, batch.returns, taus, args.kappa)
+        taus = (2 * torch.arange(hp.num_quantiles, dtype=F64) + 1) / (2 * hp.num_quantiles)
+        v_each = quantile_huber_per_sample(new_values, batch.returns, taus, hp.kappa)
         if clip_value:
-            v_each = torch.maximum(v_each, quantile_huber_per_sample(moved, batch.returns, taus, args.kappa))
+            v_each = torch.maximum(v_each, quantile_huber_per_sample(moved, batch.returns, taus, hp.kappa))
         v_loss = v_each.mean()
     else:
         v_each = (new_values - batch.returns) ** 2
@@ -279,13 +288,13 @@ def hand_gradient(record: Record, step: int, batch: Batch, args: Any, quantiles:
             v_each = torch.maximum(v_each, (moved - batch.returns) ** 2)
         v_loss = 0.5 * v_each.mean()
 
-    ent_coef = -args.ent_coef if mutation == "entropy_sign" else args.ent_coef
-    loss = pg_loss - ent_coef * entropy.mean() + args.vf_coef * v_loss
+    ent_coef = -hp.ent_coef if mutation == "entropy_sign" else hp.ent_coef
+    loss = pg_loss - ent_coef * entropy.mean() + hp.vf_coef * v_loss
     names = [name for name, _ in net.named_parameters()]
     grads = torch.autograd.grad(loss, [p for _, p in net.named_parameters()], allow_unused=True)
     grads = [torch.zeros_like(p) if g is None else g for g, (_, p) in zip(grads, net.named_parameters(), strict=True)]
     total_norm = torch.sqrt(sum((g**2).sum() for g in grads))
-    scale = min(1.0, args.max_grad_norm / (float(total_norm) + 1e-6))  # torch's clip_grad_norm_
+    scale = min(1.0, hp.max_grad_norm / (float(total_norm) + 1e-6))  # torch's clip_grad_norm_
     diagnostics = {
         "ratio_clipped": float(((ratio - 1).abs() > eps).double().mean()),
         "value_clipped": float(((new_values - batch.old_values).abs() > eps).double().mean()),
@@ -306,12 +315,12 @@ def overall_error(recorded: dict[str, torch.Tensor], hand: dict[str, torch.Tenso
     return float(diff / torch.sqrt(sum((g**2).sum() for g in hand.values())))
 
 
-def check_update(record: Record, args: Any, quantiles: bool = False) -> None:
+def check_update(record: Record, hp: SimpleNamespace, quantiles: bool = False) -> None:
     """Both optimizer steps match the hand gradient; at the second both clips bind and every mutation shows."""
-    assert len(record.updates) == args.update_epochs == 2
-    batch = hand_batch(record, args, quantiles)
+    assert len(record.updates) == hp.update_epochs == 2
+    batch = hand_batch(record, hp, quantiles)
     for step in range(2):
-        hand, diagnostics = hand_gradient(record, step, batch, args, quantiles)
+        hand, diagnostics = hand_gradient(record, step, batch, hp, quantiles)
         errors = relative_error(record.updates[step]["grads"], hand)
         assert max(errors.values()) < RTOL, f"optimizer step {step + 1}: {errors}"
     # at the second step the clips bind: the ratio leaves [1 - eps, 1 + eps] on part of the batch, the value moves by
@@ -320,9 +329,9 @@ def check_update(record: Record, args: Any, quantiles: bool = False) -> None:
     # and each mistake moves the gradient far beyond the tolerance: the comparison above would catch it
     recorded = record.updates[1]["grads"]
     for mutation in MUTATIONS:
-        if mutation == ("value_clip" if args.clip_vloss else "no_value_clip"):
+        if mutation == ("value_clip" if hp.clip_vloss else "no_value_clip"):
             continue  # that one is no change
-        wrong, _ = hand_gradient(record, 1, batch, args, quantiles, mutation)
+        wrong, _ = hand_gradient(record, 1, batch, hp, quantiles, mutation)
         assert overall_error(recorded, wrong) > MUTANT_GAP, mutation
 
 
@@ -331,10 +340,11 @@ def check_update(record: Record, args: Any, quantiles: bool = False) -> None:
 
 @pytest.mark.parametrize("clip_vloss", [True, False], ids=["clip_vloss", "no_clip_vloss"])
 def test_ppo_update_matches_the_hand_computation(recorded, synthetic_market, clip_vloss):
-    args = ppo.Args(**TINY, clip_vloss=clip_vloss)
+    hp = settings(clip_vloss=clip_vloss)
+    args = ppo.Args(**RUN, **vars(hp))
     env = ppo.make_env(args, synthetic_market)
     record, _ = recorded(ppo, args, env, type(ppo.build_agent(args, env.obs_dim, env.num_actions)))
-    check_update(record, args)
+    check_update(record, hp)
 
 
 #: Rules that bind on the announced market: action 0 (short) is never valid, and a 2-step holding period.
@@ -343,34 +353,40 @@ RULES = MaskConfig(long_only=True, cooldown=2)
 
 @pytest.mark.parametrize("clip_vloss", [True, False], ids=["clip_vloss", "no_clip_vloss"])
 def test_ppo_masked_update_matches_the_hand_computation(recorded, synthetic_market, clip_vloss):
-    args = ppo_masked.Args(**TINY, clip_vloss=clip_vloss, masks=RULES)
+    hp = settings(clip_vloss=clip_vloss)
+    args = ppo_masked.Args(**RUN, **vars(hp), masks=RULES)
     env = ppo_masked.make_env(args, synthetic_market)
     record, _ = recorded(ppo_masked, args, env, type(ppo_masked.build_agent(args, env.obs_dim, env.num_actions)))
     masks = torch.stack([r["mask"] for r in record.rollout])
     assert not masks[..., 0].any() and not masks.all(-1).all()  # the masks restrict the policy
-    check_update(record, args)
+    check_update(record, hp)
 
 
 @pytest.mark.parametrize("clip_vloss", [False, True], ids=["no_clip_vloss", "clip_vloss"])
 def test_ppo_risk_update_matches_the_hand_computation(recorded, synthetic_market, clip_vloss):
     # kappa 1 with rewards scaled to ~1: both branches of the Huber loss are in play (checked below)
-    args = ppo_risk.Args(**TINY, clip_vloss=clip_vloss, num_quantiles=8, kappa=1.0)
+    hp = settings(clip_vloss=clip_vloss, num_quantiles=8, kappa=1.0)
+    args = ppo_risk.Args(**RUN, **vars(hp))
     env = ppo_risk.make_env(args, synthetic_market)
     record, _ = recorded(ppo_risk, args, env, type(ppo_risk.build_agent(args, env.obs_dim, env.num_actions)))
-    batch = hand_batch(record, args, quantiles=True)
+    batch = hand_batch(record, hp, quantiles=True)
     td = (batch.returns[:, None, :] - batch.old_values[:, :, None]).abs()
-    assert 0.05 < float((td > args.kappa).double().mean()) < 0.95
-    check_update(record, args, quantiles=True)
+    assert 0.05 < float((td > hp.kappa).double().mean()) < 0.95
+    check_update(record, hp, quantiles=True)
+
+
+#: A small transformer over the base window only (the token blocks are the env's business, not the update's).
+TRANSFORMER = dict(token_timeframes=(), token_counts=(), d_model=16, n_heads=2, ff_size=32, hidden_size=16)
 
 
 @pytest.mark.parametrize("clip_vloss", [True, False], ids=["clip_vloss", "no_clip_vloss"])
 def test_ppo_transformer_update_matches_the_hand_computation(recorded, synthetic_market, clip_vloss):
-    args = ppo_transformer.Args(**TINY, clip_vloss=clip_vloss, token_timeframes=(),
-                                token_counts=(), d_model=16, n_heads=2, ff_size=32, hidden_size=16)
+    hp = settings(clip_vloss=clip_vloss)
+    args = ppo_transformer.Args(**RUN, **vars(hp), **TRANSFORMER)
     env = ppo_transformer.make_env(args, synthetic_market)
     agent_class = type(ppo_transformer.build_agent(args, env.obs_dim, env.num_actions))
     record, _ = recorded(ppo_transformer, args, env, agent_class)
-    check_update(record, args)
+    check_update(record, hp)
 
 
 # ---------------------------------------------------------------- the value clip changes training
@@ -385,11 +401,9 @@ def test_value_clip_binds_and_changes_the_trained_weights(synthetic_market, vari
     """Where the value moves more than clip_coef in an update, training with and without clip_vloss ends with other
     weights (in the default tiny configurations it never does, so they cannot tell the two apart)."""
     module = {"ppo": ppo, "ppo_masked": ppo_masked, "ppo_transformer": ppo_transformer}[variant]
-    extra = {"token_timeframes": (), "token_counts": (), "d_model": 16, "ff_size": 32} if variant == "ppo_transformer" \
-        else {}
-    args = module.Args(**{**TINY, "total_timesteps": 8 * 16 * 2}, **extra)
+    extra = TRANSFORMER if variant == "ppo_transformer" else {}
     trained = {}
     for clip in (True, False):
-        run = dataclasses.replace(args, clip_vloss=clip)
-        trained[clip] = weights(module.train(run, env=module.make_env(run, synthetic_market)).agent)
+        args = module.Args(**{**RUN, "total_timesteps": 8 * 16 * 2}, **HYPER, clip_vloss=clip, **extra)
+        trained[clip] = weights(module.train(args, env=module.make_env(args, synthetic_market)).agent)
     assert not torch.equal(trained[True], trained[False])
