@@ -1,7 +1,7 @@
 import os
-import re
 import pickle
 import random
+import re
 
 import numpy as np
 import pytest
