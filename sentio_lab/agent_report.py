@@ -65,7 +65,8 @@ class Comparison:
         if self.agent.ruined:
             head += " (the agent's equity hit 0: the episode stopped there)"
         table = self.stats.loc[list(SUMMARY_ROWS)].T.astype(float)
-        return head + "\n" + table.to_string(float_format=lambda v: f"{v:.4f}")
+        text = table.apply(lambda column: column.map(("{:.0f}" if column.name == "n_trades" else "{:.4f}").format))
+        return head + "\n" + text.to_string()
 
 
 def _day(stamp: Any) -> str:

@@ -208,3 +208,16 @@ def test_every_variant_prints_the_quality_and_the_validation_summary(variant, tm
     evaluation = evaluate_checkpoint(tmp_path / "tiny" / "checkpoint.pt", "validation")
     expected = [evaluation.summary[k] for k in agent_report.SUMMARY_ROWS]
     assert summary_row(printed, variant) == pytest.approx(expected, abs=5e-5)
+
+
+def test_a_ruined_agent_is_said_and_a_replay_mismatch_is_an_error(trained, monkeypatch):
+    path, _ = trained
+    loaded = load_trained(path)
+    comparison = agent_report.compare_with_buy_and_hold(loaded.agent, loaded.args, loaded.market, "validation")
+    ruined = dataclasses.replace(comparison, agent=dataclasses.replace(comparison.agent, ruined=True))
+    assert "the agent's equity hit 0" in ruined.describe().splitlines()[0]
+    assert "hit 0" not in comparison.describe()
+    monkeypatch.setattr(agent_report, "_replay_error", lambda frame, evaluation, costs: 2e-9)
+    with pytest.raises(SystemExit, match=r"^error: .*the vectorbt replay differs from the env's equity by 2\.00e-09"):
+        main([str(path), "--output", str(path.parent / "mismatch")])
+    assert not (path.parent / "mismatch").exists()  # nothing written from numbers that disagree
