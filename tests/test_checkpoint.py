@@ -386,3 +386,15 @@ def test_resuming_a_finished_run_leaves_its_file_and_a_larger_total_continues_it
     # the remaining iterations anneal over the new total: iteration 4 of 5 runs at lr * (1 - 3/5)
     lr = args.learning_rate
     assert [h["charts/learning_rate"] for h in longer.history] == pytest.approx([lr * 2 / 5, lr * 1 / 5])
+
+
+def test_an_intact_zip_that_is_not_a_torch_bundle_is_refused(tmp_path):
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / "other.pt", "w") as archive:
+        archive.writestr("notes/readme.txt", "not a checkpoint")
+    with pytest.raises(CheckpointError, match="unreadable"):
+        load_checkpoint(tmp_path / "other.pt")
+    torch.save([1, 2], tmp_path / "list.pt")
+    with pytest.raises(CheckpointError, match="holds a list, not a dict"):
+        load_checkpoint(tmp_path / "list.pt")

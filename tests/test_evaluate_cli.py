@@ -188,6 +188,8 @@ def test_the_training_summary_says_when_there_is_nothing_to_evaluate(trained, sy
     assert agent_report.training_summary(no_bars).startswith("validation summary: not available (")
     with pytest.raises(ValueError, match="choose from"):
         agent_report.range_bars(loaded.market, "train")
+    with pytest.raises(ValueError, match="range 'train'; choose from"):
+        agent_report.write_checkpoint_report(path, range_name="train")
     assert agent_report.default_output(Path("a/b/ck.pt"), "all") == Path("a/b/report_all")
 
 
