@@ -112,7 +112,7 @@ class PPOArgs:
     """PPO: the algorithm's core hyperparameters (CleanRL defaults unless noted)."""
 
     total_timesteps: int = 200_000
-    """total env steps of the whole run (all episodes together); may be raised on --resume to continue a run"""
+    """total env steps of the whole run; with --resume, a larger value continues the run (finished or not) to it"""
     learning_rate: float = 2.5e-4
     """Adam learning rate"""
     num_envs: int = 64

@@ -19,7 +19,6 @@ the same way around it lives here once:
 from __future__ import annotations
 
 import dataclasses
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -30,7 +29,7 @@ import numpy as np
 import torch
 import tyro
 
-from sentio_lab import distributed
+from sentio_lab import agent_report, distributed
 from sentio_lab.checkpoint import CheckpointError, capture_rng, load_checkpoint, restore_rng, save_checkpoint
 from sentio_lab.distributed import DistContext
 from sentio_lab.market import PreparedMarket
@@ -276,7 +275,8 @@ class TrainingRun:
                result_type: type[TrainResult] = TrainResult, **result_items: Any) -> TrainResult:
         """Close the bar, save the last iteration, close W&B; the :class:`~sentio_lab.training.TrainResult`."""
         self.progress.close()
-        saved_path = save(iteration)
+        # a resumed run with nothing left to do (finished) leaves its checkpoint file untouched
+        saved_path = save(iteration) if iteration >= state.start_iteration else Path(self.args.run.resume)
         self.tracker.finish()
         return result_type(
             agent=agent, args=self.args, checkpoint_path=saved_path, global_step=state.global_step,
@@ -322,7 +322,7 @@ def start_run(
     if env is None:
         if market is None:
             market = market_for(args, bundle["feature_state"] if bundle else None)
-            if args.run.progress and ctx.is_main:  # read it before trusting fills at the next open (stale opens, ...)
+            if ctx.is_main:  # read it before trusting fills at the next open (stale opens, ...), progress bar or not
                 print(market.data.quality)
         if ctx.enabled or fresh_envs:
             resumed_at = bundle["iteration"] if bundle else 0
@@ -388,5 +388,6 @@ def run_cli(
             distributed.shutdown()
     if ctx.is_main:
         status = "finished" if result.finished else "stopped early (resume with --resume)"
-        print(f"{status} at step {result.global_step}; checkpoint: {result.checkpoint_path}", file=sys.stdout)
+        print(f"{status} at step {result.global_step}; checkpoint: {result.checkpoint_path}")
+        print(agent_report.training_summary(result))  # validation against buy-and-hold, never the test range
     return result

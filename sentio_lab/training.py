@@ -138,6 +138,11 @@ def _conflicts(name: str, mine: Any, theirs: Any, default: Any) -> list[str]:
     return []
 
 
+#: Experiment arguments a resumed run may still raise: a larger ``total_timesteps`` continues the run (finished or not)
+#: to the new total; the iteration count is re-derived from it (see :func:`resume_args`).
+EXTENDABLE_FIELDS = ("total_timesteps",)
+
+
 def resume_args(
     given: ArgsT,
     saved: dict[str, Any],
@@ -152,6 +157,13 @@ def resume_args(
     an error naming each such field with both values; one left at its default is taken from the checkpoint.
     (Population-based training changes hyperparameters inside the bundle instead:
     :func:`sentio_lab.tune.apply_mutation`.)
+
+    ``total_timesteps`` (:data:`EXTENDABLE_FIELDS`) is the exception: a value larger than the checkpoint's
+    continues the run to the new total (``num_iterations`` re-derived as ``total_timesteps // batch_size``), which
+    is how a finished run is trained further; a smaller one is refused. With ``anneal_lr`` the learning rate of the
+    remaining iterations then follows the schedule of the new total, ``lr * (1 - (iteration - 1) / num_iterations)``
+    (it rises again from the near-zero rate a finished run ended at; the iterations already run keep the rates
+    they had, so the result is not the run a fresh start with the larger total would give).
     """
     cls = type(given)
     try:
@@ -160,8 +172,16 @@ def resume_args(
         raise CheckpointError(f"--resume {source}: the checkpoint's arguments do not fit this variant ({err})") from err
     mine, theirs, defaults = given.flat(), saved_args.flat(), cls().flat()
     conflicts = []
+    extended = {}
     for name in mine:
         if name in run_control_fields:
+            continue
+        if name in EXTENDABLE_FIELDS and not same_value(mine[name], defaults[name]) and mine[name] != theirs[name]:
+            if mine[name] > theirs[name]:
+                extended[name] = mine[name]
+                continue
+            conflicts.append(f"{name}: given {mine[name]!r}, checkpoint {theirs[name]!r} (it can only grow: a larger "
+                             "value continues the run)")
             continue
         conflicts += _conflicts(name, mine[name], theirs[name], defaults[name])
     if conflicts:
@@ -171,6 +191,8 @@ def resume_args(
         )
     control = {name: mine[name] for name in run_control_fields}
     control["checkpoint_path"] = given.run.checkpoint_path or str(source)
+    if extended:
+        control.update(extended, num_iterations=extended["total_timesteps"] // saved_args.ppo.batch_size)
     return saved_args.replace(**control)
 
 

@@ -27,6 +27,44 @@ def test_checkpoint_evaluation_equals_live_agent(tiny_args, sp500_market):
     assert set(np.unique(restored.weights)) <= set(tiny_args.env.positions)
 
 
+def test_checkpoint_evaluation_carries_the_reports_summary_and_refuses_a_damaged_file(tiny_args, sp500_market):
+    """evaluate_checkpoint returns the statistics the reports show (issue 17 §6), and a damaged checkpoint raises
+    instead of giving a normal-looking flat result (§1); ``bars`` evaluates any span of bars."""
+    from sentio_lab.checkpoint import CheckpointError
+    from sentio_lab.metrics import STAT_NAMES, stats_table, summary_stats
+
+    result = ppo.train(tiny_args, market=sp500_market)
+    restored = evaluate_checkpoint(result.checkpoint_path, "validation")
+    summary = restored.summary
+    assert tuple(summary) == STAT_NAMES
+    assert summary == summary_stats(restored.equity, restored.weights)
+    table = stats_table({"ppo": restored.equity}, {"ppo": restored.weights})  # what a report tables
+    assert summary["sharpe"] == table.loc["sharpe", "ppo"]
+    assert summary["max_drawdown"] == table.loc["max_drawdown", "ppo"]
+    assert summary["turnover_per_year"] == table.loc["turnover_per_year", "ppo"] and np.isfinite(summary["sharpe"])
+    assert summary["bars"] == len(restored.weights)
+
+    by_bars = evaluate_policy(result.agent, sp500_market, window=tiny_args.features.window,
+                              positions=tiny_args.env.positions,
+                              costs=ppo.cost_model(tiny_args), range_name="validation",
+                              bars=sp500_market.range("validation"))
+    pd.testing.assert_series_equal(by_bars.equity, restored.equity, check_exact=True)
+    start, _ = sp500_market.range("train")
+    _, stop = sp500_market.range("test")
+    everything = evaluate_policy(result.agent, sp500_market, window=tiny_args.features.window,
+                                 positions=tiny_args.env.positions,
+                                 costs=ppo.cost_model(tiny_args), range_name="all", bars=(start, stop))
+    assert everything.equity.index[-1] == sp500_market.data.frame.index[stop - 1]
+    assert everything.start == max(start, sp500_market.arrays.first_valid + tiny_args.features.window - 1)
+
+    path = result.checkpoint_path
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 3 : len(raw) // 3 + 64] = bytes(64)  # zeros over weights or the pickle
+    path.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match="damaged checkpoint"):
+        evaluate_checkpoint(path)
+
+
 def test_checkpoint_on_changed_data_is_refused(tiny_args, sp500_market, tmp_path):
     frame = sp500_market.data.frame.copy()
     csv = tmp_path / "sp500.csv"
@@ -228,7 +266,7 @@ def test_stacked_logits_agree_with_unbatched_far_inside_the_tie_guard(ranged_mar
     stacked = _StackedGreedy(agents, "cpu")
     with torch.no_grad():
         logits = stacked.logits(obs)
-        single = torch.stack([torch.cat([a.actor(a.normalise(obs[g, b : b + 1])) for b in range(256)])
+        single = torch.stack([torch.cat([a.actor(a.features.normalise(obs[g, b : b + 1])) for b in range(256)])
                               for g, a in enumerate(agents)])
     tolerance = (TIE_ATOL + TIE_RTOL * stacked.scale)[:, None]
     error = (logits - single).abs().amax(-1)
