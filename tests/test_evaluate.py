@@ -266,7 +266,7 @@ def test_stacked_logits_agree_with_unbatched_far_inside_the_tie_guard(ranged_mar
     stacked = _StackedGreedy(agents, "cpu")
     with torch.no_grad():
         logits = stacked.logits(obs)
-        single = torch.stack([torch.cat([a.actor(a.features.normalise(obs[g, b : b + 1])) for b in range(256)])
+        single = torch.stack([torch.cat([a.actor(a.normalise(obs[g, b : b + 1])) for b in range(256)])
                               for g, a in enumerate(agents)])
     tolerance = (TIE_ATOL + TIE_RTOL * stacked.scale)[:, None]
     error = (logits - single).abs().amax(-1)
