@@ -533,6 +533,7 @@ def train(args: Args, *, market: PreparedMarket | None = None, env: Any | None =
 
     progress.close()
     saved_path = save(iteration)
+    tracker.log_outcome(agent, args, market, saved_path)  # evaluation summary, report and checkpoint to W&B
     tracker.finish()
     return TrainResult(
         agent=agent, args=args, checkpoint_path=saved_path, global_step=global_step,
