@@ -7,12 +7,19 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import announced_market
 
 from sentio_lab import ppo, ppo_masked, ppo_risk, ppo_transformer, run_summary
 from sentio_lab.baselines import evaluate_baseline
 from sentio_lab.evaluate import evaluate_policy
 from sentio_lab.metrics import summary_stats
 from sentio_lab.tracking import OfflineRun, Tracker, read_offline_run, run_id, shared_run, sharing
+
+
+@pytest.fixture(scope="module")
+def small_market():
+    """800 bars: 160 each in validation and test, so the end-of-training evaluation stays quick."""
+    return announced_market(n_bars=800)
 
 
 def test_disabled_tracker_does_nothing(tmp_path):
@@ -136,7 +143,8 @@ def same(logged, number):
     return logged is None if math.isnan(number) else logged == number
 
 
-def test_a_training_run_logs_its_evaluation_report_and_checkpoint(tiny_args, synthetic_market, tmp_path):
+def test_a_training_run_logs_its_evaluation_report_and_checkpoint(tiny_args, small_market, tmp_path):
+    synthetic_market = small_market
     args = dataclasses.replace(tiny_args, track=True, run_dir=str(tmp_path / "runs"), run_name="announced__ppo__1")
     result = ppo.train(args, market=synthetic_market)
     (folder,) = (tmp_path / "runs" / "wandb").glob("offline-run-*")
@@ -184,7 +192,7 @@ def test_a_training_run_logs_its_evaluation_report_and_checkpoint(tiny_args, syn
 
 
 @pytest.mark.parametrize("variant", [ppo, ppo_masked, ppo_risk, ppo_transformer])
-def test_every_variant_logs_its_outcome(variant, tiny_args, synthetic_market, tmp_path, monkeypatch):
+def test_every_variant_logs_its_outcome(variant, tiny_args, small_market, tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(Tracker, "log_outcome", lambda self, *a: calls.append((self.run is not None, *a)) or {})
     fields = {f.name for f in dataclasses.fields(variant.Args)}
@@ -194,13 +202,14 @@ def test_every_variant_logs_its_outcome(variant, tiny_args, synthetic_market, tm
         args = dataclasses.replace(args, num_quantiles=4)
     if variant is ppo_transformer:  # the base window only: the synthetic market has no token timeframes
         args = dataclasses.replace(args, token_timeframes=(), token_counts=(), d_model=8, n_heads=2, ff_size=16)
-    result = variant.train(args, market=synthetic_market)
+    result = variant.train(args, market=small_market)
     ((tracked, agent, logged_args, market, checkpoint),) = calls
-    assert tracked and agent is result.agent and logged_args is result.args and market is synthetic_market
+    assert tracked and agent is result.agent and logged_args is result.args and market is small_market
     assert checkpoint == result.checkpoint_path
 
 
-def test_a_range_or_baseline_that_cannot_run_is_skipped_and_said(synthetic_market, tmp_path):
+def test_a_range_or_baseline_that_cannot_run_is_skipped_and_said(small_market, tmp_path):
+    synthetic_market = small_market
     args = ppo.Args(window=8, positions=(0.0, 1.0))  # long-only: momentum's short side has no level
     agent = ppo.build_agent(args, 8 + 1, 2)
     summary = run_summary.evaluate_run(agent, args, synthetic_market, ranges=("validation", "nowhere"))
