@@ -3,6 +3,8 @@
 import dataclasses
 import json
 import math
+import struct
+import zlib
 
 import numpy as np
 import pandas as pd
@@ -230,3 +232,55 @@ def test_a_range_too_short_to_summarise_is_skipped(synthetic_market):
     args = ppo.Args(window=8)
     summary = run_summary.evaluate_run(ppo.build_agent(args, 9, 3), args, short, ranges=("validation",))
     assert summary.skipped["validation"].startswith("2 decisions") and not summary.stats
+
+
+def _record(kind: int, chunk: bytes) -> bytes:
+    return struct.pack("<IHB", zlib.crc32(chunk, zlib.crc32(bytes([kind]))), len(chunk), kind) + chunk
+
+
+def test_the_reader_follows_records_across_blocks_and_padding(tmp_path):
+    # a hand-laid file in W&B's block format: a run record split FIRST / MIDDLE / LAST over three 32 KiB blocks,
+    # a block tail too short for a header, zero padding, and no exit record (a run still being written)
+    from wandb.proto import wandb_internal_pb2
+
+    record = wandb_internal_pb2.Record()
+    record.run.run_id, record.run.display_name, record.run.run_group = "r", "long", "g"
+    item = record.run.config.update.add()
+    item.key, item.value_json = "text", json.dumps("x" * 70_000)
+    raw = record.SerializeToString()
+    block = 32768
+    first, rest = raw[: block - 7 - 7], raw[block - 7 - 7 :]
+    middle, last = rest[: block - 7], rest[block - 7 :]
+    data = b":W&B" + struct.pack("<HB", 0xBEE1, 0) + _record(2, first) + _record(3, middle) + _record(4, last)
+
+    def summary(value: str) -> bytes:
+        record = wandb_internal_pb2.Record()
+        entry = record.summary.update.add()
+        entry.key, entry.value_json = "a", json.dumps(value)
+        return _record(1, record.SerializeToString())
+
+    # a summary record sized to end 3 bytes before the block's end: a tail too short for a header, skipped
+    room = block - len(data) % block - 3
+    filler = next(summary("y" * n) for n in range(room) if len(summary("y" * n)) == room)
+    data += filler + b"\0" * 3 + summary("z") + b"\0" * 20  # trailing zeros read as padding
+    folder = tmp_path / "offline-run-x"
+    folder.mkdir()
+    (folder / "run-r.wandb").write_bytes(data)
+    run = read_offline_run(folder, wait_s=0.2)
+    assert (run.name, run.group, run.config["text"], run.summary) == ("long", "g", "x" * 70_000, {"a": "z"})
+    assert not run.finished  # no exit record: returned as it stands after the wait
+    (folder / "run-r.wandb").write_bytes(data[:40] + bytes([data[40] ^ 0xFF]) + data[41:])
+    with pytest.raises(ValueError, match="damaged record"):  # retried until the wait ran out, then refused
+        read_offline_run(folder, wait_s=0.2)
+
+
+def test_logging_an_artifact_again_replaces_its_staged_files(tmp_path):
+    tracker = Tracker(True, project="p", run_name="r", config={}, run_dir=tmp_path / "runs")
+    path = tmp_path / "checkpoint.pt"
+    path.write_bytes(b"one")
+    tracker.log_artifact(path, name="c", type="model")
+    path.write_bytes(b"two")
+    staged = tracker.log_artifact(path, name="c", type="model")
+    tracker.finish()
+    assert (staged / "checkpoint.pt").read_bytes() == b"two" and sorted(p.name for p in staged.iterdir()) == [
+        "checkpoint.pt"]
