@@ -680,7 +680,10 @@ def train(args: Args, *, market: PreparedMarket | None = None, env: Any | None =
             save(iteration)
 
     progress.close()
-    saved_path = save(iteration) if iteration >= start_iteration else Path(args.resume)  # nothing ran: file untouched
+    ran = iteration >= start_iteration
+    saved_path = save(iteration) if ran else Path(args.resume)  # nothing ran: file untouched
+    if ran:
+        tracker.log_outcome(agent, args, market, saved_path)  # evaluation summary, report and checkpoint to W&B
     tracker.finish()
     return TrainResult(
         agent=agent, args=args, checkpoint_path=saved_path, global_step=global_step,
