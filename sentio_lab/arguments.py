@@ -278,6 +278,12 @@ class VariantArgs:
                 out[spec.name] = value
         return out
 
+    def config(self) -> dict[str, Any]:
+        """:meth:`flat` with nested own groups as dicts: the W&B config (the keys the flags have, as before the
+        groups, so filters on ``learning_rate`` or ``fee_bps`` keep working) and other plain records."""
+        return {name: dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+                for name, value in self.flat().items()}
+
     @classmethod
     def from_dict(cls: type[ArgsT], saved: dict[str, Any]) -> ArgsT:
         """``Args`` from a checkpoint's ``args`` dict: the nested form ``dataclasses.asdict`` writes, or the flat

@@ -180,7 +180,7 @@ class TrainingRun:
                               + 1_000_003 * (state.start_iteration - 1))
         self.tracker = Tracker(
             self.args.tracking.track and self.ctx.is_main, project=self.args.tracking.wandb_project_name,
-            run_name=self.args.run.run_name, config=dataclasses.asdict(self.args), run_dir=self.args.run.run_dir,
+            run_name=self.args.run.run_name, config=self.args.config(), run_dir=self.args.run.run_dir,
             mode=self.args.tracking.wandb_mode,
         )
         ppo = self.args.ppo
@@ -275,8 +275,11 @@ class TrainingRun:
                result_type: type[TrainResult] = TrainResult, **result_items: Any) -> TrainResult:
         """Close the bar, save the last iteration, close W&B; the :class:`~sentio_lab.training.TrainResult`."""
         self.progress.close()
-        # a resumed run with nothing left to do (finished) leaves its checkpoint file untouched
-        saved_path = save(iteration) if iteration >= state.start_iteration else Path(self.args.run.resume)
+        # a resumed run with nothing left to do (finished) leaves its checkpoint file untouched and logs no outcome
+        ran = iteration >= state.start_iteration
+        saved_path = save(iteration) if ran else Path(self.args.run.resume)
+        if ran:  # evaluation summary, report and checkpoint to W&B
+            self.tracker.log_outcome(agent, self.args, self.market, saved_path)
         self.tracker.finish()
         return result_type(
             agent=agent, args=self.args, checkpoint_path=saved_path, global_step=state.global_step,
