@@ -199,9 +199,7 @@ def test_a_training_run_logs_its_evaluation_report_and_checkpoint(tiny_args, sma
 def test_every_variant_logs_its_outcome(variant, tiny_args, small_market, tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(Tracker, "log_outcome", lambda self, *a: calls.append((self.run is not None, *a)) or {})
-    fields = {f.name for f in dataclasses.fields(variant.Args)}
-    given = {k: v for k, v in dataclasses.asdict(tiny_args).items() if k in fields}
-    args = variant.Args.from_flat(**{**given, "track": True, "run_dir": str(tmp_path)})
+    args = variant.Args.from_flat(**{**tiny_args.flat(), "track": True, "run_dir": str(tmp_path)})
     if variant is ppo_risk:
         args = args.replace(num_quantiles=4)
     if variant is ppo_transformer:  # the base window only: the synthetic market has no token timeframes
