@@ -28,6 +28,8 @@ from sentio_lab.data.validation import DEFAULT_MIN_ROWS, OHLCV_COLUMNS, DataVali
 TIMESTAMP_COLUMNS: tuple[str, ...] = ("date", "datetime", "time", "timestamp", "gmt time")
 StaleOpensPolicy = Literal["refuse", "allow"]
 STALE_OPENS_POLICIES: tuple[str, ...] = ("refuse", "allow")
+#: The note a market loaded for next-close fills carries in its quality report (:func:`fill_price_note`).
+NEXT_CLOSE_NOTE = "fills at next close: stale opens do not matter (fills and marks read closes only)"
 
 
 def _load_sp500() -> pd.DataFrame:
@@ -96,17 +98,20 @@ def load_market(
     end: str | pd.Timestamp | None = None,
     stale_opens: StaleOpensPolicy = "refuse",
     min_rows: int = DEFAULT_MIN_ROWS,
+    fill_price: Literal["next_open", "next_close"] = "next_open",
 ) -> MarketData:
     """Load a bundled dataset by name (see ``BUNDLED_DATASETS``) or a user CSV / Parquet file by path.
 
     ``start`` / ``end`` select an inclusive range (see :func:`select_range`) before the stale-open check; a
     bundled dataset without ``start`` begins at its ``default_start``. With ``stale_opens="refuse"`` a range
     that holds a stale-open stretch raises :class:`DataValidationError`; ``"allow"`` loads it with a warning
-    (same-bar fills, knowingly) and records that in ``market.quality``.
+    (same-bar fills, knowingly) and records that in ``market.quality``. With ``fill_price="next_close"`` (orders
+    fill at the next bar's close, :class:`sentio_lab.env.MarketArrays`) no fill uses an open: the stale-open rule
+    does not apply, nothing is refused or warned, and the quality report says so (:func:`fill_price_note`).
     """
     if stale_opens not in STALE_OPENS_POLICIES:
         raise ValueError(f"stale_opens={stale_opens!r}; choose from {list(STALE_OPENS_POLICIES)}")
-    notes: list[str] = []
+    notes: list[str] = fill_price_note(fill_price)
     session_close = None
     default_used = False
     if isinstance(source, str) and source in BUNDLED_DATASETS:
@@ -139,7 +144,7 @@ def load_market(
     market = to_market(frame, name=name, min_rows=min_rows, session_close=session_close)
     quality = market.quality
     assert quality is not None
-    if quality.stale_stretches:
+    if quality.stale_stretches and fill_price == "next_open":
         if stale_opens == "refuse":
             raise DataValidationError(_stale_message(name, frame, quality, default_used))
         listed = "; ".join(s.describe() for s in quality.stale_stretches)
@@ -153,6 +158,13 @@ def load_market(
         default_start_used=default_used, stale_opens_policy=stale_opens, notes=tuple(notes),
     )
     return dataclasses.replace(market, quality=quality)
+
+
+def fill_price_note(fill_price: str) -> list[str]:
+    """The quality-report notes of a fill price: :data:`NEXT_CLOSE_NOTE` for next-close fills, none otherwise."""
+    if fill_price not in ("next_open", "next_close"):
+        raise ValueError(f"fill_price={fill_price!r}; choose from ['next_open', 'next_close'] (--fill-price)")
+    return [NEXT_CLOSE_NOTE] if fill_price == "next_close" else []
 
 
 def _before(end: str | pd.Timestamp, start: str) -> bool:
