@@ -1014,7 +1014,7 @@ def test_next_close_fill_earns_nothing_of_the_fill_bar(nasdaq, costs):
     t = 900 + int(np.argmax(moved[900:]))  # bar t + 1 moved from close[t] and from its own open
     start = t - k
     actions = [1] * k + [2, 2, 2]
-    for obs, rewards in (np_rollout(market, start, actions, window=5, episode_length=40, costs=costs),
+    for _, rewards in (np_rollout(market, start, actions, window=5, episode_length=40, costs=costs),
                          torch_rollout(market, [start], [[a] for a in actions], window=5, episode_length=40,
                                        costs=costs)):
         rewards = rewards.ravel()

@@ -482,8 +482,8 @@ def test_next_close_nonflat_ledger_matches_both_envs_and_the_replay(frame, close
     params = NONFLAT[name]
     positions = (-1.0, 0.0, 0.5, 1.0, 2.0)
     actions = random_actions(len(positions), seed=61)
-    expected = np.array([nonflat_ledger_equity(frame, s, positions, actions[:, i].tolist(), fill_at="close", **params)[0]
-                         for i, s in enumerate(STARTS)]).T
+    expected = np.array([nonflat_ledger_equity(frame, s, positions, actions[:, i].tolist(), fill_at="close",
+                                               **params)[0] for i, s in enumerate(STARTS)]).T
     costs = nonflat_costs(params)
     error = max(max_rel(torch_equity(close_market, positions, actions, costs), expected),
                 max_rel(numpy_equity(close_market, positions, actions, costs), expected))
