@@ -59,6 +59,7 @@ from sentio_lab.data.quality import (
 from sentio_lab.data.ranges import Split, chronological_split, select_range
 from sentio_lab.data.session import SessionClose, canonical_session_close, parse_session_close
 from sentio_lab.data.validation import (
+    CLOSE_ONLY_OPTIONAL,
     DEFAULT_MIN_ROWS,
     OHLCV_COLUMNS,
     PRICE_COLUMNS,
@@ -70,6 +71,7 @@ from sentio_lab.data.validation import (
 
 __all__ = [
     "BUNDLED_DATASETS",
+    "CLOSE_ONLY_OPTIONAL",
     "DEFAULT_DATASET",
     "DEFAULT_MIN_ROWS",
     "OHLCV_COLUMNS",

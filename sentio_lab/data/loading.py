@@ -22,7 +22,13 @@ import pandas as pd
 from sentio_lab.data.market_data import MarketData, to_market
 from sentio_lab.data.quality import DataQuality, _day_or_time, _pct
 from sentio_lab.data.ranges import select_range
-from sentio_lab.data.validation import DEFAULT_MIN_ROWS, OHLCV_COLUMNS, DataValidationError, canonicalize
+from sentio_lab.data.validation import (
+    CLOSE_ONLY_OPTIONAL,
+    DEFAULT_MIN_ROWS,
+    OHLCV_COLUMNS,
+    DataValidationError,
+    canonicalize,
+)
 
 #: Column names (case-insensitive, spaces stripped) that :func:`read_ohlcv_file` takes as the timestamps.
 TIMESTAMP_COLUMNS: tuple[str, ...] = ("date", "datetime", "time", "timestamp", "gmt time")
@@ -134,14 +140,17 @@ def load_market(
                 f"{source!s}: neither a bundled dataset ({', '.join(BUNDLED_DATASETS)}) nor an existing file"
             )
         name, raw = str(path), read_ohlcv_file(path)
-    full = canonicalize(raw, source=name, min_rows=min_rows)
+    # next-close fills read closes only: close-only files (no open / high / low / volume, or NaN there) load
+    full = canonicalize(raw, source=name, min_rows=min_rows,
+                        optional=CLOSE_ONLY_OPTIONAL if fill_price == "next_close" else ())
     frame = select_range(full, start, end, source=name)
     if len(frame) < min_rows:
         raise DataValidationError(
             f"{name}: too few rows ({len(frame)}) from start={start!s} to end={end!s} (data cover "
             f"{full.index[0]} .. {full.index[-1]}); at least {min_rows} are needed"
         )
-    market = to_market(frame, name=name, min_rows=min_rows, session_close=session_close)
+    market = to_market(frame, name=name, min_rows=min_rows, session_close=session_close,
+                       optional=CLOSE_ONLY_OPTIONAL if fill_price == "next_close" else ())
     quality = market.quality
     assert quality is not None
     if quality.stale_stretches and fill_price == "next_open":
