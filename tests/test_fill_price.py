@@ -131,3 +131,36 @@ def test_the_close_bank_reads_closes_only(nasdaq_frame):
     for producer in registered_producers("close"):
         for key, column in producer(bars).items():
             np.testing.assert_array_equal(producer(blind)[key], column)
+
+
+# ------------------------------------------------------------------------------------- evaluation and runner
+def test_evaluations_record_their_fill_price_and_the_runner_costs_read_it():
+    """An evaluation on a next-close market says so, its equity is the next-close replay's, and the runner's
+    per-bar cost of its fills is priced at the closes (at the opens it would differ)."""
+    from sentio_lab import backtest as bt
+    from sentio_lab.baselines import evaluate_baseline
+    from sentio_lab.costs import CostModel
+    from sentio_lab.evaluate import evaluate_policy
+    from sentio_lab.experiment.runner import _groups_frame
+    from sentio_lab.nets import MLPActorCritic
+
+    market = prepare_market("sp500", FeatureConfig(), start="2003-01-02", end="2008-12-31", fill_price="next_close")
+    n = len(market.data)
+    fold = Fold(0, "walk_forward", ((0, n // 2),), ((n // 2 + 5, n),), (1,), (0,), 1, 4)
+    folded = prepare_fold_market(market, fold)
+    costs = CostModel(fee_bps=10, slippage_bps=5)
+    frame = folded.data.frame
+    evaluation = evaluate_baseline("sma_crossover", folded, window=8, positions=(-1.0, 0.0, 1.0), costs=costs)
+    assert evaluation.fill_price == "next_close"
+    weights = evaluation.weights.to_numpy()
+    assert len(np.unique(weights)) > 1  # it trades inside the range
+    replayed = bt.equity(bt.replay(frame, evaluation.start, weights, costs, fill_price="next_close"))
+    np.testing.assert_allclose(replayed.to_numpy(), evaluation.equity.to_numpy(), rtol=1e-9)
+    groups = _groups_frame([evaluation], fold, folded).set_index("timestamp")["cost"]
+    paid = bt.fill_costs_paid(frame, evaluation.start, weights, costs, fill_price="next_close")
+    np.testing.assert_allclose(groups.loc[paid.index].to_numpy(), paid.to_numpy(), rtol=1e-12, atol=1e-15)
+    at_opens = bt.fill_costs_paid(frame, evaluation.start, weights, costs)
+    assert np.max(np.abs(at_opens.to_numpy() - paid.to_numpy())) > 1e-6
+    agent = MLPActorCritic(8 * folded.arrays.features.shape[1] + 1, 3, hidden=8)
+    greedy = evaluate_policy(agent, folded, window=8, positions=(-1.0, 0.0, 1.0), costs=costs)
+    assert greedy.fill_price == "next_close"
