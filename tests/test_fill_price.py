@@ -164,3 +164,11 @@ def test_evaluations_record_their_fill_price_and_the_runner_costs_read_it():
     agent = MLPActorCritic(8 * folded.arrays.features.shape[1] + 1, 3, hidden=8)
     greedy = evaluate_policy(agent, folded, window=8, positions=(-1.0, 0.0, 1.0), costs=costs)
     assert greedy.fill_price == "next_close"
+    # a non-flat model: the runner prices the fills by their own records (bt.fills), at the closes too
+    impact = CostModel(fee_bps=10, slippage_bps=5, impact="sqrt", capital=1e9)
+    costly = evaluate_baseline("sma_crossover", folded, window=8, positions=(-1.0, 0.0, 1.0), costs=impact)
+    groups = _groups_frame([costly], fold, folded).set_index("timestamp")["cost"]
+    paid = bt.fill_costs_paid(frame, costly.start, costly.weights.to_numpy(), impact, fill_price="next_close")
+    np.testing.assert_allclose(groups.loc[paid.index].to_numpy(), paid.to_numpy(), rtol=1e-12, atol=1e-15)
+    assert np.max(np.abs(bt.fill_costs_paid(frame, costly.start, costly.weights.to_numpy(), impact).to_numpy()
+                         - paid.to_numpy())) > 1e-6
