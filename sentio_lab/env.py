@@ -56,6 +56,7 @@ from sentio_lab.observation_layout import (
 
 #: Where the order decided at the close of bar t fills: the open of bar t+1 (default) or the close of bar t+1.
 FillPrice = Literal["next_open", "next_close"]
+#: The accepted values of ``fill_price`` (``--fill-price``).
 FILL_PRICES: tuple[str, ...] = ("next_open", "next_close")
 #: Default action levels: short, flat, long (fractions of equity).
 DEFAULT_POSITIONS: tuple[float, ...] = (-1.0, 0.0, 1.0)
