@@ -19,7 +19,7 @@ export DISABLE_MKDOCS_2_WARNING = true
 DEMO_OUT ?= reports/demo
 DEMO_TIMESTEPS ?= 200000
 
-.PHONY: install demo test lint docs bench bench-features bench-evaluation bench-risk bench-costs bench-scaling bench-transformer \
+.PHONY: install demo lab report test lint docs bench bench-features bench-evaluation bench-risk bench-costs bench-scaling bench-transformer \
 	capacity sweep-example golden clean
 
 install: $(STAMP)
@@ -35,8 +35,23 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	mkdir -p $(DEMO_OUT)
 	$(BIN)/papermill notebooks/train_and_report.ipynb $(DEMO_OUT)/train_and_report.ipynb \
-		-p dataset sp500 -p total_timesteps $(DEMO_TIMESTEPS) -p output_dir $(DEMO_OUT) --kernel python3
+		-p dataset sp500 -p total_timesteps $(DEMO_TIMESTEPS) -p output_dir $(DEMO_OUT) -p progress text \
+		--kernel python3 --log-output
 	@echo "Report written to $(DEMO_OUT)/ (open $(DEMO_OUT)/report.html)"
+
+# JupyterLab on the notebooks (the repository is notebook-first); Ctrl-C stops the server.
+lab: $(STAMP)
+	$(BIN)/jupyter lab notebooks/
+
+# The evaluation report of one experiment file into reports/<file stem>/ (folder created: papermill refuses to write
+# into a missing one). It reuses the cells of a finished `python -m sentio_lab.experiment --config $(EXPERIMENT)` run
+# in runs/experiments/<name>/ and trains only the missing ones.
+EXPERIMENT ?= experiments/configs/sp500_cpcv.toml
+REPORT_OUT ?= reports/$(basename $(notdir $(EXPERIMENT)))
+report: $(STAMP)
+	mkdir -p $(REPORT_OUT)
+	$(BIN)/papermill notebooks/evaluation_report.ipynb $(REPORT_OUT)/evaluation_report.ipynb --kernel python3 \
+		-p config $(EXPERIMENT) -p output_dir $(REPORT_OUT) -p progress text --log-output
 
 lint: $(STAMP)
 	$(BIN)/ruff check sentio_lab tests experiments notebooks docs
@@ -52,7 +67,7 @@ test: $(STAMP) lint docs
 
 # The committed, executed CI-sized evaluation report that nbval re-executes (a moved number fails `make test`).
 GOLDEN := reports/golden/evaluation_report.ipynb
-GOLDEN_PARAMS := -p config experiments/configs/sp500_cpcv.toml -p run_dir temp -p output_dir reports/ci_evaluation \
+GOLDEN_PARAMS := -p config experiments/configs/sp500_cpcv.toml -p run_dir temp -p output_dir reports/ci_evaluation -p progress none \
 	-y '{"overrides": {"seeds": [1, 2], "n_groups": 4, "random_seeds": 2}, "spa_reps": 200, "extra_args": \
 	["--total-timesteps", "512", "--num-envs", "8", "--num-steps", "16", "--num-minibatches", "2", \
 	"--update-epochs", "1", "--hidden-size", "8"]}'

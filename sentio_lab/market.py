@@ -18,9 +18,18 @@ from pathlib import Path
 
 import pandas as pd
 
-from sentio_lab.data import MarketData, Split, StaleOpensPolicy, chronological_split, load_market
+from sentio_lab.data import (
+    DEFAULT_MIN_ROWS,
+    MarketData,
+    Split,
+    StaleOpensPolicy,
+    chronological_split,
+    load_market,
+    too_few_bars_error,
+)
 from sentio_lab.env import FillPrice, MarketArrays
 from sentio_lab.features import FeatureConfig, ObservationFeatures, build_observation_features
+from sentio_lab.features.observation import MIN_TRAIN_ROWS, warmup_rows
 from sentio_lab.splits import FILL_DELAY, Fold, Segment, SegmentEpisodeSampler, fit_rows
 
 #: Bundled datasets whose volume column is tick volume (no traded quantity; see ``MarketArrays.volume_kind``).
@@ -91,6 +100,8 @@ def prepare_market(
     train_fraction: float = 0.6,
     validation_fraction: float = 0.2,
     feature_state: dict | None = None,
+    window: int | None = None,
+    episode_length: int | None = None,
     fill_price: FillPrice = "next_open",
 ) -> PreparedMarket:
     """Load ``source``, split it chronologically, build features fitted on the training range.
@@ -98,14 +109,39 @@ def prepare_market(
     ``start``, ``end``, ``stale_opens`` and ``fill_price`` go to :func:`sentio_lab.data.load_market` (an inclusive
     date range, a bundled dataset's default start when ``start`` is None, the stale-open policy, which next-close
     fills never need). The features use the session close chosen by :func:`effective_feature_config`; the arrays
-    fill at ``fill_price`` (:class:`~sentio_lab.env.MarketArrays`).
+    fill at ``fill_price`` (:class:`~sentio_lab.env.MarketArrays`). With ``window`` and ``episode_length`` (a
+    training run's) a market too short to train on is refused with one
+    :class:`~sentio_lab.data.DataValidationError` saying how many bars it needs
+    (:func:`sentio_lab.data.bars_needed`).
     """
     data = load_market(source, start=start, end=end, stale_opens=stale_opens, fill_price=fill_price)
     splits = chronological_split(data, train_fraction, validation_fraction)
     config = effective_feature_config(feature_config, data, feature_state)
-    features = build_observation_features(data.frame, splits["train"].stop, config, state=feature_state)
+    train_stop = splits["train"].stop
+    lengths = None if window is None or episode_length is None else (
+        window, episode_length, train_fraction, validation_fraction)
+    try:
+        features = build_observation_features(data.frame, train_stop, config, state=feature_state)
+    except ValueError:  # too few rows to fit the features? Say how many the training run needs.
+        if lengths is not None:
+            _check_length(data, warmup_rows(data.frame, train_stop, config), *lengths)
+        raise
+    if lengths is not None:
+        _check_length(data, features.first_valid, *lengths)
     arrays = MarketArrays.from_frame(data.frame, features.values, features.first_valid, volume_kind(data), fill_price)
     return PreparedMarket(data=data, splits=splits, features=features, arrays=arrays, feature_config=config)
+
+
+def _check_length(
+    data: MarketData, warmup: int, window: int, episode_length: int, train_fraction: float,
+    validation_fraction: float,
+) -> None:
+    """Raise :func:`~sentio_lab.data.too_few_bars_error` when ``data`` is too short to train on."""
+    error = too_few_bars_error(data.name, len(data), warmup=warmup, window=window, episode_length=episode_length,
+                               train_fraction=train_fraction, validation_fraction=validation_fraction,
+                               min_train_rows=MIN_TRAIN_ROWS, min_rows=DEFAULT_MIN_ROWS)
+    if error is not None:
+        raise error
 
 
 def _split(name: str, frame: pd.DataFrame, start: int, stop: int) -> Split:

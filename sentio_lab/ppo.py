@@ -37,7 +37,6 @@ import numpy as np
 import torch
 import tyro
 from torch import nn, optim
-from tqdm.auto import tqdm
 
 from sentio_lab import distributed, training
 from sentio_lab.checkpoint import CheckpointError, capture_rng, load_checkpoint, restore_rng, save_checkpoint
@@ -46,6 +45,7 @@ from sentio_lab.env import TradingEnv
 from sentio_lab.features import FeatureConfig
 from sentio_lab.market import PreparedMarket
 from sentio_lab.nets import MLPActorCritic
+from sentio_lab.progress import tqdm  # text bar under papermill (set_progress_mode)
 from sentio_lab.rollout import (
     NonFiniteError,
     approx_kl,

@@ -33,7 +33,6 @@ import numpy as np
 import torch
 import tyro
 from torch import nn, optim
-from tqdm.auto import tqdm
 
 from sentio_lab import training
 from sentio_lab.checkpoint import CheckpointError, capture_rng, load_checkpoint, restore_rng, save_checkpoint
@@ -43,6 +42,7 @@ from sentio_lab.features import FeatureConfig
 from sentio_lab.market import PreparedMarket
 from sentio_lab.masks import MaskConfig, MaskInputs, market_mask_inputs
 from sentio_lab.nets import MLPActorCritic
+from sentio_lab.progress import tqdm  # text bar under papermill (set_progress_mode)
 from sentio_lab.rollout import (
     NonFiniteError,
     approx_kl,

@@ -52,7 +52,6 @@ import pandas as pd
 import torch
 import tyro
 from torch import nn, optim
-from tqdm.auto import tqdm
 
 from sentio_lab import training
 from sentio_lab.checkpoint import CheckpointError, capture_rng, load_checkpoint, restore_rng, save_checkpoint
@@ -62,6 +61,7 @@ from sentio_lab.env import TradingEnv
 from sentio_lab.features import FeatureConfig
 from sentio_lab.market import PreparedMarket
 from sentio_lab.nets.quantile import QuantileActorCritic, quantile_huber
+from sentio_lab.progress import tqdm  # text bar under papermill (set_progress_mode)
 from sentio_lab.rollout import (
     NonFiniteError,
     approx_kl,

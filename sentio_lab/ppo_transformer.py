@@ -34,7 +34,6 @@ import numpy as np
 import torch
 import tyro
 from torch import nn, optim
-from tqdm.auto import tqdm
 
 from sentio_lab import training
 from sentio_lab.checkpoint import CheckpointError, capture_rng, load_checkpoint, restore_rng, save_checkpoint
@@ -45,6 +44,7 @@ from sentio_lab.features.tokens import block_name, build_token_blocks, token_spa
 from sentio_lab.market import PreparedMarket
 from sentio_lab.nets.transformer import FUSIONS, MultiTimeframeActorCritic, streams_for
 from sentio_lab.observation_layout import TokenBlock, observation_dim, observation_layout
+from sentio_lab.progress import tqdm  # text bar under papermill (set_progress_mode)
 from sentio_lab.rollout import (
     NonFiniteError,
     approx_kl,

@@ -19,10 +19,10 @@ import pandas as pd
 import plotly.graph_objects as go
 import plotly.io as pio
 from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter
+from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter, PercentFormatter
 from plotly.subplots import make_subplots
 
-from sentio_lab.metrics import check_equity, drawdown
+from sentio_lab.metrics import NOT_AVAILABLE, check_equity, drawdown
 
 #: File names written by :func:`write_report`, by key of the returned dict.
 REPORT_FILES: dict[str, str] = {
@@ -87,23 +87,61 @@ def _cell(value: object) -> str:
     return str(value)
 
 
+def _notes(stats: pd.DataFrame) -> tuple[dict[tuple[str, str], int], list[str]]:
+    """Numbered reasons for the table's NaN entries (``stats.attrs[NOT_AVAILABLE]``, see
+    :func:`sentio_lab.metrics.stats_table`): ``({(row, column): number}, ["row (columns): reason", ...])``."""
+    given = stats.attrs.get(NOT_AVAILABLE) or {}
+    numbers: dict[tuple[str, str], int] = {}
+    texts: list[str] = []
+    grouped: dict[tuple[str, str], list[str]] = {}
+    for row in stats.index:
+        for column, reason in (given.get(row) or {}).items():
+            if column in stats.columns and _cell(stats.at[row, column]) == "":
+                grouped.setdefault((str(row), reason), []).append(str(column))
+    merged: dict[tuple[str, tuple[str, ...]], list[str]] = {}  # rows sharing a reason and columns: one note
+    for (row, reason), columns in grouped.items():
+        merged.setdefault((reason, tuple(columns)), []).append(row)
+    for (reason, columns), rows in merged.items():
+        texts.append(f"{', '.join(rows)} ({', '.join(columns)}): {reason}")
+        numbers.update({(row, column): len(texts) for row in rows for column in columns})
+    return numbers, texts
+
+
+def _cells(stats: pd.DataFrame, numbers: dict[tuple[str, str], int]) -> list[tuple[str, list[str]]]:
+    """Each row's label and cell texts; an entry with a recorded reason reads ``n/a (k)``."""
+    out = []
+    for label, row in zip(stats.index, stats.to_numpy(dtype=object), strict=True):
+        cells = [_cell(v) for v in row]
+        for j, column in enumerate(stats.columns):
+            if (str(label), str(column)) in numbers:
+                cells[j] = f"n/a ({numbers[str(label), str(column)]})"
+        out.append((str(label), cells))
+    return out
+
+
 def markdown_table(stats: pd.DataFrame) -> str:
-    """A GitHub-flavoured markdown table of ``stats``: its index as the first column."""
+    """A GitHub-flavoured markdown table of ``stats``: its index as the first column; entries that are NaN for
+    a recorded reason read ``n/a (k)``, with the numbered reasons under the table."""
+    numbers, notes = _notes(stats)
     header = ["", *(str(c).replace("|", "\\|") for c in stats.columns)]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * len(stats.columns)) + "|"]
-    for label, row in zip(stats.index, stats.to_numpy(dtype=object), strict=True):
-        cells = [str(label), *(_cell(v) for v in row)]
-        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    for label, cells in _cells(stats, numbers):
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in [label, *cells]) + " |")
+    if notes:
+        lines += ["", *(f"({k}) {text}  " for k, text in enumerate(notes, start=1))]
     return "\n".join(lines) + "\n"
 
 
 def _html_table(stats: pd.DataFrame) -> str:
+    numbers, notes = _notes(stats)
     head = "".join(f"<th>{html.escape(str(c))}</th>" for c in stats.columns)
     body = "".join(
-        f"<tr><th>{html.escape(str(label))}</th>" + "".join(f"<td>{html.escape(_cell(v))}</td>" for v in row) + "</tr>"
-        for label, row in zip(stats.index, stats.to_numpy(dtype=object), strict=True)
+        f"<tr><th>{html.escape(label)}</th>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>"
+        for label, cells in _cells(stats, numbers)
     )
-    return f'<table class="stats"><thead><tr><th></th>{head}</tr></thead><tbody>{body}</tbody></table>'
+    listed = "".join(f"<li>{html.escape(text)}</li>" for text in notes)
+    footer = f'<ol class="notes">{listed}</ol>' if notes else ""
+    return f'<table class="stats"><thead><tr><th></th>{head}</tr></thead><tbody>{body}</tbody></table>{footer}'
 
 
 def _meta_html(meta: Mapping[str, object]) -> str:
@@ -168,7 +206,10 @@ def equity_figure(
     return fig
 
 
-def _save_png(path: Path, equities: Mapping[str, pd.Series], *, kind: str, log_scale: bool) -> None:
+def png_figure(equities: Mapping[str, pd.Series], *, kind: str, log_scale: bool = True) -> Figure:
+    """The static figure behind ``equity.png`` (``kind="equity"``) or ``drawdown.png`` (``kind="drawdown"``)."""
+    if kind not in ("equity", "drawdown"):
+        raise ValueError(f"png_figure: kind must be 'equity' or 'drawdown', got {kind!r}")
     fig = Figure(figsize=(10, 4.5), layout="constrained")
     ax = fig.add_subplot()
     for name, curve in equities.items():
@@ -185,12 +226,17 @@ def _save_png(path: Path, equities: Mapping[str, pd.Series], *, kind: str, log_s
         ax.set_ylabel("equity")
         ax.set_title("Equity")
     else:
-        ax.yaxis.set_major_formatter(lambda y, _pos: f"{y:.0%}")
+        # Decimals as the axis span needs them (ticks every 2.5% read -2.5%, not -2%); matplotlib's own rule.
+        ax.yaxis.set_major_formatter(PercentFormatter(xmax=1.0, decimals=None))
         ax.set_ylabel("drawdown from running peak")
         ax.set_title("Drawdown")
     ax.grid(alpha=0.3)
     ax.legend(loc="best")
-    fig.savefig(path, dpi=110)
+    return fig
+
+
+def _save_png(path: Path, equities: Mapping[str, pd.Series], *, kind: str, log_scale: bool) -> None:
+    png_figure(equities, kind=kind, log_scale=log_scale).savefig(path, dpi=110)
 
 
 # ----------------------------------------------------------------------------------------- writer

@@ -69,6 +69,7 @@ def market_from(args: Any, feature_state: dict | None = None) -> PreparedMarket:
         args.dataset, feature_config_from(args), train_fraction=args.train_fraction,
         validation_fraction=args.validation_fraction, feature_state=feature_state,
         start=args.data_start, end=args.data_end, stale_opens=args.stale_opens,
+        window=args.window, episode_length=args.episode_length,  # refuses a market too short to train on
     )
 
 

@@ -12,6 +12,7 @@ from sentio_lab.data import (
     OHLCV_COLUMNS,
     DataValidationError,
     MarketData,
+    bars_needed,
     canonicalize,
     chronological_split,
     fingerprint,
@@ -429,3 +430,211 @@ def test_split_errors(train, validation, message):
     frame = make_ohlcv(n=100)
     with pytest.raises(ValueError, match=message):
         chronological_split(frame, train, validation)
+
+
+def test_split_errors_name_the_fraction_flags():
+    with pytest.raises(DataValidationError, match=r"--train-fraction 0\.9 \(train_fraction=0\.9 in Python\)") as err:
+        chronological_split(make_ohlcv(n=100), 0.9, 0.3)
+    assert err.value.flag == "--train-fraction" and "--validation-fraction 0.3" in str(err.value)
+    with pytest.raises(DataValidationError, match="the test range is empty .*change --train-fraction"):
+        chronological_split(make_ohlcv(n=100), 0.6, 0.399)
+
+
+# ------------------------------------------------------------------------------- one-line, flag-naming errors
+def test_a_missing_file_is_a_value_error_naming_the_dataset_flag(tmp_path):
+    with pytest.raises(ValueError, match=r"check --dataset \(source= in Python\)") as err:
+        load_market(tmp_path / "nowhere.csv")
+    assert isinstance(err.value, FileNotFoundError | DataValidationError) and err.value.flag == "--dataset"
+    assert isinstance(err.value, FileNotFoundError) and isinstance(err.value, DataValidationError)
+
+
+def test_data_errors_keep_flag_and_value_through_pickling():
+    # Experiment workers send exceptions between processes.
+    import pickle
+
+    with pytest.raises(DataValidationError) as err:
+        load_market("sp500", start="1999")
+    copy = pickle.loads(pickle.dumps(err.value))
+    assert type(copy) is DataValidationError and str(copy) == str(err.value)
+    assert (copy.flag, copy.value) == ("--data-start", "2013-05-10")
+
+
+@pytest.mark.parametrize(
+    "call",
+    [lambda: load_market("sp500", start="1999"), lambda: load_market("sp500", start="2000", end="2004"),
+     lambda: load_market("sp500", end="2010"), lambda: load_market("nasdaq", start="soon"),
+     lambda: load_market("nasdaq", start="2030"), lambda: load_market("nasdaq", stale_opens="maybe"),
+     lambda: chronological_split(make_ohlcv(n=100), 0.9, 0.3)],
+)
+def test_data_errors_are_one_line_and_name_a_flag(call):
+    with pytest.raises(DataValidationError) as err:
+        call()
+    text = str(err.value)
+    assert "\n" not in text and err.value.flag is not None and err.value.flag in text
+    assert " in Python" in text  # library callers read the same message: both spellings
+
+
+# ------------------------------------------------------------------------------------------ too few bars
+def _prepare(path, window, episode_length, **kwargs):
+    from sentio_lab.features import FeatureConfig
+    from sentio_lab.market import prepare_market
+
+    return prepare_market(path, FeatureConfig(), window=window, episode_length=episode_length, **kwargs)
+
+
+def _train_and_evaluate_envs(market, window, episode_length):
+    """Build what a training run builds: the training env, and one greedy episode over validation and test."""
+    from sentio_lab.env import TradingEnv
+
+    start, stop = market.range("train")
+    TradingEnv(market.arrays, num_envs=1, window=window, episode_length=episode_length, start=start, stop=stop)
+    for name in ("validation", "test"):
+        start, stop = market.range(name)
+        first = max(start, market.arrays.first_valid + window - 1)
+        env = TradingEnv(market.arrays, num_envs=1, window=window, episode_length=stop - 1 - first, start=start,
+                         stop=stop)
+        env.reset(starts=[first])
+
+
+@pytest.mark.parametrize(
+    ("window", "episode_length", "binding"),
+    [(16, 64, "episode"),  # warm-up + window + episode fill the training range
+     (4, 10, "fit")],  # the features' 50 fitting rows after the warm-up bind instead
+)
+def test_too_few_bars_names_the_count_and_the_count_is_exact(tmp_path, window, episode_length, binding):
+    from sentio_lab.features.observation import MIN_TRAIN_ROWS
+
+    frame = make_ohlcv(n=400)
+    path = tmp_path / "short.csv"
+    frame.to_csv(path)
+    full = _prepare(path, window, episode_length)
+    warmup = full.features.first_valid
+    needed = bars_needed(warmup=warmup, window=window, episode_length=episode_length, train_fraction=0.6,
+                         validation_fraction=0.2, min_train_rows=MIN_TRAIN_ROWS, min_rows=DEFAULT_MIN_ROWS)
+    episode_bars, fit_bars = warmup + window + episode_length, warmup + MIN_TRAIN_ROWS
+    assert (episode_bars > fit_bars) == (binding == "episode")
+    # Exactly `needed` bars: the market loads and every env a run builds works.
+    frame.iloc[:needed].to_csv(path)
+    _train_and_evaluate_envs(_prepare(path, window, episode_length), window, episode_length)
+    # One bar fewer: one line saying how many are needed, naming the flags.
+    frame.iloc[: needed - 1].to_csv(path)
+    with pytest.raises(DataValidationError) as err:
+        _prepare(path, window, episode_length)
+    text = str(err.value)
+    assert "\n" not in text and f"{needed - 1} bars, too few to train on: at least {needed} are needed" in text
+    assert f"{warmup} feature warm-up bars + a {window}-bar --window + {episode_length} --episode-length" in text
+    assert "--data-start / --data-end" in text and "start=, end=" in text
+    # ... and the count is tight: without the check the run itself fails on that file.
+    with pytest.raises(ValueError):
+        _train_and_evaluate_envs(_prepare(path, None, None), window, episode_length)
+
+
+def test_too_few_bars_suggests_the_longest_episode_that_fits(tmp_path):
+    frame = make_ohlcv(n=300)
+    path = tmp_path / "short.csv"
+    frame.to_csv(path)
+    with pytest.raises(DataValidationError, match="or --episode-length 128 or less") as err:
+        _prepare(path, 32, 256)
+    assert (err.value.flag, err.value.value) == ("--episode-length", "128")
+    assert "episode_length=128" in str(err.value)
+    _train_and_evaluate_envs(_prepare(path, 32, 128), 32, 128)  # the suggestion works
+    with pytest.raises(DataValidationError):
+        _prepare(path, 32, 129)
+    # Too short for any episode: no episode-length suggestion, the range flags instead.
+    frame.iloc[:60].to_csv(path)
+    with pytest.raises(DataValidationError, match="too few to train on") as err:
+        _prepare(path, 32, 256)
+    assert err.value.flag == "--data-start" and err.value.value is None and "--episode-length 0" not in str(err.value)
+
+
+def test_bars_needed_counts_the_evaluation_ranges_and_refuses_bad_input():
+    # A training range that is almost everything leaves the test range short: 2 test bars are needed.
+    n = bars_needed(warmup=0, window=1, episode_length=1, train_fraction=0.98, validation_fraction=0.0)
+    assert n - round(0.98 * n) >= 2 and (n - 1) - round(0.98 * (n - 1)) < 2
+    assert bars_needed(warmup=0, window=1, episode_length=1, train_fraction=0.5, validation_fraction=0.0,
+                       min_rows=DEFAULT_MIN_ROWS) == DEFAULT_MIN_ROWS
+    with pytest.raises(ValueError, match="must be >= 0"):
+        bars_needed(warmup=-1, window=1, episode_length=1, train_fraction=0.5, validation_fraction=0.2)
+    with pytest.raises(DataValidationError, match="fractions"):
+        bars_needed(warmup=0, window=1, episode_length=1, train_fraction=0.9, validation_fraction=0.2)
+
+
+# ---------------------------------------------------------------------------------- timestamps and columns
+def test_local_times_across_a_daylight_saving_change_are_read_as_utc(tmp_path):
+    """Offsets that change inside a file (+01:00 then +02:00) are the same instants in UTC: kept, not refused."""
+    frame = make_ohlcv(n=60, freq="h", start="2021-03-27 12:00")
+    local = frame.index.tz_localize("UTC").tz_convert("Europe/Berlin")  # CET -> CEST on 2021-03-28 02:00
+    text = frame.copy()
+    text.index = [t.isoformat() for t in local]
+    path = tmp_path / "berlin.csv"
+    text.to_csv(path, index_label="Date")
+    assert "+01:00" in path.read_text() and "+02:00" in path.read_text()
+    market = load_market(path)
+    assert str(market.frame.index.tz) == "UTC" and market.bar_freq == pd.Timedelta(hours=1)
+    np.testing.assert_array_equal(market.frame.index, frame.index.tz_localize("UTC"))  # the same instants
+    # One offset throughout keeps it; naive stays naive (the loader never guesses a zone).
+    single = frame.copy()
+    single.index = frame.index.tz_localize("UTC").tz_convert("Asia/Tokyo")
+    single.to_csv(path, index_label="Date")
+    assert str(load_market(path).frame.index.tz) == "UTC+09:00"
+    frame.to_csv(path, index_label="Date")
+    assert load_market(path).frame.index.tz is None
+
+
+def test_naive_and_aware_timestamps_mixed_are_refused_in_one_line(tmp_path):
+    frame = make_ohlcv(n=60, freq="h")
+    text = frame.copy()
+    text.index = [t.isoformat() + ("+00:00" if i == 0 else "") for i, t in enumerate(frame.index)]
+    path = tmp_path / "mixed.csv"
+    text.to_csv(path, index_label="Date")
+    with pytest.raises(DataValidationError, match="not parseable as timestamps .* write ISO 8601") as err:
+        load_market(path)
+    assert "\n" not in str(err.value)
+
+
+def test_extra_columns_are_ignored_and_column_order_does_not_matter(tmp_path):
+    frame = make_ohlcv()
+    extra = frame[["volume", "close", "low", "high", "open"]].assign(Symbol="MSFT", Trades=7, Notes="x")
+    path = tmp_path / "extra.csv"
+    extra.to_csv(path, index_label="timestamp")
+    market = load_market(path)
+    assert tuple(market.frame.columns) == OHLCV_COLUMNS
+    np.testing.assert_array_equal(market.frame.to_numpy(), frame.to_numpy())
+    assert market.fingerprint == fingerprint(canonicalize(frame))
+    # A date-only column named "Date" in any case is the index; a column of timestamps not named so must be first.
+    frame.to_csv(path, index_label="DATE", date_format="%Y-%m-%d")
+    assert load_market(path).frame.index.equals(frame.index.rename("timestamp"))
+
+
+def test_what_docs_data_md_says_about_messy_timestamp_columns(tmp_path):
+    # Separate Date and Time columns (MetaTrader exports): Date is the index, so hourly bars collide.
+    hours = pd.DataFrame({"Date": ["2020-01-02"] * 60, "Time": [f"{h % 24:02d}:00" for h in range(60)],
+                          "Open": 1.0, "High": 1.1, "Low": 0.9, "Close": 1.05, "Volume": 1.0})
+    path = tmp_path / "mt.csv"
+    hours.to_csv(path, index=False)
+    with pytest.raises(DataValidationError, match=r"duplicate timestamp\(s\) in 60 row\(s\)"):
+        load_market(path)
+    # Day-first text is read month-first until a day above 12 appears, then refused (one line).
+    frame = make_ohlcv(n=60)
+    text = frame.copy()
+    text.index = frame.index.strftime("%d.%m.%Y")
+    text.to_csv(path, index_label="Date")
+    with pytest.raises(DataValidationError, match='not parseable as timestamps .*"13.01.2021"') as err:
+        load_market(path)
+    assert "\n" not in str(err.value)
+    # Compressed CSV.
+    frame.to_csv(tmp_path / "prices.csv.gz", index_label="Date")
+    np.testing.assert_array_equal(load_market(tmp_path / "prices.csv.gz").frame.to_numpy(), frame.to_numpy())
+
+
+def test_a_variant_refuses_a_short_file_with_the_count_before_training(tmp_path):
+    """The variants build their market through training.market_from, which passes their window and episode."""
+    from sentio_lab import ppo
+
+    path = tmp_path / "short.csv"
+    make_ohlcv(n=300).to_csv(path)
+    with pytest.raises(DataValidationError, match="300 bars, too few to train on: at least 513 are needed") as err:
+        ppo.market_for(ppo.Args(dataset=str(path), feature_cache_dir=None))
+    assert (err.value.flag, err.value.value) == ("--episode-length", "128")
+    market = ppo.market_for(ppo.Args(dataset=str(path), feature_cache_dir=None, episode_length=128))
+    assert len(market.data) == 300

@@ -87,8 +87,14 @@ def test_sp500_from_1999_is_refused_naming_the_stretches_and_the_start():
     assert text.startswith("sp500: stale opens: 2 stretch(es)")
     assert "1999-01-05 .. 2007-09-24 (1840 of 2193 session opens stale, 83.9%)" in text
     assert "2011-05-09 .. 2013-05-09 (151 of 504 session opens stale, 30.0%)" in text
-    assert f"pass start='{SP500_DEFAULT_START}'" in text and "stale_opens='allow'" in text
+    # One line naming the flag to change and its value, in the CLI's and in Python's spelling.
+    assert "\n" not in text
+    assert f"pass --data-start {SP500_DEFAULT_START} (start='{SP500_DEFAULT_START}' in Python)" in text
+    assert "--stale-opens allow (stale_opens='allow' in Python)" in text
+    assert (err.value.flag, err.value.value) == ("--data-start", SP500_DEFAULT_START)
     assert "same-bar execution" in text
+    # The suggested start loads (it is also the dataset's default).
+    assert load_market("sp500", start=err.value.value).frame.index[0] == pd.Timestamp(SP500_DEFAULT_START)
 
 
 def test_sp500_default_start_is_accepted_and_recorded():
@@ -108,7 +114,8 @@ def test_sp500_default_start_is_accepted_and_recorded():
 
 
 def test_sp500_allow_warns_and_the_report_records_the_choice():
-    with pytest.warns(UserWarning, match=r"stale_opens='allow': loading 2 stale-open stretch\(es\)") as record:
+    allow = r"--stale-opens allow \(stale_opens='allow'\): loading 2 stale-open stretch\(es\)"
+    with pytest.warns(UserWarning, match=allow) as record:
         market = load_market("sp500", start="1999", stale_opens="allow")
     assert "1999-01-05 .. 2007-09-24" in str(record[0].message)
     q = market.quality
@@ -303,34 +310,48 @@ def test_user_file_stale_rule_and_range(tmp_path):
     frame = make_stale(real_opens(pd.bdate_range("2020-01-01", periods=300)), range(10, 80))
     path = tmp_path / "stale.csv"
     frame.to_csv(path, index_label="Date")
-    with pytest.raises(DataValidationError, match=rf"pass start='{frame.index[80].date()}'") as err:
+    first_after = str(frame.index[80].date())
+    with pytest.raises(DataValidationError, match=rf"pass --data-start {first_after} \(start='{first_after}'") as err:
         load_market(path)
     assert str(path) in str(err.value) and "dataset's default start" not in str(err.value)
-    market = load_market(path, start=str(frame.index[80].date()))
+    assert (err.value.flag, err.value.value) == ("--data-start", first_after)
+    market = load_market(path, start=first_after)
     assert market.quality.stale_stretches == () and len(market) == 220
-    # A stretch that reaches the end of the data: only an earlier end helps.
+    # A stretch that reaches the end of the data: only an earlier end helps, and the message says so.
     tail = make_stale(real_opens(pd.bdate_range("2020-01-01", periods=300)), range(230, 300))
     tail.to_csv(path, index_label="Date")
-    with pytest.raises(DataValidationError, match="ends before the stretches"):
+    with pytest.raises(DataValidationError, match="the last stretch reaches the end of the selected range") as err:
         load_market(path)
+    last_clean = str(tail.index[229].date())  # stale opens from row 230: end on the bar before
+    assert f"pass --data-end {last_clean} (end='{last_clean}' in Python)" in str(err.value)
+    assert (err.value.flag, err.value.value) == ("--data-end", last_clean)
+    assert load_market(path, end=err.value.value).quality.stale_stretches == ()
     assert len(load_market(path, end=str(tail.index[200].date()))) == 201
 
 
 def test_load_market_range_and_policy_errors():
-    with pytest.raises(ValueError, match="stale_opens='maybe'"):
+    with pytest.raises(DataValidationError, match="stale_opens='maybe': choose --stale-opens refuse or allow") as err:
         load_market("nasdaq", stale_opens="maybe")
-    with pytest.raises(DataValidationError, match="end=2010 is before the dataset's default start 2013-05-10"):
+    assert err.value.flag == "--stale-opens"
+    with pytest.raises(DataValidationError, match=r"--data-end 2010 \(end='2010' in Python\) is before the "
+                                                  "dataset's default start 2013-05-10") as err:
         load_market("sp500", end="2010")
-    with pytest.raises(DataValidationError, match=r"too few rows \(0\) from start=2030"):
+    assert err.value.flag == "--data-start" and "--stale-opens allow" in str(err.value)
+    with pytest.raises(DataValidationError, match=r"too few rows \(0\) from --data-start 2030 \(start='2030'"):
         load_market("nasdaq", start="2030")
-    with pytest.raises(DataValidationError, match="start=2018 is after end=2017"):
+    with pytest.raises(DataValidationError, match=r"--data-start 2018 \(start='2018' in Python\) is after "
+                                                  r"--data-end 2017 \(end='2017' in Python\)"):
         load_market("nasdaq", start="2018", end="2017")
-    with pytest.raises(DataValidationError, match="cannot select start=soon"):
+    with pytest.raises(DataValidationError, match=r"cannot select the range --data-start soon \(start='soon'") as err:
         load_market("nasdaq", start="soon")
-    with pytest.raises(DataValidationError, match="cannot select start=2013-05-10 end=soon"):
+    assert err.value.flag == "--data-start"
+    with pytest.raises(DataValidationError, match="cannot select the range --data-start 2013-05-10 .* --data-end soon"
+                       ) as err:
         load_market("sp500", end="soon")
+    assert err.value.flag == "--data-end"
     # end="2013-05" covers May, so it is not before the default start 2013-05-10 (only 15 bars, though).
-    with pytest.raises(DataValidationError, match=r"too few rows \(15\) from start=2013-05-10 to end=2013-05"):
+    with pytest.raises(DataValidationError, match=r"too few rows \(15\) from --data-start 2013-05-10 .* to "
+                                                  r"--data-end 2013-05 \(end='2013-05' in Python\)"):
         load_market("sp500", end="2013-05")
     market = load_market("nasdaq", start="2010-03", end="2010-06")
     assert market.frame.index[0] == pd.Timestamp("2010-03-01") and market.frame.index[-1] == pd.Timestamp("2010-06-30")
@@ -344,10 +365,14 @@ def test_select_range_is_inclusive_with_partial_dates():
     assert len(select_range(frame, "2017-06-15", "2017-06")) == 12  # the second half of June
     assert select_range(frame) is frame
     assert len(select_range(frame, end=pd.Timestamp("2017-05-02"))) == 2
-    with pytest.raises(DataValidationError, match="feed: start=2017-07-01 is after end=2017-06-30"):
+    with pytest.raises(DataValidationError, match="feed: --data-start 2017-07-01 .* is after --data-end 2017-06-30"):
         select_range(frame, "2017-07-01", "2017-06-30", source="feed")
-    with pytest.raises(DataValidationError, match="cannot select"):
+    with pytest.raises(DataValidationError, match="cannot select") as err:
         select_range(frame, pd.Timestamp("2017-06-01", tz="UTC"), None)
+    assert err.value.flag == "--data-start" and "(the data start 2017-05-01 00:00:00)" in str(err.value)
+    with pytest.raises(DataValidationError, match=r"cannot select the range --data-end soon \(end='soon'") as err:
+        select_range(frame, None, "soon")
+    assert err.value.flag == "--data-end"
 
 
 def test_csv_without_a_timestamp_column_says_so(tmp_path):
@@ -397,3 +422,23 @@ def test_markets_carry_their_session_close():
     frame = real_opens(pd.bdate_range("2020-01-01", periods=60))
     assert to_market(frame, name="x", session_close="9:00 Asia/Tokyo").session_close == "09:00 Asia/Tokyo"
     assert SessionClose(9, 0, "Asia/Tokyo") == parse_session_close("09:00 Asia/Tokyo")
+
+
+def test_a_range_ending_inside_a_stretch_is_told_to_end_earlier():
+    # sp500 2010 .. 2013-01: the last stretch (from 2011-05-09) runs to the end of the selected range.
+    with pytest.raises(DataValidationError, match="the last stretch reaches the end of the selected range: pass "
+                                                  r"--data-end 2011-05-06 \(end='2011-05-06' in Python\)") as err:
+        load_market("sp500", start="2010", end="2013-01")
+    assert (err.value.flag, err.value.value) == ("--data-end", "2011-05-06")
+    assert load_market("sp500", start="2010", end=err.value.value).quality.stale_stretches == ()
+    # 1999 .. 2013-03: two stretches, a few bars after the last; the clean range lies between them.
+    with pytest.raises(DataValidationError, match="only 2 bars follow the last stretch") as err:
+        load_market("sp500", start="1999", end="2013-03-28")
+    text = str(err.value)
+    assert "pass --data-start 2007-09-25 (start='2007-09-25' in Python) and --data-end 2011-05-06" in text
+    assert load_market("sp500", start="2007-09-25", end="2011-05-06").quality.stale_stretches == ()
+    # Stale from the first bar to the last: no clean range to suggest, the flags are still named.
+    with pytest.raises(DataValidationError, match="reaches the end of the selected range: choose a range of at "
+                                                  "least 50 bars without them") as err:
+        load_market("sp500", start="2000", end="2004")
+    assert err.value.flag == "--data-end" and err.value.value is None

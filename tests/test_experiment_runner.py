@@ -93,14 +93,16 @@ def test_a_killed_run_resumes_to_the_same_table(finished, config, tmp_path):
     (old / "cell.json").write_text(json.dumps({**record, "format": 1}))
     (copy / RESULTS_FILE).unlink()
     again = run_experiment(plan, copy, progress=False)
-    pd.testing.assert_frame_equal(again, results)
+    pd.testing.assert_frame_equal(again, results, check_exact=True)
 
 
 @pytest.mark.slow
 def test_results_do_not_depend_on_the_worker_count(finished, tmp_path):
     plan, _, results = finished
     parallel = run_experiment(plan, tmp_path / "two_workers", workers=2, progress=False)
-    pd.testing.assert_frame_equal(parallel, results)
+    # identical, not close: assert_frame_equal's default rtol (1e-5) would hide a worker-dependent last digit
+    pd.testing.assert_frame_equal(parallel, results, check_exact=True)
+    assert parallel.equals(results)
 
 
 def test_agents_must_share_the_accounting(config):
@@ -226,3 +228,36 @@ def test_fold_markets_are_not_shared_between_experiments(finished, config):
     walk = fold_market(other, other.folds[0], feature_config(args))
     assert cpcv.train_segments == plan.folds[0].train and walk.train_segments == other.folds[0].train
     assert cpcv.train_segments != walk.train_segments
+
+
+def test_finished_cells_of_other_arguments_are_refused_not_mixed_in(finished, config, tmp_path):
+    plan, output, _ = finished
+    copy = tmp_path / "copy"
+    shutil.copytree(output, copy)
+    planned = (copy / "plan.json").read_text()
+    other = plan_experiment(config, ("--gamma", "0.9"))  # same experiment name, same cell ids, other training
+    with pytest.raises(ValueError, match="finished with other arguments.*--gamma 0.9"):
+        run_experiment(other, copy, progress=False)
+    assert (copy / "plan.json").read_text() == planned  # refused before anything was written
+
+
+def test_the_command_line_and_the_notebook_share_one_run_folder():
+    from pathlib import Path
+
+    from sentio_lab.experiment.__main__ import Args
+    from sentio_lab.experiment.runner import RUNS_ROOT
+
+    assert Args.__dataclass_fields__["output_root"].default == RUNS_ROOT == "runs/experiments"
+    notebook = (Path(__file__).resolve().parents[1] / "notebooks" / "evaluation_report.ipynb").read_text()
+    assert 'f\\"{RUNS_ROOT}/{experiment.name}\\"' in notebook  # the notebook's default run_dir
+
+
+def test_committed_reports_have_the_result_columns_the_runner_writes_today(finished):
+    from pathlib import Path
+
+    from test_committed_reports import committed_reports
+
+    _, _, results = finished
+    for report in committed_reports():
+        header = (report / "results.csv").read_text().splitlines()[0].split(",")
+        assert header == list(results.columns), f"{Path(report).name}: regenerate its tables (format changed)"

@@ -1,6 +1,9 @@
 """Summary of experiment results on synthetic paths whose answers are known by construction."""
 
+import base64
 import dataclasses
+import re
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -132,10 +135,22 @@ def test_figures_and_html_are_written(two_agents, tmp_path):
     sh = plot_sharpe_distribution(results, tmp_path / "sh.png")
     assert eq.stat().st_size > 5000 and sh.stat().st_size > 5000
     page = write_html(tmp_path, title="t", verdict="v", table=strategy_table(results), inference=found,
-                      targets={"strong": targets_table(results, "strong")}, figures={"Equity": eq.name},
+                      targets={"strong": targets_table(results, "strong")},
+                      figures={"Equity": eq.name, "Sharpe": str(sh)},  # relative to the page, or absolute
                       meta={"dataset": "synthetic"})
     text = page.read_text()
-    assert "strong" in text and 'src="eq.png"' in text and "synthetic" in text
+    assert "strong" in text and "synthetic" in text
+    # The page embeds its figures: copied alone to another folder it still holds both images, byte for byte.
+    moved = tmp_path / "elsewhere" / "report.html"
+    moved.parent.mkdir()
+    shutil.copy(page, moved)
+    sources = re.findall(r'<img src="([^"]*)"', moved.read_text())
+    assert len(sources) == 2 and all(src.startswith("data:image/png;base64,") for src in sources)
+    assert [base64.b64decode(src.split(",", 1)[1]) for src in sources] == [eq.read_bytes(), sh.read_bytes()]
+    assert not re.findall(r'(?:src|href)="(?!data:)', moved.read_text())  # nothing links a file
+    with pytest.raises(FileNotFoundError, match="figure 'missing.png' not found"):
+        write_html(tmp_path, title="t", verdict="v", table=strategy_table(results), inference=found, targets={},
+                   figures={"Equity": "missing.png"}, meta={})
 
 
 def test_a_configuration_that_never_trades_is_left_out_not_propagated():

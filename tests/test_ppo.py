@@ -239,7 +239,7 @@ def test_indivisible_batch_runs_exactly_num_minibatches(tiny_args, synthetic_mar
 def test_policy_seed_leaves_the_features_alone():
     """--seed varies the policy only; the HMM fit (seed-sensitive with one restart) follows --feature-seed."""
     small = dict(dataset="nasdaq", data_start="2010-01-01", data_end="2011-12-31", regimes=3, regime_restarts=1,
-                 feature_cache_dir=None)
+                 feature_cache_dir=None, episode_length=128)  # 504 bars: too few for the default 256-step episodes
     one, two = (ppo.market_for(ppo.Args(**small, seed=seed)) for seed in (1, 2))
     other_features = ppo.market_for(ppo.Args(**small, seed=1, feature_seed=1))
     assert "regime:p0" in one.features.names and len(one.data.frame) < 600

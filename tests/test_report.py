@@ -1,5 +1,6 @@
 import dataclasses
 import json
+import re
 
 import numpy as np
 import pandas as pd
@@ -7,7 +8,7 @@ import pytest
 
 from sentio_lab import metrics as mt
 from sentio_lab.costs import CostModel
-from sentio_lab.report import REPORT_FILES, equity_figure, markdown_table, write_report
+from sentio_lab.report import REPORT_FILES, equity_figure, markdown_table, png_figure, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -156,5 +157,86 @@ def test_report_leaves_the_dsr_of_baselines_blank(tmp_path, inputs):
     md = write_report(tmp_path, curves, weights, stats, "t", meta)["stats_md"].read_text()
     dsr_line = next(line for line in md.splitlines() if line.startswith("| dsr |"))
     cells = [c.strip() for c in dsr_line.strip("|").split("|")]
-    assert cells[0] == "dsr" and cells[3] == ""  # buy and hold: no DSR
+    assert cells[0] == "dsr" and cells[3] == "n/a (1)"  # buy and hold: no DSR, and the page says why
     assert cells[1] == f"{stats.loc['dsr', 'agent']:.4f}" and cells[2] != ""
+    assert "(1) dsr (buy_and_hold): not in the trial family" in md
+
+
+def _row(md: str, name: str) -> list[str]:
+    line = next(line for line in md.splitlines() if line.startswith(f"| {name} |"))
+    return [c.strip() for c in line.strip("|").split("|")][1:]
+
+
+def test_empty_entries_of_the_demo_table_say_why(tmp_path, inputs):
+    """The demo calls stats_table(equities, weights): no trial family, no costs, no weights for buy and hold."""
+    equities, weights, stats, meta = inputs
+    paths = write_report(tmp_path, equities, weights, stats, "t", meta)
+    md = paths["stats_md"].read_text()
+    assert _row(md, "dsr") == ["n/a (1)", "n/a (1)"]
+    assert "(1) dsr (agent, buy_and_hold): no trial family was given" in md and "trial_family=" in md
+    assert _row(md, "costs_paid") == ["n/a (3)", "n/a (3)"]
+    assert "(3) costs_paid (agent, buy_and_hold): costs paid were not recorded for this curve" in md
+    assert _row(md, "turnover_per_year")[1] == "n/a (2)" and _row(md, "turnover_per_year")[0] != ""
+    assert ("(2) turnover_per_year, avg_exposure, time_in_market, n_trades, round_trips, trade_win_rate "
+            "(buy_and_hold): no target weights were given") in md
+    assert all("" not in _row(md, row) for row in stats.index)  # no entry is left empty without a word
+    page = paths["html"].read_text()
+    assert "<td>n/a (1)</td>" in page and '<ol class="notes"><li>dsr (agent, buy_and_hold): no trial family' in page
+    assert pd.isna(pd.read_csv(paths["stats_csv"], index_col=0).loc["dsr", "agent"])  # the CSV stays numeric
+
+
+def test_entries_given_their_inputs_are_filled_not_explained(tmp_path, inputs):
+    equities, weights, _, meta = inputs
+    rng = np.random.default_rng(4)
+    seed_2 = pd.Series(np.cumprod(1 + rng.normal(0.0004, 0.01, 260)), index=equities["agent"].index)
+    curves = {"agent": equities["agent"], "agent_seed_2": seed_2}
+    bars = weights["agent"].index
+    costs = {"agent": pd.Series(0.001, index=bars), "agent_seed_2": pd.Series(0.002, index=bars)}
+    stats = mt.stats_table(curves, {"agent": weights["agent"], "agent_seed_2": weights["agent"]},
+                           trial_family=["agent", "agent_seed_2"], costs=costs)
+    md = write_report(tmp_path, curves, None, stats, "t", meta)["stats_md"].read_text()
+    for row in ("dsr", "costs_paid", "turnover_per_year"):
+        assert all(cell and not cell.startswith("n/a") for cell in _row(md, row)), row
+    assert "(1)" not in md
+
+
+@pytest.mark.parametrize("depth", [0.004, 0.012, 0.03, 0.1, 0.18, 0.45, 0.95])
+def test_drawdown_tick_labels_state_their_values(depth):
+    """Ticks every 2.5% must not read -2% / -5% / -7%: each label is its tick's value, and no two agree."""
+    index = pd.bdate_range("2020-01-01", periods=200)
+    curve = pd.Series(np.r_[np.linspace(1, 1 - depth, 100), np.linspace(1 - depth, 1.05, 100)], index=index)
+    fig = png_figure({"a": curve}, kind="drawdown")
+    fig.draw_without_rendering()
+    ax = fig.axes[0]
+    low, high = ax.get_ylim()
+    shown = [(tick, label.get_text()) for tick, label in zip(ax.get_yticks(), ax.get_yticklabels(), strict=True)
+             if low <= tick <= high]
+    assert len(shown) >= 3
+    for tick, label in shown:
+        assert label.endswith("%")
+        assert float(label[:-1].replace("\N{MINUS SIGN}", "-")) == pytest.approx(100 * tick, abs=1e-9), label
+    assert len({label for _, label in shown}) == len(shown)
+    with pytest.raises(ValueError, match="kind"):
+        png_figure({"a": curve}, kind="weights")
+
+
+def test_report_html_stands_alone_when_moved(tmp_path, inputs):
+    equities, weights, stats, meta = inputs
+    page = write_report(tmp_path / "run", equities, weights, stats, "t", meta)["html"]
+    moved = tmp_path / "elsewhere" / "report.html"
+    moved.parent.mkdir()
+    moved.write_bytes(page.read_bytes())
+    text = re.sub(r"<script.*?</script>", "", moved.read_text(), flags=re.S)  # plotly.js mentions src= itself
+    # Nothing is fetched from next to the page (no PNG, script or stylesheet by path); the figure is inline.
+    assert not re.findall(r'(?:src|href)\s*=\s*["\'](?!data:|https?:|#)', text)
+    assert "Plotly.newPlot" in moved.read_text() and "<img" not in text
+
+
+def test_a_strategy_that_never_closes_a_trade_says_so(tmp_path, inputs):
+    equities, _, _, meta = inputs
+    flat = pd.Series(0.0, index=equities["agent"].index[:-1])  # never in the market: no round trip
+    stats = mt.stats_table({"agent": equities["agent"]}, {"agent": flat})
+    md = write_report(tmp_path, {"agent": equities["agent"]}, None, stats, "t", meta)["stats_md"].read_text()
+    number = _row(md, "trade_win_rate")[0]
+    assert number.startswith("n/a (") and f"{number[4:]} trade_win_rate (agent): no closed round trip" in md
+    assert _row(md, "n_trades") == ["0"]

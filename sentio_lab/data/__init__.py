@@ -40,6 +40,7 @@ from sentio_lab.data.loading import (
     STALE_OPENS_POLICIES,
     TIMESTAMP_COLUMNS,
     BundledDataset,
+    DataFileNotFoundError,
     StaleOpensPolicy,
     load_market,
     read_ohlcv_file,
@@ -56,9 +57,18 @@ from sentio_lab.data.quality import (
     find_stale_stretches,
     session_open_mask,
 )
-from sentio_lab.data.ranges import Split, chronological_split, select_range
+from sentio_lab.data.ranges import (
+    MIN_EVALUATION_BARS,
+    Split,
+    bars_needed,
+    chronological_split,
+    select_range,
+    split_stops,
+    too_few_bars_error,
+)
 from sentio_lab.data.session import SessionClose, canonical_session_close, parse_session_close
 from sentio_lab.data.validation import (
+    CLI_FLAGS,
     CLOSE_ONLY_OPTIONAL,
     DEFAULT_MIN_ROWS,
     OHLCV_COLUMNS,
@@ -67,13 +77,16 @@ from sentio_lab.data.validation import (
     canonicalize,
     fingerprint,
     infer_bar_freq,
+    option,
 )
 
 __all__ = [
     "BUNDLED_DATASETS",
+    "CLI_FLAGS",
     "CLOSE_ONLY_OPTIONAL",
     "DEFAULT_DATASET",
     "DEFAULT_MIN_ROWS",
+    "MIN_EVALUATION_BARS",
     "OHLCV_COLUMNS",
     "PRICE_COLUMNS",
     "SESSION_GAP_FACTOR",
@@ -83,6 +96,7 @@ __all__ = [
     "STALE_WINDOW",
     "TIMESTAMP_COLUMNS",
     "BundledDataset",
+    "DataFileNotFoundError",
     "DataQuality",
     "DataValidationError",
     "MarketData",
@@ -91,6 +105,7 @@ __all__ = [
     "StaleOpensPolicy",
     "StaleStretch",
     "YearQuality",
+    "bars_needed",
     "canonical_session_close",
     "canonicalize",
     "chronological_split",
@@ -99,9 +114,12 @@ __all__ = [
     "fingerprint",
     "infer_bar_freq",
     "load_market",
+    "option",
     "parse_session_close",
     "read_ohlcv_file",
     "select_range",
     "session_open_mask",
+    "split_stops",
     "to_market",
+    "too_few_bars_error",
 ]

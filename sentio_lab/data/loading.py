@@ -20,14 +20,17 @@ from typing import Literal
 import pandas as pd
 
 from sentio_lab.data.market_data import MarketData, to_market
-from sentio_lab.data.quality import DataQuality, _day_or_time, _pct
+from sentio_lab.data.quality import DataQuality, _day_or_time, _pct, data_quality
 from sentio_lab.data.ranges import select_range
 from sentio_lab.data.validation import (
+    CLI_FLAGS,
     CLOSE_ONLY_OPTIONAL,
     DEFAULT_MIN_ROWS,
     OHLCV_COLUMNS,
     DataValidationError,
     canonicalize,
+    infer_bar_freq,
+    option,
 )
 
 #: Column names (case-insensitive, spaces stripped) that :func:`read_ohlcv_file` takes as the timestamps.
@@ -116,7 +119,10 @@ def load_market(
     does not apply, nothing is refused or warned, and the quality report says so (:func:`fill_price_note`).
     """
     if stale_opens not in STALE_OPENS_POLICIES:
-        raise ValueError(f"stale_opens={stale_opens!r}; choose from {list(STALE_OPENS_POLICIES)}")
+        raise DataValidationError(
+            f"stale_opens={stale_opens!r}: choose {CLI_FLAGS['stale_opens']} {' or '.join(STALE_OPENS_POLICIES)} "
+            "(stale_opens= in Python)", flag=CLI_FLAGS["stale_opens"],
+        )
     notes: list[str] = fill_price_note(fill_price)
     session_close = None
     default_used = False
@@ -126,18 +132,20 @@ def load_market(
         if start is None and entry.default_start is not None:
             if end is not None and _before(end, entry.default_start):
                 raise DataValidationError(
-                    f"{name}: end={end!s} is before the dataset's default start {entry.default_start} (the first "
-                    f"session after its stale-open stretches); pass start=... as well, and stale_opens='allow' "
-                    "to load the stale range knowingly"
+                    f"{name}: {option('end', str(end))} is before the dataset's default start "
+                    f"{entry.default_start} (the first session after its stale-open stretches); pass "
+                    f"{option('start')} as well, and {option('stale_opens', 'allow')} to load the stale range "
+                    "knowingly", flag=CLI_FLAGS["start"],
                 )
             start, default_used = entry.default_start, True
             notes.append(f"start {start} is the default start of {name} (the first session after its last "
-                         "stale-open stretch); pass start=... to choose another")
+                         f"stale-open stretch); pass {option('start')} to choose another")
     else:
         path = Path(source)
         if not path.exists():
-            raise FileNotFoundError(
-                f"{source!s}: neither a bundled dataset ({', '.join(BUNDLED_DATASETS)}) nor an existing file"
+            raise DataFileNotFoundError(
+                f"{source!s}: neither a bundled dataset ({', '.join(BUNDLED_DATASETS)}) nor an existing file; "
+                f"check {CLI_FLAGS['source']} (source= in Python)", flag=CLI_FLAGS["source"],
             )
         name, raw = str(path), read_ohlcv_file(path)
     # next-close fills read closes only: close-only files (no open / high / low / volume, or NaN there) load
@@ -145,9 +153,11 @@ def load_market(
                         optional=CLOSE_ONLY_OPTIONAL if fill_price == "next_close" else ())
     frame = select_range(full, start, end, source=name)
     if len(frame) < min_rows:
+        given = " to ".join(option(k, str(v)) for k, v in (("start", start), ("end", end)) if v is not None)
         raise DataValidationError(
-            f"{name}: too few rows ({len(frame)}) from start={start!s} to end={end!s} (data cover "
-            f"{full.index[0]} .. {full.index[-1]}); at least {min_rows} are needed"
+            f"{name}: too few rows ({len(frame)}) from {given} (the data cover {_day_or_time(full.index[0])} .. "
+            f"{_day_or_time(full.index[-1])}); at least {min_rows} are needed: widen the range",
+            flag=CLI_FLAGS["start"] if start is not None else CLI_FLAGS["end"],
         )
     market = to_market(frame, name=name, min_rows=min_rows, session_close=session_close,
                        optional=CLOSE_ONLY_OPTIONAL if fill_price == "next_close" else ())
@@ -155,13 +165,14 @@ def load_market(
     assert quality is not None
     if quality.stale_stretches and fill_price == "next_open":
         if stale_opens == "refuse":
-            raise DataValidationError(_stale_message(name, frame, quality, default_used))
+            raise _stale_error(name, frame, quality, default_used, min_rows)
         listed = "; ".join(s.describe() for s in quality.stale_stretches)
-        message = (f"{name}: stale_opens='allow': loading {len(quality.stale_stretches)} stale-open stretch(es) "
-                   f"({listed}); on those bars the env fills at the close the agent has just seen (same-bar "
-                   "execution)")
+        message = (f"{name}: {CLI_FLAGS['stale_opens']} allow (stale_opens='allow'): loading "
+                   f"{len(quality.stale_stretches)} stale-open stretch(es) ({listed}); on those bars the env "
+                   "fills at the close the agent has just seen (same-bar execution)")
         warnings.warn(message, UserWarning, stacklevel=2)
-        notes.append("stale_opens='allow': stale-open stretches accepted knowingly (same-bar fills on them)")
+        notes.append(f"{CLI_FLAGS['stale_opens']} allow (stale_opens='allow'): stale-open stretches accepted "
+                     "knowingly (same-bar fills on them)")
     quality = dataclasses.replace(
         quality, start=None if start is None else str(start), end=None if end is None else str(end),
         default_start_used=default_used, stale_opens_policy=stale_opens, notes=tuple(notes),
@@ -185,22 +196,54 @@ def _before(end: str | pd.Timestamp, start: str) -> bool:
         return False  # select_range reports an unparseable end
 
 
-def _stale_message(name: str, frame: pd.DataFrame, quality: DataQuality, default_used: bool) -> str:
-    """The refusal: which stretches, why it matters, and the two ways out."""
-    last = quality.stale_stretches[-1].last
-    after = frame.index[frame.index > last]
-    if len(after):
-        fix = f"pass start='{_day_or_time(after[0])}' (the first session after the last stretch)"
+class DataFileNotFoundError(DataValidationError, FileNotFoundError):
+    """A data source that is neither a bundled dataset nor an existing file (a ValueError like every data error,
+    and a FileNotFoundError as before)."""
+
+
+def _stale_error(
+    name: str, frame: pd.DataFrame, quality: DataQuality, default_used: bool, min_rows: int
+) -> DataValidationError:
+    """The refusal, in one line: which stretches, why it matters, and the ways out (flags in both spellings).
+
+    The way out is a range without stretches: from the first session after the last stretch, else (the last
+    stretch reaches the end of the selected range, or too few bars follow it) up to the last bar before the last
+    stretch, from the first session after the stretch before it if there is one. A range is suggested only when
+    it has ``min_rows`` bars and no stretch, as the rule judges it.
+    """
+    stretches = quality.stale_stretches
+    after = frame.index[frame.index > stretches[-1].last]
+    before = frame.index[frame.index < stretches[-1].first]
+    # (start, end, what they are): after the last stretch, else between the last two stretches / before the last.
+    candidates = [(after[0], None, "the first session after the last stretch")] if len(after) else []
+    if len(before):
+        begin = None if len(stretches) == 1 else frame.index[frame.index > stretches[-2].last][0]
+        candidates.append((begin, before[-1], ("" if begin is None else "the first session after the stretch "
+                           "before the last and ") + "the last bar before the last stretch"))
+    lead = "" if len(after) >= min_rows else (
+        "the last stretch reaches the end of the selected range: " if not len(after)
+        else f"only {len(after)} bars follow the last stretch in the selected range: ")
+    for begin, end, why in candidates:
+        chosen = frame.loc[begin:end]
+        if len(chosen) >= min_rows and not data_quality(chosen, infer_bar_freq(chosen)).stale_stretches:
+            sides = (("start", begin), ("end", end))
+            moves = " and ".join(option(k, _day_or_time(v)) for k, v in sides if v is not None)
+            fix = f"{lead}pass {moves}, {why}"
+            flag, value = (CLI_FLAGS["start"], _day_or_time(begin)) if end is None else (
+                CLI_FLAGS["end"], _day_or_time(end))
+            break
     else:
-        fix = "choose a range that ends before the stretches (the last one reaches the end of the data)"
-    stretches = "\n".join(f"  - {s.describe()}" for s in quality.stale_stretches)
+        fix = (f"{lead}choose a range of at least {min_rows} bars without them with {option('start')} / "
+               f"{option('end')}")
+        flag, value = CLI_FLAGS["end"] if lead else CLI_FLAGS["start"], None
     which = " (the dataset's default start)" if default_used else ""
-    return (
-        f"{name}: stale opens: {len(quality.stale_stretches)} stretch(es) where more than "
-        f"{_pct(quality.stale_threshold)} of {quality.stale_window} consecutive session opens equal the previous "
-        f"close{which}:\n{stretches}\n"
-        "The env fills at the next bar's open; on those bars that is the close the agent has just seen "
-        f"(same-bar execution). Fix: {fix}, or pass stale_opens='allow' to accept same-bar fills knowingly."
+    listed = "; ".join(s.describe() for s in stretches)
+    return DataValidationError(
+        f"{name}: stale opens{which}: {len(stretches)} stretch(es) where more than {_pct(quality.stale_threshold)} "
+        f"of {quality.stale_window} consecutive session opens equal the previous close ({listed}); the env fills "
+        "at the next bar's open, which on those bars is the close the agent has just seen (same-bar execution). "
+        f"Fix: {fix}, or pass {option('stale_opens', 'allow')} to accept same-bar fills knowingly",
+        flag=flag, value=value,
     )
 
 
@@ -214,7 +257,8 @@ def read_ohlcv_file(path: str | Path) -> pd.DataFrame:
     elif suffix in (".csv", ".txt", ".gz"):
         raw = pd.read_csv(path)
     else:
-        raise DataValidationError(f"{path}: unsupported file type {suffix!r}; use .csv or .parquet")
+        raise DataValidationError(f"{path}: unsupported file type {suffix!r}; give {CLI_FLAGS['source']} a .csv or "
+                                  ".parquet file", flag=CLI_FLAGS["source"])
     if isinstance(raw.index, pd.DatetimeIndex):
         return raw
     lowered = {str(c).strip().lower(): c for c in raw.columns}

@@ -21,8 +21,45 @@ DEFAULT_MIN_ROWS = 50
 _MAX_ROWS_SHOWN = 5
 
 
+#: The command-line flag of each data argument, by its Python keyword (``load_market`` / ``prepare_market``):
+#: error messages name both, since CLI users and library callers (notebooks) read the same text.
+CLI_FLAGS: dict[str, str] = {
+    "source": "--dataset",
+    "start": "--data-start",
+    "end": "--data-end",
+    "stale_opens": "--stale-opens",
+    "train_fraction": "--train-fraction",
+    "validation_fraction": "--validation-fraction",
+    "window": "--window",
+    "episode_length": "--episode-length",
+}
+
+
+def option(keyword: str, value: object = None) -> str:
+    """A data argument in both spellings: ``--data-start 2010-09-08 (start='2010-09-08' in Python)``.
+
+    Without ``value`` only the names: ``--data-start (start= in Python)``.
+    """
+    flag = CLI_FLAGS[keyword]
+    if value is None:
+        return f"{flag} ({keyword}= in Python)"
+    shown = str(value) if isinstance(value, pd.Timestamp) else value
+    return f"{flag} {shown} ({keyword}={shown!r} in Python)"
+
+
 class DataValidationError(ValueError):
-    """Raised when OHLCV input is malformed; the message names the problem, the source and the rows."""
+    """Raised when data input is unusable; a one-line message names the problem, the source, the rows and,
+    where an argument fixes it, the flag to change (both spellings, see :func:`option`).
+
+    ``flag`` (e.g. ``"--data-start"``) and ``value`` (e.g. ``"2010-09-08"``, or None when no single value
+    fixes it) say the same for a command line that wants to print its own hint; both are None when the fix is
+    in the file itself (a missing column, unsorted rows...).
+    """
+
+    def __init__(self, message: str, *, flag: str | None = None, value: str | None = None) -> None:
+        super().__init__(message)
+        self.flag = flag
+        self.value = value
 
 
 def _rows(index: pd.Index, mask: np.ndarray) -> str:
@@ -65,9 +102,12 @@ def canonicalize(raw: pd.DataFrame, *, source: str = "input", min_rows: int = DE
         )
     if not isinstance(index, pd.DatetimeIndex):
         try:
-            index = pd.DatetimeIndex(pd.to_datetime(index))
+            index = _parse_timestamps(index)
         except (ValueError, TypeError) as err:
-            raise DataValidationError(f"{source}: index is not parseable as timestamps ({err})") from err
+            raise DataValidationError(
+                f"{source}: index is not parseable as timestamps ({' '.join(str(err).split())}); write ISO 8601 "
+                "times such as 2017-01-02 or 2017-01-02 17:00:00 (+01:00 offsets allowed)"
+            ) from err
     if index.hasnans:
         # A missing timestamp reads NaT, which locates nothing: report 0-based row positions instead.
         positions = _rows(pd.RangeIndex(len(index)), np.asarray(index.isna()))
@@ -86,7 +126,10 @@ def canonicalize(raw: pd.DataFrame, *, source: str = "input", min_rows: int = DE
         frame[col] = values.to_numpy(dtype=np.float64)
 
     if len(frame) < min_rows:
-        raise DataValidationError(f"{source}: too few rows ({len(frame)}); at least {min_rows} are needed")
+        raise DataValidationError(
+            f"{source}: too few rows ({len(frame)}); at least {min_rows} are needed (a longer file for "
+            f"{CLI_FLAGS['source']})", flag=CLI_FLAGS["source"],
+        )
 
     duplicated = np.asarray(index.duplicated(keep=False))
     if duplicated.any():
@@ -120,6 +163,17 @@ def canonicalize(raw: pd.DataFrame, *, source: str = "input", min_rows: int = DE
     if bad.any():
         raise DataValidationError(f"{source}: low above min(open, close) at {_rows(index, bad)}")
     return frame
+
+
+def _parse_timestamps(index: pd.Index) -> pd.DatetimeIndex:
+    """Text timestamps as a DatetimeIndex. Offsets that change inside the file (local time across a daylight
+    saving change, "+01:00" then "+02:00") are the same instants in UTC: they are read as UTC, not refused."""
+    try:
+        return pd.DatetimeIndex(pd.to_datetime(index))
+    except ValueError as err:
+        if "mixed time zones" not in str(err).lower() and "mixed timezones" not in str(err).lower():
+            raise
+        return pd.DatetimeIndex(pd.to_datetime(index, utc=True))
 
 
 def _nanoseconds(index: pd.DatetimeIndex) -> np.ndarray:

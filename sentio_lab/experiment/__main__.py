@@ -8,7 +8,7 @@ from pathlib import Path
 import tyro
 
 from sentio_lab.experiment.config import load_config
-from sentio_lab.experiment.runner import RESULTS_FILE, plan_experiment, run_experiment
+from sentio_lab.experiment.runner import RESULTS_FILE, RUNS_ROOT, plan_experiment, run_experiment
 from sentio_lab.experiment.summary import strategy_table
 
 
@@ -18,8 +18,9 @@ class Args:
 
     config: str
     """experiment TOML file, e.g. experiments/configs/sp500_cpcv.toml"""
-    output_root: str = "reports/experiments"
-    """results go to <output_root>/<experiment name>/ (a rerun there resumes: finished cells are kept)"""
+    output_root: str = RUNS_ROOT
+    """cells and tables go to <output_root>/<experiment name>/ (a rerun there resumes: finished cells are kept; the
+    evaluation notebook reads the same folder, so it reports a finished run without retraining)"""
     workers: int = 1
     """worker processes (results are identical for any number: every cell is seeded and single-threaded)"""
     seeds: tuple[int, ...] | None = None

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import html
+import mimetypes
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -64,6 +66,15 @@ def plot_sharpe_distribution(results: pd.DataFrame, path: str | Path) -> Path:
     return out
 
 
+def _data_uri(folder: Path, src: str | Path) -> str:
+    """The image file ``src`` (relative to ``folder`` unless absolute) as a ``data:`` URI."""
+    path = Path(src) if Path(src).is_absolute() else folder / src
+    if not path.is_file():
+        raise FileNotFoundError(f"write_html: figure {str(src)!r} not found ({path}); write it before the page")
+    mime = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+    return f"data:{mime};base64,{base64.b64encode(path.read_bytes()).decode('ascii')}"
+
+
 def write_html(
     output: str | Path,
     *,
@@ -75,14 +86,19 @@ def write_html(
     figures: Mapping[str, str],
     meta: Mapping[str, object],
 ) -> Path:
-    """``report.html``: the verdict, the per-strategy table, the tests, the targets and the figures."""
+    """``report.html``: the verdict, the per-strategy table, the tests, the targets and the figures.
+
+    ``figures`` maps a heading to an image file (relative to ``output``, or absolute). The images are embedded
+    as base64 data URIs, so the page stands alone: it still shows them when copied or moved without the PNGs.
+    """
     tests = pd.DataFrame({name: dataclasses.asdict(found) for name, found in inference.items()})
     parts = [f"<h1>{html.escape(title)}</h1>", f"<p><strong>{html.escape(verdict)}</strong></p>",
              "<h2>Strategies: median [q25, q75] over paths x seeds</h2>", table.to_html(float_format=_fmt),
              "<h2>Statistical tests (ensemble returns)</h2>", tests.to_html(float_format=_fmt)]
     for name, frame in targets.items():
         parts += [f"<h2>Seed-system targets: {html.escape(name)}</h2>", frame.to_html(float_format=_fmt)]
-    parts += [f'<h2>{html.escape(label)}</h2><img src="{html.escape(src)}" style="max-width:100%">'
+    parts += [f'<h2>{html.escape(label)}</h2><img src="{_data_uri(Path(output), src)}" '
+              f'alt="{html.escape(Path(src).name)}" style="max-width:100%">'
               for label, src in figures.items()]
     rows = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>" for k, v in meta.items())
     parts.append(f"<h2>Run</h2><table>{rows}</table>")

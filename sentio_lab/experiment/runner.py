@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shlex
 import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -28,7 +29,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 from sentio_lab import splits as splitting
 from sentio_lab.backtest import fill_costs_paid, fill_prices, order_sizes
@@ -46,6 +46,7 @@ from sentio_lab.experiment.cells import CELL_FILE, Cell, cell_done, parse_varian
 from sentio_lab.experiment.config import AgentSpec, ExperimentConfig
 from sentio_lab.market import PreparedMarket, prepare_fold_market, prepare_market
 from sentio_lab.metrics import fill_costs, number_of_trades, round_trip_trades, summary_stats
+from sentio_lab.progress import tqdm
 
 RESULTS_FILE = "results.parquet"
 EQUITY_FILE = "equity.parquet"
@@ -54,6 +55,10 @@ RULES_FILE = "mask_rules.parquet"
 #: Version of the evaluation files (``groups.parquet``); evaluations written by another version are redone
 #: (cheap: training cells are kept), so a resumed run never mixes old and new columns.
 GROUPS_FORMAT = 2
+#: Default home of an experiment's cells, checkpoints and tables: ``runs/experiments/<name>/`` (``runs/`` is not
+#: committed). ``python -m sentio_lab.experiment`` and the evaluation notebook both default to it, so the notebook
+#: reuses a finished command-line run; the report the notebook builds from it goes to ``reports/<name>/``.
+RUNS_ROOT = "runs/experiments"
 
 
 def evaluation_done(folder: Path) -> dict[str, Any] | None:
@@ -289,7 +294,7 @@ def _job(kind: str, plan: Plan, item: Any, output: str) -> str:
     return kind
 
 
-def _run_jobs(jobs: list[tuple[str, Any]], plan: Plan, output: Path, workers: int, bar: tqdm) -> None:
+def _run_jobs(jobs: list[tuple[str, Any]], plan: Plan, output: Path, workers: int, bar: Any) -> None:
     if workers <= 1:
         threads = torch.get_num_threads()
         try:
@@ -311,6 +316,7 @@ def run_experiment(plan: Plan, output: str | Path, *, workers: int = 1, progress
     baselines, in ``workers`` processes; then :func:`assemble`. Finished work is never redone."""
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
+    _refuse_other_cells(plan, output)
     (output / "plan.json").write_text(json.dumps(_plan_record(plan), indent=2, default=str))
     config = plan.config
     train = [("train", c) for c in plan.cells if cell_done(output / "cells" / c.cell_id) is None]
@@ -326,6 +332,18 @@ def run_experiment(plan: Plan, output: str | Path, *, workers: int = 1, progress
     _run_jobs(evaluate + baselines, plan, output, workers, bar)
     bar.close()
     return assemble(plan, output)
+
+
+def _refuse_other_cells(plan: Plan, output: Path) -> None:
+    """A finished cell is reused only when it ran the planned command line; a folder left by another configuration
+    of the same experiment name (other ``extra_args`` or ``common_args``) would otherwise be mixed in silently."""
+    for cell in plan.cells:
+        record = cell_done(output / "cells" / cell.cell_id)
+        if record is not None and record.get("command") != shlex.join(cell.args):
+            raise ValueError(
+                f"{output / 'cells' / cell.cell_id}: finished with other arguments ({record.get('command')!r}, "
+                f"planned {shlex.join(cell.args)!r}); choose another run folder (--output-root / run_dir or --name)"
+                " or delete that one")
 
 
 def _plan_record(plan: Plan) -> dict[str, Any]:

@@ -134,6 +134,20 @@ def _training_bar_freq(frame: pd.DataFrame, rows: np.ndarray) -> pd.Timedelta:
     return pd.Timedelta(int(np.median(gaps)), unit="ns") if len(gaps) else pd.Timedelta(0)
 
 
+def _first_valid(raw: RawFeatures, config: FeatureConfig) -> int:
+    """The first row whose observation is complete: every feature block's and the regime inputs' warm-up done."""
+    return max(raw.first_valid, _regime.INPUT_LOOKBACK) if config.regimes else raw.first_valid
+
+
+def warmup_rows(frame: pd.DataFrame, train_stop: int, config: FeatureConfig = FeatureConfig()) -> int:
+    """The rows :func:`build_observation_features` would leave before its first valid row (``first_valid``),
+    without fitting anything: for a too-short market, to say how many bars it needs. When a timeframe's
+    warm-up is not over within ``frame`` it is ``len(frame)`` (a lower bound)."""
+    frame = _validated_frame(frame)
+    base_freq = _training_bar_freq(frame, _training_rows(len(frame), train_stop, None))
+    return min(_first_valid(_raw_features(frame, config, base_freq), config), len(frame))
+
+
 def build_observation_features(
     frame: pd.DataFrame,
     train_stop: int | None,
@@ -164,11 +178,10 @@ def build_observation_features(
             raise ValueError("cannot infer the base bar duration from fewer than 2 training rows")
 
     raw = _raw_features(frame, config, base_freq)
-    first_valid = raw.first_valid
+    first_valid = _first_valid(raw, config)
     regime_inputs = None
     if config.regimes:
         regime_inputs = _regime.regime_inputs(frame["close"].to_numpy(dtype=np.float64))
-        first_valid = max(first_valid, _regime.INPUT_LOOKBACK)
     if first_valid >= n:
         raise ValueError(
             f"too few rows: the warm-up needs {first_valid} bars (per block: {raw.block_first_valid}) "

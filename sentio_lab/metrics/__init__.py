@@ -53,7 +53,7 @@ from sentio_lab.metrics.sharpe_inference import (
     expected_max_sharpe,
     probabilistic_sharpe_ratio,
 )
-from sentio_lab.metrics.table import STAT_NAMES, stats_table, summary_stats
+from sentio_lab.metrics.table import NOT_AVAILABLE, STAT_NAMES, WEIGHT_STATS, stats_table, summary_stats
 from sentio_lab.metrics.trades import (
     average_exposure,
     costs_paid,
@@ -67,7 +67,9 @@ from sentio_lab.metrics.trades import (
 
 __all__ = [
     "EULER_GAMMA",
+    "NOT_AVAILABLE",
     "STAT_NAMES",
+    "WEIGHT_STATS",
     "TRADING_DAYS",
     "WEEKDAYS",
     "PeriodsLike",

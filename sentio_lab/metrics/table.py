@@ -31,6 +31,13 @@ from sentio_lab.metrics.trades import (
     turnover,
 )
 
+#: Rows that only target weights determine (NaN for a curve given without weights).
+WEIGHT_STATS: tuple[str, ...] = (
+    "turnover_per_year", "avg_exposure", "time_in_market", "n_trades", "round_trips", "trade_win_rate",
+)
+#: Where :func:`stats_table` records why an entry is NaN: ``table.attrs[NOT_AVAILABLE][row][column]``.
+NOT_AVAILABLE = "not_available"
+
 #: Row order of :func:`summary_stats` / :func:`stats_table`.
 STAT_NAMES: tuple[str, ...] = (
     "start",
@@ -164,6 +171,10 @@ def stats_table(
     ``sr_variance`` when more was tried than the table shows; otherwise by the per-period Sharpe ratios of
     the family's own columns (simple returns), which needs at least two of them. A trial description
     without ``trial_family`` is refused rather than applied to every column.
+
+    Why an entry is NaN (no trial family, a baseline's DSR, no weights, no costs recorded, no round trip) is
+    recorded as ``table.attrs[NOT_AVAILABLE][row][column]`` (a sentence); :func:`sentio_lab.report.write_report`
+    prints it under the table instead of an empty cell.
     """
     if not equities:
         raise ValueError("stats_table: no equity curves given")
@@ -199,4 +210,34 @@ def stats_table(
         )
         for name, curve in equities.items()
     }
-    return pd.DataFrame(columns, index=list(STAT_NAMES))
+    table = pd.DataFrame(columns, index=list(STAT_NAMES))
+    table.attrs[NOT_AVAILABLE] = _reasons(table, family, set(weights), set(costs))
+    return table
+
+
+def _reasons(table: pd.DataFrame, family: list[str], weighted: set[str], costed: set[str]) -> dict[str, dict[str, str]]:
+    """Why each NaN entry of ``table`` is NaN, where the inputs say it: ``{row: {column: reason}}``."""
+    reasons: dict[str, dict[str, str]] = {}
+
+    def note(row: str, column: str, reason: str) -> None:
+        if pd.isna(table.at[row, column]):
+            reasons.setdefault(row, {})[column] = reason
+
+    for column in table.columns:
+        if not family:
+            note("dsr", column, "no trial family was given: the DSR deflates the Sharpe ratio of the strategies that "
+                                "were searched, stats_table(trial_family=[...]) with >= 2 trials")
+        elif column not in family:
+            note("dsr", column, "not in the trial family: the DSR applies to the strategies that were searched, "
+                                "not to baselines")
+        else:
+            note("dsr", column, "undefined for this curve (too few returns or no variation)")
+        if column not in costed:
+            note("costs_paid", column, "costs paid were not recorded for this curve (stats_table(costs=...)); "
+                                       "equity and weights alone do not determine them")
+        if column not in weighted:
+            for row in WEIGHT_STATS:
+                note(row, column, "no target weights were given for this curve")
+        else:
+            note("trade_win_rate", column, "no closed round trip")
+    return reasons
