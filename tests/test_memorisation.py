@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
+from sentio_lab.evaluate import evaluate_policies, load_variant
 from sentio_lab.experiment.cells import parse_variant_args
 from sentio_lab.experiment.config import AgentSpec, ExperimentConfig
 from sentio_lab.experiment.memorisation import (
@@ -20,7 +21,6 @@ from sentio_lab.experiment.memorisation import (
     placebo_table,
 )
 from sentio_lab.experiment.runner import fold_market, load_cell_agent, plan_experiment, run_experiment
-from sentio_lab.evaluate import evaluate_policies, load_variant
 
 TINY = ("--total-timesteps", "256", "--num-envs", "8", "--num-steps", "16", "--num-minibatches", "2",
         "--update-epochs", "1", "--hidden-size", "8")
@@ -194,8 +194,8 @@ def test_the_placebo_option_is_validated():
         ExperimentConfig(name="x", agents=agents, placebo="stationary_bootstrap", placebo_seeds=0)
     off = ExperimentConfig(name="x", agents=agents)
     assert off.placebo is None
-    from sentio_lab.experiment.memorisation import placebo_cells
     from sentio_lab.experiment.cells import Cell
+    from sentio_lab.experiment.memorisation import placebo_cells
 
     cells = (Cell("a", "ppo", (), 1, 0),)
     assert placebo_cells(off, cells) == ()

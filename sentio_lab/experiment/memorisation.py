@@ -198,6 +198,23 @@ def mark_noise(memo: pd.DataFrame, quantile: float = FLOOR_QUANTILE) -> pd.DataF
     return rows
 
 
+def memorisation_summary(memo: pd.DataFrame) -> str:
+    """One plain line per configuration: in-sample, validation and test Sharpe (medians over runs), the gap, and
+    the placebo floor with the share of runs inside it (or how to switch the placebo on)."""
+    table, lines = gap_table(memo), []
+    for name, row in table.iterrows():
+        validation = row.get("sharpe:validation", float("nan"))
+        line = (f"{name}: median annualised Sharpe in sample {row['sharpe:in_sample']:.2f}, validation "
+                f"{validation:.2f}, test {row['sharpe:test']:.2f} (gap {row['sharpe_gap']:.2f}); ")
+        if "placebo_floor" in row and np.isfinite(row["placebo_floor"]):
+            line += (f"placebo floor {row['placebo_floor']:.2f} (95th percentile of the placebo runs' in-sample "
+                     f"Sharpe): {row['noise_share']:.0%} of runs are inside it (noise)")
+        else:
+            line += "no placebo control (set placebo = \"stationary_bootstrap\" in the experiment file)"
+        lines.append(line)
+    return "\n".join(lines)
+
+
 # ============================================================================================ runner side
 #: File of a cell's diagnosis (``<output>/diagnostics/<cell_id>.json``) and of the assembled table.
 DIAGNOSTICS_DIR = "diagnostics"

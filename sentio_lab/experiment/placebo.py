@@ -76,7 +76,8 @@ def bootstrap_training_bars(
     streams = np.random.SeedSequence(seed).spawn(len(ordered))
     for (start, stop), stream in zip(ordered, streams, strict=True):
         if not 0 <= start < stop <= len(frame):
-            raise ValueError(f"bootstrap_training_bars: segment [{start}, {stop}) outside the frame's {len(frame)} rows")
+            raise ValueError(f"bootstrap_training_bars: segment [{start}, {stop}) outside the frame's "
+                             f"{len(frame)} rows")
         if stop - start < 2:
             continue  # one bar: nothing to resample (its close is the anchor)
         source = start + 1 + bootstrap_indices(stop - start - 1, block_mean, int(stream.generate_state(1)[0]))
