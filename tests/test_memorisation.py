@@ -159,7 +159,7 @@ def test_recording_policy_measures_entropy_and_greedy_probability():
 
 def _memo(in_sample_real, in_sample_placebo):
     rows = [{"kind": "agent", "name": "a", "seed": s, "fold": 0, "placebo": -1, "part": part,
-             "sharpe": sharpe if part == "in_sample" else sharpe - 1.0, "max_drawdown": -0.1,
+             "sharpe": sharpe - {"in_sample": 0.0, "validation": 0.5, "test": 1.0}[part], "max_drawdown": -0.1,
              "turnover_per_year": 10.0, "entropy": 0.5, "low_confidence_share": 0.25, "decisions": 100.0}
             for s, sharpe in enumerate(in_sample_real) for part in ("in_sample", "validation", "test")]
     rows += [{"kind": "placebo", "name": "a", "seed": 1, "fold": 0, "placebo": j, "part": "in_sample",
@@ -169,16 +169,17 @@ def _memo(in_sample_real, in_sample_placebo):
 
 
 def test_floor_is_the_placebo_95th_percentile_and_marks_noise():
-    placebo = np.linspace(0.0, 2.0, 21)  # 95th percentile: 1.9
-    memo = _memo([1.0, 1.9, 2.5], placebo)
+    placebo = np.arange(21) * 0.25  # 95th percentile: 4.75, exactly
+    memo = _memo([1.0, 4.75, 5.0], placebo)
     floors = placebo_table(memo)
-    assert floors.loc["a", "floor"] == pytest.approx(1.9) and floors.loc["a", "placebo_runs"] == 21
-    assert floors.loc["a", "median"] == pytest.approx(1.0)
+    assert floors.loc["a", "floor"] == 4.75 and floors.loc["a", "placebo_runs"] == 21
+    assert floors.loc["a", "median"] == pytest.approx(2.5)
     marked = mark_noise(memo)
     assert marked["noise"].tolist() == [True, True, False]
     table = gap_table(memo)
     assert table.loc["a", "noise_share"] == pytest.approx(2 / 3)
-    assert table.loc["a", "sharpe:in_sample"] == pytest.approx(1.9)
+    assert table.loc["a", "sharpe:in_sample"] == pytest.approx(4.75)
+    assert table.loc["a", "sharpe:validation"] == pytest.approx(4.25)
     assert table.loc["a", "sharpe_gap"] == pytest.approx(1.0)  # in sample minus test, per run
     assert table.loc["a", "low_confidence_share:test"] == pytest.approx(0.25)
     without = gap_table(memo[memo["kind"] == "agent"])
@@ -203,3 +204,15 @@ def test_the_placebo_option_is_validated():
     assert [(c.seed, c.placebo, c.cell_id) for c in placebo_cells(on, cells)] == [
         (4, 0, "a__placebo0__seed4__fold000"), (5, 1, "a__placebo1__seed5__fold000"),
         (4, 2, "a__placebo2__seed4__fold000")]
+
+
+def test_the_summary_line_says_what_was_measured():
+    from sentio_lab.experiment.memorisation import memorisation_summary
+
+    memo = _memo([1.0, 4.75, 5.0], np.arange(21) * 0.25)
+    line = memorisation_summary(memo)
+    assert line.startswith("a: median annualised Sharpe in sample 4.75, validation 4.25, test 3.75 (gap 1.00)")
+    assert "placebo floor 4.75" in line and "67% of runs are inside it (noise)" in line
+    real = memo[memo["kind"] == "agent"]
+    line = memorisation_summary(real[real["part"] != "validation"])
+    assert "no validation slice" in line and "no placebo control" in line

@@ -204,8 +204,9 @@ def memorisation_summary(memo: pd.DataFrame) -> str:
     table, lines = gap_table(memo), []
     for name, row in table.iterrows():
         validation = row.get("sharpe:validation", float("nan"))
-        line = (f"{name}: median annualised Sharpe in sample {row['sharpe:in_sample']:.2f}, validation "
-                f"{validation:.2f}, test {row['sharpe:test']:.2f} (gap {row['sharpe_gap']:.2f}); ")
+        validation_text = f"validation {validation:.2f}" if np.isfinite(validation) else "no validation slice"
+        line = (f"{name}: median annualised Sharpe in sample {row['sharpe:in_sample']:.2f}, {validation_text}, "
+                f"test {row['sharpe:test']:.2f} (gap {row['sharpe_gap']:.2f}); ")
         if "placebo_floor" in row and np.isfinite(row["placebo_floor"]):
             line += (f"placebo floor {row['placebo_floor']:.2f} (95th percentile of the placebo runs' in-sample "
                      f"Sharpe): {row['noise_share']:.0%} of runs are inside it (noise)")
