@@ -51,6 +51,7 @@ def _cell_market(plan, cell):
     return fold_market(plan, plan.folds[cell.fold], load_variant(cell.variant).feature_config(args))
 
 
+@pytest.mark.slow  # one CI-sized CPCV run with placebo cells (~1-3 min on a shared machine)
 def test_every_cell_real_and_placebo_is_diagnosed_on_every_part(finished, config):
     plan, output, _, memo = finished
     assert len(plan.cells) == 3 and len(plan.placebo_cells) == 6  # 3 folds x 1 seed; x 2 placebo replicates
@@ -62,6 +63,7 @@ def test_every_cell_real_and_placebo_is_diagnosed_on_every_part(finished, config
         assert (output / PLACEBO_DIR / cell.cell_id / "cell.json").exists() and diagnosis_path(output, cell).exists()
 
 
+@pytest.mark.slow  # one CI-sized CPCV run with placebo cells (~1-3 min on a shared machine)
 def test_decisions_are_exactly_the_parts_own_bars(finished, config):
     plan, _, _, memo = finished
     for cell in plan.cells:
@@ -74,6 +76,7 @@ def test_decisions_are_exactly_the_parts_own_bars(finished, config):
         assert market.range("validation")[0] >= market.training_segments()[-1][1] - 1  # training ends before it
 
 
+@pytest.mark.slow  # one CI-sized CPCV run with placebo cells (~1-3 min on a shared machine)
 def test_in_sample_and_test_use_the_test_groups_evaluation(finished):
     """The diagnosis's test Sharpe is the runner's own test-group evaluation chained; in sample, the same greedy
     evaluation over the training segments (the recording wrapper changes no action)."""
@@ -101,6 +104,7 @@ def test_in_sample_and_test_use_the_test_groups_evaluation(finished):
         np.testing.assert_array_equal(mine.equity.to_numpy(), theirs.to_numpy())
 
 
+@pytest.mark.slow  # one CI-sized CPCV run with placebo cells (~1-3 min on a shared machine)
 def test_placebo_bars_touch_training_rows_only_and_are_seeded(finished, config):
     plan, _, _, _ = finished
     from sentio_lab.experiment.memorisation import placebo_market
@@ -119,6 +123,7 @@ def test_placebo_bars_touch_training_rows_only_and_are_seeded(finished, config):
     assert a.data.fingerprint != real.data.fingerprint
 
 
+@pytest.mark.slow  # one CI-sized CPCV run with placebo cells (~1-3 min on a shared machine)
 def test_a_finished_run_redoes_no_placebo_or_diagnosis(finished):
     plan, output, results, memo = finished
     stamps = {p: p.stat().st_mtime_ns for p in (output / "diagnostics").glob("*.json")}
@@ -216,3 +221,16 @@ def test_the_summary_line_says_what_was_measured():
     real = memo[memo["kind"] == "agent"]
     line = memorisation_summary(real[real["part"] != "validation"])
     assert "no validation slice" in line and "no placebo control" in line
+
+
+def test_placebo_needs_a_fold_market_and_an_empty_part_is_nan():
+    from sentio_lab.experiment.memorisation import PART_STATS, part_stats, placebo_market
+    from sentio_lab.features import FeatureConfig
+    from sentio_lab.market import prepare_market
+
+    market = prepare_market("nasdaq", FeatureConfig(cache_dir=None), end="2003-12-31")
+    config = ExperimentConfig(name="x", agents=(AgentSpec("a", "ppo"),), placebo="stationary_bootstrap")
+    with pytest.raises(ValueError, match="fold market"):
+        placebo_market(market, config, 0)
+    empty = part_stats([], np.empty(0), np.empty(0), 252.0)
+    assert set(empty) == set(PART_STATS) and all(np.isnan(v) for v in empty.values())

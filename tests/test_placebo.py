@@ -128,3 +128,10 @@ def test_placebo_market_data_refingerprints_and_floor_is_the_quantile():
     pd.testing.assert_frame_equal(placebo.frame.iloc[400:], data.frame.iloc[400:])
     assert placebo_floor([1.0, 2.0, 3.0, 4.0, np.nan], 0.5) == pytest.approx(2.5)
     assert np.isnan(placebo_floor([np.nan]))
+
+
+def test_a_one_bar_segment_is_left_as_it_is():
+    frame = _market(50)
+    out, sources = bootstrap_training_bars(frame, [(10, 11), (20, 40)], block_mean=3, seed=0)
+    assert 10 not in sources and 20 in sources
+    pd.testing.assert_frame_equal(out.iloc[:21], frame.iloc[:21])
