@@ -88,6 +88,24 @@ def test_drawdown_guard_latches_until_recovery():
     assert mask.tolist() == [False, False, True, True, False]  # flat or keep 0.5; no flip, no increase
 
 
+@pytest.mark.parametrize("torch_", [False, True], ids=["numpy", "torch"])
+def test_drawdown_guard_turns_off_back_at_the_peak_with_the_default_recover_threshold(torch_):
+    """recover_threshold = 0 (the default): the guard goes off once equity is back at its peak (D = 0), and stays off
+    above it; a ``D >= recover`` test instead would latch it for the rest of the episode (D = 0 >= 0)."""
+    cfg = MaskConfig(drawdown_threshold=0.1)
+    assert cfg.recover_threshold == 0.0
+    m = masker(cfg, n=1, torch_=torch_)
+    xp = torch.tensor if torch_ else np.array
+    guard, masks = [], []
+    for e in [1.0, 0.85, 0.95, 1.0, 1.2, 1.3]:  # D: 0, .15, .05, 0 (the peak again), 0, 0 (new peaks)
+        m.update(xp([False]), xp([e], dtype=torch.float64 if torch_ else float), xp([1]))
+        guard.append(bool(m.state["guard"][0]))
+        masks.append([bool(v) for v in m.action_masks(xp([0]), xp([3]), xp([e]))[0]])  # holding 0.5
+    assert guard == [False, True, True, False, False, False]
+    guarded, free = [False, False, True, True, False], [True] * 5  # flat or keep 0.5; no flip, no increase
+    assert masks == [free, guarded, guarded, free, free, free]
+
+
 def test_regime_switch_forbids_increases_only_in_the_volatile_state():
     arrays = market(regime=True)
     cfg = MaskConfig(regime_threshold=0.5, regime_column=-1)
