@@ -42,6 +42,9 @@ class DataArgs:
     """last bar to load; None = the end of the dataset"""
     stale_opens: Literal["refuse", "allow"] = "refuse"
     """"refuse" or "allow" a range with stale opens (opens copied from the previous close; sentio_lab.data)"""
+    fill_price: Literal["next_open", "next_close"] = "next_open"
+    """where the order decided at the close of bar t fills: the open of bar t+1, or its close (for untrustworthy
+    or absent opens: then stale opens do not matter, and close-only files load; use --feature-bank close)"""
     train_fraction: float = 0.6
     """first fraction of bars used for training (features and normalisation are fitted here only)"""
     validation_fraction: float = 0.2
@@ -52,8 +55,9 @@ class DataArgs:
 class FeatureArgs:
     """Features: what the observation is built from."""
 
-    feature_bank: Literal["basic", "talib"] = "basic"
-    """feature bank: "basic" (fast returns / volatility / range set) or "talib" (150+ TA-Lib indicators)"""
+    feature_bank: Literal["basic", "talib", "close"] = "basic"
+    """feature bank: "basic" (fast returns / volatility / range set), "talib" (150+ TA-Lib indicators) or "close"
+    (log returns and realised volatility from closes only, for close-only data)"""
     timeframes: tuple[str, ...] = ()
     """extra higher timeframes whose features join the observation, e.g. 4h 1D (pandas offset aliases)"""
     regimes: int = 0

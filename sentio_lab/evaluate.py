@@ -87,6 +87,8 @@ class Evaluation:
     ruined: bool = False
     """True when equity hit 0 before the range ended: the episode stops there, and the last equity value is
     floored at the env's own floor (1e-12, as in its log reward) so the curve keeps defined returns."""
+    fill_price: str = "next_open"
+    """Where the orders filled (the market's ``MarketArrays.fill_price``): replay them with the same."""
 
     @cached_property
     def summary(self) -> dict[str, object]:
@@ -127,6 +129,7 @@ def load_trained(path: str | Path, *, dataset: str | Path | None = None) -> Trai
         start=data.data_start if dataset is None else None,
         end=data.data_end if dataset is None else None,
         stale_opens=data.stale_opens if dataset is None else "refuse",
+        fill_price=data.fill_price,  # the fills the agent was trained with (older checkpoints: next_open)
     )
     if dataset is None and market.data.fingerprint != bundle["data_fingerprint"]:
         raise ValueError(
@@ -233,6 +236,7 @@ def evaluate_policy(
         equity=pd.Series(equity, index=index[first : first + len(equity)], name="equity"),
         costs=costs,
         ruined=ruined,
+        fill_price=market.arrays.fill_price,
     )
 
 
@@ -532,6 +536,7 @@ def evaluate_policies(
                 equity=pd.Series(curve, index=index[first : first + n + 1], name="equity"),
                 costs=costs,
                 ruined=bool(ruined_np[e]),
+                fill_price=market.arrays.fill_price,
             )
     return results  # type: ignore[return-value]
 

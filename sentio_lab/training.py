@@ -71,7 +71,7 @@ def market_from(args: Any, feature_state: dict | None = None) -> PreparedMarket:
     return prepare_market(
         data.dataset, feature_config_from(args), train_fraction=data.train_fraction,
         validation_fraction=data.validation_fraction, feature_state=feature_state,
-        start=data.data_start, end=data.data_end, stale_opens=data.stale_opens,
+        start=data.data_start, end=data.data_end, stale_opens=data.stale_opens, fill_price=data.fill_price,
         window=args.features.window, episode_length=args.env.episode_length,  # refuses a market too short to train on
     )
 

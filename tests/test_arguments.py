@@ -33,7 +33,8 @@ def test_help_shows_one_box_per_group_the_choices_and_the_module_usage(name, cap
     assert f"usage: python -m sentio_lab.{name}" in text
     for group in GROUPS:
         assert f"{group} options" in text, group
-    for choices in ("{cpu,cuda,auto}", "{offline,online,disabled}", "{refuse,allow}", "{basic,talib}",
+    for choices in ("{cpu,cuda,auto}", "{offline,online,disabled}", "{refuse,allow}", "{basic,talib,close}",
+                    "{next_open,next_close}",
                     "{robust,rank,none}", "{none,corwin_schultz,abdi_ranaldo}", "{none,sqrt,almgren_chriss}",
                     "{cancel,carry}", "{bar,forecast}"):
         assert choices in text, choices
@@ -171,3 +172,18 @@ def test_pbt_writes_into_a_nested_or_a_flat_bundle(tmp_path, tiny_args, syntheti
         assert [g["lr"] for g in after["optimizer"]["param_groups"]] == [1e-3]
     with pytest.raises(KeyError, match="nothing_here"):
         saved_fields({"ppo": {}}, "nothing_here")
+
+
+def test_fill_price_flag_reaches_the_market_and_the_evaluation(tmp_path, tiny_args):
+    import tyro
+
+    from sentio_lab.evaluate import load_trained
+
+    args = tyro.cli(ppo.Args, args=["--fill-price", "next_close", "--data-start", "2010-01-04", "--window", "8"])
+    assert args.data.fill_price == "next_close" and ppo.Args().data.fill_price == "next_open"
+    # next-close fills read no open: the stale stretches before 2013 no longer refuse the range
+    market = ppo.market_for(args.replace(feature_cache_dir=None))
+    assert market.arrays.fill_price == "next_close" and market.data.frame.index[0].year == 2010
+    result = ppo.train(tiny_args.replace(fill_price="next_close", data_start="2010-01-04", max_iterations=1,
+                                         checkpoint_every=0), market=market)
+    assert load_trained(result.checkpoint_path).market.arrays.fill_price == "next_close"
