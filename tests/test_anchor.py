@@ -376,3 +376,45 @@ def test_unanchored_env_is_unchanged(market):
     _, _, _, _, info = env.step(torch.tensor([2]))
     assert "benchmark" not in env.obs_layout and "weight" not in info and "held" not in env.state_dict()
     assert isinstance(pd.Series(dtype=float), pd.Series)
+
+
+# ------------------------------------------------------------------------------------------------ evaluation
+class ConstantAgent:
+    """Always the same action (the zero tilt: the benchmark)."""
+
+    def __init__(self, action):
+        self.action = action
+
+    def parameters(self):
+        yield torch.zeros(1)
+
+    def act_greedy(self, obs):
+        return torch.full((len(obs),), self.action, dtype=torch.long)
+
+
+def test_evaluation_of_an_anchored_agent_records_its_weights(market):
+    """evaluate_policy / evaluate_policies through an anchored env: the zero-tilt agent's evaluation is the
+    baseline's (weights and equity); an untrained network's batched evaluation is its one-by-one one, bit for bit."""
+    from sentio_lab.baselines import evaluate_baseline
+    from sentio_lab.evaluate import evaluate_policies, evaluate_policy
+    from sentio_lab.nets import MLPActorCritic
+
+    anchor = AnchorConfig(benchmark_weights("sma_crossover", market), tilts=TILTS)
+    options = {"anchor": anchor}
+    expected = evaluate_baseline("sma_crossover", market, window=8, positions=POSITIONS, costs=COSTS)
+    ours = evaluate_policy(ConstantAgent(anchor.zero_action), market, window=8, positions=POSITIONS, costs=COSTS,
+                           env_options=options)
+    pd.testing.assert_series_equal(ours.weights, expected.weights)
+    pd.testing.assert_series_equal(ours.equity, expected.equity)
+    torch.manual_seed(0)
+    obs_dim = TradingEnv(market.arrays, window=8, episode_length=10, anchor=anchor).obs_dim
+    agents = [MLPActorCritic(obs_dim, len(TILTS), hidden=8) for _ in range(2)]
+    batched = evaluate_policies(agents, market, ["validation", "test"], window=8, positions=POSITIONS, costs=COSTS,
+                                env_options=options)
+    for i, agent in enumerate(agents):
+        for j, name in enumerate(["validation", "test"]):
+            single = evaluate_policy(agent, market, window=8, positions=POSITIONS, costs=COSTS, range_name=name,
+                                     env_options=options)
+            pd.testing.assert_series_equal(batched[i][j].weights, single.weights)
+            pd.testing.assert_series_equal(batched[i][j].equity, single.equity)
+    assert not set(np.unique(batched[0][1].weights)) <= set(POSITIONS)  # tilted weights, not levels
