@@ -11,13 +11,29 @@ plain dtypes, which checkpoints written before the RNG state became plain python
 save is plain already: :func:`capture_rng` stores numpy's generator state as a dict of ints and a list.
 A file that needs anything else (a pickle that would call a function, say) is refused with
 :class:`CheckpointError`.
+
+Loading also verifies the file before trusting it (:func:`verify_archive`, then :func:`check_finite`): a damaged
+checkpoint is refused with one :class:`CheckpointError` naming the file and what is wrong, never trained on,
+evaluated or saved back.
+
+* The CRC-32 of every zip member (``zipfile.testzip``) catches damaged bytes anywhere in the archive: tensor
+  data, the pickle, the records torch writes. An empty or truncated file is not a readable zip archive.
+* A SHA-256 of every other member (names and contents, in archive order), written at save time as one more
+  member, :data:`DIGEST_MEMBER`, catches a file whose CRCs agree with wrong content (a member rewritten by a
+  tool that updated its CRC). Files written before the digest existed have none: their CRCs must be fine.
+* Every floating-point (or complex) tensor or numpy array anywhere in the bundle -- weights, normaliser
+  statistics, optimizer moments, env state -- must be finite: a NaN weight makes a flat, normal-looking policy.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 import random
+import zipfile
+import zlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +41,8 @@ import numpy as np
 import torch
 
 FORMAT_VERSION = 1
+#: Name (inside the archive's top folder) of the member holding the SHA-256 of every other member.
+DIGEST_MEMBER = "sentio_sha256"
 REQUIRED_KEYS = (
     "format_version",
     "variant",
@@ -93,8 +111,10 @@ def save_checkpoint(path: str | Path, bundle: dict[str, Any]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     try:
-        with open(tmp, "wb") as handle:
+        with open(tmp, "w+b") as handle:
             torch.save(bundle, handle)
+            handle.flush()
+            _append_digest(handle)
             handle.flush()
             os.fsync(handle.fileno())  # the bytes are on disk before the rename makes them the checkpoint
         os.replace(tmp, path)
@@ -103,6 +123,91 @@ def save_checkpoint(path: str | Path, bundle: dict[str, Any]) -> Path:
         raise
     _fsync_directory(path.parent)
     return path
+
+
+def _payload_digest(archive: zipfile.ZipFile) -> tuple[str, str | None]:
+    """SHA-256 over every member but the digest (name, size and content, in archive order), and the recorded
+    digest (None when the archive has no digest member)."""
+    sha = hashlib.sha256()
+    recorded = None
+    for info in archive.infolist():
+        if info.filename.rsplit("/", 1)[-1] == DIGEST_MEMBER:
+            recorded = archive.read(info).decode("ascii", errors="replace").strip()
+            continue
+        name = info.filename.encode()
+        sha.update(len(name).to_bytes(8, "little") + name + info.file_size.to_bytes(8, "little"))
+        with archive.open(info) as member:
+            for block in iter(lambda: member.read(1 << 20), b""):
+                sha.update(block)
+    return sha.hexdigest(), recorded
+
+
+def _append_digest(handle: Any) -> None:
+    # torch names every member "<top folder>/..."; the digest joins that folder, which torch's reader ignores.
+    handle.seek(0)
+    with zipfile.ZipFile(handle, "a") as archive:
+        top = archive.infolist()[0].filename.split("/", 1)[0]
+        digest, _ = _payload_digest(archive)
+        archive.writestr(f"{top}/{DIGEST_MEMBER}", digest + "\n")
+
+
+def verify_archive(path: str | Path) -> None:
+    """Refuse (:class:`CheckpointError`) a file that is not an intact zip archive: empty, truncated, a member
+    whose CRC-32 fails, or content that differs from the SHA-256 recorded at save time (when recorded)."""
+    path = Path(path)
+    size = path.stat().st_size
+    if size == 0:
+        raise CheckpointError(f"{path}: damaged checkpoint: the file is empty (0 bytes)")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+            if bad is not None:
+                raise CheckpointError(
+                    f"{path}: damaged checkpoint: member {bad!r} fails its CRC check (its bytes changed after "
+                    "saving); restore the file from a copy or retrain"
+                )
+            digest, recorded = _payload_digest(archive)
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, KeyError) as err:
+        if isinstance(err, CheckpointError):
+            raise
+        raise CheckpointError(
+            f"{path}: damaged checkpoint: not a readable zip archive ({size} bytes; truncated, overwritten or not "
+            f"a torch checkpoint): {err}"
+        ) from err
+    if recorded is not None and recorded != digest:
+        raise CheckpointError(
+            f"{path}: damaged checkpoint: its content does not match the SHA-256 recorded when it was saved "
+            f"(recorded {recorded[:16]}..., now {digest[:16]}...): a member was changed after saving"
+        )
+
+
+def _floating_arrays(value: Any, where: str) -> Iterator[tuple[str, Any]]:
+    """(location, array) for every floating / complex tensor and numpy array inside nested dicts, lists, tuples."""
+    if isinstance(value, torch.Tensor):
+        if value.is_floating_point() or value.is_complex():
+            yield where, value
+    elif isinstance(value, np.ndarray):
+        if np.issubdtype(value.dtype, np.inexact):
+            yield where, value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _floating_arrays(item, f"{where}[{key!r}]")
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            yield from _floating_arrays(item, f"{where}[{i}]")
+
+
+def check_finite(bundle: dict[str, Any], source: str | Path) -> None:
+    """Refuse (:class:`CheckpointError`) a bundle holding a NaN or infinite value in any floating tensor or array,
+    naming the first such tensor and how many of its values are not finite."""
+    for where, array in _floating_arrays(bundle, "bundle"):
+        finite = torch.isfinite(array) if isinstance(array, torch.Tensor) else np.isfinite(array)
+        if not bool(finite.all()):
+            bad, total = int((~finite).sum()), int(np.prod(tuple(finite.shape)))
+            raise CheckpointError(
+                f"{source}: damaged checkpoint: {where} has {bad} non-finite value(s) of {total} "
+                "(NaN / inf); a checkpoint this code wrote never does (a non-finite update stops the run before saving)"
+            )
 
 
 def _fsync_directory(directory: Path) -> None:
@@ -122,10 +227,12 @@ def _fsync_directory(directory: Path) -> None:
 def load_checkpoint(
     path: str | Path, *, variant: str | None = None, data_fingerprint: str | None = None
 ) -> dict[str, Any]:
-    """Read a bundle, checking its completeness and, when given, its variant and data fingerprint."""
+    """Read a bundle, checking its integrity (:func:`verify_archive`, :func:`check_finite`), its completeness and,
+    when given, its variant and data fingerprint. Every refusal is a :class:`CheckpointError` naming the file."""
     path = Path(path)
-    if not path.exists():
+    if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint")
+    verify_archive(path)
     try:
         # map_location="cpu": a bundle written on CUDA loads anywhere; the caller moves tensors to its device.
         with torch.serialization.safe_globals(SAFE_GLOBALS):
@@ -142,6 +249,7 @@ def load_checkpoint(
     missing = [k for k in REQUIRED_KEYS if k not in bundle]
     if missing:
         raise CheckpointError(f"{path}: not a complete sentio-lab checkpoint, missing {missing}")
+    check_finite(bundle, path)
     if bundle["format_version"] != FORMAT_VERSION:
         raise CheckpointError(f"{path}: format version {bundle['format_version']}, expected {FORMAT_VERSION}")
     if variant is not None and bundle["variant"] != variant:

@@ -18,15 +18,23 @@ arguments' class; pass its result as ``env_options=`` to :func:`evaluate_policy`
 :func:`evaluate_policy` runs one agent over one range, one env step per bar: the reference.
 :func:`evaluate_policies` runs many agents over many ranges (e.g. every seed of a variant over every CPCV
 path) in one batched env and gives the same :class:`Evaluation` objects, bit for bit on CPU.
+Each :class:`Evaluation` carries its :attr:`~Evaluation.summary`, the statistics the reports show
+(:func:`sentio_lab.metrics.summary_stats` of its equity and weights).
+
+From the command line, ``python -m sentio_lab.evaluate CHECKPOINT [--dataset FILE] [--range validation|test|all]
+[--output DIR]`` writes the demo-style report of a checkpoint against buy-and-hold (:mod:`sentio_lab.agent_report`)
+and prints its summary; errors are one line and a non-zero exit.
 """
 
 from __future__ import annotations
 
+import argparse
 import copy
 import importlib
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
@@ -41,6 +49,7 @@ from sentio_lab.costs import CostModel
 from sentio_lab.env import _MIN_EQUITY as _EQUITY_FLOOR
 from sentio_lab.env import TradingEnv, episode_start_bounds
 from sentio_lab.market import PreparedMarket, prepare_market
+from sentio_lab.metrics import summary_stats
 from sentio_lab.nets import MLPActorCritic, check_mask
 from sentio_lab.observation_layout import observation_dim, observation_layout
 
@@ -78,6 +87,12 @@ class Evaluation:
     ruined: bool = False
     """True when equity hit 0 before the range ended: the episode stops there, and the last equity value is
     floored at the env's own floor (1e-12, as in its log reward) so the curve keeps defined returns."""
+
+    @cached_property
+    def summary(self) -> dict[str, object]:
+        """The statistics the reports show for this episode: :func:`sentio_lab.metrics.summary_stats` of the equity
+        and the weights (keys :data:`sentio_lab.metrics.STAT_NAMES`; Sharpe, drawdown, turnover, trades, ...)."""
+        return summary_stats(self.equity, self.weights)
 
 
 @dataclass
@@ -173,13 +188,16 @@ def evaluate_policy(
     masks: MaskConfig | None = None,
     invalid_action: str = "nearest",
     env_options: dict[str, Any] | None = None,
+    bars: tuple[int, int] | None = None,
 ) -> Evaluation:
     """Run ``agent.act_greedy`` over the whole named range in one episode (fixed start, no randomness).
 
     With ``masks`` the env applies those rules and each decision is ``agent.act_greedy(obs, env.action_masks())``:
     the best valid action (see :func:`action_masking`). ``env_options`` are extra env keywords (module doc).
+    ``bars`` (``(start, stop)`` bar positions) replaces the named range's bars, e.g. every bar of the market;
+    ``range_name`` then only labels the result.
     """
-    start, stop = market.range(range_name)
+    start, stop = market.range(range_name) if bars is None else bars
     first = max(start, market.arrays.first_valid + window - 1)
     length = stop - 1 - first
     env = TradingEnv(market.arrays, num_envs=1, window=window, episode_length=length, start=start, stop=stop,
@@ -220,7 +238,11 @@ def evaluate_policy(
 
 
 def evaluate_checkpoint(path: str | Path, range_name: str = "test", *, dataset: str | Path | None = None) -> Evaluation:
-    """Load a checkpoint and evaluate it deterministically over ``range_name``."""
+    """Load a checkpoint and evaluate it deterministically over ``range_name``; the result's ``summary`` holds the
+    statistics the reports show (Sharpe, max drawdown, turnover, ...: :attr:`Evaluation.summary`).
+
+    The checkpoint is verified first (:func:`sentio_lab.checkpoint.load_checkpoint`): a damaged file raises
+    :class:`~sentio_lab.checkpoint.CheckpointError` instead of giving a normal-looking result."""
     trained = load_trained(path, dataset=dataset)
     variant = load_variant(trained.bundle["variant"])
     return evaluate_policy(
@@ -514,3 +536,43 @@ def evaluate_policies(
                 ruined=bool(ruined_np[e]),
             )
     return results  # type: ignore[return-value]
+
+
+# ------------------------------------------------------------------------------------------ command line
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of ``python -m sentio_lab.evaluate``: the demo-style report of one checkpoint (module doc).
+
+    Writes the report (HTML with embedded figures, PNGs, stats, meta, data quality) to ``--output``, by default a
+    folder next to the checkpoint, and prints the summary against buy-and-hold. A missing or damaged checkpoint,
+    a dataset that does not fit it, or a range too short to evaluate is one line on stderr and exit status 1.
+    """
+    from sentio_lab.agent_report import RANGES, write_checkpoint_report
+
+    parser = argparse.ArgumentParser(
+        prog="python -m sentio_lab.evaluate",
+        description="Evaluate a checkpoint greedily over a range, net of costs, against buy-and-hold, and write "
+                    "the demo-style report (report.html, equity.png, drawdown.png, stats.csv / .md, meta.json).",
+    )
+    parser.add_argument("checkpoint", help="checkpoint file written by a variant (checkpoint.pt)")
+    parser.add_argument("--dataset", default=None,
+                        help="apply the model to this CSV / Parquet file or bundled dataset instead of the one it "
+                             "was trained on (loaded whole; its features use the checkpoint's training statistics)")
+    parser.add_argument("--range", dest="range_name", choices=RANGES, default="test",
+                        help="bars to evaluate: the validation or test range of the chronological split, or all "
+                             "bars (the training range included: in-sample) (default: test)")
+    parser.add_argument("--output", default=None,
+                        help="report folder (default: report_<range>[_<dataset>] next to the checkpoint)")
+    args = parser.parse_args(argv)
+    try:
+        comparison, paths = write_checkpoint_report(args.checkpoint, dataset=args.dataset,
+                                                    range_name=args.range_name, output=args.output)
+    # CheckpointError and data errors are ValueErrors; RuntimeError: the replay check (or weights that do not fit)
+    except (ValueError, KeyError, OSError, RuntimeError) as err:
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        raise SystemExit(f"error: {message}") from err
+    print(comparison.describe())
+    print(f"report: {paths['html'].parent}")
+
+
+if __name__ == "__main__":
+    main()

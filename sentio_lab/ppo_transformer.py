@@ -35,7 +35,7 @@ import torch
 import tyro
 from torch import nn, optim
 
-from sentio_lab import training
+from sentio_lab import agent_report, training
 from sentio_lab.checkpoint import CheckpointError, capture_rng, load_checkpoint, restore_rng, save_checkpoint
 from sentio_lab.costs import CostModel
 from sentio_lab.env import TradingEnv
@@ -167,7 +167,7 @@ class Args:
 
     # Algorithm (CleanRL defaults unless noted)
     total_timesteps: int = 200_000
-    """total env steps of the whole run (all episodes together)"""
+    """total env steps of the whole run; with --resume, a larger value continues the run (finished or not) to it"""
     learning_rate: float = 2.5e-4
     """Adam learning rate"""
     num_envs: int = 64
@@ -361,8 +361,7 @@ def train(args: Args, *, market: PreparedMarket | None = None, env: Any | None =
     if env is None:
         if market is None:
             market = market_for(args, bundle["feature_state"] if bundle else None)
-            if args.progress:  # read it before trusting fills at the next open (stale opens, zero volume, ...)
-                print(market.data.quality)
+            print(market.data.quality)  # read it before trusting fills at the next open (stale opens, zero volume, ...)
         env = make_env(args, market)
     if bundle is not None and market is not None and bundle["data_fingerprint"] != market.data.fingerprint:
         raise CheckpointError(f"--resume {args.resume}: the checkpoint was trained on other data")
@@ -598,7 +597,10 @@ def train(args: Args, *, market: PreparedMarket | None = None, env: Any | None =
             save(iteration)
 
     progress.close()
-    saved_path = save(iteration)
+    ran = iteration >= start_iteration
+    saved_path = save(iteration) if ran else Path(args.resume)  # nothing ran: file untouched
+    if ran:
+        tracker.log_outcome(agent, args, market, saved_path)  # evaluation summary, report and checkpoint to W&B
     tracker.finish()
     return TrainResult(
         agent=agent, args=args, checkpoint_path=saved_path, global_step=global_step,
@@ -615,6 +617,7 @@ def main() -> None:
         raise SystemExit(f"error: {err}") from err
     status = "finished" if result.finished else "stopped early (resume with --resume)"
     print(f"{status} at step {result.global_step}; checkpoint: {result.checkpoint_path}")
+    print(agent_report.training_summary(result))
 
 
 if __name__ == "__main__":

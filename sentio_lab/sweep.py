@@ -339,8 +339,47 @@ def _index_html(sweep: Sweep, table: pd.DataFrame, summary: dict[str, Any]) -> s
     )
 
 
-def run_sweep(sweep: Sweep, out: str | Path = "reports", *, workers: int | None = None) -> pd.DataFrame:
-    """Run every unfinished cell of ``sweep`` (``workers`` processes), then write the index; returns it."""
+def log_sweep(sweep: Sweep, root: Path, names: Sequence[str], ran: Sequence[str], table: pd.DataFrame, *,
+              project: str = "sentio-lab", mode: str = "offline") -> None:
+    """W&B runs of a sweep, in group ``sweep.name`` under ``root/wandb``: one ``job_type="train"`` run per cell
+    run now (``ran``; its parameters as config, its index row as summary, the report files and executed notebook
+    it wrote as a ``report`` artifact) and ``<name>__index``, ``job_type="evaluate"``: the index as a
+    ``wandb.Table``, ``sweep.json``'s counts and DSR as summary, the index files as an artifact."""
+    from sentio_lab.report import REPORT_FILES
+    from sentio_lab.tracking import Tracker
+
+    def tracker(name: str, job_type: str, config: dict[str, Any]) -> Tracker:
+        return Tracker(True, project=project, run_name=f"{sweep.name}__{name}", config=config, run_dir=root,
+                       mode=mode, group=sweep.name, job_type=job_type)
+
+    rows = table.set_index("cell")
+    for name, params in zip(names, sweep.cells, strict=True):
+        if name not in ran:
+            continue
+        run = tracker(name, "train", {"cell": name, **params})
+        run.log_summary({k: v for k, v in rows.loc[name].items() if k not in params and not pd.isna(v)})
+        cell_dir = root / name
+        files = [cell_dir / f for f in (*REPORT_FILES.values(), sweep.notebook.name) if (cell_dir / f).exists()]
+        if files:
+            run.log_artifact(files, name=f"{run.run.id}-report", type="report")
+        run.finish()
+    summary = json.loads((root / "sweep.json").read_text())
+    run = tracker("index", "evaluate", {"notebook": str(sweep.notebook), "varying": summary["varying"]})
+    run.log_table("index", table)
+    run.log_summary({k: summary[k] for k in ("n_trials", "n_ok", "n_failed")})
+    if "dsr" in summary:
+        run.log_summary({f"dsr/{k}": v for k, v in summary["dsr"].items()})
+    run.log_artifact([root / f for f in ("index.csv", "index.html", "sweep.json")], name=f"{run.run.id}-files",
+                     type="results")
+    run.finish()
+
+
+def run_sweep(sweep: Sweep, out: str | Path = "reports", *, workers: int | None = None, track: bool = False,
+              wandb_project: str = "sentio-lab", wandb_mode: str = "offline") -> pd.DataFrame:
+    """Run every unfinished cell of ``sweep`` (``workers`` processes), then write the index; returns it.
+
+    With ``track`` the cells run now and the index are logged to W&B (:func:`log_sweep`).
+    """
     root = Path(out) / sweep.name
     root.mkdir(parents=True, exist_ok=True)
     varying = varying_keys(sweep.cells)
@@ -368,7 +407,10 @@ def run_sweep(sweep: Sweep, out: str | Path = "reports", *, workers: int | None 
                 record = future.result()
                 extra = f": {record['error']}" if record["status"] != "ok" else ""
                 print(f"  {futures[future]}: {record['status']} in {record['duration_s']:.1f}s{extra}")
-    return write_index(sweep, root, names)
+    table = write_index(sweep, root, names)
+    if track and wandb_mode != "disabled":
+        log_sweep(sweep, root, names, [name for name, _ in todo], table, project=wandb_project, mode=wandb_mode)
+    return table
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -377,9 +419,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("file", help="sweep file (TOML), e.g. experiments/sweeps/sp500_fees.toml")
     parser.add_argument("--workers", type=int, default=None, help="parallel workers (default: the file's)")
     parser.add_argument("--out", default="reports", help="reports root: cells go to <out>/<name>/<cell>/")
+    parser.add_argument("--track", action=argparse.BooleanOptionalAction, default=True,
+                        help="log each cell and the index as W&B runs in one group (offline: <out>/<name>/wandb; "
+                             "upload later with `wandb sync`)")
+    parser.add_argument("--wandb-project-name", default="sentio-lab", help="W&B project")
+    parser.add_argument("--wandb-mode", default="offline", choices=("offline", "online", "disabled"), help="W&B mode")
     options = parser.parse_args(argv)
     sweep = load_sweep(options.file)
-    table = run_sweep(sweep, options.out, workers=options.workers)
+    table = run_sweep(sweep, options.out, workers=options.workers, track=options.track,
+                      wandb_project=options.wandb_project_name, wandb_mode=options.wandb_mode)
     failed = int((table["status"] == "failed").sum())
     print(f"index: {Path(options.out) / sweep.name / 'index.html'} ({len(table)} cells, {failed} failed)")
 

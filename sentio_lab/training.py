@@ -134,6 +134,11 @@ def _conflicts(name: str, mine: Any, theirs: Any, default: Any) -> list[str]:
     return []
 
 
+#: Experiment arguments a resumed run may still raise: a larger ``total_timesteps`` continues the run (finished or not)
+#: to the new total; the iteration count is re-derived from it (see :func:`resume_args`).
+EXTENDABLE_FIELDS = ("total_timesteps",)
+
+
 def resume_args(
     given: ArgsT,
     saved: dict[str, Any],
@@ -146,15 +151,31 @@ def resume_args(
     differs from the checkpoint's value is an error naming each such field with both values; one left at its
     default is taken from the checkpoint. (Population-based training changes hyperparameters inside the bundle
     instead: :func:`sentio_lab.tune.apply_mutation`.)
+
+    ``total_timesteps`` (:data:`EXTENDABLE_FIELDS`) is the exception: a value larger than the checkpoint's
+    continues the run to the new total (``num_iterations`` re-derived as ``total_timesteps // batch_size``), which
+    is how a finished run is trained further; a smaller one is refused. With ``anneal_lr`` the learning rate of the
+    remaining iterations then follows the schedule of the new total, ``lr * (1 - (iteration - 1) / num_iterations)``
+    (it rises again from the near-zero rate a finished run ended at; the iterations already run keep the rates
+    they had, so the result is not the run a fresh start with the larger total would give).
     """
     cls = type(given)
     saved_args, defaults = cls(**saved), cls()
     conflicts = []
+    extended = {}
     for spec in dataclasses.fields(cls):
         name = spec.name
         if name in run_control_fields:
             continue
-        conflicts += _conflicts(name, getattr(given, name), getattr(saved_args, name), getattr(defaults, name))
+        mine, theirs = getattr(given, name), getattr(saved_args, name)
+        if name in EXTENDABLE_FIELDS and not same_value(mine, getattr(defaults, name)) and mine != theirs:
+            if mine > theirs:
+                extended[name] = mine
+                continue
+            conflicts.append(f"{name}: given {mine!r}, checkpoint {theirs!r} (it can only grow: a larger value "
+                             "continues the run)")
+            continue
+        conflicts += _conflicts(name, mine, theirs, getattr(defaults, name))
     if conflicts:
         raise CheckpointError(
             f"--resume {source}: experiment arguments differ from the checkpoint's ({'; '.join(conflicts)}); "
@@ -162,6 +183,8 @@ def resume_args(
         )
     control = {name: getattr(given, name) for name in run_control_fields}
     control["checkpoint_path"] = given.checkpoint_path or str(source)
+    if extended:
+        control.update(extended, num_iterations=extended["total_timesteps"] // saved_args.batch_size)
     return dataclasses.replace(saved_args, **control)
 
 

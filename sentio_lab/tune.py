@@ -42,7 +42,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -110,6 +110,13 @@ class TuneArgs:
     """continue the interrupted experiment storage/name (Tune's restore) instead of starting a new one"""
     evaluate_champion: bool = True
     """evaluate the champion once on the test range and report its DSR"""
+    track: bool = True
+    """log every trial and the summary as W&B runs in one group named after the experiment (offline by default:
+    files under storage/name/wandb; upload later with `wandb sync`)"""
+    wandb_project_name: str = "sentio-lab"
+    """W&B project"""
+    wandb_mode: Literal["offline", "online", "disabled"] = "offline"
+    """W&B mode"""
 
 
 # ------------------------------------------------------------------------------------------ the trial itself
@@ -426,6 +433,43 @@ def summarise(results: Any, args: TuneArgs, folder: Path, wall_s: float) -> dict
     return summary
 
 
+def log_tune(results: Any, args: TuneArgs, folder: Path, summary: dict[str, Any]) -> None:
+    """W&B runs of a finished search, in group ``args.name`` under ``folder/wandb``.
+
+    One ``job_type="train"`` run per trial (``<name>__<trial>``): its seed and last hyperparameters as config,
+    every validation score :class:`ScoreLog` recorded for it as history (in report order), its ``trials.csv`` row
+    as summary. One ``job_type="evaluate"`` run ``<name>__summary``: ``trials.csv`` as a ``wandb.Table``,
+    ``summary.json`` as summary (``champion/...`` for the champion's test figures and DSR), the champion's
+    checkpoint as a ``model`` artifact and the summary files as a ``results`` artifact.
+    """
+    from sentio_lab.tracking import Tracker
+
+    def tracker(name: str, job_type: str, config: dict[str, Any]) -> Tracker:
+        return Tracker(True, project=args.wandb_project_name, run_name=f"{args.name}__{name}", config=config,
+                       run_dir=folder, mode=args.wandb_mode, group=args.name, job_type=job_type)
+
+    histories = score_histories(folder / SCORES_FILE)
+    table = pd.read_csv(folder / "trials.csv")
+    search = {"variant": args.variant, "variant_args": args.variant_args, "scheduler": args.scheduler}
+    for result, row in zip(results, table.to_dict("records"), strict=True):
+        run = tracker(str(row["trial"]), "train", {**search, "seed": row["seed"], **{k: row[k] for k in MUTABLE}})
+        history = histories.get((result.metrics or {}).get("trial_id"))
+        for step, scored in enumerate([] if history is None else history.to_dict("records"), start=1):
+            run.log({k: scored[k] for k in (METRIC, "validation_sharpe_per_period", "training_iteration")}, step=step)
+        run.log_summary({k: v for k, v in row.items() if not (isinstance(v, float) and math.isnan(v))})
+        run.finish()
+    run = tracker("summary", "evaluate", {**search, "num_trials": args.num_trials, "iterations": args.iterations})
+    run.log_table("trials", table)
+    champion = summary.get("champion", {})
+    run.log_summary({**{k: v for k, v in summary.items() if k != "champion"},
+                     **{f"champion/{k}": v for k, v in champion.items()}})
+    if champion and (folder / "champion.pt").exists():
+        run.log_artifact(folder / "champion.pt", name=f"{run.run.id}-champion", type="model",
+                         metadata={"trial": champion["trial"]})
+    run.log_artifact([folder / "summary.json", folder / "trials.csv"], name=f"{run.run.id}-files", type="results")
+    run.finish()
+
+
 def run_tune(args: TuneArgs, trainable_fn: Any = trainable) -> dict[str, Any]:
     """Run (or resume) the experiment on Ray and summarise it; see the module docstring."""
     if not args.resume:
@@ -434,7 +478,11 @@ def run_tune(args: TuneArgs, trainable_fn: Any = trainable) -> dict[str, Any]:
     tuner = make_tuner(args, trainable_fn)
     start = time.time()
     results = tuner.fit()
-    return summarise(results, args, Path(args.storage).resolve() / args.name, time.time() - start)
+    folder = Path(args.storage).resolve() / args.name
+    summary = summarise(results, args, folder, time.time() - start)
+    if args.track and args.wandb_mode != "disabled":
+        log_tune(results, args, folder, summary)
+    return summary
 
 
 def main() -> None:

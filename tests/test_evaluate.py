@@ -26,6 +26,42 @@ def test_checkpoint_evaluation_equals_live_agent(tiny_args, sp500_market):
     assert set(np.unique(restored.weights)) <= set(tiny_args.positions)
 
 
+def test_checkpoint_evaluation_carries_the_reports_summary_and_refuses_a_damaged_file(tiny_args, sp500_market):
+    """evaluate_checkpoint returns the statistics the reports show (issue 17 §6), and a damaged checkpoint raises
+    instead of giving a normal-looking flat result (§1); ``bars`` evaluates any span of bars."""
+    from sentio_lab.checkpoint import CheckpointError
+    from sentio_lab.metrics import STAT_NAMES, stats_table, summary_stats
+
+    result = ppo.train(tiny_args, market=sp500_market)
+    restored = evaluate_checkpoint(result.checkpoint_path, "validation")
+    summary = restored.summary
+    assert tuple(summary) == STAT_NAMES
+    assert summary == summary_stats(restored.equity, restored.weights)
+    table = stats_table({"ppo": restored.equity}, {"ppo": restored.weights})  # what a report tables
+    assert summary["sharpe"] == table.loc["sharpe", "ppo"]
+    assert summary["max_drawdown"] == table.loc["max_drawdown", "ppo"]
+    assert summary["turnover_per_year"] == table.loc["turnover_per_year", "ppo"] and np.isfinite(summary["sharpe"])
+    assert summary["bars"] == len(restored.weights)
+
+    by_bars = evaluate_policy(result.agent, sp500_market, window=tiny_args.window, positions=tiny_args.positions,
+                              costs=ppo.cost_model(tiny_args), range_name="validation",
+                              bars=sp500_market.range("validation"))
+    pd.testing.assert_series_equal(by_bars.equity, restored.equity, check_exact=True)
+    start, _ = sp500_market.range("train")
+    _, stop = sp500_market.range("test")
+    everything = evaluate_policy(result.agent, sp500_market, window=tiny_args.window, positions=tiny_args.positions,
+                                 costs=ppo.cost_model(tiny_args), range_name="all", bars=(start, stop))
+    assert everything.equity.index[-1] == sp500_market.data.frame.index[stop - 1]
+    assert everything.start == max(start, sp500_market.arrays.first_valid + tiny_args.window - 1)
+
+    path = result.checkpoint_path
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 3 : len(raw) // 3 + 64] = bytes(64)  # zeros over weights or the pickle
+    path.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match="damaged checkpoint"):
+        evaluate_checkpoint(path)
+
+
 def test_checkpoint_on_changed_data_is_refused(tiny_args, sp500_market, tmp_path):
     frame = sp500_market.data.frame.copy()
     csv = tmp_path / "sp500.csv"

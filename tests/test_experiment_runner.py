@@ -261,3 +261,42 @@ def test_committed_reports_have_the_result_columns_the_runner_writes_today(finis
     for report in committed_reports():
         header = (report / "results.csv").read_text().splitlines()[0].split(",")
         assert header == list(results.columns), f"{Path(report).name}: regenerate its tables (format changed)"
+
+
+def test_cells_evaluations_and_results_are_w_and_b_runs_of_one_group(config, tmp_path):
+    from sentio_lab.tracking import read_offline_run
+
+    tracked = ExperimentConfig(**{**config.__dict__, "name": "tracked", "split": "walk_forward", "n_groups": 2,
+                                  "seeds": (1,), "baselines": ("buy_and_hold",), "validation_bars": 40,
+                                  "select_every": 1})
+    plan = plan_experiment(tracked)
+    output = tmp_path / "tracked"
+    results = run_experiment(plan, output, progress=False, track=True)
+    runs = {run.name: run for run in map(read_offline_run, (output / "wandb").glob("offline-run-*"))}
+    cells = [f"tracked__{c.cell_id}" for c in plan.cells]
+    evaluations = [f"tracked__tiny__fold{f.fold:03d}" for f in plan.folds]
+    assert sorted(runs) == sorted([*cells, *evaluations, "tracked__results"])
+    assert {run.group for run in runs.values()} == {"tracked"}
+    assert {runs[n].job_type for n in cells} == {"train"} and {runs[n].job_type for n in evaluations} == {"evaluate"}
+    for cell in plan.cells:
+        run, folder = runs[f"tracked__{cell.cell_id}"], output / "cells" / cell.cell_id
+        record = json.loads((folder / "cell.json").read_text())
+        # the variant's training scalars went into the cell's run, over both selection chunks
+        assert [row["global_step"] for row in run.history if "global_step" in row] == [128, 256]
+        assert run.summary["selected_iteration"] == record["selected_iteration"]
+        assert run.summary["validation_sharpe"] == record["validation_sharpe"]
+        (staged,) = run.artifacts[f"tracked__{cell.cell_id}-checkpoint"]["files"].values()
+        assert open(staged, "rb").read() == (folder / "best.pt").read_bytes()
+    first = runs[evaluations[0]]
+    table = json.loads((next((output / "wandb").glob(f"offline-run-*-{evaluations[0]}")) / "files" /
+                        first.summary["test_groups"]["path"]).read_text())
+    groups = pd.read_parquet(evaluation_folder(output, "tiny", 0) / "groups.parquet")
+    equity = groups["equity"].to_numpy()
+    assert table["data"][0][table["columns"].index("total_return")] == equity[-1] / equity[0] - 1.0
+    # the results table is results.parquet, row for row
+    final = runs["tracked__results"]
+    logged = json.loads((next((output / "wandb").glob("offline-run-*-tracked__results")) / "files" /
+                         final.summary["results"]["path"]).read_text())
+    assert final.summary["results"]["nrows"] == len(results) == final.summary["rows"]
+    assert [row[logged["columns"].index("sharpe")] for row in logged["data"]] == results["sharpe"].tolist()
+    assert set(final.artifacts["tracked__results-files"]["files"]) == {RESULTS_FILE, EQUITY_FILE, "plan.json"}

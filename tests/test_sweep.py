@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 
 from sentio_lab import sweep as sw
+from sentio_lab.tracking import read_offline_run
 
 # A 2-cell notebook: parameters, then a cell that writes stats.csv / returns.csv / a JSON, and fails when x == 3.
 _BODY = """
@@ -127,6 +128,20 @@ def test_sweep_runs_fails_alone_resumes_and_indexes(tmp_path, notebook, capsys):
     assert summary["dsr"]["selected"] == table.iloc[int(np.argmax(table["sharpe"].fillna(-9)))]["cell"]
     page = (root / "index.html").read_text()
     assert "x three is broken" in page and 'class="failed"' in page and "3 cells" in page
+    # W&B (offline, on by default): a train run per cell and an evaluate run with the index, one group
+    runs = {run.name: run for run in map(read_offline_run, (root / "wandb").glob("offline-run-*"))}
+    assert sorted(runs) == sorted([f"tiny__{name}" for name in table["cell"]] + ["tiny__index"])
+    assert {run.group for run in runs.values()} == {"tiny"} and runs["tiny__index"].job_type == "evaluate"
+    first = runs[f"tiny__{ok['cell']}"]
+    assert first.job_type == "train" and first.config["x"] == 1 and first.config["label"] == "z"
+    assert first.summary["sharpe"] == ok["sharpe"] and first.summary["status"] == "ok"
+    assert runs[f"tiny__{failed['cell']}"].summary["status"] == "failed"
+    staged = first.artifacts[f"tiny__{ok['cell']}-report"]["files"]
+    assert set(staged) == {"stats.csv", "tiny.ipynb"}
+    assert open(staged["stats.csv"]).read() == (root / ok["cell"] / "stats.csv").read_text()
+    index = runs["tiny__index"]
+    assert index.summary["n_trials"] == 3 and index.summary["dsr/dsr"] == summary["dsr"]["dsr"]
+    assert index.summary["index"]["nrows"] == 3
 
     # re-run: finished cells are skipped (their notebooks do not run again), the failed one is retried
     sw.main([str(sweep_file), "--out", str(out), "--workers", "1"])
@@ -134,6 +149,9 @@ def test_sweep_runs_fails_alone_resumes_and_indexes(tmp_path, notebook, capsys):
     for name in table["cell"][:2]:
         assert (root / name / "runs.txt").read_text() == "ran\n"
     assert list(pd.read_csv(root / "index.csv")["status"]) == ["ok", "ok", "failed"]
+    # only the cell run again is logged again (plus the index)
+    assert len(list((root / "wandb").glob(f"offline-run-*-tiny__{failed['cell']}"))) == 2
+    assert len(list((root / "wandb").glob(f"offline-run-*-tiny__{ok['cell']}"))) == 1
 
 
 def test_json_headline_random_sweep_and_no_output_parameter(tmp_path, notebook):

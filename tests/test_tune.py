@@ -16,6 +16,7 @@ from sentio_lab import metrics, ppo
 from sentio_lab import tune as T
 from sentio_lab.checkpoint import load_checkpoint
 from sentio_lab.evaluate import VARIANTS, load_variant
+from sentio_lab.tracking import read_offline_run
 
 TINY = ("--num-envs 8 --num-steps 16 --hidden-size 8 --window 16 --episode-length 64 --num-minibatches 2 "
         "--update-epochs 1")
@@ -156,6 +157,22 @@ def test_summarise_writes_the_dsr_over_every_scored_iteration(tmp_path, monkeypa
     expected = T.deflation(metrics.simple_returns(equity), np.array([0.01, -0.02, 0.05, 0.03, np.nan, 0.04]))
     assert champion["dsr"] == pytest.approx(expected["dsr"]) and 0 <= champion["dsr"] <= 1
     assert pd.read_csv(folder / "trials.csv")["validation_scores"].tolist() == [3, 3]
+
+    # W&B: a train run per trial with every validation score, an evaluate run with the table and the champion
+    (folder / "champion.pt").write_text("champion bundle")
+    T.log_tune(results, T.TuneArgs(scheduler="random", name="exp"), folder, summary)
+    runs = {run.name: run for run in map(read_offline_run, (folder / "wandb").glob("offline-run-*"))}
+    assert sorted(runs) == ["exp__a", "exp__b", "exp__summary"] and {r.group for r in runs.values()} == {"exp"}
+    a = runs["exp__a"]
+    assert a.job_type == "train" and a.config["seed"] == 1 and a.config["learning_rate"] == 0.1
+    assert [row["validation_sharpe_per_period"] for row in a.history[:3]] == [0.01, -0.02, 0.05]
+    assert a.summary["validation_scores"] == 3 and a.summary["global_step"] == 3 * STEPS
+    assert np.isnan(runs["exp__b"].history[1]["validation_sharpe_per_period"])  # the flat policy's score, kept
+    done = runs["exp__summary"]
+    assert done.job_type == "evaluate" and done.summary["trials"]["nrows"] == 2
+    assert done.summary["champion/dsr"] == champion["dsr"] and done.summary["champion/trial"] == "a"
+    (staged,) = done.artifacts["exp__summary-champion"]["files"].values()
+    assert open(staged).read() == "champion bundle"
 
 
 def test_clip_to_bounds_and_bad_inputs(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import tyro
 
@@ -31,6 +32,13 @@ class Args:
     """override the experiment name (and so its output folder)"""
     progress: bool = True
     """show a progress bar with cells done and time left"""
+    track: bool = True
+    """log every cell and evaluation as a W&B run in one group named after the experiment, and the result tables
+    (offline by default: files under <output>/wandb; upload later with `wandb sync`)"""
+    wandb_project_name: str = "sentio-lab"
+    """W&B project"""
+    wandb_mode: Literal["offline", "online", "disabled"] = "offline"
+    """W&B mode"""
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -41,7 +49,8 @@ def main(argv: list[str] | None = None) -> Path:
     plan = plan_experiment(config, args.extra_args)
     print(f"{config.name}: {len(plan.folds)} folds, {len(plan.cells)} cells ({config.n_trials} configurations x "
           f"{len(config.seeds)} seeds x {len(plan.folds)} folds), purge {plan.gaps.purge}, embargo {plan.gaps.embargo}")
-    results = run_experiment(plan, output, workers=args.workers, progress=args.progress)
+    results = run_experiment(plan, output, workers=args.workers, progress=args.progress, track=args.track,
+                             wandb_project=args.wandb_project_name, wandb_mode=args.wandb_mode)
     print(strategy_table(results, ("sharpe", "cagr", "max_drawdown")).to_string())
     print(f"results: {output / RESULTS_FILE}")
     return output

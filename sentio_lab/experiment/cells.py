@@ -24,6 +24,7 @@ import tyro
 from sentio_lab.evaluate import action_masking, env_options, evaluate_policy, load_variant
 from sentio_lab.market import PreparedMarket
 from sentio_lab.metrics import sharpe_ratio
+from sentio_lab.tracking import sharing
 
 CELL_FILE = "cell.json"
 
@@ -93,7 +94,7 @@ def train_cell(
         stale.unlink(missing_ok=True)  # an interrupted earlier attempt: start again from scratch
     args = parse_variant_args(cell.variant, cell.args)
     args = dataclasses.replace(
-        args, seed=cell.seed, track=False, progress=False, run_dir=str(folder), run_name=cell.cell_id,
+        args, seed=cell.seed, track=sharing(), progress=False, run_dir=str(folder), run_name=cell.cell_id,
         checkpoint_path=str(folder / "checkpoint.pt"), checkpoint_every=0,
     )
     record: dict[str, Any] = {"cell": dataclasses.asdict(cell), "command": shlex.join(cell.args)}
@@ -114,7 +115,7 @@ def train_cell(
             if result.finished:
                 break
             resume_args = dataclasses.replace(
-                module.Args(), resume=str(folder / "checkpoint.pt"), track=False, progress=False,
+                module.Args(), resume=str(folder / "checkpoint.pt"), track=sharing(), progress=False,
                 max_iterations=select_every, run_dir=str(folder), checkpoint_path=str(folder / "checkpoint.pt"),
                 checkpoint_every=0,
             )

@@ -44,6 +44,8 @@ from sentio_lab.evaluate import (
 )
 from sentio_lab.experiment.cells import CELL_FILE, Cell, cell_done, parse_variant_args, train_cell, write_json_atomic
 from sentio_lab.experiment.config import AgentSpec, ExperimentConfig
+from sentio_lab.experiment.summary import strategy_table
+from sentio_lab.experiment.wandb_runs import ExperimentTracking, cell_config, log_cell, log_evaluation, log_results
 from sentio_lab.market import PreparedMarket, prepare_fold_market, prepare_market
 from sentio_lab.metrics import fill_costs, number_of_trades, round_trip_trades, summary_stats
 from sentio_lab.progress import tqdm
@@ -211,15 +213,21 @@ def load_cell_agent(path: Path, market: PreparedMarket) -> torch.nn.Module:
     return agent.eval()
 
 
-def run_cell(plan: Plan, cell: Cell, output: Path) -> dict[str, Any]:
-    """Train ``cell`` on its fold's training segments (resumably, see :mod:`sentio_lab.experiment.cells`)."""
+def run_cell(plan: Plan, cell: Cell, output: Path, tracking: ExperimentTracking | None = None) -> dict[str, Any]:
+    """Train ``cell`` on its fold's training segments (resumably, see :mod:`sentio_lab.experiment.cells`); with
+    ``tracking``, as a W&B train run (:mod:`sentio_lab.experiment.wandb_runs`)."""
     folder = output / "cells" / cell.cell_id
     done = cell_done(folder)
     if done is not None:
         return done
     args = parse_variant_args(cell.variant, cell.args)
     market = fold_market(plan, plan.folds[cell.fold], load_variant(cell.variant).feature_config(args))
-    return train_cell(cell, market, folder, select_every=plan.config.select_every)
+    if tracking is None:
+        return train_cell(cell, market, folder, select_every=plan.config.select_every)
+    with tracking.run(cell.cell_id, "train", cell_config(cell, args)) as tracker:
+        record = train_cell(cell, market, folder, select_every=plan.config.select_every)
+        log_cell(tracker, record, folder)
+    return record
 
 
 def evaluation_folder(output: Path, agent: str, fold: int) -> Path:
@@ -227,8 +235,10 @@ def evaluation_folder(output: Path, agent: str, fold: int) -> Path:
     return output / "evaluations" / f"{agent}__fold{fold:03d}"
 
 
-def evaluate_fold(plan: Plan, agent: AgentSpec, fold: splitting.Fold, output: Path) -> None:
-    """Every seed of ``agent`` trained on ``fold``, greedy on each of the fold's test groups, stepped together."""
+def evaluate_fold(plan: Plan, agent: AgentSpec, fold: splitting.Fold, output: Path,
+                  tracking: ExperimentTracking | None = None) -> None:
+    """Every seed of ``agent`` trained on ``fold``, greedy on each of the fold's test groups, stepped together
+    (with ``tracking``, logged as a W&B evaluate run)."""
     folder = evaluation_folder(output, agent.name, fold.fold)
     if evaluation_done(folder) is not None:
         return
@@ -247,11 +257,15 @@ def evaluate_fold(plan: Plan, agent: AgentSpec, fold: splitting.Fold, output: Pa
                                 env_options=env_options(args, market))
     frames = [_groups_frame(per_agent, fold, market).assign(seed=c.seed)
               for c, per_agent in zip(cells, results, strict=True)]
-    pd.concat(frames, ignore_index=True).to_parquet(folder / GROUPS_FILE)
-    write_json_atomic(folder / CELL_FILE, {
+    groups = pd.concat(frames, ignore_index=True)
+    groups.to_parquet(folder / GROUPS_FILE)
+    record = {
         "agent": agent.name, "fold": fold.fold, "format": GROUPS_FORMAT, "rule_counts": rule_counts,
         "selected_iterations": {str(c.seed): r.get("selected_iteration") for c, r in zip(cells, records, strict=True)},
-    })
+    }
+    write_json_atomic(folder / CELL_FILE, record)
+    if tracking is not None:
+        log_evaluation(tracking, agent.name, fold.fold, record, groups)
 
 
 def run_baselines(plan: Plan, fold: splitting.Fold, output: Path) -> None:
@@ -279,41 +293,49 @@ def run_baselines(plan: Plan, fold: splitting.Fold, output: Path) -> None:
         write_json_atomic(folder / CELL_FILE, {"baseline": name, "fold": fold.fold, "format": GROUPS_FORMAT})
 
 
-def _job(kind: str, plan: Plan, item: Any, output: str) -> str:
+def _job(kind: str, plan: Plan, item: Any, output: str, tracking: ExperimentTracking | None = None) -> str:
     """One unit of work in a worker process (or in-process): torch on one thread, whatever the worker count."""
     torch.set_num_threads(1)
     out = Path(output)
     if kind == "train":
-        run_cell(plan, item, out)
+        run_cell(plan, item, out, tracking)
     elif kind == "evaluate":
         agent, fold = item
-        evaluate_fold(plan, agent, plan.folds[fold], out)
+        evaluate_fold(plan, agent, plan.folds[fold], out, tracking)
     else:
         run_baselines(plan, plan.folds[item], out)
     return kind
 
 
-def _run_jobs(jobs: list[tuple[str, Any]], plan: Plan, output: Path, workers: int, bar: Any) -> None:
+def _run_jobs(jobs: list[tuple[str, Any]], plan: Plan, output: Path, workers: int, bar: Any,
+              tracking: ExperimentTracking | None = None) -> None:
     if workers <= 1:
         threads = torch.get_num_threads()
         try:
             for kind, item in jobs:
-                _job(kind, plan, item, str(output))
+                _job(kind, plan, item, str(output), tracking)
                 bar.update(1)
         finally:
             torch.set_num_threads(threads)
         return
     with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
-        futures = [pool.submit(_job, kind, plan, item, str(output)) for kind, item in jobs]
+        futures = [pool.submit(_job, kind, plan, item, str(output), tracking) for kind, item in jobs]
         for future in as_completed(futures):
             future.result()
             bar.update(1)
 
 
-def run_experiment(plan: Plan, output: str | Path, *, workers: int = 1, progress: bool = True) -> pd.DataFrame:
+def run_experiment(plan: Plan, output: str | Path, *, workers: int = 1, progress: bool = True, track: bool = False,
+                   wandb_project: str = "sentio-lab", wandb_mode: str = "offline") -> pd.DataFrame:
     """Train every unfinished cell, then evaluate (all seeds of a configuration on a fold together) and run the
-    baselines, in ``workers`` processes; then :func:`assemble`. Finished work is never redone."""
+    baselines, in ``workers`` processes; then :func:`assemble`. Finished work is never redone.
+
+    With ``track`` the work done now is logged to W&B (``wandb_mode``, offline by default; files under
+    ``<output>/wandb``) in one group named after the experiment: see :mod:`sentio_lab.experiment.wandb_runs`.
+    """
     output = Path(output)
+    tracking = (ExperimentTracking(plan.config.name, str(output), wandb_project, wandb_mode)
+                if track and wandb_mode != "disabled" else None)
     output.mkdir(parents=True, exist_ok=True)
     _refuse_other_cells(plan, output)
     (output / "plan.json").write_text(json.dumps(_plan_record(plan), indent=2, default=str))
@@ -327,10 +349,14 @@ def run_experiment(plan: Plan, output: str | Path, *, workers: int = 1, progress
     total = len(plan.cells) + len(config.agents) * len(plan.folds) + len(plan.folds)
     bar = tqdm(total=total, initial=total - len(train) - len(evaluate) - len(baselines), unit="job",
                disable=not progress, dynamic_ncols=True, desc=config.name)
-    _run_jobs(train, plan, output, workers, bar)  # evaluation needs every seed of a fold trained
-    _run_jobs(evaluate + baselines, plan, output, workers, bar)
+    _run_jobs(train, plan, output, workers, bar, tracking)  # evaluation needs every seed of a fold trained
+    _run_jobs(evaluate + baselines, plan, output, workers, bar, tracking)
     bar.close()
-    return assemble(plan, output)
+    results = assemble(plan, output)
+    if tracking is not None:
+        log_results(tracking, results, strategy_table(results),
+                    [output / name for name in (RESULTS_FILE, EQUITY_FILE, "plan.json")], _plan_record(plan))
+    return results
 
 
 def _refuse_other_cells(plan: Plan, output: Path) -> None:
