@@ -45,6 +45,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from sentio_lab.anchor import DEFAULT_TILTS, AnchorConfig
 from sentio_lab.costs import CostModel
 from sentio_lab.env import _MIN_EQUITY as _EQUITY_FLOOR
 from sentio_lab.env import TradingEnv, check_positions
@@ -266,6 +267,16 @@ def benchmark_span(baseline: Baseline | str, market: PreparedMarket) -> int:
     """Bars before bar ``t`` that the baseline's weight at ``t`` reads on ``market`` (:meth:`Baseline.span`):
     an anchored variant's observation reaches this far back, so the CPCV embargo must cover it."""
     return make_baseline(baseline).span(PriceHistory.from_market(market, market.training_segments()))
+
+
+def anchor_config(baseline: Baseline | str, market: PreparedMarket, *, tilts: Sequence[float] = DEFAULT_TILTS,
+                  excess_reward: bool = False, deviation_penalty: float = 0.0, no_trade_band: float = 0.0,
+                  train: Sequence[Segment] | None = None) -> AnchorConfig:
+    """The :class:`~sentio_lab.anchor.AnchorConfig` of an env whose actions tilt ``baseline``'s weight on ``market``
+    (:func:`benchmark_weights`; the limits are the env's position set)."""
+    rule = make_baseline(baseline)
+    return AnchorConfig(benchmark_weights(rule, market, train), tilts=tuple(tilts), excess_reward=excess_reward,
+                        deviation_penalty=deviation_penalty, no_trade_band=no_trade_band, name=rule.name)
 
 
 # ============================================================================================== policies

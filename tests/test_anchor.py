@@ -418,3 +418,14 @@ def test_evaluation_of_an_anchored_agent_records_its_weights(market):
             pd.testing.assert_series_equal(batched[i][j].weights, single.weights)
             pd.testing.assert_series_equal(batched[i][j].equity, single.equity)
     assert not set(np.unique(batched[0][1].weights)) <= set(POSITIONS)  # tilted weights, not levels
+
+
+def test_anchor_config_from_a_baseline_name(market):
+    from sentio_lab.baselines import anchor_config
+
+    config = anchor_config("vol_target", market, tilts=(0.0, 0.5), excess_reward=True, deviation_penalty=0.1,
+                           no_trade_band=0.05)
+    assert config.name == "vol_target" and config.tilts == (0.0, 0.5) and config.excess_reward
+    assert (config.deviation_penalty, config.no_trade_band) == (0.1, 0.05)
+    np.testing.assert_array_equal(config.benchmark, benchmark_weights("vol_target", market))
+    assert config.bounds((0.0, 1.0)) == (0.0, 1.0) and config.bounds((-1.0, 0.0, 2.0)) == (-1.0, 2.0)
