@@ -222,7 +222,7 @@ def test_anchored_targets_by_hand():
 
 # -------------------------------------------------------------------------------------- observation, state
 def test_observation_holds_the_benchmark_weight_and_the_held_weight(market):
-    weights = benchmark_weights("sma_crossover", market)
+    weights = np.round(np.sin(np.arange(len(market.arrays.close)) / 3.0), 3)  # a new weight on every bar
     anchor = AnchorConfig(weights, tilts=TILTS)
     env = TradingEnv(market.arrays, num_envs=2, window=4, episode_length=50, positions=POSITIONS, anchor=anchor,
                      costs=COSTS)
@@ -265,15 +265,21 @@ def test_state_dict_resumes_the_anchored_env_exactly(market):
 
 
 def test_auto_reset_restarts_the_shadow_account_flat(market):
+    """Staggered episodes end on different steps: exactly the ended ones restart flat with a fresh shadow account."""
     anchor = AnchorConfig(np.ones(len(market.arrays.close)), tilts=TILTS)
-    env = TradingEnv(market.arrays, num_envs=2, window=4, episode_length=3, positions=POSITIONS, anchor=anchor,
-                     costs=COSTS, stagger_starts=False)
-    env.reset(starts=[300, 400])
-    for _ in range(3):
-        obs, _, _, truncated, info = env.step(torch.tensor([anchor.zero_action] * 2))
-    assert bool(truncated.all()) and float(info["benchmark_equity"][0]) != 1.0
-    assert env.bench_equity.tolist() == [1.0, 1.0] and env.held.tolist() == [0.0, 0.0]
-    assert obs[:, env.obs_layout["position"]].abs().sum() == 0
+    env = TradingEnv(market.arrays, num_envs=4, window=4, episode_length=5, positions=POSITIONS, anchor=anchor,
+                     costs=COSTS, seed=2)
+    env.reset()
+    partial = 0
+    for _ in range(12):
+        obs, _, _, _, info = env.step(torch.full((4,), TILTS.index(0.25)))
+        done = info["done"]
+        partial += int(bool(done.any()) and not bool(done.all()))
+        assert env.bench_equity[done].eq(1.0).all() and env.held[done].eq(0.0).all()
+        assert torch.equal(env.bench_equity[~done], info["benchmark_equity"][~done])
+        assert torch.equal(env.held[~done], info["weight"][~done]) and info["weight"].eq(1.0).all()
+        assert obs[done][:, env.obs_layout["position"]].abs().sum() == 0
+    assert partial > 0
 
 
 # ------------------------------------------------------------------------------------------- causality
