@@ -7,6 +7,10 @@ differs from the weight held (initially 0) the account rebalances at the **open*
 portfolio spans bars ``start .. start + L`` (``L + 1`` rows, no order on row 0), so ``value()`` on row
 ``k + 1`` equals the environment's equity after step ``k``.
 
+Fills at the next close (``fill_price="next_close"``, :class:`sentio_lab.env.MarketArrays`): every "open" above
+reads "close" -- the order decided at bar ``start + k``'s close fills at bar ``start + k + 1``'s close, the price
+that bar is marked at, and a short pays borrow over that bar on the shares held before the fill.
+
 Share counts depend on the equity at each open, hence on the path: :func:`order_sizes` walks the
 weights through ``rebalance`` in numpy, and vectorbt then applies those share deltas
 (``size_type="amount"``) at the opens with the same fee and slippage, which are exactly the env's fills.
@@ -64,6 +68,7 @@ from sentio_lab.costs import (
     year_fractions,
 )
 from sentio_lab.data import infer_bar_freq
+from sentio_lab.env import FILL_PRICES, FillPrice
 
 #: Column name of the traded instrument in the portfolio.
 ASSET_COLUMN = "asset"
@@ -91,7 +96,14 @@ def _check_frame(frame: pd.DataFrame) -> None:
         raise TypeError(f"frame: index must be a DatetimeIndex, got {type(frame.index).__name__}")
 
 
-def _check_range(frame: pd.DataFrame, start: int, steps: int) -> None:
+def fill_prices(frame: pd.DataFrame, fill_price: FillPrice = "next_open") -> pd.Series:
+    """The column a fill on each bar happens at: ``frame["open"]`` (``"next_open"``) or ``frame["close"]``."""
+    if fill_price not in FILL_PRICES:
+        raise ValueError(f"fill_price={fill_price!r}; choose from {list(FILL_PRICES)}")
+    return frame["close" if fill_price == "next_close" else "open"]
+
+
+def _check_range(frame: pd.DataFrame, start: int, steps: int, fill_price: FillPrice = "next_open") -> None:
     if isinstance(start, bool) or not isinstance(start, int | np.integer):
         raise TypeError(f"start: expected an integer bar position, got {type(start).__name__}")
     last = int(start) + steps
@@ -100,17 +112,19 @@ def _check_range(frame: pd.DataFrame, start: int, steps: int) -> None:
             f"bars {start}..{last} (start {start} plus {steps} decisions, each filled on the next bar) "
             f"outside the frame's {len(frame)} bars [0, {len(frame) - 1}]"
         )
-    prices = frame[["open", "close"]].iloc[int(start) : last + 1].to_numpy(dtype=np.float64)
+    columns = ["close"] if fill_price == "next_close" else ["open", "close"]
+    prices = frame[columns].iloc[int(start) : last + 1].to_numpy(dtype=np.float64)
     bad = ~(np.isfinite(prices) & (prices > 0)).all(axis=1)
     if bad.any():
         raise ValueError(
-            f"frame: non-positive or non-finite open/close in the replay range at "
+            f"frame: non-positive or non-finite {'/'.join(columns)} in the replay range at "
             f"{frame.index[int(start) : last + 1][bad][:5].tolist()}"
         )
 
 
 def _weights(
-    frame: pd.DataFrame, start: int, target_weights: pd.Series | np.ndarray | Sequence[float]
+    frame: pd.DataFrame, start: int, target_weights: pd.Series | np.ndarray | Sequence[float],
+    fill_price: FillPrice = "next_open",
 ) -> np.ndarray:
     """Validate the weights: 1-D, finite, and (for a Series with timestamps) on the decision bars."""
     if isinstance(target_weights, pd.DataFrame):
@@ -126,7 +140,7 @@ def _weights(
     bad = ~np.isfinite(w)
     if bad.any():
         raise ValueError(f"target_weights: NaN or inf at position(s) {np.flatnonzero(bad)[:5].tolist()}")
-    _check_range(frame, start, len(w))
+    _check_range(frame, start, len(w), fill_price)
     if isinstance(target_weights, pd.Series) and isinstance(target_weights.index, pd.DatetimeIndex):
         expected = frame.index[int(start) : int(start) + len(w)]
         if not target_weights.index.equals(expected):
@@ -148,15 +162,15 @@ def frame_cost_inputs(frame: pd.DataFrame, costs: CostModel) -> CostInputs | Non
 
 
 def _walk(
-    frame: pd.DataFrame, start: int, w: np.ndarray, costs: CostModel
+    frame: pd.DataFrame, start: int, w: np.ndarray, costs: CostModel, fill_price: FillPrice = "next_open"
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[dict]]:
-    """Iterate the env's step over the path: the fill at the open, short borrow at the close.
+    """Iterate the env's step over the path: the fill at the open (or close), short borrow at the close.
 
     Returns (share deltas, cash, shares, borrow charges, fill rates, fill records), the arrays ``len(w) + 1``
     rows; cash is after the charge; the rate is each row's price concession (``costs.slippage`` when flat).
     """
     rows = slice(start, start + len(w) + 1)
-    opens = frame["open"].to_numpy(dtype=np.float64)[rows][1:]
+    opens = fill_prices(frame, fill_price).to_numpy(dtype=np.float64)[rows][1:]
     closes = frame["close"].to_numpy(dtype=np.float64)[rows][1:]
     years = year_fractions(frame.index[rows])[1:] if costs.borrow_rate > 0 else np.zeros(len(w))
     inputs = frame_cost_inputs(frame, costs)
@@ -184,7 +198,8 @@ def _walk(
                                 "rate": float(fill.rate), "half_spread": float(inputs.half_spread[t]),
                                 "reason": fill_reason(trade, bool(fill.capped), float(cap), float(inputs.adv[t]),
                                                       costs)})
-        charge = float(borrow_cost(new_shares, closes[k], years[k], costs)) if costs.borrow_rate > 0 else 0.0
+        held_over_bar = shares[k] if fill_price == "next_close" else new_shares  # bar t + 1's position
+        charge = float(borrow_cost(held_over_bar, closes[k], years[k], costs)) if costs.borrow_rate > 0 else 0.0
         cash[k + 1], shares[k + 1], deltas[k + 1], charges[k + 1] = new_cash - charge, new_shares, delta, charge
         held = weight
     return deltas, cash, shares, charges, rates, records
@@ -195,15 +210,17 @@ def order_sizes(
     start: int,
     target_weights: pd.Series | np.ndarray | Sequence[float],
     costs: CostModel,
+    fill_price: FillPrice = "next_open",
 ) -> pd.Series:
     """Share deltas the environment trades, on the replay's rows (bars ``start .. start + L``).
 
     Row 0 (bar ``start``) is 0: nothing is filled before the first decision. Row ``k + 1`` holds the
-    shares bought (> 0) or sold (< 0) at the open of bar ``start + k + 1``; 0 where the weight is held.
+    shares bought (> 0) or sold (< 0) at the open (``fill_price``: or close) of bar ``start + k + 1``; 0 where
+    the weight is held.
     """
     _check_frame(frame)
-    w = _weights(frame, start, target_weights)
-    deltas = _walk(frame, int(start), w, costs)[0]
+    w = _weights(frame, start, target_weights, fill_price)
+    deltas = _walk(frame, int(start), w, costs, fill_price)[0]
     return pd.Series(deltas, index=frame.index[int(start) : int(start) + len(w) + 1], name="order_size")
 
 
@@ -212,6 +229,7 @@ def fills(
     start: int,
     target_weights: pd.Series | np.ndarray | Sequence[float],
     costs: CostModel,
+    fill_price: FillPrice = "next_open",
 ) -> pd.DataFrame:
     """One row per order the env sends (a level change, or a carried remainder), with its execution quality.
 
@@ -223,16 +241,17 @@ def fills(
     and the implementation shortfall in basis points, fee included, of the filled part against the decision
     price (``shortfall_decision_bps``: overnight move plus costs) and the arrival price
     (``shortfall_arrival_bps``: costs alone). The unfilled part of a capped order is not in the shortfall.
+    With ``fill_price="next_close"`` the arrival price is bar t + 1's close.
     """
     _check_frame(frame)
-    w = _weights(frame, start, target_weights)
+    w = _weights(frame, start, target_weights, fill_price)
     start_pos = int(start)
-    deltas, _, _, _, rates, records = _walk(frame, start_pos, w, costs)
+    deltas, _, _, _, rates, records = _walk(frame, start_pos, w, costs, fill_price)
     if costs.is_flat:
         held = np.r_[0.0, w[:-1]]
         records = [{"row": k + 1, "target_weight": float(w[k]), "requested": np.nan, "rate": costs.slippage,
                     "half_spread": 0.0, "reason": "filled"} for k in np.flatnonzero(w != held)]
-    opens = frame["open"].to_numpy(dtype=np.float64)
+    opens = fill_prices(frame, fill_price).to_numpy(dtype=np.float64)
     closes = frame["close"].to_numpy(dtype=np.float64)
     rows = []
     for record in records:
@@ -264,11 +283,12 @@ def fill_costs_paid(
     start: int,
     target_weights: pd.Series | np.ndarray | Sequence[float],
     costs: CostModel,
+    fill_price: FillPrice = "next_open",
 ) -> pd.Series:
     """What each replay row's fill paid, in units of the starting equity (concession and fee; :func:`fills`'s
     ``cost`` over the capital), on bars ``start .. start + L``: the non-flat twin of
     :func:`sentio_lab.metrics.fill_costs`."""
-    records = fills(frame, start, target_weights, costs)
+    records = fills(frame, start, target_weights, costs, fill_price)
     index = frame.index[int(start) : int(start) + len(np.asarray(target_weights)) + 1]
     paid = records.groupby("fill_time")["cost"].sum() / costs.capital
     return paid.reindex(index, fill_value=0.0).rename("cost")
@@ -280,21 +300,23 @@ def replay(
     target_weights: pd.Series | np.ndarray | Sequence[float],
     costs: CostModel,
     freq: str | pd.Timedelta | None = None,
+    fill_price: FillPrice = "next_open",
 ) -> vbt.Portfolio:
     """vectorbt portfolio of the weights decided at bars ``start .. start + L - 1`` (see the module doc).
 
     ``freq`` is the bar spacing vectorbt annualises with; by default the frame's median bar gap. The
-    portfolio's ``value()`` (see :func:`equity`) reproduces the environment's equity curve.
+    portfolio's ``value()`` (see :func:`equity`) reproduces the environment's equity curve; ``fill_price`` must
+    be the env's (``MarketArrays.fill_price``).
     """
     _check_frame(frame)
     if not isinstance(costs, CostModel):
         raise TypeError(f"costs: expected a CostModel, got {type(costs).__name__}")
-    w = _weights(frame, start, target_weights)
+    w = _weights(frame, start, target_weights, fill_price)
     start_pos = int(start)
-    deltas, cash, _, charges, rates, _ = _walk(frame, start_pos, w, costs)
+    deltas, cash, _, charges, rates, _ = _walk(frame, start_pos, w, costs, fill_price)
     rows = slice(start_pos, start_pos + len(w) + 1)
     close = frame["close"].iloc[rows].astype(np.float64)
-    opens = frame["open"].to_numpy(dtype=np.float64)[rows]
+    opens = fill_prices(frame, fill_price).to_numpy(dtype=np.float64)[rows]
     freq = infer_bar_freq(frame) if freq is None else pd.Timedelta(freq)
     common = {"size_type": "amount", "init_cash": 1.0, "direction": "both", "freq": freq}
 
@@ -361,11 +383,13 @@ def _loan_orders(cash: np.ndarray) -> np.ndarray:
     return orders
 
 
-def buy_and_hold(frame: pd.DataFrame, start: int, steps: int, costs: CostModel) -> vbt.Portfolio:
-    """The benchmark on the same bars: ``w = 1`` decided at ``start``, bought at the next open, same costs."""
+def buy_and_hold(frame: pd.DataFrame, start: int, steps: int, costs: CostModel,
+                 fill_price: FillPrice = "next_open") -> vbt.Portfolio:
+    """The benchmark on the same bars: ``w = 1`` decided at ``start``, bought at the next open (or close), same
+    costs."""
     if isinstance(steps, bool) or not isinstance(steps, int | np.integer) or steps < 1:
         raise ValueError(f"steps: expected a positive integer, got {steps!r}")
-    return replay(frame, start, np.ones(int(steps)), costs)
+    return replay(frame, start, np.ones(int(steps)), costs, fill_price=fill_price)
 
 
 def equity(portfolio: vbt.Portfolio) -> pd.Series:

@@ -395,7 +395,7 @@ def run_policy(
             range_name=range_name if bars is None else f"bars[{start}:{stop})", start=first,
             weights=pd.Series(levels[chosen[i, :n]], index=index[first : first + n], name="weight"),
             equity=pd.Series(curve, index=index[first : first + n + 1], name="equity"),
-            costs=costs, ruined=not alive[i],
+            costs=costs, ruined=not alive[i], fill_price=market.arrays.fill_price,
         ))
     return out
 

@@ -3,8 +3,11 @@
 Timing (see ARCHITECTURE.md), the same in both environments:
 
 * the observation at step t is built from bars ``<= t`` (bar t has closed);
-* the action chosen at step t is a *target position level*, filled at the **open of bar t+1**;
-* a short held over bar t+1 pays borrow at its close when ``costs.borrow_bps > 0`` (see ``sentio_lab.costs``);
+* the action chosen at step t is a *target position level*, filled at the **open of bar t+1** (the default,
+  ``MarketArrays.fill_price == "next_open"``) or at the **close of bar t+1** (``"next_close"``: for close-only data
+  and ranges whose opens cannot be trusted; the position decided at t then earns nothing of bar t+1's move);
+* a short held over bar t+1 pays borrow at its close when ``costs.borrow_bps > 0`` (see ``sentio_lab.costs``): the
+  position filled at its open, or, with next-close fills, the position held before that close's fill;
 * equity is marked at the close of bar t+1 and the reward is ``log(equity_{t+1} / equity_t)``, net of costs;
 * an episode ends by *truncation* after ``episode_length`` steps (PPO bootstraps there) or by
   *termination* when equity falls to ``ruin_fraction`` of its start (ruin).
@@ -24,7 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Literal, Protocol
 
 import gymnasium as gym
 import numpy as np
@@ -52,6 +55,10 @@ from sentio_lab.observation_layout import (
     observation_layout,
 )
 
+#: Where the order decided at the close of bar t fills: the open of bar t+1 (default) or the close of bar t+1.
+FillPrice = Literal["next_open", "next_close"]
+#: The accepted values of ``fill_price`` (``--fill-price``).
+FILL_PRICES: tuple[str, ...] = ("next_open", "next_close")
 #: Default action levels: short, flat, long (fractions of equity).
 DEFAULT_POSITIONS: tuple[float, ...] = (-1.0, 0.0, 1.0)
 #: Above this size the observation windows are gathered per step instead of precomputed (see TradingEnv).
@@ -65,7 +72,7 @@ class MarketArrays:
     """What both environments read: prices and the (already normalised, causal) feature matrix."""
 
     open: np.ndarray
-    """float64 (T,) bar opens: fills happen here."""
+    """float64 (T,) bar opens: fills happen here with ``fill_price="next_open"`` (NaN allowed with next_close)."""
     close: np.ndarray
     """float64 (T,) bar closes: equity is marked here."""
     features: np.ndarray
@@ -86,10 +93,18 @@ class MarketArrays:
     volume_kind: str = "quantity"
     """What ``volume`` counts: "quantity" (units traded) or "ticks" (FX tick volume: no quantity, so impact and
     caps need a user-given ADV, ``CostModel.adv``)."""
+    fill_price: FillPrice = "next_open"
+    """Where the order decided at bar t's close fills: ``"next_open"`` (bar t+1's open) or ``"next_close"`` (bar
+    t+1's close, the price it is marked at: the position decided at t earns from that close on)."""
+
+    @property
+    def fill(self) -> np.ndarray:
+        """float64 (T,) the price a fill *on* bar t happens at: :attr:`open` or :attr:`close` (``fill_price``)."""
+        return self.close if self.fill_price == "next_close" else self.open
 
     @classmethod
-    def from_frame(cls, frame, features: np.ndarray, first_valid: int = 0, volume_kind: str = "quantity"
-                   ) -> MarketArrays:
+    def from_frame(cls, frame, features: np.ndarray, first_valid: int = 0, volume_kind: str = "quantity",
+                   fill_price: FillPrice = "next_open") -> MarketArrays:
         """Take opens, closes and bar times from a canonical OHLCV frame (``sentio_lab.data``) beside its features.
 
         ``year_fraction`` comes from the frame's DatetimeIndex (None if the index holds no timestamps).
@@ -104,6 +119,7 @@ class MarketArrays:
             **{c: frame[c].to_numpy(dtype=np.float64) for c in ("high", "low", "volume") if c in frame.columns},
             bars_per_day=bars_per_day(index if isinstance(index, pd.DatetimeIndex) else None),
             volume_kind=volume_kind,
+            fill_price=fill_price,
         )
 
     def __post_init__(self) -> None:
@@ -114,6 +130,8 @@ class MarketArrays:
                 f"MarketArrays: open {self.open.shape}, close {self.close.shape} and features "
                 f"{self.features.shape} must share their first dimension"
             )
+        if self.fill_price not in FILL_PRICES:
+            raise ValueError(f"MarketArrays: fill_price={self.fill_price!r}; choose from {list(FILL_PRICES)}")
         if not (0 <= self.first_valid < n):
             raise ValueError(f"MarketArrays: first_valid={self.first_valid} outside [0, {n})")
         bad = ~np.isfinite(self.features[self.first_valid :]).all(axis=1)
@@ -163,9 +181,10 @@ def fill_arrays(market: MarketArrays, costs: CostModel, first: int = 0, last: in
     inputs = cost_inputs(costs, market.high, market.low, market.close, market.volume, market.bars_per_day)
     half = inputs.half_spread
     eta = impact_eta(costs, inputs.sigma, inputs.adv)
-    # the fill of decision t happens on bar t + 1: its open, its volume (the env's execution, never observed)
-    fill_open, fill_volume = np.r_[market.open[1:], np.nan], np.r_[inputs.volume[1:], 0.0]
-    cap = fill_cap(costs, fill_open, fill_volume, inputs.adv, inputs.per_day)
+    # the fill of decision t happens on bar t + 1: its open (or close), its volume (the env's execution, never
+    # observed)
+    fill_price, fill_volume = np.r_[market.fill[1:], np.nan], np.r_[inputs.volume[1:], 0.0]
+    cap = fill_cap(costs, fill_price, fill_volume, inputs.adv, inputs.per_day)
     last = len(market.close) - 1 if last is None else last
     used = slice(first, last)
     checks = [("half-spread", half)]
@@ -339,8 +358,10 @@ class TradingEnv:
             self._tokens.append((torch.tensor(block.table, dtype=torch.float32, device=dev),
                                  torch.tensor(block.index, dtype=torch.long, device=dev)))
         self.positions = torch.as_tensor(check_positions(positions), dtype=f64, device=dev)
-        self.open = torch.tensor(market.open, dtype=f64, device=dev)
+        # Fills of decision t happen at bar t + 1's open or close (market.fill_price); marks at its close.
+        self.fill = torch.tensor(market.fill, dtype=f64, device=dev)
         self.close = torch.tensor(market.close, dtype=f64, device=dev)
+        self._borrow_on_held = market.fill_price == "next_close"
         self.features = torch.tensor(market.features, dtype=torch.float32, device=dev)
         # Borrow per short share at each bar's close (None when shorts pay nothing: the step skips it).
         years = _borrow_years(market, costs)
@@ -588,16 +609,17 @@ class TradingEnv:
         """Fill ``weights`` on bar t + 1 where ``trade`` (or a carried remainder), charge borrow, mark at its close:
         ``(cash, shares, equity, fill record or None)``. The agent's account and the benchmark's shadow one."""
         next_t = self.t + 1
-        price = self.open.index_select(0, next_t)
-        fill = None
+        price = self.fill.index_select(0, next_t)
+        before, fill = shares, None
         if self._fill_arrays is None:
             cash, shares, _ = rebalance(cash, shares, price, weights, trade, self.costs)
         else:  # spread / impact / cap: the decision bar's estimates, the fill bar's cap (sentio_lab.costs)
             half, eta, cap = (a.index_select(0, self.t) for a in self._fill_arrays)
             fill = execute(cash, shares, price, weights, trade | pending, self.costs, half, eta, cap)
             cash, shares = fill.cash, fill.shares
-        if self._borrow_per_share is not None:
-            cash = cash - shares.neg().clamp_min(0.0) * self._borrow_per_share.index_select(0, next_t)
+        if self._borrow_per_share is not None:  # on the shares held over bar t + 1 (module doc)
+            held = before if self._borrow_on_held else shares
+            cash = cash - held.neg().clamp_min(0.0) * self._borrow_per_share.index_select(0, next_t)
         return cash, shares, cash + shares * self.close.index_select(0, next_t), fill
 
     def _anchor_step(self, reward: torch.Tensor, b_t: torch.Tensor, deviation: torch.Tensor) -> torch.Tensor:
@@ -735,7 +757,7 @@ class NumpyTradingEnv(gym.Env):
         return self._observe(), {"equity": self.equity}
 
     def step(self, action: int) -> tuple[np.ndarray, float, bool, bool, dict]:
-        """Fill the target level at the next open, mark at the next close, reward the log equity change."""
+        """Fill the target level at the next open (or close), mark at the next close, reward the log equity change."""
         index = int(action)
         if index != action:
             raise TypeError(f"step: action {action!r} is not an integer level index")
@@ -752,7 +774,8 @@ class NumpyTradingEnv(gym.Env):
             target, changed, deviation = (x.item() for x in anchored_targets(
                 b_t, np.float64(self.anchor.tilts[action]), np.float64(self.held), *self._anchor_bounds,
                 self.anchor.no_trade_band))
-        price = self.market.open[self.t + 1]
+        price = self.market.fill[self.t + 1]
+        held = self.shares  # the shares held over bar t + 1 when the fill is at its close
         record = None
         if self.anchor is not None:  # the benchmark's shadow account, before the agent's (both read bar t)
             bench_log_return = self._benchmark_step(b_t, price)
@@ -775,7 +798,8 @@ class NumpyTradingEnv(gym.Env):
         self.steps += 1
         close = self.market.close[self.t]
         if self._borrow_years is not None:
-            self.cash -= float(borrow_cost(self.shares, close, self._borrow_years[self.t], self.costs))
+            borrowed = held if self.market.fill_price == "next_close" else self.shares
+            self.cash -= float(borrow_cost(borrowed, close, self._borrow_years[self.t], self.costs))
         equity = self.cash + self.shares * close
         reward = float(np.log(max(equity, _MIN_EQUITY) / self.equity))
         self.equity = equity
@@ -802,6 +826,7 @@ class NumpyTradingEnv(gym.Env):
         return its log return."""
         account, lo, hi = self.bench, *self._anchor_bounds
         target, trade = (x.item() for x in benchmark_targets(np.float64(b_t), np.float64(account["held"]), lo, hi))
+        before = account["shares"]  # held over bar t + 1 when the fill is at its close
         if self._fill_arrays is None:
             cash, shares, _ = rebalance(account["cash"], account["shares"], price, target, trade, self.costs)
         else:
@@ -813,7 +838,8 @@ class NumpyTradingEnv(gym.Env):
         cash, shares = float(cash), float(shares)
         close = self.market.close[self.t + 1]
         if self._borrow_years is not None:
-            cash -= float(borrow_cost(shares, close, self._borrow_years[self.t + 1], self.costs))
+            borrowed = before if self.market.fill_price == "next_close" else shares
+            cash -= float(borrow_cost(borrowed, close, self._borrow_years[self.t + 1], self.costs))
         equity = cash + shares * close
         log_return = float(np.log(max(equity, _MIN_EQUITY) / account["equity"]))
         account.update(cash=cash, shares=shares, held=target, equity=equity)

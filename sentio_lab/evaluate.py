@@ -87,6 +87,8 @@ class Evaluation:
     ruined: bool = False
     """True when equity hit 0 before the range ended: the episode stops there, and the last equity value is
     floored at the env's own floor (1e-12, as in its log reward) so the curve keeps defined returns."""
+    fill_price: str = "next_open"
+    """Where the orders filled (the market's ``MarketArrays.fill_price``): replay them with the same."""
 
     @cached_property
     def summary(self) -> dict[str, object]:
@@ -234,6 +236,7 @@ def evaluate_policy(
         equity=pd.Series(equity, index=index[first : first + len(equity)], name="equity"),
         costs=costs,
         ruined=ruined,
+        fill_price=market.arrays.fill_price,
     )
 
 
@@ -534,6 +537,7 @@ def evaluate_policies(
                 equity=pd.Series(curve, index=index[first : first + n + 1], name="equity"),
                 costs=costs,
                 ruined=bool(ruined_np[e]),
+                fill_price=market.arrays.fill_price,
             )
     return results  # type: ignore[return-value]
 

@@ -27,7 +27,7 @@ from sentio_lab.data import (
     load_market,
     too_few_bars_error,
 )
-from sentio_lab.env import MarketArrays
+from sentio_lab.env import FillPrice, MarketArrays
 from sentio_lab.features import FeatureConfig, ObservationFeatures, build_observation_features
 from sentio_lab.features.observation import MIN_TRAIN_ROWS, warmup_rows
 from sentio_lab.splits import FILL_DELAY, Fold, Segment, SegmentEpisodeSampler, fit_rows
@@ -102,17 +102,19 @@ def prepare_market(
     feature_state: dict | None = None,
     window: int | None = None,
     episode_length: int | None = None,
+    fill_price: FillPrice = "next_open",
 ) -> PreparedMarket:
     """Load ``source``, split it chronologically, build features fitted on the training range.
 
-    ``start``, ``end`` and ``stale_opens`` go to :func:`sentio_lab.data.load_market` (an inclusive date range,
-    a bundled dataset's default start when ``start`` is None, and the stale-open policy). The features use
-    the session close chosen by :func:`effective_feature_config`. With ``window`` and ``episode_length`` (a
+    ``start``, ``end``, ``stale_opens`` and ``fill_price`` go to :func:`sentio_lab.data.load_market` (an inclusive
+    date range, a bundled dataset's default start when ``start`` is None, the stale-open policy, which next-close
+    fills never need). The features use the session close chosen by :func:`effective_feature_config`; the arrays
+    fill at ``fill_price`` (:class:`~sentio_lab.env.MarketArrays`). With ``window`` and ``episode_length`` (a
     training run's) a market too short to train on is refused with one
     :class:`~sentio_lab.data.DataValidationError` saying how many bars it needs
     (:func:`sentio_lab.data.bars_needed`).
     """
-    data = load_market(source, start=start, end=end, stale_opens=stale_opens)
+    data = load_market(source, start=start, end=end, stale_opens=stale_opens, fill_price=fill_price)
     splits = chronological_split(data, train_fraction, validation_fraction)
     config = effective_feature_config(feature_config, data, feature_state)
     train_stop = splits["train"].stop
@@ -126,7 +128,7 @@ def prepare_market(
         raise
     if lengths is not None:
         _check_length(data, features.first_valid, *lengths)
-    arrays = MarketArrays.from_frame(data.frame, features.values, features.first_valid, volume_kind(data))
+    arrays = MarketArrays.from_frame(data.frame, features.values, features.first_valid, volume_kind(data), fill_price)
     return PreparedMarket(data=data, splits=splits, features=features, arrays=arrays, feature_config=config)
 
 
@@ -168,6 +170,7 @@ def prepare_fold_market(
     *,
     feature_config: FeatureConfig | None = None,
     validation_bars: int = 0,
+    fill_price: FillPrice | None = None,
 ) -> PreparedMarket:
     """The market of one purged walk-forward or CPCV fold: features fitted on its training segments only.
 
@@ -176,7 +179,8 @@ def prepare_fold_market(
     fitted on :func:`sentio_lab.splits.fit_rows` of the training segments (the HMM with one sequence per
     segment); the raw features are the frame's, through the feature cache when ``cache_dir`` is set, so a fold
     costs one fit. With ``validation_bars`` the last that many decision bars of the last training segment become
-    the ``"validation"`` range (purged from training, and not fitted on).
+    the ``"validation"`` range (purged from training, and not fitted on). ``fill_price`` defaults to the base
+    market's (``"next_open"`` for a MarketData base).
 
     Ranges: ``"train"`` spans the training segments (test groups may lie inside it: train through
     :meth:`PreparedMarket.episode_sampler`, never through the span), ``"test:<group>"`` is each test group's env
@@ -206,7 +210,14 @@ def prepare_fold_market(
         if not 0 <= a < b <= n:
             raise ValueError(f"fold {fold.fold}: test group [{a}, {b}) outside the market's {n} bars")
     features = build_observation_features(frame, None, config, train_rows=rows)
-    arrays = MarketArrays.from_frame(frame, features.values, features.first_valid, volume_kind(data))
+    if fill_price is None:
+        fill_price = base.arrays.fill_price if isinstance(base, PreparedMarket) else "next_open"
+    quality = data.quality
+    if fill_price == "next_open" and quality is not None and quality.stale_stretches and \
+            quality.stale_opens_policy != "allow":  # loaded for next-close fills: its opens were never checked
+        raise ValueError(f"{data.name}: this range holds stale opens and was loaded for next-close fills; pass "
+                         "fill_price='next_close' (--fill-price next_close)")
+    arrays = MarketArrays.from_frame(frame, features.values, features.first_valid, volume_kind(data), fill_price)
     splits = {"train": _split("train", frame, train[0][0], train[-1][1])}
     if validation is not None:
         splits["validation"] = _split("validation", frame, *validation)

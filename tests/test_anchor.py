@@ -4,6 +4,8 @@ each option (excess reward, deviation penalty, no-trade band) does what its form
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -127,8 +129,11 @@ def test_a_tilt_is_not_the_benchmark(market):
 
 
 # --------------------------------------------------------------------- tilted agent: four accountings agree
-def test_tilted_agent_envs_replay_and_ledger_agree(nasdaq):
+@pytest.mark.parametrize("fill_price", ["next_open", "next_close"])
+def test_tilted_agent_envs_replay_and_ledger_agree(nasdaq, fill_price):
     frame, arrays = nasdaq
+    arrays = dataclasses.replace(arrays, fill_price=fill_price)
+    fill_at = "close" if fill_price == "next_close" else "open"
     anchor = AnchorConfig(np.clip(np.sin(np.arange(len(frame)) / 40.0) * 1.3, -1.0, 1.0), tilts=TILTS,
                           limits=(-1.0, 1.5))
     actions = np.random.default_rng(5).integers(0, len(TILTS), (STEPS, len(STARTS)))
@@ -139,8 +144,8 @@ def test_tilted_agent_envs_replay_and_ledger_agree(nasdaq):
     assert ours["weight"].max() > 1.0 and ours["weight"].min() == -1.0  # leverage and the clip both happen
     for i, start in enumerate(STARTS):
         weights = ours["weight"][:, i]
-        replayed = bt.equity(bt.replay(frame, start, weights, COSTS)).to_numpy()[1:]
-        ledger = ledger_of_weights(frame, start, weights)
+        replayed = bt.equity(bt.replay(frame, start, weights, COSTS, fill_price=fill_price)).to_numpy()[1:]
+        ledger = ledger_of_weights(frame, start, weights, fill_at=fill_at)
         assert np.max(np.abs(replayed / ours["equity"][:, i] - 1)) < TOL
         assert np.max(np.abs(ledger / ours["equity"][:, i] - 1)) < TOL
 

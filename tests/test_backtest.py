@@ -1,3 +1,5 @@
+import dataclasses
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -468,3 +470,57 @@ def test_nonflat_env_on_cuda_matches_cpu(market):
             curve.append(info["equity"].cpu().numpy())
         equities.append(np.array(curve))
     np.testing.assert_allclose(equities[1], equities[0], rtol=1e-12)
+
+
+# ------------------------------------------------------------------------------------ fills at the next close
+def _next_close_error(frame, market, positions, costs, seed=3):
+    weights, equities, _ = run_env(dataclasses.replace(market, fill_price="next_close"), positions, seed, costs)
+    worst = 0.0
+    for i, start in enumerate(STARTS):
+        replayed = bt.equity(bt.replay(frame, start, weights[:, i], costs, fill_price="next_close"))
+        worst = max(worst, float(np.max(np.abs(replayed.to_numpy()[1:] / equities[:, i] - 1.0))))
+    return worst, weights, equities
+
+
+@pytest.mark.parametrize("name", ["flat", "borrow", *MODELS])
+def test_next_close_replay_reproduces_the_env(frame, market, name):
+    costs = {"flat": COSTS, "borrow": CostModel(fee_bps=10, slippage_bps=5, borrow_bps=400)}.get(name) or MODELS[name]
+    positions = (-1.0, 0.0, 0.5, 1.0, 2.0)
+    error, weights, equities = _next_close_error(frame, market, positions, costs)
+    print(f"max relative equity error, next-close env vs vectorbt ({name}): {error:.3e}")
+    assert error < 1e-9
+    # the same weights filled at the next open make another curve: the fill price reached both
+    _, open_equities, _ = run_env(market, positions, 3, costs)
+    assert np.max(np.abs(open_equities / equities - 1)) > 1e-3
+    opened = bt.equity(bt.replay(frame, STARTS[0], weights[:, 0], costs)).to_numpy()[1:]
+    assert np.max(np.abs(opened / equities[:, 0] - 1)) > 1e-3
+
+
+def test_next_close_fill_records_arrive_at_the_fill_bars_close(frame):
+    costs = CostModel(fee_bps=10, slippage_bps=5, impact="sqrt", capital=1e10)
+    weights = np.array([1.0, 1.0, 0.0])
+    records = bt.fills(frame, 500, weights, costs, fill_price="next_close")
+    closes = frame["close"].to_numpy()
+    assert records["arrival_price"].tolist() == [closes[501], closes[503]]
+    assert records["fill_time"].tolist() == [frame.index[501], frame.index[503]]
+    first = records.iloc[0]
+    move = (closes[501] - closes[500]) / closes[500]
+    assert first["shortfall_decision_bps"] == pytest.approx(((1 + move) * (1 + first["rate"]) * 1.001 - 1) * 1e4,
+                                                            rel=1e-9)
+    sizes = bt.order_sizes(frame, 500, weights, COSTS, fill_price="next_close")
+    assert sizes.iloc[1] == pytest.approx(1.0 / (closes[501] * (1 + COSTS.slippage) * (1 + COSTS.fee)), rel=1e-14)
+    held = bt.equity(bt.buy_and_hold(frame, 500, 3, COSTS, fill_price="next_close"))
+    assert held.iloc[1] == pytest.approx(1 / ((1 + COSTS.slippage) * (1 + COSTS.fee)), rel=1e-14)
+    assert held.iloc[3] == pytest.approx(held.iloc[1] * closes[503] / closes[501], rel=1e-12)
+
+
+def test_next_close_replay_needs_no_opens(frame):
+    close_only = frame.assign(open=np.nan)
+    weights = np.array([1.0, -1.0, 0.0, 1.0])
+    with_opens = bt.equity(bt.replay(frame, 700, weights, COSTS, fill_price="next_close"))
+    pd.testing.assert_series_equal(bt.equity(bt.replay(close_only, 700, weights, COSTS, fill_price="next_close")),
+                                   with_opens)
+    with pytest.raises(ValueError, match="non-finite open/close"):
+        bt.replay(close_only, 700, weights, COSTS)
+    with pytest.raises(ValueError, match="fill_price='open'"):
+        bt.fill_prices(frame, "open")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import gymnasium.utils.env_checker
 import numpy as np
 import pandas as pd
@@ -975,3 +977,108 @@ def test_masked_env_on_device_matches_cpu(nasdaq, device):
     assert torch.equal(runs[0][0], runs[1][0]) and not runs[0][0].all()
     torch.testing.assert_close(runs[0][1], runs[1][1], rtol=1e-12, atol=1e-12)
     assert runs[0][2] == runs[1][2]
+
+
+# ------------------------------------------------------------------------------------ fills at the next close
+def next_close(market: MarketArrays) -> MarketArrays:
+    return dataclasses.replace(market, fill_price="next_close")
+
+
+def test_fill_price_is_checked_and_picks_the_fill_column(nasdaq):
+    assert nasdaq.fill_price == "next_open" and nasdaq.fill is nasdaq.open  # the default: today's fills
+    assert next_close(nasdaq).fill is nasdaq.close
+    with pytest.raises(ValueError, match="fill_price='next_mid'"):
+        dataclasses.replace(nasdaq, fill_price="next_mid")
+
+
+@pytest.mark.parametrize("costs", [COSTS, BORROW], ids=["no-borrow", "borrow"])
+@pytest.mark.parametrize("positions", [DEFAULT_POSITIONS, FIVE_LEVELS, (-1.0, 0.0, 2.0)],
+                         ids=["short-flat-long", "five-levels", "leveraged"])
+def test_next_close_torch_env_matches_numpy_reference(nasdaq, positions, costs):
+    _check_against_reference(next_close(nasdaq), positions, "cpu", steps=150, costs=costs)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_next_close_torch_env_on_device(nasdaq, device):
+    _check_against_reference(next_close(nasdaq), DEFAULT_POSITIONS, device, n_envs=6, steps=130, length=50,
+                             costs=BORROW)
+
+
+@pytest.mark.parametrize("costs", [CostModel(0, 0), COSTS], ids=["free", "costs"])
+def test_next_close_fill_earns_nothing_of_the_fill_bar(nasdaq, costs):
+    """From flat, a buy decided at bar t fills at close[t+1] and is marked there: its reward is the cost alone,
+    whatever bar t+1 did; the next step earns close[t+2] / close[t+1]. A fill at close[t] (same-bar) would earn
+    bar t+1's move, a fill at open[t+1] the move from that open."""
+    market, k = next_close(nasdaq), 4
+    moved = (np.abs(np.diff(np.log(market.close))) > 3e-3) & (np.abs(np.log(market.close / market.open)) > 3e-3)[1:]
+    t = 900 + int(np.argmax(moved[900:]))  # bar t + 1 moved from close[t] and from its own open
+    start = t - k
+    actions = [1] * k + [2, 2, 2]
+    for _, rewards in (np_rollout(market, start, actions, window=5, episode_length=40, costs=costs),
+                         torch_rollout(market, [start], [[a] for a in actions], window=5, episode_length=40,
+                                       costs=costs)):
+        rewards = rewards.ravel()
+        np.testing.assert_array_equal(rewards[:k], 0.0)
+        assert rewards[k] == pytest.approx(-np.log1p(costs.buy_cost_rate), abs=1e-12)
+        assert rewards[k + 1] == pytest.approx(np.log(market.close[t + 2] / market.close[t + 1]), abs=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_next_close_future_bars_move_nothing_up_to_the_fill(nasdaq, seed):
+    """Bars after t+1 never move the step that fills and marks at close[t+1]; the observation at bar t does not
+    see bar t+1 (its close included); changing close[t+1] alone moves the fill of step t but no earlier thing."""
+    rng = np.random.default_rng(seed)
+    market = next_close(nasdaq)
+    cut = int(rng.integers(500, len(market.close) - 300))  # bars <= cut kept
+    future = slice(cut + 1, None)
+    m = len(market.close) - cut - 1
+    close, features = market.close.copy(), market.features.copy()
+    close[future] = close[cut] * np.exp(np.cumsum(rng.normal(0, 0.02, m)))
+    features[future] = rng.normal(0, 5, (m, features.shape[1]))
+    perturbed = dataclasses.replace(market, close=close, features=features, open=np.full(len(close), np.nan))
+    n_envs = 6
+    starts = rng.integers(cut - 60, cut, n_envs)
+    steps = int(cut - starts.min() + 5)
+    actions = rng.integers(0, 3, (steps, n_envs))
+    kwargs = dict(window=8, episode_length=200, costs=BORROW)
+    obs_a, rew_a = torch_rollout(market, starts, actions, **kwargs)
+    obs_b, rew_b = torch_rollout(perturbed, starts, actions, **kwargs)  # opens all NaN: never read
+    bar = starts[None, :] + np.arange(steps + 1)[:, None]
+    seen, filled = bar <= cut, bar[1:] <= cut  # step s fills and marks on bar s + 1
+    np.testing.assert_array_equal(obs_a[seen], obs_b[seen])
+    np.testing.assert_array_equal(rew_a[filled], rew_b[filled])
+    assert not np.array_equal(rew_a[~filled], rew_b[~filled])
+    np_a, np_ra = np_rollout(market, int(starts[0]), actions[:, 0], **kwargs)
+    np_b, np_rb = np_rollout(perturbed, int(starts[0]), actions[:, 0], **kwargs)
+    np.testing.assert_array_equal(np_a[seen[:, 0]], np_b[seen[:, 0]])
+    np.testing.assert_array_equal(np_ra[filled[:, 0]], np_rb[filled[:, 0]])
+    assert np.isfinite(np_rb).all() and np.isfinite(rew_b).all()
+    # close[cut + 1] alone: the step deciding at cut moves (its fill and mark), nothing before it does
+    one = dataclasses.replace(market, close=np.r_[market.close[: cut + 1], market.close[cut + 1] * 1.02,
+                                                  market.close[cut + 2 :]])
+    start = cut - 10
+    acts = [2, 0, 1, 2, 0, 2, 1, 0, 2, 2, 0, 1, 2]
+    obs_c, rew_c = np_rollout(market, start, acts, **kwargs)
+    obs_d, rew_d = np_rollout(one, start, acts, **kwargs)
+    np.testing.assert_array_equal(obs_c[:11], obs_d[:11])  # observations at bars <= cut
+    np.testing.assert_array_equal(rew_c[:10], rew_d[:10])  # fills and marks on bars <= cut
+    assert rew_c[10] != rew_d[10]
+
+
+def test_next_close_short_pays_borrow_on_the_position_held_over_the_bar(nasdaq_frame, nasdaq):
+    """A short decided at t fills at close[t+1]: it was not held over bar t+1 and pays no borrow there; the
+    next bar charges it (rate x |shares| x close x days / 365), and closing it pays that bar's borrow."""
+    market, start = next_close(nasdaq), 1000
+    index = nasdaq_frame.index
+    costs = CostModel(0, 0, borrow_bps=10_000)  # 100 % a year: large enough to read
+    _, rewards = np_rollout(market, start, [0, 0, 1], window=4, episode_length=10, costs=costs)
+    assert rewards[0] == 0.0  # the short fills at close[start + 1], marked there: no cost, no borrow
+    days = [(index[start + j] - index[start + j - 1]).days for j in (2, 3)]
+    shares = -1.0 / market.close[start + 1]
+    equity1 = 1.0 + shares * (market.close[start + 2] - market.close[start + 1]) \
+        - days[0] / 365 * -shares * market.close[start + 2]
+    assert rewards[1] == pytest.approx(np.log(equity1), abs=1e-12)
+    # held over bar start + 3, covered at its close (the cover is free here), charged that bar's borrow
+    equity2 = equity1 + shares * (market.close[start + 3] - market.close[start + 2]) \
+        - days[1] / 365 * -shares * market.close[start + 3]
+    assert rewards[2] == pytest.approx(np.log(equity2 / equity1), abs=1e-12)

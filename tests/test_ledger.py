@@ -18,6 +18,8 @@ with it: the second case also shows the replay cannot tell (it agrees with the b
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -92,10 +94,14 @@ def ledger_equity(
     borrow_bps: float = BORROW_BPS,
     sizing=fill_quantity,
     calendar_days: bool = True,
+    fill_at: str = "open",
+    borrow_on_filled: bool = False,
 ) -> list[float]:
-    """Equity after each action: fill at the next open, borrow and mark at that bar's close (python floats)."""
+    """Equity after each action: fill at the next open (``fill_at="close"``: the next close), borrow and mark at that
+    bar's close (python floats). The borrow is on the shares held over the bar: those after an open fill, those
+    before a close fill (``borrow_on_filled``: a deliberately wrong rule, those after it)."""
     fee, slippage, rate = fee_bps / 10_000.0, slippage_bps / 10_000.0, borrow_bps / 10_000.0
-    opens = [float(x) for x in frame["open"]]
+    opens = [float(x) for x in frame[fill_at]]
     closes = [float(x) for x in frame["close"]]
     times = list(frame.index)
     cash, shares, level = 1.0, 0.0, positions.index(0.0)
@@ -103,6 +109,7 @@ def ledger_equity(
     t = start
     for action in actions:
         price = opens[t + 1]
+        held = shares  # over bar t + 1, when the fill is at its close
         if action != level:
             w = positions[action]
             q = sizing(cash, shares, price, w, fee, slippage)
@@ -112,9 +119,10 @@ def ledger_equity(
             shares = shares + q
             level = action
         t += 1
-        if shares < 0:
+        held = held if fill_at == "close" and not borrow_on_filled else shares
+        if held < 0:
             days = (times[t] - times[t - 1]).total_seconds() / 86_400.0 if calendar_days else 1.0
-            cash -= rate * -shares * closes[t] * days / 365.0
+            cash -= rate * -held * closes[t] * days / 365.0
         equities.append(cash + shares * closes[t])
     return equities
 
@@ -345,11 +353,12 @@ def bisect_fill(cash: float, shares: float, price: float, w: float, fee: float, 
 
 def nonflat_ledger_equity(frame, start, positions, actions, fee_bps=FEE_BPS, slippage_bps=SLIPPAGE_BPS,
                           impact="none", impact_y=0.7, ac_permanent=0.4, ac_temporary=0.5, capital=1e6,
-                          spread="none", participation=None, remainder="cancel", cap_volume="bar"):
-    """(equity after each action, reason of each order) under spread / impact / cap; daily bars, no borrow."""
+                          spread="none", participation=None, remainder="cancel", cap_volume="bar", fill_at="open"):
+    """(equity after each action, reason of each order) under spread / impact / cap; daily bars, no borrow; fills
+    at the next open (``fill_at="close"``: the next close)."""
     fee, slippage = fee_bps / 10_000.0, slippage_bps / 10_000.0
     opens, highs, lows, closes, volumes = ([float(x) for x in frame[c]] for c in
-                                           ("open", "high", "low", "close", "volume"))
+                                           (fill_at, "high", "low", "close", "volume"))
     cash, shares, level, pending = 1.0, 0.0, positions.index(0.0), False
     equities, reasons = [], []
     t = start
@@ -426,3 +435,62 @@ def test_nonflat_ledger_matches_both_envs(frame, market, name):
     if params.get("participation"):  # the cap bound on some orders, and the env's fill record says so
         reasons = nonflat_ledger_equity(frame, STARTS[0], positions, actions[:, 0].tolist(), **params)[1]
         assert "capped" in reasons
+
+
+# ================================================================================= fills at the next close
+@pytest.fixture(scope="module")
+def close_market(market) -> MarketArrays:
+    return dataclasses.replace(market, fill_price="next_close")
+
+
+@pytest.mark.parametrize("positions", [(-1.0, 0.0, 1.0), (-1.0, -0.5, 0.0, 0.5, 1.0, 2.0)],
+                         ids=["short-flat-long", "six-levels"])
+def test_next_close_ledger_matches_both_envs_and_the_replay(frame, close_market, market, positions):
+    actions = random_actions(len(positions), seed=51)
+    expected = ledger(frame, positions, actions, fill_at="close")
+    torch_eq = torch_equity(close_market, positions, actions)
+    numpy_eq = numpy_equity(close_market, positions, actions)
+    error = max(max_rel(torch_eq, expected), max_rel(numpy_eq, expected))
+    for i, start in enumerate(STARTS):
+        replayed = bt.equity(bt.replay(frame, start, np.asarray(positions)[actions[:, i]], COSTS,
+                                       fill_price="next_close")).to_numpy()[1:]
+        error = max(error, max_rel(replayed, expected[:, i]))
+    print(f"max relative equity error, next-close envs and replay vs independent ledger {positions}: {error:.2e}")
+    assert error < TOLERANCE
+    # the ledger tells the fill prices apart, and the borrow on the shares held over the bar from the filled ones
+    assert max_rel(ledger(frame, positions, actions), expected) > 1e-3
+    assert max_rel(torch_equity(market, positions, actions), expected) > 1e-3
+    assert max_rel(ledger(frame, positions, actions, fill_at="close", borrow_on_filled=True), torch_eq) > 1e-4
+    assert max_rel(ledger(frame, positions, actions, fill_at="close", borrow_bps=0.0), torch_eq) > 1e-4
+
+
+def _same_bar_close_market(market: MarketArrays) -> MarketArrays:
+    """A deliberately wrong market: "next_close" fills that read close[t], the price the agent has just seen."""
+    return dataclasses.replace(market, open=np.r_[market.close[0], market.close[:-1]])
+
+
+def test_next_close_ledger_catches_a_same_bar_fill(frame, market):
+    positions = (-1.0, 0.0, 1.0)
+    actions = random_actions(len(positions), seed=52)
+    expected = ledger(frame, positions, actions, fill_at="close", borrow_bps=0.0)
+    same_bar = torch_equity(_same_bar_close_market(market), positions, actions, CostModel(FEE_BPS, SLIPPAGE_BPS))
+    assert max_rel(same_bar, expected) > 1e-2
+
+
+@pytest.mark.parametrize("name", ["sqrt-impact", "abdi-ranaldo+sqrt", "cap-carry", "cap-forecast-carry"])
+def test_next_close_nonflat_ledger_matches_both_envs_and_the_replay(frame, close_market, name):
+    params = NONFLAT[name]
+    positions = (-1.0, 0.0, 0.5, 1.0, 2.0)
+    actions = random_actions(len(positions), seed=61)
+    expected = np.array([nonflat_ledger_equity(frame, s, positions, actions[:, i].tolist(), fill_at="close",
+                                               **params)[0] for i, s in enumerate(STARTS)]).T
+    costs = nonflat_costs(params)
+    error = max(max_rel(torch_equity(close_market, positions, actions, costs), expected),
+                max_rel(numpy_equity(close_market, positions, actions, costs), expected))
+    for i, start in enumerate(STARTS):
+        replayed = bt.equity(bt.replay(frame, start, np.asarray(positions)[actions[:, i]], costs,
+                                       fill_price="next_close")).to_numpy()[1:]
+        error = max(error, max_rel(replayed, expected[:, i]))
+    print(f"max relative equity error, next-close envs and replay vs independent ledger ({name}): {error:.2e}")
+    assert error < TOLERANCE
+    assert max_rel(nonflat_ledger(frame, positions, actions, params), expected) > 1e-3  # the open fills differ

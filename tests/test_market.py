@@ -28,9 +28,10 @@ def test_prepare_market_keyword_names_are_fixed():
     # The PPO variants pass these by name (Args data_start / data_end / stale_opens): keep them.
     params = inspect.signature(prepare_market).parameters
     assert list(params) == ["source", "feature_config", "start", "end", "stale_opens", "train_fraction",
-                            "validation_fraction", "feature_state", "window", "episode_length"]
+                            "validation_fraction", "feature_state", "window", "episode_length", "fill_price"]
     assert all(params[k].kind is inspect.Parameter.KEYWORD_ONLY for k in list(params)[2:])
     assert params["stale_opens"].default == "refuse" and params["start"].default is None
+    assert params["fill_price"].default == "next_open"
 
 
 def test_prepare_market_forwards_the_range_to_load_market():

@@ -69,6 +69,7 @@ from sentio_lab.data.ranges import (
 from sentio_lab.data.session import SessionClose, canonical_session_close, parse_session_close
 from sentio_lab.data.validation import (
     CLI_FLAGS,
+    CLOSE_ONLY_OPTIONAL,
     DEFAULT_MIN_ROWS,
     OHLCV_COLUMNS,
     PRICE_COLUMNS,
@@ -82,6 +83,7 @@ from sentio_lab.data.validation import (
 __all__ = [
     "BUNDLED_DATASETS",
     "CLI_FLAGS",
+    "CLOSE_ONLY_OPTIONAL",
     "DEFAULT_DATASET",
     "DEFAULT_MIN_ROWS",
     "MIN_EVALUATION_BARS",

@@ -24,6 +24,7 @@ from sentio_lab.data.quality import DataQuality, _day_or_time, _pct, data_qualit
 from sentio_lab.data.ranges import select_range
 from sentio_lab.data.validation import (
     CLI_FLAGS,
+    CLOSE_ONLY_OPTIONAL,
     DEFAULT_MIN_ROWS,
     OHLCV_COLUMNS,
     DataValidationError,
@@ -36,6 +37,8 @@ from sentio_lab.data.validation import (
 TIMESTAMP_COLUMNS: tuple[str, ...] = ("date", "datetime", "time", "timestamp", "gmt time")
 StaleOpensPolicy = Literal["refuse", "allow"]
 STALE_OPENS_POLICIES: tuple[str, ...] = ("refuse", "allow")
+#: The note a market loaded for next-close fills carries in its quality report (:func:`fill_price_note`).
+NEXT_CLOSE_NOTE = "fills at next close: stale opens do not matter (fills and marks read closes only)"
 
 
 def _load_sp500() -> pd.DataFrame:
@@ -104,20 +107,23 @@ def load_market(
     end: str | pd.Timestamp | None = None,
     stale_opens: StaleOpensPolicy = "refuse",
     min_rows: int = DEFAULT_MIN_ROWS,
+    fill_price: Literal["next_open", "next_close"] = "next_open",
 ) -> MarketData:
     """Load a bundled dataset by name (see ``BUNDLED_DATASETS``) or a user CSV / Parquet file by path.
 
     ``start`` / ``end`` select an inclusive range (see :func:`select_range`) before the stale-open check; a
     bundled dataset without ``start`` begins at its ``default_start``. With ``stale_opens="refuse"`` a range
     that holds a stale-open stretch raises :class:`DataValidationError`; ``"allow"`` loads it with a warning
-    (same-bar fills, knowingly) and records that in ``market.quality``.
+    (same-bar fills, knowingly) and records that in ``market.quality``. With ``fill_price="next_close"`` (orders
+    fill at the next bar's close, :class:`sentio_lab.env.MarketArrays`) no fill uses an open: the stale-open rule
+    does not apply, nothing is refused or warned, and the quality report says so (:func:`fill_price_note`).
     """
     if stale_opens not in STALE_OPENS_POLICIES:
         raise DataValidationError(
             f"stale_opens={stale_opens!r}: choose {CLI_FLAGS['stale_opens']} {' or '.join(STALE_OPENS_POLICIES)} "
             "(stale_opens= in Python)", flag=CLI_FLAGS["stale_opens"],
         )
-    notes: list[str] = []
+    notes: list[str] = fill_price_note(fill_price)
     session_close = None
     default_used = False
     if isinstance(source, str) and source in BUNDLED_DATASETS:
@@ -142,7 +148,9 @@ def load_market(
                 f"check {CLI_FLAGS['source']} (source= in Python)", flag=CLI_FLAGS["source"],
             )
         name, raw = str(path), read_ohlcv_file(path)
-    full = canonicalize(raw, source=name, min_rows=min_rows)
+    # next-close fills read closes only: close-only files (no open / high / low / volume, or NaN there) load
+    full = canonicalize(raw, source=name, min_rows=min_rows,
+                        optional=CLOSE_ONLY_OPTIONAL if fill_price == "next_close" else ())
     frame = select_range(full, start, end, source=name)
     if len(frame) < min_rows:
         given = " to ".join(option(k, str(v)) for k, v in (("start", start), ("end", end)) if v is not None)
@@ -151,10 +159,11 @@ def load_market(
             f"{_day_or_time(full.index[-1])}); at least {min_rows} are needed: widen the range",
             flag=CLI_FLAGS["start"] if start is not None else CLI_FLAGS["end"],
         )
-    market = to_market(frame, name=name, min_rows=min_rows, session_close=session_close)
+    market = to_market(frame, name=name, min_rows=min_rows, session_close=session_close,
+                       optional=CLOSE_ONLY_OPTIONAL if fill_price == "next_close" else ())
     quality = market.quality
     assert quality is not None
-    if quality.stale_stretches:
+    if quality.stale_stretches and fill_price == "next_open":
         if stale_opens == "refuse":
             raise _stale_error(name, frame, quality, default_used, min_rows)
         listed = "; ".join(s.describe() for s in quality.stale_stretches)
@@ -169,6 +178,13 @@ def load_market(
         default_start_used=default_used, stale_opens_policy=stale_opens, notes=tuple(notes),
     )
     return dataclasses.replace(market, quality=quality)
+
+
+def fill_price_note(fill_price: str) -> list[str]:
+    """The quality-report notes of a fill price: :data:`NEXT_CLOSE_NOTE` for next-close fills, none otherwise."""
+    if fill_price not in ("next_open", "next_close"):
+        raise ValueError(f"fill_price={fill_price!r}; choose from ['next_open', 'next_close'] (--fill-price)")
+    return [NEXT_CLOSE_NOTE] if fill_price == "next_close" else []
 
 
 def _before(end: str | pd.Timestamp, start: str) -> bool:

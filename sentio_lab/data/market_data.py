@@ -37,13 +37,15 @@ class MarketData:
 
 
 def to_market(
-    raw: pd.DataFrame, *, name: str, min_rows: int = DEFAULT_MIN_ROWS, session_close: str | None = None
+    raw: pd.DataFrame, *, name: str, min_rows: int = DEFAULT_MIN_ROWS, session_close: str | None = None,
+    optional: tuple[str, ...] = (),
 ) -> MarketData:
     """Canonicalise and validate a raw OHLCV frame, then record its bar frequency, fingerprint and quality.
 
     No stale-open policy is applied here (the report lists any stretches); :func:`load_market` applies it.
+    ``optional`` columns may be absent or NaN (close-only data, :func:`~sentio_lab.data.canonicalize`).
     """
-    frame = canonicalize(raw, source=name, min_rows=min_rows)
+    frame = canonicalize(raw, source=name, min_rows=min_rows, optional=optional)
     bar_freq = infer_bar_freq(frame)
     return MarketData(frame=frame, name=name, bar_freq=bar_freq, fingerprint=fingerprint(frame),
                       quality=data_quality(frame, bar_freq, source=name),

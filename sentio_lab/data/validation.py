@@ -11,6 +11,10 @@ import pandas as pd
 
 OHLCV_COLUMNS: tuple[str, ...] = ("open", "high", "low", "close", "volume")
 PRICE_COLUMNS: tuple[str, ...] = ("open", "high", "low", "close")
+#: The columns close-only data may lack (absent, or NaN on any row): ``canonicalize(optional=CLOSE_ONLY_OPTIONAL)``.
+CLOSE_ONLY_OPTIONAL: tuple[str, ...] = ("open", "high", "low", "volume")
+#: How to run on close-only data, appended to the errors about a missing or NaN optional column.
+CLOSE_ONLY_HINT = "close-only data loads with --fill-price next_close and --feature-bank close"
 #: Fewer rows than this cannot hold a train, validation and test range worth the name.
 DEFAULT_MIN_ROWS = 50
 #: How many offending rows an error message lists before it says "and N more".
@@ -66,21 +70,27 @@ def _rows(index: pd.Index, mask: np.ndarray) -> str:
     return f"{len(where)} row(s) [{shown}{more}]"
 
 
-def canonicalize(raw: pd.DataFrame, *, source: str = "input", min_rows: int = DEFAULT_MIN_ROWS) -> pd.DataFrame:
+def canonicalize(raw: pd.DataFrame, *, source: str = "input", min_rows: int = DEFAULT_MIN_ROWS,
+                 optional: tuple[str, ...] = ()) -> pd.DataFrame:
     """Return the canonical frame for ``raw`` or raise :class:`DataValidationError`.
 
-    Column names match case-insensitively (surrounding spaces ignored); extra columns are ignored.
+    Column names match case-insensitively (surrounding spaces ignored); extra columns are ignored. Columns in
+    ``optional`` (at most :data:`CLOSE_ONLY_OPTIONAL`: close-only data) may be absent -- they become all-NaN
+    columns, i.e. "not known", never a made-up value -- or NaN on any row; their known values are checked as usual.
     """
+    if not set(optional) <= set(CLOSE_ONLY_OPTIONAL):
+        raise ValueError(f"canonicalize: optional={optional!r}; only {CLOSE_ONLY_OPTIONAL} may be optional")
     by_lower: dict[str, object] = {}
     for col in raw.columns:
         key = str(col).strip().lower()
         if key in OHLCV_COLUMNS and key in by_lower:
             raise DataValidationError(f"{source}: column {key!r} appears twice (case-insensitively)")
         by_lower[key] = col
-    missing = [c for c in OHLCV_COLUMNS if c not in by_lower]
+    missing = [c for c in OHLCV_COLUMNS if c not in by_lower and c not in optional]
     if missing:
+        hint = f" ({CLOSE_ONLY_HINT})" if set(missing) <= set(CLOSE_ONLY_OPTIONAL) else ""
         raise DataValidationError(
-            f"{source}: missing column(s) {missing}; found {[str(c) for c in raw.columns]}"
+            f"{source}: missing column(s) {missing}; found {[str(c) for c in raw.columns]}{hint}"
         )
 
     index = raw.index
@@ -105,6 +115,9 @@ def canonicalize(raw: pd.DataFrame, *, source: str = "input", min_rows: int = DE
 
     frame = pd.DataFrame(index=index.rename("timestamp"))
     for col in OHLCV_COLUMNS:
+        if col not in by_lower:  # an optional column the file lacks: not known on any bar
+            frame[col] = np.full(len(index), np.nan)
+            continue
         values = pd.to_numeric(pd.Series(raw[by_lower[col]].to_numpy(), index=index), errors="coerce")
         original = raw[by_lower[col]].to_numpy()
         not_numeric = values.isna().to_numpy() & ~pd.isna(original)
@@ -131,9 +144,10 @@ def canonicalize(raw: pd.DataFrame, *, source: str = "input", min_rows: int = DE
 
     values = frame.to_numpy()
     for j, col in enumerate(OHLCV_COLUMNS):
-        bad = ~np.isfinite(values[:, j])
+        bad = np.isinf(values[:, j]) if col in optional else ~np.isfinite(values[:, j])
         if bad.any():
-            raise DataValidationError(f"{source}: NaN or inf in {col!r} at {_rows(index, bad)}")
+            hint = f" ({CLOSE_ONLY_HINT})" if col in CLOSE_ONLY_OPTIONAL and not np.isinf(values[bad, j]).any() else ""
+            raise DataValidationError(f"{source}: NaN or inf in {col!r} at {_rows(index, bad)}{hint}")
     for col in PRICE_COLUMNS:
         bad = frame[col].to_numpy() <= 0
         if bad.any():
@@ -142,10 +156,10 @@ def canonicalize(raw: pd.DataFrame, *, source: str = "input", min_rows: int = DE
     if bad.any():
         raise DataValidationError(f"{source}: negative volume at {_rows(index, bad)}")
     o, h, lo, c = (frame[col].to_numpy() for col in PRICE_COLUMNS)
-    bad = h < np.maximum(o, c)
+    bad = h < np.fmax(o, c)  # fmax / fmin: an unknown (NaN, optional) open leaves the close to check against
     if bad.any():
         raise DataValidationError(f"{source}: high below max(open, close) at {_rows(index, bad)}")
-    bad = lo > np.minimum(o, c)
+    bad = lo > np.fmin(o, c)
     if bad.any():
         raise DataValidationError(f"{source}: low above min(open, close) at {_rows(index, bad)}")
     return frame

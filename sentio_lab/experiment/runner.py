@@ -31,7 +31,7 @@ import pandas as pd
 import torch
 
 from sentio_lab import splits as splitting
-from sentio_lab.backtest import fill_costs_paid, order_sizes
+from sentio_lab.backtest import fill_costs_paid, fill_prices, order_sizes
 from sentio_lab.baselines import evaluate_baseline, evaluate_random
 from sentio_lab.checkpoint import load_checkpoint
 from sentio_lab.evaluate import (
@@ -177,12 +177,13 @@ def _groups_frame(evaluations: Sequence[Evaluation], fold: splitting.Fold, marke
         weights = evaluation.weights.reindex(equity.index)
         if evaluation.weights.isna().any():  # the random baseline's mean over seeds: no single set of fills
             cost = pd.Series(np.nan, index=equity.index)
-        elif evaluation.costs.is_flat:  # what each fill paid at the open of its bar (the episode starts at 1.0)
-            sizes = order_sizes(frame, evaluation.start, evaluation.weights.to_numpy(), evaluation.costs)
-            cost = fill_costs(sizes, frame["open"], evaluation.costs).reindex(equity.index)
+        elif evaluation.costs.is_flat:  # what each fill paid at the open (or close) of its bar (starting at 1.0)
+            sizes = order_sizes(frame, evaluation.start, evaluation.weights.to_numpy(), evaluation.costs,
+                                evaluation.fill_price)
+            cost = fill_costs(sizes, fill_prices(frame, evaluation.fill_price), evaluation.costs).reindex(equity.index)
         else:  # spread / impact / cap: the fills' own concessions (sentio_lab.backtest.fills)
             cost = fill_costs_paid(frame, evaluation.start, evaluation.weights.to_numpy(),
-                                   evaluation.costs).reindex(equity.index)
+                                   evaluation.costs, evaluation.fill_price).reindex(equity.index)
         if evaluation.ruined:
             _, stop = market.range(f"test:{fold.groups[j]}")
             rest = index[index.get_loc(equity.index[-1]) + 1 : stop]

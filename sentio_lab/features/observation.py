@@ -165,7 +165,7 @@ def build_observation_features(
     the runs of training rows. With ``state`` (from an earlier call) nothing is refit and the training rows are
     only checked. The features themselves are causal either way: row ``t`` reads bars ``<= t``.
     """
-    frame = _validated_frame(frame)
+    frame = _validated_frame(frame, bank=config.bank)
     n = len(frame)
     rows = _training_rows(n, train_stop, train_rows)
     if state is not None:

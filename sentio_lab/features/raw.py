@@ -17,7 +17,13 @@ import talib
 
 from sentio_lab.data import canonicalize, fingerprint
 from sentio_lab.features.config import FeatureConfig
-from sentio_lab.features.registry import FEATURE_VERSION, Bars, FeatureProducer, registered_producers
+from sentio_lab.features.registry import (
+    FEATURE_VERSION,
+    Bars,
+    FeatureProducer,
+    bank_optional_columns,
+    registered_producers,
+)
 from sentio_lab.timeframes import resample_causal
 
 
@@ -52,11 +58,12 @@ def compute_features(bars: Bars, producers: Iterable[FeatureProducer]) -> tuple[
     return values, names, lookback
 
 
-def _validated_frame(frame: pd.DataFrame, source: str = "frame") -> pd.DataFrame:
-    """Canonical OHLCV frame or a clear error (see :func:`sentio_lab.data.canonicalize`)."""
+def _validated_frame(frame: pd.DataFrame, source: str = "frame", bank: str = "basic") -> pd.DataFrame:
+    """Canonical OHLCV frame or a clear error (see :func:`sentio_lab.data.canonicalize`); the columns ``bank``
+    never reads may be absent or NaN (the "close" bank on close-only data)."""
     if not isinstance(frame, pd.DataFrame):
         raise TypeError(f"{source}: frame must be a pandas DataFrame, got {type(frame).__name__}")
-    return canonicalize(frame, source=source, min_rows=1)
+    return canonicalize(frame, source=source, min_rows=1, optional=bank_optional_columns(bank))
 
 
 def _raw_cache_key(frame: pd.DataFrame, config: FeatureConfig, base_freq: pd.Timedelta) -> str:
@@ -126,7 +133,7 @@ def raw_features(frame: pd.DataFrame, config: FeatureConfig, base_freq: pd.Timed
     :func:`sentio_lab.data.canonicalize`): :class:`~sentio_lab.data.DataValidationError` names the problem and
     the rows. ``base_freq`` is the duration of one base bar (used only by the timeframe views).
     """
-    return _raw_features(_validated_frame(frame, source="raw_features"), config, base_freq)
+    return _raw_features(_validated_frame(frame, source="raw_features", bank=config.bank), config, base_freq)
 
 
 def _raw_features(frame: pd.DataFrame, config: FeatureConfig, base_freq: pd.Timedelta) -> RawFeatures:
