@@ -160,7 +160,10 @@ def env_options(args: Any, market: PreparedMarket) -> dict[str, Any]:
 def agent_obs_dim(args: Any, market: PreparedMarket) -> int:
     """Width of the observation an agent with ``args`` sees on ``market`` (window, position and extensions)."""
     options = env_options(args, market)
-    layout = observation_layout(market.arrays.features.shape[1], args.window, options.get("token_blocks", ()),
+    blocks = tuple(options.get("token_blocks", ()))
+    if options.get("anchor") is not None:  # an anchored env appends the benchmark block (sentio_lab.anchor)
+        blocks += (options["anchor"].token_block(),)
+    layout = observation_layout(market.arrays.features.shape[1], args.window, blocks,
                                 options.get("drawdown_obs", False))
     return observation_dim(layout)
 

@@ -440,3 +440,21 @@ def test_anchor_config_from_a_baseline_name(market):
     assert (config.deviation_penalty, config.no_trade_band) == (0.1, 0.05)
     np.testing.assert_array_equal(config.benchmark, benchmark_weights("vol_target", market))
     assert config.bounds((0.0, 1.0)) == (0.0, 1.0) and config.bounds((-1.0, 0.0, 2.0)) == (-1.0, 2.0)
+
+
+def env_options(args, market):
+    """The env-options hook of :class:`AnchoredArgs` (evaluate.env_options finds it by the class's module)."""
+    return {"anchor": AnchorConfig(benchmark_weights("buy_and_hold", market), tilts=args.tilts)}
+
+
+class AnchoredArgs:
+    window = 8
+    tilts = (0.0, 0.5, 1.0)
+
+
+def test_agent_obs_dim_counts_the_benchmark_block(market):
+    from sentio_lab.evaluate import agent_obs_dim
+
+    options = env_options(AnchoredArgs(), market)
+    env = TradingEnv(market.arrays, window=8, episode_length=10, **options)
+    assert agent_obs_dim(AnchoredArgs(), market) == env.obs_dim == 8 * market.arrays.features.shape[1] + 2
