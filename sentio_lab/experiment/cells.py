@@ -38,11 +38,14 @@ class Cell:
     args: tuple[str, ...]
     seed: int
     fold: int
+    placebo: int | None = None
+    """placebo replicate (its bootstrap seed) of a placebo-control cell; None for a cell on the real bars"""
 
     @property
     def cell_id(self) -> str:
         """Folder name of the cell: stable, readable and unique within an experiment."""
-        return f"{self.agent}__seed{self.seed}__fold{self.fold:03d}"
+        tag = "" if self.placebo is None else f"__placebo{self.placebo}"
+        return f"{self.agent}{tag}__seed{self.seed}__fold{self.fold:03d}"
 
 
 def parse_variant_args(variant: str, argv: tuple[str, ...] | list[str]) -> Any:

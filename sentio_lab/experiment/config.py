@@ -27,6 +27,8 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
+from sentio_lab.experiment.placebo import PLACEBO_SCHEMES
+
 #: Split schemes the runner knows.
 SPLIT_SCHEMES: tuple[str, ...] = ("cpcv", "walk_forward", "walk_forward_rolling")
 #: Baseline names the runner knows (``sentio_lab.baselines``).
@@ -80,6 +82,13 @@ class ExperimentConfig:
     """stationary-bootstrap resamples for SPA and the A/B intervals"""
     bootstrap_seed: int = 0
     """seed of the bootstrap"""
+    placebo: str | None = None
+    """placebo control (:mod:`sentio_lab.experiment.placebo`): "stationary_bootstrap" trains every configuration
+    again on block-bootstrapped training bars; its in-sample Sharpe ratios are the memorisation floor (None: off)"""
+    placebo_block_mean: float = 5.0
+    """placebo: mean block length of the stationary bootstrap, in bars"""
+    placebo_seeds: int = 5
+    """placebo: replicates per configuration and fold (replicate j: bootstrap seed j, policy seed seeds[j % n])"""
 
     def __post_init__(self) -> None:
         """Reject what cannot run, naming the field."""
@@ -97,6 +106,10 @@ class ExperimentConfig:
             raise ValueError(f"experiment {self.name!r}: seeds must be distinct and non-empty, got {self.seeds}")
         if self.validation_bars < 0 or self.select_every < 0:
             raise ValueError(f"experiment {self.name!r}: validation_bars and select_every must be >= 0")
+        if self.placebo is not None and self.placebo not in PLACEBO_SCHEMES:
+            raise ValueError(f"experiment {self.name!r}: placebo {self.placebo!r} not in {PLACEBO_SCHEMES}")
+        if self.placebo is not None and (self.placebo_seeds < 1 or self.placebo_block_mean < 1):
+            raise ValueError(f"experiment {self.name!r}: placebo_seeds and placebo_block_mean must be >= 1")
         if self.select_every and not self.validation_bars:
             raise ValueError(f"experiment {self.name!r}: select_every needs a validation slice (validation_bars)")
 

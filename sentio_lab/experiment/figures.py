@@ -15,6 +15,7 @@ matplotlib.use("Agg")  # reports are written headless (papermill, CI)
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from sentio_lab.experiment.memorisation import placebo_table  # noqa: E402
 from sentio_lab.experiment.summary import Inference, sharpe_distribution  # noqa: E402
 
 
@@ -59,6 +60,32 @@ def plot_sharpe_distribution(results: pd.DataFrame, path: str | Path) -> Path:
     ax.set_xticks(range(1, len(values) + 1), list(values), rotation=20)
     ax.axhline(0.0, color="grey", lw=0.8)
     ax.set(ylabel="annualised Sharpe", title="Sharpe over backtest paths x seeds (out of sample, net of costs)")
+    fig.tight_layout()
+    out = Path(path)
+    fig.savefig(out, dpi=72)
+    plt.close(fig)
+    return out
+
+
+def plot_generalisation_gap(memo: pd.DataFrame, path: str | Path) -> Path:
+    """In-sample against test Sharpe of every run (one point per seed x fold), the diagonal (no gap) and, with a
+    placebo control, each configuration's memorisation floor (runs left of it are noise); placebo runs in grey."""
+    wide = memo[memo["part"].isin(["in_sample", "test"])].pivot_table(
+        index=["kind", "name", "seed", "fold", "placebo"], columns="part", values="sharpe").reset_index()
+    floors = placebo_table(memo)["floor"]
+    fig, ax = plt.subplots(figsize=(6.5, 5))
+    placebo = wide[wide["kind"] == "placebo"]
+    ax.scatter(placebo["in_sample"], placebo["test"], s=12, color="lightgrey", label="placebo runs")
+    for (name, runs), colour in zip(wide[wide["kind"] == "agent"].groupby("name", sort=False),
+                                    ["black", "tab:red", "tab:blue", "tab:green"], strict=False):
+        ax.scatter(runs["in_sample"], runs["test"], s=16, color=colour, label=name)
+        if name in floors.index:
+            ax.axvline(floors[name], color=colour, ls="--", lw=0.9, label=f"{name}: placebo floor")
+    limits = [wide[["in_sample", "test"]].min().min(), wide[["in_sample", "test"]].max().max()]
+    ax.plot(limits, limits, color="grey", lw=0.7, label="no gap")
+    ax.set(xlabel="in-sample Sharpe (training segments)", ylabel="test Sharpe",
+           title="Generalisation gap per run (annualised, net of costs)")
+    ax.legend(fontsize=7)
     fig.tight_layout()
     out = Path(path)
     fig.savefig(out, dpi=72)

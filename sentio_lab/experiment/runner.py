@@ -44,6 +44,14 @@ from sentio_lab.evaluate import (
 )
 from sentio_lab.experiment.cells import CELL_FILE, Cell, cell_done, parse_variant_args, train_cell, write_json_atomic
 from sentio_lab.experiment.config import AgentSpec, ExperimentConfig
+from sentio_lab.experiment.memorisation import (
+    PLACEBO_DIR,
+    assemble_memorisation,
+    diagnosis_done,
+    placebo_cells,
+    placebo_market,
+    write_diagnosis,
+)
 from sentio_lab.experiment.summary import strategy_table
 from sentio_lab.experiment.wandb_runs import ExperimentTracking, cell_config, log_cell, log_evaluation, log_results
 from sentio_lab.market import PreparedMarket, prepare_fold_market, prepare_market
@@ -81,6 +89,11 @@ class Plan:
     first_valid: int
     accounting: dict[str, Any]
     """window, positions and cost model shared by every agent and the baselines."""
+
+    @property
+    def placebo_cells(self) -> tuple[Cell, ...]:
+        """The placebo-control cells (:func:`sentio_lab.experiment.memorisation.placebo_cells`; none when off)."""
+        return placebo_cells(self.config, self.cells)
 
 
 def agent_argv(config: ExperimentConfig, agent_args: Sequence[str], extra_args: Sequence[str] = ()) -> tuple[str, ...]:
@@ -231,6 +244,33 @@ def run_cell(plan: Plan, cell: Cell, output: Path, tracking: ExperimentTracking 
     return record
 
 
+# ============================================================================= memorisation diagnostics
+def run_placebo_cell(plan: Plan, cell: Cell, output: Path) -> None:
+    """Train placebo ``cell`` on its fold's placebo bars (:func:`~sentio_lab.experiment.memorisation.placebo_market`)
+    under ``<output>/placebo/``, then diagnose it; finished work (training, diagnosis) is not redone."""
+    folder = output / PLACEBO_DIR / cell.cell_id
+    args = parse_variant_args(cell.variant, cell.args)
+    real = fold_market(plan, plan.folds[cell.fold], load_variant(cell.variant).feature_config(args))
+    market = placebo_market(real, plan.config, int(cell.placebo))
+    record = cell_done(folder) or train_cell(cell, market, folder, select_every=plan.config.select_every)
+    diagnose_cell(plan, cell, output, market=market, checkpoint=folder / record["checkpoint"])
+
+
+def diagnose_cell(plan: Plan, cell: Cell, output: Path, *, market: PreparedMarket | None = None,
+                  checkpoint: Path | None = None) -> None:
+    """In-sample, validation and test diagnosis of a trained cell (default: a real cell in its fold market)."""
+    if diagnosis_done(output, cell) is not None:
+        return
+    args = parse_variant_args(cell.variant, cell.args)
+    if market is None or checkpoint is None:
+        market = fold_market(plan, plan.folds[cell.fold], load_variant(cell.variant).feature_config(args))
+        folder = output / "cells" / cell.cell_id
+        checkpoint = folder / cell_done(folder)["checkpoint"]
+    agent = load_cell_agent(checkpoint, market)
+    write_diagnosis(output, cell, agent, market, plan.accounting, **action_masking(args),
+                    env_options=env_options(args, market))
+
+
 def evaluation_folder(output: Path, agent: str, fold: int) -> Path:
     """Where the test-group episodes of every seed of configuration ``agent`` on ``fold`` are written."""
     return output / "evaluations" / f"{agent}__fold{fold:03d}"
@@ -300,6 +340,10 @@ def _job(kind: str, plan: Plan, item: Any, output: str, tracking: ExperimentTrac
     out = Path(output)
     if kind == "train":
         run_cell(plan, item, out, tracking)
+    elif kind == "placebo":
+        run_placebo_cell(plan, item, out)
+    elif kind == "diagnose":
+        diagnose_cell(plan, item, out)
     elif kind == "evaluate":
         agent, fold = item
         evaluate_fold(plan, agent, plan.folds[fold], out, tracking)
@@ -347,12 +391,16 @@ def run_experiment(plan: Plan, output: str | Path, *, workers: int = 1, progress
     baselines = [("baselines", f.fold) for f in plan.folds
                  if any(evaluation_done(output / "baselines" / f"{b}__fold{f.fold:03d}") is None
                         for b in config.baselines)]
+    train += [("placebo", c) for c in plan.placebo_cells if diagnosis_done(output, c) is None]
+    evaluate += [("diagnose", c) for c in plan.cells if diagnosis_done(output, c) is None]
     total = len(plan.cells) + len(config.agents) * len(plan.folds) + len(plan.folds)
+    total += len(plan.placebo_cells) + len(plan.cells)
     bar = tqdm(total=total, initial=total - len(train) - len(evaluate) - len(baselines), unit="job",
                disable=not progress, dynamic_ncols=True, desc=config.name)
     _run_jobs(train, plan, output, workers, bar, tracking)  # evaluation needs every seed of a fold trained
     _run_jobs(evaluate + baselines, plan, output, workers, bar, tracking)
     bar.close()
+    assemble_memorisation(plan.cells + plan.placebo_cells, output)
     results = assemble(plan, output)
     if tracking is not None:
         log_results(tracking, results, strategy_table(results),
