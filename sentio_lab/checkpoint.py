@@ -197,9 +197,28 @@ def _floating_arrays(value: Any, where: str) -> Iterator[tuple[str, Any]]:
             yield from _floating_arrays(item, f"{where}[{i}]")
 
 
+def _plain_floats(value: Any, where: str) -> Iterator[tuple[str, float]]:
+    """(location, value) for every python float inside nested dicts, lists and tuples."""
+    if isinstance(value, float):
+        yield where, value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _plain_floats(item, f"{where}[{key!r}]")
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            yield from _plain_floats(item, f"{where}[{i}]")
+
+
 def check_finite(bundle: dict[str, Any], source: str | Path) -> None:
     """Refuse (:class:`CheckpointError`) a bundle holding a NaN or infinite value in any floating tensor or array,
-    naming the first such tensor and how many of its values are not finite."""
+    naming the first such tensor and how many of its values are not finite, or in the normaliser's statistics
+    (``feature_state["normaliser"]``: plain python floats; other plain floats, such as arguments, may be NaN)."""
+    normaliser = bundle.get("feature_state", None)
+    normaliser = normaliser.get("normaliser") if isinstance(normaliser, dict) else None
+    for where, number in _plain_floats(normaliser, "bundle['feature_state']['normaliser']"):
+        if not np.isfinite(number):
+            raise CheckpointError(f"{source}: damaged checkpoint: {where} is {number} (the normaliser's statistics "
+                                  "must be finite)")
     for where, array in _floating_arrays(bundle, "bundle"):
         finite = torch.isfinite(array) if isinstance(array, torch.Tensor) else np.isfinite(array)
         if not bool(finite.all()):

@@ -291,6 +291,16 @@ def test_non_finite_tensors_anywhere_are_refused_and_named(tmp_path, where, cont
         load_checkpoint(path)
 
 
+def test_non_finite_normaliser_statistics_are_refused(tmp_path):
+    # the normaliser's centre / scale are plain python floats (not tensors): a NaN there makes every observation NaN
+    state = {"normaliser": {"center": [0.0, float("nan")], "scale": [1.0, 1.0]}, "config": {"clip": float("inf")}}
+    path = save_checkpoint(tmp_path / "ck.pt", bundle(feature_state=state))
+    with pytest.raises(CheckpointError, match=re.escape("bundle['feature_state']['normaliser']['center'][1]")):
+        load_checkpoint(path)
+    state["normaliser"]["center"][1] = 0.5  # finite statistics load; the config's plain floats are not checked
+    assert load_checkpoint(save_checkpoint(tmp_path / "ok.pt", bundle(feature_state=state)))["feature_state"] == state
+
+
 def test_integer_and_boolean_tensors_are_not_checked_and_finite_bundles_load(tmp_path):
     content = {"steps": torch.tensor([2**62]), "mask": torch.tensor([True]), "w": torch.zeros(2)}
     path = save_checkpoint(tmp_path / "ck.pt", bundle(agent=content, env_state={"key": (1, 2)}))
