@@ -167,7 +167,9 @@ def verify_archive(path: str | Path) -> None:
                     "saving); restore the file from a copy or retrain"
                 )
             digest, recorded = _payload_digest(archive)
-    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, KeyError) as err:
+    # RuntimeError: a damaged header that reads as encrypted; NotImplementedError (a RuntimeError): as an unknown
+    # compression method
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, KeyError, RuntimeError) as err:
         if isinstance(err, CheckpointError):
             raise
         raise CheckpointError(

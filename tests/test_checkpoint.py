@@ -190,6 +190,13 @@ def damage(path, how):
         raw[start : start + 4096] = np.random.default_rng(0).bytes(min(4096, len(raw) - start))
         path.write_bytes(bytes(raw))
         return None
+    if how in ("compression_method", "encrypted_flag"):  # a damaged field of the central directory's first entry
+        raw = bytearray(path.read_bytes())
+        entry = raw.find(b"PK\x01\x02")
+        offset, value = (10, 99) if how == "compression_method" else (8, 1)
+        raw[entry + offset : entry + offset + 2] = value.to_bytes(2, "little")
+        path.write_bytes(bytes(raw))
+        return None
     if how == "truncated":
         path.write_bytes(path.read_bytes()[: path.stat().st_size * 2 // 3])
         return None
@@ -203,6 +210,8 @@ DAMAGE = {
     "pickle": "fails its CRC check",
     "random_4k": "damaged checkpoint",
     "truncated": "not a readable zip archive",
+    "compression_method": "not a readable zip archive",  # zipfile: NotImplementedError
+    "encrypted_flag": "not a readable zip archive",  # zipfile: RuntimeError (password required)
     "empty": "the file is empty",
 }
 
