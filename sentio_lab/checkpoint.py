@@ -18,6 +18,9 @@ evaluated or saved back.
 
 * The CRC-32 of every zip member (``zipfile.testzip``) catches damaged bytes anywhere in the archive: tensor
   data, the pickle, the records torch writes. An empty or truncated file is not a readable zip archive.
+* A member marked as a directory (a name ending in ``/`` or the MS-DOS directory bit of its external attributes,
+  one flipped bit of the central directory) is refused: Python's zipfile still reads and CRC-checks its bytes, but
+  torch's reader reads none and leaves the tensor uninitialised (finite garbage the finiteness check cannot see).
 * A SHA-256 of every other member (names and contents, in archive order), written at save time as one more
   member, :data:`DIGEST_MEMBER`, catches a file whose CRCs agree with wrong content (a member rewritten by a
   tool that updated its CRC). Files written before the digest existed have none: their CRCs must be fine.
@@ -160,6 +163,12 @@ def verify_archive(path: str | Path) -> None:
         raise CheckpointError(f"{path}: damaged checkpoint: the file is empty (0 bytes)")
     try:
         with zipfile.ZipFile(path) as archive:
+            folders = [i.filename for i in archive.infolist() if i.filename.endswith("/") or i.external_attr & 0x10]
+            if folders:  # torch's reader (miniz) reads no bytes for such a member: the tensor is left uninitialised
+                raise CheckpointError(
+                    f"{path}: damaged checkpoint: member {folders[0]!r} is marked as a directory (its zip header "
+                    "changed after saving); restore the file from a copy or retrain"
+                )
             bad = archive.testzip()
             if bad is not None:
                 raise CheckpointError(
@@ -263,7 +272,7 @@ def load_checkpoint(
             f"{path}: refused to load: it needs more than tensors and plain python values (a checkpoint this "
             f"code wrote never does; a file that does could run code when unpickled). torch said: {err}"
         ) from err
-    except (RuntimeError, EOFError) as err:
+    except (RuntimeError, EOFError, ValueError) as err:  # ValueError: e.g. a record torch parses as a number
         raise CheckpointError(f"{path}: unreadable (truncated, corrupt or not a torch file): {err}") from err
     if not isinstance(bundle, dict):
         raise CheckpointError(f"{path}: not a sentio-lab checkpoint (holds a {type(bundle).__name__}, not a dict)")

@@ -197,6 +197,15 @@ def damage(path, how):
         raw[entry + offset : entry + offset + 2] = value.to_bytes(2, "little")
         path.write_bytes(bytes(raw))
         return None
+    if how == "directory_flag":  # one bit of a tensor's central-directory entry: torch's reader sees a directory
+        name = _largest_tensor_member(path)
+        raw = bytearray(path.read_bytes())
+        entry = raw.find(b"PK\x01\x02")
+        while raw[entry + 46 : entry + 46 + len(name)] != name.encode():
+            entry = raw.find(b"PK\x01\x02", entry + 4)
+        raw[entry + 38] |= 0x10  # external attributes: the MS-DOS directory bit
+        path.write_bytes(bytes(raw))
+        return name
     if how == "truncated":
         path.write_bytes(path.read_bytes()[: path.stat().st_size * 2 // 3])
         return None
@@ -212,6 +221,7 @@ DAMAGE = {
     "truncated": "not a readable zip archive",
     "compression_method": "not a readable zip archive",  # zipfile: NotImplementedError
     "encrypted_flag": "not a readable zip archive",  # zipfile: RuntimeError (password required)
+    "directory_flag": "marked as a directory",  # zipfile reads it; torch would load uninitialised memory
     "empty": "the file is empty",
 }
 
