@@ -283,6 +283,16 @@ def test_a_consistent_but_wrong_file_fails_the_digest(tmp_path):
         load_checkpoint(path)
 
 
+def test_a_record_torch_cannot_parse_is_a_checkpoint_error(tmp_path):
+    # an intact zip without a digest (as before the digest existed) whose storage-alignment record is not a number
+    path = save_checkpoint(tmp_path / "ck.pt", big_bundle())
+    _rewrite_member(path, "archive/.storage_alignment", b"xx", keep_digest=False)
+    with pytest.raises(ValueError, match="invalid literal"):
+        torch.load(path, weights_only=True)
+    with pytest.raises(CheckpointError, match=re.escape(f"{path}: unreadable")):
+        load_checkpoint(path)
+
+
 def test_old_checkpoints_without_a_digest_load_when_their_crcs_are_fine(tmp_path):
     import zipfile
 
