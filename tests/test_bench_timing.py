@@ -66,7 +66,7 @@ def test_ratio_is_given_for_tight_runs_and_refused_for_scattered_or_too_few():
     corrupted = _summary(timing, [100.0, 4.0, 99.0])
     bad = timing.ratio(ours, corrupted)
     assert bad["ratio"] is None and not bad["reliable"]
-    assert bad["text"] == f"unreliable: spread {96 / 99:.0%} > limit 25%"
+    assert bad["text"] == f"unreliable: spread {96 / 99:.1%} > limit 25%"
     # either side may be the scattered one; the limit is a parameter
     assert timing.ratio(corrupted, ours)["ratio"] is None
     assert timing.ratio(ours, corrupted, limit=1.0)["ratio"] == pytest.approx(61.0 / 99.0)

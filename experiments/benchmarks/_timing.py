@@ -79,7 +79,7 @@ def ratio(numerator: dict, denominator: dict, key: str = "steps_per_s", limit: f
     if n < min_repeats:
         why = f"unreliable: {n} run{'s' if n != 1 else ''} < {min_repeats}"
     elif spread > limit:
-        why = f"unreliable: spread {spread:.0%} > limit {limit:.0%}"
+        why = f"unreliable: spread {spread:.1%} > limit {limit:.0%}"
     else:
         return {"ratio": value, "reliable": True, "spread": spread, "text": f"{value:.2f}"}
     return {"ratio": None, "reliable": False, "spread": spread, "text": why}
