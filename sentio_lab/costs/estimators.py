@@ -147,6 +147,28 @@ def average_daily_volume(volume: np.ndarray, close: np.ndarray, adv_window: int 
     return _rolling_by_window(notional, window_bars(adv_window, per_day), "mean", min_periods=1) * per_day
 
 
+def cost_reach(costs, per_day: float | np.ndarray = 1.0) -> int:
+    """Bars before a decision bar t that the cost inputs ``costs`` (a :class:`~sentio_lab.costs.CostModel`) reads
+    at t reach back to (the CPCV embargo counts them, :class:`sentio_lab.splits.PurgeEmbargo`): the largest over
+    every bar of ``per_day`` (:func:`bars_per_day`).
+
+    Only what the model reads counts: a spread model reads ``spread_window`` two-bar terms (bars ``t - w .. t``);
+    impact reads sigma_daily (``B`` returns, so closes ``t - B .. t`` with ``B`` the window in bars) and, without
+    a user ADV, the ADV (``B`` bars ``t - B + 1 .. t``); a forecast participation cap reads the ADV. The flat
+    model reads none: 0.
+    """
+    reach = 0
+    if costs.spread != "none":
+        reach = max(reach, int(costs.spread_window))
+    reads_adv = costs.adv is None and (
+        costs.impact != "none" or (costs.participation is not None and costs.cap_volume == "forecast"))
+    if costs.impact != "none":
+        reach = max(reach, int(np.max(window_bars(costs.vol_window, per_day, 2))))
+    if reads_adv:
+        reach = max(reach, int(np.max(window_bars(costs.adv_window, per_day))) - 1)
+    return reach
+
+
 @dataclass(frozen=True)
 class CostInputs:
     """Per-bar series a non-flat cost model fills with (all float64 ``(T,)``; see the module doc for timing)."""
