@@ -90,3 +90,77 @@ def test_bars_per_day_is_the_median_of_completed_dates():
         np.testing.assert_allclose(sigma[t], want, rtol=1e-12, equal_nan=True)
     with pytest.raises(ValueError, match="bars per day"):
         daily_volatility(close, 1, np.r_[per_day[:-1], 0.0])
+
+
+# ====================================================================================== 5. HMM fit failures
+def _regime_frame() -> pd.DataFrame:
+    return random_ohlcv(700, seed=3, index=pd.bdate_range("1986-03-13", periods=700))
+
+
+def test_hmm_restarts_that_fail_in_linear_algebra_are_retried_with_fresh_seeds(monkeypatch):
+    """Every restart of the first round raises LinAlgError (as on the full msft-like file from 1986): a second
+    round of fresh seeds is fitted, and the first round's failures are on record."""
+    from hmmlearn.hmm import GaussianHMM
+
+    from sentio_lab import regime as R
+
+    inputs = R.regime_inputs(_regime_frame()["close"].to_numpy())
+    unpatched = R.fit_regime_model(inputs, R.INPUT_LOOKBACK, 600, 2, restarts=2)
+    real_fit, calls = GaussianHMM.fit, {"n": 0}
+
+    def failing_first_round(self, X, lengths=None):
+        calls["n"] += 1
+        if calls["n"] <= 2:
+            raise np.linalg.LinAlgError("Matrix is not positive definite")
+        return real_fit(self, X, lengths)
+
+    monkeypatch.setattr(GaussianHMM, "fit", failing_first_round)
+    model = R.fit_regime_model(inputs, R.INPUT_LOOKBACK, 600, 2, restarts=2)
+    assert [r["converged"] for r in model.restarts[:2]] == [False, False]
+    assert all("positive definite" in r["error"] for r in model.restarts[:2])
+    assert any(r["converged"] for r in model.restarts[2:]) and len(model.restarts) == 4
+    seeds = np.random.SeedSequence(0).generate_state(4)
+    assert [r["seed"] for r in model.restarts] == seeds.tolist()
+    # the first round's seeds are the ones a fit always drew: an unpatched fit is unchanged by the retry rule
+    assert [r["seed"] for r in unpatched.restarts] == seeds[:2].tolist()
+    assert np.isfinite(R.filtered_probabilities(model, inputs)[R.INPUT_LOOKBACK:]).all()
+
+
+def test_an_hmm_that_cannot_be_fitted_fails_with_a_message_naming_the_data_range(monkeypatch):
+    """Every restart of every round raises LinAlgError: one RegimeFitError naming the training rows and their
+    dates, never the linear-algebra error itself."""
+    from hmmlearn.hmm import GaussianHMM
+
+    from sentio_lab.features import FeatureConfig, build_observation_features
+    from sentio_lab.regime import RegimeFitError
+
+    def always_fails(self, X, lengths=None):
+        raise np.linalg.LinAlgError("Matrix is not positive definite")
+
+    monkeypatch.setattr(GaussianHMM, "fit", always_fails)
+    frame = _regime_frame()
+    with pytest.raises(RegimeFitError) as caught:
+        build_observation_features(frame, 500, FeatureConfig(regimes=2, regime_restarts=2))
+    message = str(caught.value)
+    assert not isinstance(caught.value, np.linalg.LinAlgError)
+    assert "2-state HMM could not be fitted" in message and "4 seeded restarts" in message
+    first = build_observation_features(frame, 500, FeatureConfig()).first_valid
+    assert f"training rows {max(first, 10)}..500 ({frame.index[max(first, 10)]} to {frame.index[499]})" in message
+    assert "--regimes" in message
+
+
+def test_a_regime_state_the_filter_cannot_use_is_refused():
+    from types import SimpleNamespace
+
+    from sentio_lab import regime as R
+
+    good = SimpleNamespace(startprob_=np.array([0.5, 0.5]), transmat_=np.full((2, 2), 0.5),
+                           means_=np.zeros((2, 2)), covars_=np.stack([np.eye(2), np.eye(2)]))
+    assert R._usable(good) is None
+    bad = SimpleNamespace(**{**vars(good), "covars_": np.stack([np.eye(2), [[1.0, 2.0], [2.0, 1.0]]])})
+    assert "state 1" in R._usable(bad)
+    assert "non-finite" in R._usable(SimpleNamespace(**{**vars(good), "means_": np.full((2, 2), np.nan)}))
+    model = R.RegimeModel(startprob=good.startprob_, transmat=good.transmat_, means=good.means_,
+                          covars=bad.covars_, center=np.zeros(2), scale=np.ones(2), log_likelihood=0.0)
+    with pytest.raises(ValueError, match="state 1's covariance"):
+        R.filtered_probabilities(model, np.zeros((5, 2)))
