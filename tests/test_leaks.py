@@ -164,3 +164,127 @@ def test_a_regime_state_the_filter_cannot_use_is_refused():
                           covars=bad.covars_, center=np.zeros(2), scale=np.ones(2), log_likelihood=0.0)
     with pytest.raises(ValueError, match="state 1's covariance"):
         R.filtered_probabilities(model, np.zeros((5, 2)))
+
+
+# ============================================ 3 + 4. every training-env input is blind to its fold's test groups
+FOLD_COMMON = ("--window", "8", "--episode-length", "48", "--positions", "-1", "-0.5", "0", "0.5", "1",
+               "--impact", "sqrt", "--spread", "corwin_schultz", "--participation", "0.1", "--cap-volume", "forecast",
+               "--num-envs", "12", "--seed", "5")
+MASK_ARGS = ("--masks.risk-budget", "0.012", "--masks.drawdown-threshold", "0.02", "--masks.recover-threshold",
+             "0.005", "--masks.cooldown", "3", "--masks.max-trades", "3", "--masks.period-bars", "10")
+FOLD_AGENTS = {
+    "masks_ewma": ("ppo_masked", MASK_ARGS),
+    "masks_garch": ("ppo_masked", (*MASK_ARGS, "--masks.vol-model", "garch")),
+    "tokens_4h": ("ppo_transformer", ("--token-timeframes", "4h", "--token-counts", "4")),
+}
+
+
+@pytest.fixture(scope="module")
+def hourly_file(tmp_path_factory):
+    """200 days of synthetic hourly bars with traded quantity as volume (so impact reads the ADV from the bars):
+    sigma_daily's 20-day window is 480 bars, further back than any feature or token of the agents below."""
+    hours = pd.date_range("2019-01-07", periods=24 * 200, freq="h")
+    path = tmp_path_factory.mktemp("fold") / "hourly.csv"
+    random_ohlcv(len(hours), seed=21, index=hours, vol=0.004).to_csv(path)
+    return str(path)
+
+
+def _rewrite_test_bars(frame: pd.DataFrame, mask: np.ndarray) -> pd.DataFrame:
+    """``frame`` with the prices and volumes of the rows in ``mask`` replaced (valid bars, same timestamps)."""
+    rng = np.random.default_rng(99)
+    out = frame.copy()
+    k = int(mask.sum())
+    o = out["open"].to_numpy()[mask] * np.exp(rng.normal(0, 0.03, k))
+    c = out["close"].to_numpy()[mask] * np.exp(rng.normal(0, 0.03, k))
+    out.loc[mask, "open"], out.loc[mask, "close"] = o, c
+    out.loc[mask, "high"] = np.maximum(o, c) * 1.01
+    out.loc[mask, "low"] = np.minimum(o, c) * 0.99
+    out.loc[mask, "volume"] = rng.uniform(1e3, 1e5, k)
+    return out
+
+
+def _training_inputs(variant_name: str, args, market) -> dict[str, np.ndarray]:
+    """Every input a training env of ``args`` on a fold ``market`` reads, over every decision it can make, and a
+    rollout's observations, rewards, bootstrap observations and per-rule masks."""
+    import dataclasses
+
+    import torch
+
+    from sentio_lab.env import cost_inputs as _unused  # noqa: F401 - the env's own module is the one under test
+    from sentio_lab.experiment.cells import load_variant
+
+    variant = load_variant(variant_name)
+    env = variant.make_env(args, market)
+    out: dict[str, np.ndarray] = {}
+    # every decision bar of every training segment (episode starts lo..hi, decisions up to hi + L - 1, bootstrap hi + L)
+    decisions = np.concatenate([np.arange(lo, hi + args.episode_length + 1) for lo, hi in env.start_sampler.bounds])
+    rows = np.concatenate([np.arange(t - args.window + 1, t + 1) for t in decisions])
+    out["features"] = market.arrays.features[rows]
+    for block in getattr(env, "token_blocks", ()):
+        out[block.name] = block.table[block.index[decisions]]
+    half, eta, cap = env._fill_arrays
+    inputs = cost_inputs(env.costs, market.arrays.high, market.arrays.low, market.arrays.close, market.arrays.volume,
+                         market.arrays.bars_per_day)
+    fills = decisions[decisions < len(market.arrays.close) - 1]
+    for name, values in {"half_spread": half, "eta": eta, "cap": cap, "sigma": inputs.sigma, "adv": inputs.adv,
+                         "per_day": inputs.per_day}.items():
+        out[name] = np.asarray(values)[fills]
+    if env.masker is not None and env.masker.vol is not None:
+        out["mask_vol"] = np.asarray(env.masker.vol)[decisions]
+    # a rollout from the earliest starts of every segment (right after a test group), then sampled starts
+    starts = [lo + 7 * i for i in range(args.num_envs // len(env.start_sampler.bounds) + 1)
+              for lo, _ in env.start_sampler.bounds][: args.num_envs]
+    obs = env.reset(starts=starts)
+    gen = torch.Generator().manual_seed(7)
+    trace = [obs]
+    for _ in range(150):
+        if env.masker is not None:
+            for mask in env.masker.rule_masks(env.t, env.level).values():
+                trace.append(mask.to(torch.float32))
+            actions = torch.multinomial(env.action_masks().float(), 1, generator=gen).squeeze(1)
+        else:
+            actions = torch.randint(0, 5, (args.num_envs,), generator=gen)
+        obs, reward, _, _, info = env.step(actions)
+        trace += [obs, reward, info["final_obs"]]
+    out["rollout"] = torch.cat([x.reshape(-1).double() for x in trace]).numpy()
+    del dataclasses
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("agent", list(FOLD_AGENTS))
+def test_perturbing_test_groups_leaves_every_training_env_input_bit_identical(hourly_file, agent):
+    """A CPCV fold planned by the experiment runner: rewriting the prices and volumes of every test-group bar
+    leaves every input of a training env bit-identical -- observations (features, tokens), masks (every rule,
+    risk budget on EWMA or GARCH forecasts), cost inputs (Corwin-Schultz spread, sigma_daily, ADV, impact eta,
+    the forecast fill cap) and rewards. The embargo counts sigma_daily's 480-bar window (the cost span), and the
+    mask forecasts restart per training segment."""
+    import dataclasses
+
+    from sentio_lab.data import load_market
+    from sentio_lab.experiment.cells import load_variant, parse_variant_args
+    from sentio_lab.experiment.config import AgentSpec, ExperimentConfig
+    from sentio_lab.experiment.runner import agent_argv, plan_experiment
+    from sentio_lab.market import prepare_fold_market
+
+    variant_name, agent_args = FOLD_AGENTS[agent]
+    config = ExperimentConfig(name="leak_audit", agents=(AgentSpec(agent, variant_name, agent_args),),
+                              dataset=hourly_file, n_groups=4, n_test_groups=2, common_args=FOLD_COMMON, seeds=(1,))
+    plan = plan_experiment(config)
+    assert plan.gaps.cost_span == 480 and plan.gaps.embargo >= 480 > plan.gaps.observation_reach
+    args = parse_variant_args(variant_name, agent_argv(config, agent_args))
+    feature_config = load_variant(variant_name).feature_config(args)
+    data = load_market(hourly_file)
+    # the fold with the most training segments after a test group
+    fold = max(plan.folds, key=lambda f: sum(s > f.test[0][0] for s, _ in f.train))
+    assert any(s > a for s, _ in fold.train for a, _ in fold.test)
+    moved = dataclasses.replace(data, frame=_rewrite_test_bars(data.frame, fold.test_mask(len(data.frame))))
+    markets = [prepare_fold_market(d, fold, feature_config=feature_config) for d in (data, moved)]
+    original, perturbed = (_training_inputs(variant_name, args, m) for m in markets)
+    assert original.keys() == perturbed.keys()
+    for name in original:
+        np.testing.assert_array_equal(perturbed[name], original[name], err_msg=f"{agent}: {name} moved")
+    # controls: the perturbation is real (test-group closes moved) and the rules did fire
+    assert not np.array_equal(markets[0].arrays.close, markets[1].arrays.close)
+    if variant_name == "ppo_masked":
+        assert np.isnan(original["mask_vol"]).sum() == 0 and "mask_vol" in original

@@ -1,8 +1,9 @@
 """Causal estimators the cost models read: half-spread from OHLC, daily volatility, average daily volume.
 
 Every series is indexed by the *decision* bar: entry ``t`` uses bars ``<= t`` only, and prices the fill at the
-open of bar ``t + 1`` (ARCHITECTURE.md's timing). Written with pandas rolling windows (vectorised, well kept)
-rather than a library: no maintained package ships causal Corwin-Schultz / Abdi-Ranaldo estimators.
+open of bar ``t + 1`` (ARCHITECTURE.md's timing). Written with numpy sliding windows (vectorised; pandas'
+rolling sums were replaced, see :func:`_window_stat`) rather than a library: no maintained package ships causal
+Corwin-Schultz / Abdi-Ranaldo estimators.
 
 * Corwin and Schultz (2012), "A Simple Way to Estimate Bid-Ask Spreads from Daily High and Low Prices". The
   two-bar estimate at ``t`` uses the highs and lows of bars ``t - 1`` and ``t``, after the paper's overnight
@@ -27,7 +28,8 @@ rather than a library: no maintained package ships causal Corwin-Schultz / Abdi-
 
 The estimators return spreads as *full* spreads (fractions of price); a fill pays half.
 Before enough bars exist an estimate uses what there is (at least one two-bar term / two returns / one bar);
-earlier entries are NaN and an env refuses to fill there.
+earlier entries are NaN and an env refuses to fill there. Each window is summed on its own
+(:func:`_window_stat`), so an entry depends on the bars of its window and nothing else, to the last bit.
 """
 
 from __future__ import annotations
@@ -73,22 +75,47 @@ def _per_bar(per_day: float | np.ndarray, n: int) -> np.ndarray:
     return values
 
 
+def _window_stat(values: np.ndarray, window: int, stat: str, min_periods: int) -> np.ndarray:
+    """Entry t: ``stat`` ("mean" or "std", ddof 1) of the non-NaN entries of ``values[t - window + 1 .. t]``, NaN
+    with fewer than ``min_periods`` of them; each window summed on its own (two passes for the std).
+
+    Why not pandas' rolling: its running sums carry the rounding of every earlier entry into each result, so on a
+    CPCV fold a test group's bars moved a later training bar's sigma in the last bits (issue 17: training inputs
+    must be bit-identical whatever the test bars hold). Chunked so memory stays ~32 MB for any window.
+    """
+    values = np.asarray(values, dtype=np.float64)
+    n = len(values)
+    out = np.full(n, np.nan)
+    if n == 0:
+        return out
+    view = np.lib.stride_tricks.sliding_window_view(np.r_[np.full(window - 1, np.nan), values], window)
+    chunk = max(1, 4_000_000 // window)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        for a in range(0, n, chunk):
+            w = view[a:a + chunk]
+            finite = ~np.isnan(w)
+            count = finite.sum(axis=1)
+            mean = np.where(finite, w, 0.0).sum(axis=1) / count
+            if stat == "std":
+                result = np.sqrt((np.where(finite, w - mean[:, None], 0.0) ** 2).sum(axis=1) / (count - 1))
+            else:
+                result = mean
+            out[a:a + chunk] = np.where(count >= min_periods, result, np.nan)
+    return out
+
+
 def _rolling_by_window(values: np.ndarray, windows: np.ndarray, stat: str, min_periods: int) -> np.ndarray:
-    """Entry t: the rolling ``stat`` ("mean" or "std", ddof 1) of ``values`` over the ``windows[t]`` entries ending
-    at t. One pandas rolling pass per distinct window length (few: the running median moves in steps), so a
-    constant window is exactly the plain rolling statistic."""
+    """Entry t: the ``stat`` of :func:`_window_stat` over the ``windows[t]`` entries ending at t (one pass per
+    distinct window length: few, as the running median of bars per day moves in steps)."""
     out = np.full(len(values), np.nan)
-    series = pd.Series(values)
     for window in np.unique(windows):
-        rolled = series.rolling(int(window), min_periods=min(min_periods, int(window)))
-        stats = (rolled.mean() if stat == "mean" else rolled.std(ddof=1)).to_numpy()
         rows = windows == window
-        out[rows] = stats[rows]
+        out[rows] = _window_stat(values, int(window), stat, min(min_periods, int(window)))[rows]
     return out
 
 
 def _rolling_mean(values: np.ndarray, window: int, min_periods: int = 1) -> np.ndarray:
-    return pd.Series(values).rolling(window, min_periods=min_periods).mean().to_numpy()
+    return _window_stat(values, window, "mean", min_periods)
 
 
 def corwin_schultz(high: np.ndarray, low: np.ndarray, close: np.ndarray, window: int = 20) -> np.ndarray:
