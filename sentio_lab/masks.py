@@ -18,7 +18,9 @@ Rules (a field at None / 0 / False is off), applied in this order:
   GARCH(1,1) (``vol_model="garch"``): ``arch_model(100 r, mean="Constant", vol="GARCH", p=1, q=1)`` fitted on
   the returns inside ``fit_range`` only, then ``h_1 = omega / (1 - alpha - beta)``,
   ``h_{t+1} = omega + alpha (100 r_t - mu)^2 + beta h_t`` over all bars with the fitted parameters,
-  ``sigma_t = sqrt(h_{t+1}) / 100``. Bar 0 has no return: ``sigma_0 = 0``.
+  ``sigma_t = sqrt(h_{t+1}) / 100``. Bar 0 has no return: ``sigma_0 = 0``. A CPCV / walk-forward fold's
+  training env runs either recursion from each training segment's first bar (:func:`restarted_per_segment`),
+  so no test group between segments reaches a training decision.
 * ``drawdown``: with ``D_t = 1 - E_t / P_t`` the guard latches on when ``D_t >= drawdown_threshold`` and off
   when ``D_t <= recover_threshold``: ``G_t = D_t >= thr or (G_{t-1} and D_t > recover)``; while ``G_t`` only
   no-increase actions are valid.

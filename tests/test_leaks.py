@@ -288,3 +288,45 @@ def test_perturbing_test_groups_leaves_every_training_env_input_bit_identical(ho
     assert not np.array_equal(markets[0].arrays.close, markets[1].arrays.close)
     if variant_name == "ppo_masked":
         assert np.isnan(original["mask_vol"]).sum() == 0 and "mask_vol" in original
+
+
+def test_cost_reach_counts_only_the_windows_a_cost_model_reads():
+    from sentio_lab.costs import cost_reach
+
+    hourly = np.full(10, 24.0)
+    assert cost_reach(CostModel()) == 0 and cost_reach(CostModel(fee_bps=5, slippage_bps=5), hourly) == 0
+    assert cost_reach(CostModel(spread="abdi_ranaldo", spread_window=7), hourly) == 7
+    assert cost_reach(CostModel(impact="sqrt", adv=1e9), hourly) == 480  # sigma: 20 days x 24 returns
+    assert cost_reach(CostModel(impact="sqrt", vol_window=2, adv_window=30)) == 29  # ADV from the bars
+    assert cost_reach(CostModel(participation=0.1, cap_volume="forecast", adv_window=5), hourly) == 119
+    assert cost_reach(CostModel(participation=0.1, cap_volume="bar")) == 0  # the fill bar's own volume
+    assert cost_reach(CostModel(impact="sqrt", vol_window=2, adv=1e9), np.array([0.5, 0.5])) == 2  # >= 2 returns
+
+
+def test_the_embargo_and_the_touched_bar_audit_count_the_cost_span():
+    from sentio_lab.splits import Fold, LeakageError, PurgeEmbargo, check_fold, touched_bars
+
+    plain = PurgeEmbargo(window=8, feature_span=20)
+    costly = PurgeEmbargo(window=8, feature_span=20, cost_span=480, extra_embargo=2)
+    assert plain.reach == plain.observation_reach == 27 and plain.embargo == 27
+    assert costly.observation_reach == 27 and costly.reach == 480 and costly.embargo == 482
+    assert touched_bars((1000, 1100), costly)[0] == 1000 - 480
+    # a training segment 100 bars after a test group: clean for the features, not for a 480-bar sigma window
+    fold = Fold(0, "cpcv", ((700, 900),), ((100, 500),), (0,), (0,), 1, 27)
+    check_fold(fold, plain, n_bars=1000)
+    with pytest.raises(LeakageError, match="reads test bars"):
+        check_fold(fold, costly, n_bars=1000)
+    with pytest.raises(ValueError, match="cost_span"):
+        PurgeEmbargo(window=8, feature_span=20, cost_span=-1)
+
+
+def test_restarted_volatility_reads_its_own_segment_only():
+    from sentio_lab.masks import ewma_volatility, restarted_per_segment
+
+    close = random_ohlcv(300, seed=2)["close"].to_numpy()
+    vol = restarted_per_segment(close, [(0, 100), (150, 300)], ewma_volatility)
+    np.testing.assert_array_equal(vol[:100], ewma_volatility(close[:100]))
+    np.testing.assert_array_equal(vol[150:], ewma_volatility(close[150:]))
+    assert np.isnan(vol[100:150]).all() and vol[150] == 0.0
+    with pytest.raises(ValueError, match="outside the market's 300 bars"):
+        restarted_per_segment(close, [(250, 301)], ewma_volatility)
