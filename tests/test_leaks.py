@@ -89,7 +89,13 @@ def test_bars_per_day_is_the_median_of_completed_dates():
         want = np.std(r, ddof=1) * np.sqrt(per_day[t]) if len(r) >= 2 else np.nan
         np.testing.assert_allclose(sigma[t], want, rtol=1e-12, equal_nan=True)
     with pytest.raises(ValueError, match="bars per day"):
-        daily_volatility(close, 1, np.r_[per_day[:-1], 0.0])
+        daily_volatility(close, 2, np.r_[per_day[:-1], 0.0])
+    from sentio_lab.costs.estimators import _window_stat
+    assert _window_stat(np.array([]), 3, "mean", 1).shape == (0,)
+    # each window on its own: the same window anywhere gives the same bits, whatever came before it
+    values = np.random.default_rng(4).normal(0, 1, 50)
+    shifted = np.r_[np.random.default_rng(5).normal(0, 1e6, 30), values]
+    np.testing.assert_array_equal(_window_stat(shifted, 7, "std", 2)[36:], _window_stat(values, 7, "std", 2)[6:])
 
 
 # ====================================================================================== 5. HMM fit failures
