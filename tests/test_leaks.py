@@ -336,3 +336,19 @@ def test_restarted_volatility_reads_its_own_segment_only():
     assert np.isnan(vol[100:150]).all() and vol[150] == 0.0
     with pytest.raises(ValueError, match="outside the market's 300 bars"):
         restarted_per_segment(close, [(250, 301)], ewma_volatility)
+
+
+def test_a_converged_restart_the_filter_cannot_use_is_skipped(monkeypatch):
+    from sentio_lab import regime as R
+
+    inputs = R.regime_inputs(_regime_frame()["close"].to_numpy())
+    real, calls = R._usable, {"n": 0}
+
+    def first_unusable(model):
+        calls["n"] += 1
+        return "state 0's covariance is not positive definite" if calls["n"] == 1 else real(model)
+
+    monkeypatch.setattr(R, "_usable", first_unusable)
+    model = R.fit_regime_model(inputs, R.INPUT_LOOKBACK, 600, 2, restarts=2)
+    assert model.restarts[0]["error"] == "state 0's covariance is not positive definite"
+    assert model.restarts[1]["converged"] and len(model.restarts) == 2
