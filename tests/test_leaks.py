@@ -174,14 +174,18 @@ def test_a_regime_state_the_filter_cannot_use_is_refused():
 
 # ============================================ 3 + 4. every training-env input is blind to its fold's test groups
 FOLD_COMMON = ("--window", "8", "--episode-length", "48", "--positions", "-1", "-0.5", "0", "0.5", "1",
-               "--impact", "sqrt", "--spread", "corwin_schultz", "--participation", "0.1", "--cap-volume", "forecast",
                "--num-envs", "12", "--seed", "5")
+#: Impact reads sigma_daily's 480-bar window (the cost span sets the embargo); the spread alone reads 20 bars,
+#: under the observation's reach of 27, so the embargo stays short -- short enough that a GARCH recursion run
+#: through a test group would still show in the training bars (its memory fades below the last bit in ~480).
+IMPACT = ("--impact", "sqrt", "--spread", "corwin_schultz", "--participation", "0.1", "--cap-volume", "forecast")
+SPREAD = ("--spread", "corwin_schultz")
 MASK_ARGS = ("--masks.risk-budget", "0.012", "--masks.drawdown-threshold", "0.02", "--masks.recover-threshold",
              "0.005", "--masks.cooldown", "3", "--masks.max-trades", "3", "--masks.period-bars", "10")
-FOLD_AGENTS = {
-    "masks_ewma": ("ppo_masked", MASK_ARGS),
-    "masks_garch": ("ppo_masked", (*MASK_ARGS, "--masks.vol-model", "garch")),
-    "tokens_4h": ("ppo_transformer", ("--token-timeframes", "4h", "--token-counts", "4")),
+FOLD_AGENTS = {  # variant, its arguments, the shared cost arguments, the cost span they read
+    "masks_ewma": ("ppo_masked", MASK_ARGS, IMPACT, 480),
+    "masks_garch": ("ppo_masked", (*MASK_ARGS, "--masks.vol-model", "garch"), SPREAD, 20),
+    "tokens_4h": ("ppo_transformer", ("--token-timeframes", "4h", "--token-counts", "4"), IMPACT, 480),
 }
 
 
@@ -264,7 +268,8 @@ def test_perturbing_test_groups_leaves_every_training_env_input_bit_identical(ho
     leaves every input of a training env bit-identical -- observations (features, tokens), masks (every rule,
     risk budget on EWMA or GARCH forecasts), cost inputs (Corwin-Schultz spread, sigma_daily, ADV, impact eta,
     the forecast fill cap) and rewards. The embargo counts sigma_daily's 480-bar window (the cost span), and the
-    mask forecasts restart per training segment."""
+    mask forecasts restart per training segment (checked where the embargo is short, so a recursion run through
+    a test group would still show)."""
     import dataclasses
 
     from sentio_lab.data import load_market
@@ -273,11 +278,13 @@ def test_perturbing_test_groups_leaves_every_training_env_input_bit_identical(ho
     from sentio_lab.experiment.runner import agent_argv, plan_experiment
     from sentio_lab.market import prepare_fold_market
 
-    variant_name, agent_args = FOLD_AGENTS[agent]
+    variant_name, agent_args, cost_args, cost_span = FOLD_AGENTS[agent]
     config = ExperimentConfig(name="leak_audit", agents=(AgentSpec(agent, variant_name, agent_args),),
-                              dataset=hourly_file, n_groups=4, n_test_groups=2, common_args=FOLD_COMMON, seeds=(1,))
+                              dataset=hourly_file, n_groups=4, n_test_groups=2,
+                              common_args=(*FOLD_COMMON, *cost_args), seeds=(1,))
     plan = plan_experiment(config)
-    assert plan.gaps.cost_span == 480 and plan.gaps.embargo >= 480 > plan.gaps.observation_reach
+    assert plan.gaps.cost_span == cost_span and plan.gaps.embargo == plan.gaps.reach
+    assert plan.gaps.reach == (cost_span if cost_span == 480 else plan.gaps.observation_reach)
     args = parse_variant_args(variant_name, agent_argv(config, agent_args))
     feature_config = load_variant(variant_name).feature_config(args)
     data = load_market(hourly_file)
