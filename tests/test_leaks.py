@@ -195,8 +195,26 @@ def hourly_file(tmp_path_factory):
     sigma_daily's 20-day window is 480 bars, further back than any feature or token of the agents below."""
     hours = pd.date_range("2019-01-07", periods=24 * 200, freq="h")
     path = tmp_path_factory.mktemp("fold") / "hourly.csv"
-    random_ohlcv(len(hours), seed=21, index=hours, vol=0.004).to_csv(path)
+    garch_ohlcv(hours).to_csv(path)
     return str(path)
+
+
+def garch_ohlcv(index: pd.DatetimeIndex, seed: int = 21) -> pd.DataFrame:
+    """Valid OHLCV whose returns follow a GARCH(1,1) (alpha 0.08, beta 0.9): volatility clusters, so a fitted GARCH
+    has a long memory, and a recursion run through a test group would carry it into later bars."""
+    rng = np.random.default_rng(seed)
+    n = len(index)
+    h, ret = 4e-6 / 0.02, np.empty(n)
+    for t in range(n):
+        ret[t] = np.sqrt(h) * rng.normal()
+        h = 4e-6 + 0.08 * ret[t] ** 2 + 0.9 * h
+    close = 100.0 * np.exp(np.cumsum(ret))
+    open_ = np.r_[100.0, close[:-1]] * np.exp(rng.normal(0, 0.0003, n))
+    high = np.maximum(open_, close) * np.exp(np.abs(rng.normal(0, 0.001, n)))
+    low = np.minimum(open_, close) * np.exp(-np.abs(rng.normal(0, 0.001, n)))
+    frame = pd.DataFrame({"open": open_, "high": high, "low": low, "close": close,
+                          "volume": rng.lognormal(15, 0.5, n)}, index=index.as_unit("us").rename("timestamp"))
+    return frame
 
 
 def _rewrite_test_bars(frame: pd.DataFrame, mask: np.ndarray) -> pd.DataFrame:
@@ -236,8 +254,10 @@ def _training_inputs(variant_name: str, args, market) -> dict[str, np.ndarray]:
     inputs = cost_inputs(env.costs, market.arrays.high, market.arrays.low, market.arrays.close, market.arrays.volume,
                          market.arrays.bars_per_day)
     fills = decisions[decisions < len(market.arrays.close) - 1]
-    for name, values in {"half_spread": half, "eta": eta, "cap": cap, "sigma": inputs.sigma, "adv": inputs.adv,
-                         "per_day": inputs.per_day}.items():
+    read = {"half_spread": half, "eta": eta, "cap": cap, "per_day": inputs.per_day}
+    if env.costs.impact != "none":  # what the cost model reads (sigma and ADV only feed impact and the cap)
+        read |= {"sigma": inputs.sigma, "adv": inputs.adv}
+    for name, values in read.items():
         out[name] = np.asarray(values)[fills]
     if env.masker is not None and env.masker.vol is not None:
         out["mask_vol"] = np.asarray(env.masker.vol)[decisions]
