@@ -88,8 +88,9 @@ class MarketArrays:
     """float64 (T,) bar lows, or None: read by the spread estimators only."""
     volume: np.ndarray | None = None
     """float64 (T,) bar volumes, or None: read by impact (ADV) and participation caps only, never observed."""
-    bars_per_day: float = 1.0
-    """Bars per calendar day (:func:`sentio_lab.costs.bars_per_day`): scales sigma_daily and ADV."""
+    bars_per_day: float | np.ndarray = 1.0
+    """Bars per calendar day known at each bar (float64 (T,), :func:`sentio_lab.costs.bars_per_day`: causal), or
+    one number for every bar: scales sigma_daily and ADV."""
     volume_kind: str = "quantity"
     """What ``volume`` counts: "quantity" (units traded) or "ticks" (FX tick volume: no quantity, so impact and
     caps need a user-given ADV, ``CostModel.adv``)."""
@@ -117,7 +118,7 @@ class MarketArrays:
             first_valid=first_valid,
             year_fraction=year_fractions(index) if isinstance(index, pd.DatetimeIndex) else None,
             **{c: frame[c].to_numpy(dtype=np.float64) for c in ("high", "low", "volume") if c in frame.columns},
-            bars_per_day=bars_per_day(index if isinstance(index, pd.DatetimeIndex) else None),
+            bars_per_day=bars_per_day(index if isinstance(index, pd.DatetimeIndex) else None, len(frame)),
             volume_kind=volume_kind,
             fill_price=fill_price,
         )

@@ -334,9 +334,9 @@ def test_spread_estimates_on_flat_tiny_and_gapping_bars(bars):
     h, lo, c = np.array([10.2, 10.3, 11.4]), np.array([9.9, 10.0, 11.1]), np.array([10.0, 10.1, 11.3])
     shifted = corwin_schultz(np.r_[h[:2], h[2] - 1.0], np.r_[lo[:2], lo[2] - 1.0], c, 1)
     np.testing.assert_allclose(corwin_schultz(h, lo, c, 1)[2], shifted[2], rtol=1e-12)
-    assert bars_per_day(bars.index) == 1.0 and bars_per_day(None) == 1.0
+    assert (bars_per_day(bars.index) == 1.0).all() and bars_per_day(None, 3).tolist() == [1.0, 1.0, 1.0]
     hourly = pd.date_range("2024-01-01", periods=96, freq="h")
-    assert bars_per_day(hourly) == 24.0
+    assert bars_per_day(hourly).tolist() == list(range(1, 25)) + [24.0] * 72  # first date: its bars so far
 
 
 # Hand-computed reference values, written from the papers' formulas in plain python (math), independently of

@@ -79,7 +79,7 @@ def impact_eta(costs: CostModel, sigma: ArrayT, adv: ArrayT) -> ArrayT:
     return _where(adv > 0, eta, 0.0 * adv)
 
 
-def fill_cap(costs: CostModel, price: ArrayT, bar_volume: ArrayT, adv: ArrayT, per_day: float) -> ArrayT:
+def fill_cap(costs: CostModel, price: ArrayT, bar_volume: ArrayT, adv: ArrayT, per_day: float | ArrayT) -> ArrayT:
     """Most notional (units of the starting equity) a fill may trade: inf without a cap; 0 where the capping
     volume is 0, and where impact meets an ADV of 0 (a fill there has no price)."""
     inf = 0.0 * price + np.inf
