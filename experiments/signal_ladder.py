@@ -180,7 +180,9 @@ signal (`sentio_lab.data.synthetic`, see docs/evaluation.md "Planted-signal ladd
 - Ranges: training = first 60 % of the bars, validation = next 20 % (unused), **test = last 20 %**
   ({opts.n_bars - int(opts.n_bars * 0.8):,} bars; Sharpe standard error about
   {math.sqrt(BARS_PER_YEAR / (opts.n_bars * 0.2)):.2f} per year on one path)
-- Steps (budgets, one resumed run per seed): {", ".join(f"{b:,}" for b in opts.budgets)}; seeds {opts.seeds}
+- Steps (budgets, one resumed run per seed): {", ".join(f"{b:,}" for b in opts.budgets)}; seeds {opts.seeds}.
+  Each budget is a point of ONE run scheduled for the largest budget (the learning rate anneals over that
+  schedule), not a separately finished run of that length
 - `share` = agent's test Sharpe / the oracle's test Sharpe on the same bars through the same env (net of costs);
   `oracle_exact` = the oracle's Sharpe from the process parameters (AR(1): closed form; regime: simulated filter),
   `share_exact_mean` = mean agent test Sharpe / `oracle_exact`. On one test path the oracle's own Sharpe is noisy

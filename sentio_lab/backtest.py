@@ -158,7 +158,7 @@ def frame_cost_inputs(frame: pd.DataFrame, costs: CostModel) -> CostInputs | Non
         return None
     high, low, close, volume = (frame[c].to_numpy(dtype=np.float64) if c in frame.columns else None
                                 for c in ("high", "low", "close", "volume"))
-    return cost_inputs(costs, high, low, close, volume, bars_per_day(frame.index))
+    return cost_inputs(costs, high, low, close, volume, bars_per_day(frame.index, len(frame)))
 
 
 def _walk(
@@ -188,7 +188,7 @@ def _walk(
         else:
             t = start + k  # decision bar: estimates from bars <= t; the fill bar is t + 1
             eta = impact_eta(costs, inputs.sigma[t], inputs.adv[t])
-            cap = fill_cap(costs, price, inputs.volume[t + 1], inputs.adv[t], inputs.per_day)
+            cap = fill_cap(costs, price, inputs.volume[t + 1], inputs.adv[t], inputs.per_day[t])
             fill = execute(cash[k], shares[k], price, weight, trade, costs, inputs.half_spread[t], eta, cap)
             new_cash, new_shares, delta = fill.cash, fill.shares, fill.delta
             rates[k + 1] = fill.rate

@@ -45,6 +45,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from sentio_lab.anchor import DEFAULT_TILTS, AnchorConfig
 from sentio_lab.costs import CostModel
 from sentio_lab.env import _MIN_EQUITY as _EQUITY_FLOOR
 from sentio_lab.env import TradingEnv, check_positions
@@ -90,6 +91,11 @@ class Baseline(ABC):
         """Exposures this configuration asks for (by default :attr:`wants`)."""
         return self.wants
 
+    def span(self, history: PriceHistory) -> int:
+        """Bars before bar ``t`` the weight at ``t`` reads (its lookback; the purge / embargo count it). A rule
+        used as an anchor must declare it."""
+        raise TypeError(f"baseline {self.name!r} declares no span(): its lookback is needed to size the embargo")
+
 
 class BuyAndHold(Baseline):
     """Always fully long."""
@@ -99,6 +105,10 @@ class BuyAndHold(Baseline):
     def weights(self, history: PriceHistory) -> np.ndarray:
         """1.0 on every bar."""
         return np.ones(len(history.close))
+
+    def span(self, history: PriceHistory) -> int:
+        """0: reads nothing."""
+        return 0
 
 
 def trailing_mean(x: np.ndarray, n: int) -> np.ndarray:
@@ -124,6 +134,10 @@ class SmaCrossover(Baseline):
             raise ValueError(f"sma_crossover: need 0 < fast < slow, got {self.fast}, {self.slow}")
         fast, slow = trailing_mean(history.close, self.fast), trailing_mean(history.close, self.slow)
         return np.where(np.isnan(slow), np.nan, (fast > slow).astype(np.float64))
+
+    def span(self, history: PriceHistory) -> int:
+        """``slow - 1``: the slow mean reads closes ``t - slow + 1 .. t``."""
+        return self.slow - 1
 
 
 @dataclass
@@ -161,6 +175,13 @@ class TimeSeriesMomentum(Baseline):
         sign = np.full(len(history.close), np.nan)
         sign[ok] = np.sign(np.log(history.close[near[ok]]) - np.log(history.close[far[ok]]))
         return np.maximum(sign, 0.0) if self.long_only else sign
+
+    def span(self, history: PriceHistory) -> int:
+        """The longest distance from a bar back to its ``lookback_months`` anchor on this calendar."""
+        far = self.anchors(history)[0]
+        ok = far >= 0
+        distance = np.arange(len(far))[ok] - far[ok]
+        return int(distance.max()) if ok.any() else self.lookback_months * self.bars_per_month
 
     @property
     def exposures(self) -> tuple[float, ...]:
@@ -204,12 +225,58 @@ class VolTarget(Baseline):
             ratio = self.train_vol(history) / forecast
         return np.where(np.isnan(forecast), np.nan, np.clip(ratio, 0.0, self.max_level))
 
+    def span(self, history: PriceHistory) -> int:
+        """The EWMA's memory is infinite but fades: by convention the bars until an old return's weight
+        ``lam^k`` falls below 1 % (75 bars at lam 0.94), plus the close before it, at least ``min_periods + 1``.
+        (The training volatility reads the training segments only, which a training env may read.)"""
+        return max(int(np.ceil(np.log(0.01) / np.log(self.lam))), self.min_periods) + 1
+
 
 #: Deterministic baselines by the names experiment configs use ("random" is :func:`evaluate_random`).
 BASELINES: dict[str, Callable[[], Baseline]] = {
     "buy_and_hold": BuyAndHold, "sma_crossover": SmaCrossover, "momentum": TimeSeriesMomentum,
     "vol_target": VolTarget,
 }
+
+
+def make_baseline(baseline: Baseline | str) -> Baseline:
+    """A deterministic baseline from an instance or a :data:`BASELINES` name."""
+    if isinstance(baseline, Baseline):
+        return baseline
+    if baseline not in BASELINES:
+        raise KeyError(f"unknown baseline {baseline!r}; known: {sorted(BASELINES)} and 'random'")
+    return BASELINES[baseline]()
+
+
+def benchmark_weights(baseline: Baseline | str, market: PreparedMarket,
+                      train: Sequence[Segment] | None = None) -> np.ndarray:
+    """The anchor of :mod:`sentio_lab.anchor`: the baseline's desired weight per bar, float64 ``(T,)``, flat (0)
+    where its signal is not defined yet -- the weight :class:`WeightPolicy` trades, before rounding to levels.
+
+    Causal: the weight at ``t`` reads closes ``<= t`` (within :meth:`Baseline.span` bars). ``train`` (default: the
+    market's :meth:`~sentio_lab.market.PreparedMarket.training_segments`, a fold's training ranges on fold markets)
+    is what ``vol_target`` scales by: training bars only.
+    """
+    rule = make_baseline(baseline)
+    segments = tuple(train) if train is not None else market.training_segments()
+    weights = rule.weights(PriceHistory.from_market(market, segments))
+    return np.where(np.isnan(weights), 0.0, weights).astype(np.float64)
+
+
+def benchmark_span(baseline: Baseline | str, market: PreparedMarket) -> int:
+    """Bars before bar ``t`` that the baseline's weight at ``t`` reads on ``market`` (:meth:`Baseline.span`):
+    an anchored variant's observation reaches this far back, so the CPCV embargo must cover it."""
+    return make_baseline(baseline).span(PriceHistory.from_market(market, market.training_segments()))
+
+
+def anchor_config(baseline: Baseline | str, market: PreparedMarket, *, tilts: Sequence[float] = DEFAULT_TILTS,
+                  excess_reward: bool = False, deviation_penalty: float = 0.0, no_trade_band: float = 0.0,
+                  train: Sequence[Segment] | None = None) -> AnchorConfig:
+    """The :class:`~sentio_lab.anchor.AnchorConfig` of an env whose actions tilt ``baseline``'s weight on ``market``
+    (:func:`benchmark_weights`; the limits are the env's position set)."""
+    rule = make_baseline(baseline)
+    return AnchorConfig(benchmark_weights(rule, market, train), tilts=tuple(tilts), excess_reward=excess_reward,
+                        deviation_penalty=deviation_penalty, no_trade_band=no_trade_band, name=rule.name)
 
 
 # ============================================================================================== policies
@@ -345,10 +412,7 @@ def evaluate_baseline(
     train: Sequence[Segment] | None = None,
 ) -> Evaluation:
     """Run a deterministic baseline (an instance or a :data:`BASELINES` name) over the range through the env."""
-    if isinstance(baseline, str):
-        if baseline not in BASELINES:
-            raise KeyError(f"unknown baseline {baseline!r}; known: {sorted(BASELINES)} and 'random'")
-        baseline = BASELINES[baseline]()
+    baseline = make_baseline(baseline)
     policy = WeightPolicy(baseline, PriceHistory.from_market(market, train), positions)
     (evaluation,) = run_policy(policy, market, window=window, positions=positions, costs=costs,
                                range_name=range_name, bars=bars)

@@ -18,6 +18,9 @@ evaluated or saved back.
 
 * The CRC-32 of every zip member (``zipfile.testzip``) catches damaged bytes anywhere in the archive: tensor
   data, the pickle, the records torch writes. An empty or truncated file is not a readable zip archive.
+* A member marked as a directory (a name ending in ``/`` or the MS-DOS directory bit of its external attributes,
+  one flipped bit of the central directory) is refused: Python's zipfile still reads and CRC-checks its bytes, but
+  torch's reader reads none and leaves the tensor uninitialised (finite garbage the finiteness check cannot see).
 * A SHA-256 of every other member (names and contents, in archive order), written at save time as one more
   member, :data:`DIGEST_MEMBER`, catches a file whose CRCs agree with wrong content (a member rewritten by a
   tool that updated its CRC). Files written before the digest existed have none: their CRCs must be fine.
@@ -160,6 +163,12 @@ def verify_archive(path: str | Path) -> None:
         raise CheckpointError(f"{path}: damaged checkpoint: the file is empty (0 bytes)")
     try:
         with zipfile.ZipFile(path) as archive:
+            folders = [i.filename for i in archive.infolist() if i.filename.endswith("/") or i.external_attr & 0x10]
+            if folders:  # torch's reader (miniz) reads no bytes for such a member: the tensor is left uninitialised
+                raise CheckpointError(
+                    f"{path}: damaged checkpoint: member {folders[0]!r} is marked as a directory (its zip header "
+                    "changed after saving); restore the file from a copy or retrain"
+                )
             bad = archive.testzip()
             if bad is not None:
                 raise CheckpointError(
@@ -167,7 +176,9 @@ def verify_archive(path: str | Path) -> None:
                     "saving); restore the file from a copy or retrain"
                 )
             digest, recorded = _payload_digest(archive)
-    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, KeyError) as err:
+    # RuntimeError: a damaged header that reads as encrypted; NotImplementedError (a RuntimeError): as an unknown
+    # compression method
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, KeyError, RuntimeError) as err:
         if isinstance(err, CheckpointError):
             raise
         raise CheckpointError(
@@ -197,9 +208,28 @@ def _floating_arrays(value: Any, where: str) -> Iterator[tuple[str, Any]]:
             yield from _floating_arrays(item, f"{where}[{i}]")
 
 
+def _plain_floats(value: Any, where: str) -> Iterator[tuple[str, float]]:
+    """(location, value) for every python float inside nested dicts, lists and tuples."""
+    if isinstance(value, float):
+        yield where, value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _plain_floats(item, f"{where}[{key!r}]")
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            yield from _plain_floats(item, f"{where}[{i}]")
+
+
 def check_finite(bundle: dict[str, Any], source: str | Path) -> None:
     """Refuse (:class:`CheckpointError`) a bundle holding a NaN or infinite value in any floating tensor or array,
-    naming the first such tensor and how many of its values are not finite."""
+    naming the first such tensor and how many of its values are not finite, or in the normaliser's statistics
+    (``feature_state["normaliser"]``: plain python floats; other plain floats, such as arguments, may be NaN)."""
+    normaliser = bundle.get("feature_state", None)
+    normaliser = normaliser.get("normaliser") if isinstance(normaliser, dict) else None
+    for where, number in _plain_floats(normaliser, "bundle['feature_state']['normaliser']"):
+        if not np.isfinite(number):
+            raise CheckpointError(f"{source}: damaged checkpoint: {where} is {number} (the normaliser's statistics "
+                                  "must be finite)")
     for where, array in _floating_arrays(bundle, "bundle"):
         finite = torch.isfinite(array) if isinstance(array, torch.Tensor) else np.isfinite(array)
         if not bool(finite.all()):
@@ -242,7 +272,7 @@ def load_checkpoint(
             f"{path}: refused to load: it needs more than tensors and plain python values (a checkpoint this "
             f"code wrote never does; a file that does could run code when unpickled). torch said: {err}"
         ) from err
-    except (RuntimeError, EOFError) as err:
+    except (RuntimeError, EOFError, ValueError) as err:  # ValueError: e.g. a record torch parses as a number
         raise CheckpointError(f"{path}: unreadable (truncated, corrupt or not a torch file): {err}") from err
     if not isinstance(bundle, dict):
         raise CheckpointError(f"{path}: not a sentio-lab checkpoint (holds a {type(bundle).__name__}, not a dict)")

@@ -34,6 +34,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from sentio_lab.anchor import AnchorConfig, anchored_targets, benchmark_targets
 from sentio_lab.costs import (
     CostModel,
     bars_per_day,
@@ -87,8 +88,9 @@ class MarketArrays:
     """float64 (T,) bar lows, or None: read by the spread estimators only."""
     volume: np.ndarray | None = None
     """float64 (T,) bar volumes, or None: read by impact (ADV) and participation caps only, never observed."""
-    bars_per_day: float = 1.0
-    """Bars per calendar day (:func:`sentio_lab.costs.bars_per_day`): scales sigma_daily and ADV."""
+    bars_per_day: float | np.ndarray = 1.0
+    """Bars per calendar day known at each bar (float64 (T,), :func:`sentio_lab.costs.bars_per_day`: causal), or
+    one number for every bar: scales sigma_daily and ADV."""
     volume_kind: str = "quantity"
     """What ``volume`` counts: "quantity" (units traded) or "ticks" (FX tick volume: no quantity, so impact and
     caps need a user-given ADV, ``CostModel.adv``)."""
@@ -116,7 +118,7 @@ class MarketArrays:
             first_valid=first_valid,
             year_fraction=year_fractions(index) if isinstance(index, pd.DatetimeIndex) else None,
             **{c: frame[c].to_numpy(dtype=np.float64) for c in ("high", "low", "volume") if c in frame.columns},
-            bars_per_day=bars_per_day(index if isinstance(index, pd.DatetimeIndex) else None),
+            bars_per_day=bars_per_day(index if isinstance(index, pd.DatetimeIndex) else None, len(frame)),
             volume_kind=volume_kind,
             fill_price=fill_price,
         )
@@ -319,11 +321,14 @@ class TradingEnv:
         mask_inputs: MaskInputs | None = None,
         token_blocks: Sequence[TokenBlock] = (),
         drawdown_obs: bool = False,
+        anchor: AnchorConfig | None = None,
     ) -> None:
         """Build the env on bars ``[start, stop)`` of ``market`` (episodes from ``start_sampler`` when given,
         whose starts must lie inside that range); tensors live on ``device``. ``mask_inputs`` overrides the
         series the mask rules read (required for the GARCH forecast: fitted on the training range).
-        ``token_blocks`` and ``drawdown_obs`` extend the observation (module doc, :func:`observation_layout`)."""
+        ``token_blocks`` and ``drawdown_obs`` extend the observation (module doc, :func:`observation_layout`).
+        ``anchor`` makes the actions tilts around a benchmark weight (:mod:`sentio_lab.anchor`)."""
+        token_blocks = _anchor_blocks(market, token_blocks, anchor, masks)
         stop = len(market.close) if stop is None else stop
         self.start_low, self.start_high = episode_start_bounds(market, window, start, stop, episode_length)
         self.start_sampler = start_sampler
@@ -347,7 +352,7 @@ class TradingEnv:
         self.token_blocks, self.drawdown_obs = tuple(token_blocks), drawdown_obs
         self.obs_layout = observation_layout(self.num_features, window, self.token_blocks, drawdown_obs)
         self.obs_dim = observation_dim(self.obs_layout)
-        self.num_actions = len(positions)
+        self.num_actions = len(positions) if anchor is None else len(anchor.tilts)
         dev, f64 = self.device, torch.float64
         self._tokens = []
         for block in check_token_blocks(self.token_blocks, len(market.close)):
@@ -378,6 +383,12 @@ class TradingEnv:
             windows = self.features.unfold(0, window, 1).transpose(1, 2)  # (rows, window, F) view
             self._window_matrix = windows.reshape(rows, window * self.num_features).contiguous()
         self._flat_level = int(np.argmin(np.abs(np.asarray(positions, dtype=float))))
+        self.anchor = anchor
+        if anchor is not None:  # actions are tilts; the level an episode starts from is the zero tilt
+            self._flat_level = anchor.zero_action
+            self._anchor_bounds = anchor.bounds(check_positions(positions))
+            self._benchmark = torch.tensor(anchor.benchmark, dtype=f64, device=dev)
+            self._tilts = torch.tensor(anchor.tilts, dtype=f64, device=dev)
         self.generator = torch.Generator(device=dev)
         self.generator.manual_seed(seed)
         zeros = torch.zeros(num_envs, dtype=f64, device=dev)
@@ -387,6 +398,7 @@ class TradingEnv:
         self.cash, self.shares, self.equity = zeros.clone(), zeros.clone(), zeros.clone()
         self.peak, self.max_drawdown = zeros + 1.0, zeros.clone()
         self.pending = torch.zeros(num_envs, dtype=torch.bool, device=dev)
+        self._reset_anchor(torch.ones_like(self.pending))
         self.masker = make_masker(market.close, market.features, np.asarray(positions, dtype=np.float64), masks,
                                   mask_inputs, num_envs, invalid_action, dev)
 
@@ -394,7 +406,8 @@ class TradingEnv:
     def _state_names(self) -> tuple[str, ...]:
         names = ("t", "steps", "level", "cash", "shares", "equity")
         names = names + ("pending",) if self._carry else names
-        return names + ("peak", "max_drawdown") if self.drawdown_obs else names
+        names = names + ("peak", "max_drawdown") if self.drawdown_obs else names
+        return names + _ANCHOR_STATE if self.anchor is not None else names
 
     # ----------------------------------------------------------------------------------- observations
     def _observe(self, t: torch.Tensor, level: torch.Tensor, envs: torch.Tensor | None = None) -> torch.Tensor:
@@ -402,7 +415,10 @@ class TradingEnv:
             rows = self._window_matrix.index_select(0, t - (self.window - 1))
         else:  # (N, window, F): bars t-window+1 .. t, flattened
             rows = self.features[t[:, None] + self._window_offsets].reshape(len(t), -1)
-        position = self.positions.index_select(0, level).to(torch.float32)[:, None]
+        if self.anchor is None:
+            position = self.positions.index_select(0, level).to(torch.float32)[:, None]
+        else:  # the weight held (``envs``: a bool subset, as after auto-resets)
+            position = (self.held if envs is None else self.held[envs]).to(torch.float32)[:, None]
         if not self._tokens and not self.drawdown_obs:
             return torch.cat([rows, position], dim=1)
         parts = [rows, position]
@@ -456,6 +472,7 @@ class TradingEnv:
         self.equity = torch.ones_like(self.cash)
         self.peak, self.max_drawdown = torch.ones_like(self.cash), torch.zeros_like(self.cash)
         self.pending = torch.zeros_like(self.t, dtype=torch.bool)
+        self._reset_anchor(torch.ones_like(self.pending))
         if self.masker is not None:
             self.masker.reset_where(torch.ones_like(self.t, dtype=torch.bool))
         return self._observe(self.t, self.level)
@@ -499,21 +516,17 @@ class TradingEnv:
                 raise _bad_actions_error(actions[bad], self.num_actions)
             level = self.masker.apply(level, self.t, self.level, self.equity)
         next_t = self.t + 1
-        price = self.fill.index_select(0, next_t)
-        weights = self.positions.index_select(0, level)
-        fill = None
-        if self._fill_arrays is None:
-            cash, shares, _ = rebalance(self.cash, self.shares, price, weights, level != self.level, self.costs)
-        else:  # spread / impact / cap: the decision bar's estimates, the fill bar's cap (sentio_lab.costs)
-            half, eta, cap = (a.index_select(0, self.t) for a in self._fill_arrays)
-            trade = (level != self.level) | self.pending
-            fill = execute(self.cash, self.shares, price, weights, trade, self.costs, half, eta, cap)
-            cash, shares = fill.cash, fill.shares
-        if self._borrow_per_share is not None:  # on the shares held over bar t + 1 (module doc)
-            held = self.shares if self._borrow_on_held else shares
-            cash = cash - held.neg().clamp_min(0.0) * self._borrow_per_share.index_select(0, next_t)
-        equity = cash + shares * self.close.index_select(0, next_t)
+        if self.anchor is None:
+            weights, changed = self.positions.index_select(0, level), level != self.level
+        else:  # target = clip(b_t + tilt), held inside the no-trade band (sentio_lab.anchor)
+            b_t = self._benchmark.index_select(0, self.t)
+            lo, hi = self._anchor_bounds
+            weights, changed, deviation = anchored_targets(b_t, self._tilts.index_select(0, level), self.held, lo,
+                                                           hi, self.anchor.no_trade_band)
+        cash, shares, equity, fill = self._account_step(self.cash, self.shares, weights, changed, self.pending)
         reward = torch.log(equity.clamp_min(_MIN_EQUITY) / self.equity)
+        if self.anchor is not None:
+            reward = self._anchor_step(reward, b_t, deviation)
         steps = self.steps + 1
         terminated = equity <= self.ruin_fraction
         truncated = (steps >= self.episode_length) & ~terminated
@@ -522,7 +535,7 @@ class TradingEnv:
         if any_bad:
             raise _bad_actions_error(actions[bad], self.num_actions)
         if self.masker is not None:
-            self.masker.update(level != self.level, equity, steps)
+            self.masker.update(changed, equity, steps)
         drawdown_cost = None
         if self.drawdown_obs:  # M_{t+1} - M_t (module doc); out of place like every state update
             peak = torch.maximum(self.peak, equity)
@@ -531,6 +544,8 @@ class TradingEnv:
             self.peak, self.max_drawdown = peak, max_drawdown
         self.cash, self.shares, self.level = cash, shares, level
         self.equity, self.t, self.steps = equity, next_t, steps
+        if self.anchor is not None:
+            self.held = weights
         if self._carry:
             self.pending = fill.capped
         obs = self._observe(self.t, self.level)
@@ -539,6 +554,8 @@ class TradingEnv:
             info["fill"] = {"delta": fill.delta, "rate": fill.rate, "capped": fill.capped, "requested": fill.requested}
         if drawdown_cost is not None:
             info["drawdown_cost"] = drawdown_cost
+        if self.anchor is not None:  # the weight filled (held), its tilt from b_t and the benchmark's own account
+            info.update(weight=weights, tilt=deviation, benchmark_equity=self.bench_equity)
         if any_done:
             info["final_obs"] = obs.clone()
             self._reset_done(done)
@@ -583,8 +600,76 @@ class TradingEnv:
         if self.drawdown_obs:
             self.peak = torch.where(done, one, self.peak)
             self.max_drawdown = torch.where(done, 0.0 * one, self.max_drawdown)
+        self._reset_anchor(done)
         if self.masker is not None:
             self.masker.reset_where(done)
+
+    # ------------------------------------------------------------------------------------ fills, anchoring
+    def _account_step(self, cash: torch.Tensor, shares: torch.Tensor, weights: torch.Tensor, trade: torch.Tensor,
+                      pending: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, object]:
+        """Fill ``weights`` on bar t + 1 where ``trade`` (or a carried remainder), charge borrow, mark at its close:
+        ``(cash, shares, equity, fill record or None)``. The agent's account and the benchmark's shadow one."""
+        next_t = self.t + 1
+        price = self.fill.index_select(0, next_t)
+        before, fill = shares, None
+        if self._fill_arrays is None:
+            cash, shares, _ = rebalance(cash, shares, price, weights, trade, self.costs)
+        else:  # spread / impact / cap: the decision bar's estimates, the fill bar's cap (sentio_lab.costs)
+            half, eta, cap = (a.index_select(0, self.t) for a in self._fill_arrays)
+            fill = execute(cash, shares, price, weights, trade | pending, self.costs, half, eta, cap)
+            cash, shares = fill.cash, fill.shares
+        if self._borrow_per_share is not None:  # on the shares held over bar t + 1 (module doc)
+            held = before if self._borrow_on_held else shares
+            cash = cash - held.neg().clamp_min(0.0) * self._borrow_per_share.index_select(0, next_t)
+        return cash, shares, cash + shares * self.close.index_select(0, next_t), fill
+
+    def _anchor_step(self, reward: torch.Tensor, b_t: torch.Tensor, deviation: torch.Tensor) -> torch.Tensor:
+        """Step the benchmark's shadow account; return the reward with the anchor's options applied."""
+        lo, hi = self._anchor_bounds
+        target, trade = benchmark_targets(b_t, self.bench_held, lo, hi)
+        cash, shares, equity, fill = self._account_step(self.bench_cash, self.bench_shares, target, trade,
+                                                        self.bench_pending)
+        if self.anchor.excess_reward:
+            reward = reward - torch.log(equity.clamp_min(_MIN_EQUITY) / self.bench_equity)
+        if self.anchor.deviation_penalty:
+            reward = reward - self.anchor.deviation_penalty * deviation.square()
+        self.bench_cash, self.bench_shares, self.bench_held, self.bench_equity = cash, shares, target, equity
+        if self._carry:
+            self.bench_pending = fill.capped
+        return reward
+
+    def _reset_anchor(self, done: torch.Tensor) -> None:
+        """Flat, equity 1: the held weight and the benchmark's shadow account of the episodes ``done``."""
+        if self.anchor is None:
+            return
+        zero = torch.zeros(self.num_envs, dtype=torch.float64, device=self.device)
+        if done.all():
+            self.held, self.bench_held, self.bench_shares = zero, zero.clone(), zero.clone()
+            self.bench_cash, self.bench_equity = zero + 1.0, zero + 1.0
+            self.bench_pending = torch.zeros_like(done)
+            return
+        self.held = torch.where(done, zero, self.held)
+        self.bench_held = torch.where(done, zero, self.bench_held)
+        self.bench_shares = torch.where(done, zero, self.bench_shares)
+        self.bench_cash = torch.where(done, zero + 1.0, self.bench_cash)
+        self.bench_equity = torch.where(done, zero + 1.0, self.bench_equity)
+        self.bench_pending = self.bench_pending & ~done
+
+
+#: State an anchored env adds (its :meth:`TradingEnv.state_dict`).
+_ANCHOR_STATE = ("held", "bench_cash", "bench_shares", "bench_held", "bench_equity", "bench_pending")
+
+
+def _anchor_blocks(market: MarketArrays, token_blocks: Sequence[TokenBlock], anchor: AnchorConfig | None,
+                   masks: MaskConfig | None) -> tuple[TokenBlock, ...]:
+    """The env's token blocks: ``token_blocks`` and, when anchored, the ``"benchmark"`` block (``b_t``) last."""
+    if anchor is None:
+        return tuple(token_blocks)
+    if masks is not None:
+        raise ValueError("anchor with masks: mask rules index fixed position levels, anchored weights move with the "
+                         "benchmark; drop --masks or --anchor")
+    anchor.check_market(len(market.close))
+    return (*token_blocks, anchor.token_block())
 
 
 class NumpyTradingEnv(gym.Env):
@@ -611,9 +696,11 @@ class NumpyTradingEnv(gym.Env):
         mask_inputs: MaskInputs | None = None,
         token_blocks: Sequence[TokenBlock] = (),
         drawdown_obs: bool = False,
+        anchor: AnchorConfig | None = None,
     ) -> None:
         """Same arguments as :class:`TradingEnv`, for a single episode; masks by the same rules (numpy arrays)."""
         super().__init__()
+        token_blocks = _anchor_blocks(market, token_blocks, anchor, masks)
         stop = len(market.close) if stop is None else stop
         self.start_low, self.start_high = episode_start_bounds(market, window, start, stop, episode_length)
         self.market, self.window, self.episode_length = market, window, episode_length
@@ -629,7 +716,11 @@ class NumpyTradingEnv(gym.Env):
         obs_dim = observation_dim(self.obs_layout)
         check_token_blocks(self.token_blocks, len(market.close))
         self.observation_space = gym.spaces.Box(-np.inf, np.inf, shape=(obs_dim,), dtype=np.float32)
-        self.action_space = gym.spaces.Discrete(len(positions))
+        self.anchor = anchor
+        self.action_space = gym.spaces.Discrete(len(positions) if anchor is None else len(anchor.tilts))
+        if anchor is not None:  # actions are tilts; an episode starts from the zero tilt, flat
+            self.flat_level = anchor.zero_action
+            self._anchor_bounds = anchor.bounds(self.positions)
         self.masker = make_masker(market.close, market.features, self.positions, masks, mask_inputs, 1, invalid_action,
                                   None)
 
@@ -641,7 +732,7 @@ class NumpyTradingEnv(gym.Env):
 
     def _observe(self) -> np.ndarray:
         rows = self.market.features[self.t - self.window + 1 : self.t + 1]
-        position = np.float32(self.positions[self.level])
+        position = np.float32(self.positions[self.level] if self.anchor is None else self.held)
         parts = [rows.reshape(-1), [position]]
         parts += [block.table[block.index[self.t]].reshape(-1) for block in self.token_blocks]
         if self.drawdown_obs:
@@ -660,6 +751,8 @@ class NumpyTradingEnv(gym.Env):
         self.cash, self.shares, self.equity = 1.0, 0.0, 1.0
         self.peak, self.max_drawdown = 1.0, 0.0
         self.pending = False
+        self.held = 0.0
+        self.bench = {"cash": 1.0, "shares": 0.0, "held": 0.0, "equity": 1.0, "pending": False}
         if self.masker is not None:
             self.masker.reset_where(np.array([True]))
         return self._observe(), {"equity": self.equity}
@@ -669,24 +762,30 @@ class NumpyTradingEnv(gym.Env):
         index = int(action)
         if index != action:
             raise TypeError(f"step: action {action!r} is not an integer level index")
-        if not 0 <= index < len(self.positions):
-            raise ValueError(f"step: action {index} outside [0, {len(self.positions)})")
+        if not 0 <= index < self.action_space.n:
+            raise ValueError(f"step: action {index} outside [0, {self.action_space.n})")
         action = index
         if self.masker is not None:
             action = int(self.masker.apply(np.array([action]), np.array([self.t]), np.array([self.level]),
                                            np.array([self.equity]))[0])
-        changed = action != self.level
+        if self.anchor is None:
+            target, changed = self.positions[action], action != self.level
+        else:  # target = clip(b_t + tilt), held inside the no-trade band (sentio_lab.anchor)
+            b_t = self.anchor.benchmark[self.t]
+            target, changed, deviation = (x.item() for x in anchored_targets(
+                b_t, np.float64(self.anchor.tilts[action]), np.float64(self.held), *self._anchor_bounds,
+                self.anchor.no_trade_band))
         price = self.market.fill[self.t + 1]
         held = self.shares  # the shares held over bar t + 1 when the fill is at its close
         record = None
+        if self.anchor is not None:  # the benchmark's shadow account, before the agent's (both read bar t)
+            bench_log_return = self._benchmark_step(b_t, price)
         if self._fill_arrays is None:
-            self.cash, self.shares, _ = rebalance(
-                self.cash, self.shares, price, self.positions[action], action != self.level, self.costs
-            )
+            self.cash, self.shares, _ = rebalance(self.cash, self.shares, price, target, changed, self.costs)
         else:  # spread / impact / cap (sentio_lab.costs.execution); a capped order may carry to the next bar
             half, eta, cap = (float(a[self.t]) for a in self._fill_arrays)
             trade = bool(changed or self.pending)
-            fill = execute(np.float64(self.cash), np.float64(self.shares), price, self.positions[action], trade,
+            fill = execute(np.float64(self.cash), np.float64(self.shares), price, target, trade,
                            self.costs, half, eta, cap)
             self.cash, self.shares = fill.cash, fill.shares
             capped = bool(fill.capped)
@@ -705,11 +804,16 @@ class NumpyTradingEnv(gym.Env):
         equity = self.cash + self.shares * close
         reward = float(np.log(max(equity, _MIN_EQUITY) / self.equity))
         self.equity = equity
+        info = {"equity": equity}
+        if self.anchor is not None:
+            self.held = target
+            reward -= bench_log_return if self.anchor.excess_reward else 0.0
+            reward -= self.anchor.deviation_penalty * deviation**2 if self.anchor.deviation_penalty else 0.0
+            info.update(weight=target, tilt=deviation, benchmark_equity=self.bench["equity"])
         if self.masker is not None:
             self.masker.update(np.array([changed]), np.array([equity]), np.array([self.steps]))
         terminated = bool(equity <= self.ruin_fraction)
         truncated = bool(self.steps >= self.episode_length and not terminated)
-        info = {"equity": equity}
         if record is not None:
             info["fill"] = record
         if self.drawdown_obs:
@@ -717,3 +821,27 @@ class NumpyTradingEnv(gym.Env):
             max_drawdown = max(self.max_drawdown, 1.0 - equity / self.peak)
             info["drawdown_cost"], self.max_drawdown = max_drawdown - self.max_drawdown, max_drawdown
         return self._observe(), reward, terminated, truncated, info
+
+    def _benchmark_step(self, b_t: float, price: float) -> float:
+        """Step the benchmark's shadow account over bar t + 1 (target ``clip(b_t)``, same fills and costs, no band);
+        return its log return."""
+        account, lo, hi = self.bench, *self._anchor_bounds
+        target, trade = (x.item() for x in benchmark_targets(np.float64(b_t), np.float64(account["held"]), lo, hi))
+        before = account["shares"]  # held over bar t + 1 when the fill is at its close
+        if self._fill_arrays is None:
+            cash, shares, _ = rebalance(account["cash"], account["shares"], price, target, trade, self.costs)
+        else:
+            half, eta, cap = (float(a[self.t]) for a in self._fill_arrays)
+            fill = execute(np.float64(account["cash"]), np.float64(account["shares"]), price, target,
+                           bool(trade or account["pending"]), self.costs, half, eta, cap)
+            cash, shares = fill.cash, fill.shares
+            account["pending"] = bool(fill.capped) and self.costs.remainder == "carry"
+        cash, shares = float(cash), float(shares)
+        close = self.market.close[self.t + 1]
+        if self._borrow_years is not None:
+            borrowed = before if self.market.fill_price == "next_close" else shares
+            cash -= float(borrow_cost(borrowed, close, self._borrow_years[self.t + 1], self.costs))
+        equity = cash + shares * close
+        log_return = float(np.log(max(equity, _MIN_EQUITY) / account["equity"]))
+        account.update(cash=cash, shares=shares, held=target, equity=equity)
+        return log_return

@@ -162,7 +162,10 @@ def env_options(args: Any, market: PreparedMarket) -> dict[str, Any]:
 def agent_obs_dim(args: Any, market: PreparedMarket) -> int:
     """Width of the observation an agent with ``args`` sees on ``market`` (window, position and extensions)."""
     options = env_options(args, market)
-    layout = observation_layout(market.arrays.features.shape[1], args.features.window, options.get("token_blocks", ()),
+    blocks = tuple(options.get("token_blocks", ()))
+    if options.get("anchor") is not None:  # an anchored env appends the benchmark block (sentio_lab.anchor)
+        blocks += (options["anchor"].token_block(),)
+    layout = observation_layout(market.arrays.features.shape[1], args.features.window, blocks,
                                 options.get("drawdown_obs", False))
     return observation_dim(layout)
 
@@ -210,6 +213,7 @@ def evaluate_policy(
     obs = env.reset(starts=[first])
     levels = np.asarray(positions, dtype=np.float64)
     chosen = np.empty(length, dtype=np.int64)
+    filled = np.empty(length)  # the weight each decision held: its level, or an anchored env's target
     equity = np.empty(length + 1)
     equity[0] = 1.0
     ruined = False
@@ -223,8 +227,9 @@ def evaluate_policy(
             chosen[k] = int(action[0])
             obs, _, terminated, _, info = env.step(action)
             equity[k + 1] = float(info["equity"][0])
+            filled[k] = float(info["weight"][0]) if "weight" in info else levels[chosen[k]]
             if bool(terminated[0]):  # ruin (equity <= 0): the rest of the range is not tradable
-                chosen, equity = chosen[: k + 1], equity[: k + 2]
+                chosen, equity, filled = chosen[: k + 1], equity[: k + 2], filled[: k + 1]
                 equity[-1] = max(equity[-1], _EQUITY_FLOOR)
                 ruined = True
                 break
@@ -232,7 +237,7 @@ def evaluate_policy(
     return Evaluation(
         range_name=range_name,
         start=first,
-        weights=pd.Series(levels[chosen], index=index[first : first + len(chosen)], name="weight"),
+        weights=pd.Series(filled, index=index[first : first + len(chosen)], name="weight"),
         equity=pd.Series(equity, index=index[first : first + len(equity)], name="equity"),
         costs=costs,
         ruined=ruined,
@@ -494,16 +499,18 @@ def evaluate_policies(
                          positions=positions, costs=costs, ruin_fraction=0.0, device=device,
                          **_mask_env_kwargs(masks, invalid_action, market), **(env_options or {}))
         obs = env.reset(starts=[firsts[j] for _ in agents for j in bucket])  # agent-major rows
+        levels_t = torch.as_tensor(levels, device=env.device)
         own_length = torch.tensor([lengths[j] for _ in agents for j in bucket], device=env.device)
         recorded = own_length.clone()  # steps kept per env: its own length, or up to its ruin
         ruined = torch.zeros_like(own_length, dtype=torch.bool)
-        chosen, equity = [], []
+        chosen, equity, filled = [], [], []
         with torch.no_grad():
             for k in range(longest):
                 action = greedy(obs) if masks is None else greedy(obs, env.action_masks())
                 obs, _, terminated, _, info = env.step(action)
                 chosen.append(action)
                 equity.append(info["equity"])
+                filled.append(info["weight"] if "weight" in info else levels_t.index_select(0, action.to(env.device)))
                 # ruin inside the env's own range: the rest of that range is not tradable (as in evaluate_policy)
                 ruin = terminated & ~ruined & (k < own_length)
                 recorded = torch.where(ruin, k + 1, recorded)
@@ -511,11 +518,10 @@ def evaluate_policies(
                 if not bool((~ruined & (k + 1 < own_length)).any()):
                     break
         if chosen:
-            chosen_np = torch.stack(chosen, dim=1).cpu().numpy()
             equity_np = torch.stack(equity, dim=1).cpu().numpy()
+            filled_np = torch.stack(filled, dim=1).cpu().numpy()
         else:
-            chosen_np = np.empty((env.num_envs, 0), dtype=np.int64)
-            equity_np = np.empty((env.num_envs, 0))
+            equity_np = filled_np = np.empty((env.num_envs, 0))
         if rule_counts is not None:
             rule_counts["decisions"] = rule_counts.get("decisions", 0) + len(chosen) * env.num_envs
             for kind, counts in (("binding", env.mask_binding), ("masked", env.mask_counts)):
@@ -532,7 +538,7 @@ def evaluate_policies(
             results[i][j] = Evaluation(
                 range_name=names[j],
                 start=first,
-                weights=pd.Series(levels[chosen_np[e, :n]], index=index[first : first + n], name="weight"),
+                weights=pd.Series(filled_np[e, :n], index=index[first : first + n], name="weight"),
                 equity=pd.Series(curve, index=index[first : first + n + 1], name="equity"),
                 costs=costs,
                 ruined=bool(ruined_np[e]),

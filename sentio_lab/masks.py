@@ -18,7 +18,9 @@ Rules (a field at None / 0 / False is off), applied in this order:
   GARCH(1,1) (``vol_model="garch"``): ``arch_model(100 r, mean="Constant", vol="GARCH", p=1, q=1)`` fitted on
   the returns inside ``fit_range`` only, then ``h_1 = omega / (1 - alpha - beta)``,
   ``h_{t+1} = omega + alpha (100 r_t - mu)^2 + beta h_t`` over all bars with the fitted parameters,
-  ``sigma_t = sqrt(h_{t+1}) / 100``. Bar 0 has no return: ``sigma_0 = 0``.
+  ``sigma_t = sqrt(h_{t+1}) / 100``. Bar 0 has no return: ``sigma_0 = 0``. A CPCV / walk-forward fold's
+  training env runs either recursion from each training segment's first bar (:func:`restarted_per_segment`),
+  so no test group between segments reaches a training decision.
 * ``drawdown``: with ``D_t = 1 - E_t / P_t`` the guard latches on when ``D_t >= drawdown_threshold`` and off
   when ``D_t <= recover_threshold``: ``G_t = D_t >= thr or (G_{t-1} and D_t > recover)``; while ``G_t`` only
   no-increase actions are valid.
@@ -44,6 +46,7 @@ Enforcement (``invalid_action``): ``"refuse"`` raises ``ValueError`` naming env,
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -187,6 +190,25 @@ def garch_volatility(close: np.ndarray, params: dict[str, float]) -> np.ndarray:
     return out
 
 
+def restarted_per_segment(
+    close: np.ndarray, segments: Sequence[tuple[int, int]], recursion: Callable[[np.ndarray], np.ndarray]
+) -> np.ndarray:
+    """``recursion`` (a causal forecast over closes, e.g. :func:`ewma_volatility`) restarted at each segment:
+    rows ``[s, e)`` hold ``recursion(close[s:e])``, so they read the closes of their own segment only; rows outside
+    every segment are NaN (a training env never decides there).
+
+    Why: on a CPCV fold the training segments have test groups between them, and a recursion over the whole series
+    carries a test group's bars into every later training decision (an EWMA's memory is hundreds of bars).
+    """
+    close = np.asarray(close, dtype=np.float64)
+    out = np.full(len(close), np.nan)
+    for s, e in segments:
+        if not 0 <= s < e <= len(close):
+            raise ValueError(f"segment [{s}, {e}) outside the market's {len(close)} bars")
+        out[s:e] = recursion(close[s:e])
+    return out
+
+
 @dataclass(frozen=True)
 class MaskInputs:
     """Per-bar series the market-dependent rules read: ``vol[t] = sigma_t``, ``regime_prob[t] = p_t`` (float64 (T,))."""
@@ -203,24 +225,35 @@ class MaskInputs:
         *,
         fit_range: tuple[int, int] | None = None,
         regime_prob: np.ndarray | None = None,
+        restart_segments: Sequence[tuple[int, int]] | None = None,
     ) -> MaskInputs:
         """The series ``config`` needs from a market's closes and features.
 
         ``fit_range`` (bars ``[a, b)``, the training range) is where the GARCH model is fitted; it is required for
         ``vol_model="garch"`` so that a test env never fits on its own bars. ``regime_prob`` overrides
-        ``config.regime_column``.
+        ``config.regime_column``. With ``restart_segments`` (a fold's training segments) the volatility recursion
+        restarts at each segment (:func:`restarted_per_segment`): a training decision then reads no bar outside
+        its own segment, so no test group between segments reaches it.
         """
         vol = None
         if config.risk_budget is not None:
             if config.vol_model == "ewma":
-                vol = ewma_volatility(close, config.ewma_lambda)
+                def recursion(c: np.ndarray) -> np.ndarray:
+                    return ewma_volatility(c, config.ewma_lambda)
             else:
                 if fit_range is None:
                     raise ValueError(
                         "MaskConfig(vol_model='garch') is fitted on the training range only: pass "
                         "mask_inputs=MaskInputs.build(config, close, features, fit_range=(train_start, train_stop))"
                     )
-                vol = garch_volatility(close, fit_garch(close, fit_range))
+                params = fit_garch(close, fit_range)
+
+                def recursion(c: np.ndarray) -> np.ndarray:
+                    return garch_volatility(c, params)
+            if restart_segments is None:
+                vol = recursion(np.asarray(close, dtype=np.float64))
+            else:
+                vol = restarted_per_segment(close, restart_segments, recursion)
         prob = None
         if config.regime_threshold is not None:
             if regime_prob is not None:
@@ -464,19 +497,25 @@ def make_masker(
     return Masker(masks, positions, inputs, num_envs, invalid_action, device)
 
 
-def market_mask_inputs(config: MaskConfig | None, market: Any) -> MaskInputs | None:
+def market_mask_inputs(config: MaskConfig | None, market: Any, *, training: bool = False) -> MaskInputs | None:
     """What a variant's env and its evaluation read for ``config`` on a prepared market (``sentio_lab.market``).
 
     The GARCH forecast is fitted on the longest training segment only (the ``"train"`` range of a chronological
     market), never on an evaluated range. The regime rule reads the most volatile state's filtered probability,
     the last column of the market's ``"regime"`` block (states are ordered by volatility), unless
     ``config.regime_column`` names another. None when the env's own defaults serve every rule.
+
+    ``training=True`` on a fold market (``market.train_segments`` set: CPCV / purged walk-forward) gives the
+    training env's inputs: the EWMA / GARCH recursion restarts at each training segment, so no training decision
+    depends on a test group's bars (issue 17). Evaluation envs (``training=False``) read the whole-series causal
+    forecast: a test decision may read every earlier bar.
     """
     if config is None:
         return None
+    restart = training and getattr(market, "train_segments", None) is not None and config.risk_budget is not None
     garch = config.risk_budget is not None and config.vol_model == "garch"
     regime = config.regime_threshold is not None and config.regime_column is None
-    if not (garch or regime):
+    if not (garch or regime or restart):
         return None
     fit_range = max(market.training_segments(), key=lambda seg: (seg[1] - seg[0], -seg[0]))
     arrays = market.arrays
@@ -485,5 +524,6 @@ def market_mask_inputs(config: MaskConfig | None, market: Any) -> MaskInputs | N
         if "regime" not in market.features.blocks:
             raise ValueError("the regime mask rule needs regime features: pass --regimes N (N >= 2)")
         prob = arrays.features[:, market.features.blocks["regime"].stop - 1]
+    segments = tuple((int(s), int(e)) for s, e in market.training_segments()) if restart else None
     return MaskInputs.build(config, arrays.close, arrays.features, fit_range=(int(fit_range[0]), int(fit_range[1])),
-                            regime_prob=prob)
+                            regime_prob=prob, restart_segments=segments)

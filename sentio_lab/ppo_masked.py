@@ -94,7 +94,7 @@ def make_env(args: Args, market: PreparedMarket, range_name: str = "train") -> T
     inside its training segments only: :func:`sentio_lab.training.training_env`)."""
     return training.training_env(
         args, market, range_name, masks=mask_config(args), invalid_action=args.invalid_action,
-        mask_inputs=mask_inputs(mask_config(args), market),
+        mask_inputs=market_mask_inputs(mask_config(args), market, training=range_name == "train"),
     )
 
 

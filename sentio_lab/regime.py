@@ -32,7 +32,13 @@ MIN_ROWS_PER_STATE = 20
 
 
 class RegimeFitError(RuntimeError):
-    """Raised when no HMM restart converged (or every restart failed)."""
+    """Raised when no HMM restart converged (or every restart failed); the message names the training rows."""
+
+
+#: Rounds of ``restarts`` seeded fits tried before giving up: the first round's seeds are those of one round, so a
+#: fit that succeeds there is unchanged; only when every restart fails are fresh seeds drawn (issue 17: the 2-state
+#: fit on a long daily file from 1986 failed in linear algebra).
+RESTART_ROUNDS = 2
 
 
 def regime_inputs(close: np.ndarray) -> np.ndarray:
@@ -133,6 +139,29 @@ def row_runs(rows: np.ndarray) -> list[tuple[int, int]]:
     return [(int(a), int(b)) for a, b in zip(edges[::2], edges[1::2], strict=True)]
 
 
+def _usable(model) -> str | None:  # noqa: ANN001 - a fitted hmmlearn GaussianHMM
+    """Why a fitted restart cannot serve the filter (non-finite parameters, a covariance numpy's Cholesky
+    refuses), or None when it can."""
+    params = (model.startprob_, model.transmat_, model.means_, model.covars_)
+    if not all(np.isfinite(p).all() for p in params):
+        return "non-finite parameters"
+    for k, covar in enumerate(model.covars_):
+        try:
+            np.linalg.cholesky(covar)
+        except np.linalg.LinAlgError:
+            return f"state {k}'s covariance is not positive definite"
+    return None
+
+
+def _row_ranges(runs: list[tuple[int, int]], index=None) -> str:  # noqa: ANN001 - a DatetimeIndex or None
+    """The training runs ``[a, b)`` as ``"a..b"`` text, with their first and last timestamps when ``index`` is
+    given."""
+    def one(a: int, b: int) -> str:
+        return f"{a}..{b}" + ("" if index is None else f" ({index[a]} to {index[b - 1]})")
+    text = ", ".join(one(a, b) for a, b in runs[:4])
+    return text + (f" (+{len(runs) - 4} runs)" if len(runs) > 4 else "")
+
+
 def fit_regime_model(
     inputs: np.ndarray,
     start: int | None,
@@ -144,13 +173,17 @@ def fit_regime_model(
     restarts: int = 4,
     n_iter: int = 300,
     tol: float = 1e-2,
+    index=None,  # noqa: ANN001 - timestamps of the input rows (a DatetimeIndex), for messages only
 ) -> RegimeModel:
     """Fit a Gaussian HMM on the training rows from seeded restarts: ``inputs[start:stop]``, or the rows where
     the boolean mask ``rows`` (one entry per input row; then ``start`` and ``stop`` are None) is True.
 
     Each run of consecutive training rows is a separate sequence for EM (hmmlearn's ``lengths``): no transition
-    is fitted across a gap, and the standardisation uses the training rows only.
-    Raises :class:`ValueError` for unusable input and :class:`RegimeFitError` if no restart converged.
+    is fitted across a gap, and the standardisation uses the training rows only. A restart that fails (a
+    linear-algebra or value error inside EM, no convergence, or parameters the filter cannot use) is recorded and
+    skipped; when every restart of a round fails, another round of fresh seeds is tried (:data:`RESTART_ROUNDS`).
+    Raises :class:`ValueError` for unusable input and :class:`RegimeFitError`, naming the training rows (and
+    their timestamps when ``index`` is given), if no restart gives a usable model.
     """
     from hmmlearn.hmm import GaussianHMM
 
@@ -164,7 +197,7 @@ def fit_regime_model(
             raise ValueError("fit_regime_model: give start and stop, or a rows mask")
         x = inputs[start:stop]
         lengths = np.asarray([len(x)])
-        where = f"{start}..{stop}"
+        runs = [(int(start), int(start) + len(x))]
     else:
         if start is not None or stop is not None:
             raise ValueError("fit_regime_model: give a rows mask or start and stop, not both")
@@ -174,7 +207,7 @@ def fit_regime_model(
         runs = row_runs(mask)
         x = inputs[mask]
         lengths = np.asarray([b - a for a, b in runs], dtype=np.int64)
-        where = ", ".join(f"{a}..{b}" for a, b in runs[:4]) + (f" (+{len(runs) - 4} runs)" if len(runs) > 4 else "")
+    where = _row_ranges(runs, index)
     if len(x) < MIN_ROWS_PER_STATE * n_states:
         raise ValueError(
             f"{len(x)} training rows for a {n_states}-state HMM; "
@@ -189,33 +222,44 @@ def fit_regime_model(
         raise ValueError("HMM inputs are constant on the training range; there is nothing to fit")
     z = (x - center) / scale
 
-    seeds = np.random.SeedSequence(seed).generate_state(restarts)
+    # generate_state is prefix-stable: round 1 draws exactly the seeds a single round always drew.
+    all_seeds = np.random.SeedSequence(seed).generate_state(restarts * RESTART_ROUNDS)
     record: list[dict] = []
     best: tuple[float, object] | None = None
     # The matrices are tiny (K states x 2 inputs); multi-threaded BLAS only adds synchronisation
     # overhead, which on a 2-core machine made each EM fit ~15x slower. Results do not depend on it.
     with threadpool_limits(limits=1):
-        for s in seeds:
-            model = GaussianHMM(
-                n_components=n_states, covariance_type="full", n_iter=n_iter, tol=tol, random_state=int(s)
-            )
-            try:
-                model.fit(z, lengths)
-                ll = float(model.score(z, lengths))
-            except (ValueError, np.linalg.LinAlgError) as err:  # a degenerate restart; others may work
-                record.append({"seed": int(s), "error": str(err), "converged": False})
-                continue
-            ok = bool(_converged(model.monitor_) and np.isfinite(ll))
-            record.append(
-                {"seed": int(s), "log_likelihood": ll, "iterations": int(model.monitor_.iter), "converged": ok}
-            )
-            if ok and (best is None or ll > best[0]):
-                best = (ll, model)
+        for round_start in range(0, len(all_seeds), restarts):
+            if best is not None:
+                break
+            for s in all_seeds[round_start:round_start + restarts]:
+                model = GaussianHMM(
+                    n_components=n_states, covariance_type="full", n_iter=n_iter, tol=tol, random_state=int(s)
+                )
+                try:
+                    model.fit(z, lengths)
+                    ll = float(model.score(z, lengths))
+                    problem = _usable(model)
+                except (ValueError, ArithmeticError, np.linalg.LinAlgError) as err:  # degenerate; others may work
+                    record.append({"seed": int(s), "error": str(err), "converged": False})
+                    continue
+                if problem is not None:
+                    record.append({"seed": int(s), "error": problem, "converged": False})
+                    continue
+                ok = bool(_converged(model.monitor_) and np.isfinite(ll))
+                record.append(
+                    {"seed": int(s), "log_likelihood": ll, "iterations": int(model.monitor_.iter), "converged": ok}
+                )
+                if ok and (best is None or ll > best[0]):
+                    best = (ll, model)
     if best is None:
+        failed = sum("error" in r for r in record)
         raise RegimeFitError(
-            f"none of {restarts} HMM restarts ({n_states} states, {len(z)} rows) converged within {n_iter} "
-            f"EM iterations (tol={tol}); per restart: {record}. "
-            "Use fewer states, more data or more iterations."
+            f"the {n_states}-state HMM could not be fitted on training rows {where} ({len(z)} rows): none of "
+            f"{len(record)} seeded restarts gave a usable model ({failed} failed, the rest never converged within "
+            f"{n_iter} EM iterations, tol={tol}); per restart: {record}. Use fewer states (--regimes), another "
+            "data range (--data-start / --data-end: long flat stretches, e.g. early stale prices, make a "
+            "state's covariance singular) or more iterations."
         )
     ll, model = best
     # Canonical order: by the mean of the volatility input, calmest first.
@@ -238,7 +282,11 @@ def emission_log_likelihood(model: RegimeModel, z: np.ndarray) -> np.ndarray:
     n, d = z.shape
     out = np.empty((n, model.n_states))
     for k in range(model.n_states):
-        chol = np.linalg.cholesky(model.covars[k])
+        try:
+            chol = np.linalg.cholesky(model.covars[k])
+        except np.linalg.LinAlgError as err:  # a saved state edited or written elsewhere: say which state
+            raise ValueError(f"regime model: state {k}'s covariance {model.covars[k].tolist()} is not positive "
+                             "definite; refit the features (the fit never keeps such a state)") from err
         solved = np.linalg.solve(chol, (z - model.means[k]).T)  # L^-1 (x - mu)
         log_det = 2.0 * np.sum(np.log(np.diag(chol)))
         out[:, k] = -0.5 * (d * np.log(2.0 * np.pi) + log_det + np.sum(solved**2, axis=0))

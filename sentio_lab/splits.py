@@ -30,6 +30,11 @@ bars ``[a, b]`` of every test group:
   ``b + window + F`` at the earliest. The decision bars ``b .. b + window + F - 1`` are dropped: the purge (1)
   plus an **embargo of** ``window - 1 + F`` bars, the bars whose observation windows and feature lookbacks
   still see the test group.
+* **cost windows** (issue 17): a non-flat cost model prices the fill of decision t from estimates over bars
+  ``t - C .. t`` (spread, sigma_daily and ADV windows, :func:`sentio_lab.costs.cost_reach`; ``C = 0`` for flat
+  costs). The embargo is then ``max(window - 1 + F, C)`` (:attr:`PurgeEmbargo.reach`) and the touched-bar audit
+  counts those bars too. The mask volatility forecasts restart at each training segment instead
+  (:func:`sentio_lab.masks.restarted_per_segment`), so they add nothing here.
 
 Walk-forward trains only before its test group, so it needs the purge and no embargo. Training rows for
 normalisation and the HMM are :func:`fit_rows`: the rows of the training env ranges, all clean by the rule.
@@ -139,6 +144,9 @@ class PurgeEmbargo:
     """Bars before a feature row that the row may read (:func:`feature_span`)."""
     extra_embargo: int = 0
     """Added to the embargo, e.g. for the HMM filter's fading memory."""
+    cost_span: int = 0
+    """Bars before a decision bar that its cost inputs read (:func:`sentio_lab.costs.cost_reach`: the spread,
+    sigma_daily and ADV windows; 0 for flat costs)."""
 
     @classmethod
     def for_features(
@@ -151,8 +159,8 @@ class PurgeEmbargo:
 
     def __post_init__(self) -> None:
         """Reject sizes that cannot describe an observation."""
-        if self.window < 1 or self.feature_span < 0 or self.extra_embargo < 0:
-            raise ValueError(f"PurgeEmbargo: window >= 1, feature_span >= 0, extra_embargo >= 0; got {self}")
+        if self.window < 1 or self.feature_span < 0 or self.extra_embargo < 0 or self.cost_span < 0:
+            raise ValueError(f"PurgeEmbargo: window >= 1, feature_span, extra_embargo, cost_span >= 0; got {self}")
 
     @property
     def purge(self) -> int:
@@ -161,13 +169,19 @@ class PurgeEmbargo:
 
     @property
     def embargo(self) -> int:
-        """Further decision bars dropped after a test group: ``window - 1 + feature_span + extra_embargo``."""
-        return self.window - 1 + self.feature_span + self.extra_embargo
+        """Further decision bars dropped after a test group: ``reach + extra_embargo``."""
+        return self.reach + self.extra_embargo
+
+    @property
+    def observation_reach(self) -> int:
+        """Bars before an observation's bar that it may read: ``window - 1 + feature_span``."""
+        return self.window - 1 + self.feature_span
 
     @property
     def reach(self) -> int:
-        """Bars before an observation's bar that it may read: ``window - 1 + feature_span``."""
-        return self.window - 1 + self.feature_span
+        """Bars before a decision bar that the env may read for it: ``max(observation_reach, cost_span)`` (the
+        observation, and the cost inputs of its fill)."""
+        return max(self.observation_reach, self.cost_span)
 
 
 # ================================================================================================= folds
@@ -293,8 +307,9 @@ def combinatorial_purged(
     if gaps.purge + gaps.embargo >= group_size - 1:
         raise ValueError(
             f"CPCV: groups of {group_size} decision bars cannot hold the purge {gaps.purge} + embargo "
-            f"{gaps.embargo} (window {gaps.window} - 1 + feature span {gaps.feature_span} + extra "
-            f"{gaps.extra_embargo}); use fewer groups, more data, a shorter window or a shorter-lookback bank"
+            f"{gaps.embargo} (max(window {gaps.window} - 1 + feature span {gaps.feature_span}, cost span "
+            f"{gaps.cost_span}) + extra {gaps.extra_embargo}); use fewer groups, more data, a shorter window, a "
+            "shorter-lookback bank or shorter cost windows"
         )
     path_ids = cv.get_path_ids()
     folds = []
@@ -374,7 +389,8 @@ def touched_bars(
     mark bars and the bootstrap observation. Empty when no episode of ``episode_length`` fits.
 
     Episodes start at ``t0 in [lo, hi]``; start ``t0`` observes bars ``t0 .. t0 + L`` (the last one is the
-    bootstrap observation), each reading ``gaps.reach`` bars back, and fills and marks on ``t0 + 1 .. t0 + L``.
+    bootstrap observation), each reading ``gaps.reach`` bars back (observation and cost windows), and fills and
+    marks on ``t0 + 1 .. t0 + L``.
     """
     (bounds,) = segment_start_bounds([segment], gaps.window, episode_length, first_valid=first_valid)
     if bounds is None:

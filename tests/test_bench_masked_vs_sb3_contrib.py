@@ -2,7 +2,6 @@
 
 import importlib.util
 import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -32,8 +31,9 @@ def test_quick_run_reports_all_three_with_masks_on_and_consistent_ratios(tmp_pat
     for r in out["results"]:
         ours, maskable, floor = (r[k]["steps_per_s"] for k in ("ours", "maskable", "floor"))
         assert ours > 0 and maskable > 0 and floor > 0
-        assert math.isclose(r["ours_over_floor"], ours / floor)
-        assert math.isclose(r["ours_over_maskable"], ours / maskable)
+        # --quick runs each candidate once: no ratio from a single run
+        for name in ("ours_over_floor", "ours_over_maskable"):
+            assert r[name] is None and r[name + "_check"]["text"] == "unreliable: 1 run < 3"
         assert r["maskable"]["vec_env"] in r["maskable"]["candidates"]
         assert r["maskable"]["steps_per_s"] == max(r["maskable"]["candidates"].values())
         assert r["batch_size"] == r["num_envs"] * r["num_steps"]
@@ -47,12 +47,21 @@ def test_quick_run_reports_all_three_with_masks_on_and_consistent_ratios(tmp_pat
     first, last = out["results"][0], out["results"][-1]
     assert set(first["maskable"]["candidates"]) == {"DummyVecEnv", "SubprocVecEnv"}
     assert set(last["maskable"]["candidates"]) == {"DummyVecEnv"}
-    goal = out["goals"]["ours_over_floor>=0.8_at_every_N"]
-    assert goal == all(r["ours_over_floor"] >= 0.8 for r in out["results"])
+    assert out["goals"]["ours_over_floor>=0.8_at_every_N"] is None
 
     assert out["machine"]["torch_threads"] == 2 and "--quick" in out["command"]
     printed = capsys.readouterr().out
-    assert "ours/floor" in printed and "ours/MaskablePPO" in printed and "goal ours >= 80% of the floor" in printed
+    assert "ours/floor" in printed and "ours/MaskablePPO" in printed
+    assert "goal ours >= 80% of the floor at every N: n/a" in printed
+    assert "unreliable: 1 run < 3" in printed
+
+
+def test_goal_is_judged_on_reliable_ratios_only():
+    bench = load_bench()
+    key = "ours_over_floor>=0.8_at_every_N"
+    assert bench.goals([{"ours_over_floor": 0.85}, {"ours_over_floor": 0.81}])[key]
+    assert not bench.goals([{"ours_over_floor": 0.85}, {"ours_over_floor": 0.7}])[key]
+    assert bench.goals([{"ours_over_floor": 0.85}, {"ours_over_floor": None}])[key] is None
 
 
 def test_masked_null_env_gives_a_constant_free_mask():

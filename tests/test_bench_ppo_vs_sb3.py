@@ -29,8 +29,10 @@ def test_quick_run_reports_all_three_and_consistent_ratios(tmp_path, capsys):
     for r in out["results"]:
         ours, sb3, floor = (r[k]["steps_per_s"] for k in ("ours", "sb3", "floor"))
         assert ours > 0 and sb3 > 0 and floor > 0
-        assert math.isclose(r["ours_over_floor"], ours / floor)
-        assert math.isclose(r["ours_over_sb3"], ours / sb3)
+        # --quick runs each candidate once: no ratio from a single run, and the table says so
+        for name in ("ours_over_floor", "ours_over_sb3"):
+            assert r[name] is None and r[name + "_check"]["text"] == "unreliable: 1 run < 3"
+        assert r["ours"]["n"] == 1 and r["ours"]["all_steps_per_s"] == [ours]
         assert r["sb3"]["vec_env"] in r["sb3"]["candidates"]
         assert r["sb3"]["steps_per_s"] == max(r["sb3"]["candidates"].values())
         assert r["batch_size"] == r["num_envs"] * r["num_steps"]
@@ -49,6 +51,29 @@ def test_quick_run_reports_all_three_and_consistent_ratios(tmp_path, capsys):
 
     printed = capsys.readouterr().out
     assert "ours/floor" in printed and "ours/SB3" in printed and "DummyVecEnv" in printed
+    assert "unreliable: 1 run < 3" in printed
+    assert set(out["goals"].values()) == {None}  # no goal judged on refused ratios
+
+
+def test_ratios_and_goals_from_repeated_runs_median_and_refusal():
+    bench = load_bench()
+
+    def runs(*values):
+        return bench._best([{"steps_per_s": v} for v in values])
+
+    row = {"num_envs": 512, "ours": runs(90.0, 91.0, 89.0), "floor": runs(100.0, 100.0, 101.0),
+           "sb3": runs(20.0, 21.0, 19.0)}
+    bench.set_ratio(row, "ours_over_floor", "ours", "floor")
+    bench.set_ratio(row, "ours_over_sb3", "ours", "sb3")
+    assert math.isclose(row["ours_over_floor"], 0.9) and math.isclose(row["ours_over_sb3"], 4.5)
+    assert all(bench.goals([row]).values())
+    assert "0.90" in bench.format_table([{**row, "batch_size": 1, "minibatch_size": 1, "sb3": {**row["sb3"],
+                                                                                               "vec_env": "Dummy"}}])
+    # the incident: the floor hit once by outside load would have read ours/floor 6.36
+    row["floor"] = runs(100.0, 14.0, 101.0)
+    bench.set_ratio(row, "ours_over_floor", "ours", "floor")
+    assert row["ours_over_floor"] is None and row["ours_over_floor_check"]["text"].startswith("unreliable: spread")
+    assert bench.goals([row])["ours_over_floor>=0.8_at_every_N"] is None
 
 
 def test_null_env_costs_nothing_and_never_ends():

@@ -190,6 +190,22 @@ def damage(path, how):
         raw[start : start + 4096] = np.random.default_rng(0).bytes(min(4096, len(raw) - start))
         path.write_bytes(bytes(raw))
         return None
+    if how in ("compression_method", "encrypted_flag"):  # a damaged field of the central directory's first entry
+        raw = bytearray(path.read_bytes())
+        entry = raw.find(b"PK\x01\x02")
+        offset, value = (10, 99) if how == "compression_method" else (8, 1)
+        raw[entry + offset : entry + offset + 2] = value.to_bytes(2, "little")
+        path.write_bytes(bytes(raw))
+        return None
+    if how == "directory_flag":  # one bit of a tensor's central-directory entry: torch's reader sees a directory
+        name = _largest_tensor_member(path)
+        raw = bytearray(path.read_bytes())
+        entry = raw.find(b"PK\x01\x02")
+        while raw[entry + 46 : entry + 46 + len(name)] != name.encode():
+            entry = raw.find(b"PK\x01\x02", entry + 4)
+        raw[entry + 38] |= 0x10  # external attributes: the MS-DOS directory bit
+        path.write_bytes(bytes(raw))
+        return name
     if how == "truncated":
         path.write_bytes(path.read_bytes()[: path.stat().st_size * 2 // 3])
         return None
@@ -203,6 +219,9 @@ DAMAGE = {
     "pickle": "fails its CRC check",
     "random_4k": "damaged checkpoint",
     "truncated": "not a readable zip archive",
+    "compression_method": "not a readable zip archive",  # zipfile: NotImplementedError
+    "encrypted_flag": "not a readable zip archive",  # zipfile: RuntimeError (password required)
+    "directory_flag": "marked as a directory",  # zipfile reads it; torch would load uninitialised memory
     "empty": "the file is empty",
 }
 
@@ -264,6 +283,16 @@ def test_a_consistent_but_wrong_file_fails_the_digest(tmp_path):
         load_checkpoint(path)
 
 
+def test_a_record_torch_cannot_parse_is_a_checkpoint_error(tmp_path):
+    # an intact zip without a digest (as before the digest existed) whose storage-alignment record is not a number
+    path = save_checkpoint(tmp_path / "ck.pt", big_bundle())
+    _rewrite_member(path, "archive/.storage_alignment", b"xx", keep_digest=False)
+    with pytest.raises(ValueError, match="invalid literal"):
+        torch.load(path, weights_only=True)
+    with pytest.raises(CheckpointError, match=re.escape(f"{path}: unreadable")):
+        load_checkpoint(path)
+
+
 def test_old_checkpoints_without_a_digest_load_when_their_crcs_are_fine(tmp_path):
     import zipfile
 
@@ -289,6 +318,16 @@ def test_non_finite_tensors_anywhere_are_refused_and_named(tmp_path, where, cont
     path = save_checkpoint(tmp_path / "ck.pt", bundle(**{where: content}))
     with pytest.raises(CheckpointError, match=re.escape(named)):
         load_checkpoint(path)
+
+
+def test_non_finite_normaliser_statistics_are_refused(tmp_path):
+    # the normaliser's centre / scale are plain python floats (not tensors): a NaN there makes every observation NaN
+    state = {"normaliser": {"center": [0.0, float("nan")], "scale": [1.0, 1.0]}, "config": {"clip": float("inf")}}
+    path = save_checkpoint(tmp_path / "ck.pt", bundle(feature_state=state))
+    with pytest.raises(CheckpointError, match=re.escape("bundle['feature_state']['normaliser']['center'][1]")):
+        load_checkpoint(path)
+    state["normaliser"]["center"][1] = 0.5  # finite statistics load; the config's plain floats are not checked
+    assert load_checkpoint(save_checkpoint(tmp_path / "ok.pt", bundle(feature_state=state)))["feature_state"] == state
 
 
 def test_integer_and_boolean_tensors_are_not_checked_and_finite_bundles_load(tmp_path):

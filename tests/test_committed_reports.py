@@ -32,13 +32,12 @@ def committed_reports() -> list[Path]:
 
 
 REPORTS = committed_reports()
-#: Regenerated on the `leaks` branch (its figures change with the leak fixes); until that lands it lacks the
-#: ``undefined_runs`` row. Remove this entry when it is regenerated (the xfail then reports XPASS).
-PENDING = {"sp500_masked_cpcv"}
+#: Reports awaiting regeneration (strict xfail: a regenerated one fails until its entry is removed).
+PENDING: set[str] = set()
 
 
 def report_params() -> list:
-    return [pytest.param(p, id=p.name, marks=[pytest.mark.xfail(reason="regenerated on the leaks branch")]
+    return [pytest.param(p, id=p.name, marks=[pytest.mark.xfail(reason="awaiting regeneration", strict=True)]
                          if p.name in PENDING else []) for p in REPORTS]
 
 

@@ -334,9 +334,9 @@ def test_spread_estimates_on_flat_tiny_and_gapping_bars(bars):
     h, lo, c = np.array([10.2, 10.3, 11.4]), np.array([9.9, 10.0, 11.1]), np.array([10.0, 10.1, 11.3])
     shifted = corwin_schultz(np.r_[h[:2], h[2] - 1.0], np.r_[lo[:2], lo[2] - 1.0], c, 1)
     np.testing.assert_allclose(corwin_schultz(h, lo, c, 1)[2], shifted[2], rtol=1e-12)
-    assert bars_per_day(bars.index) == 1.0 and bars_per_day(None) == 1.0
+    assert (bars_per_day(bars.index) == 1.0).all() and bars_per_day(None, 3).tolist() == [1.0, 1.0, 1.0]
     hourly = pd.date_range("2024-01-01", periods=96, freq="h")
-    assert bars_per_day(hourly) == 24.0
+    assert bars_per_day(hourly).tolist() == list(range(1, 25)) + [24.0] * 72  # first date: its bars so far
 
 
 # Hand-computed reference values, written from the papers' formulas in plain python (math), independently of
@@ -478,3 +478,45 @@ def test_scalar_fills_are_the_array_fills_bit_for_bit(impact):
         one = execute(float(CASH[i]), float(SHARES[i]), float(PRICE[i]), float(WEIGHT[i]), bool(TRADE[i]), costs,
                       float(half[i]), float(eta[i]), float(cap[i]))
         assert [float(x) for x in one] == [float(x[i]) for x in arrays], i
+
+
+def _fill_root_by_bisection(base, impact, size, alpha):
+    """The root of y (base + impact y^alpha) = size by 200 bisection steps (independent of Newton's method)."""
+    lo, hi = np.zeros_like(size), 4.0 * size / base + 1.0
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        above = mid * (base + impact * mid**alpha) > size
+        lo, hi = np.where(above, lo, mid), np.where(above, mid, hi)
+    return 0.5 * (lo + hi)
+
+
+@pytest.mark.parametrize("impact", ["sqrt", "almgren_chriss"])
+def test_newton_steps_reach_the_fill_root_to_rounding_up_to_90_percent_impact(impact, monkeypatch):
+    """execution.NEWTON_STEPS (6, was 12) solves the fill rule to rounding for impact up to 90 % of the price, buying
+    and selling, long and short and levered targets; 4 steps would not (the bound is not loose)."""
+    from sentio_lab.costs import execution
+
+    alpha = 0.5 if impact == "sqrt" else 1.0
+    fractions = np.array([1e-6, 1e-4, 1e-2, 0.05, 0.1, 0.3, 0.5, 0.9])
+    weights = np.array([1.0, 2.0, -1.0, -0.5, 0.5])
+    frac, w = (x.ravel() for x in np.meshgrid(fractions, weights))
+    costs = CostModel(fee_bps=10, slippage_bps=20, impact=impact, capital=1e6)
+    cash, shares, price = np.ones_like(w), np.where(w < 0, 0.2, 0.0), np.ones_like(w)
+    # equity 1 (+ shares), gap = w E - shares p; eta chosen so the impact at the no-impact size is `frac`
+    gap = w * (cash + shares * price) - shares * price
+    eta = frac / np.abs(gap) ** alpha
+    half = np.full_like(w, 1e-4)
+
+    def solved():
+        return execute(cash, shares, price, w, np.ones_like(w, bool), costs, half, eta, np.full_like(w, np.inf))
+
+    fill = solved()
+    buy = gap > 0
+    fee, r0 = costs.fee, costs.slippage + half
+    a = np.where(buy, (1 + fee) * (1 + r0) - 1, 1 - (1 - fee) * (1 - r0))
+    b = np.where(buy, (1 + fee) * eta, (1 - fee) * eta)
+    sw = np.where(buy, w, -w)
+    exact = _fill_root_by_bisection(1 + sw * a, sw * b, np.abs(gap), alpha)
+    np.testing.assert_allclose(fill.requested, exact, rtol=1e-13)
+    monkeypatch.setattr(execution, "NEWTON_STEPS", 4)
+    assert np.abs(solved().requested / exact - 1).max() > 1e-13

@@ -14,7 +14,8 @@ observation normalisation, CPU):
   compute, ``risk / ppo`` what the quantile critic (and the rest) cost on top of ppo.
 
 Timing as in ``bench_ppo_vs_sb3.py``: ``iterations + 1`` iterations in one call, the first a warm-up, steps/s over
-the rest from the run's own ``charts/SPS`` record; ``--repeats R`` keeps the fastest of R interleaved runs.
+the rest from the run's own ``charts/SPS`` record; ``--repeats R`` (default 3) keeps the median of R interleaved runs
+and refuses a ratio whose runs spread too wide (``_timing.py``).
 Run ``python experiments/benchmarks/bench_ppo_risk.py --help``.
 """
 
@@ -77,7 +78,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--minibatch-size", type=int, default=2048,
                    help="minibatch size; min(this, N * num_steps) is used")
     p.add_argument("--iterations", type=int, default=5, help="timed iterations after one warm-up iteration")
-    p.add_argument("--repeats", type=int, default=1, help="repeat each measurement and keep the fastest")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="interleaved repeats of each measurement; the median is kept, ratios need >= 3 and a "
+                        "narrow spread")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads, the same for all")
     p.add_argument("--learning-rate", type=float, default=2.5e-4, help="Adam learning rate (constant)")
     p.add_argument("--window", type=int, default=ppo.Args().features.window,
@@ -130,8 +133,10 @@ def format_table(results: list[dict]) -> str:
             + f" | {'risk/ppo':>8} | {'risk_full/ppo':>13}")
     lines = [head, "-" * len(head)]
     for r in results:
-        cells = " | ".join(f"{r[c]['steps_per_s']:>18,.0f} | {r[c + '_over_floor']:>14.2f}" for c in CANDIDATES)
-        lines.append(f"{r['num_envs']:>5} | {cells} | {r['risk_over_ppo']:>8.2f} | {r['risk_full_over_ppo']:>13.2f}")
+        cells = " | ".join(f"{r[c]['steps_per_s']:>18,.0f} | {base.ratio_cell(r, c + '_over_floor', 14)}"
+                           for c in CANDIDATES)
+        lines.append(f"{r['num_envs']:>5} | {cells} | {base.ratio_cell(r, 'risk_over_ppo', 8)} | "
+                     f"{base.ratio_cell(r, 'risk_full_over_ppo', 13)}")
     return "\n".join(lines)
 
 
@@ -148,16 +153,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for n in cli.num_envs:
             s = settings_for(n, cli)
             row: dict[str, Any] = dict(s)
-            runs: dict[tuple[str, bool], list[dict]] = {(c, f): [] for c in CANDIDATES for f in (False, True)}
-            for _ in range(cli.repeats):  # interleaved, so a burst of outside load does not hit one of them only
-                for name, floor in runs:
-                    runs[name, floor].append(measure(name, floor, market, s, cli, run_dir))
+            calls = {(c, f): (lambda c=c, f=f, s=s: measure(c, f, market, s, cli, run_dir))
+                     for c in CANDIDATES for f in (False, True)}
+            # interleaved, so a burst of outside load does not hit one of them only
+            runs: dict[tuple[str, bool], list[dict]] = base._timing.interleave(calls, cli.repeats)
             for (name, floor), measured in runs.items():
                 row[name + ("_floor" if floor else "")] = base._best(measured)
             for c in CANDIDATES:
-                row[c + "_over_floor"] = row[c]["steps_per_s"] / row[c + "_floor"]["steps_per_s"]
-            row["risk_over_ppo"] = row["risk"]["steps_per_s"] / row["ppo"]["steps_per_s"]
-            row["risk_full_over_ppo"] = row["risk_full"]["steps_per_s"] / row["ppo"]["steps_per_s"]
+                base.set_ratio(row, c + "_over_floor", c, c + "_floor")
+            base.set_ratio(row, "risk_over_ppo", "risk", "ppo")
+            base.set_ratio(row, "risk_full_over_ppo", "risk_full", "ppo")
             results.append(row)
             print(f"N={n}: " + ", ".join(f"{c} {row[c]['steps_per_s']:,.0f}" for c in CANDIDATES), flush=True)
     out = {

@@ -16,7 +16,9 @@ loading, env and model construction and the warm-up are excluded and all three t
 steps. For ours and the floor the timestamps come from the run's own ``charts/SPS`` record (elapsed time at
 the end of iteration i = global_step_i / SPS_i); for SB3 from a callback at the start of each rollout to the
 end of ``learn``. Steps/s = timed steps / timed seconds. With ``--repeats R`` the candidates are measured
-R times, interleaved, and the fastest of each is kept (outside load only ever slows a run down).
+R times (default 3), interleaved (A B A B ...), and the median of each is kept with its spread (max - min) /
+median; a ratio whose runs spread wider than ``_timing.SPREAD_LIMIT`` (or number fewer than 3) is refused and
+printed as ``unreliable: ...`` (``experiments/benchmarks/_timing.py``).
 
 Choices, for the record: the minibatch is min(--minibatch-size, N x num_steps) (one minibatch per epoch when
 the batch is smaller); SB3 envs are not wrapped in ``Monitor`` (the fastest SB3 set-up; ours keeps its own
@@ -46,6 +48,10 @@ import torch
 _REPO = Path(__file__).resolve().parents[2]
 if str(_REPO) not in sys.path:
     sys.path.insert(0, str(_REPO))
+if str(_REPO / "experiments" / "benchmarks") not in sys.path:
+    sys.path.insert(0, str(_REPO / "experiments" / "benchmarks"))
+
+import _timing  # noqa: E402
 
 from sentio_lab import ppo  # noqa: E402
 from sentio_lab.env import NumpyTradingEnv  # noqa: E402
@@ -58,7 +64,7 @@ GOAL_OURS_OVER_SB3 = 4.0
 GOAL_SB3_N = 512
 
 QUICK = {"num_envs": [4, 8], "num_steps": 16, "update_epochs": 2, "minibatch_size": 32, "iterations": 1,
-         "window": 8, "episode_length": 24, "subproc_max_envs": 4}
+         "window": 8, "episode_length": 24, "subproc_max_envs": 4, "repeats": 1}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -71,8 +77,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--minibatch-size", type=int, default=2048,
                    help="minibatch size; min(this, N * num_steps) is used (one minibatch when the batch is smaller)")
     p.add_argument("--iterations", type=int, default=10, help="timed PPO iterations after one warm-up iteration")
-    p.add_argument("--repeats", type=int, default=1,
-                   help="repeat each measurement and keep the fastest (robust to other load on the machine)")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="interleaved repeats of each measurement; the median is kept, ratios need >= 3 and a "
+                        "narrow spread")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads, the same for all three")
     p.add_argument("--learning-rate", type=float, default=2.5e-4, help="Adam learning rate (constant)")
     p.add_argument("--window", type=int, default=ppo.Args().features.window,
@@ -244,9 +251,20 @@ def bench_sb3(market: PreparedMarket, s: dict[str, int], cli: argparse.Namespace
 
 
 def _best(runs: list[dict]) -> dict:
-    """The fastest of repeated measurements, with all of them recorded."""
-    best = max(runs, key=lambda r: r["steps_per_s"])
-    return {**best, "all_steps_per_s": [r["steps_per_s"] for r in runs]}
+    """The median of repeated (interleaved) measurements, with its spread and all of them recorded."""
+    return _timing.median_run(runs)
+
+
+def set_ratio(row: dict, name: str, numerator: str, denominator: str) -> None:
+    """``row[name]``: ``row[numerator] / row[denominator]`` (median steps/s) or None when the runs' spread is too
+    wide or too few (``_timing.ratio``); ``row[name + "_check"]`` says which and why."""
+    check = _timing.ratio(row[numerator], row[denominator])
+    row[name], row[name + "_check"] = check["ratio"], check
+
+
+def ratio_cell(row: dict, name: str, width: int) -> str:
+    """The printed ratio (or its refusal) of :func:`set_ratio`, ``-`` when not measured."""
+    return _timing.fmt_ratio(row.get(name + "_check"), width)
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -271,17 +289,18 @@ def format_table(results: list[dict]) -> str:
             return f"{r[key]['steps_per_s']:>12,.0f}" if key in r else f"{'-':>12}"
 
         sb3 = f"{r['sb3']['steps_per_s']:>12,.0f} ({r['sb3']['vec_env']})" if "sb3" in r else "-"
-        of = f"{r['ours_over_floor']:>10.2f}" if "ours_over_floor" in r else f"{'-':>10}"
-        os3 = f"{r['ours_over_sb3']:>8.2f}" if "ours_over_sb3" in r else f"{'-':>8}"
+        of, os3 = ratio_cell(r, "ours_over_floor", 10), ratio_cell(r, "ours_over_sb3", 8)
         lines.append(f"{r['num_envs']:>5} | {r['batch_size']:>6} | {r['minibatch_size']:>9} | {num('ours')} | "
                      f"{sb3:>28} | {num('floor'):>13} | {of} | {os3}")
     return "\n".join(lines)
 
 
 def goals(results: list[dict]) -> dict[str, Any]:
-    """Whether the issue's goals are met (None where a number is missing)."""
-    floor_ok = [r["ours_over_floor"] >= GOAL_OURS_OVER_FLOOR for r in results if "ours_over_floor" in r]
-    at_goal_n = [r for r in results if r["num_envs"] == GOAL_SB3_N and "ours_over_sb3" in r]
+    """Whether the issue's goals are met (None where a number is missing or unreliable)."""
+    floor = [r["ours_over_floor"] for r in results if "ours_over_floor" in r]
+    floor_ok = [f >= GOAL_OURS_OVER_FLOOR for f in floor] if floor and None not in floor else None
+    at_goal_n = [r for r in results
+                 if r["num_envs"] == GOAL_SB3_N and r.get("ours_over_sb3") is not None]
     return {
         f"ours_over_floor>={GOAL_OURS_OVER_FLOOR}_at_every_N": all(floor_ok) if floor_ok else None,
         f"ours_over_sb3>={GOAL_OURS_OVER_SB3}_at_N={GOAL_SB3_N}":
@@ -318,10 +337,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 for v in ["DummyVecEnv"] + (["SubprocVecEnv"] if n <= cli.subproc_max_envs else []):
                     measures[v] = lambda s=s, v=v: bench_sb3(market, s, cli, v)
             # Repeats interleave the candidates, so a burst of outside load does not hit one of them only.
-            runs: dict[str, list[dict]] = {name: [] for name in measures}
-            for _ in range(cli.repeats):
-                for name, measure in measures.items():
-                    runs[name].append(measure())
+            runs: dict[str, list[dict]] = _timing.interleave(measures, cli.repeats)
             for name in ("ours", "floor"):
                 if name in runs:
                     row[name] = _best(runs[name])
@@ -331,9 +347,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 row["sb3"] = {**vec_envs[fastest], "vec_env": fastest,
                               "candidates": {v: m["steps_per_s"] for v, m in vec_envs.items()}}
             if "ours" in row and "floor" in row:
-                row["ours_over_floor"] = row["ours"]["steps_per_s"] / row["floor"]["steps_per_s"]
+                set_ratio(row, "ours_over_floor", "ours", "floor")
             if "ours" in row and "sb3" in row:
-                row["ours_over_sb3"] = row["ours"]["steps_per_s"] / row["sb3"]["steps_per_s"]
+                set_ratio(row, "ours_over_sb3", "ours", "sb3")
             results.append(row)
             print(f"N={n}: " + ", ".join(
                 f"{k} {row[k]['steps_per_s']:,.0f}" for k in ("ours", "sb3", "floor") if k in row), flush=True)

@@ -14,6 +14,7 @@ from sentio_lab.costs.estimators import (
     bars_per_day,
     corwin_schultz,
     cost_inputs,
+    cost_reach,
     daily_volatility,
 )
 from sentio_lab.costs.execution import FILL_REASONS, Fill, execute, fill_cap, fill_reason, impact_eta
@@ -35,6 +36,6 @@ from sentio_lab.costs.model import (
 __all__ = [
     "BPS", "CAP_VOLUMES", "FILL_REASONS", "IMPACT_MODELS", "REMAINDERS", "SPREAD_MODELS", "VOLUME_KINDS", "YEAR",
     "ArrayT", "CostInputs", "CostModel", "Fill", "abdi_ranaldo", "average_daily_volume", "bars_per_day",
-    "borrow_cost", "corwin_schultz", "cost_inputs", "daily_volatility", "execute", "fill_cap", "fill_reason",
-    "impact_eta", "rebalance", "year_fractions",
+    "borrow_cost", "corwin_schultz", "cost_inputs", "cost_reach", "daily_volatility", "execute", "fill_cap",
+    "fill_reason", "impact_eta", "rebalance", "year_fractions",
 ]

@@ -1,8 +1,9 @@
 """Causal estimators the cost models read: half-spread from OHLC, daily volatility, average daily volume.
 
 Every series is indexed by the *decision* bar: entry ``t`` uses bars ``<= t`` only, and prices the fill at the
-open of bar ``t + 1`` (ARCHITECTURE.md's timing). Written with pandas rolling windows (vectorised, well kept)
-rather than a library: no maintained package ships causal Corwin-Schultz / Abdi-Ranaldo estimators.
+open of bar ``t + 1`` (ARCHITECTURE.md's timing). Written with numpy sliding windows (vectorised; pandas'
+rolling sums were replaced, see :func:`_window_stat`) rather than a library: no maintained package ships causal
+Corwin-Schultz / Abdi-Ranaldo estimators.
 
 * Corwin and Schultz (2012), "A Simple Way to Estimate Bid-Ask Spreads from Daily High and Low Prices". The
   two-bar estimate at ``t`` uses the highs and lows of bars ``t - 1`` and ``t``, after the paper's overnight
@@ -16,14 +17,24 @@ rather than a library: no maintained package ships causal Corwin-Schultz / Abdi-
 * ``sigma_daily``: sample standard deviation of the last ``vol_window`` days of close-to-close log returns
   (``vol_window x bars_per_day`` bars), scaled to a day by ``sqrt(bars_per_day)``.
 * ADV (currency per day): the mean of ``volume x close`` over the last ``adv_window`` days, times bars per day.
+* ``bars_per_day[t]`` (:func:`bars_per_day`) is itself causal: the median bar count of the calendar dates
+  completed before bar t's date. A median over the whole index (as before issue 17) made sigma, ADV, impact and
+  the forecast cap at t depend on how *later* bars are spaced. Why causal rather than the calendar or the
+  training range: a calendar count needs trading hours the data do not carry (FX trades 24 h, equities' hourly
+  bars 7 a session), and a training-range constant on a CPCV fold would read training bars after a test group
+  and differ per fold; the running median is the same number for every env on the market and settles after
+  a few days. With a changing ``bars_per_day`` the windows change length: entry t uses the window of its own
+  ``bars_per_day[t]``.
 
 The estimators return spreads as *full* spreads (fractions of price); a fill pays half.
 Before enough bars exist an estimate uses what there is (at least one two-bar term / two returns / one bar);
-earlier entries are NaN and an env refuses to fill there.
+earlier entries are NaN and an env refuses to fill there. Each window is summed on its own
+(:func:`_window_stat`), so an entry depends on the bars of its window and nothing else, to the last bit.
 """
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,16 +43,79 @@ import pandas as pd
 _CS_K = 3.0 - 2.0 * np.sqrt(2.0)
 
 
-def bars_per_day(index: pd.DatetimeIndex | None) -> float:
-    """Median number of bars per calendar date (1.0 for daily or coarser bars, or without timestamps)."""
-    if not isinstance(index, pd.DatetimeIndex) or len(index) < 2:
-        return 1.0
-    counts = pd.Series(1, index=index).groupby(index.normalize()).size()
-    return float(max(1.0, np.median(counts.to_numpy())))
+def bars_per_day(index: pd.DatetimeIndex | None, n_bars: int | None = None) -> np.ndarray:
+    """Bars per calendar date as known at each bar, float64 ``(T,)`` (module doc): entry t is the median bar count
+    of the dates completed before bar t's date, at least 1; on the first date (none completed) the bars of that
+    date up to t. Daily or coarser bars give 1.0 everywhere. Without timestamps (``index`` not a DatetimeIndex)
+    it is 1.0 for each of ``n_bars`` bars (``len(index)`` when None)."""
+    if not isinstance(index, pd.DatetimeIndex):
+        n = len(index) if n_bars is None and index is not None else int(n_bars or 0)
+        return np.ones(n)
+    dates = index.normalize().asi8
+    starts = np.flatnonzero(np.r_[True, dates[1:] != dates[:-1]])  # first bar of each run of one date
+    counts = np.diff(np.r_[starts, len(index)])
+    out = np.empty(len(index))
+    completed: list[int] = []
+    for k, (first, count) in enumerate(zip(starts, counts, strict=True)):
+        if k == 0:
+            out[first:first + count] = np.arange(1, count + 1)  # only the first date's bars so far are known
+        else:  # ``completed`` is kept sorted: its median by index
+            half = len(completed) // 2
+            out[first:first + count] = (completed[half] if len(completed) % 2
+                                        else 0.5 * (completed[half - 1] + completed[half]))
+        bisect.insort(completed, int(count))
+    return np.maximum(out, 1.0)
+
+
+def _per_bar(per_day: float | np.ndarray, n: int) -> np.ndarray:
+    """``per_day`` as a float64 ``(n,)`` array (a scalar is the same for every bar)."""
+    values = np.broadcast_to(np.asarray(per_day, dtype=np.float64), (n,))
+    if not (np.isfinite(values).all() and (values > 0).all()):
+        raise ValueError("bars per day must be finite and > 0 at every bar")
+    return values
+
+
+def _window_stat(values: np.ndarray, window: int, stat: str, min_periods: int) -> np.ndarray:
+    """Entry t: ``stat`` ("mean" or "std", ddof 1) of the non-NaN entries of ``values[t - window + 1 .. t]``, NaN
+    with fewer than ``min_periods`` of them; each window summed on its own (two passes for the std).
+
+    Why not pandas' rolling: its running sums carry the rounding of every earlier entry into each result, so on a
+    CPCV fold a test group's bars moved a later training bar's sigma in the last bits (issue 17: training inputs
+    must be bit-identical whatever the test bars hold). Chunked so memory stays ~32 MB for any window.
+    """
+    values = np.asarray(values, dtype=np.float64)
+    n = len(values)
+    out = np.full(n, np.nan)
+    if n == 0:
+        return out
+    view = np.lib.stride_tricks.sliding_window_view(np.r_[np.full(window - 1, np.nan), values], window)
+    chunk = max(1, 4_000_000 // window)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        for a in range(0, n, chunk):
+            w = view[a:a + chunk]
+            finite = ~np.isnan(w)
+            count = finite.sum(axis=1)
+            mean = np.where(finite, w, 0.0).sum(axis=1) / count
+            if stat == "std":
+                result = np.sqrt((np.where(finite, w - mean[:, None], 0.0) ** 2).sum(axis=1) / (count - 1))
+            else:
+                result = mean
+            out[a:a + chunk] = np.where(count >= min_periods, result, np.nan)
+    return out
+
+
+def _rolling_by_window(values: np.ndarray, windows: np.ndarray, stat: str, min_periods: int) -> np.ndarray:
+    """Entry t: the ``stat`` of :func:`_window_stat` over the ``windows[t]`` entries ending at t (one pass per
+    distinct window length: few, as the running median of bars per day moves in steps)."""
+    out = np.full(len(values), np.nan)
+    for window in np.unique(windows):
+        rows = windows == window
+        out[rows] = _window_stat(values, int(window), stat, min(min_periods, int(window)))[rows]
+    return out
 
 
 def _rolling_mean(values: np.ndarray, window: int, min_periods: int = 1) -> np.ndarray:
-    return pd.Series(values).rolling(window, min_periods=min_periods).mean().to_numpy()
+    return _window_stat(values, window, "mean", min_periods)
 
 
 def corwin_schultz(high: np.ndarray, low: np.ndarray, close: np.ndarray, window: int = 20) -> np.ndarray:
@@ -76,21 +150,50 @@ def abdi_ranaldo(high: np.ndarray, low: np.ndarray, close: np.ndarray, window: i
     return np.where(np.isnan(mean), np.nan, np.sqrt(np.maximum(mean, 0.0)))
 
 
-def daily_volatility(close: np.ndarray, vol_window: int = 20, per_day: float = 1.0) -> np.ndarray:
-    """sigma_daily per decision bar: std of the last ``vol_window`` days of log returns, bars ``<= t``."""
+def window_bars(days: int, per_day: float | np.ndarray, minimum: int = 1) -> np.ndarray:
+    """Bars in a window of ``days`` days at each bar: ``max(minimum, round(days x per_day[t]))`` (int64)."""
+    per_day = np.asarray(per_day, dtype=np.float64)
+    return np.maximum(minimum, np.round(days * per_day)).astype(np.int64)
+
+
+def daily_volatility(close: np.ndarray, vol_window: int = 20, per_day: float | np.ndarray = 1.0) -> np.ndarray:
+    """sigma_daily per decision bar: std of the last ``vol_window`` days of log returns, bars ``<= t``
+    (``per_day``: bars per day, one number or one per bar as :func:`bars_per_day` gives)."""
     close = np.asarray(close, dtype=np.float64)
+    per_day = _per_bar(per_day, len(close))
     returns = np.r_[np.nan, np.diff(np.log(close))]
-    bars = max(2, int(round(vol_window * per_day)))
-    std = pd.Series(returns).rolling(bars, min_periods=2).std(ddof=1).to_numpy()
+    std = _rolling_by_window(returns, window_bars(vol_window, per_day, 2), "std", min_periods=2)
     return std * np.sqrt(per_day)
 
 
 def average_daily_volume(volume: np.ndarray, close: np.ndarray, adv_window: int = 20,
-                         per_day: float = 1.0) -> np.ndarray:
+                         per_day: float | np.ndarray = 1.0) -> np.ndarray:
     """ADV in currency per decision bar: mean ``volume x close`` of the last ``adv_window`` days times bars/day."""
     notional = np.asarray(volume, dtype=np.float64) * np.asarray(close, dtype=np.float64)
-    bars = max(1, int(round(adv_window * per_day)))
-    return _rolling_mean(notional, bars) * per_day
+    per_day = _per_bar(per_day, len(notional))
+    return _rolling_by_window(notional, window_bars(adv_window, per_day), "mean", min_periods=1) * per_day
+
+
+def cost_reach(costs, per_day: float | np.ndarray = 1.0) -> int:
+    """Bars before a decision bar t that the cost inputs ``costs`` (a :class:`~sentio_lab.costs.CostModel`) reads
+    at t reach back to (the CPCV embargo counts them, :class:`sentio_lab.splits.PurgeEmbargo`): the largest over
+    every bar of ``per_day`` (:func:`bars_per_day`).
+
+    Only what the model reads counts: a spread model reads ``spread_window`` two-bar terms (bars ``t - w .. t``);
+    impact reads sigma_daily (``B`` returns, so closes ``t - B .. t`` with ``B`` the window in bars) and, without
+    a user ADV, the ADV (``B`` bars ``t - B + 1 .. t``); a forecast participation cap reads the ADV. The flat
+    model reads none: 0.
+    """
+    reach = 0
+    if costs.spread != "none":
+        reach = max(reach, int(costs.spread_window))
+    reads_adv = costs.adv is None and (
+        costs.impact != "none" or (costs.participation is not None and costs.cap_volume == "forecast"))
+    if costs.impact != "none":
+        reach = max(reach, int(np.max(window_bars(costs.vol_window, per_day, 2))))
+    if reads_adv:
+        reach = max(reach, int(np.max(window_bars(costs.adv_window, per_day))) - 1)
+    return reach
 
 
 @dataclass(frozen=True)
@@ -105,8 +208,8 @@ class CostInputs:
     """Average daily volume in currency at decision bar t (the user's ADV where given)."""
     volume: np.ndarray
     """The bar's own volume (units of the instrument; 0 where absent): caps the fill *on* that bar."""
-    per_day: float
-    """Bars per day."""
+    per_day: np.ndarray
+    """Bars per day known at decision bar t (:func:`bars_per_day`)."""
 
 
 def cost_inputs(
@@ -115,7 +218,7 @@ def cost_inputs(
     low: np.ndarray | None,
     close: np.ndarray,
     volume: np.ndarray | None,
-    per_day: float = 1.0,
+    per_day: float | np.ndarray = 1.0,
 ) -> CostInputs:
     """The series ``costs`` (a :class:`~sentio_lab.costs.CostModel`) needs, from the bars' OHLCV columns.
 
@@ -142,4 +245,4 @@ def cost_inputs(
     else:
         adv = np.full(n, np.nan)
     sigma = daily_volatility(close, costs.vol_window, per_day)
-    return CostInputs(half_spread=half, sigma=sigma, adv=adv, volume=vol, per_day=float(per_day))
+    return CostInputs(half_spread=half, sigma=sigma, adv=adv, volume=vol, per_day=_per_bar(per_day, n).copy())

@@ -34,6 +34,7 @@ from sentio_lab import splits as splitting
 from sentio_lab.backtest import fill_costs_paid, fill_prices, order_sizes
 from sentio_lab.baselines import evaluate_baseline, evaluate_random
 from sentio_lab.checkpoint import load_checkpoint
+from sentio_lab.costs import bars_per_day, cost_reach
 from sentio_lab.evaluate import (
     Evaluation,
     action_masking,
@@ -132,12 +133,16 @@ def plan_experiment(config: ExperimentConfig, extra_args: Sequence[str] = ()) ->
                                 start=config.data_start, end=config.data_end)
         base = base or market
         gaps = splitting.PurgeEmbargo.for_features(first["window"], market.feature_config, market.data.frame)
+        # The cost inputs of a fill (spread, sigma_daily, ADV windows) read bars before the decision too: count
+        # them (0 for flat costs, so flat-cost plans are unchanged), over the market's causal bars per day.
+        cost_span = cost_reach(first["costs"], bars_per_day(market.data.frame.index, len(market.data.frame)))
+        gaps = dataclasses.replace(gaps, cost_span=cost_span)
         # A variant whose observation reads further back than its feature window (token blocks of completed
         # higher-timeframe bars) declares how far: the span grows until the reach (window - 1 + span) covers it,
         # so the embargo and the touched-bar audit (splits.check_fold) both count it.
         span_of = getattr(load_variant(agent.variant), "observation_span", None)
         if span_of is not None:
-            beyond = int(span_of(args, market)) - gaps.reach
+            beyond = int(span_of(args, market)) - gaps.observation_reach
             if beyond > 0:
                 gaps = dataclasses.replace(gaps, feature_span=gaps.feature_span + beyond)
         gap_options.append(gaps)

@@ -207,6 +207,7 @@ def build_observation_features(
                 rows=fit,
                 seed=config.seed,
                 restarts=config.regime_restarts,
+                index=frame.index,
             )
             state["regime"] = model.to_state()
 

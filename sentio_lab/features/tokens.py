@@ -17,10 +17,11 @@ Causality: ``h`` bar ``j`` becomes visible at the close of base row ``close_row[
 (the producers are causal), and the normaliser is fitted on training rows, so nothing after ``t`` moves a token
 seen at ``t`` (tests/test_tokens.py perturbs the future, values and timestamps, and compares bit for bit).
 
-Training bars: an ``h`` bar is fitted on when every base row it spans (from the row after the previous ``h``
-bar's close to its own close) is a training row and its features are defined. The training rows are those the
-market's base features were fitted on (``market.features.state["fit_segments"]``), so a CPCV fold's tokens are
-normalised on that fold's training segments only. A feature constant on the training bars keeps scale 1.
+Training bars: an ``h`` bar is fitted on when every base row it depends on (from its bucket's first base row to
+the row that closes it, :func:`htf_training_bars`) is a training row and its features are defined. The training
+rows are those the market's base features were fitted on (``market.features.state["fit_segments"]``), so a CPCV
+fold's tokens are normalised on that fold's training segments only. A feature constant on the training bars
+keeps scale 1.
 
 Why hand-written rather than a library: the index table is a few lines of ``numpy`` on top of the causal
 resampler the project already has and tests; no library knows the visibility rule of a forming bar.
@@ -38,7 +39,7 @@ from sentio_lab.features.normalise import _apply_normaliser, _fit_normaliser
 from sentio_lab.features.raw import compute_features
 from sentio_lab.features.registry import Bars, registered_producers
 from sentio_lab.observation_layout import TokenBlock
-from sentio_lab.timeframes import resample_causal
+from sentio_lab.timeframes import TimeframeView, resample_causal
 
 #: Table row of the padding token (all zeros, validity flag 0).
 PAD_ROW = 0
@@ -76,6 +77,22 @@ def training_rows(market_state: dict, n: int) -> np.ndarray:
     return rows
 
 
+def htf_training_bars(index: pd.DatetimeIndex, view: TimeframeView, train_rows: np.ndarray) -> np.ndarray:
+    """Boolean per completed HTF bar of ``view``: are all the base rows it depends on training rows?
+
+    Bar ``j`` depends on the rows of its own bucket (from its first base row, the first row at or after its
+    bucket start) up to the row that closes it (``view.close_row[j]``; after a gap at the bucket's end that is
+    the first row of a later bucket, where the bar becomes visible). Counting from the bucket's own first row
+    keeps the span non-empty when two HTF bars close on the same base row (a gap ending on the last base bar of
+    a bucket): counting from the previous bar's close row, as before issue 17, gave an empty span there, which
+    passed for any bar and fitted the normaliser on bars after t or inside a test group.
+    """
+    train_rows = np.asarray(train_rows, dtype=bool)
+    outside = np.concatenate([[0], np.cumsum(~train_rows)])  # outside[r] = non-training rows before r
+    first_row = np.searchsorted(index.as_unit("ns").asi8, view.bars.index.as_unit("ns").asi8, side="left")
+    return outside[view.close_row + 1] - outside[first_row] == 0
+
+
 def timeframe_token_block(
     frame: pd.DataFrame,
     rule: str,
@@ -103,10 +120,7 @@ def timeframe_token_block(
         raise RuntimeError(f"bank {bank!r} produced columns {names}, expected {token_feature_names(bank)}")
     n_htf = len(view.bars)
     defined = (np.arange(n_htf) >= lookback) & np.isfinite(values).all(axis=1)
-    # An h bar is a training bar when every base row from the previous h close (exclusive) to its own close is.
-    outside = np.concatenate([[0], np.cumsum(~train_rows)])  # outside[r] = non-training rows before r
-    span_start = np.concatenate([[0], view.close_row[:-1] + 1]).astype(np.int64)
-    fit = defined & (outside[view.close_row + 1] - outside[span_start] == 0)
+    fit = defined & htf_training_bars(frame.index, view, train_rows)
     if fit.sum() < 2:
         raise ValueError(f"timeframe {rule!r}: {int(fit.sum())} completed training bars with defined features; "
                          "at least 2 are needed to fit the token normaliser")
