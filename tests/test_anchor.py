@@ -15,6 +15,7 @@ from test_ledger import STARTS, STEPS, ledger_equity, nonflat_costs, nonflat_led
 
 from sentio_lab import backtest as bt
 from sentio_lab.anchor import AnchorConfig, anchored_targets, check_tilts
+from sentio_lab.arguments import FeatureArgs
 from sentio_lab.baselines import (
     BASELINES,
     PriceHistory,
@@ -448,7 +449,7 @@ def env_options(args, market):
 
 
 class AnchoredArgs:
-    window = 8
+    features = FeatureArgs(window=8)  # a variant's Args reads the window through its features group
     tilts = (0.0, 0.5, 1.0)
 
 
