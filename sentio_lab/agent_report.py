@@ -112,7 +112,8 @@ def training_summary(result: Any, range_name: str = "validation") -> str:
     """What a variant prints when training ends: :meth:`Comparison.describe` of its agent over the validation
     range (``result`` is a :class:`sentio_lab.training.TrainResult`). Never the test range: a selection made from this
     printout must not read test (the W&B run summary does record test figures, labelled as such, as issue 17
-    asked). When there is nothing to evaluate on (an env was passed in, a fold market without a validation range, a range too short for the window) it says so in one line instead of failing the finished run.
+    asked). When there is nothing to evaluate on (an env was passed in, a fold market without a validation range,
+    a range too short for the window) it says so in one line instead of failing the finished run.
     """
     market = result.market
     if market is None or range_name not in market.splits:
