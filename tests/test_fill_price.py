@@ -172,3 +172,74 @@ def test_evaluations_record_their_fill_price_and_the_runner_costs_read_it():
     np.testing.assert_allclose(groups.loc[paid.index].to_numpy(), paid.to_numpy(), rtol=1e-12, atol=1e-15)
     assert np.max(np.abs(bt.fill_costs_paid(frame, costly.start, costly.weights.to_numpy(), impact).to_numpy()
                          - paid.to_numpy())) > 1e-6
+
+
+# ------------------------------------------------------------------------------------------ command line
+@pytest.mark.parametrize("variant", ["ppo", "ppo_masked", "ppo_risk", "ppo_transformer"])
+def test_every_variant_takes_fill_price_and_builds_its_market_with_it(variant):
+    from sentio_lab.experiment.cells import parse_variant_args
+    from sentio_lab.training import market_from
+
+    default = parse_variant_args(variant, ["--dataset", "nasdaq"])
+    assert default.data.fill_price == "next_open"
+    args = parse_variant_args(variant, ["--dataset", "sp500", "--data-start", "2004-01-02", "--data-end", "2008-12-31",
+                                        "--fill-price", "next_close", "--window", "4", "--episode-length", "16"])
+    assert args.data.fill_price == "next_close"
+    market = market_from(args)
+    assert market.arrays.fill_price == "next_close" and NEXT_CLOSE_NOTE in market.data.quality.notes
+    with pytest.raises(SystemExit):
+        parse_variant_args(variant, ["--fill-price", "next_mid"])
+
+
+def test_a_trained_agent_is_evaluated_with_its_fill_price(tmp_path):
+    from sentio_lab import ppo
+    from sentio_lab.checkpoint import load_checkpoint
+    from sentio_lab.evaluate import evaluate_checkpoint, load_trained
+
+    args = ppo.Args.from_flat(dataset="sp500", data_start="2004-01-02", data_end="2008-12-31", fill_price="next_close",
+                              window=4, episode_length=16, total_timesteps=128, num_envs=4, num_steps=32,
+                              num_minibatches=2, update_epochs=1, hidden_size=8, track=False, progress=False,
+                              run_dir=str(tmp_path), feature_cache_dir=None)
+    result = ppo.train(args)
+    path = result.checkpoint_path
+    assert load_checkpoint(path)["args"]["data"]["fill_price"] == "next_close"
+    trained = load_trained(path)
+    assert trained.market.arrays.fill_price == "next_close" and trained.market.data.frame.index[0].year == 2004
+    assert evaluate_checkpoint(path, "validation").fill_price == "next_close"
+
+
+def test_an_experiment_fills_at_the_next_close_when_its_agents_do(tmp_path):
+    from sentio_lab.experiment.cells import parse_variant_args
+    from sentio_lab.experiment.config import AgentSpec, ExperimentConfig
+    from sentio_lab.experiment.runner import fold_market, plan_experiment
+    from sentio_lab.ppo import feature_config
+
+    tiny = ("--total-timesteps", "256", "--num-envs", "8", "--num-steps", "16", "--hidden-size", "8")
+    config = ExperimentConfig(
+        name="next_close", dataset="sp500", data_start="2003-01-02", data_end="2006-12-29", split="cpcv",
+        n_groups=4, n_test_groups=2, seeds=(1,), random_seeds=1,
+        common_args=("--window", "4", "--episode-length", "16", "--feature-cache-dir", str(tmp_path),
+                     "--fill-price", "next_close"),
+        agents=(AgentSpec("tiny", "ppo", tiny),),
+    )
+    plan = plan_experiment(config)  # the range holds stale opens: loads because every agent fills at the close
+    assert plan.accounting["fill_price"] == "next_close"
+    market = fold_market(plan, plan.folds[0], feature_config(parse_variant_args("ppo", plan.cells[0].args)))
+    assert market.arrays.fill_price == "next_close"
+    mixed = ExperimentConfig(**{**config.__dict__, "common_args": config.common_args[:-2], "agents": (
+        AgentSpec("a", "ppo", (*tiny, "--fill-price", "next_close")), AgentSpec("b", "ppo", tiny))})
+    with pytest.raises(ValueError, match="fill price"):
+        plan_experiment(mixed)
+
+
+def test_a_placebo_fold_market_keeps_the_fill_price():
+    from sentio_lab.experiment.config import AgentSpec, ExperimentConfig
+    from sentio_lab.experiment.memorisation import placebo_market
+
+    market = prepare_market("nasdaq", FeatureConfig(cache_dir=None), start="2010", end="2012", fill_price="next_close")
+    fold = Fold(0, "walk_forward", ((0, 300),), ((305, 500),), (1,), (0,), 1, 4)
+    real = prepare_fold_market(market, fold)
+    config = ExperimentConfig(name="x", agents=(AgentSpec("a", "ppo"),), placebo="stationary_bootstrap")
+    placebo = placebo_market(real, config, 0)
+    assert real.arrays.fill_price == placebo.arrays.fill_price == "next_close"
+    assert placebo.arrays.fill is placebo.arrays.close

@@ -242,7 +242,7 @@ def placebo_market(market: PreparedMarket, config: ExperimentConfig, replicate: 
     data = placebo_market_data(market.data, market.training_segments(), block_mean=config.placebo_block_mean,
                                seed=replicate)
     return prepare_fold_market(data, market.fold, feature_config=market.feature_config,
-                               validation_bars=config.validation_bars)
+                               validation_bars=config.validation_bars, fill_price=market.arrays.fill_price)
 
 
 def diagnosis_path(output: Path, cell: Cell) -> Path:

@@ -110,7 +110,7 @@ def agent_argv(config: ExperimentConfig, agent_args: Sequence[str], extra_args: 
 def _accounting(args: Any, variant: str) -> dict[str, Any]:
     module = load_variant(variant)
     return {"window": int(args.features.window), "positions": tuple(float(p) for p in args.env.positions),
-            "costs": module.cost_model(args)}
+            "costs": module.cost_model(args), "fill_price": args.data.fill_price}
 
 
 def plan_experiment(config: ExperimentConfig, extra_args: Sequence[str] = ()) -> Plan:
@@ -123,14 +123,15 @@ def plan_experiment(config: ExperimentConfig, extra_args: Sequence[str] = ()) ->
         if other != first:
             raise ValueError(
                 f"experiment {config.name!r}: agents {first_name!r} and {name!r} differ in window, positions or "
-                f"costs ({first} vs {other}); put those in common_args so every row has the same accounting"
+                f"costs or fill price ({first} vs {other}); put those in common_args so every row has the same "
+                "accounting"
             )
     # The gaps must cover the widest view of any agent (the longest feature span over their feature sets) and
     # the folds start after the longest warm-up, so every configuration and baseline trades the same bars.
     gap_options, first_valid, base = [], 0, None
     for agent, args in parsed:
         market = prepare_market(config.dataset, load_variant(agent.variant).feature_config(args),
-                                start=config.data_start, end=config.data_end)
+                                start=config.data_start, end=config.data_end, fill_price=args.data.fill_price)
         base = base or market
         gaps = splitting.PurgeEmbargo.for_features(first["window"], market.feature_config, market.data.frame)
         # The cost inputs of a fill (spread, sigma_daily, ADV windows) read bars before the decision too: count
@@ -172,11 +173,13 @@ def fold_market(plan: Plan, fold: splitting.Fold, feature_config: Any) -> Prepar
     """The fold's market: features and HMM fitted on its training segments only; cached per process."""
     # Everything the market depends on: data and range, the fold's own segments, the validation slice, features.
     config = plan.config
-    key = (str(config.dataset), config.data_start, config.data_end, fold, config.validation_bars, repr(feature_config))
+    fill_price = plan.accounting.get("fill_price", "next_open")  # shared by every agent (plan_experiment)
+    key = (str(config.dataset), config.data_start, config.data_end, fold, config.validation_bars, repr(feature_config),
+           fill_price)
     if key not in _MARKETS:
         _MARKETS.clear()  # one fold at a time per process keeps memory flat
         base = prepare_market(plan.config.dataset, feature_config, start=plan.config.data_start,
-                              end=plan.config.data_end)
+                              end=plan.config.data_end, fill_price=fill_price)
         _MARKETS[key] = prepare_fold_market(base, fold, validation_bars=plan.config.validation_bars)
     return _MARKETS[key]
 
