@@ -137,7 +137,8 @@ def _replay_error(frame: pd.DataFrame, evaluation: Evaluation, costs: Any) -> fl
     """Largest relative difference between the env's equity and the vectorbt replay of its weights."""
     from sentio_lab import backtest  # vectorbt: slow to import, needed only for the report's cross-check
 
-    replayed = backtest.equity(backtest.replay(frame, evaluation.start, evaluation.weights.to_numpy(), costs))
+    replayed = backtest.equity(backtest.replay(frame, evaluation.start, evaluation.weights.to_numpy(), costs,
+                                                fill_price=evaluation.fill_price))
     return float(np.max(np.abs(replayed.to_numpy() / evaluation.equity.to_numpy() - 1)))
 
 

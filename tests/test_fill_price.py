@@ -206,6 +206,12 @@ def test_a_trained_agent_is_evaluated_with_its_fill_price(tmp_path):
     trained = load_trained(path)
     assert trained.market.arrays.fill_price == "next_close" and trained.market.data.frame.index[0].year == 2004
     assert evaluate_checkpoint(path, "validation").fill_price == "next_close"
+    # the command-line report replays the agent in vectorbt at the same fills (sp500 2004-2008 has stale opens: a
+    # replay at the opens would differ from the env's equity, and the report refuses a replay that differs)
+    from sentio_lab.agent_report import write_checkpoint_report
+
+    comparison, paths = write_checkpoint_report(path, range_name="validation", output=tmp_path / "report")
+    assert comparison.agent.fill_price == "next_close" and paths
 
 
 def test_an_experiment_fills_at_the_next_close_when_its_agents_do(tmp_path):
