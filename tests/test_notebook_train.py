@@ -79,7 +79,7 @@ def test_the_demo_notebook_runs_on_a_users_csv_with_stale_opens(tmp_path, caplog
     assert meta["total_timesteps_per_seed"] == meta["runs"][0]["steps"] == 4096
     assert meta["positions"] == [0.0, 1.0]
     bundle = load_checkpoint(meta["runs"][0]["checkpoint"])
-    assert tuple(bundle["args"]["positions"]) == (0.0, 1.0) and bundle["args"]["stale_opens"] == "allow"
+    assert tuple(bundle["args"]["env"]["positions"]) == (0.0, 1.0) and bundle["args"]["data"]["stale_opens"] == "allow"
     assert bundle["args"]["data_start"] == "2012-01-03" and bundle["args"]["dataset"] == str(csv)
     # papermill --log-output relays the training cell's text progress bar while it runs
     logged = "\n".join(record.getMessage() for record in caplog.records)
