@@ -80,7 +80,7 @@ def test_the_demo_notebook_runs_on_a_users_csv_with_stale_opens(tmp_path, caplog
     assert meta["positions"] == [0.0, 1.0]
     bundle = load_checkpoint(meta["runs"][0]["checkpoint"])
     assert tuple(bundle["args"]["env"]["positions"]) == (0.0, 1.0) and bundle["args"]["data"]["stale_opens"] == "allow"
-    assert bundle["args"]["data_start"] == "2012-01-03" and bundle["args"]["dataset"] == str(csv)
+    assert bundle["args"]["data"]["data_start"] == "2012-01-03" and bundle["args"]["data"]["dataset"] == str(csv)
     # papermill --log-output relays the training cell's text progress bar while it runs
     logged = "\n".join(record.getMessage() for record in caplog.records)
     assert re.search(r"\| 4096/4096 \[", logged), logged[-2000:]
