@@ -102,7 +102,7 @@ capacity: $(STAMP)
 		--report reports/sp500_capacity
 
 sweep-example: $(STAMP)
-	$(BIN)/python -m sentio_lab.sweep experiments/sweeps/sp500_fees.toml --workers 2
+	$(BIN)/python -m sentio_lab.scale.sweep experiments/sweeps/sp500_fees.toml --workers 2
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .coverage runs .cache site

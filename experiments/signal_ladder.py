@@ -28,10 +28,10 @@ import pandas as pd
 import torch
 
 from sentio_lab import ppo
-from sentio_lab.baselines import PriceHistory, WeightPolicy, run_policy
 from sentio_lab.data.synthetic import RUNGS, OracleRule, write_ladder
-from sentio_lab.evaluate import Evaluation, evaluate_policy
-from sentio_lab.metrics import sharpe_ratio
+from sentio_lab.evaluation.baselines import PriceHistory, WeightPolicy, run_policy
+from sentio_lab.evaluation.episodes import Evaluation, evaluate_policy
+from sentio_lab.evaluation.metrics import sharpe_ratio
 
 BARS_PER_YEAR = 252
 

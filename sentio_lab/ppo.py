@@ -10,15 +10,15 @@ Differences from CleanRL, and why:
 * truncated episodes (end of a random window) are *not* terminal: the value of the final observation is
   bootstrapped into the last reward (``r += gamma * V(s_final)``), as Stable-Baselines3 does;
 * the rollout maths (GAE, the truncation bootstrap, the losses, approximate KL) lives in
-  :mod:`sentio_lab.rollout`, shared with the other variants and tested there against hand-computed values;
+  :mod:`sentio_lab.agents.rollout`, shared with the other variants and tested there against hand-computed values;
 * runs can stop on a wall-clock budget or an iteration count, and resume from a checkpoint bundle to the
   same final weights as an uninterrupted run (on the same device);
-* a NaN / infinite reward, value, loss or gradient stops the run with :class:`~sentio_lab.rollout.NonFiniteError`
+* a NaN / infinite reward, value, loss or gradient stops the run with :class:`~sentio_lab.agents.rollout.NonFiniteError`
   before the optimizer steps on it; the last good checkpoint on disk is left as it was;
 * the scaffolding around the algorithm (start / resume, checkpoints, logging, budgets, the command line) is
-  :mod:`sentio_lab.run_loop`, shared by every variant; the arguments are the groups of :mod:`sentio_lab.arguments`.
+  :mod:`sentio_lab.run_loop`, shared by every variant; the arguments are the groups of :mod:`sentio_lab.agents.arguments`.
 
-Resuming (``--resume PATH``): the run-control arguments (:data:`sentio_lab.arguments.RUN_CONTROL_FIELDS`: budgets,
+Resuming (``--resume PATH``): the run-control arguments (:data:`sentio_lab.agents.arguments.RUN_CONTROL_FIELDS`: budgets,
 tracking, progress bar, where checkpoints go) come from the command line. Every other (experiment) argument comes
 from the checkpoint, and one the caller set away from its default to a value other than the checkpoint's
 is refused, naming each such field with both values. An argument left at its default is taken from the
@@ -36,12 +36,10 @@ from typing import Any
 import torch
 from torch import nn, optim
 
-from sentio_lab import distributed, training
-from sentio_lab.arguments import SharedArgs
-from sentio_lab.env import TradingEnv
-from sentio_lab.market import PreparedMarket
-from sentio_lab.nets import MLPActorCritic
-from sentio_lab.rollout import (
+from sentio_lab.agents import training
+from sentio_lab.agents.arguments import SharedArgs
+from sentio_lab.agents.nets import MLPActorCritic
+from sentio_lab.agents.rollout import (
     approx_kl,
     bootstrap_truncated,
     clip_fraction,
@@ -51,8 +49,11 @@ from sentio_lab.rollout import (
     policy_loss,
     value_loss,
 )
+from sentio_lab.agents.training import TrainResult
+from sentio_lab.env import TradingEnv
+from sentio_lab.env.market import PreparedMarket
 from sentio_lab.run_loop import rollout_storage, run_cli, start_run
-from sentio_lab.training import TrainResult
+from sentio_lab.scale import distributed
 
 VARIANT = "ppo"
 
@@ -60,7 +61,7 @@ VARIANT = "ppo"
 @dataclass
 class Args(SharedArgs):
     """PPO on the batched torch trading env (CleanRL style). The arguments are the shared groups (data, features,
-    env and costs, PPO, run control, tracking; sentio_lab/arguments.py): ppo adds none of its own."""
+    env and costs, PPO, run control, tracking; sentio_lab/agents/arguments.py): ppo adds none of its own."""
 
 
 #: The hooks orchestration reads (evaluation, the experiment runner, Tune), shared by every variant.
@@ -72,7 +73,7 @@ resume_args = training.resume_args
 
 def make_env(args: Args, market: PreparedMarket, range_name: str = "train") -> TradingEnv:
     """Training env: ``num_envs`` random windows inside the named range (on a fold market, inside its training
-    segments only: :func:`sentio_lab.training.training_env`)."""
+    segments only: :func:`sentio_lab.agents.training.training_env`)."""
     return training.training_env(args, market, range_name)
 
 
@@ -86,7 +87,7 @@ def train(args: Args, *, market: PreparedMarket | None = None, env: Any | None =
 
     An ``env`` passed in needs ``obs_dim``, ``num_actions``, ``reset()`` and ``step()`` like
     :class:`TradingEnv` (and ``state_dict()`` when checkpoints are written); without a market no
-    checkpoint can be written. Raises :class:`~sentio_lab.rollout.NonFiniteError` when a reward, value, loss or
+    checkpoint can be written. Raises :class:`~sentio_lab.agents.rollout.NonFiniteError` when a reward, value, loss or
     gradient is not finite, before any update or save uses it.
     """
     # resume or start (sentio_lab.run_loop): arguments, seeds, device, market, env; under torchrun this rank

@@ -4,10 +4,10 @@ Run ``python -m sentio_lab.ppo_masked --help``. Everything ``ppo.py`` does (roll
 clipped update, checkpoints, exact resume, non-finite stops, resume rules) is done the same way here, line for
 line, so that the one difference is easy to see: the policy is a categorical over the *valid* actions only.
 
-* The env's mask rules (:class:`sentio_lab.masks.MaskConfig`: ``--masks.long-only``, ``--masks.cooldown 5``, ...)
+* The env's mask rules (:class:`sentio_lab.env.masks.MaskConfig`: ``--masks.long-only``, ``--masks.cooldown 5``, ...)
   say which position levels the next decision may take; ``env.action_masks()`` returns them after every reset
   and step (auto-resets included).
-* Invalid logits are set to the dtype's most negative finite value (:class:`sentio_lab.nets.MaskedCategorical`):
+* Invalid logits are set to the dtype's most negative finite value (:class:`sentio_lab.agents.nets.MaskedCategorical`):
   invalid actions have probability 0, are never sampled, get no gradient, and the entropy bonus counts valid
   actions only. (Huang and Ontanon, 2022, "A Closer Look at Invalid Action Masking in Policy Gradient
   Algorithms": masking beats penalising invalid actions, and its gradient is the valid policy gradient.)
@@ -18,7 +18,7 @@ line, so that the one difference is easy to see: the policy is a categorical ove
   the sampled actions are valid, so it only matters for other callers; it is recorded with the run.
 * With every action valid (no rule on) the run is bit-identical to ``ppo.py`` for the same seed (tested): the
   masked distribution then has the same logits, samples, log-probabilities, entropy and gradients.
-* Greedy evaluation applies the same masks (:mod:`sentio_lab.evaluate` builds the env from these arguments).
+* Greedy evaluation applies the same masks (:mod:`sentio_lab.evaluation.episodes` builds the env from these arguments).
 """
 
 from __future__ import annotations
@@ -30,13 +30,10 @@ from typing import Any, Literal
 import torch
 from torch import nn, optim
 
-from sentio_lab import training
-from sentio_lab.arguments import Flat, RunArgs, SharedArgs
-from sentio_lab.env import TradingEnv
-from sentio_lab.market import PreparedMarket
-from sentio_lab.masks import MaskConfig, MaskInputs, market_mask_inputs
-from sentio_lab.nets import MLPActorCritic
-from sentio_lab.rollout import (
+from sentio_lab.agents import training
+from sentio_lab.agents.arguments import Flat, RunArgs, SharedArgs
+from sentio_lab.agents.nets import MLPActorCritic
+from sentio_lab.agents.rollout import (
     approx_kl,
     bootstrap_truncated,
     clip_fraction,
@@ -46,8 +43,11 @@ from sentio_lab.rollout import (
     policy_loss,
     value_loss,
 )
+from sentio_lab.agents.training import TrainResult
+from sentio_lab.env import TradingEnv
+from sentio_lab.env.market import PreparedMarket
+from sentio_lab.env.masks import MaskConfig, MaskInputs, market_mask_inputs
 from sentio_lab.run_loop import rollout_storage, run_cli, start_run
-from sentio_lab.training import TrainResult
 
 VARIANT = "ppo_masked"
 
@@ -59,7 +59,7 @@ class Args(SharedArgs):
 
     run: Flat[RunArgs] = field(default_factory=lambda: RunArgs(exp_name=VARIANT))
     masks: MaskConfig = field(default_factory=MaskConfig)
-    """mask rules over the env's state (sentio_lab.masks; every rule off by default: then this is ppo, bit for
+    """mask rules over the env's state (sentio_lab.env.masks; every rule off by default: then this is ppo, bit for
     bit); given as --masks.<field>, e.g. --masks.long-only --masks.cooldown 5 --masks.max-abs-level 0.5"""
     invalid_action: Literal["nearest", "refuse"] = "nearest"
     """what the env does with an action its masks forbid: the "nearest" valid level, or "refuse" (an error); the
@@ -85,13 +85,13 @@ def mask_config(args: Args) -> MaskConfig:
 
 def mask_inputs(config: MaskConfig, market: PreparedMarket) -> MaskInputs | None:
     """The series the mask rules read on ``market`` (GARCH fitted on training bars only; the regime column):
-    :func:`sentio_lab.masks.market_mask_inputs`, shared with the evaluation so both see the same masks."""
+    :func:`sentio_lab.env.masks.market_mask_inputs`, shared with the evaluation so both see the same masks."""
     return market_mask_inputs(config, market)
 
 
 def make_env(args: Args, market: PreparedMarket, range_name: str = "train") -> TradingEnv:
     """Training env with the mask rules: ``num_envs`` random windows inside the named range (on a fold market,
-    inside its training segments only: :func:`sentio_lab.training.training_env`)."""
+    inside its training segments only: :func:`sentio_lab.agents.training.training_env`)."""
     return training.training_env(
         args, market, range_name, masks=mask_config(args), invalid_action=args.invalid_action,
         mask_inputs=market_mask_inputs(mask_config(args), market, training=range_name == "train"),
@@ -108,7 +108,7 @@ def train(args: Args, *, market: PreparedMarket | None = None, env: Any | None =
 
     An ``env`` passed in needs ``obs_dim``, ``num_actions``, ``reset()``, ``step()`` and ``action_masks()`` like
     :class:`TradingEnv` (and ``state_dict()`` when checkpoints are written); without a market no
-    checkpoint can be written. Raises :class:`~sentio_lab.rollout.NonFiniteError` when a reward, value, loss or
+    checkpoint can be written. Raises :class:`~sentio_lab.agents.rollout.NonFiniteError` when a reward, value, loss or
     gradient is not finite, before any update or save uses it.
     """
     run = start_run(VARIANT, args, market=market, env=env, market_for=market_for, make_env=make_env)

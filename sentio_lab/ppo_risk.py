@@ -3,7 +3,7 @@
 Run ``python -m sentio_lab.ppo_risk --help``. Everything ``ppo.py`` does (rollout, GAE, truncation bootstrap,
 clipped surrogate, checkpoints, exact resume, non-finite guards) is done here the same way; on top of it:
 
-* **distributional critic** (:mod:`sentio_lab.nets.quantile`): ``num_quantiles`` quantile heads trained with
+* **distributional critic** (:mod:`sentio_lab.agents.nets.quantile`): ``num_quantiles`` quantile heads trained with
   the quantile Huber loss (Dabney et al., 2018). Each head regresses on per-quantile lambda-returns
   ``R^j_t = r_t + gamma (1 - d) ((1 - lambda) theta_j(s_{t+1}) + lambda R^j_{t+1})`` (with lambda = 0 this is
   QR-DQN's target ``r + gamma theta_j(s')``), every head against every target sample. The scalar value GAE
@@ -21,13 +21,13 @@ clipped surrogate, checkpoints, exact resume, non-finite guards) is done here th
   same horizon keeps ``A_r`` and ``A_c`` comparable). Truncated windows bootstrap the cost like the reward
   (the market, and the drawdown, go on). What the constraint bounds is measured exactly and undiscounted:
   the mean maximum drawdown of the episodes that finished in the rollout; a
-  :class:`~sentio_lab.constraints.PIDLagrangian` turns its excess over the limit into the multiplier lambda
+  :class:`~sentio_lab.agents.constraints.PIDLagrangian` turns its excess over the limit into the multiplier lambda
   (held as it was when no episode finished in an iteration), and the actor's advantage is
   ``(A_r - lambda A_c) / (1 + lambda)`` (both normalised per minibatch first when ``norm_adv``).
 * **adaptive KL penalty** (``--kl-penalty``, PPO paper): ``+ beta KL(old || new)`` in the loss, beta doubled /
   halved after each update when the full-batch KL is above 1.5 x / below 1 / 1.5 x ``kl_target``
-  (:class:`~sentio_lab.constraints.AdaptiveKL`); and **trust-region early stopping** (``--target-kl``): the
-  epoch loop stops once the approximate KL exceeds it (:func:`sentio_lab.rollout.kl_early_stop`).
+  (:class:`~sentio_lab.agents.constraints.AdaptiveKL`); and **trust-region early stopping** (``--target-kl``): the
+  epoch loop stops once the approximate KL exceeds it (:func:`sentio_lab.agents.rollout.kl_early_stop`).
 * a per-iteration history (``history.csv`` beside the checkpoint, and in the checkpoint): lambda and its P, I
   and D terms, the measured episode drawdown against the limit, the cost value, beta and the approximate KL.
 
@@ -56,13 +56,11 @@ import pandas as pd
 import torch
 from torch import nn, optim
 
-from sentio_lab import training
-from sentio_lab.arguments import Flat, PPOArgs, RunArgs, SharedArgs
-from sentio_lab.constraints import AdaptiveKL, PIDLagrangian
-from sentio_lab.env import TradingEnv
-from sentio_lab.market import PreparedMarket
-from sentio_lab.nets.quantile import QuantileActorCritic, quantile_huber
-from sentio_lab.rollout import (
+from sentio_lab.agents import training
+from sentio_lab.agents.arguments import Flat, PPOArgs, RunArgs, SharedArgs
+from sentio_lab.agents.constraints import AdaptiveKL, PIDLagrangian
+from sentio_lab.agents.nets.quantile import QuantileActorCritic, quantile_huber
+from sentio_lab.agents.rollout import (
     approx_kl,
     bootstrap_truncated,
     clip_fraction,
@@ -72,6 +70,8 @@ from sentio_lab.rollout import (
     policy_loss,
     value_loss,
 )
+from sentio_lab.env import TradingEnv
+from sentio_lab.env.market import PreparedMarket
 from sentio_lab.run_loop import rollout_storage, run_cli, start_run
 
 VARIANT = "ppo_risk"
@@ -114,7 +114,7 @@ class Args(SharedArgs):
 
 @dataclass
 class TrainResult(training.TrainResult):
-    """:class:`sentio_lab.training.TrainResult` plus the constraint's controllers; ``history`` holds this
+    """:class:`sentio_lab.agents.training.TrainResult` plus the constraint's controllers; ``history`` holds this
     invocation's iterations (the whole run's are in ``history.csv`` and the checkpoint)."""
 
     lagrangian: PIDLagrangian | None = None
@@ -162,7 +162,7 @@ def train(args: Args, *, market: PreparedMarket | None = None, env: Any | None =
     An ``env`` passed in needs ``obs_dim``, ``num_actions``, ``reset()`` and ``step()`` like
     :class:`TradingEnv` and, with ``cost_limit``, ``info["drawdown_cost"]`` (build it with
     ``drawdown_obs=True``); without a market no checkpoint is written. Raises
-    :class:`~sentio_lab.rollout.NonFiniteError` when a reward, cost, value, loss or gradient is not finite, before
+    :class:`~sentio_lab.agents.rollout.NonFiniteError` when a reward, cost, value, loss or gradient is not finite, before
     any update or save uses it.
     """
     run = start_run(VARIANT, args, market=market, env=env, market_for=market_for, make_env=make_env)

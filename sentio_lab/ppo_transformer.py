@@ -7,7 +7,7 @@ surrogate, truncation bootstrap, checkpoints, exact resume); what differs, and w
   (``--token-timeframes 4h 1D``, ``--token-counts 16 10``): the last K completed bars of that timeframe, each a
   token of its own features (:mod:`sentio_lab.features.tokens`), gathered by the env on its device.
   :func:`env_options` builds them for a market, so evaluation and the experiment runner see the same observation;
-* the agent is :class:`~sentio_lab.nets.transformer.MultiTimeframeActorCritic`: a transformer encoder per timeframe
+* the agent is :class:`~sentio_lab.agents.nets.transformer.MultiTimeframeActorCritic`: a transformer encoder per timeframe
   (the base window is one, with ``window`` tokens), pooled, fused across timeframes, then actor and critic heads.
   With no token timeframes it is a single-timeframe transformer over the window, the same code;
 * mixed precision (``--amp``): ``bf16`` autocast on CPU or CUDA, ``fp16`` autocast with a ``GradScaler`` on CUDA
@@ -16,7 +16,7 @@ surrogate, truncation bootstrap, checkpoints, exact resume); what differs, and w
   matmuls inside the trunk run in the low precision. The scaler's state is saved with the checkpoint;
 * ``--compile`` routes the trunk through ``torch.compile`` (state_dict keys unchanged).
 
-Resuming (``--resume PATH``) follows ``ppo``: run-control arguments (:data:`sentio_lab.arguments.RUN_CONTROL_FIELDS`)
+Resuming (``--resume PATH``) follows ``ppo``: run-control arguments (:data:`sentio_lab.agents.arguments.RUN_CONTROL_FIELDS`)
 from the command line, every other argument from the checkpoint (a conflicting explicit value is refused); on CPU a
 resumed run ends with the same weights as an uninterrupted one (tests/test_ppo_transformer.py).
 """
@@ -32,14 +32,10 @@ import numpy as np
 import torch
 from torch import nn, optim
 
-from sentio_lab import training
-from sentio_lab.arguments import DataArgs, Flat, RunArgs, SharedArgs
-from sentio_lab.env import TradingEnv
-from sentio_lab.features.tokens import block_name, build_token_blocks, token_span, token_width
-from sentio_lab.market import PreparedMarket
-from sentio_lab.nets.transformer import FUSIONS, MultiTimeframeActorCritic, streams_for
-from sentio_lab.observation_layout import TokenBlock, observation_dim, observation_layout
-from sentio_lab.rollout import (
+from sentio_lab.agents import training
+from sentio_lab.agents.arguments import DataArgs, Flat, RunArgs, SharedArgs
+from sentio_lab.agents.nets.transformer import FUSIONS, MultiTimeframeActorCritic, streams_for
+from sentio_lab.agents.rollout import (
     approx_kl,
     bootstrap_truncated,
     clip_fraction,
@@ -49,8 +45,12 @@ from sentio_lab.rollout import (
     policy_loss,
     value_loss,
 )
+from sentio_lab.agents.training import TrainResult, resolve_device
+from sentio_lab.env import TradingEnv
+from sentio_lab.env.market import PreparedMarket
+from sentio_lab.features.observation_layout import TokenBlock, observation_dim, observation_layout
+from sentio_lab.features.tokens import block_name, build_token_blocks, token_span, token_width
 from sentio_lab.run_loop import rollout_storage, run_cli, start_run
-from sentio_lab.training import TrainResult, resolve_device
 
 VARIANT = "ppo_transformer"
 #: Mixed-precision modes (--amp) and their autocast dtypes.
@@ -123,7 +123,7 @@ def observation_span(args: Args, market: PreparedMarket) -> int:
 
 def make_env(args: Args, market: PreparedMarket, range_name: str = "train") -> TradingEnv:
     """Training env with the token blocks: ``num_envs`` random windows inside the named range (on a fold market,
-    inside its training segments only: :func:`sentio_lab.training.training_env`)."""
+    inside its training segments only: :func:`sentio_lab.agents.training.training_env`)."""
     return training.training_env(args, market, range_name, **env_options(args, market))
 
 
@@ -160,7 +160,7 @@ def train(args: Args, *, market: PreparedMarket | None = None, env: Any | None =
 
     An ``env`` passed in needs ``obs_dim``, ``num_actions``, ``reset()`` and ``step()`` like :class:`TradingEnv`
     (with the token blocks of ``args``); without a market no checkpoint can be written. Raises
-    :class:`~sentio_lab.rollout.NonFiniteError` when a reward, value, loss or gradient is not finite.
+    :class:`~sentio_lab.agents.rollout.NonFiniteError` when a reward, value, loss or gradient is not finite.
     """
     run = start_run(VARIANT, args, market=market, env=env, market_for=market_for, make_env=make_env,
                     check=check_args)

@@ -4,7 +4,7 @@ A variant's ``train`` reads top to bottom as the algorithm (rollout, advantages,
 the same way around it lives here once:
 
 * :func:`start_run` -- load and check the bundle of ``--resume`` (the resume rules of
-  :func:`sentio_lab.training.resume_args`) or derive a fresh run's sizes, seed the generators, prepare the market
+  :func:`sentio_lab.agents.training.resume_args`) or derive a fresh run's sizes, seed the generators, prepare the market
   (printing its data-quality report) and the env, and choose the checkpoint path;
 * :meth:`TrainingRun.restore` -- the loop state of a fresh run or of the bundle (weights, optimizer, env, RNG,
   counters; under torchrun fresh per-rank episodes);
@@ -29,15 +29,11 @@ import numpy as np
 import torch
 import tyro
 
-from sentio_lab import agent_report, distributed
-from sentio_lab.checkpoint import CheckpointError, capture_rng, load_checkpoint, restore_rng, save_checkpoint
-from sentio_lab.distributed import DistContext
-from sentio_lab.market import PreparedMarket
-from sentio_lab.progress import tqdm  # text bar under papermill (set_progress_mode)
-from sentio_lab.regime import RegimeFitError
-from sentio_lab.rollout import NonFiniteError, describe_non_finite
-from sentio_lab.tracking import Tracker
-from sentio_lab.training import (
+from sentio_lab.agents.checkpoint import CheckpointError, capture_rng, load_checkpoint, restore_rng, save_checkpoint
+from sentio_lab.agents.progress import tqdm  # text bar under papermill (set_progress_mode)
+from sentio_lab.agents.rollout import NonFiniteError, describe_non_finite
+from sentio_lab.agents.tracking import Tracker
+from sentio_lab.agents.training import (
     TrainResult,
     derive_sizes,
     progress_postfix,
@@ -46,6 +42,12 @@ from sentio_lab.training import (
     resume_device,
     seed_everything,
 )
+from sentio_lab.env.market import PreparedMarket
+from sentio_lab.evaluation import agent_report
+from sentio_lab.evaluation.run_summary import log_run_outcome
+from sentio_lab.features.regime import RegimeFitError
+from sentio_lab.scale import distributed
+from sentio_lab.scale.distributed import DistContext
 
 
 @dataclass
@@ -273,13 +275,13 @@ class TrainingRun:
 
     def finish(self, iteration: int, save: Callable[[int], Path | None], agent: torch.nn.Module, state: LoopState,
                result_type: type[TrainResult] = TrainResult, **result_items: Any) -> TrainResult:
-        """Close the bar, save the last iteration, close W&B; the :class:`~sentio_lab.training.TrainResult`."""
+        """Close the bar, save the last iteration, close W&B; the :class:`~sentio_lab.agents.training.TrainResult`."""
         self.progress.close()
         # a resumed run with nothing left to do (finished) leaves its checkpoint file untouched and logs no outcome
         ran = iteration >= state.start_iteration
         saved_path = save(iteration) if ran else Path(self.args.run.resume)
         if ran:  # evaluation summary, report and checkpoint to W&B
-            self.tracker.log_outcome(agent, self.args, self.market, saved_path)
+            log_run_outcome(self.tracker, agent, self.args, self.market, saved_path)
         self.tracker.finish()
         return result_type(
             agent=agent, args=self.args, checkpoint_path=saved_path, global_step=state.global_step,
@@ -303,7 +305,7 @@ def start_run(
 
     ``distributed_ok``: the variant runs data parallel under torchrun (``ppo``); otherwise it ignores the process
     group. ``check`` rejects the run's arguments before any data is loaded (a ``ValueError`` naming the flag).
-    Raises :class:`~sentio_lab.checkpoint.CheckpointError` for a bundle of another variant or other data.
+    Raises :class:`~sentio_lab.agents.checkpoint.CheckpointError` for a bundle of another variant or other data.
     """
     bundle = None
     device_changed = False
@@ -317,7 +319,7 @@ def start_run(
         check(args)
     seed_everything(args.run.seed, args.run.torch_deterministic)
     device = resolve_device(args.run.device)
-    # Data parallel under torchrun (sentio_lab.distributed): this rank steps num_envs / world_size of the episodes.
+    # Data parallel under torchrun (sentio_lab.scale.distributed): this rank steps num_envs / world_size of the episodes.
     # In a world of one every distributed.* call is the identity and n_envs == num_envs.
     ctx = distributed.context() if distributed_ok else DistContext()
     n_envs = distributed.local_envs(args.ppo.num_envs, ctx)

@@ -29,8 +29,8 @@ def tiny_args(tmp_path):
 @pytest.fixture(scope="session")
 def sp500_market():
     """sp500 with the default feature pipeline, prepared once per test session."""
+    from sentio_lab.env.market import prepare_market
     from sentio_lab.features import FeatureConfig
-    from sentio_lab.market import prepare_market
 
     return prepare_market("sp500", FeatureConfig())
 
@@ -44,8 +44,8 @@ def announced_market(n_bars: int = 3000, seed: int = 0, move: float = 0.01):
     """
     from sentio_lab.data import chronological_split, to_market
     from sentio_lab.env import MarketArrays
+    from sentio_lab.env.market import PreparedMarket
     from sentio_lab.features import ObservationFeatures
-    from sentio_lab.market import PreparedMarket
 
     rng = np.random.default_rng(seed)
     sign = rng.choice([-1.0, 1.0], size=n_bars)  # sign[t] = direction of bar t+1

@@ -1,4 +1,4 @@
-"""Benchmark-anchored actions (sentio_lab.anchor): a zero tilt is the benchmark bit for bit, a tilted agent's
+"""Benchmark-anchored actions (sentio_lab.env.anchor): a zero tilt is the benchmark bit for bit, a tilted agent's
 accounting agrees across the torch env, the numpy reference, the vectorbt replay and the independent ledger, and
 each option (excess reward, deviation penalty, no-trade band) does what its formula says."""
 
@@ -13,10 +13,14 @@ import torch
 from test_baselines import prepared, prices
 from test_ledger import STARTS, STEPS, ledger_equity, nonflat_costs, nonflat_ledger_equity
 
-from sentio_lab import backtest as bt
-from sentio_lab.anchor import AnchorConfig, anchored_targets, check_tilts
-from sentio_lab.arguments import FeatureArgs
-from sentio_lab.baselines import (
+from sentio_lab.agents.arguments import FeatureArgs
+from sentio_lab.data import load_market
+from sentio_lab.env import MarketArrays, NumpyTradingEnv, TradingEnv
+from sentio_lab.env.anchor import AnchorConfig, anchored_targets, check_tilts
+from sentio_lab.env.costs import CostModel
+from sentio_lab.env.masks import MaskConfig
+from sentio_lab.evaluation import backtest as bt
+from sentio_lab.evaluation.baselines import (
     BASELINES,
     PriceHistory,
     SmaCrossover,
@@ -28,10 +32,6 @@ from sentio_lab.baselines import (
     make_baseline,
     run_policy,
 )
-from sentio_lab.costs import CostModel
-from sentio_lab.data import load_market
-from sentio_lab.env import MarketArrays, NumpyTradingEnv, TradingEnv
-from sentio_lab.masks import MaskConfig
 
 COSTS = CostModel(fee_bps=10.0, slippage_bps=20.0, borrow_bps=500.0)
 TILTS = (-0.5, -0.25, 0.0, 0.25, 0.5)
@@ -407,9 +407,9 @@ class ConstantAgent:
 def test_evaluation_of_an_anchored_agent_records_its_weights(market):
     """evaluate_policy / evaluate_policies through an anchored env: the zero-tilt agent's evaluation is the
     baseline's (weights and equity); an untrained network's batched evaluation is its one-by-one one, bit for bit."""
-    from sentio_lab.baselines import evaluate_baseline
-    from sentio_lab.evaluate import evaluate_policies, evaluate_policy
-    from sentio_lab.nets import MLPActorCritic
+    from sentio_lab.agents.nets import MLPActorCritic
+    from sentio_lab.evaluation.baselines import evaluate_baseline
+    from sentio_lab.evaluation.episodes import evaluate_policies, evaluate_policy
 
     anchor = AnchorConfig(benchmark_weights("sma_crossover", market), tilts=TILTS)
     options = {"anchor": anchor}
@@ -433,7 +433,7 @@ def test_evaluation_of_an_anchored_agent_records_its_weights(market):
 
 
 def test_anchor_config_from_a_baseline_name(market):
-    from sentio_lab.baselines import anchor_config
+    from sentio_lab.evaluation.baselines import anchor_config
 
     config = anchor_config("vol_target", market, tilts=(0.0, 0.5), excess_reward=True, deviation_penalty=0.1,
                            no_trade_band=0.05)
@@ -454,7 +454,7 @@ class AnchoredArgs:
 
 
 def test_agent_obs_dim_counts_the_benchmark_block(market):
-    from sentio_lab.evaluate import agent_obs_dim
+    from sentio_lab.agents.variants import agent_obs_dim
 
     options = env_options(AnchoredArgs(), market)
     env = TradingEnv(market.arrays, window=8, episode_length=10, **options)

@@ -11,11 +11,13 @@ import sys
 import pytest
 import torch
 
-from sentio_lab import ppo, ppo_masked, ppo_risk, ppo_transformer, training, tune
-from sentio_lab.arguments import GROUPS, RUN_CONTROL_FIELDS, saved_fields
-from sentio_lab.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from sentio_lab.masks import MaskConfig
+from sentio_lab import ppo, ppo_masked, ppo_risk, ppo_transformer
+from sentio_lab.agents import training
+from sentio_lab.agents.arguments import GROUPS, RUN_CONTROL_FIELDS, saved_fields
+from sentio_lab.agents.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from sentio_lab.env.masks import MaskConfig
 from sentio_lab.run_loop import run_cli
+from sentio_lab.scale import tune
 
 VARIANTS = {"ppo": ppo, "ppo_masked": ppo_masked, "ppo_risk": ppo_risk, "ppo_transformer": ppo_transformer}
 
@@ -177,7 +179,7 @@ def test_pbt_writes_into_a_nested_or_a_flat_bundle(tmp_path, tiny_args, syntheti
 def test_fill_price_flag_reaches_the_market_and_the_evaluation(tmp_path, tiny_args):
     import tyro
 
-    from sentio_lab.evaluate import load_trained
+    from sentio_lab.agents.variants import load_trained
 
     args = tyro.cli(ppo.Args, args=["--fill-price", "next_close", "--data-start", "2010-01-04", "--window", "8"])
     assert args.data.fill_price == "next_close" and ppo.Args().data.fill_price == "next_open"

@@ -6,11 +6,11 @@ import pytest
 import torch
 import vectorbt as vbt
 
-from sentio_lab import backtest as bt
-from sentio_lab.costs import CostModel
 from sentio_lab.data import load_market
 from sentio_lab.env import MarketArrays, NumpyTradingEnv, TradingEnv
-from sentio_lab.metrics import number_of_trades
+from sentio_lab.env.costs import CostModel
+from sentio_lab.evaluation import backtest as bt
+from sentio_lab.evaluation.metrics import number_of_trades
 
 COSTS = CostModel(fee_bps=10, slippage_bps=5)
 STEPS = 300
@@ -436,7 +436,7 @@ def test_fill_arrays_are_causal_except_the_fill_bars_own_cap(frame):
 
 
 def test_tick_volume_needs_a_user_adv():
-    from sentio_lab.market import volume_kind
+    from sentio_lab.env.market import volume_kind
 
     data = load_market("eurusd_1h", end="2017-03-31")
     returns = np.log(data.frame["close"]).diff().fillna(0.0).to_numpy()[:, None]

@@ -9,8 +9,12 @@ import pandas as pd
 import pytest
 import torch
 
-from sentio_lab import backtest as bt
-from sentio_lab.baselines import (
+from sentio_lab.data import chronological_split, to_market
+from sentio_lab.env import MarketArrays
+from sentio_lab.env.costs import CostModel
+from sentio_lab.env.market import PreparedMarket
+from sentio_lab.evaluation import backtest as bt
+from sentio_lab.evaluation.baselines import (
     BASELINES,
     Baseline,
     BuyAndHold,
@@ -26,12 +30,8 @@ from sentio_lab.baselines import (
     run_policy,
     trailing_mean,
 )
-from sentio_lab.costs import CostModel
-from sentio_lab.data import chronological_split, to_market
-from sentio_lab.env import MarketArrays
-from sentio_lab.evaluate import evaluate_policy
+from sentio_lab.evaluation.episodes import evaluate_policy
 from sentio_lab.features import ObservationFeatures
-from sentio_lab.market import PreparedMarket
 
 COSTS = CostModel(fee_bps=1.0, slippage_bps=2.0)
 

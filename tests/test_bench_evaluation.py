@@ -46,7 +46,7 @@ def test_quick_run_reports_serial_and_batched_with_consistent_ratios(tmp_path, c
 
 def test_episode_ranges_have_exactly_the_requested_length(sp500_market):
     from sentio_lab import ppo
-    from sentio_lab.evaluate import evaluate_policies
+    from sentio_lab.evaluation.episodes import evaluate_policies
 
     bench = load_bench()
     starts = bench.spread_starts(sp500_market, 8, 30, 5)

@@ -101,6 +101,6 @@ def test_a_rerun_resumes_and_bad_files_are_refused(finished, tmp_path):
     with pytest.raises(ValueError, match="unknown keys \\['capital'\\]"):
         load_capacity_config(bad)
     config = CapacityConfig(name="n", experiment="e", capitals=(1e6,), impact_y=(0.7,), adv=1e9, participation=0.1)
-    models = config.cost_models(__import__("sentio_lab.costs", fromlist=["CostModel"]).CostModel())
+    models = config.cost_models(__import__("sentio_lab.env.costs", fromlist=["CostModel"]).CostModel())
     assert len(models) == 2 and np.isnan(models[0][0]) and models[1][2].adv == 1e9
     assert models[1][2].participation == 0.1 and models[1][2].impact == "sqrt"

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from sentio_lab.checkpoint import (
+from sentio_lab.agents.checkpoint import (
     REQUIRED_KEYS,
     CheckpointError,
     capture_rng,
@@ -369,7 +369,7 @@ def test_every_variant_refuses_to_resume_a_damaged_checkpoint_and_leaves_it(
 ):
     import sys
 
-    from sentio_lab.evaluate import load_variant
+    from sentio_lab.agents.variants import load_variant
 
     path = tmp_path / "checkpoint.pt"
     path.write_bytes(good_checkpoint)
@@ -397,7 +397,7 @@ def transformer_market():
 def test_resuming_a_finished_run_leaves_its_file_and_a_larger_total_continues_it(
     variant, tmp_path, synthetic_market, request
 ):
-    from sentio_lab.evaluate import load_variant
+    from sentio_lab.agents.variants import load_variant
 
     module = load_variant(variant)
     extra = dict(TRANSFORMER) if variant == "ppo_transformer" else {}

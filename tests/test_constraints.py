@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from sentio_lab.constraints import AdaptiveKL, PIDLagrangian
+from sentio_lab.agents.constraints import AdaptiveKL, PIDLagrangian
 
 
 def test_proportional_term_alone_follows_the_error_and_is_floored_at_zero():

@@ -1,4 +1,4 @@
-"""The cost model and the one rebalancing formula shared by the envs and the backtest (sentio_lab.costs)."""
+"""The cost model and the one rebalancing formula shared by the envs and the backtest (sentio_lab.env.costs)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
-from sentio_lab.costs import CostModel, borrow_cost, rebalance, year_fractions
+from sentio_lab.env.costs import CostModel, borrow_cost, rebalance, year_fractions
 
 COSTS = CostModel(fee_bps=10, slippage_bps=20)  # fee 0.1 %, slippage 0.2 %
 FEE, SLIP = 0.001, 0.002
@@ -247,7 +247,8 @@ def test_borrow_cost_charges_shorts_only_for_every_type():
 
 
 # ============================================================== non-flat models (issue 10): spread, impact, cap
-from sentio_lab.costs import (  # noqa: E402
+from sentio_lab.data import load_market  # noqa: E402
+from sentio_lab.env.costs import (  # noqa: E402
     abdi_ranaldo,
     average_daily_volume,
     bars_per_day,
@@ -259,7 +260,6 @@ from sentio_lab.costs import (  # noqa: E402
     fill_reason,
     impact_eta,
 )
-from sentio_lab.data import load_market  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -340,7 +340,7 @@ def test_spread_estimates_on_flat_tiny_and_gapping_bars(bars):
 
 
 # Hand-computed reference values, written from the papers' formulas in plain python (math), independently of
-# sentio_lab.costs.estimators. Six bars: bar 2 gaps up over close 1, bar 3 gaps down under close 2 (both take the
+# sentio_lab.env.costs.estimators. Six bars: bar 2 gaps up over close 1, bar 3 gaps down under close 2 (both take the
 # overnight adjustment, and both estimates stay positive so the adjustment shows), bars 4 and 5 give negative
 # two-bar Corwin-Schultz estimates (-> 0) and negative Abdi-Ranaldo terms (so a window's mean is negative -> 0).
 HAND_H = [10.2, 10.3, 11.4, 11.25, 11.05, 10.72]
@@ -494,7 +494,7 @@ def _fill_root_by_bisection(base, impact, size, alpha):
 def test_newton_steps_reach_the_fill_root_to_rounding_up_to_90_percent_impact(impact, monkeypatch):
     """execution.NEWTON_STEPS (6, was 12) solves the fill rule to rounding for impact up to 90 % of the price, buying
     and selling, long and short and levered targets; 4 steps would not (the bound is not loose)."""
-    from sentio_lab.costs import execution
+    from sentio_lab.env.costs import execution
 
     alpha = 0.5 if impact == "sqrt" else 1.0
     fractions = np.array([1e-6, 1e-4, 1e-2, 0.05, 0.1, 0.3, 0.5, 0.9])

@@ -476,8 +476,8 @@ def test_data_errors_are_one_line_and_name_a_flag(call):
 
 # ------------------------------------------------------------------------------------------ too few bars
 def _prepare(path, window, episode_length, **kwargs):
+    from sentio_lab.env.market import prepare_market
     from sentio_lab.features import FeatureConfig
-    from sentio_lab.market import prepare_market
 
     return prepare_market(path, FeatureConfig(), window=window, episode_length=episode_length, **kwargs)
 

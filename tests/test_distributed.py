@@ -15,8 +15,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from scipy import stats
 
-from sentio_lab import distributed, ppo
-from sentio_lab.checkpoint import load_checkpoint
+from sentio_lab import ppo
+from sentio_lab.agents.checkpoint import load_checkpoint
+from sentio_lab.scale import distributed
 
 TINY = dict(num_envs=16, num_steps=32, hidden_size=8, window=16, episode_length=64, num_minibatches=2,
             update_epochs=2, track=False, progress=False, checkpoint_every=0)

@@ -11,9 +11,9 @@ import pytest
 import torch
 from stable_baselines3.common.env_checker import check_env as sb3_check_env
 
-from sentio_lab.costs import CostModel
 from sentio_lab.data import load_market, to_market
 from sentio_lab.env import DEFAULT_POSITIONS, MarketArrays, NumpyTradingEnv, TradingEnv, episode_start_bounds
+from sentio_lab.env.costs import CostModel
 
 COSTS = CostModel(5, 3)
 BORROW = CostModel(5, 3, borrow_bps=300)  # 3 % a year on the value of a short
@@ -861,7 +861,7 @@ def segmented_market(n: int = 420) -> MarketArrays:
 
 
 def segment_sampler(window: int = 3, length: int = 16, first_valid: int = 2):
-    from sentio_lab.splits import SegmentEpisodeSampler
+    from sentio_lab.env.splits import SegmentEpisodeSampler
 
     return SegmentEpisodeSampler(SEGMENTS, window, length, first_valid=first_valid)
 
@@ -959,7 +959,7 @@ def test_segmented_env_rejects_starts_outside_its_segments_and_a_mismatched_samp
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_masked_env_on_device_matches_cpu(nasdaq, device):
-    from sentio_lab.masks import MaskConfig
+    from sentio_lab.env.masks import MaskConfig
 
     cfg = MaskConfig(max_abs_level=0.5, risk_budget=0.015, drawdown_threshold=0.05, cooldown=3, max_trades=2,
                      period_bars=8)

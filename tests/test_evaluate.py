@@ -5,7 +5,8 @@ import pandas as pd
 import pytest
 
 from sentio_lab import ppo
-from sentio_lab.evaluate import evaluate_checkpoint, evaluate_policy, load_trained, load_variant
+from sentio_lab.agents.variants import load_trained, load_variant
+from sentio_lab.evaluation.episodes import evaluate_checkpoint, evaluate_policy
 
 
 def test_unknown_variant():
@@ -30,8 +31,8 @@ def test_checkpoint_evaluation_equals_live_agent(tiny_args, sp500_market):
 def test_checkpoint_evaluation_carries_the_reports_summary_and_refuses_a_damaged_file(tiny_args, sp500_market):
     """evaluate_checkpoint returns the statistics the reports show (issue 17 §6), and a damaged checkpoint raises
     instead of giving a normal-looking flat result (§1); ``bars`` evaluates any span of bars."""
-    from sentio_lab.checkpoint import CheckpointError
-    from sentio_lab.metrics import STAT_NAMES, stats_table, summary_stats
+    from sentio_lab.agents.checkpoint import CheckpointError
+    from sentio_lab.evaluation.metrics import STAT_NAMES, stats_table, summary_stats
 
     result = ppo.train(tiny_args, market=sp500_market)
     restored = evaluate_checkpoint(result.checkpoint_path, "validation")
@@ -100,7 +101,7 @@ def test_ruin_ends_the_evaluation_early(sp500_market):
                                  costs=ppo.cost_model(ppo.Args.from_flat()), range_name="train")
     assert evaluation.ruined and evaluation.equity.iloc[-1] == 1e-12
     assert (evaluation.equity.iloc[:-1] > 1e-12).all()
-    from sentio_lab.metrics import summary_stats
+    from sentio_lab.evaluation.metrics import summary_stats
 
     stats = summary_stats(evaluation.equity, evaluation.weights)  # a ruined curve still gets its statistics
     assert stats["total_return"] == pytest.approx(-1.0)
@@ -110,8 +111,8 @@ def test_ruin_ends_the_evaluation_early(sp500_market):
 def test_evaluation_charges_the_checkpoints_borrow_and_old_checkpoints_none(tiny_args, sp500_market, tmp_path):
     """The cost model of an evaluation comes from the checkpoint's args, short borrow included; a checkpoint
     saved before ``borrow_bps`` existed (no such key in its args) is evaluated with no borrow."""
-    from sentio_lab.checkpoint import load_checkpoint, save_checkpoint
-    from sentio_lab.costs import CostModel
+    from sentio_lab.agents.checkpoint import load_checkpoint, save_checkpoint
+    from sentio_lab.env.costs import CostModel
 
     if "borrow_bps" not in {f.name for f in dataclasses.fields(ppo.Args)}:
         pytest.skip("ppo.Args has no borrow_bps field yet")
@@ -154,8 +155,8 @@ def _mlp_agents(market, window, positions, specs):
     real observations (each agent its own statistics)."""
     import torch
 
+    from sentio_lab.agents.nets import MLPActorCritic
     from sentio_lab.env import TradingEnv
-    from sentio_lab.nets import MLPActorCritic
 
     obs_dim = market.arrays.features.shape[1] * window + 1
     agents = []
@@ -189,8 +190,8 @@ def ranged_market(sp500_market):
 
 
 def test_batched_evaluation_equals_one_at_a_time(ranged_market):
-    from sentio_lab.costs import CostModel
-    from sentio_lab.evaluate import evaluate_policies
+    from sentio_lab.env.costs import CostModel
+    from sentio_lab.evaluation.episodes import evaluate_policies
 
     window, positions = 8, (0.0, 1.0, 40.0)  # 40x long is ruined by a 2.5% down bar
     costs = CostModel(fee_bps=1.0, slippage_bps=2.0)
@@ -224,7 +225,7 @@ def test_batched_evaluation_mixes_other_policies_and_duplicate_ranges(ranged_mar
     a stacked MLP agent; a range named twice is evaluated twice."""
     import torch
 
-    from sentio_lab.evaluate import evaluate_policies
+    from sentio_lab.evaluation.episodes import evaluate_policies
 
     class AlwaysLong(torch.nn.Module):
         def __init__(self):
@@ -254,7 +255,7 @@ def test_stacked_logits_agree_with_unbatched_far_inside_the_tie_guard(ranged_mar
     import torch
 
     from sentio_lab.env import TradingEnv
-    from sentio_lab.evaluate import TIE_ATOL, TIE_RTOL, _StackedGreedy
+    from sentio_lab.evaluation.episodes import TIE_ATOL, TIE_RTOL, _StackedGreedy
 
     window, positions = 8, (-1.0, 0.0, 1.0)
     agents = _mlp_agents(ranged_market, window, positions, [(s, 16, [0.0, 0.0, 0.0]) for s in range(4)])
@@ -281,7 +282,7 @@ def test_exact_ties_are_decided_by_the_unbatched_argmax(ranged_market):
     """Two identical logit rows tie exactly: every tied row is re-run unbatched and takes the first index."""
     import torch
 
-    from sentio_lab.evaluate import _StackedGreedy, evaluate_policies
+    from sentio_lab.evaluation.episodes import _StackedGreedy, evaluate_policies
 
     window, positions = 8, (0.0, 1.0, -1.0)
     agents = _mlp_agents(ranged_market, window, positions, [(4, 16, [0.0, 0.0, 0.0]), (5, 16, [0.0, 0.0, 0.0])])
@@ -313,7 +314,7 @@ def test_exact_ties_are_decided_by_the_unbatched_argmax(ranged_market):
 
 
 def test_length_buckets_keep_every_env_inside_the_data():
-    from sentio_lab.evaluate import _length_buckets
+    from sentio_lab.evaluation.episodes import _length_buckets
 
     # the short range ending on the last bar (index 2) cannot run the longest range's 199 steps
     assert _length_buckets([27, 500, 1361], [112, 199, 59], 1421) == [[1, 0], [2]]
@@ -327,7 +328,7 @@ def test_length_buckets_keep_every_env_inside_the_data():
 
 
 def test_batched_evaluation_edge_cases(ranged_market):
-    from sentio_lab.evaluate import evaluate_policies
+    from sentio_lab.evaluation.episodes import evaluate_policies
 
     window, positions, costs = 8, (-1.0, 0.0, 1.0), ppo.cost_model(ppo.Args.from_flat())
     agents = _mlp_agents(ranged_market, window, positions, [(0, 16, [0.0, 0.0, 0.0])])
@@ -350,9 +351,9 @@ def test_batched_evaluation_edge_cases(ranged_market):
 def test_batched_evaluation_of_cpcv_test_groups(sp500_market):
     """A CPCV fold's test groups (the last one runs to the market's end and is longer): every agent over every
     group in one call, equal to one evaluation at a time on the fold's own market."""
-    from sentio_lab.evaluate import evaluate_policies
-    from sentio_lab.market import prepare_fold_market
-    from sentio_lab.splits import PurgeEmbargo, combinatorial_purged
+    from sentio_lab.env.market import prepare_fold_market
+    from sentio_lab.env.splits import PurgeEmbargo, combinatorial_purged
+    from sentio_lab.evaluation.episodes import evaluate_policies
 
     window, positions, costs = 8, (-1.0, 0.0, 1.0), ppo.cost_model(ppo.Args.from_flat())
     gaps = PurgeEmbargo.for_features(window, sp500_market.feature_config, sp500_market.data.frame)
@@ -398,9 +399,10 @@ def _masked_reference(agent, market, range_name, window, positions, costs, masks
 
 
 def test_masked_evaluation_takes_the_best_valid_action_batched_and_single_alike(ranged_market):
-    from sentio_lab.costs import CostModel
-    from sentio_lab.evaluate import action_masking, evaluate_policies
-    from sentio_lab.masks import MaskConfig
+    from sentio_lab.agents.variants import action_masking
+    from sentio_lab.env.costs import CostModel
+    from sentio_lab.env.masks import MaskConfig
+    from sentio_lab.evaluation.episodes import evaluate_policies
 
     window, positions = 8, (-1.0, 0.0, 1.0)
     costs = CostModel(fee_bps=1.0, slippage_bps=1.0)
@@ -442,7 +444,7 @@ def test_tie_guard_with_masks_ranks_valid_logits_only(ranged_market):
     import torch
 
     from sentio_lab.env import TradingEnv
-    from sentio_lab.evaluate import _StackedGreedy
+    from sentio_lab.evaluation.episodes import _StackedGreedy
 
     window, positions = 8, (-1.0, 0.0, 1.0)
     agents = _mlp_agents(ranged_market, window, positions, [(4, 16, [50.0, 0.0, 0.0]), (5, 16, [50.0, 0.0, 0.0])])

@@ -18,9 +18,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from sentio_lab import agent_report, ppo
-from sentio_lab.evaluate import evaluate_checkpoint, load_trained, main
-from sentio_lab.metrics import STAT_NAMES
+from sentio_lab import ppo
+from sentio_lab.agents.variants import load_trained
+from sentio_lab.evaluation import agent_report
+from sentio_lab.evaluate import main
+from sentio_lab.evaluation.episodes import evaluate_checkpoint
+from sentio_lab.evaluation.metrics import STAT_NAMES
 
 TINY_ARGV = ["--total-timesteps", "384", "--num-envs", "8", "--num-steps", "16", "--num-minibatches", "2",
              "--update-epochs", "1", "--hidden-size", "8", "--window", "8", "--episode-length", "24", "--no-track",
@@ -75,7 +78,7 @@ def test_resuming_the_finished_run_from_the_command_line_leaves_the_file(trained
 
 def test_the_cli_writes_the_demo_report_next_to_the_checkpoint(trained):
     path, _ = trained
-    printed = run_main(sys.modules["sentio_lab.evaluate"], [str(path)])
+    printed = run_main(sys.modules["sentio_lab.evaluation.episodes"], [str(path)])
     folder = path.parent / "report_test"
     assert f"report: {folder}" in printed
     for name in ("report.html", "equity.png", "drawdown.png", "stats.csv", "stats.md", "meta.json",
@@ -95,7 +98,7 @@ def test_the_cli_writes_the_demo_report_next_to_the_checkpoint(trained):
 
 
 def test_buy_and_hold_is_the_demos_vectorbt_benchmark(trained):
-    from sentio_lab import backtest
+    from sentio_lab.evaluation import backtest
 
     path, _ = trained
     trained_agent = load_trained(path)
@@ -111,7 +114,7 @@ def test_buy_and_hold_is_the_demos_vectorbt_benchmark(trained):
 @pytest.mark.parametrize("range_name", ["validation", "all"])
 def test_the_cli_ranges_and_output_folder(trained, tmp_path, range_name):
     path, _ = trained
-    printed = run_main(sys.modules["sentio_lab.evaluate"], [str(path), "--range", range_name,
+    printed = run_main(sys.modules["sentio_lab.evaluation.episodes"], [str(path), "--range", range_name,
                                                             "--output", str(tmp_path / "out")])
     assert printed.startswith(f"{range_name} summary") and (tmp_path / "out" / "report.html").exists()
     market = load_trained(path).market
@@ -166,7 +169,7 @@ def test_the_module_runs_and_a_damaged_checkpoint_gives_no_traceback(trained, tm
     path, _ = trained
     damaged = tmp_path / "checkpoint.pt"
     damaged.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # truncated
-    done = subprocess.run([sys.executable, "-m", "sentio_lab.evaluate", str(damaged)], capture_output=True,
+    done = subprocess.run([sys.executable, "-m", "sentio_lab.evaluation.episodes", str(damaged)], capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines() == [done.stderr.strip()]
@@ -196,7 +199,7 @@ def test_the_training_summary_says_when_there_is_nothing_to_evaluate(trained, sy
 @pytest.mark.slow
 @pytest.mark.parametrize("variant", ["ppo_masked", "ppo_risk", "ppo_transformer"])
 def test_every_variant_prints_the_quality_and_the_validation_summary(variant, tmp_path):
-    from sentio_lab.evaluate import load_variant
+    from sentio_lab.agents.variants import load_variant
 
     module = load_variant(variant)
     argv = [*TINY_ARGV, "--run-dir", str(tmp_path), "--feature-cache-dir", str(tmp_path / "cache")]

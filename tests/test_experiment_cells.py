@@ -2,7 +2,7 @@ import json
 
 import torch
 
-from sentio_lab.checkpoint import load_checkpoint
+from sentio_lab.agents.checkpoint import load_checkpoint
 from sentio_lab.experiment.cells import CELL_FILE, Cell, cell_done, parse_variant_args, train_cell
 
 TINY = ("--total-timesteps", str(8 * 16 * 4), "--num-envs", "8", "--num-steps", "16", "--num-minibatches", "2",

@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 
 from sentio_lab.data import load_market
+from sentio_lab.env.splits import backtest_paths
 from sentio_lab.experiment.__main__ import main
 from sentio_lab.experiment.cells import parse_variant_args
 from sentio_lab.experiment.config import AgentSpec, ExperimentConfig
@@ -20,7 +21,6 @@ from sentio_lab.experiment.runner import (
     run_experiment,
 )
 from sentio_lab.experiment.summary import strategy_table
-from sentio_lab.splits import backtest_paths
 
 TINY = ("--total-timesteps", "256", "--num-envs", "8", "--num-steps", "16", "--num-minibatches", "2",
         "--update-epochs", "1", "--hidden-size", "8")
@@ -158,7 +158,7 @@ def test_trades_are_counted_per_test_group(finished):
 
 
 def test_a_ruined_group_is_carried_flat_to_the_end_of_its_group(finished):
-    from sentio_lab.evaluate import Evaluation
+    from sentio_lab.evaluation.episodes import Evaluation
     from sentio_lab.experiment.runner import _groups_frame, fold_market
     from sentio_lab.ppo import cost_model, feature_config
 
@@ -264,7 +264,7 @@ def test_committed_reports_have_the_result_columns_the_runner_writes_today(finis
 
 
 def test_cells_evaluations_and_results_are_w_and_b_runs_of_one_group(config, tmp_path):
-    from sentio_lab.tracking import read_offline_run
+    from sentio_lab.agents.tracking import read_offline_run
 
     tracked = ExperimentConfig(**{**config.__dict__, "name": "tracked", "split": "walk_forward", "n_groups": 2,
                                   "seeds": (1,), "baselines": ("buy_and_hold",), "validation_bars": 40,

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from sentio_lab.evaluation.metrics import summary_stats
 from sentio_lab.experiment.figures import plot_path_equity, plot_sharpe_distribution, write_html
 from sentio_lab.experiment.summary import (
     TARGETS,
@@ -19,7 +20,6 @@ from sentio_lab.experiment.summary import (
     targets_table,
     verdict,
 )
-from sentio_lab.metrics import summary_stats
 
 BARS = pd.bdate_range("2015-01-02", periods=600)
 

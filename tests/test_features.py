@@ -556,7 +556,7 @@ def rewrite_bars(frame: pd.DataFrame, mask: np.ndarray, seed: int = 1) -> pd.Dat
 def two_segments():
     """A frame, a config with every fitted part (pruning, a weekly block, an HMM), two training segments with
     test bars between and after them, and the embargo after the first test block (one feature span)."""
-    from sentio_lab.splits import feature_span
+    from sentio_lab.features.spans import feature_span
 
     frame = random_ohlcv(1100, 3)
     config = FeatureConfig(timeframes=("W-FRI",), regimes=2, regime_restarts=2, prune_corr=0.95)

@@ -16,9 +16,9 @@ import torch
 from sentio_lab.data import CLOSE_ONLY_OPTIONAL, DataValidationError, canonicalize, load_market
 from sentio_lab.data.loading import NEXT_CLOSE_NOTE, fill_price_note
 from sentio_lab.env import TradingEnv
+from sentio_lab.env.market import prepare_fold_market, prepare_market
+from sentio_lab.env.splits import Fold
 from sentio_lab.features import FeatureConfig, registered_producers
-from sentio_lab.market import prepare_fold_market, prepare_market
-from sentio_lab.splits import Fold
 
 
 @pytest.fixture(scope="module")
@@ -137,12 +137,12 @@ def test_the_close_bank_reads_closes_only(nasdaq_frame):
 def test_evaluations_record_their_fill_price_and_the_runner_costs_read_it():
     """An evaluation on a next-close market says so, its equity is the next-close replay's, and the runner's
     per-bar cost of its fills is priced at the closes (at the opens it would differ)."""
-    from sentio_lab import backtest as bt
-    from sentio_lab.baselines import evaluate_baseline
-    from sentio_lab.costs import CostModel
-    from sentio_lab.evaluate import evaluate_policy
+    from sentio_lab.agents.nets import MLPActorCritic
+    from sentio_lab.env.costs import CostModel
+    from sentio_lab.evaluation import backtest as bt
+    from sentio_lab.evaluation.baselines import evaluate_baseline
+    from sentio_lab.evaluation.episodes import evaluate_policy
     from sentio_lab.experiment.runner import _groups_frame
-    from sentio_lab.nets import MLPActorCritic
 
     market = prepare_market("sp500", FeatureConfig(), start="2003-01-02", end="2008-12-31", fill_price="next_close")
     n = len(market.data)
@@ -177,8 +177,8 @@ def test_evaluations_record_their_fill_price_and_the_runner_costs_read_it():
 # ------------------------------------------------------------------------------------------ command line
 @pytest.mark.parametrize("variant", ["ppo", "ppo_masked", "ppo_risk", "ppo_transformer"])
 def test_every_variant_takes_fill_price_and_builds_its_market_with_it(variant):
+    from sentio_lab.agents.training import market_from
     from sentio_lab.experiment.cells import parse_variant_args
-    from sentio_lab.training import market_from
 
     default = parse_variant_args(variant, ["--dataset", "nasdaq"])
     assert default.data.fill_price == "next_open"
@@ -193,8 +193,9 @@ def test_every_variant_takes_fill_price_and_builds_its_market_with_it(variant):
 
 def test_a_trained_agent_is_evaluated_with_its_fill_price(tmp_path):
     from sentio_lab import ppo
-    from sentio_lab.checkpoint import load_checkpoint
-    from sentio_lab.evaluate import evaluate_checkpoint, load_trained
+    from sentio_lab.agents.checkpoint import load_checkpoint
+    from sentio_lab.agents.variants import load_trained
+    from sentio_lab.evaluation.episodes import evaluate_checkpoint
 
     args = ppo.Args.from_flat(dataset="sp500", data_start="2004-01-02", data_end="2008-12-31", fill_price="next_close",
                               window=4, episode_length=16, total_timesteps=128, num_envs=4, num_steps=32,
@@ -208,7 +209,7 @@ def test_a_trained_agent_is_evaluated_with_its_fill_price(tmp_path):
     assert evaluate_checkpoint(path, "validation").fill_price == "next_close"
     # the command-line report replays the agent in vectorbt at the same fills (sp500 2004-2008 has stale opens: a
     # replay at the opens would differ from the env's equity, and the report refuses a replay that differs)
-    from sentio_lab.agent_report import write_checkpoint_report
+    from sentio_lab.evaluation.agent_report import write_checkpoint_report
 
     comparison, paths = write_checkpoint_report(path, range_name="validation", output=tmp_path / "report")
     assert comparison.agent.fill_price == "next_close" and paths

@@ -1,4 +1,4 @@
-"""Fold markets (sentio_lab.market.prepare_fold_market): features fitted on a fold's training segments only."""
+"""Fold markets (sentio_lab.env.market.prepare_fold_market): features fitted on a fold's training segments only."""
 
 from __future__ import annotations
 
@@ -7,12 +7,12 @@ import pandas as pd
 import pytest
 import torch
 
-from sentio_lab.costs import CostModel
 from sentio_lab.data import to_market
 from sentio_lab.env import TradingEnv
+from sentio_lab.env.costs import CostModel
+from sentio_lab.env.market import PreparedMarket, prepare_fold_market, prepare_market
+from sentio_lab.env.splits import PurgeEmbargo, combinatorial_purged, touched_bars, walk_forward
 from sentio_lab.features import FeatureConfig, build_observation_features
-from sentio_lab.market import PreparedMarket, prepare_fold_market, prepare_market
-from sentio_lab.splits import PurgeEmbargo, combinatorial_purged, touched_bars, walk_forward
 
 WINDOW, LENGTH = 8, 20
 RANGE = {"start": "2004", "end": "2009"}

@@ -1,4 +1,4 @@
-"""Tests of sentio_lab.inference: PSR / DSR against benchmarks and trials, PBO by CSCV, paired Sharpe A/B, SPA.
+"""Tests of sentio_lab.evaluation.inference: PSR / DSR against benchmarks and trials, PBO by CSCV, paired Sharpe A/B, SPA.
 
 Conventions checked here: Sharpe ratios per period (mean / std, ddof=1) unless annualised by ``periods``;
 kurtosis non-excess in PSR (as in test_metrics); PBO ranks out of sample ascending (1 = worst), w = rank / (N + 1),
@@ -14,8 +14,8 @@ import pytest
 from arch.bootstrap import SPA, StationaryBootstrap
 from scipy.stats import kurtosis, norm, skew
 
-from sentio_lab import inference as inf
-from sentio_lab import metrics as mt
+from sentio_lab.evaluation import inference as inf
+from sentio_lab.evaluation import metrics as mt
 
 EULER_GAMMA = 0.5772156649015329
 

@@ -13,8 +13,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from sentio_lab.costs import CostModel, bars_per_day, cost_inputs
 from sentio_lab.env import MarketArrays, fill_arrays
+from sentio_lab.env.costs import CostModel, bars_per_day, cost_inputs
 from sentio_lab.features.tokens import timeframe_token_block
 from tests.test_lookahead import random_ohlcv
 
@@ -80,7 +80,7 @@ def test_bars_per_day_is_the_median_of_completed_dates():
     assert bars_per_day(None, 2).tolist() == [1.0, 1.0] and bars_per_day(pd.RangeIndex(3)).tolist() == [1.0] * 3
     # a varying bars-per-day gives each bar the window of its own value; a constant one the plain rolling window
     close = np.exp(np.cumsum(np.random.default_rng(0).normal(0, 0.01, 8)))
-    from sentio_lab.costs import daily_volatility
+    from sentio_lab.env.costs import daily_volatility
     per_day = bars_per_day(index)
     sigma = daily_volatility(close, 1, per_day)
     for t in range(1, 8):
@@ -90,7 +90,7 @@ def test_bars_per_day_is_the_median_of_completed_dates():
         np.testing.assert_allclose(sigma[t], want, rtol=1e-12, equal_nan=True)
     with pytest.raises(ValueError, match="bars per day"):
         daily_volatility(close, 2, np.r_[per_day[:-1], 0.0])
-    from sentio_lab.costs.estimators import _window_stat
+    from sentio_lab.env.costs.estimators import _window_stat
     assert _window_stat(np.array([]), 3, "mean", 1).shape == (0,)
     # each window on its own: the same window anywhere gives the same bits, whatever came before it
     values = np.random.default_rng(4).normal(0, 1, 50)
@@ -108,7 +108,7 @@ def test_hmm_restarts_that_fail_in_linear_algebra_are_retried_with_fresh_seeds(m
     round of fresh seeds is fitted, and the first round's failures are on record."""
     from hmmlearn.hmm import GaussianHMM
 
-    from sentio_lab import regime as R
+    from sentio_lab.features import regime as R
 
     inputs = R.regime_inputs(_regime_frame()["close"].to_numpy())
     unpatched = R.fit_regime_model(inputs, R.INPUT_LOOKBACK, 600, 2, restarts=2)
@@ -138,7 +138,7 @@ def test_an_hmm_that_cannot_be_fitted_fails_with_a_message_naming_the_data_range
     from hmmlearn.hmm import GaussianHMM
 
     from sentio_lab.features import FeatureConfig, build_observation_features
-    from sentio_lab.regime import RegimeFitError
+    from sentio_lab.features.regime import RegimeFitError
 
     def always_fails(self, X, lengths=None):
         raise np.linalg.LinAlgError("Matrix is not positive definite")
@@ -158,7 +158,7 @@ def test_an_hmm_that_cannot_be_fitted_fails_with_a_message_naming_the_data_range
 def test_a_regime_state_the_filter_cannot_use_is_refused():
     from types import SimpleNamespace
 
-    from sentio_lab import regime as R
+    from sentio_lab.features import regime as R
 
     good = SimpleNamespace(startprob_=np.array([0.5, 0.5]), transmat_=np.full((2, 2), 0.5),
                            means_=np.zeros((2, 2)), covars_=np.stack([np.eye(2), np.eye(2)]))
@@ -293,10 +293,10 @@ def test_perturbing_test_groups_leaves_every_training_env_input_bit_identical(ho
     import dataclasses
 
     from sentio_lab.data import load_market
+    from sentio_lab.env.market import prepare_fold_market
     from sentio_lab.experiment.cells import load_variant, parse_variant_args
     from sentio_lab.experiment.config import AgentSpec, ExperimentConfig
     from sentio_lab.experiment.runner import agent_argv, plan_experiment
-    from sentio_lab.market import prepare_fold_market
 
     variant_name, agent_args, cost_args, cost_span = FOLD_AGENTS[agent]
     config = ExperimentConfig(name="leak_audit", agents=(AgentSpec(agent, variant_name, agent_args),),
@@ -324,7 +324,7 @@ def test_perturbing_test_groups_leaves_every_training_env_input_bit_identical(ho
 
 
 def test_cost_reach_counts_only_the_windows_a_cost_model_reads():
-    from sentio_lab.costs import cost_reach
+    from sentio_lab.env.costs import cost_reach
 
     hourly = np.full(10, 24.0)
     assert cost_reach(CostModel()) == 0 and cost_reach(CostModel(fee_bps=5, slippage_bps=5), hourly) == 0
@@ -337,7 +337,7 @@ def test_cost_reach_counts_only_the_windows_a_cost_model_reads():
 
 
 def test_the_embargo_and_the_touched_bar_audit_count_the_cost_span():
-    from sentio_lab.splits import Fold, LeakageError, PurgeEmbargo, check_fold, touched_bars
+    from sentio_lab.env.splits import Fold, LeakageError, PurgeEmbargo, check_fold, touched_bars
 
     plain = PurgeEmbargo(window=8, feature_span=20)
     costly = PurgeEmbargo(window=8, feature_span=20, cost_span=480, extra_embargo=2)
@@ -354,7 +354,7 @@ def test_the_embargo_and_the_touched_bar_audit_count_the_cost_span():
 
 
 def test_restarted_volatility_reads_its_own_segment_only():
-    from sentio_lab.masks import ewma_volatility, restarted_per_segment
+    from sentio_lab.env.masks import ewma_volatility, restarted_per_segment
 
     close = random_ohlcv(300, seed=2)["close"].to_numpy()
     vol = restarted_per_segment(close, [(0, 100), (150, 300)], ewma_volatility)
@@ -366,7 +366,7 @@ def test_restarted_volatility_reads_its_own_segment_only():
 
 
 def test_a_converged_restart_the_filter_cannot_use_is_skipped(monkeypatch):
-    from sentio_lab import regime as R
+    from sentio_lab.features import regime as R
 
     inputs = R.regime_inputs(_regime_frame()["close"].to_numpy())
     real, calls = R._usable, {"n": 0}

@@ -1,11 +1,11 @@
 """An independent ledger against both environments: plain floats, loops, and its own fill sizing.
 
 The vectorbt replay (tests/test_backtest.py) and the numpy reference env both take their share amounts
-from ``sentio_lab.costs.rebalance``, so their agreement with the torch env cannot catch a sizing error
+from ``sentio_lab.env.costs.rebalance``, so their agreement with the torch env cannot catch a sizing error
 in that one formula. The ledger here shares no code with it: it never imports ``rebalance`` or
 ``borrow_cost``, reads fee, slippage and borrow rate from the basis points it is given, counts borrow days
 from the timestamps itself, and finds each fill quantity by *bisection* on the documented rule
-(``sentio_lab.costs`` module doc) rather than by its closed form:
+(``sentio_lab.env.costs`` module doc) rather than by its closed form:
 
     after the trade, position value == w * equity, both at the reference price p, where
     a buy of q > 0 shares pays q * p * (1 + slippage) plus fee on that amount,
@@ -25,11 +25,11 @@ import pandas as pd
 import pytest
 import torch
 
-import sentio_lab.backtest as bt
 import sentio_lab.env as env_module
-from sentio_lab.costs import CostModel
+import sentio_lab.evaluation.backtest as bt
 from sentio_lab.data import load_market
 from sentio_lab.env import MarketArrays, NumpyTradingEnv, TradingEnv
+from sentio_lab.env.costs import CostModel
 
 FEE_BPS, SLIPPAGE_BPS, BORROW_BPS = 10.0, 20.0, 500.0
 COSTS = CostModel(fee_bps=FEE_BPS, slippage_bps=SLIPPAGE_BPS, borrow_bps=BORROW_BPS)
@@ -260,7 +260,7 @@ def test_ledger_matches_the_vectorbt_replay(frame):
 # ================================================================ non-flat cost models (spread, impact, cap)
 # The ledger below prices them from the documented rules with its own plain-Python estimators (loops over
 # the window, statistics.stdev), its own impact formula and the same bisection as fill_quantity; it never
-# calls sentio_lab.costs.
+# calls sentio_lab.env.costs.
 import functools  # noqa: E402
 import math  # noqa: E402
 import statistics  # noqa: E402

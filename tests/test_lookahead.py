@@ -13,9 +13,9 @@ import pandas as pd
 import pytest
 import torch
 
-from sentio_lab import regime as R
 from sentio_lab.data import load_market
 from sentio_lab.env import MarketArrays, TradingEnv
+from sentio_lab.env.masks import MaskConfig, MaskInputs, ewma_volatility, fit_garch, garch_volatility
 from sentio_lab.features import (
     Bars,
     FeatureConfig,
@@ -23,7 +23,7 @@ from sentio_lab.features import (
     raw_features,
     registered_producers,
 )
-from sentio_lab.masks import MaskConfig, MaskInputs, ewma_volatility, fit_garch, garch_volatility
+from sentio_lab.features import regime as R
 
 N_BARS = 520
 

@@ -5,8 +5,8 @@ import pandas as pd
 import pytest
 
 from sentio_lab.data import DataValidationError, load_market
+from sentio_lab.env.market import effective_feature_config, prepare_market
 from sentio_lab.features import FeatureConfig, raw_features
-from sentio_lab.market import effective_feature_config, prepare_market
 
 NY_CLOSE = "17:00 America/New_York"
 

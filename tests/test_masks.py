@@ -1,4 +1,4 @@
-"""Mask rules (sentio_lab.masks) on hand-built states, and their enforcement by both environments."""
+"""Mask rules (sentio_lab.env.masks) on hand-built states, and their enforcement by both environments."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from sentio_lab.costs import CostModel
 from sentio_lab.env import MarketArrays, NumpyTradingEnv, TradingEnv
-from sentio_lab.masks import (
+from sentio_lab.env.costs import CostModel
+from sentio_lab.env.masks import (
     MaskConfig,
     Masker,
     MaskInputs,
@@ -333,9 +333,9 @@ def test_regime_rule_needs_a_source_and_invalid_action_is_checked():
 
 
 def test_market_mask_inputs_read_the_most_volatile_regime_and_fit_garch_on_training_bars():
+    from sentio_lab.env.market import prepare_market
+    from sentio_lab.env.masks import MaskConfig, fit_garch, garch_volatility, market_mask_inputs
     from sentio_lab.features import FeatureConfig
-    from sentio_lab.market import prepare_market
-    from sentio_lab.masks import MaskConfig, fit_garch, garch_volatility, market_mask_inputs
 
     market = prepare_market("nasdaq", FeatureConfig(regimes=2, regime_restarts=1), end="2004-12-31")
     regime = MaskConfig(regime_threshold=0.6)
@@ -359,7 +359,7 @@ def test_masks_match_an_independent_reference():
     import pandas as pd
 
     from sentio_lab.env import NumpyTradingEnv
-    from sentio_lab.masks import MaskConfig
+    from sentio_lab.env.masks import MaskConfig
 
     arr = market(n=900, spike_at=500, regime=True, clusters=True, seed=5)
     cfg = MaskConfig(max_abs_level=0.9, risk_budget=0.02, ewma_lambda=0.9, drawdown_threshold=0.03,
@@ -412,7 +412,7 @@ def test_a_masked_state_does_not_load_into_an_unmasked_env():
     import torch
 
     from sentio_lab.env import TradingEnv
-    from sentio_lab.masks import MaskConfig
+    from sentio_lab.env.masks import MaskConfig
 
     arr = market(n=300, seed=2)
     masked = TradingEnv(arr, num_envs=2, window=2, episode_length=20, positions=FIVE, costs=COSTS,

@@ -8,7 +8,8 @@ import pandas as pd
 import pytest
 import torch
 
-from sentio_lab.evaluate import evaluate_policies, load_variant
+from sentio_lab.agents.variants import load_variant
+from sentio_lab.evaluation.episodes import evaluate_policies
 from sentio_lab.experiment.cells import parse_variant_args
 from sentio_lab.experiment.config import AgentSpec, ExperimentConfig
 from sentio_lab.experiment.memorisation import (
@@ -85,8 +86,8 @@ def test_in_sample_and_test_use_the_test_groups_evaluation(finished):
     market = _cell_market(plan, cell)
     agent = load_cell_agent(output / "cells" / cell.cell_id / "checkpoint.pt", market)
     acc = plan.accounting
+    from sentio_lab.evaluation.metrics import periods_per_year, summary_stats
     from sentio_lab.experiment.memorisation import chain, part_ranges
-    from sentio_lab.metrics import periods_per_year, summary_stats
 
     view, ranges = part_ranges(market)
     ppy = periods_per_year(market.data.frame.index)
@@ -140,7 +141,7 @@ def test_a_finished_run_redoes_no_placebo_or_diagnosis(finished):
 
 
 def test_recording_policy_measures_entropy_and_greedy_probability():
-    from sentio_lab.nets import MLPActorCritic
+    from sentio_lab.agents.nets import MLPActorCritic
 
     agent = MLPActorCritic(5, 3, hidden=8)
     obs = torch.randn(64, 5)
@@ -224,9 +225,9 @@ def test_the_summary_line_says_what_was_measured():
 
 
 def test_placebo_needs_a_fold_market_and_an_empty_part_is_nan():
+    from sentio_lab.env.market import prepare_market
     from sentio_lab.experiment.memorisation import PART_STATS, part_stats, placebo_market
     from sentio_lab.features import FeatureConfig
-    from sentio_lab.market import prepare_market
 
     market = prepare_market("nasdaq", FeatureConfig(cache_dir=None), end="2003-12-31")
     config = ExperimentConfig(name="x", agents=(AgentSpec("a", "ppo"),), placebo="stationary_bootstrap")

@@ -14,8 +14,8 @@ import talib
 
 from sentio_lab import features as F
 from sentio_lab.data import load_market
+from sentio_lab.env.market import prepare_market
 from sentio_lab.features import FEATURE_REGISTRY, Bars, FeatureConfig, build_observation_features
-from sentio_lab.market import prepare_market
 
 #: Producers that divide by volume or by a window of it.
 VOLUME_PRODUCERS = ("MFI", "CMF", "RVOL", "VWMA", "MARKETFI", "OBV", "AD", "PVT", "ADOSC", "EFI", "PVO", "NVI",

@@ -6,8 +6,8 @@ import pytest
 import vectorbt  # noqa: F401  (registers the pandas .vbt accessor used as a cross-check)
 from scipy.stats import kurtosis, norm, skew
 
-from sentio_lab import metrics as mt
 from sentio_lab.data import load_market
+from sentio_lab.evaluation import metrics as mt
 
 # A small series whose moments are worked out by hand below (not with scipy).
 RETURNS = np.array([0.012, -0.021, 0.034, 0.004, -0.011, 0.019, 0.0, 0.015, -0.027, 0.008])
@@ -452,8 +452,8 @@ def test_round_trip_trades_by_hand():
 
 @pytest.fixture(scope="module")
 def long_flat_replay(sp500):
-    from sentio_lab import backtest as bt
-    from sentio_lab.costs import CostModel
+    from sentio_lab.env.costs import CostModel
+    from sentio_lab.evaluation import backtest as bt
 
     rng = np.random.default_rng(5)
     w = np.repeat(rng.choice([0.0, 1.0], 60), rng.integers(1, 12, 60))[:300]

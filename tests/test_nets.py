@@ -5,7 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.distributions import Categorical
 
-from sentio_lab.nets import MaskedCategorical, MLPActorCritic, RunningObsNorm, layer_init, masked_argmax
+from sentio_lab.agents.nets import MaskedCategorical, MLPActorCritic, RunningObsNorm, layer_init, masked_argmax
 
 
 def test_running_norm_matches_numpy_over_batches():

@@ -5,8 +5,8 @@ import pytest
 import torch
 from scipy.stats import expon, norm
 
-from sentio_lab.nets import MLPActorCritic
-from sentio_lab.nets.quantile import (
+from sentio_lab.agents.nets import MLPActorCritic
+from sentio_lab.agents.nets.quantile import (
     QuantileActorCritic,
     cvar_weights,
     distort,

@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from sentio_lab.nets.transformer import (
+from sentio_lab.agents.nets.transformer import (
     MultiTimeframeActorCritic,
     Stream,
     sinusoidal_encoding,
     streams_for,
 )
-from sentio_lab.observation_layout import TokenBlock, observation_layout
+from sentio_lab.features.observation_layout import TokenBlock, observation_layout
 
 WINDOW, F, D = 6, 4, 5  # base window tokens, base features, token width (4 features + validity flag)
 

@@ -54,7 +54,7 @@ def user_csv(tmp_path):
 
 @pytest.mark.slow
 def test_the_demo_notebook_runs_on_a_users_csv_with_stale_opens(tmp_path, caplog):
-    from sentio_lab.checkpoint import load_checkpoint
+    from sentio_lab.agents.checkpoint import load_checkpoint
 
     csv = user_csv(tmp_path)
     out_dir = tmp_path / "my_report"

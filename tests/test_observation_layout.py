@@ -9,9 +9,9 @@ import pandas as pd
 import pytest
 import torch
 
-from sentio_lab.arguments import FeatureArgs
+from sentio_lab.agents.arguments import FeatureArgs
 from sentio_lab.env import MarketArrays, NumpyTradingEnv, TradingEnv
-from sentio_lab.observation_layout import TokenBlock, check_token_blocks, observation_dim, observation_layout
+from sentio_lab.features.observation_layout import TokenBlock, check_token_blocks, observation_dim, observation_layout
 
 
 def random_walk(n: int = 400, seed: int = 0, vol: float = 0.02) -> MarketArrays:
@@ -211,9 +211,10 @@ class WidthCheckingAgent(torch.nn.Module):
 
 
 def test_evaluation_applies_the_variants_env_options(sp500_market):
-    from sentio_lab.costs import CostModel
-    from sentio_lab.evaluate import agent_obs_dim, evaluate_policies, evaluate_policy
-    from sentio_lab.evaluate import env_options as find_env_options
+    from sentio_lab.agents.variants import agent_obs_dim
+    from sentio_lab.agents.variants import env_options as find_env_options
+    from sentio_lab.env.costs import CostModel
+    from sentio_lab.evaluation.episodes import evaluate_policies, evaluate_policy
 
     args = DrawdownArgs()
     options = find_env_options(args, sp500_market)
@@ -245,6 +246,6 @@ class WidthCheckingAgentPlain(WidthCheckingAgent):
 
 
 def test_env_options_default_to_none_for_plain_variants(tiny_args, sp500_market):
-    from sentio_lab.evaluate import env_options as find_env_options
+    from sentio_lab.agents.variants import env_options as find_env_options
 
     assert find_env_options(tiny_args, sp500_market) == {}

@@ -1,11 +1,11 @@
-"""The zero-intelligence order book (sentio_lab.orderbook): invariants, order walking, impact and its fit."""
+"""The zero-intelligence order book (sentio_lab.env.orderbook): invariants, order walking, impact and its fit."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from sentio_lab.orderbook import ParentExecution, ZIBooks, ZIParams, execute_parent, fit_impact
+from sentio_lab.env.orderbook import ParentExecution, ZIBooks, ZIParams, execute_parent, fit_impact
 
 
 def test_params_are_checked():

@@ -7,12 +7,14 @@ import pandas as pd
 import pytest
 import torch
 
-from sentio_lab import ppo, training
-from sentio_lab.checkpoint import REQUIRED_KEYS, CheckpointError, load_checkpoint, save_checkpoint
+from sentio_lab import ppo
+from sentio_lab.agents import training
+from sentio_lab.agents.checkpoint import REQUIRED_KEYS, CheckpointError, load_checkpoint, save_checkpoint
+from sentio_lab.agents.rollout import NonFiniteError
+from sentio_lab.agents.variants import load_trained
 from sentio_lab.data import DataValidationError
-from sentio_lab.evaluate import evaluate_policy, load_trained
-from sentio_lab.metrics import sharpe_ratio
-from sentio_lab.rollout import NonFiniteError
+from sentio_lab.evaluation.episodes import evaluate_policy
+from sentio_lab.evaluation.metrics import sharpe_ratio
 
 
 def weights_equal(a, b):
@@ -119,7 +121,7 @@ def test_main_runs_from_the_command_line(monkeypatch, tmp_path, capsys):
 
 
 def test_observation_uses_the_talib_bank_regimes_and_higher_timeframe(tiny_args):
-    from sentio_lab.evaluate import evaluate_checkpoint
+    from sentio_lab.evaluation.episodes import evaluate_checkpoint
 
     args = tiny_args.replace(feature_bank="talib", regimes=2, regime_restarts=1, timeframes=("W-FRI",),
                                window=2, total_timesteps=8 * 16)
@@ -360,8 +362,8 @@ def delayed_market(n_bars: int = 3000, seed: int = 0, move: float = 0.01, gaps: 
     """
     from sentio_lab.data import chronological_split, to_market
     from sentio_lab.env import MarketArrays
+    from sentio_lab.env.market import PreparedMarket
     from sentio_lab.features import ObservationFeatures
-    from sentio_lab.market import PreparedMarket
 
     rng = np.random.default_rng(seed)
     moving_bars = np.cumsum(rng.choice(gaps, size=n_bars))

@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from sentio_lab import ppo, ppo_masked
-from sentio_lab.checkpoint import CheckpointError, load_checkpoint
-from sentio_lab.evaluate import VARIANTS, action_masking, evaluate_checkpoint, evaluate_policy, load_variant
-from sentio_lab.masks import MaskConfig
-from sentio_lab.nets import MLPActorCritic
+from sentio_lab.agents.checkpoint import CheckpointError, load_checkpoint
+from sentio_lab.agents.nets import MLPActorCritic
+from sentio_lab.agents.variants import VARIANTS, action_masking, load_variant
+from sentio_lab.env.masks import MaskConfig
+from sentio_lab.evaluation.episodes import evaluate_checkpoint, evaluate_policy
 
 #: rules that bind often on the announced market: no shorts, a 3-bar holding period, at most 2 trades per 8 steps
 RULES = MaskConfig(long_only=True, cooldown=3, max_trades=2, period_bars=8)

@@ -10,14 +10,15 @@ import pytest
 import torch
 
 from sentio_lab import ppo, ppo_risk
-from sentio_lab.checkpoint import load_checkpoint
-from sentio_lab.costs import CostModel
+from sentio_lab.agents.checkpoint import load_checkpoint
+from sentio_lab.agents.rollout import NonFiniteError
+from sentio_lab.agents.variants import agent_obs_dim, load_trained
 from sentio_lab.data import chronological_split, to_market
 from sentio_lab.env import MarketArrays, TradingEnv
-from sentio_lab.evaluate import agent_obs_dim, evaluate_checkpoint, evaluate_policy, load_trained
+from sentio_lab.env.costs import CostModel
+from sentio_lab.env.market import PreparedMarket
+from sentio_lab.evaluation.episodes import evaluate_checkpoint, evaluate_policy
 from sentio_lab.features import ObservationFeatures
-from sentio_lab.market import PreparedMarket
-from sentio_lab.rollout import NonFiniteError
 
 TINY = dict(total_timesteps=8 * 16 * 3, num_envs=8, num_steps=16, num_minibatches=2, update_epochs=2, window=8,
             episode_length=24, track=False, progress=False, run_name="tiny", checkpoint_every=0)

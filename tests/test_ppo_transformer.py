@@ -8,19 +8,13 @@ import pytest
 import torch
 
 from sentio_lab import ppo_transformer as pt
-from sentio_lab.checkpoint import CheckpointError
+from sentio_lab.agents.checkpoint import CheckpointError
+from sentio_lab.agents.variants import agent_obs_dim, env_options, load_variant
 from sentio_lab.data import chronological_split, load_market, to_market
 from sentio_lab.env import MarketArrays, TradingEnv
-from sentio_lab.evaluate import (
-    agent_obs_dim,
-    env_options,
-    evaluate_checkpoint,
-    evaluate_policies,
-    evaluate_policy,
-    load_variant,
-)
+from sentio_lab.env.market import PreparedMarket
+from sentio_lab.evaluation.episodes import evaluate_checkpoint, evaluate_policies, evaluate_policy
 from sentio_lab.features import FeatureConfig, build_observation_features
-from sentio_lab.market import PreparedMarket
 
 END = "2017-03-15"
 
@@ -182,7 +176,7 @@ def test_policy_output_at_t_ignores_bars_after_t_through_the_whole_pipeline(args
 
 
 def test_non_finite_loss_stops_before_the_optimizer_steps(args, market, monkeypatch):
-    from sentio_lab.rollout import NonFiniteError
+    from sentio_lab.agents.rollout import NonFiniteError
 
     monkeypatch.setattr(pt, "value_loss", lambda *a, **k: torch.tensor(float("nan")))
     with pytest.raises(NonFiniteError, match="non-finite loss or gradient"):

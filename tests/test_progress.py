@@ -7,7 +7,7 @@ import pytest
 from tqdm import notebook as tqdm_notebook
 from tqdm import std as tqdm_std
 
-from sentio_lab import progress
+from sentio_lab.agents import progress
 
 
 @pytest.fixture(autouse=True)
@@ -54,5 +54,5 @@ def test_the_runner_and_every_variant_build_their_bars_here():
     from sentio_lab.experiment import runner
 
     for module in (run_loop, runner):
-        # (by name: another test reloads sentio_lab.progress, which makes a new function object)
-        assert (module.tqdm.__module__, module.tqdm.__name__) == ("sentio_lab.progress", "tqdm"), module.__name__
+        # (by name: another test reloads sentio_lab.agents.progress, which makes a new function object)
+        assert (module.tqdm.__module__, module.tqdm.__name__) == ("sentio_lab.agents.progress", "tqdm"), module.__name__

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from scipy.stats import multivariate_normal
 
-from sentio_lab import regime as R
-from sentio_lab.regime import RegimeFitError, RegimeModel
+from sentio_lab.features import regime as R
+from sentio_lab.features.regime import RegimeFitError, RegimeModel
 
 
 def two_regime_closes(n: int = 1200, seed: int = 0, block: int = 150) -> tuple[np.ndarray, np.ndarray]:

@@ -6,9 +6,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from sentio_lab import metrics as mt
-from sentio_lab.costs import CostModel
-from sentio_lab.report import REPORT_FILES, equity_figure, markdown_table, png_figure, write_report
+from sentio_lab.env.costs import CostModel
+from sentio_lab.evaluation import metrics as mt
+from sentio_lab.evaluation.report import REPORT_FILES, equity_figure, markdown_table, png_figure, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

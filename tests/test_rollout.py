@@ -1,4 +1,4 @@
-"""The rollout maths against numbers worked out by hand (sentio_lab.rollout).
+"""The rollout maths against numbers worked out by hand (sentio_lab.agents.rollout).
 
 The toy rollout used throughout: 2 envs x 5 steps, gamma = 0.5 and lambda = 0.5 (gamma * lambda = 0.25),
 so every expected number below is a short exact sum.
@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from sentio_lab import ppo
-from sentio_lab.rollout import (
+from sentio_lab.agents.rollout import (
     approx_kl,
     bootstrap_truncated,
     clip_fraction,

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 
 from sentio_lab import ppo
-from sentio_lab.baselines import PriceHistory, WeightPolicy, run_policy
 from sentio_lab.data.synthetic import BARS_PER_YEAR, OracleRule, ar1_for_sharpe
-from sentio_lab.evaluate import Evaluation, evaluate_policy
-from sentio_lab.metrics import sharpe_ratio
+from sentio_lab.evaluation.baselines import PriceHistory, WeightPolicy, run_policy
+from sentio_lab.evaluation.episodes import Evaluation, evaluate_policy
+from sentio_lab.evaluation.metrics import sharpe_ratio
 
 pytestmark = pytest.mark.slow
 STEPS = 16_384

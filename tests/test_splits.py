@@ -11,10 +11,9 @@ import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from sentio_lab.costs import CostModel
 from sentio_lab.env import MarketArrays, TradingEnv, episode_start_bounds
-from sentio_lab.features import FeatureConfig, build_observation_features
-from sentio_lab.splits import (
+from sentio_lab.env.costs import CostModel
+from sentio_lab.env.splits import (
     Fold,
     LeakageError,
     PurgeEmbargo,
@@ -22,15 +21,14 @@ from sentio_lab.splits import (
     backtest_paths,
     check_fold,
     combinatorial_purged,
-    feature_span,
     fit_rows,
-    htf_span,
-    htf_span_bound,
     segment_start_bounds,
     stitch_equity,
     touched_bars,
     walk_forward,
 )
+from sentio_lab.features import FeatureConfig, build_observation_features
+from sentio_lab.features.spans import feature_span, htf_span, htf_span_bound
 
 
 # ------------------------------------------------------------------------------------------------ helpers

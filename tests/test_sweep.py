@@ -10,8 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from sentio_lab import sweep as sw
-from sentio_lab.tracking import read_offline_run
+from sentio_lab.agents.tracking import read_offline_run
+from sentio_lab.scale import sweep as sw
 
 # A 2-cell notebook: parameters, then a cell that writes stats.csv / returns.csv / a JSON, and fails when x == 3.
 _BODY = """

@@ -15,8 +15,6 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from sentio_lab.baselines import PriceHistory, WeightPolicy, run_policy
-from sentio_lab.costs import CostModel
 from sentio_lab.data import load_market
 from sentio_lab.data.synthetic import (
     BARS_PER_YEAR,
@@ -32,9 +30,11 @@ from sentio_lab.data.synthetic import (
     regime_for_sharpe,
     write_ladder,
 )
+from sentio_lab.env.costs import CostModel
+from sentio_lab.env.market import prepare_market
+from sentio_lab.evaluation.baselines import PriceHistory, WeightPolicy, run_policy
+from sentio_lab.evaluation.metrics import sharpe_ratio
 from sentio_lab.features import FeatureConfig
-from sentio_lab.market import prepare_market
-from sentio_lab.metrics import sharpe_ratio
 
 LONG = 400_000
 SE_LONG = math.sqrt(BARS_PER_YEAR / LONG)  # about 0.025

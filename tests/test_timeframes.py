@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from sentio_lab.data import load_market
-from sentio_lab.timeframes import _buckets, resample_causal
+from sentio_lab.data.timeframes import _buckets, resample_causal
 
 HOUR = pd.Timedelta("1h")
 DAY = pd.Timedelta("1D")

@@ -6,6 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from sentio_lab.data.timeframes import resample_causal
+from sentio_lab.env.market import prepare_market
 from sentio_lab.features import FeatureConfig
 from sentio_lab.features.tokens import (
     PAD_ROW,
@@ -16,8 +18,6 @@ from sentio_lab.features.tokens import (
     token_width,
     training_rows,
 )
-from sentio_lab.market import prepare_market
-from sentio_lab.timeframes import resample_causal
 
 HOUR = pd.Timedelta("1h")
 

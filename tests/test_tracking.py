@@ -11,11 +11,13 @@ import pandas as pd
 import pytest
 from conftest import announced_market
 
-from sentio_lab import ppo, ppo_masked, ppo_risk, ppo_transformer, run_summary
-from sentio_lab.baselines import evaluate_baseline
-from sentio_lab.evaluate import evaluate_policy
-from sentio_lab.metrics import summary_stats
-from sentio_lab.tracking import OfflineRun, Tracker, read_offline_run, run_id, shared_run, sharing
+from sentio_lab import ppo, ppo_masked, ppo_risk, ppo_transformer, run_loop
+from sentio_lab.agents.tracking import OfflineRun, Tracker, read_offline_run, run_id, shared_run, sharing
+from sentio_lab.evaluation import run_summary
+from sentio_lab.evaluation.baselines import evaluate_baseline
+from sentio_lab.evaluation.episodes import evaluate_policy
+from sentio_lab.evaluation.metrics import summary_stats
+from sentio_lab.evaluation.run_summary import log_run_outcome
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +33,7 @@ def test_disabled_tracker_does_nothing(tmp_path):
     tracker.log_table("t", pd.DataFrame({"a": [1]}))
     tracker.log_images({"i": tmp_path / "none.png"})
     assert tracker.log_artifact(tmp_path, name="a", type="t") is None
-    assert tracker.log_outcome(None, None, None, None) == {}
+    assert log_run_outcome(tracker, None, None, None, None) == {}
     tracker.finish()
     assert tracker.directory is None and not any(tmp_path.iterdir())
 
@@ -99,7 +101,7 @@ def test_trackers_inside_a_shared_run_log_into_it(tmp_path):
         assert sharing()
         inner = Tracker(True, project="other", run_name="inner", config={"lr": 0.1}, run_dir=tmp_path / "x")
         inner.log({"loss": 1.0}, step=5)
-        assert inner.log_outcome(object(), object(), object(), tmp_path) == {}  # the owner logs the outcome
+        assert log_run_outcome(inner, object(), object(), object(), tmp_path) == {}  # the owner logs the outcome
         inner.finish()
         outer.log_summary({"done": 1})
         folder = outer.directory
@@ -198,7 +200,7 @@ def test_a_training_run_logs_its_evaluation_report_and_checkpoint(tiny_args, sma
 @pytest.mark.parametrize("variant", [ppo, ppo_masked, ppo_risk, ppo_transformer])
 def test_every_variant_logs_its_outcome(variant, tiny_args, small_market, tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(Tracker, "log_outcome", lambda self, *a: calls.append((self.run is not None, *a)) or {})
+    monkeypatch.setattr(run_loop, "log_run_outcome", lambda tracker, *a: calls.append((tracker.run is not None, *a)) or {})
     args = variant.Args.from_flat(**{**tiny_args.flat(), "track": True, "run_dir": str(tmp_path)})
     if variant is ppo_risk:
         args = args.replace(num_quantiles=4)

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from sentio_lab import training
-from sentio_lab.arguments import SharedArgs
-from sentio_lab.checkpoint import CheckpointError
+from sentio_lab.agents import training
+from sentio_lab.agents.arguments import SharedArgs
+from sentio_lab.agents.checkpoint import CheckpointError
 
 
 @dataclasses.dataclass
@@ -72,8 +72,8 @@ def test_seed_everything_repeats_every_generator():
 @pytest.mark.parametrize("variant", ["ppo", "ppo_masked", "ppo_risk", "ppo_transformer"])
 def test_every_variant_takes_every_cost_option(variant):
     """Each variant's Args carries all of COST_FIELDS, and cost_model builds the CostModel they ask for."""
-    from sentio_lab.costs import CostModel
-    from sentio_lab.evaluate import load_variant
+    from sentio_lab.agents.variants import load_variant
+    from sentio_lab.env.costs import CostModel
 
     module = load_variant(variant)
     chosen = dict(fee_bps=2.0, slippage_bps=3.0, borrow_bps=50.0, spread="abdi_ranaldo", impact="sqrt",

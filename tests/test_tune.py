@@ -12,12 +12,13 @@ import pandas as pd
 import pytest
 import torch
 
-from sentio_lab import metrics, ppo
-from sentio_lab import tune as T
-from sentio_lab.arguments import RUN_CONTROL_FIELDS
-from sentio_lab.checkpoint import load_checkpoint
-from sentio_lab.evaluate import VARIANTS, load_variant
-from sentio_lab.tracking import read_offline_run
+from sentio_lab import ppo
+from sentio_lab.agents.arguments import RUN_CONTROL_FIELDS
+from sentio_lab.agents.checkpoint import load_checkpoint
+from sentio_lab.agents.tracking import read_offline_run
+from sentio_lab.agents.variants import VARIANTS, load_variant
+from sentio_lab.evaluation import metrics
+from sentio_lab.scale import tune as T
 
 TINY = ("--num-envs 8 --num-steps 16 --hidden-size 8 --window 16 --episode-length 64 --num-minibatches 2 "
         "--update-epochs 1")
@@ -294,7 +295,7 @@ def test_trainable_reports_checkpoints_and_restarts_from_one(tmp_path, monkeypat
 
 
 def test_main_reports_errors_without_a_traceback(monkeypatch):
-    monkeypatch.setattr("sys.argv", ["sentio_lab.tune", f"--variant-args={TINY}", "--steps-per-iteration", "100"])
+    monkeypatch.setattr("sys.argv", ["sentio_lab.scale.tune", f"--variant-args={TINY}", "--steps-per-iteration", "100"])
     with pytest.raises(SystemExit, match="error: steps_per_iteration=100"):
         T.main()
 

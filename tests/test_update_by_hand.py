@@ -1,6 +1,6 @@
 """Every PPO variant's update against a hand computation of the same step, from a recorded rollout.
 
-Why: the variants share their loss helpers (sentio_lab.rollout) and are compared with ``ppo`` bit for bit, so a
+Why: the variants share their loss helpers (sentio_lab.agents.rollout) and are compared with ``ppo`` bit for bit, so a
 mistake made in all of them at once (advantage normalisation dropped, the entropy bonus's sign flipped, the clipped
 surrogate broken, the value clip dropped, GAE miscounted) would pass every comparison. Here nothing of the
 variants' maths is reused: the test
@@ -11,7 +11,7 @@ variants' maths is reused: the test
    ``get_action_and_value`` on the agent's class) and the parameters and gradients at every optimizer step
    (a global optimizer step pre-hook, whatever optimizer the variant uses);
 2. recomputes from those records, with the formulas written out below (CleanRL's PPO; for ``ppo_risk`` the
-   quantile Huber loss of sentio_lab/nets/quantile.py's docstring and per-quantile lambda-returns), the
+   quantile Huber loss of sentio_lab/agents/nets/quantile.py's docstring and per-quantile lambda-returns), the
    truncation bootstrap, GAE, the normalised advantages, the ratio, the clipped surrogate, the entropy term, the
    (clipped) value loss, their gradient at the recorded parameters and the global gradient-norm clip;
 3. compares the gradient with the one the optimizer stepped on (relative error per parameter tensor).
@@ -37,7 +37,7 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from sentio_lab import ppo, ppo_masked, ppo_risk, ppo_transformer
-from sentio_lab.masks import MaskConfig
+from sentio_lab.env.masks import MaskConfig
 
 #: The recorded gradient must equal the hand one to this relative error (per parameter tensor, in norm): the
 #: variant computes in float32, the hand computation in float64, so they agree to ~1e-6.
@@ -170,7 +170,7 @@ def gae(rewards, values, ended, next_value, gamma, lam):
 
 
 def quantile_huber_per_sample(predicted, targets, taus, kappa):
-    """sentio_lab/nets/quantile.py's docstring: u_ij = target_j - predicted_i, L = u^2 / 2 inside kappa, else
+    """sentio_lab/agents/nets/quantile.py's docstring: u_ij = target_j - predicted_i, L = u^2 / 2 inside kappa, else
     kappa (|u| - kappa / 2); per sample mean_i mean_j |tau_i - 1{u_ij < 0}| L(u_ij) / kappa."""
     u = targets[:, None, :] - predicted[:, :, None]
     huber = torch.where(u.abs() <= kappa, 0.5 * u**2, kappa * (u.abs() - 0.5 * kappa))

@@ -41,9 +41,9 @@ if str(_REPO / "experiments" / "benchmarks") not in sys.path:
 
 import _timing  # noqa: E402
 
-from sentio_lab.costs import CostModel  # noqa: E402
 from sentio_lab.data import load_market  # noqa: E402
 from sentio_lab.env import MarketArrays, NumpyTradingEnv, TradingEnv  # noqa: E402
+from sentio_lab.env.costs import CostModel  # noqa: E402
 
 QUICK = {"steps": 30, "numpy_steps": 30, "num_envs": 8, "repeats": 3}
 

@@ -48,9 +48,9 @@ if str(_REPO) not in sys.path:
 from sentio_lab import ppo  # noqa: E402
 from sentio_lab.data import Split  # noqa: E402
 from sentio_lab.env import TradingEnv  # noqa: E402
-from sentio_lab.evaluate import Evaluation, evaluate_policies, evaluate_policy  # noqa: E402
+from sentio_lab.env.market import PreparedMarket, prepare_market  # noqa: E402
+from sentio_lab.evaluation.episodes import Evaluation, evaluate_policies, evaluate_policy  # noqa: E402
 from sentio_lab.features import FeatureConfig  # noqa: E402
-from sentio_lab.market import PreparedMarket, prepare_market  # noqa: E402
 
 #: The issue's goal: 1,000 episodes x 252 steps, batched, in under this many seconds (2 CPU cores).
 GOAL_SECONDS = 10.0

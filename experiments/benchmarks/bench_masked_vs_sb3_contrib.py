@@ -46,9 +46,9 @@ if str(_REPO) not in sys.path:
 
 from sentio_lab import ppo_masked  # noqa: E402
 from sentio_lab.env import NumpyTradingEnv  # noqa: E402
+from sentio_lab.env.market import PreparedMarket, prepare_market  # noqa: E402
+from sentio_lab.env.masks import MaskConfig  # noqa: E402
 from sentio_lab.features import FeatureConfig  # noqa: E402
-from sentio_lab.market import PreparedMarket, prepare_market  # noqa: E402
-from sentio_lab.masks import MaskConfig  # noqa: E402
 
 
 def _load_sibling() -> Any:

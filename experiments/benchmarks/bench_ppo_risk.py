@@ -39,8 +39,8 @@ if str(_REPO) not in sys.path:
     sys.path.insert(0, str(_REPO))
 
 from sentio_lab import ppo, ppo_risk  # noqa: E402
+from sentio_lab.env.market import prepare_market  # noqa: E402
 from sentio_lab.features import FeatureConfig  # noqa: E402
-from sentio_lab.market import prepare_market  # noqa: E402
 
 
 def _load_sibling() -> Any:

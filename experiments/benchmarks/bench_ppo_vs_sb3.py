@@ -55,8 +55,8 @@ import _timing  # noqa: E402
 
 from sentio_lab import ppo  # noqa: E402
 from sentio_lab.env import NumpyTradingEnv  # noqa: E402
+from sentio_lab.env.market import PreparedMarket, prepare_market  # noqa: E402
 from sentio_lab.features import FeatureConfig  # noqa: E402
-from sentio_lab.market import PreparedMarket, prepare_market  # noqa: E402
 
 #: Goals of the issue (2 CPU cores): ours >= 80% of the floor at every N and >= 4x SB3 at N = 512.
 GOAL_OURS_OVER_FLOOR = 0.8

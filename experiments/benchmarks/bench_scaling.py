@@ -7,7 +7,7 @@ Two measurements (``--part ddp``, ``--part tune`` or both):
   times its own ``train`` call after a barrier (the market is prepared before, compile / import time is not
   counted); steps/s = total env steps / the slowest rank's seconds. K = 1 is a plain single-process run.
   With ``--device cuda`` the same at 1 GPU per process (NCCL); without a GPU it is skipped and says so.
-* **tune**: ``sentio_lab.tune`` with ``--scheduler pbt`` and ``--scheduler random`` on the same population
+* **tune**: ``sentio_lab.scale.tune`` with ``--scheduler pbt`` and ``--scheduler random`` on the same population
   (same initial configurations and seeds, ``--trials`` x ``--iterations`` x ``--steps-per-iteration`` env steps
   each): the best validation Sharpe reached (last and any iteration), the champion's test figures and DSR, and
   wall seconds, each on a fresh local Ray instance with ``--ray-cpus`` CPUs.
@@ -33,7 +33,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from sentio_lab import distributed, ppo
+from sentio_lab import ppo
+from sentio_lab.scale import distributed
 
 QUICK = {"timesteps": 2048, "num_envs": 16, "num_steps": 32, "processes": [1, 2], "trials": 2, "iterations": 2,
          "steps_per_iteration": 512}
@@ -91,7 +92,7 @@ def bench_tune(options: argparse.Namespace) -> dict[str, Any]:
     """PBT and random search on the same population at equal env steps."""
     import ray
 
-    from sentio_lab import tune
+    from sentio_lab.scale import tune
 
     results = {}
     storage = tempfile.mkdtemp(prefix="bench-tune-") if options.tune_storage is None else options.tune_storage

@@ -20,9 +20,9 @@ and the default start of the bundled datasets that the rule accepts, are describ
 Session close
 -------------
 A market may say when its trading day ends (:attr:`MarketData.session_close`, "HH:MM Area/City", parsed by
-:func:`parse_session_close`; see :mod:`sentio_lab.data.session`). :func:`sentio_lab.market.prepare_market`
+:func:`parse_session_close`; see :mod:`sentio_lab.data.session`). :func:`sentio_lab.env.market.prepare_market`
 hands it to the features, whose daily / weekly / monthly views then run from one close to the next
-(:mod:`sentio_lab.timeframes`).
+(:mod:`sentio_lab.data.timeframes`).
 
 Modules: :mod:`~sentio_lab.data.validation` (the canonical frame, :func:`canonicalize`, bar spacing and
 fingerprint), :mod:`~sentio_lab.data.session` (session close), :mod:`~sentio_lab.data.quality`

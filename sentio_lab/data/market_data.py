@@ -28,7 +28,7 @@ class MarketData:
     """Data-quality report (always set by :func:`to_market` and :func:`load_market`)."""
     session_close: str | None = None
     """When a trading day ends ("HH:MM Area/City", e.g. "17:00 America/New_York" for FX), None for UTC days.
-    :func:`sentio_lab.market.prepare_market` hands it to the features (``FeatureConfig.session_close``), where
+    :func:`sentio_lab.env.market.prepare_market` hands it to the features (``FeatureConfig.session_close``), where
     daily / weekly / monthly views run from one session close to the next."""
 
     def __len__(self) -> int:

@@ -2,8 +2,8 @@
 
 A market may say when its trading day ends (:attr:`sentio_lab.data.MarketData.session_close`, parsed by
 :func:`parse_session_close`). ``eurusd_1h`` ends its days at 17:00 New York, the FX convention; the other
-bundled datasets and user files have none (UTC days). :func:`sentio_lab.market.prepare_market` hands it to the
-features, whose daily / weekly / monthly views then run from one close to the next (:mod:`sentio_lab.timeframes`).
+bundled datasets and user files have none (UTC days). :func:`sentio_lab.env.market.prepare_market` hands it to the
+features, whose daily / weekly / monthly views then run from one close to the next (:mod:`sentio_lab.data.timeframes`).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ _SESSION_CLOSE_RE = re.compile(r"^\s*(\d{1,2}):(\d{2})\s+(\S+)\s*$")
 class SessionClose:
     """When a trading day ends: a wall-clock time in an IANA time zone (``str()`` gives "HH:MM Area/City").
 
-    Daily (and weekly, monthly) higher-timeframe bars of :mod:`sentio_lab.timeframes` run from one session
+    Daily (and weekly, monthly) higher-timeframe bars of :mod:`sentio_lab.data.timeframes` run from one session
     close to the next, following the zone's daylight-saving rules; e.g. FX's "17:00 America/New_York" is
     22:00 UTC in winter and 21:00 UTC in summer.
     """

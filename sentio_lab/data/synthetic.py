@@ -362,7 +362,7 @@ def write_ladder(folder: str | Path, *, n_bars: int = 8000, seed: int = 0, rungs
 
 @dataclass(frozen=True)
 class OracleRule:
-    """A market's oracle as a baseline rule (the interface :class:`sentio_lab.baselines.WeightPolicy` reads), so the
+    """A market's oracle as a baseline rule (the interface :class:`sentio_lab.evaluation.baselines.WeightPolicy` reads), so the
     oracle trades through the env like any baseline: ``WeightPolicy(OracleRule(market), history, positions)``."""
 
     market: AR1Market | RegimeMarket
@@ -370,5 +370,5 @@ class OracleRule:
     exposures: tuple[float, ...] = (1.0, -1.0)
 
     def weights(self, history: object) -> np.ndarray:
-        """The oracle's weight per bar from the closes of a :class:`~sentio_lab.baselines.PriceHistory`."""
+        """The oracle's weight per bar from the closes of a :class:`~sentio_lab.evaluation.baselines.PriceHistory`."""
         return self.market.oracle_weights(history.close)  # type: ignore[attr-defined]

@@ -36,10 +36,11 @@ import pandas as pd
 import torch
 import tyro
 
-from sentio_lab import splits as splitting
-from sentio_lab.baselines import evaluate_baseline, evaluate_random
-from sentio_lab.costs import CostModel
-from sentio_lab.evaluate import action_masking, env_options, evaluate_policies, load_variant
+from sentio_lab.agents.variants import action_masking, env_options, load_variant
+from sentio_lab.env import splits as splitting
+from sentio_lab.env.costs import CostModel
+from sentio_lab.evaluation.baselines import evaluate_baseline, evaluate_random
+from sentio_lab.evaluation.episodes import evaluate_policies
 from sentio_lab.experiment.cells import cell_done, parse_variant_args
 from sentio_lab.experiment.config import load_config
 from sentio_lab.experiment.runner import (

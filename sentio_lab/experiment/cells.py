@@ -21,10 +21,11 @@ import numpy as np
 import torch
 import tyro
 
-from sentio_lab.evaluate import action_masking, env_options, evaluate_policy, load_variant
-from sentio_lab.market import PreparedMarket
-from sentio_lab.metrics import sharpe_ratio
-from sentio_lab.tracking import sharing
+from sentio_lab.agents.tracking import sharing
+from sentio_lab.agents.variants import action_masking, env_options, load_variant
+from sentio_lab.env.market import PreparedMarket
+from sentio_lab.evaluation.episodes import evaluate_policy
+from sentio_lab.evaluation.metrics import sharpe_ratio
 
 CELL_FILE = "cell.json"
 

@@ -31,7 +31,7 @@ from sentio_lab.experiment.placebo import PLACEBO_SCHEMES
 
 #: Split schemes the runner knows.
 SPLIT_SCHEMES: tuple[str, ...] = ("cpcv", "walk_forward", "walk_forward_rolling")
-#: Baseline names the runner knows (``sentio_lab.baselines``).
+#: Baseline names the runner knows (``sentio_lab.evaluation.baselines``).
 BASELINE_NAMES: tuple[str, ...] = ("buy_and_hold", "sma_crossover", "momentum", "vol_target", "random")
 
 

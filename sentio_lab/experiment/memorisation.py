@@ -1,7 +1,7 @@
 """How much of a result is memorisation: in-sample vs validation vs test per run, policy confidence, placebo floor.
 
 Per trained cell (configuration x seed x fold) :func:`diagnose_agent` runs the greedy policy, with the same
-evaluation code as the test groups (:func:`sentio_lab.evaluate.evaluate_policies`), over three parts of the fold:
+evaluation code as the test groups (:func:`sentio_lab.evaluation.episodes.evaluate_policies`), over three parts of the fold:
 
 * ``in_sample``: each training segment of the fold (less the validation slice) as one episode,
 * ``validation``: the inner validation slice, when the fold market has one,
@@ -33,12 +33,12 @@ import torch
 from torch import nn
 
 from sentio_lab.data import Split
-from sentio_lab.evaluate import Evaluation, evaluate_policies
+from sentio_lab.env.market import PreparedMarket, prepare_fold_market
+from sentio_lab.evaluation.episodes import Evaluation, evaluate_policies
+from sentio_lab.evaluation.metrics import periods_per_year, summary_stats
 from sentio_lab.experiment.cells import Cell, write_json_atomic
 from sentio_lab.experiment.config import ExperimentConfig
 from sentio_lab.experiment.placebo import placebo_floor, placebo_market_data
-from sentio_lab.market import PreparedMarket, prepare_fold_market
-from sentio_lab.metrics import periods_per_year, summary_stats
 
 #: Parts of a fold a run is diagnosed on, in reading order.
 PARTS: tuple[str, ...] = ("in_sample", "validation", "test")

@@ -1,14 +1,14 @@
 """Run an experiment: configurations x seeds x folds, plus the baselines, into one tidy table and path equities.
 
 The plan (:func:`plan_experiment`) is a pure function of the experiment file: the data, the folds (purged
-walk-forward or CPCV from :mod:`sentio_lab.splits`, gaps sized from the widest observation any agent sees)
+walk-forward or CPCV from :mod:`sentio_lab.env.splits`, gaps sized from the widest observation any agent sees)
 and the cells (one per configuration x seed x fold). Each cell trains once on its fold's training segments
 (features and HMM fitted there only), is evaluated greedily on the fold's test groups, and writes its folder
 under ``<output>/cells/``; ``cell.json`` is written last, so a run killed at any point recomputes only the
 cells that were in flight. Baselines are evaluated per fold the same way (``<output>/baselines/``).
 
 Assembly (:func:`assemble`) reads only those files: for every backtest path it chains the test groups'
-equity curves (:func:`sentio_lab.splits.stitch_equity`) and computes the statistics of each (configuration,
+equity curves (:func:`sentio_lab.env.splits.stitch_equity`) and computes the statistics of each (configuration,
 seed, path) and each baseline path. Every cell is deterministic and runs torch on one thread, so the table
 is identical whatever the number of worker processes and however often the run was interrupted.
 """
@@ -30,19 +30,16 @@ import numpy as np
 import pandas as pd
 import torch
 
-from sentio_lab import splits as splitting
-from sentio_lab.backtest import fill_costs_paid, fill_prices, order_sizes
-from sentio_lab.baselines import evaluate_baseline, evaluate_random
-from sentio_lab.checkpoint import load_checkpoint
-from sentio_lab.costs import bars_per_day, cost_reach
-from sentio_lab.evaluate import (
-    Evaluation,
-    action_masking,
-    agent_obs_dim,
-    env_options,
-    evaluate_policies,
-    load_variant,
-)
+from sentio_lab.agents.checkpoint import load_checkpoint
+from sentio_lab.agents.progress import tqdm
+from sentio_lab.agents.variants import action_masking, agent_obs_dim, env_options, load_variant
+from sentio_lab.env import splits as splitting
+from sentio_lab.env.costs import bars_per_day, cost_reach
+from sentio_lab.env.market import PreparedMarket, prepare_fold_market, prepare_market
+from sentio_lab.evaluation.backtest import fill_costs_paid, fill_prices, order_sizes
+from sentio_lab.evaluation.baselines import evaluate_baseline, evaluate_random
+from sentio_lab.evaluation.episodes import Evaluation, evaluate_policies
+from sentio_lab.evaluation.metrics import fill_costs, number_of_trades, round_trip_trades, summary_stats
 from sentio_lab.experiment.cells import CELL_FILE, Cell, cell_done, parse_variant_args, train_cell, write_json_atomic
 from sentio_lab.experiment.config import AgentSpec, ExperimentConfig
 from sentio_lab.experiment.memorisation import (
@@ -55,9 +52,6 @@ from sentio_lab.experiment.memorisation import (
 )
 from sentio_lab.experiment.summary import strategy_table
 from sentio_lab.experiment.wandb_runs import ExperimentTracking, cell_config, log_cell, log_evaluation, log_results
-from sentio_lab.market import PreparedMarket, prepare_fold_market, prepare_market
-from sentio_lab.metrics import fill_costs, number_of_trades, round_trip_trades, summary_stats
-from sentio_lab.progress import tqdm
 
 RESULTS_FILE = "results.parquet"
 EQUITY_FILE = "equity.parquet"
@@ -202,7 +196,7 @@ def _groups_frame(evaluations: Sequence[Evaluation], fold: splitting.Fold, marke
             sizes = order_sizes(frame, evaluation.start, evaluation.weights.to_numpy(), evaluation.costs,
                                 evaluation.fill_price)
             cost = fill_costs(sizes, fill_prices(frame, evaluation.fill_price), evaluation.costs).reindex(equity.index)
-        else:  # spread / impact / cap: the fills' own concessions (sentio_lab.backtest.fills)
+        else:  # spread / impact / cap: the fills' own concessions (sentio_lab.evaluation.backtest.fills)
             cost = fill_costs_paid(frame, evaluation.start, evaluation.weights.to_numpy(),
                                    evaluation.costs, evaluation.fill_price).reindex(equity.index)
         if evaluation.ruined:

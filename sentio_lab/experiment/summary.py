@@ -14,7 +14,7 @@ Conventions (stated once, used everywhere in the report):
 * PSR is against the best baseline's Sharpe (the baseline with the best median over paths); DSR deflates
   the configuration's Sharpe for the number of configurations tried (with one configuration it equals
   PSR(0), nothing having been selected); PBO (CSCV) needs at least two configurations; SPA asks whether the
-  agent beats every baseline (:func:`sentio_lab.inference.spa_agent_vs_baselines`, small p: it does) and,
+  agent beats every baseline (:func:`sentio_lab.evaluation.inference.spa_agent_vs_baselines`, small p: it does) and,
   reversed, whether some baseline beats the agent. A clearly worse agent gets an SPA p-value near 0.5, not
   1: arch's consistent statistic is max(0, .), which is 0 then; the reverse test is the one that says it
   loses.
@@ -31,8 +31,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from sentio_lab import inference
-from sentio_lab.metrics import probabilistic_sharpe_ratio, sharpe_ratio
+from sentio_lab.evaluation import inference
+from sentio_lab.evaluation.metrics import probabilistic_sharpe_ratio, sharpe_ratio
 
 #: Statistics of the report's per-strategy table (columns of results.parquet).
 REPORT_STATS: tuple[str, ...] = ("sharpe", "cagr", "max_drawdown", "cvar_5", "positive_months", "trade_win_rate",
@@ -213,7 +213,7 @@ def sharpe_distribution(results: pd.DataFrame) -> dict[str, np.ndarray]:
 def ab_tests(curves: pd.DataFrame, results: pd.DataFrame, *, reps: int = 2000, seed: int = 0) -> pd.DataFrame:
     """Paired A/B of every pair of configurations on the same bars: the stationary-bootstrap confidence
     interval and p-value of their per-bar Sharpe difference (ensemble returns;
-    :func:`sentio_lab.inference.sharpe_difference_test`).
+    :func:`sentio_lab.evaluation.inference.sharpe_difference_test`).
 
     Empty with fewer than two configurations.
     """

@@ -3,7 +3,7 @@
 With tracking on (``python -m sentio_lab.experiment --track``, the default; ``run_experiment(track=...)``):
 
 * every cell is a ``job_type="train"`` run named ``<experiment>__<cell id>``: the variant's training scalars
-  (its own tracker joins the run, :func:`sentio_lab.tracking.shared_run`), the cell's record (``cell.json``) in
+  (its own tracker joins the run, :func:`sentio_lab.agents.tracking.shared_run`), the cell's record (``cell.json``) in
   the summary and the chosen checkpoint as a ``model`` artifact;
 * every (configuration, fold) evaluation is a ``job_type="evaluate"`` run ``<experiment>__<agent>__fold<k>``:
   its mask-rule counts and selected iterations in the summary and one row per seed and test group in a table;
@@ -26,8 +26,8 @@ from typing import Any
 
 import pandas as pd
 
-from sentio_lab.metrics import summary_stats
-from sentio_lab.tracking import Tracker, shared_run
+from sentio_lab.agents.tracking import Tracker, shared_run
+from sentio_lab.evaluation.metrics import summary_stats
 
 
 @dataclass(frozen=True)

@@ -23,10 +23,10 @@ Flat bars (high == low) are neutral where a producer divides by the range (close
 scale-free, so tiny prices (1e-4 or 1e-8 of a stock's) give the same features.
 
 :func:`build_observation_features` turns a frame into the ``(T, F)`` float32 matrix the environment
-reads, with per-timeframe blocks (:mod:`sentio_lab.timeframes`) and optional filtered HMM regime
-probabilities (:mod:`sentio_lab.regime`). Normaliser, pruning and HMM are fitted on rows
+reads, with per-timeframe blocks (:mod:`sentio_lab.data.timeframes`) and optional filtered HMM regime
+probabilities (:mod:`sentio_lab.features.regime`). Normaliser, pruning and HMM are fitted on rows
 ``[first_valid, train_stop)`` only -- or on the rows of a ``train_rows`` mask, such as a CPCV fold's several
-training segments (:func:`sentio_lab.splits.fit_rows`) -- and stored in a plain-python ``state`` that can be
+training segments (:func:`sentio_lab.env.splits.fit_rows`) -- and stored in a plain-python ``state`` that can be
 re-applied to new data without refitting.
 
 Modules: :mod:`~sentio_lab.features.registry` (producers, their registry and lookbacks),

@@ -36,8 +36,8 @@ class FeatureConfig:
     """Number of seeded HMM restarts (the best converged one by likelihood is kept)."""
     session_close: str | None = None
     """When a trading day ends ("HH:MM Area/City", e.g. "17:00 America/New_York"): daily, weekly and monthly
-    timeframes run from one close to the next (see :mod:`sentio_lab.timeframes`). None: the UTC calendar.
-    :func:`sentio_lab.market.prepare_market` fills it from the market (``MarketData.session_close``) when
+    timeframes run from one close to the next (see :mod:`sentio_lab.data.timeframes`). None: the UTC calendar.
+    :func:`sentio_lab.env.market.prepare_market` fills it from the market (``MarketData.session_close``) when
     left None; pass ``"00:00 UTC"`` to keep UTC days for a market that has a session close."""
 
     def __post_init__(self) -> None:

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from sentio_lab import regime as _regime
 from sentio_lab.data import infer_bar_freq
+from sentio_lab.features import regime as _regime
 from sentio_lab.features.config import FeatureConfig
 from sentio_lab.features.normalise import _apply_normaliser, _fit_normaliser, _prune
 from sentio_lab.features.raw import RawFeatures, _raw_features, _validated_frame
@@ -160,7 +160,7 @@ def build_observation_features(
 
     Without ``state`` the normaliser, pruning and HMM are fitted on the training rows from ``first_valid`` on:
     rows ``< train_stop``, or (``train_stop=None``) the rows where the boolean ``(len(frame),)`` mask
-    ``train_rows`` is True, e.g. several disjoint segments (:func:`sentio_lab.splits.fit_rows` of a fold's
+    ``train_rows`` is True, e.g. several disjoint segments (:func:`sentio_lab.env.splits.fit_rows` of a fold's
     training ranges; the HMM treats each run as its own sequence). The base bar duration comes from gaps inside
     the runs of training rows. With ``state`` (from an earlier call) nothing is refit and the training rows are
     only checked. The features themselves are causal either way: row ``t`` reads bars ``<= t``.

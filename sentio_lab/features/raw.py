@@ -16,6 +16,7 @@ import pandas as pd
 import talib
 
 from sentio_lab.data import canonicalize, fingerprint
+from sentio_lab.data.timeframes import resample_causal
 from sentio_lab.features.config import FeatureConfig
 from sentio_lab.features.registry import (
     FEATURE_VERSION,
@@ -24,7 +25,6 @@ from sentio_lab.features.registry import (
     bank_optional_columns,
     registered_producers,
 )
-from sentio_lab.timeframes import resample_causal
 
 
 @dataclass

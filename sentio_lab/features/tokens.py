@@ -2,17 +2,17 @@
 
 A hierarchical (multi-timeframe) policy reads, at base bar ``t``, the last ``K_h`` completed bars of each higher
 timeframe ``h`` as a sequence of tokens, instead of base-bar columns that repeat until the next ``h`` bar closes.
-:func:`timeframe_token_block` builds, for one timeframe, a :class:`~sentio_lab.observation_layout.TokenBlock`:
+:func:`timeframe_token_block` builds, for one timeframe, a :class:`~sentio_lab.features.observation_layout.TokenBlock`:
 
 * ``table`` ``(1 + n_h, d + 1)``: row 0 is the padding token (all zeros); row ``1 + j`` is completed ``h`` bar
   ``j``'s own features (the producers of a feature bank run on the ``h`` bars themselves,
-  :mod:`sentio_lab.timeframes` gives the bars), normalised with robust statistics fitted on training bars only,
+  :mod:`sentio_lab.data.timeframes` gives the bars), normalised with robust statistics fitted on training bars only,
   followed by a validity flag ``1.0`` (0 in the padding row, so a network can mask padding by it);
 * ``index`` ``(T, K_h)``: row ``t`` names the last ``K_h`` ``h`` bars visible at ``t``'s close, oldest first,
   padded (row 0) before ``K_h`` exist or while a bar's features are still in their warm-up.
 
 Causality: ``h`` bar ``j`` becomes visible at the close of base row ``close_row[j]``
-(:func:`sentio_lab.timeframes.resample_causal`), so row ``t`` of ``index`` names only bars with
+(:func:`sentio_lab.data.timeframes.resample_causal`), so row ``t`` of ``index`` names only bars with
 ``close_row <= t``; the bar still forming at ``t`` never appears. A token's features read ``h`` bars ``<= j`` only
 (the producers are causal), and the normaliser is fitted on training rows, so nothing after ``t`` moves a token
 seen at ``t`` (tests/test_tokens.py perturbs the future, values and timestamps, and compares bit for bit).
@@ -35,11 +35,12 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
+from sentio_lab.data.timeframes import TimeframeView, resample_causal
 from sentio_lab.features.normalise import _apply_normaliser, _fit_normaliser
+from sentio_lab.features.observation_layout import TokenBlock
 from sentio_lab.features.raw import compute_features
 from sentio_lab.features.registry import Bars, registered_producers
-from sentio_lab.observation_layout import TokenBlock
-from sentio_lab.timeframes import TimeframeView, resample_causal
+from sentio_lab.features.spans import htf_span
 
 #: Table row of the padding token (all zeros, validity flag 0).
 PAD_ROW = 0
@@ -141,7 +142,7 @@ def timeframe_token_block(
 def build_token_blocks(market: object, timeframes: Sequence[str], num_tokens: Sequence[int]) -> list[TokenBlock]:
     """Token blocks of ``timeframes`` (``num_tokens[i]`` bars of ``timeframes[i]``) for a prepared market.
 
-    ``market`` is a :class:`~sentio_lab.market.PreparedMarket`: its frame, the base bar duration and training rows
+    ``market`` is a :class:`~sentio_lab.env.market.PreparedMarket`: its frame, the base bar duration and training rows
     its features were fitted with, and its session close (FX days end at 17:00 New York).
     """
     if len(timeframes) != len(num_tokens):
@@ -161,12 +162,10 @@ def token_span(market: object, timeframes: Sequence[str], num_tokens: Sequence[i
     """Base bars before bar t that the token blocks seen at t may read, on ``market``'s own calendar.
 
     The oldest of the ``K`` completed bars of a timeframe and the ``bank``'s longest lookback before it: an HTF
-    producer of lookback ``K - 1 + L`` (:func:`sentio_lab.splits.htf_span`, which also counts the forming bar, so
+    producer of lookback ``K - 1 + L`` (:func:`~sentio_lab.features.spans.htf_span`, which also counts the forming bar, so
     the bound is conservative by one HTF bar). The experiment runner widens its embargo to cover it
     (``observation_span`` of ``ppo_transformer``); 0 without token timeframes.
     """
-    from sentio_lab.splits import htf_span  # splits imports the features package: import here, not at the top
-
     if len(timeframes) != len(num_tokens):
         raise ValueError(f"{len(timeframes)} token timeframes but {len(num_tokens)} token counts")
     lookback = max((p.lookback for p in registered_producers(bank)), default=0)

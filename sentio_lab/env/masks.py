@@ -1,0 +1,529 @@
+"""Action-mask rules over env state, computed in batch for :class:`~sentio_lab.env.TradingEnv` (torch) and
+:class:`~sentio_lab.env.NumpyTradingEnv` (numpy) by the same code.
+
+A mask row holds, for one episode, which position levels the *next* decision may choose. It depends on bars
+``<= t`` (the decision bar) and on the episode's own state only. Notation: ``w_a`` is the weight of action
+``a``, ``w`` the level currently held, ``E_t`` the equity marked at bar t's close, ``P_t = max_{s<=t} E_s``
+its peak within the episode. "No increase" means ``w_a == 0`` or (``sign(w_a) == sign(w)`` and
+``|w_a| <= |w|``): reduce or keep the exposure on the same side; a sign flip counts as an increase.
+
+Rules (a field at None / 0 / False is off), applied in this order:
+
+* ``max_abs_level``: valid iff ``|w_a| <= max_abs_level``.
+* ``long_only``: valid iff ``w_a >= 0``.
+* ``risk_budget``: valid iff ``sigma_t * |w_a| <= risk_budget``, where ``sigma_t`` is the forecast of the
+  next bar's log-return volatility made at bar t's close (per bar, not annualised):
+  EWMA (``vol_model="ewma"``): ``s2_1 = r_1^2``, ``s2_t = lam s2_{t-1} + (1 - lam) r_t^2``, ``r_t = log(C_t /
+  C_{t-1})``, ``sigma_t = sqrt(s2_t)`` (RiskMetrics, ``lam = ewma_lambda``);
+  GARCH(1,1) (``vol_model="garch"``): ``arch_model(100 r, mean="Constant", vol="GARCH", p=1, q=1)`` fitted on
+  the returns inside ``fit_range`` only, then ``h_1 = omega / (1 - alpha - beta)``,
+  ``h_{t+1} = omega + alpha (100 r_t - mu)^2 + beta h_t`` over all bars with the fitted parameters,
+  ``sigma_t = sqrt(h_{t+1}) / 100``. Bar 0 has no return: ``sigma_0 = 0``. A CPCV / walk-forward fold's
+  training env runs either recursion from each training segment's first bar (:func:`restarted_per_segment`),
+  so no test group between segments reaches a training decision.
+* ``drawdown``: with ``D_t = 1 - E_t / P_t`` the guard latches on when ``D_t >= drawdown_threshold`` and off
+  when ``D_t <= recover_threshold``: ``G_t = D_t >= thr or (G_{t-1} and D_t > recover)``; while ``G_t`` only
+  no-increase actions are valid.
+* ``regime``: with ``p_t`` the filtered probability of the highest-volatility HMM state (``regime.py`` orders
+  states by volatility, so it is the last regime column), while ``p_t > regime_threshold`` only no-increase
+  actions are valid.
+* ``cooldown`` (minimum holding period k): with ``h`` the decisions since the last level change (a change at
+  decision t gives ``h = 1`` at decision t+1; ``h`` is large at an episode start), while ``h < k`` only the
+  held level is valid: a level is held for at least k bars.
+* ``max_trades``: trades (level changes) are counted per window of ``period_bars`` steps of the env's step
+  counter (``steps // period_bars``; a staggered first episode starts mid-window); once ``max_trades`` trades
+  fall in the current window only the held level is valid.
+
+Flat (level 0) is always valid: the first five rules never mask it, and with ``flat_always`` (default) it
+overrides the cool-down and the trade limit (an exit is allowed, and counted as a trade). With
+``flat_always=False`` those two rules allow only the held level, which the risk budget may forbid: such an
+empty row raises :class:`NoValidActionError` naming the rule, the episode and the state, never a silent sample.
+
+Enforcement (``invalid_action``): ``"refuse"`` raises ``ValueError`` naming env, action and rule;
+``"nearest"`` maps an invalid action to the valid level nearest in weight, ties towards flat (smaller
+``|w|``), then the lower index.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+#: Rule names in the order they are applied (also the keys of ``mask_counts``).
+RULES: tuple[str, ...] = ("max_abs_level", "long_only", "risk_budget", "drawdown", "regime", "cooldown", "max_trades")
+#: "Decisions since the last change" at an episode start: larger than any cool-down.
+_NEVER = 2**30
+#: Mask state carried per episode (saved in the env's state_dict under ``"mask:<name>"``).
+STATE_NAMES: tuple[str, ...] = ("peak", "guard", "since_trade", "period_trades", "counts", "binding")
+InvalidAction = Literal["refuse", "nearest"]
+_TOL = 1e-12
+
+
+@dataclass(frozen=True)
+class MaskConfig:
+    """Which mask rules are on and their parameters (None / 0 / False = off); see the module doc for formulas."""
+
+    max_abs_level: float | None = None
+    """Largest allowed ``|w_a|``."""
+    long_only: bool = False
+    """Only ``w_a >= 0``."""
+    risk_budget: float | None = None
+    """Largest allowed ``sigma_t * |w_a|`` (per-bar log-return volatility times weight)."""
+    vol_model: Literal["ewma", "garch"] = "ewma"
+    """Volatility forecast of the risk budget."""
+    ewma_lambda: float = 0.94
+    """EWMA decay ``lam`` in (0, 1)."""
+    drawdown_threshold: float | None = None
+    """Guard on at ``D_t >= drawdown_threshold`` (a fraction, e.g. 0.1 = 10 % below the episode's peak)."""
+    recover_threshold: float = 0.0
+    """Guard off at ``D_t <= recover_threshold`` (0 = back at the peak); must be below ``drawdown_threshold``."""
+    regime_threshold: float | None = None
+    """No increase while the high-volatility state's filtered probability exceeds this."""
+    regime_column: int | None = None
+    """Feature column of that probability (negative counts from the end, e.g. -1 for the last regime column);
+    ignored when ``MaskInputs.regime_prob`` is given."""
+    cooldown: int = 0
+    """Minimum holding period k in decisions (0 or 1 = off)."""
+    max_trades: int = 0
+    """Most level changes per ``period_bars`` window (0 = off)."""
+    period_bars: int = 0
+    """Window length of ``max_trades``, in env steps."""
+    flat_always: bool = True
+    """Flat overrides the cool-down and the trade limit."""
+
+    def __post_init__(self) -> None:
+        """Reject inconsistent parameters, naming the field."""
+        for name in ("max_abs_level", "risk_budget"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"MaskConfig.{name} must be > 0 (or None = off), got {value}")
+        if self.vol_model not in ("ewma", "garch"):
+            raise ValueError(f"MaskConfig.vol_model must be 'ewma' or 'garch', got {self.vol_model!r}")
+        if not 0 < self.ewma_lambda < 1:
+            raise ValueError(f"MaskConfig.ewma_lambda must be in (0, 1), got {self.ewma_lambda}")
+        if self.drawdown_threshold is not None and not (
+            0 <= self.recover_threshold < self.drawdown_threshold < 1
+        ):
+            raise ValueError(
+                "MaskConfig needs 0 <= recover_threshold < drawdown_threshold < 1, got "
+                f"{self.recover_threshold} and {self.drawdown_threshold}"
+            )
+        if self.regime_threshold is not None and not 0 <= self.regime_threshold < 1:
+            raise ValueError(f"MaskConfig.regime_threshold must be in [0, 1), got {self.regime_threshold}")
+        if self.cooldown < 0 or self.max_trades < 0 or self.period_bars < 0:
+            raise ValueError("MaskConfig.cooldown, max_trades and period_bars must be >= 0")
+        if self.max_trades and not self.period_bars:
+            raise ValueError("MaskConfig.max_trades needs period_bars > 0 (the window trades are counted in)")
+
+    def active_rules(self) -> tuple[str, ...]:
+        """Names of the rules that are on, in application order."""
+        on = {
+            "max_abs_level": self.max_abs_level is not None,
+            "long_only": self.long_only,
+            "risk_budget": self.risk_budget is not None,
+            "drawdown": self.drawdown_threshold is not None,
+            "regime": self.regime_threshold is not None,
+            "cooldown": self.cooldown > 1,
+            "max_trades": self.max_trades > 0,
+        }
+        return tuple(name for name in RULES if on[name])
+
+
+class NoValidActionError(RuntimeError):
+    """A mask row with no valid action: names the rule that emptied it, the episode and its state."""
+
+
+def log_returns(close: np.ndarray) -> np.ndarray:
+    """``r_t = log(C_t / C_{t-1})`` with ``r_0 = 0``."""
+    close = np.asarray(close, dtype=np.float64)
+    return np.r_[0.0, np.diff(np.log(close))]
+
+
+def ewma_volatility(close: np.ndarray, lam: float = 0.94) -> np.ndarray:
+    """``sigma_t`` of the EWMA recursion ``s2_t = lam s2_{t-1} + (1 - lam) r_t^2``, ``s2_1 = r_1^2``, ``sigma_0 = 0``.
+
+    Row t uses closes ``<= t`` only (a forward recursion).
+    """
+    r = log_returns(close)
+    s2 = np.zeros(len(r))
+    if len(r) > 1:
+        s2[1] = r[1] ** 2
+    for t in range(2, len(r)):
+        s2[t] = lam * s2[t - 1] + (1.0 - lam) * r[t] ** 2
+    return np.sqrt(s2)
+
+
+def fit_garch(close: np.ndarray, fit_range: tuple[int, int]) -> dict[str, float]:
+    """GARCH(1,1) parameters ``mu, omega, alpha, beta`` (returns in percent) fitted by ``arch`` on the returns of
+    bars ``fit_range = [a, b)`` only (``r_{a+1} .. r_{b-1}``: both closes inside the range)."""
+    from arch import arch_model
+
+    a, b = fit_range
+    if not 0 <= a < b <= len(close) or b - a < 50:
+        raise ValueError(f"fit_garch: fit_range {fit_range} must lie in the {len(close)} bars and hold >= 50 bars")
+    r = 100.0 * log_returns(close)[a + 1 : b]
+    result = arch_model(r, mean="Constant", vol="GARCH", p=1, q=1, dist="normal", rescale=False).fit(disp="off")
+    if result.convergence_flag != 0:  # never silently: a failed fit would give wrong risk-budget masks
+        raise ValueError(f"fit_garch: the GARCH(1,1) fit on bars {fit_range} did not converge "
+                         f"(arch convergence flag {result.convergence_flag}); use vol_model='ewma' or more data")
+    p = result.params
+    return {"mu": float(p["mu"]), "omega": float(p["omega"]), "alpha": float(p["alpha[1]"]),
+            "beta": float(p["beta[1]"])}
+
+
+def garch_volatility(close: np.ndarray, params: dict[str, float]) -> np.ndarray:
+    """``sigma_t = sqrt(h_{t+1}) / 100`` by the causal filter ``h_{t+1} = omega + alpha (100 r_t - mu)^2 +
+    beta h_t`` from ``h_1 = omega / (1 - alpha - beta)`` (the long-run variance; ``h_1`` if not stationary is
+    ``omega``); ``sigma_0 = 0`` (bar 0 has no return)."""
+    r = 100.0 * log_returns(close)
+    mu, omega, alpha, beta = params["mu"], params["omega"], params["alpha"], params["beta"]
+    persistence = alpha + beta
+    h = omega / (1.0 - persistence) if persistence < 1 else omega
+    out = np.zeros(len(r))
+    for t in range(1, len(r)):
+        h = omega + alpha * (r[t] - mu) ** 2 + beta * h
+        out[t] = np.sqrt(h) / 100.0
+    return out
+
+
+def restarted_per_segment(
+    close: np.ndarray, segments: Sequence[tuple[int, int]], recursion: Callable[[np.ndarray], np.ndarray]
+) -> np.ndarray:
+    """``recursion`` (a causal forecast over closes, e.g. :func:`ewma_volatility`) restarted at each segment:
+    rows ``[s, e)`` hold ``recursion(close[s:e])``, so they read the closes of their own segment only; rows outside
+    every segment are NaN (a training env never decides there).
+
+    Why: on a CPCV fold the training segments have test groups between them, and a recursion over the whole series
+    carries a test group's bars into every later training decision (an EWMA's memory is hundreds of bars).
+    """
+    close = np.asarray(close, dtype=np.float64)
+    out = np.full(len(close), np.nan)
+    for s, e in segments:
+        if not 0 <= s < e <= len(close):
+            raise ValueError(f"segment [{s}, {e}) outside the market's {len(close)} bars")
+        out[s:e] = recursion(close[s:e])
+    return out
+
+
+@dataclass(frozen=True)
+class MaskInputs:
+    """Per-bar series the market-dependent rules read: ``vol[t] = sigma_t``, ``regime_prob[t] = p_t`` (float64 (T,))."""
+
+    vol: np.ndarray | None = None
+    regime_prob: np.ndarray | None = None
+
+    @classmethod
+    def build(
+        cls,
+        config: MaskConfig,
+        close: np.ndarray,
+        features: np.ndarray,
+        *,
+        fit_range: tuple[int, int] | None = None,
+        regime_prob: np.ndarray | None = None,
+        restart_segments: Sequence[tuple[int, int]] | None = None,
+    ) -> MaskInputs:
+        """The series ``config`` needs from a market's closes and features.
+
+        ``fit_range`` (bars ``[a, b)``, the training range) is where the GARCH model is fitted; it is required for
+        ``vol_model="garch"`` so that a test env never fits on its own bars. ``regime_prob`` overrides
+        ``config.regime_column``. With ``restart_segments`` (a fold's training segments) the volatility recursion
+        restarts at each segment (:func:`restarted_per_segment`): a training decision then reads no bar outside
+        its own segment, so no test group between segments reaches it.
+        """
+        vol = None
+        if config.risk_budget is not None:
+            if config.vol_model == "ewma":
+                def recursion(c: np.ndarray) -> np.ndarray:
+                    return ewma_volatility(c, config.ewma_lambda)
+            else:
+                if fit_range is None:
+                    raise ValueError(
+                        "MaskConfig(vol_model='garch') is fitted on the training range only: pass "
+                        "mask_inputs=MaskInputs.build(config, close, features, fit_range=(train_start, train_stop))"
+                    )
+                params = fit_garch(close, fit_range)
+
+                def recursion(c: np.ndarray) -> np.ndarray:
+                    return garch_volatility(c, params)
+            if restart_segments is None:
+                vol = recursion(np.asarray(close, dtype=np.float64))
+            else:
+                vol = restarted_per_segment(close, restart_segments, recursion)
+        prob = None
+        if config.regime_threshold is not None:
+            if regime_prob is not None:
+                prob = np.asarray(regime_prob, dtype=np.float64)
+            elif config.regime_column is not None:
+                prob = np.asarray(features[:, config.regime_column], dtype=np.float64)
+            else:
+                raise ValueError("the regime rule needs MaskConfig.regime_column or MaskInputs(regime_prob=...)")
+            if prob.shape != (len(close),):
+                raise ValueError(f"regime probabilities must have shape ({len(close)},), got {prob.shape}")
+        return cls(vol=vol, regime_prob=prob)
+
+
+def _xp(x: Any) -> Any:
+    """The array namespace of ``x``: torch for tensors, numpy otherwise."""
+    return torch if isinstance(x, torch.Tensor) else np
+
+
+def _no_increase(w_a: Any, w: Any) -> Any:
+    """(N, A): ``w_a == 0`` or (same sign as ``w`` and ``|w_a| <= |w|``)."""
+    xp = _xp(w_a)
+    w = w[:, None]
+    same_side = xp.sign(w_a) == xp.sign(w)
+    return (w_a == 0) | (same_side & (xp.abs(w_a) <= xp.abs(w) + _TOL))
+
+
+class Masker:
+    """The rules of one :class:`MaskConfig` over a batch of episodes, with their per-episode state and counters.
+
+    Arrays are torch tensors on ``device`` (batched env) or numpy arrays when ``device`` is None (reference env);
+    every formula below is the same code for both.
+    """
+
+    def __init__(
+        self,
+        config: MaskConfig,
+        positions: np.ndarray,
+        inputs: MaskInputs,
+        num_envs: int,
+        invalid_action: InvalidAction = "nearest",
+        device: torch.device | None = None,
+    ) -> None:
+        """Prepare the rules for ``num_envs`` episodes over the action levels ``positions``."""
+        if invalid_action not in ("refuse", "nearest"):
+            raise ValueError(f"invalid_action must be 'refuse' or 'nearest', got {invalid_action!r}")
+        self.config, self.invalid_action, self.num_envs, self.device = config, invalid_action, num_envs, device
+        self.names = config.active_rules()
+        self.flat_index = int(np.argmin(np.abs(positions)))
+        self.levels = self._array(np.asarray(positions, dtype=np.float64))
+        self.vol = None if inputs.vol is None else self._array(inputs.vol)
+        self.regime = None if inputs.regime_prob is None else self._array(inputs.regime_prob)
+        if config.risk_budget is not None and self.vol is None:
+            raise ValueError("the risk_budget rule needs MaskInputs.vol")
+        if config.regime_threshold is not None and self.regime is None:
+            raise ValueError("the regime rule needs MaskInputs.regime_prob")
+        self.state: dict[str, Any] = {}
+        self.reset()
+
+    def _array(self, values: np.ndarray) -> Any:
+        return values if self.device is None else torch.as_tensor(values, device=self.device)
+
+    def _full(self, shape: int | tuple[int, ...], value: float | int | bool, kind: str) -> Any:
+        if self.device is None:
+            return np.full(shape, value, dtype={"f": np.float64, "i": np.int64, "b": bool}[kind])
+        dtype = {"f": torch.float64, "i": torch.long, "b": torch.bool}[kind]
+        return torch.full(shape if isinstance(shape, tuple) else (shape,), value, dtype=dtype, device=self.device)
+
+    # -------------------------------------------------------------------------------------------- state
+    def reset(self) -> None:
+        """Fresh episodes: peak 1, guard off, no trade yet, counters at 0."""
+        n, r = self.num_envs, len(self.names)
+        self.state = {
+            "peak": self._full(n, 1.0, "f"), "guard": self._full(n, False, "b"),
+            "since_trade": self._full(n, _NEVER, "i"), "period_trades": self._full(n, 0, "i"),
+            "counts": self._full(r, 0, "i"), "binding": self._full(r, 0, "i"),
+        }
+
+    def reset_where(self, done: Any) -> None:
+        """Restart the episodes where ``done`` (auto-reset); counters keep counting."""
+        xp, s = _xp(done), self.state
+        s["peak"] = xp.where(done, 1.0, s["peak"])
+        s["guard"] = s["guard"] & ~done
+        s["since_trade"] = xp.where(done, _NEVER, s["since_trade"])
+        s["period_trades"] = xp.where(done, 0, s["period_trades"])
+
+    def update(self, changed: Any, equity: Any, steps: Any) -> None:
+        """After a step: ``P = max(P, E)``, the guard latch, ``h`` and the trade count of the current window.
+
+        ``changed`` says which episodes changed level, ``equity`` is the new mark and ``steps`` the new step count.
+        """
+        xp, s, c = _xp(equity), self.state, self.config
+        s["peak"] = xp.maximum(s["peak"], equity)
+        if c.drawdown_threshold is not None:
+            d = 1.0 - equity / s["peak"]
+            s["guard"] = (d >= c.drawdown_threshold) | (s["guard"] & (d > c.recover_threshold))
+        s["since_trade"] = xp.where(changed, 1, (s["since_trade"] + 1).clip(max=_NEVER))
+        trades = s["period_trades"] + xp.where(changed, 1, 0)
+        if c.period_bars:
+            trades = xp.where(steps % c.period_bars == 0, 0, trades)
+        s["period_trades"] = trades
+
+    def state_dict(self) -> dict[str, Any]:
+        """Copies of the mask state and counters."""
+        return {name: value.copy() if self.device is None else value.detach().cpu().clone()
+                for name, value in self.state.items()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` output."""
+        missing = [name for name in STATE_NAMES if name not in state]
+        if missing:
+            raise ValueError(f"mask state lacks {missing} (saved without masks?)")
+        self.state = {name: (np.array(state[name]) if self.device is None else state[name].to(self.device).clone())
+                      for name in STATE_NAMES}
+
+    # -------------------------------------------------------------------------------------------- masks
+    def rule_masks(self, t: Any, level: Any) -> dict[str, Any]:
+        """(N, A) bool per active rule for decisions at bars ``t`` holding level indices ``level``.
+
+        The flat column is True in every rule's mask (module doc), except the cool-down and the trade limit
+        without ``flat_always``.
+        """
+        c, s, levels = self.config, self.state, self.levels
+        xp = _xp(levels)
+        w_a = levels[None, :] + 0.0 * s["peak"][:, None]  # (N, A)
+        w = levels[level]
+        index = np.arange(len(levels)) if xp is np else torch.arange(len(levels), device=self.device)
+        hold = index[None, :] == level[:, None]
+        flat = w_a == 0
+        out: dict[str, Any] = {}
+        for name in self.names:
+            if name == "max_abs_level":
+                m = xp.abs(w_a) <= c.max_abs_level + _TOL
+            elif name == "long_only":
+                m = w_a >= 0
+            elif name == "risk_budget":
+                m = self.vol[t][:, None] * xp.abs(w_a) <= c.risk_budget + _TOL
+            elif name == "drawdown":
+                m = _no_increase(w_a, w) | ~s["guard"][:, None]
+            elif name == "regime":
+                m = _no_increase(w_a, w) | ~(self.regime[t] > c.regime_threshold)[:, None]
+            elif name == "cooldown":
+                m = hold | (s["since_trade"] >= c.cooldown)[:, None]
+            else:  # max_trades
+                m = hold | (s["period_trades"] < c.max_trades)[:, None]
+            if name not in ("cooldown", "max_trades") or c.flat_always:
+                m = m | flat
+            out[name] = m
+        return out
+
+    def combine(self, masks: dict[str, Any], t: Any, level: Any, equity: Any) -> Any:
+        """AND of the rule masks; an empty row raises :class:`NoValidActionError` naming the rule that emptied it,
+        the episode (env index) and its state (bar t, level, equity, drawdown)."""
+        if not masks:
+            return self._full((len(t), len(self.levels)), True, "b")
+        combined = None
+        for m in masks.values():
+            combined = m if combined is None else combined & m
+        if bool(combined.any(1).all()):  # the one host sync of the common case
+            return combined
+        combined = None
+        for name, m in masks.items():
+            before = combined
+            combined = m if combined is None else combined & m
+            empty = ~combined.any(1)
+            if bool(empty.any()):
+                i = int(np.flatnonzero(np.asarray(empty.tolist()))[0])
+                others = [k for k in masks if k != name and not bool(masks[k][i].all())]
+                allowed = "all levels" if before is None else f"levels {np.flatnonzero(np.asarray(before[i].tolist()))}"
+                d = 1.0 - float(equity[i]) / float(self.state["peak"][i])
+                raise NoValidActionError(
+                    f"no valid action: rule {name!r} masks every level left ({allowed}; other binding rules "
+                    f"{others}) in episode {i} (env index) at bar t={int(t[i])}, level "
+                    f"{float(self.levels[int(level[i])])}, equity {float(equity[i]):.6g}, drawdown {d:.4g}"
+                )
+        raise AssertionError("unreachable: some row was empty")
+
+    def action_masks(self, t: Any, level: Any, equity: Any) -> Any:
+        """(N, A) bool: the valid actions of the decision at bars ``t``."""
+        return self.combine(self.rule_masks(t, level), t, level, equity)
+
+    def apply(self, actions: Any, t: Any, level: Any, equity: Any) -> Any:
+        """Enforce the masks on ``actions`` (valid level indices): refuse or map to the nearest valid level, and
+        count per rule the chosen actions it masked (``counts``) and the rows where it masked any level
+        (``binding``). Returns the actions to fill."""
+        masks = self.rule_masks(t, level)
+        combined = self.combine(masks, t, level, equity)
+        xp = _xp(combined)
+        rows = xp.arange(len(t)) if xp is np else torch.arange(len(t), device=self.device)
+        valid = combined[rows, actions]
+        if not bool(valid.all()):
+            if self.invalid_action == "refuse":
+                i = int(np.flatnonzero(~np.asarray(valid.tolist()))[0])
+                a = int(actions[i])
+                rules = [k for k, m in masks.items() if not bool(m[i, a])]
+                raise ValueError(
+                    f"step: action {a} (level {float(self.levels[a])}) of env {i} is masked by rule(s) {rules} at "
+                    f"bar t={int(t[i])}; the env is unchanged"
+                )
+        for j, m in enumerate(masks.values()):
+            hit = ~m[rows, actions]
+            bind = ~m.all(1)
+            if xp is np:
+                self.state["counts"][j] += int(hit.sum())
+                self.state["binding"][j] += int(bind.sum())
+            else:
+                self.state["counts"][j] += hit.sum()
+                self.state["binding"][j] += bind.sum()
+        if self.invalid_action == "nearest":
+            actions = xp.where(valid, actions, nearest_valid(actions, combined, self.levels))
+        return actions
+
+    def counts(self, key: str = "counts") -> dict[str, int]:
+        """``{rule: count}`` of the ``"counts"`` or ``"binding"`` counter."""
+        return dict(zip(self.names, (int(v) for v in self.state[key].tolist()), strict=True))
+
+
+def nearest_valid(actions: Any, mask: Any, levels: Any) -> Any:
+    """Per row the valid level nearest in weight to ``levels[actions]``; ties go to smaller ``|w|``, then the lower
+    index: the key is ``(|w_a - w_chosen|, |w_a|, a)`` minimised over valid ``a``."""
+    xp = _xp(mask)
+    inf = float("inf")
+    dist = xp.abs(levels[None, :] - levels[actions][:, None])
+    dist = xp.where(mask, dist, inf)
+    best = dist.min(1) if xp is np else dist.min(1).values
+    candidates = mask & (dist <= best[:, None] + _TOL)
+    size = xp.where(candidates, xp.abs(levels)[None, :], inf)
+    return xp.argmin(size, 1)
+
+
+def make_masker(
+    close: np.ndarray, features: np.ndarray, positions: np.ndarray, masks: MaskConfig | None,
+    inputs: MaskInputs | None, num_envs: int, invalid_action: InvalidAction, device: torch.device | None,
+) -> Masker | None:
+    """An env's :class:`Masker` (None without masks); ``inputs`` default to :meth:`MaskInputs.build` on the
+    market's closes and features (EWMA volatility, the configured regime column)."""
+    if masks is None:
+        if inputs is not None:
+            raise ValueError("mask_inputs given without masks=MaskConfig(...)")
+        return None
+    inputs = inputs if inputs is not None else MaskInputs.build(masks, close, features)
+    return Masker(masks, positions, inputs, num_envs, invalid_action, device)
+
+
+def market_mask_inputs(config: MaskConfig | None, market: Any, *, training: bool = False) -> MaskInputs | None:
+    """What a variant's env and its evaluation read for ``config`` on a prepared market (``sentio_lab.env.market``).
+
+    The GARCH forecast is fitted on the longest training segment only (the ``"train"`` range of a chronological
+    market), never on an evaluated range. The regime rule reads the most volatile state's filtered probability,
+    the last column of the market's ``"regime"`` block (states are ordered by volatility), unless
+    ``config.regime_column`` names another. None when the env's own defaults serve every rule.
+
+    ``training=True`` on a fold market (``market.train_segments`` set: CPCV / purged walk-forward) gives the
+    training env's inputs: the EWMA / GARCH recursion restarts at each training segment, so no training decision
+    depends on a test group's bars (issue 17). Evaluation envs (``training=False``) read the whole-series causal
+    forecast: a test decision may read every earlier bar.
+    """
+    if config is None:
+        return None
+    restart = training and getattr(market, "train_segments", None) is not None and config.risk_budget is not None
+    garch = config.risk_budget is not None and config.vol_model == "garch"
+    regime = config.regime_threshold is not None and config.regime_column is None
+    if not (garch or regime or restart):
+        return None
+    fit_range = max(market.training_segments(), key=lambda seg: (seg[1] - seg[0], -seg[0]))
+    arrays = market.arrays
+    prob = None
+    if regime:
+        if "regime" not in market.features.blocks:
+            raise ValueError("the regime mask rule needs regime features: pass --regimes N (N >= 2)")
+        prob = arrays.features[:, market.features.blocks["regime"].stop - 1]
+    segments = tuple((int(s), int(e)) for s, e in market.training_segments()) if restart else None
+    return MaskInputs.build(config, arrays.close, arrays.features, fit_range=(int(fit_range[0]), int(fit_range[1])),
+                            regime_prob=prob, restart_segments=segments)

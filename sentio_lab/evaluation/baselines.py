@@ -1,0 +1,452 @@
+"""Baseline policies that trade through the agents' own env, fills, costs and position set.
+
+Every baseline is a *policy over bars*: ``act(t)`` takes the env's current bar index per env (a long tensor,
+batched) and returns one level index of the env's position set per env, exactly what an agent's
+``act_greedy(obs)`` returns. :func:`run_policy` steps a :class:`~sentio_lab.env.TradingEnv` the way
+:func:`sentio_lab.evaluation.episodes.evaluate_policy` does (one deterministic episode per env from the range's first
+observable bar, ``reset(starts=...)``, ``ruin_fraction=0``) and returns the same
+:class:`~sentio_lab.evaluation.episodes.Evaluation`, so every row of a comparison has the same accounting. Baselines read
+prices, not the normalised observation: :class:`PriceHistory` holds the closes (and bar times) they need.
+
+Causality: the desired weight at bar ``t`` is a function of closes ``<= t`` (and of bar times ``<= t``); it is
+filled at the next open like any action. Until a signal is defined (too little history) the baseline is flat,
+and :attr:`WeightPolicy.first_defined` says from which bar it is not.
+
+The baselines:
+
+* ``buy_and_hold``: weight 1.
+* ``sma_crossover``: long-flat, 1 while the 50-bar mean of closes is above the 200-bar mean, else 0.
+* ``momentum``: time-series momentum, the sign of the return from 12 months ago to 1 month ago (Moskowitz,
+  Ooi and Pedersen, 2012): +1 / -1, or long-flat with ``long_only=True``. Months are calendar months on the
+  bar times (the last bar at or before ``ts_t - 12 months``); without times, ``bars_per_month`` bars.
+* ``vol_target``: buy-and-hold scaled to the training range's volatility,
+  ``clip(train_vol / forecast_vol_t, 0, max_level)``, with ``forecast_vol_t`` the EWMA (RiskMetrics,
+  lambda 0.94) root mean square of log returns up to ``t`` and ``train_vol`` the root mean square of the
+  training segments' log returns.
+* ``random``: a uniformly random level per bar, one generator per seed, reported as the mean over seeds
+  (:func:`evaluate_random`).
+
+A desired weight maps to the nearest level of the position set (ties towards flat). A baseline that wants
+long (or short) exposure on a set without a long (short) level raises instead of silently going flat.
+
+What is ours and why: the signals are a few lines of numpy / pandas each; vectorbt's indicator factories
+would add a second accounting, and the point is that the env does all the accounting. The runner is a batched
+twin of ``evaluate_policy``, which feeds observations, while baselines need the bar index.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import ClassVar, Protocol
+
+import numpy as np
+import pandas as pd
+import torch
+
+from sentio_lab.env import _MIN_EQUITY as _EQUITY_FLOOR
+from sentio_lab.env import TradingEnv, check_positions
+from sentio_lab.env.anchor import DEFAULT_TILTS, AnchorConfig
+from sentio_lab.env.costs import CostModel
+from sentio_lab.env.market import PreparedMarket
+from sentio_lab.evaluation.episodes import Evaluation
+
+Segment = tuple[int, int]
+
+
+@dataclass(frozen=True)
+class PriceHistory:
+    """What baselines read: closes, bar times and the training segments (for the volatility target)."""
+
+    close: np.ndarray
+    """float64 ``(T,)`` closes."""
+    index: pd.DatetimeIndex | None
+    """Bar times (None: calendar-free, months counted in bars)."""
+    train: tuple[Segment, ...]
+    """Training env ranges ``[start, stop)``."""
+
+    @classmethod
+    def from_market(cls, market: PreparedMarket, train: Sequence[Segment] | None = None) -> PriceHistory:
+        """Closes and times of ``market``; ``train`` defaults to its ``"train"`` range."""
+        frame = market.data.frame
+        segments = tuple(train) if train is not None else (market.range("train"),)
+        index = frame.index if isinstance(frame.index, pd.DatetimeIndex) else None
+        return cls(close=frame["close"].to_numpy(dtype=np.float64), index=index, train=segments)
+
+
+class Baseline(ABC):
+    """A rule from closes ``<= t`` to a desired weight at bar ``t``."""
+
+    name: ClassVar[str]
+    wants: ClassVar[tuple[float, ...]]
+    """Signs of exposure the rule asks for (checked against the position set)."""
+
+    @abstractmethod
+    def weights(self, history: PriceHistory) -> np.ndarray:
+        """Desired weight per bar, float64 ``(T,)``; NaN where the signal is not defined yet."""
+
+    @property
+    def exposures(self) -> tuple[float, ...]:
+        """Exposures this configuration asks for (by default :attr:`wants`)."""
+        return self.wants
+
+    def span(self, history: PriceHistory) -> int:
+        """Bars before bar ``t`` the weight at ``t`` reads (its lookback; the purge / embargo count it). A rule
+        used as an anchor must declare it."""
+        raise TypeError(f"baseline {self.name!r} declares no span(): its lookback is needed to size the embargo")
+
+
+class BuyAndHold(Baseline):
+    """Always fully long."""
+
+    name, wants = "buy_and_hold", (1.0,)
+
+    def weights(self, history: PriceHistory) -> np.ndarray:
+        """1.0 on every bar."""
+        return np.ones(len(history.close))
+
+    def span(self, history: PriceHistory) -> int:
+        """0: reads nothing."""
+        return 0
+
+
+def trailing_mean(x: np.ndarray, n: int) -> np.ndarray:
+    """Mean of ``x[t - n + 1 .. t]`` at each ``t`` (NaN for ``t < n - 1``)."""
+    out = np.full(len(x), np.nan)
+    if len(x) >= n:
+        out[n - 1 :] = np.lib.stride_tricks.sliding_window_view(x, n).mean(axis=-1)
+    return out
+
+
+@dataclass
+class SmaCrossover(Baseline):
+    """Long while the fast mean of closes is above the slow one, flat otherwise."""
+
+    fast: int = 50
+    slow: int = 200
+    name: ClassVar[str] = "sma_crossover"
+    wants: ClassVar[tuple[float, ...]] = (1.0,)
+
+    def weights(self, history: PriceHistory) -> np.ndarray:
+        """1 where SMA(fast) > SMA(slow), 0 where not, NaN before ``slow - 1``."""
+        if not 0 < self.fast < self.slow:
+            raise ValueError(f"sma_crossover: need 0 < fast < slow, got {self.fast}, {self.slow}")
+        fast, slow = trailing_mean(history.close, self.fast), trailing_mean(history.close, self.slow)
+        return np.where(np.isnan(slow), np.nan, (fast > slow).astype(np.float64))
+
+    def span(self, history: PriceHistory) -> int:
+        """``slow - 1``: the slow mean reads closes ``t - slow + 1 .. t``."""
+        return self.slow - 1
+
+
+@dataclass
+class TimeSeriesMomentum(Baseline):
+    """Sign of the return from ``lookback_months`` ago to ``skip_months`` ago (12-1 momentum)."""
+
+    lookback_months: int = 12
+    skip_months: int = 1
+    long_only: bool = False
+    bars_per_month: int = 21
+    """Used only without bar times."""
+    name: ClassVar[str] = "momentum"
+    wants: ClassVar[tuple[float, ...]] = (1.0, -1.0)
+
+    def anchors(self, history: PriceHistory) -> tuple[np.ndarray, np.ndarray]:
+        """Bar positions ``(far, near)`` at or before ``lookback_months`` / ``skip_months`` before each bar."""
+        n = len(history.close)
+        if history.index is None:
+            t = np.arange(n)
+            return t - self.lookback_months * self.bars_per_month, t - self.skip_months * self.bars_per_month
+        ts = history.index.as_unit("ns").asi8
+
+        def before(months: int) -> np.ndarray:
+            back = (history.index - pd.DateOffset(months=months)).as_unit("ns").asi8
+            return np.searchsorted(ts, back, side="right") - 1
+
+        return before(self.lookback_months), before(self.skip_months)
+
+    def weights(self, history: PriceHistory) -> np.ndarray:
+        """+1 / -1 (0 instead of -1 when ``long_only``; 0 for no change), NaN without 12 months of history."""
+        if not 0 <= self.skip_months < self.lookback_months:
+            raise ValueError(f"momentum: need 0 <= skip < lookback, got {self.skip_months}, {self.lookback_months}")
+        far, near = self.anchors(history)
+        ok = far >= 0
+        sign = np.full(len(history.close), np.nan)
+        sign[ok] = np.sign(np.log(history.close[near[ok]]) - np.log(history.close[far[ok]]))
+        return np.maximum(sign, 0.0) if self.long_only else sign
+
+    def span(self, history: PriceHistory) -> int:
+        """The longest distance from a bar back to its ``lookback_months`` anchor on this calendar."""
+        far = self.anchors(history)[0]
+        ok = far >= 0
+        distance = np.arange(len(far))[ok] - far[ok]
+        return int(distance.max()) if ok.any() else self.lookback_months * self.bars_per_month
+
+    @property
+    def exposures(self) -> tuple[float, ...]:
+        """Exposures this configuration asks for."""
+        return (1.0,) if self.long_only else self.wants
+
+
+@dataclass
+class VolTarget(Baseline):
+    """Buy-and-hold scaled by ``train_vol / forecast_vol_t``, clipped to ``[0, max_level]``."""
+
+    lam: float = 0.94
+    """EWMA decay of squared log returns (RiskMetrics)."""
+    min_periods: int = 20
+    """Returns needed before the forecast counts as defined."""
+    max_level: float = 1.0
+    name: ClassVar[str] = "vol_target"
+    wants: ClassVar[tuple[float, ...]] = (1.0,)
+
+    def forecast_vol(self, close: np.ndarray) -> np.ndarray:
+        """EWMA root mean square of the log returns up to each bar (NaN before ``min_periods`` returns)."""
+        returns = np.diff(np.log(close), prepend=np.nan)
+        var = pd.Series(returns**2).ewm(alpha=1.0 - self.lam, adjust=True, min_periods=self.min_periods).mean()
+        return np.sqrt(var.to_numpy())
+
+    @staticmethod
+    def train_vol(history: PriceHistory) -> float:
+        """Root mean square of the log returns earned inside the training segments (bars ``start + 1 .. stop - 1``)."""
+        logc = np.log(history.close)
+        returns = np.concatenate([np.diff(logc[s:e]) for s, e in history.train])
+        if len(returns) == 0:
+            raise ValueError(f"vol_target: training segments {history.train} hold no return")
+        return float(np.sqrt(np.mean(returns**2)))
+
+    def weights(self, history: PriceHistory) -> np.ndarray:
+        """``clip(train_vol / forecast_vol_t, 0, max_level)``; NaN while the forecast is undefined."""
+        if not (0 < self.lam < 1 and self.max_level > 0 and self.min_periods >= 1):
+            raise ValueError(f"vol_target: need 0 < lam < 1, max_level > 0, min_periods >= 1; got {self}")
+        forecast = self.forecast_vol(history.close)
+        with np.errstate(divide="ignore"):
+            ratio = self.train_vol(history) / forecast
+        return np.where(np.isnan(forecast), np.nan, np.clip(ratio, 0.0, self.max_level))
+
+    def span(self, history: PriceHistory) -> int:
+        """The EWMA's memory is infinite but fades: by convention the bars until an old return's weight
+        ``lam^k`` falls below 1 % (75 bars at lam 0.94), plus the close before it, at least ``min_periods + 1``.
+        (The training volatility reads the training segments only, which a training env may read.)"""
+        return max(int(np.ceil(np.log(0.01) / np.log(self.lam))), self.min_periods) + 1
+
+
+#: Deterministic baselines by the names experiment configs use ("random" is :func:`evaluate_random`).
+BASELINES: dict[str, Callable[[], Baseline]] = {
+    "buy_and_hold": BuyAndHold, "sma_crossover": SmaCrossover, "momentum": TimeSeriesMomentum,
+    "vol_target": VolTarget,
+}
+
+
+def make_baseline(baseline: Baseline | str) -> Baseline:
+    """A deterministic baseline from an instance or a :data:`BASELINES` name."""
+    if isinstance(baseline, Baseline):
+        return baseline
+    if baseline not in BASELINES:
+        raise KeyError(f"unknown baseline {baseline!r}; known: {sorted(BASELINES)} and 'random'")
+    return BASELINES[baseline]()
+
+
+def benchmark_weights(baseline: Baseline | str, market: PreparedMarket,
+                      train: Sequence[Segment] | None = None) -> np.ndarray:
+    """The anchor of :mod:`sentio_lab.env.anchor`: the baseline's desired weight per bar, float64 ``(T,)``, flat (0)
+    where its signal is not defined yet -- the weight :class:`WeightPolicy` trades, before rounding to levels.
+
+    Causal: the weight at ``t`` reads closes ``<= t`` (within :meth:`Baseline.span` bars). ``train`` (default: the
+    market's :meth:`~sentio_lab.env.market.PreparedMarket.training_segments`, a fold's training ranges on fold markets)
+    is what ``vol_target`` scales by: training bars only.
+    """
+    rule = make_baseline(baseline)
+    segments = tuple(train) if train is not None else market.training_segments()
+    weights = rule.weights(PriceHistory.from_market(market, segments))
+    return np.where(np.isnan(weights), 0.0, weights).astype(np.float64)
+
+
+def benchmark_span(baseline: Baseline | str, market: PreparedMarket) -> int:
+    """Bars before bar ``t`` that the baseline's weight at ``t`` reads on ``market`` (:meth:`Baseline.span`):
+    an anchored variant's observation reaches this far back, so the CPCV embargo must cover it."""
+    return make_baseline(baseline).span(PriceHistory.from_market(market, market.training_segments()))
+
+
+def anchor_config(baseline: Baseline | str, market: PreparedMarket, *, tilts: Sequence[float] = DEFAULT_TILTS,
+                  excess_reward: bool = False, deviation_penalty: float = 0.0, no_trade_band: float = 0.0,
+                  train: Sequence[Segment] | None = None) -> AnchorConfig:
+    """The :class:`~sentio_lab.env.anchor.AnchorConfig` of an env whose actions tilt ``baseline``'s weight on ``market``
+    (:func:`benchmark_weights`; the limits are the env's position set)."""
+    rule = make_baseline(baseline)
+    return AnchorConfig(benchmark_weights(rule, market, train), tilts=tuple(tilts), excess_reward=excess_reward,
+                        deviation_penalty=deviation_penalty, no_trade_band=no_trade_band, name=rule.name)
+
+
+# ============================================================================================== policies
+def nearest_levels(weights: np.ndarray, positions: Sequence[float]) -> np.ndarray:
+    """Index of the nearest level of ``positions`` for each weight (ties towards the smaller |level|)."""
+    levels = check_positions(positions)
+    order = np.argsort(np.abs(levels), kind="stable")  # argmin keeps the first of equal distances
+    distance = np.abs(levels[order][None, :] - np.asarray(weights, dtype=np.float64)[:, None])
+    return order[np.argmin(distance, axis=1)]
+
+
+def check_exposures(name: str, exposures: Sequence[float], positions: Sequence[float]) -> None:
+    """Raise if the position set has no level on a side (long / short) that ``name`` asks for."""
+    levels = check_positions(positions)
+    for want in exposures:
+        if want > 0 and not (levels > 0).any():
+            raise ValueError(f"{name} wants long exposure but positions {tuple(positions)} have no long level")
+        if want < 0 and not (levels < 0).any():
+            hint = " (use long_only=True for the long-flat variant)" if name == "momentum" else ""
+            raise ValueError(f"{name} wants short exposure but positions {tuple(positions)} have no short level{hint}")
+
+
+class Policy(Protocol):
+    """What :func:`run_policy` steps: a level index per env from the env's bar index per env."""
+
+    def act(self, t: torch.Tensor) -> torch.Tensor:
+        """Level indices (long, one per env) for the bars ``t`` (long, one per env)."""
+        ...
+
+
+class WeightPolicy:
+    """A deterministic baseline bound to one market and position set: ``act(t)`` is a table lookup."""
+
+    def __init__(self, baseline: Baseline, history: PriceHistory, positions: Sequence[float],
+                 device: str | torch.device = "cpu") -> None:
+        """Compute the baseline's weights once (causal per bar) and map them to level indices."""
+        check_exposures(baseline.name, baseline.exposures, positions)
+        self.baseline = baseline
+        self.weights = baseline.weights(history)
+        if self.weights.shape != history.close.shape:
+            raise ValueError(f"{baseline.name}: {self.weights.shape} weights for {history.close.shape} bars")
+        defined = ~np.isnan(self.weights)
+        # First bar with a defined signal; the policy is flat before it.
+        self.first_defined = int(np.argmax(defined)) if defined.any() else len(defined)
+        self.levels = nearest_levels(np.where(defined, self.weights, 0.0), positions)
+        self._table = torch.as_tensor(self.levels, dtype=torch.long, device=device)
+
+    def act(self, t: torch.Tensor) -> torch.Tensor:
+        """The level index chosen at each bar ``t``."""
+        return self._table.index_select(0, t.to(self._table.device))
+
+
+class RandomPolicy:
+    """Env ``i`` draws a uniformly random level per step from its own generator, seeded ``seeds[i]``."""
+
+    def __init__(self, seeds: Sequence[int], num_levels: int, device: str | torch.device = "cpu") -> None:
+        """One CPU generator per seed, so a seed's path does not depend on which other seeds run beside it."""
+        if len(seeds) == 0 or len(set(seeds)) != len(seeds):
+            raise ValueError(f"random: seeds must be distinct and non-empty, got {tuple(seeds)}")
+        self.seeds, self.num_levels, self.device = tuple(seeds), num_levels, torch.device(device)
+        self.generators = [torch.Generator().manual_seed(int(s)) for s in self.seeds]
+
+    def act(self, t: torch.Tensor) -> torch.Tensor:
+        """One draw per env (``t`` only sets the batch size)."""
+        if len(t) != len(self.generators):
+            raise ValueError(f"random: {len(t)} envs for {len(self.generators)} seeds")
+        draws = [torch.randint(0, self.num_levels, (1,), generator=g) for g in self.generators]
+        return torch.cat(draws).to(self.device)
+
+
+# ================================================================================================ runner
+def run_policy(
+    policy: Policy,
+    market: PreparedMarket,
+    *,
+    window: int,
+    positions: Sequence[float],
+    costs: CostModel,
+    range_name: str = "test",
+    bars: Segment | None = None,
+    num_envs: int = 1,
+    device: str | torch.device = "cpu",
+) -> list[Evaluation]:
+    """One deterministic episode per env over the range (``bars`` overrides the named one), as
+    :func:`sentio_lab.evaluation.episodes.evaluate_policy` runs an agent: same env, start, length, fills, costs and ruin."""
+    start, stop = market.range(range_name) if bars is None else bars
+    first = max(start, market.arrays.first_valid + window - 1)
+    length = stop - 1 - first
+    env = TradingEnv(market.arrays, num_envs=num_envs, window=window, episode_length=length, start=start, stop=stop,
+                     positions=positions, costs=costs, ruin_fraction=0.0, device=device)
+    env.reset(starts=[first] * num_envs)
+    chosen = np.empty((num_envs, length), dtype=np.int64)
+    equity = np.empty((num_envs, length + 1))
+    equity[:, 0] = 1.0
+    steps = np.full(num_envs, length)
+    alive = np.ones(num_envs, dtype=bool)
+    with torch.no_grad():
+        for k in range(length):
+            action = policy.act(env.t)
+            chosen[:, k] = action.cpu().numpy()
+            _, _, terminated, _, info = env.step(action)
+            equity[:, k + 1] = info["equity"].cpu().numpy()
+            ruined = terminated.cpu().numpy() & alive  # ruin: the rest of the range is not tradable
+            steps[ruined], alive = k + 1, alive & ~ruined
+            if not alive.any():
+                break
+    levels = np.asarray(positions, dtype=np.float64)
+    index = market.data.frame.index
+    out = []
+    for i in range(num_envs):
+        n = int(steps[i])
+        curve = equity[i, : n + 1].copy()
+        if not alive[i]:
+            curve[-1] = max(curve[-1], _EQUITY_FLOOR)
+        out.append(Evaluation(
+            range_name=range_name if bars is None else f"bars[{start}:{stop})", start=first,
+            weights=pd.Series(levels[chosen[i, :n]], index=index[first : first + n], name="weight"),
+            equity=pd.Series(curve, index=index[first : first + n + 1], name="equity"),
+            costs=costs, ruined=not alive[i], fill_price=market.arrays.fill_price,
+        ))
+    return out
+
+
+def evaluate_baseline(
+    baseline: Baseline | str,
+    market: PreparedMarket,
+    *,
+    window: int,
+    positions: Sequence[float],
+    costs: CostModel,
+    range_name: str = "test",
+    bars: Segment | None = None,
+    train: Sequence[Segment] | None = None,
+) -> Evaluation:
+    """Run a deterministic baseline (an instance or a :data:`BASELINES` name) over the range through the env."""
+    baseline = make_baseline(baseline)
+    policy = WeightPolicy(baseline, PriceHistory.from_market(market, train), positions)
+    (evaluation,) = run_policy(policy, market, window=window, positions=positions, costs=costs,
+                               range_name=range_name, bars=bars)
+    return evaluation
+
+
+@dataclass
+class RandomEvaluation:
+    """The random baseline over several seeds: one evaluation per seed and their mean."""
+
+    seeds: tuple[int, ...]
+    evaluations: list[Evaluation]
+    mean_equity: pd.Series
+    """Mean of the seeds' equity curves (the account of 1/n in each seed); a ruined seed stays at its floor."""
+
+    def mean_over_seeds(self, statistic: Callable[[Evaluation], float]) -> float:
+        """Mean of ``statistic`` (e.g. a Sharpe ratio of the equity) over the seeds."""
+        return float(np.mean([statistic(e) for e in self.evaluations]))
+
+
+def evaluate_random(
+    market: PreparedMarket,
+    seeds: Sequence[int],
+    *,
+    window: int,
+    positions: Sequence[float],
+    costs: CostModel,
+    range_name: str = "test",
+    bars: Segment | None = None,
+) -> RandomEvaluation:
+    """Run the random policy for every seed at once (one env per seed) and report the mean over seeds."""
+    policy = RandomPolicy(seeds, len(check_positions(positions)))
+    evaluations = run_policy(policy, market, window=window, positions=positions, costs=costs,
+                             range_name=range_name, bars=bars, num_envs=len(seeds))
+    full = max((e.equity.index for e in evaluations), key=len)
+    mean = pd.concat([e.equity.reindex(full).ffill() for e in evaluations], axis=1).mean(axis=1)
+    return RandomEvaluation(seeds=tuple(seeds), evaluations=evaluations, mean_equity=mean.rename("equity"))
