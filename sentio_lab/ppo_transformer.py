@@ -18,7 +18,7 @@ surrogate, truncation bootstrap, checkpoints, exact resume); what differs, and w
 
 Resuming (``--resume PATH``) follows ``ppo``: run-control arguments (:data:`sentio_lab.agents.arguments.RUN_CONTROL_FIELDS`)
 from the command line, every other argument from the checkpoint (a conflicting explicit value is refused); on CPU a
-resumed run ends with the same weights as an uninterrupted one (tests/test_ppo_transformer.py).
+resumed run ends with the same weights as an uninterrupted one (tests/variants/test_ppo_transformer.py).
 """
 
 from __future__ import annotations

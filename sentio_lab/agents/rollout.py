@@ -1,6 +1,6 @@
 """Rollout maths shared by the PPO variants: GAE, the truncation bootstrap, the PPO losses, approximate KL.
 
-Pure tensor functions, no state: each variant's train loop calls them, and ``tests/test_rollout.py``
+Pure tensor functions, no state: each variant's train loop calls them, and ``tests/agents/test_rollout.py``
 checks them against numbers worked out by hand, so a broken algorithm fails a test.
 
 Storage convention (CleanRL's): tensors are ``(num_steps, num_envs)``; ``dones[t]`` says whether the

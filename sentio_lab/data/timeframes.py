@@ -17,7 +17,7 @@ Convention
   calendar cannot tell a late start from a quiet market, and it only feeds the warm-up in practice.
 
 So at base bar ``t`` a policy sees exactly the HTF bars that are complete by ``t``'s close. Everything
-here is computed from bars ``<= t``; ``tests/test_timeframes.py`` and ``tests/test_lookahead.py``
+here is computed from bars ``<= t``; ``tests/data/test_timeframes.py`` and ``tests/features/test_lookahead.py``
 prove it by replacing the future (values *and* timestamps) and comparing bit for bit.
 
 ``base_freq`` (the duration of one base bar) must be given or inferred. Inferring it from the whole

@@ -11,7 +11,7 @@ with ``b_t`` the benchmark's weight decided at bar ``t`` (a function of bars ``<
 ``[lo, hi]`` the ``limits`` (default: the lowest and highest level of the env's position set). The fills, costs,
 borrow and marks are the env's own, unchanged. The zero offset must be one of the tilts: an agent that always
 chooses it *is* the benchmark, bit for bit (the same target weights, the same trades, the same equity), which is
-what tests/test_anchor.py checks against the baseline run as a policy through the same env.
+what tests/env/test_anchor.py checks against the baseline run as a policy through the same env.
 
 Options (each off at its default):
 

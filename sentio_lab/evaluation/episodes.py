@@ -168,7 +168,7 @@ def evaluate_checkpoint(path: str | Path, range_name: str = "test", *, dataset: 
 #: over the rows of the actor's last linear layer: with tanh activations before it (``|h_j| <= 1``) it bounds every
 #: term of the last dot products, so rounding errors there are a few float32 ulps of it. A float32 matmul over a
 #: batch need not round like the same matmul over one row (other kernels, other summation orders): the logits
-#: differ by about 3e-8 x scale (tests/test_evaluate.py measures it and checks a margin of at least 20x), so
+#: differ by about 3e-8 x scale (tests/evaluation/test_evaluate.py measures it and checks a margin of at least 20x), so
 #: outside the band the argmax cannot differ, and inside it (exact ties included) the unbatched computation decides.
 TIE_ATOL = 1e-6
 TIE_RTOL = 1e-5

@@ -67,7 +67,7 @@ def _mama(b: Bars) -> dict[str, np.ndarray]:
     # On raw close, not log close: MAMA's phase-driven alpha is exactly scale-equivariant but not exactly
     # shift-equivariant, and both lines are positive averages, so the log ratio is always defined. During a halt
     # (unchanged prices) the phase is atan(Q / I) of two rounding residues: for a while after one, the lines
-    # depend on the rounding of the price digits (finite and causal; see tests/test_messy_features.py).
+    # depend on the rounding of the price digits (finite and causal; see tests/features/test_messy_features.py).
     mama, fama = talib.MAMA(b.close, fastlimit=0.5, slowlimit=0.05)
     return {"mama": _log_ratio(mama, b.close), "fama": _log_ratio(fama, b.close)}
 

@@ -9,7 +9,7 @@ are ordered by volatility (state 0 = calmest), so labels do not depend on the se
 The features are filtered probabilities ``p(z_t | x_1..x_t)`` from the normalised forward recursion,
 computed here in numpy from the fitted ``startprob``, ``transmat`` and Gaussian emission densities.
 hmmlearn's ``predict`` (Viterbi) and ``predict_proba`` (forward-backward smoothing) condition on the
-whole sequence, future included, and are therefore never used for features; ``tests/test_regime.py``
+whole sequence, future included, and are therefore never used for features; ``tests/features/test_regime.py``
 shows the difference.
 """
 

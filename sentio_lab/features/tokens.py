@@ -15,7 +15,7 @@ Causality: ``h`` bar ``j`` becomes visible at the close of base row ``close_row[
 (:func:`sentio_lab.data.timeframes.resample_causal`), so row ``t`` of ``index`` names only bars with
 ``close_row <= t``; the bar still forming at ``t`` never appears. A token's features read ``h`` bars ``<= j`` only
 (the producers are causal), and the normaliser is fitted on training rows, so nothing after ``t`` moves a token
-seen at ``t`` (tests/test_tokens.py perturbs the future, values and timestamps, and compares bit for bit).
+seen at ``t`` (tests/features/test_tokens.py perturbs the future, values and timestamps, and compares bit for bit).
 
 Training bars: an ``h`` bar is fitted on when every base row it depends on (from its bucket's first base row to
 the row that closes it, :func:`htf_training_bars`) is a training row and its features are defined. The training

@@ -33,7 +33,7 @@ import torch
 from sentio_lab.env.costs.model import ArrayT, CostModel, _where
 
 #: Newton steps of the fill solve (square-root impact in x = sqrt(y), linear impact in y). From the no-impact start
-#: the iterates converge quadratically; tests/test_costs.py checks 6 steps against a 200-step bisection root to
+#: the iterates converge quadratically; tests/env/test_costs.py checks 6 steps against a 200-step bisection root to
 #: 1e-13 relative for impact up to 90 % of the price (buying and selling, long, short and levered targets, both
 #: models), and that 4 steps are not enough there. Was 12 steps in y with a square root in each.
 NEWTON_STEPS = 6

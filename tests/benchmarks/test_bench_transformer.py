@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "benchmarks" / "bench_transformer.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "experiments" / "benchmarks" / "bench_transformer.py"
 
 
 def load_bench():

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "benchmarks" / "bench_evaluation.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "experiments" / "benchmarks" / "bench_evaluation.py"
 
 
 def load_bench():

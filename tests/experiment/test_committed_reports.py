@@ -19,7 +19,7 @@ import pytest
 
 from sentio_lab.experiment.summary import Inference, ab_tests, strategy_table, targets_table, verdict
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def committed_reports() -> list[Path]:

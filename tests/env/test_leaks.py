@@ -16,7 +16,7 @@ import pytest
 from sentio_lab.env import MarketArrays, fill_arrays
 from sentio_lab.env.costs import CostModel, bars_per_day, cost_inputs
 from sentio_lab.features.tokens import timeframe_token_block
-from tests.test_lookahead import random_ohlcv
+from tests.features.test_lookahead import random_ohlcv
 
 DAY = pd.Timedelta("1D")
 

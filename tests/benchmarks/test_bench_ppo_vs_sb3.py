@@ -9,7 +9,7 @@ import pytest
 
 pytest.importorskip("stable_baselines3")
 
-SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "benchmarks" / "bench_ppo_vs_sb3.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "experiments" / "benchmarks" / "bench_ppo_vs_sb3.py"
 
 
 def load_bench():

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "benchmarks" / "_timing.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "experiments" / "benchmarks" / "_timing.py"
 
 
 def load():

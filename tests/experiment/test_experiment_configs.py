@@ -6,7 +6,7 @@ import tyro
 
 from sentio_lab import ppo
 
-CONFIGS = sorted((Path(__file__).parent.parent / "experiments" / "configs").glob("*.args"))
+CONFIGS = sorted((Path(__file__).parents[2] / "experiments" / "configs").glob("*.args"))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)

@@ -20,8 +20,8 @@ import pytest
 
 from sentio_lab import ppo
 from sentio_lab.agents.variants import load_trained
-from sentio_lab.evaluation import agent_report
 from sentio_lab.evaluate import main
+from sentio_lab.evaluation import agent_report
 from sentio_lab.evaluation.episodes import evaluate_checkpoint
 from sentio_lab.evaluation.metrics import STAT_NAMES
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "features_and_regimes.ipynb"
+NOTEBOOK = Path(__file__).resolve().parents[2] / "notebooks" / "features_and_regimes.ipynb"
 FIGURES = ("warmup.png", "correlation_heatmap.png", "regimes.png", "multi_timeframe.png")
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "benchmarks" / "bench_ppo_risk.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "experiments" / "benchmarks" / "bench_ppo_risk.py"
 
 
 def load_bench():

@@ -6,7 +6,7 @@ import re
 import papermill as pm
 import pytest
 
-NOTEBOOK = os.path.join(os.path.dirname(__file__), "..", "notebooks", "train_and_report.ipynb")
+NOTEBOOK = os.path.join(os.path.dirname(__file__), "..", "..", "notebooks", "train_and_report.ipynb")
 
 
 @pytest.mark.slow

@@ -9,7 +9,7 @@ import pytest
 
 pytest.importorskip("sb3_contrib")
 
-SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "benchmarks" / "bench_masked_vs_sb3_contrib.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "experiments" / "benchmarks" / "bench_masked_vs_sb3_contrib.py"
 
 
 def load_bench():

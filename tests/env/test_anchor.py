@@ -10,8 +10,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from test_baselines import prepared, prices
-from test_ledger import STARTS, STEPS, ledger_equity, nonflat_costs, nonflat_ledger_equity
 
 from sentio_lab.agents.arguments import FeatureArgs
 from sentio_lab.data import load_market
@@ -32,6 +30,8 @@ from sentio_lab.evaluation.baselines import (
     make_baseline,
     run_policy,
 )
+from tests.evaluation.test_baselines import prepared, prices
+from tests.evaluation.test_ledger import STARTS, STEPS, ledger_equity, nonflat_costs, nonflat_ledger_equity
 
 COSTS = CostModel(fee_bps=10.0, slippage_bps=20.0, borrow_bps=500.0)
 TILTS = (-0.5, -0.25, 0.0, 0.25, 0.5)

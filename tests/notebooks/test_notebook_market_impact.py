@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "market_impact.ipynb"
+NOTEBOOK = Path(__file__).resolve().parents[2] / "notebooks" / "market_impact.ipynb"
 
 
 def test_committed_notebook_has_parameters_and_no_outputs():

@@ -248,7 +248,7 @@ def test_the_command_line_and_the_notebook_share_one_run_folder():
     from sentio_lab.experiment.runner import RUNS_ROOT
 
     assert Args.__dataclass_fields__["output_root"].default == RUNS_ROOT == "runs/experiments"
-    notebook = (Path(__file__).resolve().parents[1] / "notebooks" / "evaluation_report.ipynb").read_text()
+    notebook = (Path(__file__).resolve().parents[2] / "notebooks" / "evaluation_report.ipynb").read_text()
     assert 'f\\"{RUNS_ROOT}/{experiment.name}\\"' in notebook  # the notebook's default run_dir
 
 
