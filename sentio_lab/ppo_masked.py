@@ -46,7 +46,8 @@ from sentio_lab.agents.rollout import (
 from sentio_lab.agents.training import TrainResult
 from sentio_lab.env import TradingEnv
 from sentio_lab.env.market import PreparedMarket
-from sentio_lab.env.masks import MaskConfig, MaskInputs, market_mask_inputs
+from sentio_lab.env.mask_inputs import MaskInputs, market_mask_inputs
+from sentio_lab.env.masks import MaskConfig
 from sentio_lab.run_loop import rollout_storage, run_cli, start_run
 
 VARIANT = "ppo_masked"
@@ -85,7 +86,7 @@ def mask_config(args: Args) -> MaskConfig:
 
 def mask_inputs(config: MaskConfig, market: PreparedMarket) -> MaskInputs | None:
     """The series the mask rules read on ``market`` (GARCH fitted on training bars only; the regime column):
-    :func:`sentio_lab.env.masks.market_mask_inputs`, shared with the evaluation so both see the same masks."""
+    :func:`sentio_lab.env.mask_inputs.market_mask_inputs`, shared with the evaluation so both see the same masks."""
     return market_mask_inputs(config, market)
 
 

@@ -34,7 +34,7 @@ bars ``[a, b]`` of every test group:
   ``t - C .. t`` (spread, sigma_daily and ADV windows, :func:`sentio_lab.env.costs.cost_reach`; ``C = 0`` for flat
   costs). The embargo is then ``max(window - 1 + F, C)`` (:attr:`PurgeEmbargo.reach`) and the touched-bar audit
   counts those bars too. The mask volatility forecasts restart at each training segment instead
-  (:func:`sentio_lab.env.masks.restarted_per_segment`), so they add nothing here.
+  (:func:`sentio_lab.env.mask_inputs.restarted_per_segment`), so they add nothing here.
 
 Walk-forward trains only before its test group, so it needs the purge and no embargo. Training rows for
 normalisation and the HMM are :func:`fit_rows`: the rows of the training env ranges, all clean by the rule.

@@ -51,7 +51,8 @@ from sentio_lab.env.costs import (
     execute,
     rebalance,
 )
-from sentio_lab.env.masks import InvalidAction, MaskConfig, MaskInputs, make_masker
+from sentio_lab.env.mask_inputs import MaskInputs
+from sentio_lab.env.masks import InvalidAction, MaskConfig, make_masker
 from sentio_lab.features.observation_layout import (
     TokenBlock,
     check_token_blocks,

@@ -45,7 +45,8 @@ from sentio_lab.env import _MIN_EQUITY as _EQUITY_FLOOR
 from sentio_lab.env import TradingEnv, episode_start_bounds
 from sentio_lab.env.costs import CostModel
 from sentio_lab.env.market import PreparedMarket
-from sentio_lab.env.masks import MaskConfig, MaskInputs, market_mask_inputs
+from sentio_lab.env.mask_inputs import MaskInputs, market_mask_inputs
+from sentio_lab.env.masks import MaskConfig
 from sentio_lab.evaluation.metrics import summary_stats
 
 
@@ -81,7 +82,7 @@ def _mask_env_kwargs(masks: MaskConfig | None, invalid_action: str, market: Prep
 
 
 def _mask_inputs(masks: MaskConfig, market: PreparedMarket) -> MaskInputs | None:
-    """As the variant's own: :func:`sentio_lab.env.masks.market_mask_inputs` (GARCH fitted on training bars only)."""
+    """As the variant's own: :func:`sentio_lab.env.mask_inputs.market_mask_inputs` (GARCH fitted on training bars only)."""
     return market_mask_inputs(masks, market)
 
 

@@ -354,7 +354,7 @@ def test_the_embargo_and_the_touched_bar_audit_count_the_cost_span():
 
 
 def test_restarted_volatility_reads_its_own_segment_only():
-    from sentio_lab.env.masks import ewma_volatility, restarted_per_segment
+    from sentio_lab.env.mask_inputs import ewma_volatility, restarted_per_segment
 
     close = random_ohlcv(300, seed=2)["close"].to_numpy()
     vol = restarted_per_segment(close, [(0, 100), (150, 300)], ewma_volatility)

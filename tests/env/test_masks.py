@@ -8,15 +8,8 @@ import torch
 
 from sentio_lab.env import MarketArrays, NumpyTradingEnv, TradingEnv
 from sentio_lab.env.costs import CostModel
-from sentio_lab.env.masks import (
-    MaskConfig,
-    Masker,
-    MaskInputs,
-    NoValidActionError,
-    ewma_volatility,
-    garch_volatility,
-    nearest_valid,
-)
+from sentio_lab.env.mask_inputs import MaskInputs, ewma_volatility, garch_volatility
+from sentio_lab.env.masks import MaskConfig, Masker, NoValidActionError, nearest_valid
 
 FIVE = (-1.0, -0.5, 0.0, 0.5, 1.0)
 FLAT = 2
@@ -334,7 +327,8 @@ def test_regime_rule_needs_a_source_and_invalid_action_is_checked():
 
 def test_market_mask_inputs_read_the_most_volatile_regime_and_fit_garch_on_training_bars():
     from sentio_lab.env.market import prepare_market
-    from sentio_lab.env.masks import MaskConfig, fit_garch, garch_volatility, market_mask_inputs
+    from sentio_lab.env.mask_inputs import fit_garch, garch_volatility, market_mask_inputs
+    from sentio_lab.env.masks import MaskConfig
     from sentio_lab.features import FeatureConfig
 
     market = prepare_market("nasdaq", FeatureConfig(regimes=2, regime_restarts=1), end="2004-12-31")

@@ -194,7 +194,7 @@ def test_costs_paid_add_up_the_fills_of_every_group(finished):
 
 
 def test_masked_and_unmasked_configurations_compare_through_the_runner(config, tmp_path):
-    from sentio_lab.experiment.runner import RULES_FILE
+    from sentio_lab.experiment.assembly import RULES_FILE
     from sentio_lab.experiment.summary import infer, rule_table
 
     both = ExperimentConfig(**{**config.__dict__, "name": "masked", "split": "walk_forward", "n_groups": 2,

@@ -15,7 +15,8 @@ import torch
 
 from sentio_lab.data import load_market
 from sentio_lab.env import MarketArrays, TradingEnv
-from sentio_lab.env.masks import MaskConfig, MaskInputs, ewma_volatility, fit_garch, garch_volatility
+from sentio_lab.env.mask_inputs import MaskInputs, ewma_volatility, fit_garch, garch_volatility
+from sentio_lab.env.masks import MaskConfig
 from sentio_lab.features import (
     Bars,
     FeatureConfig,
