@@ -5,7 +5,8 @@ batched) and returns one level index of the env's position set per env, exactly 
 ``act_greedy(obs)`` returns. :func:`run_policy` steps a :class:`~sentio_lab.env.TradingEnv` the way
 :func:`sentio_lab.evaluation.episodes.evaluate_policy` does (one deterministic episode per env from the range's first
 observable bar, ``reset(starts=...)``, ``ruin_fraction=0``) and returns the same
-:class:`~sentio_lab.evaluation.episodes.Evaluation`, so every row of a comparison has the same accounting. Baselines read
+:class:`~sentio_lab.evaluation.episodes.Evaluation`, so every row of a comparison has the same accounting. Baselines
+read
 prices, not the normalised observation: :class:`PriceHistory` holds the closes (and bar times) they need.
 
 Causality: the desired weight at bar ``t`` is a function of closes ``<= t`` (and of bar times ``<= t``); it is
@@ -361,7 +362,8 @@ def run_policy(
     device: str | torch.device = "cpu",
 ) -> list[Evaluation]:
     """One deterministic episode per env over the range (``bars`` overrides the named one), as
-    :func:`sentio_lab.evaluation.episodes.evaluate_policy` runs an agent: same env, start, length, fills, costs and ruin."""
+    :func:`sentio_lab.evaluation.episodes.evaluate_policy` runs an agent: same env, start, length, fills, costs and
+    ruin."""
     start, stop = market.range(range_name) if bars is None else bars
     first = max(start, market.arrays.first_valid + window - 1)
     length = stop - 1 - first
