@@ -62,12 +62,13 @@ def _check_fresh(series: ExogenousSeries, visible: np.ndarray, bar_close: np.nda
     stale = np.flatnonzero(age > series.max_age.value)
     if len(stale):
         row = int(rows[stale[0]])
+        last_fresh = str(pd.Timestamp(index[row - 1]).date()) if row > 0 else None
         raise DataValidationError(
             f"exogenous series {series.name!r}: the bar {index[row]} sees a value released "
-            f"{series.released_at[visible[row]]} ({pd.Timedelta(int(age[stale[0]]), unit='ns').days} days before, "
-            f"more than the {series.max_age.days} allowed); the series ends {series.dates[-1].date()} or has a hole "
-            f"there: end the market earlier (--data-end) or drop {series.name!r} from --exogenous",
-            flag="--data-end", value=str(series.dates[-1].date()))
+            f"{series.released_at[visible[row]]} ({age[stale[0]] / 86400e9:.1f} days before, more than the "
+            f"{series.max_age / pd.Timedelta(days=1):g} allowed); the series ends {series.dates[-1].date()} or has a "
+            f"hole there: end the market by {last_fresh} (--data-end) or drop {series.name!r} from --exogenous",
+            flag="--data-end", value=last_fresh)
 
 
 def load_all(specs: Sequence[str]) -> list[ExogenousSeries]:

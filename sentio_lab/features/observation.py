@@ -109,8 +109,9 @@ def _check_state(state: dict, config: FeatureConfig) -> None:
         raise ValueError(
             f"feature state has version {state['version']}, this code computes version {FEATURE_VERSION}"
         )
-    wanted = config.fitted_fields()
-    diff = {k: (state["config"].get(k), v) for k, v in wanted.items() if state["config"].get(k) != v}
+    # No "exogenous" key (a config without series, or a state saved before the field) means no series.
+    wanted, saved = {"exogenous": [], **config.fitted_fields()}, {"exogenous": [], **state["config"]}
+    diff = {k: (saved.get(k), v) for k, v in wanted.items() if saved.get(k) != v}
     if diff:
         raise ValueError(f"feature state was fitted with a different config (state, given): {diff}")
 
