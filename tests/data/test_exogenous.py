@@ -54,7 +54,8 @@ def test_bundled_release_times_are_the_documented_ones():
     spread = bundled_exogenous("credit_spread")
     jan = spread.dates.get_loc(pd.Timestamp("2016-01-01"))
     assert spread.released_at[jan] == pd.Timestamp("2016-02-11 14:30")
-    assert spread.values[jan] == pytest.approx(bundled_exogenous("baa").values[jan] - bundled_exogenous("aaa").values[jan])
+    baa, aaa = bundled_exogenous("baa"), bundled_exogenous("aaa")
+    assert spread.values[jan] == pytest.approx(baa.values[jan] - aaa.values[jan])
     ff = bundled_exogenous("ff_mkt_rf")
     assert ff.dates[0] == pd.Timestamp("1926-07-01") and ff.dates[-1] == pd.Timestamp("2018-11-01")
     assert (ff.dates.day == 1).all() and (np.diff(ff.dates.year * 12 + ff.dates.month) == 1).all()
@@ -119,7 +120,8 @@ def test_series_invariants_are_checked():
     ExogenousSeries(**good)
     for change, message in [
         ({"values": np.array([1.0])}, "same"), ({"change": "pct"}, "change must"),
-        ({"values": np.array([1.0, np.nan])}, "finite"), ({"values": np.array([1.0, -1.0]), "change": "log"}, "positive"),
+        ({"values": np.array([1.0, np.nan])}, "finite"),
+        ({"values": np.array([1.0, -1.0]), "change": "log"}, "positive"),
         ({"dates": dates[::-1], "released_at": dates[::-1] + 2 * DAY}, "strictly increasing"),
         ({"released_at": (dates + DAY)[::-1]}, "dates' order"), ({"released_at": dates - DAY}, "before its date"),
     ]:

@@ -8,11 +8,11 @@ import pandas as pd
 import pytest
 
 from sentio_lab.agents.training import feature_config_from
+from sentio_lab.agents.variants import parse_variant_args
 from sentio_lab.data import DataValidationError, load_market, to_market
 from sentio_lab.data.exogenous import bundled_exogenous
 from sentio_lab.env.market import prepare_fold_market, prepare_market
 from sentio_lab.env.splits import PurgeEmbargo, combinatorial_purged
-from sentio_lab.experiment.cells import parse_variant_args
 from sentio_lab.features import FeatureConfig, build_observation_features
 from sentio_lab.features.config import config_from_state
 from sentio_lab.features.exogenous import EXOGENOUS_BLOCK, exogenous_block, exogenous_span
