@@ -7,12 +7,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from sentio_lab import ppo
+from sentio_lab.agents.checkpoint import load_checkpoint
 from sentio_lab.agents.training import feature_config_from
-from sentio_lab.agents.variants import parse_variant_args
+from sentio_lab.agents.variants import load_variant, parse_variant_args
 from sentio_lab.data import DataValidationError, load_market, to_market
 from sentio_lab.data.exogenous import bundled_exogenous
 from sentio_lab.env.market import prepare_fold_market, prepare_market
 from sentio_lab.env.splits import PurgeEmbargo, combinatorial_purged
+from sentio_lab.evaluation.episodes import evaluate_checkpoint, evaluate_policy
 from sentio_lab.features import FeatureConfig, build_observation_features
 from sentio_lab.features.config import config_from_state
 from sentio_lab.features.exogenous import EXOGENOUS_BLOCK, exogenous_block, exogenous_span
@@ -257,3 +260,25 @@ def test_the_flag_reaches_the_feature_config():
     with pytest.raises(ValueError, match="block names"):
         FeatureConfig(timeframes=("exogenous",))
     assert FeatureConfig(exogenous=("a.csv@1D",)).fitted_fields()["exogenous"] == ["a.csv@1D"]
+
+
+@pytest.mark.parametrize("variant", ["ppo", "ppo_masked", "ppo_risk", "ppo_transformer"])
+def test_every_variant_takes_the_flag(variant):
+    args = parse_variant_args(variant, ["--exogenous", "vix", "credit_spread"])
+    assert load_variant(variant).feature_config(args).exogenous == ("vix", "credit_spread")
+
+
+def test_a_checkpoint_carries_the_fitted_exogenous_state(tiny_args):
+    """Train a tiny PPO with VIX and the credit spread; the checkpoint re-evaluates to the live agent's equity, with
+    the features rebuilt from its saved state (the z-score included)."""
+    args = tiny_args.replace(exogenous=("vix", "credit_spread"))
+    market = prepare_market("sp500", feature_config_from(args))
+    result = ppo.train(args, market=market)
+    saved = load_checkpoint(result.checkpoint_path)["feature_state"]
+    assert saved["exogenous"]["series"] == ["vix", "credit_spread"] and len(saved["exogenous"]["zscore"]["mean"]) == 4
+    assert [n for n in market.features.names if n.startswith("exo:")] == [
+        "exo:vix", "exo:vix:chg", "exo:credit_spread", "exo:credit_spread:chg"]
+    live = evaluate_policy(result.agent, market, window=args.features.window, positions=args.env.positions,
+                           costs=ppo.cost_model(args))
+    restored = evaluate_checkpoint(result.checkpoint_path)
+    pd.testing.assert_series_equal(live.equity, restored.equity)
