@@ -23,7 +23,7 @@ import pandas as pd
 from sentio_lab.data import DataValidationError
 from sentio_lab.data.exogenous import ExogenousSeries, bar_close_times, load_exogenous, visible_index
 
-#: Block name in :attr:`sentio_lab.features.ObservationFeatures.blocks`.
+#: Block name in :attr:`sentio_lab.features.observation.ObservationFeatures.blocks`.
 EXOGENOUS_BLOCK = "exogenous"
 
 
