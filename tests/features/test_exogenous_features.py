@@ -18,7 +18,13 @@ from sentio_lab.env.splits import PurgeEmbargo, combinatorial_purged
 from sentio_lab.evaluation.episodes import evaluate_checkpoint, evaluate_policy
 from sentio_lab.features import FeatureConfig, build_observation_features
 from sentio_lab.features.config import config_from_state
-from sentio_lab.features.exogenous import EXOGENOUS_BLOCK, exogenous_block, exogenous_span
+from sentio_lab.features.exogenous import (
+    EXOGENOUS_BLOCK,
+    apply_zscore,
+    exogenous_block,
+    exogenous_span,
+    fit_zscore,
+)
 from sentio_lab.features.observation import warmup_rows
 from sentio_lab.features.spans import feature_span
 
@@ -282,3 +288,13 @@ def test_a_checkpoint_carries_the_fitted_exogenous_state(tiny_args):
                            costs=ppo.cost_model(args))
     restored = evaluate_checkpoint(result.checkpoint_path)
     pd.testing.assert_series_equal(live.equity, restored.equity)
+
+
+def test_zscore_and_span_edges(frame, tmp_path):
+    with pytest.raises(ValueError, match="constant on the training rows"):
+        fit_zscore(np.array([[1.0, 2.0], [1.0, 3.0]]))
+    params = fit_zscore(np.array([[1.0], [3.0]]))
+    np.testing.assert_array_equal(apply_zscore(np.array([[2.0], [11.0]]), params, 5.0), [[0.0], [5.0]])
+    one = tmp_path / "one.csv"
+    one.write_text("date,value\n2014-01-01,1\n")  # one release: a level, never a change, so no span
+    assert exogenous_span(frame.index[:10], (f"{one}@1D",), DAY) == 0
