@@ -27,6 +27,7 @@ import dataclasses
 import hashlib
 import importlib.metadata
 import json
+import logging
 import shutil
 import subprocess
 import warnings
@@ -39,6 +40,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from sentio_lab.agents.checkpoint import load_checkpoint
 from sentio_lab.agents.nets import masked_argmax
 from sentio_lab.agents.variants import env_options, load_trained, load_variant
 from sentio_lab.env.anchor import AnchorConfig
@@ -100,11 +102,19 @@ def export_onnx(agent: nn.Module, obs_dim: int, path: str | Path, *, example: to
     if example is None:
         example = torch.randn(4, obs_dim, generator=torch.Generator().manual_seed(0))
     batch = torch.export.Dim("batch", min=1)
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")  # the exporter's deprecation chatter is not the user's business
-        program = torch.onnx.export(module, (example.float(),), dynamo=True, input_names=["obs"],
-                                    output_names=["logits"], dynamic_shapes=({0: batch},), opset_version=OPSET,
-                                    optimize=True, verbose=False)
+    # the exporter logs a warning per torchvision operator it cannot register (torchvision is not installed, and
+    # no policy uses one) and warns about deprecations: neither is the user's business
+    quiet = logging.getLogger("torch.onnx")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(module, (example.float(),), dynamo=True, input_names=["obs"],
+                                        output_names=["logits"], dynamic_shapes=({0: batch},), opset_version=OPSET,
+                                        optimize=True, verbose=False)
+    finally:
+        quiet.setLevel(level)
     program.save(str(path))
     return path
 
@@ -320,6 +330,12 @@ class ExportBundle:
     def variant(self) -> str:
         """The variant that trained the model."""
         return self.config["variant"]
+
+    @cached_property
+    def args(self) -> Any:
+        """The variant's ``Args``, rebuilt from the bundled checkpoint (``config.json`` holds a JSON view of them, its
+        tuples as lists)."""
+        return load_variant(self.variant).Args.from_dict(load_checkpoint(self.checkpoint)["args"])
 
     @property
     def positions(self) -> tuple[float, ...]:

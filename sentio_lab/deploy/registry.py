@@ -1,32 +1,216 @@
-"""The model registry (MLflow, a SQLite file by default): register, promote, retire and resolve exported models.
+"""The model registry: MLflow's, on a SQLite file by default, with a promotion gate and ``models:/`` discovery.
 
-First published interface (issue 21 s2): :func:`resolve` turns ``models:/<name>@<alias>``,
-``models:/<name>/<version>`` or a plain path into a local path. The rest of the module follows.
+``python -m sentio_lab.deploy.registry list | show | register | promote | retire [--registry-uri URI]``.
+
+* **Where**: ``--registry-uri`` (a team's MLflow server, ``http://host:5000``) or ``$MLFLOW_TRACKING_URI``; by
+  default the embedded ``sqlite:///runs/mlflow/mlflow.db`` (nothing to start), artifacts in ``runs/mlflow/artifacts``.
+* :func:`register`: exports the checkpoint (:func:`sentio_lab.deploy.export.export_bundle`; the bundle holds the
+  checkpoint), logs the bundle, the evaluation report and ``verdict.json`` as artifacts of one MLflow run, and
+  creates a model version whose source is the bundle, tagged with the variant, the data fingerprint, the
+  feature-state hash, the git commit, the package version and the evaluation verdict (:class:`Verdict`). With
+  tracking on, the checkpoint and the report are also W&B artifacts and the version records the W&B run id.
+* **Verdict** (:class:`Verdict`), from one of: an experiment's output folder (:func:`verdict_from_experiment`: the
+  runner's ``results.parquet`` / ``equity.parquet`` through :func:`sentio_lab.experiment.summary.infer`, the
+  placebo gap from ``memorisation.parquet`` when the placebo control ran); a ``verdict.json`` written before; or,
+  without either, the checkpoint's own test range against buy-and-hold (:func:`verdict_from_checkpoint`: the
+  greedy run ``python -m sentio_lab.evaluate`` reports, one path, one configuration).
+* **Aliases** ``champion`` and ``challenger`` (:func:`promote`). Promotion to ``champion`` must pass a declared
+  :class:`Gate` (default: the reverse SPA test does not find a baseline better than the model at 5%, and
+  DSR > 0.5); a refusal (:class:`PromotionRefused`) names every condition that failed. :func:`retire` takes a
+  version's aliases away and marks it retired (it cannot be promoted again).
+* **Discovery**: :func:`resolve` turns ``models:/<name>@<alias>``, ``models:/<name>/<version>`` or a plain path into
+  a local bundle folder (downloaded and verified) or the path.
 """
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import json
+import math
 import os
 import re
 import shutil
+import sys
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sentio_lab.deploy.export import BUNDLE_DIR, load_bundle
+import numpy as np
+
+from sentio_lab.deploy.export import BUNDLE_DIR, export_bundle, load_bundle
 
 #: Where the embedded registry lives when no URI is given: ``runs/mlflow/mlflow.db`` (artifacts beside it).
 DEFAULT_DIR = Path("runs") / "mlflow"
+#: MLflow experiment that holds the registration runs.
+EXPERIMENT = "sentio-lab-registry"
+#: The aliases this lifecycle uses.
+ALIASES: tuple[str, ...] = ("champion", "challenger")
+#: Tag prefix of the verdict's fields on a model version.
+VERDICT_TAG = "verdict."
 #: ``models:/<name>@<alias>`` or ``models:/<name>/<version>``.
 _MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>\d+))$")
 
 
+# ------------------------------------------------------------------------------------------ verdict and gate
+@dataclass(frozen=True)
+class Verdict:
+    """What the evaluation said of a model, as tagged on its version (NaN / None: not measured)."""
+
+    median_sharpe: float
+    """Median out-of-sample Sharpe ratio (annualised, net of costs) over paths x seeds."""
+    dsr: float
+    """Deflated Sharpe ratio (median over runs; PSR(0) with one configuration tried)."""
+    pbo: float
+    """Probability of backtest overfitting (CSCV; NaN with one configuration)."""
+    spa_p_value: float
+    """Consistent SPA p-value of "the model does not beat every baseline" (small: it beats them all)."""
+    spa_reverse_p_value: float
+    """Consistent SPA p-value of "no baseline beats the model" (small: a baseline is better: the model is worse)."""
+    benchmark: str
+    """The benchmark of the tests (the best baseline)."""
+    source: str
+    """Where the numbers come from (an experiment folder, a checkpoint's test range, a file)."""
+    placebo_gap: float | None = None
+    """Median in-sample Sharpe minus the placebo floor (None: no placebo control ran)."""
+
+    def to_tags(self) -> dict[str, str]:
+        """The version tags (``verdict.<field>``, values as text)."""
+        return {VERDICT_TAG + k: "" if v is None else str(v) for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_tags(cls, tags: dict[str, str]) -> Verdict:
+        """The verdict recorded in version tags (:meth:`to_tags`); a missing number reads NaN."""
+        values: dict[str, Any] = {}
+        for item in dataclasses.fields(cls):
+            text = tags.get(VERDICT_TAG + item.name, "")
+            if item.name in ("benchmark", "source"):
+                values[item.name] = text
+            elif item.name == "placebo_gap":
+                values[item.name] = float(text) if text else None
+            else:
+                values[item.name] = float(text) if text else math.nan
+        return cls(**values)
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> Verdict:
+        """Read a ``verdict.json`` (the fields of this class; unknown keys are an error naming them)."""
+        data = json.loads(Path(path).read_text())
+        unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"{path}: unknown verdict field(s) {unknown}")
+        data.setdefault("source", str(path))
+        return cls(**{k: (math.nan if v is None and k not in ("placebo_gap",) else v) for k, v in data.items()})
+
+
+@dataclass(frozen=True)
+class Gate:
+    """The conditions a version must meet to become ``champion`` (each None: not checked)."""
+
+    spa_alpha: float | None = 0.05
+    """Not worse than its benchmark by the SPA test: the reverse SPA p-value must be >= this."""
+    min_dsr: float | None = 0.5
+    """The deflated Sharpe ratio must be above this."""
+    min_sharpe: float | None = None
+    """The median out-of-sample Sharpe must be above this."""
+    max_pbo: float | None = None
+    """The probability of backtest overfitting must be below this (NaN: one configuration, fails)."""
+
+    def failures(self, verdict: Verdict) -> list[str]:
+        """Each failed condition as a sentence (empty: the gate passes); an unmeasured number fails its condition."""
+        failed = []
+        if self.spa_alpha is not None and not verdict.spa_reverse_p_value >= self.spa_alpha:
+            failed.append(f"SPA: worse than its benchmark {verdict.benchmark or '?'} (reverse SPA p = "
+                          f"{verdict.spa_reverse_p_value:.3f} < {self.spa_alpha})"
+                          if np.isfinite(verdict.spa_reverse_p_value) else "SPA: no SPA result in the verdict")
+        if self.min_dsr is not None and not verdict.dsr > self.min_dsr:
+            failed.append(f"DSR {verdict.dsr:.3f} is not above {self.min_dsr}")
+        if self.min_sharpe is not None and not verdict.median_sharpe > self.min_sharpe:
+            failed.append(f"median Sharpe {verdict.median_sharpe:.3f} is not above {self.min_sharpe}")
+        if self.max_pbo is not None and not verdict.pbo < self.max_pbo:
+            failed.append(f"PBO {verdict.pbo:.3f} is not below {self.max_pbo}")
+        return failed
+
+
+class PromotionRefused(RuntimeError):
+    """A promotion the gate (or the version's status) does not allow; the message names each failed condition."""
+
+
+def verdict_from_experiment(folder: str | Path, agent: str | None = None, *, reps: int = 1000,
+                            seed: int = 0) -> Verdict:
+    """The verdict of configuration ``agent`` (default: the only agent) of an experiment's output folder.
+
+    Reads the runner's ``results.parquet`` and ``equity.parquet`` (:mod:`sentio_lab.experiment.assembly`) and runs
+    :func:`sentio_lab.experiment.summary.infer` (the report's tests: DSR, PBO, SPA both ways, medians over runs); the
+    placebo gap is the configuration's median in-sample Sharpe minus its placebo floor
+    (:func:`sentio_lab.experiment.memorisation.gap_table`) when ``memorisation.parquet`` holds placebo runs.
+    """
+    import pandas as pd
+
+    from sentio_lab.experiment.assembly import EQUITY_FILE, RESULTS_FILE
+    from sentio_lab.experiment.memorisation import MEMORISATION_FILE, gap_table
+    from sentio_lab.experiment.summary import infer
+
+    folder = Path(folder)
+    for name in (RESULTS_FILE, EQUITY_FILE):
+        if not (folder / name).is_file():
+            raise FileNotFoundError(f"{folder}: no {name}; is it an experiment's output folder "
+                                    "(python -m sentio_lab.experiment --config ...)?")
+    results, curves = pd.read_parquet(folder / RESULTS_FILE), pd.read_parquet(folder / EQUITY_FILE)
+    agents = list(dict.fromkeys(results.loc[results["kind"] == "agent", "name"]))
+    if agent is None:
+        if len(agents) != 1:
+            raise ValueError(f"{folder}: {len(agents)} agent configurations {agents}; name one (--agent)")
+        agent = agents[0]
+    found = infer(results, curves, agent, reps=reps, seed=seed)
+    placebo_gap = None
+    if (folder / MEMORISATION_FILE).is_file():
+        table = gap_table(pd.read_parquet(folder / MEMORISATION_FILE))
+        if agent in table.index and "placebo_floor" in table.columns and np.isfinite(table.loc[agent, "placebo_floor"]):
+            placebo_gap = float(table.loc[agent, "sharpe:in_sample"] - table.loc[agent, "placebo_floor"])
+    median = float(results.loc[results["name"] == agent, "sharpe"].median())
+    return Verdict(median_sharpe=median, dsr=found.dsr, pbo=found.pbo, spa_p_value=found.spa_p_value,
+                   spa_reverse_p_value=found.spa_reverse_p_value, benchmark=found.best_baseline,
+                   source=f"experiment {folder.resolve()} ({agent}, {found.runs} runs)", placebo_gap=placebo_gap)
+
+
+def verdict_from_checkpoint(checkpoint: str | Path, range_name: str = "test", *, reps: int = 1000,
+                            seed: int = 0) -> Verdict:
+    """A one-path verdict: the checkpoint's greedy run over ``range_name`` against buy-and-hold on the same bars and
+    costs (:func:`sentio_lab.evaluation.agent_report.compare_with_buy_and_hold`, what ``python -m
+    sentio_lab.evaluate`` reports); DSR is PSR(0) (one configuration), PBO is NaN, SPA runs on the per-bar log
+    returns of the two (:func:`sentio_lab.evaluation.inference.spa_agent_vs_baselines`)."""
+    import pandas as pd
+
+    from sentio_lab.agents.variants import load_trained
+    from sentio_lab.evaluation.agent_report import compare_with_buy_and_hold
+    from sentio_lab.evaluation.inference import spa_agent_vs_baselines
+    from sentio_lab.evaluation.metrics import probabilistic_sharpe_ratio
+
+    trained = load_trained(checkpoint)
+    comparison = compare_with_buy_and_hold(trained.agent, trained.args, trained.market, range_name,
+                                           agent_name=str(trained.bundle["variant"]))
+    mine = np.log(comparison.agent.equity).diff().dropna().rename("agent")
+    base = np.log(comparison.benchmark.equity).diff().dropna().rename("buy_and_hold")
+    frame = pd.concat([mine, base], axis=1).dropna()
+    spa = spa_agent_vs_baselines(frame[["agent"]], frame[["buy_and_hold"]], reps=reps, seed=seed)
+    return Verdict(median_sharpe=float(comparison.agent.summary["sharpe"]),
+                   dsr=float(probabilistic_sharpe_ratio(frame["agent"].to_numpy(), 0.0)), pbo=math.nan,
+                   spa_p_value=float(spa.consistent), spa_reverse_p_value=float(spa.reverse["agent"].consistent),
+                   benchmark="buy_and_hold", source=f"checkpoint {Path(checkpoint).resolve()} on its {range_name} "
+                   "range against buy-and-hold (one path)")
+
+
+# ------------------------------------------------------------------------------------------ the registry
 def default_registry_uri() -> str:
-    """``$MLFLOW_TRACKING_URI`` when set (a team's server), else ``sqlite:///runs/mlflow/mlflow.db`` (cwd)."""
+    """``$MLFLOW_TRACKING_URI`` when set (a team's server), else ``sqlite:///<cwd>/runs/mlflow/mlflow.db``."""
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(DEFAULT_DIR / 'mlflow.db').resolve()}"
 
 
 def _local_dir(registry_uri: str) -> Path:
-    """The folder next to a SQLite registry file (artifacts, downloads); ``runs/mlflow`` for a server."""
+    """The folder of a SQLite registry file (artifacts, downloads); ``runs/mlflow`` for a server."""
     if registry_uri.startswith("sqlite:///"):
         return Path(registry_uri[len("sqlite:///"):]).parent
     return DEFAULT_DIR.resolve()
@@ -35,7 +219,175 @@ def _local_dir(registry_uri: str) -> Path:
 def _client(registry_uri: str) -> Any:
     from mlflow import MlflowClient  # mlflow takes seconds to import: only registry calls pay for it
 
+    if registry_uri.startswith("sqlite:///"):
+        _local_dir(registry_uri).mkdir(parents=True, exist_ok=True)
     return MlflowClient(tracking_uri=registry_uri, registry_uri=registry_uri)
+
+
+def _experiment_id(client: Any, registry_uri: str) -> str:
+    found = client.get_experiment_by_name(EXPERIMENT)
+    if found is not None:
+        return found.experiment_id
+    location = None  # a server decides where its artifacts go; the embedded registry keeps them beside its file
+    if registry_uri.startswith("sqlite:///"):
+        location = (_local_dir(registry_uri) / "artifacts").resolve().as_uri()
+    return client.create_experiment(EXPERIMENT, artifact_location=location)
+
+
+def model_version(name: str, alias_or_version: str | int, *, registry_uri: str | None = None) -> Any:
+    """The MLflow ``ModelVersion`` of ``name`` at an alias (``"champion"``) or a version number (``LookupError``
+    naming what is missing)."""
+    from mlflow.exceptions import MlflowException
+
+    client = _client(registry_uri or default_registry_uri())
+    ref = str(alias_or_version)
+    try:
+        if ref.isdigit():
+            return client.get_model_version(name, ref)
+        return client.get_model_version_by_alias(name, ref)
+    except MlflowException as err:
+        kind = "version" if ref.isdigit() else "alias"
+        raise LookupError(f"model {name!r} has no {kind} {ref!r} in the registry: {err.message}") from err
+
+
+def register(checkpoint: str | Path, name: str, *, verdict: Verdict | str | Path | None = None,
+             report: str | Path | None = None, alias: str | None = None, registry_uri: str | None = None,
+             track: bool = False, wandb_project: str = "sentio-lab", wandb_dir: str | Path = "runs") -> Any:
+    """Register ``checkpoint`` as a new version of model ``name``; return the MLflow ``ModelVersion`` (module doc).
+
+    ``checkpoint``: a checkpoint file (exported here) or a bundle folder exported before (registered as it is, after
+    :func:`~sentio_lab.deploy.export.load_bundle` verified it).
+
+    ``verdict``: a :class:`Verdict`, an experiment output folder (:func:`verdict_from_experiment`), a
+    ``verdict.json``, or None (:func:`verdict_from_checkpoint`). ``report``: a report folder or file to attach
+    (None: the checkpoint's ``python -m sentio_lab.evaluate`` report is written and attached). ``alias``: set
+    ``challenger`` at once (``champion`` goes through :func:`promote` and its gate). ``track``: log the checkpoint
+    and the report as W&B artifacts too (offline unless ``WANDB_MODE`` says otherwise) and tag the run id.
+    """
+    if alias is not None and alias != "challenger":
+        raise ValueError(f"register sets only the 'challenger' alias, not {alias!r}; promote to champion")
+    registry_uri = registry_uri or default_registry_uri()
+    source = Path(checkpoint)
+    with tempfile.TemporaryDirectory(prefix="sentio-register-") as scratch:
+        if source.is_dir():  # a bundle exported before: verified, registered as it is
+            bundle = load_bundle(source)
+        else:
+            bundle = load_bundle(export_bundle(source, Path(scratch) / BUNDLE_DIR))
+        checkpoint = bundle.checkpoint
+        verdict = _verdict(checkpoint, verdict)
+        client = _client(registry_uri)
+        report_path = Path(report) if report is not None else _write_report(checkpoint, Path(scratch) / "report")
+        if not report_path.exists():
+            raise FileNotFoundError(f"{report_path}: no such report")
+        verdict_file = Path(scratch) / "verdict.json"
+        verdict_file.write_text(json.dumps(dataclasses.asdict(verdict), indent=1, allow_nan=True) + "\n")
+        code = bundle.config["code_version"]
+        tags = {"variant": bundle.variant, "data_fingerprint": bundle.data_fingerprint,
+                "feature_state_hash": bundle.config["feature_state_hash"], "git_commit": str(code["git_commit"]),
+                "git_dirty": str(code["git_dirty"]), "package_version": str(code["package_version"]),
+                "global_step": str(bundle.config["global_step"]), "status": "registered", **verdict.to_tags()}
+        wandb_id = _log_wandb(track, wandb_project, wandb_dir, name, checkpoint, report_path, tags)
+        if wandb_id is not None:
+            tags["wandb_run_id"] = wandb_id
+        run = client.create_run(_experiment_id(client, registry_uri), run_name=f"register-{name}", tags=tags)
+        run_id = run.info.run_id
+        try:
+            client.log_artifacts(run_id, str(bundle.path), BUNDLE_DIR)
+            if report_path.is_dir():
+                client.log_artifacts(run_id, str(report_path), "report")
+            else:
+                client.log_artifact(run_id, str(report_path), "report")
+            client.log_artifact(run_id, str(verdict_file))
+            client.set_terminated(run_id)
+        except BaseException:
+            client.set_terminated(run_id, status="FAILED")
+            raise
+    if not client.search_registered_models(filter_string=f"name = '{name}'"):
+        client.create_registered_model(name, description="sentio-lab greedy trading policy (ONNX bundle)")
+    version = client.create_model_version(name, f"{run.info.artifact_uri}/{BUNDLE_DIR}", run_id=run_id, tags=tags,
+                                          description=verdict.source)
+    if alias is not None:
+        client.set_registered_model_alias(name, alias, version.version)
+    return client.get_model_version(name, version.version)
+
+
+def _verdict(checkpoint: Path, verdict: Verdict | str | Path | None) -> Verdict:
+    if isinstance(verdict, Verdict):
+        return verdict
+    if verdict is None:
+        return verdict_from_checkpoint(checkpoint)
+    path = Path(verdict)
+    return verdict_from_experiment(path) if path.is_dir() else Verdict.from_json(path)
+
+
+def _write_report(checkpoint: Path, folder: Path) -> Path:
+    from sentio_lab.evaluation.agent_report import write_checkpoint_report
+
+    write_checkpoint_report(checkpoint, output=folder)
+    return folder
+
+
+def _log_wandb(track: bool, project: str, run_dir: str | Path, name: str, checkpoint: Path, report: Path,
+               tags: dict[str, str]) -> str | None:
+    """Log the checkpoint and the report as W&B artifacts of a new run; its id (None when tracking is off)."""
+    if not track:
+        return None
+    from sentio_lab.agents.tracking import Tracker
+
+    tracker = Tracker(True, project=project, run_name=f"register-{name}-{tags['data_fingerprint'][:8]}",
+                      config=dict(tags), run_dir=run_dir, mode=os.environ.get("WANDB_MODE", "offline"),
+                      job_type="register")
+    try:
+        tracker.log_artifact(checkpoint, name=f"{name}-checkpoint", type="model", metadata=tags)
+        tracker.log_artifact(report, name=f"{name}-report", type="report", metadata=tags)
+        return str(tracker.run.id)
+    finally:
+        tracker.finish()
+
+
+def promote(name: str, version: str | int, alias: str = "champion", *, gate: Gate | None = None,
+            registry_uri: str | None = None) -> Any:
+    """Point ``alias`` (``champion`` / ``challenger``) at ``version`` of ``name``; return the ``ModelVersion``.
+
+    ``champion`` requires the version's verdict to pass ``gate`` (default :class:`Gate`): otherwise
+    :class:`PromotionRefused` names each failed condition and the alias stays where it was. A retired version is
+    refused for either alias.
+    """
+    if alias not in ALIASES:
+        raise ValueError(f"alias {alias!r}; the lifecycle uses {list(ALIASES)}")
+    registry_uri = registry_uri or default_registry_uri()
+    current = model_version(name, version, registry_uri=registry_uri)
+    if current.tags.get("status") == "retired":
+        raise PromotionRefused(f"{name} version {current.version} is retired; register the checkpoint again")
+    if alias == "champion":
+        failed = (gate or Gate()).failures(Verdict.from_tags(current.tags))
+        if failed:
+            raise PromotionRefused(f"{name} version {current.version} not promoted to champion: " + "; ".join(failed))
+    client = _client(registry_uri)
+    client.set_registered_model_alias(name, alias, current.version)
+    return client.get_model_version(name, current.version)
+
+
+def retire(name: str, version: str | int, *, registry_uri: str | None = None) -> Any:
+    """Take every alias away from ``version`` of ``name`` and tag it ``status=retired``; return the ``ModelVersion``.
+
+    Retiring the champion leaves the model without one: ``models:/<name>@champion`` then does not resolve until
+    another version is promoted (nothing falls back silently).
+    """
+    registry_uri = registry_uri or default_registry_uri()
+    current = model_version(name, version, registry_uri=registry_uri)
+    client = _client(registry_uri)
+    for alias in current.aliases:
+        client.delete_registered_model_alias(name, alias)
+    client.set_model_version_tag(name, current.version, "status", "retired")
+    return client.get_model_version(name, current.version)
+
+
+def list_versions(name: str | None = None, *, registry_uri: str | None = None) -> list[Any]:
+    """Every ``ModelVersion`` (of ``name``, or of every model), by model name then version number."""
+    client = _client(registry_uri or default_registry_uri())
+    found = client.search_model_versions(f"name = '{name}'" if name else None)
+    return sorted(found, key=lambda v: (v.name, int(v.version)))
 
 
 def resolve(uri: str | Path, *, registry_uri: str | None = None, cache: str | Path | None = None) -> Path:
@@ -45,11 +397,11 @@ def resolve(uri: str | Path, *, registry_uri: str | None = None, cache: str | Pa
       export bundle (a folder holding ``model.onnx``, ``manifest.json`` and ``checkpoint.pt``;
       :func:`sentio_lab.deploy.export.load_bundle`), downloaded from the registry at ``registry_uri`` (default
       :func:`default_registry_uri`) into ``cache`` (default: ``downloads/`` beside the registry file), one
-      folder per name and version; a verified earlier download is reused.
+      folder per name and version; a verified earlier download is reused, a damaged one is fetched again.
     * anything else: a plain path (a bundle folder or a checkpoint file), returned as it is if it exists.
 
     Raises ``FileNotFoundError`` for a missing path, ``LookupError`` for an unknown name, alias or version, and
-    :class:`~sentio_lab.deploy.export.BundleError` when the bundle's files do not match its manifest.
+    :class:`~sentio_lab.deploy.export.BundleError` when the registry's bundle does not match its manifest.
     """
     text = str(uri)
     if not text.startswith("models:"):
@@ -80,16 +432,91 @@ def resolve(uri: str | Path, *, registry_uri: str | None = None, cache: str | Pa
     return Path(local)
 
 
-def model_version(name: str, alias_or_version: str | int, *, registry_uri: str | None = None) -> Any:
-    """The MLflow ``ModelVersion`` of ``name`` at an alias (``"champion"``) or a version number."""
+# ------------------------------------------------------------------------------------------ command line
+def describe_version(version: Any) -> str:
+    """One line: name, version, aliases, status, variant and the verdict's main numbers."""
+    verdict = Verdict.from_tags(version.tags)
+    aliases = ",".join(sorted(version.aliases)) or "-"
+    return (f"{version.name} v{version.version} [{aliases}] {version.tags.get('status', '?')} "
+            f"{version.tags.get('variant', '?')}: median Sharpe {verdict.median_sharpe:.2f}, DSR {verdict.dsr:.2f}, "
+            f"PBO {verdict.pbo:.2f}, SPA p {verdict.spa_p_value:.3f} (reverse {verdict.spa_reverse_p_value:.3f}) "
+            f"vs {verdict.benchmark or '?'}")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m sentio_lab.deploy.registry",
+                                     description="The model registry (MLflow): list, show, register, promote, retire.")
+    parser.add_argument("--registry-uri", default=None,
+                        help="MLflow tracking / registry URI (a team server, e.g. http://host:5000); default "
+                             "$MLFLOW_TRACKING_URI, else sqlite:///runs/mlflow/mlflow.db")
+    commands = parser.add_subparsers(dest="command", required=True)
+    listing = commands.add_parser("list", help="every version of every model (or of NAME)")
+    listing.add_argument("name", nargs="?")
+    show = commands.add_parser("show", help="one version's tags, aliases and source (VERSION or an alias)")
+    show.add_argument("name")
+    show.add_argument("version", help="a version number or an alias (champion, challenger)")
+    reg = commands.add_parser("register", help="export and register a checkpoint as a new version")
+    reg.add_argument("checkpoint")
+    reg.add_argument("name")
+    reg.add_argument("--verdict", default=None,
+                     help="an experiment output folder (results.parquet) or a verdict.json; default: the "
+                          "checkpoint's test range against buy-and-hold")
+    reg.add_argument("--report", default=None, help="report folder to attach (default: written by evaluate)")
+    reg.add_argument("--challenger", action="store_true", help="make the new version the challenger")
+    reg.add_argument("--track", action="store_true", help="also log checkpoint and report to W&B")
+    promote_cmd = commands.add_parser("promote", help="point an alias at a version (champion: through the gate)")
+    promote_cmd.add_argument("name")
+    promote_cmd.add_argument("version")
+    promote_cmd.add_argument("--alias", choices=ALIASES, default="champion")
+    defaults = Gate()
+    promote_cmd.add_argument("--spa-alpha", type=float, default=defaults.spa_alpha,
+                             help="refuse when the reverse SPA p-value is below this (the model is worse than its "
+                                  "benchmark); negative: not checked")
+    promote_cmd.add_argument("--min-dsr", type=float, default=defaults.min_dsr,
+                             help="refuse unless DSR is above this; negative: not checked")
+    promote_cmd.add_argument("--min-sharpe", type=float, default=None, help="refuse unless the median Sharpe is "
+                             "above this")
+    promote_cmd.add_argument("--max-pbo", type=float, default=None, help="refuse unless PBO is below this")
+    retire_cmd = commands.add_parser("retire", help="take a version's aliases away and mark it retired")
+    retire_cmd.add_argument("name")
+    retire_cmd.add_argument("version")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of ``python -m sentio_lab.deploy.registry`` (module doc); errors are one line and exit 1."""
     from mlflow.exceptions import MlflowException
 
-    client = _client(registry_uri or default_registry_uri())
-    ref = str(alias_or_version)
+    args = _parser().parse_args(argv)
+    uri = args.registry_uri
     try:
-        if ref.isdigit():
-            return client.get_model_version(name, ref)
-        return client.get_model_version_by_alias(name, ref)
-    except MlflowException as err:
-        kind = "version" if ref.isdigit() else "alias"
-        raise LookupError(f"model {name!r} has no {kind} {ref!r} in the registry: {err.message}") from err
+        if args.command == "list":
+            for version in list_versions(args.name, registry_uri=uri):
+                print(describe_version(version))
+        elif args.command == "show":
+            version = model_version(args.name, args.version, registry_uri=uri)
+            print(describe_version(version))
+            print(f"source: {version.source}")
+            print(f"run: {version.run_id}")
+            for key in sorted(version.tags):
+                print(f"  {key}: {version.tags[key]}")
+        elif args.command == "register":
+            version = register(args.checkpoint, args.name, verdict=args.verdict, report=args.report,
+                               alias="challenger" if args.challenger else None, registry_uri=uri, track=args.track)
+            print(f"registered {describe_version(version)}")
+        elif args.command == "promote":
+            gate = Gate(spa_alpha=None if args.spa_alpha < 0 else args.spa_alpha,
+                        min_dsr=None if args.min_dsr < 0 else args.min_dsr, min_sharpe=args.min_sharpe,
+                        max_pbo=args.max_pbo)
+            version = promote(args.name, args.version, args.alias, gate=gate, registry_uri=uri)
+            print(f"promoted {describe_version(version)}")
+        else:
+            print(f"retired {describe_version(retire(args.name, args.version, registry_uri=uri))}")
+    except (ValueError, LookupError, OSError, PromotionRefused, MlflowException) as err:
+        message = err.message if isinstance(err, MlflowException) else err
+        print(f"error: {message}", file=sys.stderr)
+        raise SystemExit(1) from err
+
+
+if __name__ == "__main__":
+    main()
