@@ -50,6 +50,7 @@ EXPERIMENT = "sentio-lab-registry"
 ALIASES: tuple[str, ...] = ("champion", "challenger")
 #: Tag prefix of the verdict's fields on a model version.
 VERDICT_TAG = "verdict."
+_PROGRESS_BAR = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
 #: ``models:/<name>@<alias>`` or ``models:/<name>/<version>``.
 _MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>\d+))$")
 
@@ -387,7 +388,8 @@ def list_versions(name: str | None = None, *, registry_uri: str | None = None) -
     """Every ``ModelVersion`` (of ``name``, or of every model), by model name then version number."""
     client = _client(registry_uri or default_registry_uri())
     found = client.search_model_versions(f"name = '{name}'" if name else None)
-    return sorted(found, key=lambda v: (v.name, int(v.version)))
+    # a search leaves every version's aliases empty (MLflow fills them only on a get)
+    return [client.get_model_version(v.name, v.version) for v in sorted(found, key=lambda v: (v.name, int(v.version)))]
 
 
 def resolve(uri: str | Path, *, registry_uri: str | None = None, cache: str | Path | None = None) -> Path:
@@ -426,8 +428,16 @@ def resolve(uri: str | Path, *, registry_uri: str | None = None, cache: str | Pa
     import mlflow
 
     target.mkdir(parents=True, exist_ok=True)
-    local = mlflow.artifacts.download_artifacts(artifact_uri=version.source, dst_path=str(target),
-                                                tracking_uri=registry_uri)
+    progress = os.environ.get(_PROGRESS_BAR)
+    os.environ[_PROGRESS_BAR] = "false"  # no tqdm bar on stderr for a few small files
+    try:
+        local = mlflow.artifacts.download_artifacts(artifact_uri=version.source, dst_path=str(target),
+                                                    tracking_uri=registry_uri)
+    finally:
+        if progress is None:
+            os.environ.pop(_PROGRESS_BAR, None)
+        else:
+            os.environ[_PROGRESS_BAR] = progress
     load_bundle(local)
     return Path(local)
 
