@@ -136,9 +136,10 @@ def test_every_variant_exports_with_the_same_decisions(variant, tmp_path):
     checkpoint = train_tiny(variant, tmp_path)
     bundle = export_bundle(checkpoint, tmp_path / "bundle")
     check_parity(bundle, checkpoint)
-    config = load_bundle(bundle).config
+    loaded = load_bundle(bundle)
+    config = loaded.config
     if variant == "ppo_masked":  # the masks are outside the graph: the bundle says which
-        assert MaskConfig(**config["masks"]) == MaskConfig(long_only=True, cooldown=2)
+        assert loaded.masks == MaskConfig(long_only=True, cooldown=2)
         assert config["invalid_action"] == "nearest"
         _, _, masks, _ = recorded_evaluation(checkpoint)
         assert not bool(masks.all())  # the long-only rule did bind

@@ -114,6 +114,8 @@ def test_the_gate_refuses_a_worse_version_naming_each_failed_condition(setup, ve
 
 def test_gate_conditions():
     assert Gate().failures(GOOD) == []
+    # not beating the benchmark (SPA p = 0.3) is not being worse than it (reverse p = 0.5): only the DSR fails
+    assert Gate().failures(LOW_DSR) == ["DSR 0.400 is not above 0.5"]
     missing = Verdict(median_sharpe=1.0, dsr=math.nan, pbo=math.nan, spa_p_value=math.nan,
                       spa_reverse_p_value=math.nan, benchmark="", source="")
     assert Gate().failures(missing) == ["SPA: no SPA result in the verdict", "DSR nan is not above 0.5"]
