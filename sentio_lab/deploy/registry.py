@@ -7,17 +7,14 @@
 * :func:`register`: exports the checkpoint (:func:`sentio_lab.deploy.export.export_bundle`; the bundle holds the
   checkpoint), logs the bundle, the evaluation report and ``verdict.json`` as artifacts of one MLflow run, and
   creates a model version whose source is the bundle, tagged with the variant, the data fingerprint, the
-  feature-state hash, the git commit, the package version and the evaluation verdict (:class:`Verdict`). With
+  feature-state hash, the git commit, the package version and the evaluation verdict. With
   tracking on, the checkpoint and the report are also W&B artifacts and the version records the W&B run id.
-* **Verdict** (:class:`Verdict`), from one of: an experiment's output folder (:func:`verdict_from_experiment`: the
-  runner's ``results.parquet`` / ``equity.parquet`` through :func:`sentio_lab.experiment.summary.infer`, the
-  placebo gap from ``memorisation.parquet`` when the placebo control ran); a ``verdict.json`` written before; or,
-  without either, the checkpoint's own test range against buy-and-hold (:func:`verdict_from_checkpoint`: the
-  greedy run ``python -m sentio_lab.evaluate`` reports, one path, one configuration).
+* **Verdict** (:class:`~sentio_lab.deploy.verdict.Verdict`, :mod:`sentio_lab.deploy.verdict`): from an experiment's
+  output folder, a ``verdict.json``, or, without either, the checkpoint's own test range against buy-and-hold.
 * **Aliases** ``champion`` and ``challenger`` (:func:`promote`). Promotion to ``champion`` must pass a declared
-  :class:`Gate` (default: the reverse SPA test does not find a baseline better than the model at 5%, and
-  DSR > 0.5); a refusal (:class:`PromotionRefused`) names every condition that failed. :func:`retire` takes a
-  version's aliases away and marks it retired (it cannot be promoted again).
+  :class:`~sentio_lab.deploy.verdict.Gate` (default: the reverse SPA test does not find a baseline better than the
+  model at 5%, and DSR > 0.5); a refusal (:class:`PromotionRefused`) names every condition that failed.
+  :func:`retire` takes a version's aliases away and marks it retired (it cannot be promoted again).
 * **Discovery**: :func:`resolve` turns ``models:/<name>@<alias>``, ``models:/<name>/<version>`` or a plain path into
   a local bundle folder (downloaded and verified) or the path.
 """
@@ -27,20 +24,17 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import re
 import shutil
 import sys
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from sentio_lab.deploy.export import BUNDLE_DIR, export_bundle, load_bundle
+from sentio_lab.deploy.verdict import Gate, Verdict, verdict_from_checkpoint, verdict_from_experiment
 
 #: Where the embedded registry lives when no URI is given: ``runs/mlflow/mlflow.db`` (artifacts beside it).
 DEFAULT_DIR = Path("runs") / "mlflow"
@@ -48,163 +42,16 @@ DEFAULT_DIR = Path("runs") / "mlflow"
 EXPERIMENT = "sentio-lab-registry"
 #: The aliases this lifecycle uses.
 ALIASES: tuple[str, ...] = ("champion", "challenger")
-#: Tag prefix of the verdict's fields on a model version.
-VERDICT_TAG = "verdict."
 _PROGRESS_BAR = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
 #: ``models:/<name>@<alias>`` or ``models:/<name>/<version>``.
 _MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>\d+))$")
 
 
-# ------------------------------------------------------------------------------------------ verdict and gate
-@dataclass(frozen=True)
-class Verdict:
-    """What the evaluation said of a model, as tagged on its version (NaN / None: not measured)."""
-
-    median_sharpe: float
-    """Median out-of-sample Sharpe ratio (annualised, net of costs) over paths x seeds."""
-    dsr: float
-    """Deflated Sharpe ratio (median over runs; PSR(0) with one configuration tried)."""
-    pbo: float
-    """Probability of backtest overfitting (CSCV; NaN with one configuration)."""
-    spa_p_value: float
-    """Consistent SPA p-value of "the model does not beat every baseline" (small: it beats them all)."""
-    spa_reverse_p_value: float
-    """Consistent SPA p-value of "no baseline beats the model" (small: a baseline is better: the model is worse)."""
-    benchmark: str
-    """The benchmark of the tests (the best baseline)."""
-    source: str
-    """Where the numbers come from (an experiment folder, a checkpoint's test range, a file)."""
-    placebo_gap: float | None = None
-    """Median in-sample Sharpe minus the placebo floor (None: no placebo control ran)."""
-
-    def to_tags(self) -> dict[str, str]:
-        """The version tags (``verdict.<field>``, values as text)."""
-        return {VERDICT_TAG + k: "" if v is None else str(v) for k, v in dataclasses.asdict(self).items()}
-
-    @classmethod
-    def from_tags(cls, tags: dict[str, str]) -> Verdict:
-        """The verdict recorded in version tags (:meth:`to_tags`); a missing number reads NaN."""
-        values: dict[str, Any] = {}
-        for item in dataclasses.fields(cls):
-            text = tags.get(VERDICT_TAG + item.name, "")
-            if item.name in ("benchmark", "source"):
-                values[item.name] = text
-            elif item.name == "placebo_gap":
-                values[item.name] = float(text) if text else None
-            else:
-                values[item.name] = float(text) if text else math.nan
-        return cls(**values)
-
-    @classmethod
-    def from_json(cls, path: str | Path) -> Verdict:
-        """Read a ``verdict.json`` (the fields of this class; unknown keys are an error naming them)."""
-        data = json.loads(Path(path).read_text())
-        unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise ValueError(f"{path}: unknown verdict field(s) {unknown}")
-        data.setdefault("source", str(path))
-        return cls(**{k: (math.nan if v is None and k not in ("placebo_gap",) else v) for k, v in data.items()})
-
-
-@dataclass(frozen=True)
-class Gate:
-    """The conditions a version must meet to become ``champion`` (each None: not checked)."""
-
-    spa_alpha: float | None = 0.05
-    """Not worse than its benchmark by the SPA test: the reverse SPA p-value must be >= this."""
-    min_dsr: float | None = 0.5
-    """The deflated Sharpe ratio must be above this."""
-    min_sharpe: float | None = None
-    """The median out-of-sample Sharpe must be above this."""
-    max_pbo: float | None = None
-    """The probability of backtest overfitting must be below this (NaN: one configuration, fails)."""
-
-    def failures(self, verdict: Verdict) -> list[str]:
-        """Each failed condition as a sentence (empty: the gate passes); an unmeasured number fails its condition."""
-        failed = []
-        if self.spa_alpha is not None and not verdict.spa_reverse_p_value >= self.spa_alpha:
-            failed.append(f"SPA: worse than its benchmark {verdict.benchmark or '?'} (reverse SPA p = "
-                          f"{verdict.spa_reverse_p_value:.3f} < {self.spa_alpha})"
-                          if np.isfinite(verdict.spa_reverse_p_value) else "SPA: no SPA result in the verdict")
-        if self.min_dsr is not None and not verdict.dsr > self.min_dsr:
-            failed.append(f"DSR {verdict.dsr:.3f} is not above {self.min_dsr}")
-        if self.min_sharpe is not None and not verdict.median_sharpe > self.min_sharpe:
-            failed.append(f"median Sharpe {verdict.median_sharpe:.3f} is not above {self.min_sharpe}")
-        if self.max_pbo is not None and not verdict.pbo < self.max_pbo:
-            failed.append(f"PBO {verdict.pbo:.3f} is not below {self.max_pbo}")
-        return failed
-
-
+# ------------------------------------------------------------------------------------------ the registry
 class PromotionRefused(RuntimeError):
     """A promotion the gate (or the version's status) does not allow; the message names each failed condition."""
 
 
-def verdict_from_experiment(folder: str | Path, agent: str | None = None, *, reps: int = 1000,
-                            seed: int = 0) -> Verdict:
-    """The verdict of configuration ``agent`` (default: the only agent) of an experiment's output folder.
-
-    Reads the runner's ``results.parquet`` and ``equity.parquet`` (:mod:`sentio_lab.experiment.assembly`) and runs
-    :func:`sentio_lab.experiment.summary.infer` (the report's tests: DSR, PBO, SPA both ways, medians over runs); the
-    placebo gap is the configuration's median in-sample Sharpe minus its placebo floor
-    (:func:`sentio_lab.experiment.memorisation.gap_table`) when ``memorisation.parquet`` holds placebo runs.
-    """
-    import pandas as pd
-
-    from sentio_lab.experiment.assembly import EQUITY_FILE, RESULTS_FILE
-    from sentio_lab.experiment.memorisation import MEMORISATION_FILE, gap_table
-    from sentio_lab.experiment.summary import infer
-
-    folder = Path(folder)
-    for name in (RESULTS_FILE, EQUITY_FILE):
-        if not (folder / name).is_file():
-            raise FileNotFoundError(f"{folder}: no {name}; is it an experiment's output folder "
-                                    "(python -m sentio_lab.experiment --config ...)?")
-    results, curves = pd.read_parquet(folder / RESULTS_FILE), pd.read_parquet(folder / EQUITY_FILE)
-    agents = list(dict.fromkeys(results.loc[results["kind"] == "agent", "name"]))
-    if agent is None:
-        if len(agents) != 1:
-            raise ValueError(f"{folder}: {len(agents)} agent configurations {agents}; name one (--agent)")
-        agent = agents[0]
-    found = infer(results, curves, agent, reps=reps, seed=seed)
-    placebo_gap = None
-    if (folder / MEMORISATION_FILE).is_file():
-        table = gap_table(pd.read_parquet(folder / MEMORISATION_FILE))
-        if agent in table.index and "placebo_floor" in table.columns and np.isfinite(table.loc[agent, "placebo_floor"]):
-            placebo_gap = float(table.loc[agent, "sharpe:in_sample"] - table.loc[agent, "placebo_floor"])
-    median = float(results.loc[results["name"] == agent, "sharpe"].median())
-    return Verdict(median_sharpe=median, dsr=found.dsr, pbo=found.pbo, spa_p_value=found.spa_p_value,
-                   spa_reverse_p_value=found.spa_reverse_p_value, benchmark=found.best_baseline,
-                   source=f"experiment {folder.resolve()} ({agent}, {found.runs} runs)", placebo_gap=placebo_gap)
-
-
-def verdict_from_checkpoint(checkpoint: str | Path, range_name: str = "test", *, reps: int = 1000,
-                            seed: int = 0) -> Verdict:
-    """A one-path verdict: the checkpoint's greedy run over ``range_name`` against buy-and-hold on the same bars and
-    costs (:func:`sentio_lab.evaluation.agent_report.compare_with_buy_and_hold`, what ``python -m
-    sentio_lab.evaluate`` reports); DSR is PSR(0) (one configuration), PBO is NaN, SPA runs on the per-bar log
-    returns of the two (:func:`sentio_lab.evaluation.inference.spa_agent_vs_baselines`)."""
-    import pandas as pd
-
-    from sentio_lab.agents.variants import load_trained
-    from sentio_lab.evaluation.agent_report import compare_with_buy_and_hold
-    from sentio_lab.evaluation.inference import spa_agent_vs_baselines
-    from sentio_lab.evaluation.metrics import probabilistic_sharpe_ratio
-
-    trained = load_trained(checkpoint)
-    comparison = compare_with_buy_and_hold(trained.agent, trained.args, trained.market, range_name,
-                                           agent_name=str(trained.bundle["variant"]))
-    mine = np.log(comparison.agent.equity).diff().dropna().rename("agent")
-    base = np.log(comparison.benchmark.equity).diff().dropna().rename("buy_and_hold")
-    frame = pd.concat([mine, base], axis=1).dropna()
-    spa = spa_agent_vs_baselines(frame[["agent"]], frame[["buy_and_hold"]], reps=reps, seed=seed)
-    return Verdict(median_sharpe=float(comparison.agent.summary["sharpe"]),
-                   dsr=float(probabilistic_sharpe_ratio(frame["agent"].to_numpy(), 0.0)), pbo=math.nan,
-                   spa_p_value=float(spa.consistent), spa_reverse_p_value=float(spa.reverse["agent"].consistent),
-                   benchmark="buy_and_hold", source=f"checkpoint {Path(checkpoint).resolve()} on its {range_name} "
-                   "range against buy-and-hold (one path)")
-
-
-# ------------------------------------------------------------------------------------------ the registry
 def default_registry_uri() -> str:
     """``$MLFLOW_TRACKING_URI`` when set (a team's server), else ``sqlite:///<cwd>/runs/mlflow/mlflow.db``."""
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(DEFAULT_DIR / 'mlflow.db').resolve()}"
@@ -259,8 +106,9 @@ def register(checkpoint: str | Path, name: str, *, verdict: Verdict | str | Path
     ``checkpoint``: a checkpoint file (exported here) or a bundle folder exported before (registered as it is, after
     :func:`~sentio_lab.deploy.export.load_bundle` verified it).
 
-    ``verdict``: a :class:`Verdict`, an experiment output folder (:func:`verdict_from_experiment`), a
-    ``verdict.json``, or None (:func:`verdict_from_checkpoint`). ``report``: a report folder or file to attach
+    ``verdict``: a :class:`~sentio_lab.deploy.verdict.Verdict`, an experiment output folder
+    (:func:`~sentio_lab.deploy.verdict.verdict_from_experiment`), a ``verdict.json``, or None
+    (:func:`~sentio_lab.deploy.verdict.verdict_from_checkpoint`). ``report``: a report folder or file to attach
     (None: the checkpoint's ``python -m sentio_lab.evaluate`` report is written and attached). ``alias``: set
     ``challenger`` at once (``champion`` goes through :func:`promote` and its gate). ``track``: log the checkpoint
     and the report as W&B artifacts too (offline unless ``WANDB_MODE`` says otherwise) and tag the run id.
@@ -350,9 +198,9 @@ def promote(name: str, version: str | int, alias: str = "champion", *, gate: Gat
             registry_uri: str | None = None) -> Any:
     """Point ``alias`` (``champion`` / ``challenger``) at ``version`` of ``name``; return the ``ModelVersion``.
 
-    ``champion`` requires the version's verdict to pass ``gate`` (default :class:`Gate`): otherwise
-    :class:`PromotionRefused` names each failed condition and the alias stays where it was. A retired version is
-    refused for either alias.
+    ``champion`` requires the version's verdict to pass ``gate`` (default
+    :class:`~sentio_lab.deploy.verdict.Gate`): otherwise :class:`PromotionRefused` names each failed condition and
+    the alias stays where it was. A retired version is refused for either alias.
     """
     if alias not in ALIASES:
         raise ValueError(f"alias {alias!r}; the lifecycle uses {list(ALIASES)}")

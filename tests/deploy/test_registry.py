@@ -19,9 +19,7 @@ from sentio_lab import ppo
 from sentio_lab.deploy import registry
 from sentio_lab.deploy.export import BundleError, export_bundle, load_bundle
 from sentio_lab.deploy.registry import (
-    Gate,
     PromotionRefused,
-    Verdict,
     list_versions,
     main,
     model_version,
@@ -29,9 +27,8 @@ from sentio_lab.deploy.registry import (
     register,
     resolve,
     retire,
-    verdict_from_checkpoint,
-    verdict_from_experiment,
 )
+from sentio_lab.deploy.verdict import Gate, Verdict, verdict_from_checkpoint, verdict_from_experiment
 from sentio_lab.evaluation.metrics import summary_stats
 
 GOOD = Verdict(median_sharpe=1.2, dsr=0.9, pbo=0.1, spa_p_value=0.01, spa_reverse_p_value=0.7,
