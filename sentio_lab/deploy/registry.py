@@ -100,7 +100,8 @@ def model_version(name: str, alias_or_version: str | int, *, registry_uri: str |
 
 def register(checkpoint: str | Path, name: str, *, verdict: Verdict | str | Path | None = None,
              report: str | Path | None = None, alias: str | None = None, registry_uri: str | None = None,
-             track: bool = False, wandb_project: str = "sentio-lab", wandb_dir: str | Path = "runs") -> Any:
+             agent: str | None = None, track: bool = False, wandb_project: str = "sentio-lab",
+             wandb_dir: str | Path = "runs") -> Any:
     """Register ``checkpoint`` as a new version of model ``name``; return the MLflow ``ModelVersion`` (module doc).
 
     ``checkpoint``: a checkpoint file (exported here) or a bundle folder exported before (registered as it is, after
@@ -110,7 +111,8 @@ def register(checkpoint: str | Path, name: str, *, verdict: Verdict | str | Path
     (:func:`~sentio_lab.deploy.verdict.verdict_from_experiment`), a ``verdict.json``, or None
     (:func:`~sentio_lab.deploy.verdict.verdict_from_checkpoint`). ``report``: a report folder or file to attach
     (None: the checkpoint's ``python -m sentio_lab.evaluate`` report is written and attached). ``alias``: set
-    ``challenger`` at once (``champion`` goes through :func:`promote` and its gate). ``track``: log the checkpoint
+    ``challenger`` at once (``champion`` goes through :func:`promote` and its gate). ``agent``: the configuration
+    of an experiment folder with several. ``track``: log the checkpoint
     and the report as W&B artifacts too (offline unless ``WANDB_MODE`` says otherwise) and tag the run id.
     """
     if alias is not None and alias != "challenger":
@@ -123,7 +125,7 @@ def register(checkpoint: str | Path, name: str, *, verdict: Verdict | str | Path
         else:
             bundle = load_bundle(export_bundle(source, Path(scratch) / BUNDLE_DIR))
         checkpoint = bundle.checkpoint
-        verdict = _verdict(checkpoint, verdict)
+        verdict = _verdict(checkpoint, verdict, agent)
         client = _client(registry_uri)
         report_path = Path(report) if report is not None else _write_report(checkpoint, Path(scratch) / "report")
         if not report_path.exists():
@@ -160,13 +162,13 @@ def register(checkpoint: str | Path, name: str, *, verdict: Verdict | str | Path
     return client.get_model_version(name, version.version)
 
 
-def _verdict(checkpoint: Path, verdict: Verdict | str | Path | None) -> Verdict:
+def _verdict(checkpoint: Path, verdict: Verdict | str | Path | None, agent: str | None) -> Verdict:
     if isinstance(verdict, Verdict):
         return verdict
     if verdict is None:
         return verdict_from_checkpoint(checkpoint)
     path = Path(verdict)
-    return verdict_from_experiment(path) if path.is_dir() else Verdict.from_json(path)
+    return verdict_from_experiment(path, agent) if path.is_dir() else Verdict.from_json(path)
 
 
 def _write_report(checkpoint: Path, folder: Path) -> Path:
@@ -319,6 +321,8 @@ def _parser() -> argparse.ArgumentParser:
     reg.add_argument("--verdict", default=None,
                      help="an experiment output folder (results.parquet) or a verdict.json; default: the "
                           "checkpoint's test range against buy-and-hold")
+    reg.add_argument("--agent", default=None,
+                     help="the configuration of the experiment the checkpoint belongs to (when it has several)")
     reg.add_argument("--report", default=None, help="report folder to attach (default: written by evaluate)")
     reg.add_argument("--challenger", action="store_true", help="make the new version the challenger")
     reg.add_argument("--track", action="store_true", help="also log checkpoint and report to W&B")
@@ -360,7 +364,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                 print(f"  {key}: {version.tags[key]}")
         elif args.command == "register":
             version = register(args.checkpoint, args.name, verdict=args.verdict, report=args.report,
-                               alias="challenger" if args.challenger else None, registry_uri=uri, track=args.track)
+                               alias="challenger" if args.challenger else None, registry_uri=uri, agent=args.agent,
+                               track=args.track)
             print(f"registered {describe_version(version)}")
         elif args.command == "promote":
             gate = Gate(spa_alpha=None if args.spa_alpha < 0 else args.spa_alpha,

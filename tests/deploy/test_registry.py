@@ -292,6 +292,13 @@ def test_verdict_from_an_experiment_passes_or_fails_the_gate(tmp_path):
     assert math.isnan(strong.pbo)  # one configuration: no PBO
     with pytest.raises(FileNotFoundError, match="no results.parquet"):
         verdict_from_experiment(tmp_path)
+    two = shutil.copytree(tmp_path / "weak", tmp_path / "two")
+    for name in ("results.parquet", "equity.parquet"):  # a second configuration "b": the caller must pick one
+        frame = pd.read_parquet(two / name)
+        pd.concat([frame, frame[frame["name"] == "a"].assign(name="b")]).to_parquet(two / name)
+    with pytest.raises(ValueError, match=r"2 agent configurations \['a', 'b'\]; name one \(--agent\)"):
+        verdict_from_experiment(two)
+    assert verdict_from_experiment(two, "b", reps=200).spa_reverse_p_value < 0.05
 
 
 def test_verdict_from_a_checkpoint_is_its_test_range_against_buy_and_hold(setup):
