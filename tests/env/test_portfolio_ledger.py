@@ -100,13 +100,13 @@ PATHS = {
                                  "next_close"),
     "long_only_participation": ("long_only", CostModel(participation=0.02, capital=5e7), "next_open"),
 }
+#: Costs up to ~11 % of the traded notional: Newton's steps matter here (test_sizing_steps_are_needed).
+STEEP = ("long_short", CostModel(impact="almgren_chriss", capital=2e8), "next_open")
 
 
-@pytest.mark.parametrize("name", list(PATHS))
-def test_independent_ledger_equals_env(name):
-    allocation, costs, fill_price = PATHS[name]
+def env_and_ledger(allocation, costs, fill_price, seed):
     arrays = dataclasses.replace(ohlcv_arrays(), fill_price=fill_price)
-    rng = np.random.default_rng(len(name))
+    rng = np.random.default_rng(seed)
     actions = random_weights(rng, STEPS, arrays.num_assets, allocation, gross=1.5)
     weights = actions[:, :-1] if allocation == "long_only" else actions
     env = PortfolioEnv(arrays, num_envs=1, window=WINDOW, episode_length=STEPS, allocation=allocation, costs=costs,
@@ -117,9 +117,24 @@ def test_independent_ledger_equals_env(name):
         *_, info = env.step(torch.tensor(actions[k:k + 1]))
         curve.append(float(info["equity"][0]))
         capped += int(info.get("capped", torch.zeros(1)).sum())
-    expected = ledger(arrays, costs, weights, START)
+    return arrays, weights, np.array(curve), ledger(arrays, costs, weights, START), capped
+
+
+@pytest.mark.parametrize("name", [*PATHS, "steep"])
+def test_independent_ledger_equals_env(name):
+    allocation, costs, fill_price = STEEP if name == "steep" else PATHS[name]
+    arrays, weights, curve, expected, capped = env_and_ledger(allocation, costs, fill_price, len(name))
     np.testing.assert_allclose(curve, expected, rtol=0, atol=1e-9)
     free = ledger(arrays, CostModel(fee_bps=0.0, slippage_bps=0.0), weights, START)
     assert (free - expected).max() > 1e-4  # the costs are material on this path, so the comparison tests them
     if costs.participation is not None:
         assert capped > 0
+
+
+def test_sizing_steps_are_needed(monkeypatch):
+    """Two Newton steps leave the steep case off the ledger by more than 1e-9: the step count is not decoration."""
+    import sentio_lab.env.portfolio_arrays as portfolio_arrays
+
+    monkeypatch.setattr(portfolio_arrays, "SIZING_STEPS", 2)
+    _, _, curve, expected, _ = env_and_ledger(*STEEP, len("steep"))
+    assert np.abs(curve - expected).max() > 1e-9
