@@ -102,7 +102,8 @@ class PortfolioArrays:
                                  f"{row + self.first_valid} is {values[row, col]} (must be finite and > 0)")
         bad = ~np.isfinite(self.features[self.first_valid:]).all(axis=(1, 2))
         if bad.any():
-            raise ValueError(f"PortfolioArrays: non-finite features at rows {np.flatnonzero(bad)[:5] + self.first_valid}")
+            rows = np.flatnonzero(bad)[:5] + self.first_valid
+            raise ValueError(f"PortfolioArrays: non-finite features at rows {rows}")
 
     @property
     def fill(self) -> np.ndarray:

@@ -128,7 +128,8 @@ def test_policy_and_size_checks():
         align_panel({"A0": frames["A0"]}, name="one")
     stale = frames["A0"].copy()
     stale["open"] = np.r_[stale["close"].iloc[0], stale["close"].to_numpy()[:-1]]
-    stale["high"], stale["low"] = stale[["open", "close", "high"]].max(axis=1), stale[["open", "close", "low"]].min(axis=1)
+    stale["high"] = stale[["open", "close", "high"]].max(axis=1)
+    stale["low"] = stale[["open", "close", "low"]].min(axis=1)
     with pytest.raises(DataValidationError, match="asset 'A0': stale opens"):
         load_panel({"A0": stale, "A1": frames["A1"]})
     assert load_panel({"A0": stale, "A1": frames["A1"]}, fill_price="next_close").assets == ("A0", "A1")

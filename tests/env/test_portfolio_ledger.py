@@ -54,7 +54,7 @@ def ledger(arrays, costs, weights, start):
         t = start + k
         price = [float(p) for p in arrays.fill[t + 1]]
 
-        def order(asset, target_equity):
+        def order(asset, target_equity, w=w, price=price, t=t):
             gap = w[asset] * target_equity - shares[asset] * price[asset]
             size = min(abs(gap), cap[t, asset])
             impact = eta[t, asset] * (math.sqrt(size) if costs.impact == "sqrt" else size)
