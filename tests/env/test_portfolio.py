@@ -296,3 +296,44 @@ def test_long_only_never_borrows_cash():
     for _ in range(10):
         env.step(torch.tensor([[0.1, 0.4, 0.3, 0.2, 0.0]], dtype=torch.float64))
         assert float(env.cash[0]) > -1e-12 and abs(float(env.cash[0])) < 1e-9  # fully invested, after costs
+
+
+def test_features_must_agree_across_assets():
+    panel = load_panel(synthetic_frames(4))
+    with pytest.raises(ValueError, match="asset 'A2': its features .* differ from 'A0''s"):
+        build_portfolio_arrays(panel, FeatureConfig(bank="close", prune_corr=0.5), train_stop=200)
+    arrays = ohlcv_arrays()
+    with pytest.raises(ValueError, match="must share"):
+        dataclasses.replace(arrays, open=arrays.open[:, :2])
+    with pytest.raises(ValueError, match="3 asset names for 4 columns"):
+        dataclasses.replace(arrays, assets=("a", "b", "c"))
+    with pytest.raises(ValueError, match="fill_price='at_close'"):
+        dataclasses.replace(arrays, fill_price="at_close")
+    with pytest.raises(ValueError, match="first_valid=9999"):
+        dataclasses.replace(arrays, first_valid=9999)
+    features = arrays.features.copy()
+    features[300, 1, 0] = np.nan
+    with pytest.raises(ValueError, match=r"non-finite features at rows \[300\]"):
+        dataclasses.replace(arrays, features=features)
+
+
+def test_segment_sampler_confines_episodes():
+    from sentio_lab.env.splits import SegmentEpisodeSampler
+
+    arrays = ohlcv_arrays()
+    sampler = SegmentEpisodeSampler([(40, 120), (250, 330)], WINDOW, 20, first_valid=arrays.first_valid,
+                                    n_bars=len(arrays.close))
+    env = PortfolioEnv(arrays, num_envs=16, window=WINDOW, episode_length=20, start_sampler=sampler, seed=1)
+    env.reset()
+    assert bool(sampler.contains(env.t).all())
+    with pytest.raises(ValueError, match="no valid episode start"):
+        env.reset(starts=[200] * 16)
+    with pytest.raises(ValueError, match="sized for window"):
+        PortfolioEnv(arrays, window=WINDOW + 1, episode_length=20, start_sampler=sampler)
+    with pytest.raises(ValueError, match="leave the env's valid starts"):
+        PortfolioEnv(arrays, window=WINDOW, episode_length=20, start=200, start_sampler=sampler)
+    seen = set()
+    for _ in range(60):  # auto-resets draw from the sampler too: every visited bar lies in a segment
+        env.step(torch.tensor(random_weights(np.random.default_rng(0), 16, 4, "long_only")))
+        seen.update(env.t.tolist())
+    assert all(40 <= t <= 120 or 250 <= t <= 330 for t in seen)
