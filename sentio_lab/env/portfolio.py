@@ -177,8 +177,12 @@ class PortfolioEnv:
         self.equity = torch.ones_like(self.cash)
         return self._observe(self.t, self.cash, self.shares)
 
-    def step(self, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, dict]:
+    def step(self, actions: torch.Tensor, hold: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, dict]:
         """Rebalance every env to its target weights; return (obs, reward, terminated, truncated, info).
+
+        ``hold`` (bool ``(num_envs,)``, optional): accounts that trade nothing this step (their shares drift with
+        the prices; their actions are still checked): a policy that rebalances only at a declared frequency.
 
         ``info``: ``equity`` (marked at bar t+1's close), ``weights`` (the asset weights filled), ``cost`` (fees and
         price concessions paid, equity units), ``turnover`` (traded notional over the equity at the fill prices),
@@ -197,7 +201,9 @@ class PortfolioEnv:
             half, eta, cap = self._flat_inputs
         else:  # the decision bar's spread and impact estimates, the fill's cap
             half, eta, cap = (a.index_select(0, self.t) for a in self._fill_arrays)
-        fill = portfolio_fill(self.cash, self.shares, price, weights, self.costs, half, eta, cap)
+        if hold is not None:
+            hold = torch.as_tensor(hold, dtype=torch.bool, device=self.device).reshape(self.num_envs)
+        fill = portfolio_fill(self.cash, self.shares, price, weights, self.costs, half, eta, cap, hold)
         cash = fill.cash
         if self._borrow_per_share is not None:  # on the shares held over bar t + 1 (module doc)
             held = self.shares if self._borrow_on_held else fill.shares

@@ -277,9 +277,12 @@ def _sqrt(x):
     return torch.sqrt(x) if isinstance(x, torch.Tensor) else np.sqrt(x)
 
 
-def portfolio_fill(cash, shares, price, weights, costs: CostModel, half, eta, cap) -> PortfolioFill:
+def portfolio_fill(cash, shares, price, weights, costs: CostModel, half, eta, cap, hold=None) -> PortfolioFill:
     """Rebalance to ``weights`` (of the post-cost equity, module doc) at ``price``; numpy or torch, any leading
-    batch shape: ``cash`` (...), ``shares`` / ``price`` / ``weights`` / ``half`` / ``eta`` / ``cap`` (..., A)."""
+    batch shape: ``cash`` (...), ``shares`` / ``price`` / ``weights`` / ``half`` / ``eta`` / ``cap`` (..., A).
+    ``hold`` (bool (...), optional): accounts that do not trade at all this step (their ``weights`` are ignored)."""
+    if hold is not None:  # a held account trades nothing: a zero cap on every asset, the target its own weights
+        cap = _where(hold[..., None], 0.0 * weights, cap)  # (0 x an infinite cap would be NaN)
     fee, slippage = costs.fee, costs.slippage
     sqrt_impact, impact = costs.impact == "sqrt", costs.impact != "none"
     value = shares * price
@@ -322,6 +325,8 @@ def portfolio_fill(cash, shares, price, weights, costs: CostModel, half, eta, ca
     fee_paid = abs(traded_value) * fee
     new_cash = cash - traded_value.sum(-1) - fee_paid.sum(-1)
     paid = (traded_value - delta * price + fee_paid).sum(-1)
+    if hold is not None:  # a held account was not capped: it placed no order
+        capped = capped & ~hold[..., None]
     return PortfolioFill(new_cash, shares + delta, delta, rate, capped, paid)
 
 

@@ -337,3 +337,17 @@ def test_segment_sampler_confines_episodes():
         env.step(torch.tensor(random_weights(np.random.default_rng(0), 16, 4, "long_only")))
         seen.update(env.t.tolist())
     assert all(40 <= t <= 120 or 250 <= t <= 330 for t in seen)
+
+
+def test_hold_trades_nothing_even_towards_all_cash():
+    arrays = ohlcv_arrays()
+    env = PortfolioEnv(arrays, num_envs=2, window=WINDOW, episode_length=STEPS, costs=COST_MODELS["participation"])
+    env.reset(starts=[100, 100])
+    env.step(torch.tensor([[0.3, 0.3, 0.2, 0.2, 0.0]] * 2, dtype=torch.float64))
+    shares, cash = env.shares.clone(), env.cash.clone()
+    all_cash = torch.tensor([[0.0, 0.0, 0.0, 0.0, 1.0]] * 2, dtype=torch.float64)
+    *_, info = env.step(all_cash, hold=torch.tensor([True, False]))
+    torch.testing.assert_close(env.shares[0], shares[0], rtol=0, atol=0)
+    assert float(env.cash[0]) == float(cash[0]) and float(info["cost"][0]) == 0.0
+    assert not bool(info["capped"][0].any())  # a held account placed no order
+    assert float(info["cost"][1]) > 0 and bool((env.shares[1] != shares[1]).any())
