@@ -70,6 +70,14 @@ def test_allocations_are_what_they_claim(panel):
     cov = np.cov(returns, rowvar=False)
     variance = {name: fits[name].weights_at(t) @ cov @ fits[name].weights_at(t) for name in BASELINES}
     assert variance["minimum_variance"] == min(variance.values())  # lowest in-sample variance of all six
+    # and the long-only minimum itself (KKT): equal marginal variance on held assets, no lower on the others
+    w = fits["minimum_variance"].weights_at(t)
+    marginal = cov @ w
+    held = w > 1e-4
+    level = marginal[held].mean()
+    assert np.ptp(marginal[held]) < 1e-3 * level and (marginal[~held] >= level * (1 - 1e-3)).all()
+    random = np.random.default_rng(1).dirichlet(np.ones(5), 2000)
+    assert variance["minimum_variance"] <= np.einsum("ij,jk,ik->i", random, cov, random).min()
     losses = -(returns @ np.stack([fits[n].weights_at(t) for n in BASELINES]).T)
     cvar = {n: np.sort(losses[:, i])[-int(np.ceil(0.05 * len(losses))):].mean() for i, n in enumerate(BASELINES)}
     assert cvar["mean_cvar"] <= min(cvar.values()) + 1e-6  # lowest in-sample CVaR (95 %)
