@@ -8,9 +8,10 @@ long-only and fully invested (no cash).
 Fitting (no look-ahead, no fold leakage). At a rebalance decided at the close of bar t, the estimator is refitted on
 the simple close-to-close returns of rows ``r <= t`` whose bars ``r - 1`` and ``r`` are both training rows
 (``train_rows``: a fold's training segments, e.g. :func:`sentio_lab.env.splits.fit_rows`), the last ``lookback`` of
-them. So the weights at t read returns up to t only, and only from training bars: a test group's bars (before or
-after t) and every bar after t are never read (tests perturb both). With fewer than ``min_returns`` such returns (a test group
-at the start of the data) the baseline holds equal weights and records the bar in :attr:`SkfolioBaseline.fallbacks`.
+them. So the weights at t read returns up to t only, and only from training bars: a test group's bars (before or after
+t) and every bar after t are never read (tests perturb both). With fewer than ``min_returns`` such returns (a test
+group at the start of the data) the baseline holds equal weights and records the bar in
+:attr:`SkfolioBaseline.fallbacks`.
 
 Rebalancing at a declared frequency: :func:`run_baseline` re-targets the weights on the first step of an episode and
 every ``rebalance_every`` steps after; in between the account holds its shares (``PortfolioEnv.step(hold=...)``), so
