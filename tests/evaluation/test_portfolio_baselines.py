@@ -128,3 +128,22 @@ def test_run_through_the_env_rebalances_at_the_declared_frequency(panel):
     short = PortfolioEnv(arrays, num_envs=2, window=5, episode_length=60, allocation="long_short")
     with pytest.raises(ValueError, match="baselines are long-only"):
         run_baseline(short, base, [650, 800], 10)
+
+
+def test_cpcv_fold_baseline_never_reads_its_test_groups(panel):
+    from sentio_lab.env.splits import PurgeEmbargo, combinatorial_purged, fit_rows
+
+    close = panel.column("close")
+    n = len(close)
+    folds = combinatorial_purged(n, PurgeEmbargo(window=5, feature_span=20), n_groups=5, n_test_groups=2)
+    fold = next(f for f in folds if f.test[0][0] > 300)  # a test group with training bars before it
+    rows = fit_rows(fold.train, n)
+    t = fold.test[0][0] + 30
+    weights = SkfolioBaseline("hrp", close, rows).weights_at(t)
+    moved = close.copy()
+    rng = np.random.default_rng(3)
+    for a, stop in fold.test:  # every test bar of the fold, before and after t
+        moved[a:stop] *= np.exp(rng.normal(0, 0.05, (stop - a, 5)))
+    moved[t + 1:] *= np.exp(rng.normal(0, 0.05, (n - t - 1, 5)))
+    np.testing.assert_array_equal(SkfolioBaseline("hrp", moved, rows).weights_at(t), weights)
+    assert not fold.test_mask(n)[SkfolioBaseline("hrp", close, rows).fit_rows(t)].any()
