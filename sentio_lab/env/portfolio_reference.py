@@ -51,8 +51,7 @@ class NumpyPortfolioEnv(gym.Env):
         self.allocation, self.gross_limit, self.invalid_weights = allocation, float(gross_limit), invalid_weights
         self.ruin_fraction = check_ruin_fraction(ruin_fraction)
         self.num_assets, num_features = arrays.num_assets, arrays.features.shape[2]
-        years = _borrow_years(arrays, costs)
-        self._years = None if years is None else years
+        self._years = _borrow_years(arrays, costs)  # None when shorts pay no borrow
         self._fill_arrays = asset_fill_arrays(arrays, costs, self.start_low, stop - 1)
         width = self.num_assets + 1 if allocation == "long_only" else self.num_assets
         low = 0.0 if allocation == "long_only" else -self.gross_limit
