@@ -118,8 +118,6 @@ def replay_portfolio(arrays: PortfolioArrays, start: int, weights: np.ndarray, c
 
 
 def group_equity(portfolio: vbt.Portfolio) -> pd.Series:
-    """The group's value on every replay row (row 0: the starting 1.0): assets, cash and any loan netted."""
-    value = portfolio.value()
-    if isinstance(value, pd.DataFrame):
-        value = value.iloc[:, 0]
-    return value.rename("equity")
+    """The group's value on every row of a :func:`replay_portfolio` (row 0: the starting 1.0): assets, cash and any
+    loan netted (one cash-sharing group: vectorbt returns one Series)."""
+    return portfolio.value().rename("equity")
