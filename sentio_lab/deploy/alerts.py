@@ -87,8 +87,9 @@ class LedgerAlertSink:
         self.account = account
 
     def record_alert(self, alert: DriftAlert) -> None:
-        """Write ``alert`` as one row of the ledger's alerts table."""
-        self.ledger.record_alert(account=self.account, bar=alert.bar, time=alert.time, kind=alert.kind,
+        """Write ``alert`` as one row of the ledger's alerts table (an unknown time as ``""``: the column is text,
+        not null)."""
+        self.ledger.record_alert(account=self.account, bar=alert.bar, time=alert.time or "", kind=alert.kind,
                                  metric=alert.metric, value=alert.value, threshold=alert.threshold,
                                  message=alert.message)
 

@@ -226,7 +226,8 @@ class DriftMonitor:
         return [DriftAlert(kind="volatility_change", metric="abs return", bar=bar, time=time, value=level,
                            threshold=self.thresholds.adwin_delta, direction="above",
                            message=f"ADWIN (delta={self.thresholds.adwin_delta}) found a change in the absolute "
-                                   f"market return: its recent mean is {level:.2f}x the training mean")]
+                                   f"market return: the window it keeps after the cut has {level:.2f}x the training "
+                                   "mean")]
 
     def _performance_change(self, bar: int, time: str | None, log_return: float) -> list[DriftAlert]:
         """Page-Hinkley on the paper return in units of the evaluation's: an alert on every detection."""

@@ -252,6 +252,21 @@ def test_ledger_sink_maps_every_field_and_memory_sink_keeps_alerts():
     assert alert.as_record()["direction"] == "above"
     with pytest.raises(TypeError, match="has no record_alert"):
         LedgerAlertSink(object(), "acct")
+    LedgerAlertSink(ledger, "acct").record_alert(dataclasses.replace(alert, time=None))
+    assert ledger.rows[-1]["time"] == ""
+
+
+def test_monitor_alerts_reach_the_paper_ledger(tmp_path):
+    """With the paper-trading ledger present (issue 21), a planted parity break lands in its alerts table."""
+    ledger_module = pytest.importorskip("sentio_lab.deploy.ledger", reason="the paper-trading ledger is not merged")
+    with ledger_module.Ledger(tmp_path / "paper.sqlite") as ledger:
+        monitor = DriftMonitor(small_reference(), sink=LedgerAlertSink(ledger, "acct"))
+        for t in range(5):
+            monitor.update(t, time=pd.Timestamp("2020-01-01") + pd.Timedelta(days=t), equity=1.0,
+                           expected_equity=1.0 if t < 3 else 1.01)
+        rows = ledger.table("alerts", "acct")
+    assert rows[["bar", "kind", "metric"]].values.tolist() == [[3, "parity", "log equity gap"]]
+    assert rows["value"].iloc[0] == pytest.approx(np.log(1.01)) and rows["threshold"].iloc[0] == 1e-6
 
 
 # ---------------------------------------------------------------------------------------------- monitor
@@ -326,6 +341,42 @@ def test_monitor_refuses_a_reference_that_cannot_reach_its_alpha():
         DriftMonitor(reference, DriftThresholds(performance_alpha=0.01))
     with pytest.raises(ValueError, match="performance_window is 20"):
         DriftMonitor(reference, DriftThresholds(performance_window=20, performance_alpha=0.5))
+
+
+def test_monitor_performance_alerts_for_a_losing_run_only():
+    """Evaluation paths earn 0.1%/bar at 1% volatility. A paper run doing the same raises nothing; one that turns
+    to losing 0.3%/bar at bar 300 raises the Sharpe and drawdown p-value alerts and Page-Hinkley, all after 300."""
+    rng = np.random.default_rng(9)
+    paths = [np.exp(np.cumsum(rng.normal(0.001, 0.01, 600))) for _ in range(8)]
+    reference = small_reference(oos_paths=paths)
+    alerts = {}
+    for name, late_mean in (("same", 0.001), ("losing", -0.003)):
+        monitor = DriftMonitor(reference)
+        returns = np.r_[rng.normal(0.001, 0.01, 300), rng.normal(late_mean, 0.01, 400)]
+        equity = np.exp(np.cumsum(returns))
+        for t, e in enumerate(equity):
+            monitor.update(t, equity=float(e))
+        alerts[name] = monitor.sink.alerts
+    assert alerts["same"] == []
+    kinds = {a.kind: a for a in alerts["losing"]}
+    assert set(kinds) == {"sharpe", "drawdown", "performance_change"}
+    assert all(300 <= a.bar < 450 for a in kinds.values())
+    assert kinds["sharpe"].value < 0.001 and kinds["drawdown"].direction == "below"
+
+
+def test_monitor_adwin_sees_the_market_volatility_double():
+    rng = np.random.default_rng(10)
+    reference = small_reference(market_returns=rng.normal(0, 0.01, 1000))
+    found = {}
+    for name, factor in (("calm", 1.0), ("doubled", 2.0)):
+        monitor = DriftMonitor(reference)
+        returns = np.r_[rng.normal(0, 0.01, 1000), rng.normal(0, 0.01 * factor, 1000)]
+        for t, r in enumerate(returns):
+            monitor.update(t, market_return=float(r))
+        found[name] = monitor.sink.alerts
+    assert found["calm"] == []
+    first = found["doubled"][0]
+    assert first.kind == "volatility_change" and 1000 <= first.bar < 1150 and first.value > 1.0
 
 
 def test_monitor_statistics_at_bar_t_ignore_later_bars():
