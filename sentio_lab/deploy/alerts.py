@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-#: The alert kinds :class:`~sentio_lab.deploy.drift.DriftMonitor` raises.
+#: The alert kinds :class:`~sentio_lab.deploy.drift_monitor.DriftMonitor` raises.
 ALERT_KINDS: tuple[str, ...] = (
     "feature_psi", "feature_ks", "regime", "action", "volatility_change", "sharpe", "drawdown",
     "performance_change", "parity",

@@ -148,7 +148,7 @@ def window_sharpe(log_returns: np.ndarray) -> np.ndarray:
 
 def window_drawdown(log_returns: np.ndarray) -> np.ndarray:
     """Deepest drawdown ``1 - equity / running peak`` inside each window, as a positive depth (the window starts
-    at its own peak; :func:`sentio_lab.evaluation.metrics.max_drawdown` reports the same number negative)."""
+    at its own peak; :func:`sentio_lab.evaluation.metrics.drawdowns.max_drawdown` reports the same number negative)."""
     r = np.asarray(log_returns, dtype=np.float64)
     zeros = np.zeros((*r.shape[:-1], 1))
     log_equity = np.concatenate([zeros, np.cumsum(r, axis=-1)], axis=-1)

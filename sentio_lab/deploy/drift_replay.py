@@ -3,13 +3,13 @@ often it alerts on a stationary stream.
 
 A replay is a synthetic daily market, ``x_t = mu_t + sigma_t eps_t`` (close-to-close log returns, a pure-noise
 overnight gap), whose first ``train_bars`` bars are the training range: the project's observation features
-(:func:`sentio_lab.features.build_observation_features`, basic bank, a 2-state filtered HMM) are fitted there and
-applied causally to the rest. The policy is a fixed rule on the normalised 5-bar return, ``+1`` unless it is below
-``-0.5`` (then flat) or below ``-2`` (then short), so its levels react to the scale of the features as a trained
-policy's would. Its "evaluation" is the same rule on an independent stationary market of the same process, cut into
-``oos_paths`` paths (the stand-in for the CPCV out-of-sample paths). The live stream then either stays stationary
-or changes at ``shift_bar`` (bars after the training range): ``"volatility"`` multiplies sigma by ``factor``,
-``"drift"`` flips the sign of mu.
+(:func:`sentio_lab.features.observation.build_observation_features`, basic bank, a 2-state filtered HMM) are
+fitted there and applied causally to the rest. The policy is a fixed rule on the normalised 5-bar return: ``+1``
+unless it is below ``-0.5`` (then flat) or below ``-2`` (then short), so its levels react to the scale of the
+features as a trained policy's would. Its "evaluation" is the same rule on an independent stationary market of the
+same process, cut into ``oos_paths`` paths (the stand-in for the CPCV out-of-sample paths). The live stream then
+either stays stationary or changes at ``shift_bar`` (bars after the training range): ``"volatility"`` multiplies
+sigma by ``factor``, ``"drift"`` flips the sign of mu.
 
 ``python -m sentio_lab.deploy.drift_replay --seeds 0 1 2 3 4 5 6 7`` prints the figures quoted in
 docs/deployment.md ("Drift detection").
