@@ -97,15 +97,31 @@ class DriftMonitor:
     def update(self, bar: int, *, time: Any = None, features: np.ndarray | None = None,
                regime: np.ndarray | None = None, level: float | None = None, equity: float | None = None,
                expected_equity: float | None = None, market_return: float | None = None) -> list[DriftAlert]:
-        """Feed the closed bar ``bar`` (strictly after the previous one) and return the alerts it raised."""
+        """Feed the closed bar ``bar`` (strictly after the previous one) and return the alerts it raised.
+
+        Every input is checked before any state changes: a refused bar (a ``ValueError`` naming it) leaves the
+        monitor as it was."""
         if self._last_bar is not None and bar <= self._last_bar:
             raise ValueError(f"bar {bar} arrives after bar {self._last_bar}; the monitor takes each bar once, "
                              "in order (rebuild a fresh monitor to replay)")
+        row, probs, level_index = self._checked(bar, features, regime, level, equity, expected_equity, market_return)
         self._last_bar = bar
-        stamp = None if time is None else str(time)
-        raised = self._take(bar, stamp, features, regime, level, equity)
         self._seen += 1
-        if market_return is not None and self.reference.market_abs_return is not None:
+        stamp = None if time is None else str(time)
+        raised: list[DriftAlert] = []
+        if row is not None:
+            self._features.append(row)
+        if probs is not None:
+            self._regime.append(probs)
+        if level_index is not None:
+            self._levels.append(level_index)
+        if equity is not None:
+            if self._last_equity is not None:
+                self._returns.append(math.log(equity / self._last_equity))
+                if self.reference.performance is not None:
+                    raised += self._performance_change(bar, stamp, self._returns[-1])
+            self._last_equity = float(equity)
+        if market_return is not None:
             raised += self._volatility_change(bar, stamp, float(market_return))
         if equity is not None and expected_equity is not None:
             raised += self._parity(bar, stamp, float(equity), float(expected_equity))
@@ -115,37 +131,40 @@ class DriftMonitor:
             self.sink.record_alert(alert)
         return raised
 
-    def _take(self, bar: int, time: str | None, features: np.ndarray | None, regime: np.ndarray | None,
-              level: float | None, equity: float | None) -> list[DriftAlert]:
-        """Validate one bar's inputs and append them to the windows; the Page-Hinkley alert, if any."""
-        raised: list[DriftAlert] = []
+    def _checked(self, bar: int, features: np.ndarray | None, regime: np.ndarray | None, level: float | None,
+                 equity: float | None, expected_equity: float | None, market_return: float | None,
+                 ) -> tuple[np.ndarray | None, np.ndarray | None, int | None]:
+        """One bar's inputs validated against the reference: the feature row, the regime probabilities and the
+        level's index (None where not given); a ``ValueError`` naming the bar otherwise."""
         ref = self.reference
+        missing = [name for name, given, known in (
+            ("regime", regime, ref.regime_shares), ("level", level, ref.levels),
+            ("market_return", market_return, ref.market_abs_return)) if given is not None and known is None]
+        if missing:
+            raise ValueError(f"bar {bar}: {missing} given but the reference has nothing to compare them with; pass "
+                             "them to fit_reference (regime_probabilities, levels, market_returns) or leave them out")
+        row = probs = index = None
         if features is not None:
             row = np.asarray(features, dtype=np.float64)
             if row.shape != (len(ref.features),) or not np.all(np.isfinite(row)):
                 raise ValueError(f"bar {bar}: features must be {len(ref.features)} finite values "
                                  f"({ref.feature_names}), got {row.tolist()}")
-            self._features.append(row)
-        if regime is not None and ref.regime_shares is not None:
+        if regime is not None:
             probs = np.asarray(regime, dtype=np.float64)
             if probs.shape != ref.regime_shares.shape or not np.all(np.isfinite(probs)):
                 raise ValueError(f"bar {bar}: regime probabilities must be {len(ref.regime_shares)} finite values, "
                                  f"got {probs.tolist()}")
-            self._regime.append(probs)
-        if level is not None and ref.levels is not None:
+        if level is not None:
             try:
-                self._levels.append(int(level_indices(np.asarray([level]), ref.levels)[0]))
+                index = int(level_indices(np.asarray([level]), ref.levels)[0])
             except ValueError as err:
                 raise ValueError(f"bar {bar}: {err}") from err
-        if equity is not None:
-            if not (math.isfinite(equity) and equity > 0):
-                raise ValueError(f"bar {bar}: paper equity must be finite and positive, got {equity!r}")
-            if self._last_equity is not None:
-                self._returns.append(math.log(equity / self._last_equity))
-                if ref.performance is not None:
-                    raised += self._performance_change(bar, time, self._returns[-1])
-            self._last_equity = float(equity)
-        return raised
+        for name, value in (("paper equity", equity), ("expected equity", expected_equity)):
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise ValueError(f"bar {bar}: {name} must be finite and positive, got {value!r}")
+        if market_return is not None and not math.isfinite(market_return):
+            raise ValueError(f"bar {bar}: market return must be finite, got {market_return!r}")
+        return row, probs, index
 
     # ------------------------------------------------------------------ checks
     def _record(self, bar: int, time: str | None, kind: str, metric: str, value: float, threshold: float,
@@ -214,8 +233,6 @@ class DriftMonitor:
 
     def _volatility_change(self, bar: int, time: str | None, market_return: float) -> list[DriftAlert]:
         """ADWIN on the absolute market return in training units: an alert on every detection."""
-        if not math.isfinite(market_return):
-            raise ValueError(f"bar {bar}: market return must be finite, got {market_return!r}")
         scale = self.reference.market_abs_return
         self._adwin.update(abs(market_return) / scale)
         if not self._adwin.drift_detected:
@@ -246,8 +263,6 @@ class DriftMonitor:
 
     def _parity(self, bar: int, time: str | None, equity: float, expected: float) -> list[DriftAlert]:
         """Paper equity against the backtest replay's expectation."""
-        if not (math.isfinite(expected) and expected > 0):
-            raise ValueError(f"bar {bar}: expected equity must be finite and positive, got {expected!r}")
         gap = abs(math.log(equity / expected))
         tol = self.thresholds.parity_tolerance
         return self._record(bar, time, "parity", "log equity gap", gap, tol, gap > tol, "above",

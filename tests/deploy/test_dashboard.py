@@ -100,6 +100,25 @@ def test_dashboard_panes_follow_the_ledger(tmp_path):
     assert board.dashboard(ledger.path, "acct", refresh_ms=0) is not None
 
 
+def test_dashboard_refreshes_periodically_and_serves_on_localhost(tmp_path, monkeypatch):
+    ledger = SqlLedger(tmp_path / "paper.sqlite")
+    callbacks, served = [], []
+    monkeypatch.setattr(board.pn.state, "add_periodic_callback",
+                        lambda callback, period: callbacks.append((callback, period)))
+    board.dashboard(ledger.path, "acct", refresh_ms=250)
+    assert [period for _, period in callbacks] == [250]
+    ledger.write_bars(np.full(3, 0.01))
+    callbacks[0][0]()  # one tick of the timer re-reads the ledger
+    monkeypatch.setattr(board.pn, "serve", lambda apps, **kwargs: served.append((apps, kwargs)))
+    board.main(["--ledger", str(ledger.path), "--account", "acct", "--port", "5999"])
+    (apps, kwargs), = served
+    assert kwargs["port"] == 5999 and kwargs["address"] == "127.0.0.1" and kwargs["show"] is False
+    page = apps["/"]()
+    assert f"{ledger.equity:.6f}" in page[1].object  # the headline of the page the server would build
+    with pytest.raises(FileNotFoundError):
+        board.main(["--ledger", str(tmp_path / "missing.sqlite"), "--account", "acct"])
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

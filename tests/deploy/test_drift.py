@@ -40,6 +40,7 @@ from sentio_lab.deploy.drift_monitor import DriftMonitor
 from sentio_lab.deploy.drift_replay import (
     PERFORMANCE_KINDS,
     VOLATILITY_KINDS,
+    _delays_line,
     main,
     planted_market,
     policy_equity,
@@ -341,6 +342,15 @@ def test_monitor_refuses_bad_bars_naming_them():
         DriftMonitor(small_reference(regime_probabilities=np.full((600, 2), 0.5))).update(9, regime=np.ones(3))
     with pytest.raises(ValueError, match="bar 10: market return"):
         DriftMonitor(small_reference(market_returns=np.full(10, 0.01))).update(10, market_return=np.nan)
+    with pytest.raises(ValueError, match="bar 11: \\['regime', 'market_return'\\] given but the reference"):
+        monitor.update(11, regime=np.array([0.5, 0.5]), market_return=0.01)
+    # A refused bar changes nothing: the good part of a bad bar is not half taken, and the bar can come again.
+    assert len(monitor._features) == 1 and len(monitor._levels) == 1
+    with pytest.raises(ValueError, match="bar 12: chosen level"):
+        monitor.update(12, features=np.ones(2), level=3.0)
+    assert len(monitor._features) == 1
+    monitor.update(12, features=np.ones(2), level=0.0)
+    assert len(monitor._features) == 2
 
 
 def test_monitor_refuses_a_reference_that_cannot_reach_its_alpha():
@@ -443,14 +453,15 @@ FALSE_ALARMS_PER_1000_BARS = 1.0  # measured over seeds 0-7 x 3000 bars: 0.50 (m
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_volatility_doubling_is_detected_within_the_stated_bars(seed):
-    result = run_replay(seed, shift="volatility", live_bars=900, shift_after=500)
+    # The measured configuration (shift at live bar 1000), cut short after the stated bound.
+    result = run_replay(seed, shift="volatility", live_bars=1000 + VOLATILITY_DELAY_BARS + 1, shift_after=1000)
     delay = result.first_delay(VOLATILITY_KINDS)
     assert delay is not None and delay <= VOLATILITY_DELAY_BARS
 
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_flipped_drift_is_detected_within_the_stated_bars(seed):
-    result = run_replay(seed, shift="drift", live_bars=1000, shift_after=500, mu=0.002)
+    result = run_replay(seed, shift="drift", live_bars=1000 + DRIFT_DELAY_BARS + 1, shift_after=1000, mu=0.002)
     delay = result.first_delay(PERFORMANCE_KINDS)
     assert delay is not None and delay <= DRIFT_DELAY_BARS
 
@@ -461,6 +472,11 @@ def test_stationary_false_alarm_rate_is_below_the_stated_level():
     bars = sum(r.live_bars for r in results)
     alarms = sum(r.false_alarms() for r in results)
     assert 1000 * alarms / bars < FALSE_ALARMS_PER_1000_BARS
+
+
+def test_delays_line_summarises_misses():
+    assert _delays_line([10, None, 30]) == "[10, None, 30] bars (median 20, worst 30, missed 1 of 3)"
+    assert _delays_line([None]) == "[None] bars (none detected, missed 1 of 1)"
 
 
 def test_figures_command_prints_delays_and_false_alarms(capsys):
