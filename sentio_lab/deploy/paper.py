@@ -237,14 +237,23 @@ class PaperTrader:
     def __init__(self, model: str | Path, feed: str | Path, ledger: str | Path, *, account: str = "paper",
                  broker: Broker | None = None, start: str | pd.Timestamp | None = None) -> None:
         """Load the model, open the ledger and take the account's lock (a second trader is refused)."""
-        self.model = str(model)
-        self.decider = CheckpointDecider(resolve_model(str(model)))
-        self.feed_path = Path(feed)
+        checkpoint = resolve_model(str(model))
+        self.model = str(checkpoint.resolve())  # the file itself: an alias moved to another version is another model
+        self.decider = CheckpointDecider(checkpoint)
+        self.feed_path = Path(feed).resolve()
         self.account = check_account_name(account)
         self.ledger = Ledger(ledger)
         self.ledger.lock_account(account)
         self.broker: Broker = broker if broker is not None else PaperBroker(self.decider.positions,
                                                                              self.decider.costs)
+        existing = self.ledger.account(account)
+        if existing is not None:  # a restart: the same model, feed and trading rules (the first bar aside)
+            wanted = self._settings(existing.first_bar)
+            for field in ("model", "feed", "positions", "fill_price", "capital"):
+                if getattr(existing, field) != getattr(wanted, field):
+                    raise LedgerError(f"account {account!r} in {self.ledger.path} trades {field}="
+                                      f"{getattr(existing, field)!r}, not {getattr(wanted, field)!r}; restart it with "
+                                      "the same settings or use another --account-name")
         self.start = None if start is None else pd.Timestamp(start)
         self.crash = _crash_hook()
         self._seen: pd.DataFrame | None = None
@@ -265,7 +274,10 @@ class PaperTrader:
         if last is None:
             return
         mark = self.ledger.mark(self.account, last)
-        if last < len(frame) and str(frame.index[last]) != mark.time:
+        if last >= len(frame):
+            raise PaperError(f"feed {self.feed_path}: {len(frame)} bars, but account {self.account!r} is recorded up "
+                             f"to bar {last}; the feed changed under the account (use a new --account-name)")
+        if str(frame.index[last]) != mark.time:
             raise PaperError(f"feed {self.feed_path}: bar {last} is {frame.index[last]}, the ledger recorded it as "
                              f"{mark.time}; the feed changed under account {self.account!r} (use a new --account-name)")
         if self._seen is not None and not frame.iloc[: len(self._seen)].equals(self._seen):
