@@ -4,7 +4,7 @@ ledger records it; restartable at any instruction.
 ``python -m sentio_lab.deploy.paper --model CHECKPOINT --feed FILE --account LEDGER.db [--account-name NAME]
 [--speed S] [--follow [--poll SECONDS] [--idle-exit SECONDS]] [--start TIME]``
 
-Bars come from ``--feed``, a CSV or Parquet OHLCV file (the format of :func:`sentio_lab.data.read_ohlcv_file`):
+Bars come from ``--feed``, a CSV or Parquet OHLCV file (the format of :func:`sentio_lab.data.loading.read_ohlcv_file`):
 replayed at ``--speed`` bars per second (default: as fast as possible), or with ``--follow`` a CSV that another
 process appends to, polled every ``--poll`` seconds (only complete lines are read; rows already traded must not
 change). Each bar t is handled in this order (the timing of :mod:`sentio_lab.env.trading`):
@@ -30,7 +30,7 @@ Decisions: this module builds the greedy policy from the checkpoint itself (:cla
 its feature state, position levels and cost model). Supported variants: ``ppo``, ``ppo_risk`` (its drawdown state
 comes from the ledger's equity, peak and maximum drawdown) and ``ppo_transformer``; masked and anchored models are
 refused (their mask / benchmark state is not in the ledger yet). Registry URIs (``models:/<name>@<alias>``) are
-resolved by :func:`sentio_lab.deploy.registry.resolve` where that module exists.
+resolved by ``sentio_lab.deploy.registry.resolve`` where that module exists.
 
 Test hook: ``SENTIO_PAPER_CRASH=<point>@<bar>`` makes the process kill itself (SIGKILL) at ``<point>`` of bar
 ``<bar>``: ``fill`` (fill computed), ``decide`` (decision computed, nothing written), ``write:<table>`` (inside the
