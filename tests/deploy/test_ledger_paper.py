@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sqlite3
 import subprocess
 import sys
@@ -463,3 +464,64 @@ def test_model_uris_folders_and_unsupported_models(ppo_checkpoint, tmp_path, mon
     monkeypatch.setattr(paper, "action_masking", lambda args: {"masks": object()})
     with pytest.raises(PaperError, match="masked models"):
         CheckpointDecider(ppo_checkpoint)
+
+
+def test_the_crash_hook_parses_its_spec_and_fires_only_at_its_point(monkeypatch):
+    killed = []
+    monkeypatch.setattr(paper.os, "kill", lambda pid, sig: killed.append((pid, sig)))
+    monkeypatch.setenv(paper.CRASH_ENV, "write:cash@12")
+    hook = paper._crash_hook()
+    hook("write:cash", 11)
+    hook("write:equity", 12)
+    assert killed == []
+    hook("write:cash", 12)
+    assert killed == [(paper.os.getpid(), paper.signal.SIGKILL)]
+    monkeypatch.setenv(paper.CRASH_ENV, "decide")
+    with pytest.raises(PaperError, match="expected <point>@<bar>"):
+        paper._crash_hook()
+    monkeypatch.delenv(paper.CRASH_ENV)
+    paper._crash_hook()("decide", 0)  # no spec: never fires
+    assert len(killed) == 1
+
+
+class RuinousBroker(PaperBroker):
+    """A pluggable broker (the Broker protocol) whose fills lose everything on bar ``ruin``."""
+
+    def __init__(self, positions, costs, ruin):
+        super().__init__(positions, costs)
+        self.ruin = ruin
+
+    def execution(self, account, bar, market, time):
+        done = super().execution(account, bar, market, time)
+        if bar == self.ruin:
+            return dataclasses.replace(done, cash=-1.0 - done.shares * float(market.close[bar]))
+        return done
+
+
+def test_a_ruined_account_stops_deciding_and_a_short_feed_only_warms_up(ppo_checkpoint, feed, tmp_path):
+    decider = CheckpointDecider(ppo_checkpoint)
+    trader = PaperTrader(ppo_checkpoint, feed, tmp_path / "ledger.db",
+                         broker=RuinousBroker(decider.positions, decider.costs, ruin=40))
+    try:
+        with pytest.raises(PaperError, match="stopped at bar 40 \\(ruined: equity -1\\)"):
+            trader.run()
+        assert trader.ledger.last_bar("paper") == 40 and trader.ledger.order("paper", 40) is None
+        assert trader.ledger.mark("paper", 40).equity == pytest.approx(-1.0)
+    finally:
+        trader.close()
+    short = tmp_path / "short.csv"
+    pd.read_csv(feed, index_col=0).iloc[:20].to_csv(short)
+    waiting = PaperTrader(ppo_checkpoint, short, tmp_path / "short.db")
+    try:
+        assert waiting.run() == 0 and waiting.summary() == "account paper: not open yet (warm-up)"
+    finally:
+        waiting.close()
+    gapped = tmp_path / "gapped.db"
+    skipping = PaperTrader(ppo_checkpoint, feed, gapped)
+    try:
+        frame = pd.read_csv(feed, index_col=0, parse_dates=True)
+        assert skipping.step(frame.iloc[:28])
+        with pytest.raises(PaperError, match="bar 30 arrived after bar 27"):
+            skipping.step(frame.iloc[:31])
+    finally:
+        skipping.close()

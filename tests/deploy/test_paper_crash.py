@@ -110,7 +110,8 @@ def test_kill_9_at_random_points_and_restart_gives_the_uninterrupted_ledger(setu
     rng = np.random.default_rng(2026)
     bars = np.sort(rng.choice(np.arange(FIRST + 1, FEED_BARS), size=KILLS - 2, replace=False))
     points = rng.permutation(np.resize(np.array(POINTS), len(bars)))  # every kind of point, in random order
-    plan = [("decide", FIRST), ("sent", FIRST)] + [(str(point), int(bar)) for point, bar in zip(points, bars)]
+    plan = [("decide", FIRST), ("sent", FIRST)]
+    plan += [(str(point), int(bar)) for point, bar in zip(points, bars, strict=True)]
     assert len(plan) == KILLS and {point for point, _ in plan} == set(POINTS)
     crashed = tmp_path / "crashed.db"
     for point, bar in plan:
