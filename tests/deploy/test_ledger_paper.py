@@ -315,6 +315,33 @@ def test_the_paper_account_equals_the_backtest_at_every_bar(which, feed, tmp_pat
         assert fills["capped"].sum() > 0 and (cash["borrow"] > 0).sum() > 0
 
 
+@pytest.mark.slow
+def test_nothing_recorded_at_bar_t_depends_on_later_bars(ppo_checkpoint, feed, tmp_path):
+    """No look-ahead, by perturbation: bars after bar k rescaled (prices x 1.2, volume x 0.5) change nothing the
+    ledger holds for bars <= k (orders, fills, marks), and do change what comes after."""
+    k = 90
+    frame = pd.read_csv(feed, index_col=0)
+    frame.iloc[k + 1 :, :4] *= 1.2
+    frame.iloc[k + 1 :, 4] *= 0.5
+    perturbed = tmp_path / "perturbed.csv"
+    frame.to_csv(perturbed)
+    dumps = []
+    for path, name in ((feed, "original"), (perturbed, "perturbed")):
+        trader = PaperTrader(ppo_checkpoint, path, tmp_path / f"{name}.db")
+        try:
+            trader.run()
+            dumps.append({table: trader.ledger.table(table, "paper") for table in TABLES[1:-1]})
+        finally:
+            trader.close()
+    original, changed = dumps
+    for table in original:
+        before = original[table]["bar"] <= k
+        assert before.sum() > 50
+        pd.testing.assert_frame_equal(original[table][before], changed[table][before])
+    after = original["equity"]["bar"] > k
+    assert not np.allclose(original["equity"]["equity"][after], changed["equity"]["equity"][after])
+
+
 def test_parity_fails_when_the_broker_mis_sizes_fills(ppo_checkpoint, feed, tmp_path, monkeypatch):
     """The parity comparison can fail: a broker that charges a basis point more slippage drifts off the backtest."""
     decider = CheckpointDecider(ppo_checkpoint)
