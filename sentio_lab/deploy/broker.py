@@ -102,9 +102,11 @@ class PaperBroker:
         fee = float(np.abs(delta * executed)[0] * costs.fee)
         borrow = 0.0
         if costs.borrow_rate != 0.0:  # on the shares held over bar t + 1: after the fill, or before it (next close)
-            if market.year_fraction is None:
-                raise ValueError("borrow costs need bar timestamps (MarketArrays.year_fraction)")
-            per_share = costs.borrow_rate * market.year_fraction[bar] * market.close[bar]
+            years = market.year_fraction
+            if years is None:
+                raise ValueError("borrow costs need bar timestamps (MarketArrays.year_fraction); build the market "
+                                 "with MarketArrays.from_frame")
+            per_share = costs.borrow_rate * years[bar] * market.close[bar]
             before_mark = shares if market.fill_price == "next_close" else new_shares
             charge = np.maximum(-before_mark, 0.0) * per_share
             new_cash, borrow = new_cash - charge, float(charge[0])

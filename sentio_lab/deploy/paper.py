@@ -27,10 +27,12 @@ with the same ledger, row for row, as one that was never interrupted (tests/depl
 per account: a second is refused by the ledger's account lock.
 
 Decisions: this module builds the greedy policy from the checkpoint itself (:class:`CheckpointDecider`: the agent,
-its feature state, position levels and cost model). Supported variants: ``ppo``, ``ppo_risk`` (its drawdown state
-comes from the ledger's equity, peak and maximum drawdown) and ``ppo_transformer``; masked and anchored models are
-refused (their mask / benchmark state is not in the ledger yet). Registry URIs (``models:/<name>@<alias>``) are
-resolved by ``sentio_lab.deploy.registry.resolve`` where that module exists.
+its feature state, position levels and cost model). Supported variants: ``ppo`` and ``ppo_risk`` (its drawdown state
+comes from the ledger's equity, peak and maximum drawdown), and ``ppo_transformer`` without token timeframes;
+refused for now: masked and anchored models (their mask / benchmark state is not in the ledger yet) and token
+timeframes (their token normaliser is fitted on the training rows of the model's own data, not the feed's).
+Registry URIs (``models:/<name>@<alias>``) are resolved by ``sentio_lab.deploy.registry.resolve`` where that
+module exists.
 
 Test hook: ``SENTIO_PAPER_CRASH=<point>@<bar>`` makes the process kill itself (SIGKILL) at ``<point>`` of bar
 ``<bar>``: ``fill`` (fill computed), ``decide`` (decision computed, nothing written), ``write:<table>`` (inside the
@@ -99,8 +101,8 @@ class CheckpointDecider:
 
     :meth:`market` builds the features of a history with the fitted feature state; :meth:`decide` takes that
     market and the account marked at its newest bar and returns the level index the agent picks there, from the
-    observation :class:`~sentio_lab.env.TradingEnv` would show (feature window, held level, and the token blocks /
-    drawdown state the variant observes)."""
+    observation :class:`~sentio_lab.env.TradingEnv` would show (feature window, held level, and the drawdown state
+    where the variant observes it)."""
 
     def __init__(self, path: str | Path) -> None:
         """Load and verify the checkpoint at ``path`` (:func:`~sentio_lab.agents.checkpoint.load_checkpoint`)."""
@@ -144,6 +146,10 @@ class CheckpointDecider:
             if options.get("anchor") is not None:
                 raise PaperError(f"{self.path}: anchored models are not supported by paper trading yet (their "
                                  "benchmark state is not in the ledger)")
+            if options.get("token_blocks"):
+                raise PaperError(f"{self.path}: models with token timeframes are not supported by paper trading yet "
+                                 "(their token normaliser is fitted on the training rows of the model's own data, "
+                                 "which a feed does not hold)")
             agent = self.variant.build_agent(self.args, agent_obs_dim(self.args, market), len(self.positions))
             agent.load_state_dict(self.bundle["agent"])
             self.agent = agent.eval()
@@ -157,9 +163,6 @@ class CheckpointDecider:
         features = market.arrays.features
         parts = [torch.from_numpy(np.ascontiguousarray(features[t - self.window + 1 : t + 1]).reshape(-1)),
                  torch.tensor([self.positions[held.level]], dtype=torch.float64).to(torch.float32)]
-        if self._options.get("token_blocks"):
-            for block in env_options(self.args, market)["token_blocks"]:
-                parts.append(torch.as_tensor(block.table[block.index[t]], dtype=torch.float32).reshape(-1))
         if self._options.get("drawdown_obs"):  # (D_t, M_t) in float64 as the env computes them, then float32
             parts.append(torch.tensor([1.0 - held.equity / held.peak, held.max_drawdown],
                                       dtype=torch.float64).to(torch.float32))
@@ -406,7 +409,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         trader = PaperTrader(args.model, args.feed, args.account, account=args.account_name, start=args.start)
         try:
-            written = trader.run(speed=args.speed, follow=args.follow, poll=args.poll, idle_exit=args.idle_exit)
+            written = trader.run(speed=args.speed, follow=args.follow, poll=args.poll, idle_exit=args.idle_exit,
+                                 log=print if args.follow else None)
             print(f"{written} bars written; {trader.summary()}")
         finally:
             trader.close()

@@ -273,6 +273,11 @@ def test_the_broker_refuses_an_order_out_of_turn():
         broker.submit("a", Order(9, "t", 2, 1.0), mark(9))
     with pytest.raises(ValueError, match="fills on bar 11, not on bar 12"):
         broker.execution("a", 12, market.arrays, "t")
+    timeless = dataclasses.replace(market.arrays, year_fraction=None)
+    borrowing = PaperBroker((-1.0, 0.0, 1.0), CostModel(borrow_bps=100.0))
+    borrowing.submit("a", Order(10, "t", 0, -1.0), mark(10))
+    with pytest.raises(ValueError, match="borrow costs need bar timestamps"):
+        borrowing.execution("a", 11, timeless, "t")
     with pytest.raises(ValueError, match="not in the market"):
         broker.submit("a", Order(len(market.arrays.close) - 1, "t", 2, 1.0), mark(len(market.arrays.close) - 1))
         broker.execution("a", len(market.arrays.close), market.arrays, "t")
@@ -378,7 +383,9 @@ def test_a_followed_csv_appended_by_another_writer_gives_the_replay_ledger(ppo_c
     followed = PaperTrader(ppo_checkpoint, live, tmp_path / "followed.db")
     thread.start()
     try:
-        written = followed.run(follow=True, poll=0.01, idle_exit=1.5)
+        logged = []
+        written = followed.run(follow=True, poll=0.01, idle_exit=1.5, log=logged.append)
+        assert len(logged) >= 2 and logged[-1].startswith(f"account paper: bar {FEED_BARS - 1} (2018-12-31")
         thread.join()
         got = followed.ledger.dump("paper")
     finally:
@@ -488,6 +495,12 @@ def test_model_uris_folders_and_unsupported_models(ppo_checkpoint, tmp_path, mon
     monkeypatch.setitem(sys.modules, "sentio_lab.deploy.registry", None)  # not installed: a clear error
     with pytest.raises(PaperError, match="registry URIs need sentio_lab.deploy.registry"):
         resolve_model("models:/demo@champion")
+    decider = CheckpointDecider(ppo_checkpoint)
+    market = decider.market(load_market("sp500").frame.iloc[-60:], "bars")
+    for options, refusal in (({"anchor": object()}, "anchored models"), ({"token_blocks": [object()]}, "token tim")):
+        monkeypatch.setattr(paper, "env_options", lambda args, market, options=options: options)
+        with pytest.raises(PaperError, match=refusal):
+            decider.decide(market, mark(59))
     monkeypatch.setattr(paper, "action_masking", lambda args: {"masks": object()})
     with pytest.raises(PaperError, match="masked models"):
         CheckpointDecider(ppo_checkpoint)
