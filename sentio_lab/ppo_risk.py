@@ -54,7 +54,7 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 import torch
-from torch import nn, optim
+from torch import nn
 
 from sentio_lab.agents import training
 from sentio_lab.agents.arguments import Flat, PPOArgs, RunArgs, SharedArgs
@@ -170,7 +170,7 @@ def train(args: Args, *, market: PreparedMarket | None = None, env: Any | None =
     args, env, device, hp = run.args, run.env, run.device, run.args.ppo
     constrained = args.cost_limit is not None
     agent = build_agent(args, env.obs_dim, env.num_actions).to(device)
-    optimizer = optim.Adam(agent.parameters(), lr=hp.learning_rate, eps=1e-5, fused=True)
+    optimizer = training.make_optimizer(agent, hp)  # Adam, AdamW with --weight-decay
     lagrangian = PIDLagrangian(args.cost_limit, args.pid_kp, args.pid_ki, args.pid_kd) if constrained else None
     kl_control = AdaptiveKL(args.kl_coef, args.kl_target) if args.kl_penalty else None
 

@@ -32,7 +32,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from torch import nn, optim
+from torch import nn
 
 from sentio_lab.agents import training
 from sentio_lab.agents.arguments import DataArgs, Flat, RunArgs, SharedArgs
@@ -170,7 +170,7 @@ def train(args: Args, *, market: PreparedMarket | None = None, env: Any | None =
     agent = build_agent(args, env.obs_dim, env.num_actions).to(device)
     if args.compile:
         agent.set_compile(True, backend=args.compile_backend)
-    optimizer = optim.Adam(agent.parameters(), lr=hp.learning_rate, eps=1e-5, fused=True)
+    optimizer = training.make_optimizer(agent, hp)  # Adam, AdamW with --weight-decay
     # Mixed precision: autocast runs the trunk's matmuls in bf16 / fp16; parameters and Adam stay fp32. fp16 has
     # too few exponent bits for small gradients, hence the scaler (a no-op object unless amp is "fp16").
     amp_dtype = AMP_DTYPES[args.amp]

@@ -106,7 +106,8 @@ class TrainingRun:
         """With ``anneal_lr``, set the learning rate of ``iteration`` (linear from ``learning_rate`` to 0)."""
         ppo = self.args.ppo
         if ppo.anneal_lr:
-            optimizer.param_groups[0]["lr"] = (1.0 - (iteration - 1.0) / ppo.num_iterations) * ppo.learning_rate
+            for group in optimizer.param_groups:  # AdamW (--weight-decay) has a group without decay
+                group["lr"] = (1.0 - (iteration - 1.0) / ppo.num_iterations) * ppo.learning_rate
 
     def minibatches(self) -> Iterator[tuple[int, torch.Tensor]]:
         """One epoch's ``(minibatch number, sample indices)``: a fresh permutation of this rank's batch, cut into

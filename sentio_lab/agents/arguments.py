@@ -55,9 +55,10 @@ class DataArgs:
 class FeatureArgs:
     """Features: what the observation is built from."""
 
-    feature_bank: Literal["basic", "talib", "close"] = "basic"
-    """feature bank: "basic" (fast returns / volatility / range set), "talib" (150+ TA-Lib indicators) or "close"
-    (log returns and realised volatility from closes only, for close-only data)"""
+    feature_bank: Literal["basic", "talib", "close", "slow"] = "basic"
+    """feature bank: "basic" (fast returns / volatility / range set), "talib" (150+ TA-Lib indicators), "close"
+    (log returns and realised volatility from closes only, for close-only data) or "slow" (six regime-normalised
+    multi-horizon features from closes: fewer inputs to memorise with; sentio_lab.features.slow)"""
     timeframes: tuple[str, ...] = ()
     """extra higher timeframes whose features join the observation, e.g. 4h 1D (pandas offset aliases)"""
     regimes: int = 0
@@ -124,6 +125,9 @@ class PPOArgs:
     """total env steps of the whole run; with --resume, a larger value continues the run (finished or not) to it"""
     learning_rate: float = 2.5e-4
     """Adam learning rate"""
+    weight_decay: float = 0.0
+    """decoupled weight decay (AdamW) on the weight matrices (not biases, norms or embeddings' 1-d gains); 0 = plain
+    Adam, bit for bit the optimizer of runs before this flag (sentio_lab.agents.training.make_optimizer)"""
     num_envs: int = 64
     """parallel episodes stepped together"""
     num_steps: int = 128

@@ -16,7 +16,8 @@ class FeatureConfig:
     """What to compute and how to normalise it. Hashable; recorded in the fitted state."""
 
     bank: str = "basic"
-    """``"basic"`` (fast hand-written features) or ``"talib"`` (the full TA-Lib bank plus the basic ones)."""
+    """``"basic"`` (fast hand-written features), ``"talib"`` (the full TA-Lib bank plus the basic ones), ``"close"``
+    (the basic ones from closes only) or ``"slow"`` (regime-normalised multi-horizon, :mod:`sentio_lab.features.slow`)."""
     timeframes: tuple[str, ...] = ()
     """Extra higher timeframes (pandas offset aliases, e.g. ``("4h", "1D")`` or ``("W-FRI",)``)."""
     regimes: int = 0
