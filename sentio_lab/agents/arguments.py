@@ -202,6 +202,13 @@ class RunArgs:
     error naming it (arguments left at their defaults are taken from the checkpoint)"""
     debug: bool = False
     """show the full traceback of an error (by default a data or argument error prints one line)"""
+    select_on: Literal["none", "validation_sharpe", "validation_log_return"] = "none"
+    """checkpoint selection on the validation range by this declared criterion (greedy, net of costs): the best
+    agent state is kept and is the run's result; "none" = the last weights (sentio_lab.agents.selection)"""
+    eval_every: int = 10
+    """with --select-on: score the agent on validation every this many iterations (and after the last one)"""
+    patience: int | None = None
+    """with --select-on: stop after this many evaluations without a better score; None = train to the end"""
 
 
 @dataclass

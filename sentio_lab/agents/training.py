@@ -43,6 +43,9 @@ class TrainResult:
     """True when total_timesteps were reached (False after a budget / iteration stop)."""
     history: list[dict[str, float]] = field(default_factory=list)
     market: PreparedMarket | None = None
+    selection: dict[str, Any] | None = None
+    """with ``--select-on``: :meth:`sentio_lab.agents.selection.Selection.summary` (criterion, selected iteration,
+    best score, early stop, history); ``agent`` is then the selected state, not the last one"""
 
 
 #: The cost-model arguments every variant's ``Args`` carries (the fields of :class:`~sentio_lab.env.costs.CostModel`).

@@ -25,6 +25,7 @@ import tyro
 from torch import nn
 
 from sentio_lab.agents.checkpoint import load_checkpoint
+from sentio_lab.agents.selection import selected_weights
 from sentio_lab.env.market import PreparedMarket, prepare_market
 from sentio_lab.features.observation_layout import observation_dim, observation_layout
 
@@ -59,7 +60,9 @@ class TrainedAgent:
 
 
 def load_trained(path: str | Path, *, dataset: str | Path | None = None) -> TrainedAgent:
-    """Rebuild agent and market from a checkpoint; features reuse the saved training statistics.
+    """Rebuild agent and market from a checkpoint; features reuse the saved training statistics. The agent has the
+    weights the run stands for: the selected state when it selected on validation
+    (:func:`sentio_lab.agents.selection.selected_weights`), else the last.
 
     With ``dataset`` the model is applied to other data (e.g. a later file of the same market), loaded whole
     with the default stale-open policy; otherwise the checkpoint's own dataset is reloaded over the same bar
@@ -88,7 +91,7 @@ def load_trained(path: str | Path, *, dataset: str | Path | None = None) -> Trai
             f"the model was trained on {bundle['data_fingerprint']}"
         )
     agent = variant.build_agent(args, agent_obs_dim(args, market), len(args.env.positions))
-    agent.load_state_dict(bundle["agent"])
+    agent.load_state_dict(selected_weights(bundle))  # the run's selected state under --select-on
     agent.eval()
     return TrainedAgent(agent=agent, args=args, market=market, bundle=bundle)
 

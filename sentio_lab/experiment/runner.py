@@ -33,6 +33,7 @@ import torch
 
 from sentio_lab.agents.checkpoint import load_checkpoint
 from sentio_lab.agents.progress import tqdm
+from sentio_lab.agents.selection import selected_weights
 from sentio_lab.agents.variants import action_masking, agent_obs_dim, env_options, load_variant, observation_span
 from sentio_lab.env import splits as splitting
 from sentio_lab.env.costs import bars_per_day, cost_reach
@@ -222,7 +223,7 @@ def load_cell_agent(path: Path, market: PreparedMarket) -> torch.nn.Module:
     module = load_variant(bundle["variant"])
     args = module.Args.from_dict(bundle["args"])
     agent = module.build_agent(args, agent_obs_dim(args, market), len(args.env.positions))
-    agent.load_state_dict(bundle["agent"])
+    agent.load_state_dict(selected_weights(bundle))  # the selected state of a run with --select-on
     return agent.eval()
 
 
