@@ -380,7 +380,8 @@ def start_run(
     if bundle is not None and market is not None and bundle["data_fingerprint"] != market.data.fingerprint:
         raise CheckpointError(f"--resume {args.run.resume}: the checkpoint was trained on other data")
     selection = selection_from(args.run)
-    if selection is not None and (market is None or "validation" not in market.splits):
+    if selection is not None and (market is None or "validation" not in market.splits
+                                  or len(range(*market.range("validation"))) < 2):
         raise ValueError(f"--select-on {args.run.select_on} needs a validation range: give --validation-fraction > 0 "
                          "(on a fold, the experiment's validation_bars), or --select-on none")
     checkpoint_path = None
