@@ -109,6 +109,12 @@ def plan_experiment(config: ExperimentConfig, extra_args: Sequence[str] = ()) ->
     """Folds and cells of ``config``; refuses agents whose accounting (window, positions, costs) differs."""
     parsed = [(agent, parse_variant_args(agent.variant, agent_argv(config, agent.args, extra_args)))
               for agent in config.agents]
+    for agent, args in parsed:  # a run that selects on validation needs the fold's inner slice (never test bars)
+        if args.run.select_on != "none" and (not config.validation_bars or config.select_every):
+            raise ValueError(
+                f"experiment {config.name!r}: agent {agent.name!r} selects on validation (--select-on "
+                f"{args.run.select_on}): set validation_bars (the inner slice carved from each fold's training "
+                "segments) and leave select_every at 0 (one selection rule per run)")
     accountings = {agent.name: _accounting(args, agent.variant) for agent, args in parsed}
     first_name, first = next(iter(accountings.items()))
     for name, other in accountings.items():
