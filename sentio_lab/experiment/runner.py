@@ -53,6 +53,7 @@ from sentio_lab.experiment.assembly import (
 )
 from sentio_lab.experiment.cells import CELL_FILE, Cell, cell_done, parse_variant_args, train_cell, write_json_atomic
 from sentio_lab.experiment.config import AgentSpec, ExperimentConfig
+from sentio_lab.experiment.ensemble import ENSEMBLE_SEED, SeedEnsemble, ensemble_name
 from sentio_lab.experiment.memorisation import (
     PLACEBO_DIR,
     assemble_memorisation,
@@ -278,14 +279,16 @@ def diagnose_cell(plan: Plan, cell: Cell, output: Path, *, market: PreparedMarke
 
 
 def evaluate_fold(plan: Plan, agent: AgentSpec, fold: splitting.Fold, output: Path,
-                  tracking: ExperimentTracking | None = None) -> None:
+                  tracking: ExperimentTracking | None = None, *, ensemble: bool = False) -> None:
     """Every seed of ``agent`` trained on ``fold``, greedy on each of the fold's test groups, stepped together
-    (with ``tracking``, logged as a W&B evaluate run)."""
-    folder = evaluation_folder(output, agent.name, fold.fold)
+    (with ``tracking``, logged as a W&B evaluate run). With ``ensemble`` the seeds act as one
+    :class:`~sentio_lab.experiment.ensemble.SeedEnsemble`, written as strategy ``<name>_ensemble``."""
+    name = ensemble_name(agent.name) if ensemble else agent.name
+    folder = evaluation_folder(output, name, fold.fold)
     if evaluation_done(folder) is not None:
         return
     folder.mkdir(parents=True, exist_ok=True)
-    cells = [c for c in plan.cells if c.agent == agent.name and c.fold == fold.fold]
+    cells = cells_of(plan, agent, fold)
     args = parse_variant_args(agent.variant, cells[0].args)
     market = fold_market(plan, fold, load_variant(agent.variant).feature_config(args))
     records = [cell_done(output / "cells" / c.cell_id) for c in cells]
@@ -294,6 +297,9 @@ def evaluate_fold(plan: Plan, agent: AgentSpec, fold: splitting.Fold, output: Pa
     acc = plan.accounting
     ranges = [f"test:{group}" for group in fold.groups]
     rule_counts: dict[str, int] = {}
+    if ensemble:  # one strategy: the members' mean action probabilities, through the same env and code
+        agents = [SeedEnsemble(agents, len(acc["positions"]))]
+        cells = [dataclasses.replace(cells[0], seed=ENSEMBLE_SEED)]
     results = evaluate_policies(agents, market, ranges, window=acc["window"], positions=acc["positions"],
                                 costs=acc["costs"], rule_counts=rule_counts, **action_masking(args),
                                 env_options=env_options(args, market))
@@ -301,13 +307,21 @@ def evaluate_fold(plan: Plan, agent: AgentSpec, fold: splitting.Fold, output: Pa
               for c, per_agent in zip(cells, results, strict=True)]
     groups = pd.concat(frames, ignore_index=True)
     groups.to_parquet(folder / GROUPS_FILE)
+    members = {str(c.seed): r.get("selected_iteration") for c, r in zip(cells_of(plan, agent, fold), records,
+                                                                           strict=True)}
     record = {
-        "agent": agent.name, "fold": fold.fold, "format": GROUPS_FORMAT, "rule_counts": rule_counts,
-        "selected_iterations": {str(c.seed): r.get("selected_iteration") for c, r in zip(cells, records, strict=True)},
+        "agent": name, "fold": fold.fold, "format": GROUPS_FORMAT, "rule_counts": rule_counts,
+        # an ensemble's one run holds every member: their selected iterations, by member seed
+        "selected_iterations": {str(ENSEMBLE_SEED): members} if ensemble else members,
     }
     write_json_atomic(folder / CELL_FILE, record)
     if tracking is not None:
-        log_evaluation(tracking, agent.name, fold.fold, record, groups)
+        log_evaluation(tracking, name, fold.fold, record, groups)
+
+
+def cells_of(plan: Plan, agent: AgentSpec, fold: splitting.Fold) -> list[Cell]:
+    """The trained cells (one per seed) of configuration ``agent`` on ``fold``, in seed order."""
+    return [c for c in plan.cells if c.agent == agent.name and c.fold == fold.fold]
 
 
 def run_baselines(plan: Plan, fold: splitting.Fold, output: Path) -> None:
@@ -346,8 +360,8 @@ def _job(kind: str, plan: Plan, item: Any, output: str, tracking: ExperimentTrac
     elif kind == "diagnose":
         diagnose_cell(plan, item, out)
     elif kind == "evaluate":
-        agent, fold = item
-        evaluate_fold(plan, agent, plan.folds[fold], out, tracking)
+        agent, fold, ensemble = item
+        evaluate_fold(plan, agent, plan.folds[fold], out, tracking, ensemble=ensemble)
     else:
         run_baselines(plan, plan.folds[item], out)
     return kind
@@ -387,14 +401,16 @@ def run_experiment(plan: Plan, output: str | Path, *, workers: int = 1, progress
     (output / "plan.json").write_text(json.dumps(_plan_record(plan), indent=2, default=str))
     config = plan.config
     train = [("train", c) for c in plan.cells if cell_done(output / "cells" / c.cell_id) is None]
-    evaluate = [("evaluate", (a, f.fold)) for a in config.agents for f in plan.folds
-                if evaluation_done(evaluation_folder(output, a.name, f.fold)) is None]
+    strategies = [(a, False) for a in config.agents] + [(a, True) for a in config.agents if a.ensemble]
+    evaluate = [("evaluate", (a, f.fold, ensemble)) for a, ensemble in strategies for f in plan.folds
+                if evaluation_done(evaluation_folder(output, ensemble_name(a.name) if ensemble else a.name,
+                                                     f.fold)) is None]
     baselines = [("baselines", f.fold) for f in plan.folds
                  if any(evaluation_done(output / "baselines" / f"{b}__fold{f.fold:03d}") is None
                         for b in config.baselines)]
     train += [("placebo", c) for c in plan.placebo_cells if diagnosis_done(output, c) is None]
     evaluate += [("diagnose", c) for c in plan.cells if diagnosis_done(output, c) is None]
-    total = len(plan.cells) + len(config.agents) * len(plan.folds) + len(plan.folds)
+    total = len(plan.cells) + len(strategies) * len(plan.folds) + len(plan.folds)
     total += len(plan.placebo_cells) + len(plan.cells)
     bar = tqdm(total=total, initial=total - len(train) - len(evaluate) - len(baselines), unit="job",
                disable=not progress, dynamic_ncols=True, desc=config.name)
