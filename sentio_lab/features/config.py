@@ -17,7 +17,8 @@ class FeatureConfig:
 
     bank: str = "basic"
     """``"basic"`` (fast hand-written features), ``"talib"`` (the full TA-Lib bank plus the basic ones), ``"close"``
-    (the basic ones from closes only) or ``"slow"`` (regime-normalised multi-horizon, :mod:`sentio_lab.features.slow`)."""
+    (the basic ones from closes only) or ``"slow"`` (regime-normalised multi-horizon,
+    :mod:`sentio_lab.features.slow`)."""
     timeframes: tuple[str, ...] = ()
     """Extra higher timeframes (pandas offset aliases, e.g. ``("4h", "1D")`` or ``("W-FRI",)``)."""
     regimes: int = 0

@@ -11,7 +11,8 @@ units of the market's own recent volatility, so one value means the same in a ca
 ``sigma_w`` is the standard deviation of the last ``w`` one-bar log returns (bars ``t-w+1 .. t``), so every value
 at bar ``t`` reads closes ``<= t`` only (tests/features/test_lookahead.py iterates the registry). A market that
 did not move over the volatility window has no volatility unit: a return or distance is defined as 0 there (the
-volatility ratio as 1), as the basic bank's close location is on a flat bar. Only closes are read, so the bank runs on close-only data too.
+volatility ratio as 1), as the basic bank's close location is on a flat bar. Only closes are read, so the bank
+runs on close-only data too.
 """
 
 from __future__ import annotations

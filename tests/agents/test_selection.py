@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from sentio_lab import ppo, run_loop
+from sentio_lab.agents import variants
 from sentio_lab.agents.checkpoint import load_checkpoint
 from sentio_lab.agents.selection import CRITERIA, Selection, selected_weights
-from sentio_lab.agents import variants
 
 BATCH = 8 * 16
 

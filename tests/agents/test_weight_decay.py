@@ -67,7 +67,8 @@ def test_weight_decay_shrinks_the_trained_weights(tiny_args, synthetic_market):
 @pytest.mark.parametrize("variant", ["ppo_masked", "ppo_risk", "ppo_transformer"])
 def test_every_variant_builds_its_optimizer_with_the_flag(variant, tiny_args, synthetic_market):
     module = importlib.import_module(f"sentio_lab.{variant}")
-    own = {"token_timeframes": (), "token_counts": (), "d_model": 8, "n_heads": 2} if variant == "ppo_transformer" else {}
+    tokenless = {"token_timeframes": (), "token_counts": (), "d_model": 8, "n_heads": 2}
+    own = tokenless if variant == "ppo_transformer" else {}
     args = module.Args.from_flat(**{**tiny_args.flat(), "weight_decay": 0.25, "max_iterations": 1, **own})
     result = module.train(args, market=synthetic_market)
     groups = load_checkpoint(result.checkpoint_path, variant=variant)["optimizer"]["param_groups"]

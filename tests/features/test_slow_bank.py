@@ -92,4 +92,5 @@ def test_a_close_only_market_trains_on_the_slow_bank(tmp_path):
     pd.DataFrame({"close": closes(900, 3)}, index=index).to_csv(path)
     market = prepare_market(str(path), FeatureConfig(bank="slow", cache_dir=None), fill_price="next_close")
     assert market.features.names == SLOW_COLUMNS
-    assert market.features.first_valid >= 199 and np.isfinite(market.features.values[market.features.first_valid:]).all()
+    first = market.features.first_valid
+    assert first >= 199 and np.isfinite(market.features.values[first:]).all()
