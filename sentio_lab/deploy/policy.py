@@ -53,7 +53,7 @@ from sentio_lab.agents.nets.quantile import QuantileActorCritic
 from sentio_lab.agents.variants import TrainedAgent, action_masking, agent_obs_dim, env_options, load_trained
 from sentio_lab.data import DataValidationError, MarketData, canonicalize
 from sentio_lab.env import MarketArrays
-from sentio_lab.env.market import PreparedMarket, volume_kind
+from sentio_lab.env.market import PreparedMarket
 from sentio_lab.env.mask_inputs import market_mask_inputs
 from sentio_lab.env.masks import make_masker
 from sentio_lab.evaluation.episodes import TIE_ATOL, TIE_RTOL
@@ -200,12 +200,14 @@ class Policy:
         if not isinstance(bars, pd.DataFrame):
             raise BarsError(f"{name}: bars must be a pandas DataFrame of OHLCV rows, got {type(bars).__name__}")
         try:
-            frame = canonicalize(bars, source=name, min_rows=1, optional=bank_optional_columns(self.feature_config.bank))
+            optional = bank_optional_columns(self.feature_config.bank)
+            frame = canonicalize(bars, source=name, min_rows=1, optional=optional)
         except DataValidationError as err:
             raise BarsError(str(err)) from err
         if len(frame) < self.min_bars:
             raise BarsError(f"{name}: too few bars for the feature lookback: {len(frame)} given, at least "
-                            f"{self.min_bars} needed ({self.min_bars - self.window} warm-up + a {self.window}-bar window)")
+                            f"{self.min_bars} needed ({self.min_bars - self.window} warm-up + a {self.window}-bar "
+                            "window)")
         try:
             features = build_observation_features(frame, len(frame), self.feature_config, state=self.feature_state)
         except ValueError as err:  # a timeframe warm-up longer than the bars, or data the features cannot use
@@ -215,8 +217,10 @@ class Policy:
                             f"{features.first_valid + self.window} needed")
         data = MarketData(frame=frame, name=name, bar_freq=self.market.data.bar_freq, fingerprint="",
                           session_close=self.market.data.session_close)
-        arrays = MarketArrays.from_frame(frame, features.values, features.first_valid, volume_kind(self.market.data),
-                                         self.fill_price)
+        # what observations, token blocks and mask rules read (MarketArrays.from_frame's cost inputs are not needed)
+        arrays = MarketArrays(open=frame["open"].to_numpy(dtype=np.float64),
+                              close=frame["close"].to_numpy(dtype=np.float64), features=features.values,
+                              first_valid=features.first_valid, fill_price=self.fill_price)
         return PreparedMarket(data=data, splits=self.market.splits, features=features, arrays=arrays,
                               feature_config=self.feature_config)
 
@@ -263,7 +267,8 @@ class Policy:
                             since_trade=torch.tensor([int(account.since_trade)], dtype=i64),
                             period_trades=torch.tensor([int(account.period_trades)], dtype=i64))
         t = torch.tensor([len(arrays.close) - 1])
-        return masker.action_masks(t, torch.tensor([self._position(account)]), torch.tensor([account.equity], dtype=f64))
+        level = torch.tensor([self._position(account)])
+        return masker.action_masks(t, level, torch.tensor([account.equity], dtype=f64))
 
     # --------------------------------------------------------------------------------------- decisions
     def _decide_one(self, bars: pd.DataFrame, account: Account | None, name: str) -> Decision:
@@ -279,9 +284,12 @@ class Policy:
         self,
         bars: pd.DataFrame | dict[str, pd.DataFrame],
         account: Account | dict[str, Account] | None = None,
+        *,
+        name: str = "bars",
     ) -> Decision | dict[str, Decision]:
-        """The decision at the newest bar of ``bars`` (one instrument) or of each instrument (a dict name -> bars,
-        with ``account`` None, one :class:`Account` for all, or a dict name -> Account).
+        """The decision at the newest bar of ``bars`` (one instrument, called ``name`` in errors) or of each
+        instrument (a dict name -> bars, with ``account`` None, one :class:`Account` for all, or a dict name ->
+        Account).
 
         Raises :class:`BarsError` for bars it cannot decide on (module doc: history rules) and ``ValueError``
         for an invalid account."""
@@ -293,7 +301,7 @@ class Policy:
             return {name: self._decide_one(frame, accounts.get(name), name) for name, frame in bars.items()}
         if isinstance(account, dict):
             raise ValueError("one instrument's bars take one Account, not a dict")
-        return self._decide_one(bars, account, "bars")
+        return self._decide_one(bars, account, name)
 
     def act(self, observations: np.ndarray | torch.Tensor, masks: np.ndarray | torch.Tensor | None = None
             ) -> np.ndarray:
