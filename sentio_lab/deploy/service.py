@@ -151,11 +151,11 @@ def _decide(policy: Policy, items: list[InstrumentIn], batched: bool) -> list[De
     out: list[DecisionOut | None] = [None] * len(items)
     ready = [i for i, item in enumerate(items) if item.observation is not None]
     if ready:
+        for i in ready:
+            if len(items[i].observation) != policy.obs_dim:
+                raise _error(_loc(batched, i, "observation"),
+                             f"observation has {len(items[i].observation)} values, the model reads {policy.obs_dim}")
         obs = np.asarray([items[i].observation for i in ready], dtype=np.float32)
-        if obs.ndim != 2 or obs.shape[1] != policy.obs_dim:
-            bad = next(i for i in ready if len(items[i].observation) != policy.obs_dim)
-            raise _error(_loc(batched, bad, "observation"),
-                         f"observation has {len(items[bad].observation)} values, the model reads {policy.obs_dim}")
         masks = None
         if any(items[i].mask is not None for i in ready):
             levels = len(policy.levels)
@@ -227,9 +227,11 @@ def create_app(policy: Policy) -> FastAPI:
         """One decision (an :class:`InstrumentIn` body), or ``{"decisions": [...]}`` for a :class:`BatchIn` body."""
         try:  # pydantic parses the JSON itself (faster than json.loads; malformed JSON is a 422 as well)
             parsed = DECIDE_REQUEST.validate_json(await request.body())
-        except ValidationError as err:  # the union's tag ("batch" / "one") is no field: drop it from the location
+        except ValidationError as err:  # the union's tag ("batch" / "one") is no field: drop it from the location;
+            # the input is not echoed (it may be a whole bar history, or a NaN that JSON cannot carry)
             raise RequestValidationError(
-                [{**e, "loc": ("body", *e["loc"][1:])} for e in err.errors(include_url=False, include_context=False)]
+                [{"type": e["type"], "loc": ("body", *e["loc"][1:]), "msg": e["msg"]}
+                 for e in err.errors(include_url=False, include_context=False, include_input=False)]
             ) from None
         batched = isinstance(parsed, BatchIn)
         items = parsed.batch if batched else [parsed]

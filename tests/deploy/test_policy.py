@@ -84,21 +84,31 @@ def replay(policy: Policy, range_name: str = "test") -> dict:
                      **extra, **options)
     obs = env.reset(starts=[first])
     frame = market.data.frame
-    actions, accounts = [], []
-    with torch.no_grad():
-        for k in range(length):
-            t = first + k
-            account = _account(env)
-            history = frame.iloc[: t + 1]
-            mine = policy.observation(history, account)
-            assert np.array_equal(mine, obs[0].numpy()), f"observation differs at bar {t}"
-            decision = policy.decide(history, account)
-            mask = env.action_masks() if masking else None
-            expected = int(agent.act_greedy(obs) if mask is None else agent.act_greedy(obs, mask)[0])
-            assert decision == Decision(expected, float(policy.levels[expected]), frame.index[t]), f"bar {t}"
-            actions.append(decision.action)
-            accounts.append(account)
-            obs, *_ = env.step(torch.tensor([decision.action]))
+    actions, accounts, seen = [], [], []
+    greedy = agent.act_greedy
+
+    def spy(observation, mask=None):  # what the policy hands its agent: compared with the env's below
+        seen.append((observation.clone(), None if mask is None else mask.clone()))
+        return greedy(observation, mask)
+
+    agent.act_greedy = spy
+    try:
+        with torch.no_grad():
+            for k in range(length):
+                t = first + k
+                account = _account(env)
+                decision = policy.decide(frame.iloc[: t + 1], account)
+                mine, my_mask = seen.pop()
+                assert torch.equal(mine, obs), f"observation differs at bar {t}"
+                mask = env.action_masks() if masking else None
+                assert (my_mask is None) == (mask is None) and (mask is None or torch.equal(my_mask, mask)), t
+                expected = int(greedy(obs) if mask is None else greedy(obs, mask)[0])
+                assert decision == Decision(expected, float(policy.levels[expected]), frame.index[t]), f"bar {t}"
+                actions.append(decision.action)
+                accounts.append(account)
+                obs, *_ = env.step(torch.tensor([decision.action]))
+    finally:
+        del agent.act_greedy
     backtest = evaluate_policy(agent, market, window=window, positions=tuple(args.env.positions),
                                costs=variant.cost_model(args), range_name=range_name, env_options=options,
                                **masking)
@@ -113,6 +123,7 @@ def test_ppo_decisions_equal_the_backtest_at_every_bar_of_the_test_range(ppo_pol
     assert len(set(result["actions"].tolist())) >= 2  # the decisions change, so positions feed back too
 
 
+@pytest.mark.slow
 def test_masked_decisions_follow_the_rules_and_the_accounts_mask_state(tmp_path_factory):
     policy = Policy.from_checkpoint(_train(ppo_masked, tmp_path_factory, masks=RULES))
     assert policy.describe()["masks"] == ["cooldown", "long_only", "risk_budget"]
@@ -127,6 +138,7 @@ def test_masked_decisions_follow_the_rules_and_the_accounts_mask_state(tmp_path_
     assert held.action == 2  # inside the cool-down only the held level is valid
 
 
+@pytest.mark.slow
 def test_risk_decisions_read_the_accounts_drawdown(tmp_path_factory):
     policy = Policy.from_checkpoint(_train(ppo_risk, tmp_path_factory, num_quantiles=4))
     result = replay(policy)
