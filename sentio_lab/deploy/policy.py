@@ -19,12 +19,14 @@ What a decision reads (the timing convention of :mod:`sentio_lab.env.trading`, b
 History (what a caller must pass for the backtest's decision, bit for bit): the bars **from the model's first bar**
 (:attr:`Policy.first_bar`: the first bar of the data it was trained and backtested on) up to the newest bar. Some
 features depend on where the series starts (TA-Lib's Wilder smoothing and EMAs, the HMM's forward filter,
-rolling sums, the transformer's token standardisation on the training rows): with that history they equal the
-backtest's bit for bit (tests/deploy/test_policy.py replays a real file bar by bar). A history starting
-elsewhere is accepted when it holds at least :attr:`Policy.min_bars` bars (the warm-up of every feature plus
-the window): its features are then causal and complete but may differ in the last digits from the backtest's.
-Fewer bars, bars out of order or duplicated, and malformed OHLCV are refused with :class:`BarsError` (a
-``ValueError``) saying so.
+rolling sums): with that history they equal the backtest's bit for bit (tests/deploy/test_policy.py replays a
+real file bar by bar). A history starting elsewhere is accepted when it holds at least :attr:`Policy.min_bars`
+bars (the warm-up of every feature plus the window): its features are then causal and complete but may differ
+in the last digits from the backtest's. Models that fit something on the training bars of the history, as the
+backtest does (:attr:`Policy.fitted_on_history`: the transformer's token standardisation, the risk budget's
+GARCH forecast), need the history from :attr:`Policy.first_bar` through at least the training range. Fewer bars,
+another start where it matters, bars out of order or duplicated, and malformed OHLCV are refused with
+:class:`BarsError` (a ``ValueError``) saying so.
 
 Supported: ``ppo``, ``ppo_risk`` (pass the account's equity, peak and maximum drawdown), ``ppo_transformer``
 and ``ppo_masked``: every mask rule, from the account's mask state (the stateless rules -- level cap,
@@ -156,8 +158,18 @@ class Policy:
         self.token_timeframes = bool(options.get("token_blocks"))
         self.first_bar: pd.Timestamp = self.market.data.frame.index[0]
         """The first bar of the model's data: histories from here give the backtest's decisions bit for bit."""
+        masks = self.masking.get("masks")
+        garch = masks is not None and masks.risk_budget is not None and masks.vol_model == "garch"
+        self.fitted_on_history: str | None = (
+            "token standardisation" if self.token_timeframes else "GARCH volatility forecast" if garch else None)
+        """What this model fits on the training bars *of the history* (as the backtest does: the transformer's token
+        standardisation, the risk budget's GARCH), None when nothing is: such a history must start at
+        :attr:`first_bar` and cover the training range."""
         self.min_bars: int = int(self.market.arrays.first_valid) + self.window
-        """The fewest bars a history may hold: every feature's warm-up plus the window."""
+        """The fewest bars a history may hold: every feature's warm-up plus the window (and the training range
+        when :attr:`fitted_on_history`)."""
+        if self.fitted_on_history:
+            self.min_bars = max(self.min_bars, self.market.range("train")[1])
         self.fill_price: str = self.market.arrays.fill_price
         self.obs_dim: int = agent_obs_dim(self.args, self.market)
         self._flat = int(np.argmin(np.abs(self.levels)))
@@ -204,10 +216,15 @@ class Policy:
             frame = canonicalize(bars, source=name, min_rows=1, optional=optional)
         except DataValidationError as err:
             raise BarsError(str(err)) from err
+        if self.fitted_on_history and frame.index[0] != self.first_bar:
+            raise BarsError(f"{name}: this model fits its {self.fitted_on_history} on its training bars, as the "
+                            f"backtest did: pass the history from its first bar {self.first_bar} (got "
+                            f"{frame.index[0]})")
         if len(frame) < self.min_bars:
+            why = (f"{self.min_bars - self.window} warm-up + a {self.window}-bar window" if not self.fitted_on_history
+                   else f"the training range, on which its {self.fitted_on_history} is fitted")
             raise BarsError(f"{name}: too few bars for the feature lookback: {len(frame)} given, at least "
-                            f"{self.min_bars} needed ({self.min_bars - self.window} warm-up + a {self.window}-bar "
-                            "window)")
+                            f"{self.min_bars} needed ({why})")
         try:
             features = build_observation_features(frame, len(frame), self.feature_config, state=self.feature_state)
         except ValueError as err:  # a timeframe warm-up longer than the bars, or data the features cannot use
@@ -225,13 +242,17 @@ class Policy:
                               feature_config=self.feature_config)
 
     def _observe(self, market: PreparedMarket, account: Account) -> np.ndarray:
-        """The env's observation at the newest bar (:meth:`sentio_lab.env.TradingEnv._observe`, same order)."""
+        """The env's observation at the newest bar (:class:`~sentio_lab.env.TradingEnv`'s, in the same order)."""
         features, t = market.arrays.features, len(market.arrays.close) - 1
         level = self._position(account)
         parts = [features[t - self.window + 1 : t + 1].reshape(-1),
                  np.asarray([self.levels[level]], dtype=np.float64).astype(np.float32)]
         if self.token_timeframes:
-            for block in env_options(self.args, market)["token_blocks"]:
+            try:
+                blocks = env_options(self.args, market)["token_blocks"]
+            except ValueError as err:  # bars the token timeframes cannot be built from
+                raise BarsError(f"{market.data.name}: {err}") from err
+            for block in blocks:
                 parts.append(block.table[block.index[t]].reshape(-1))
         if self.drawdown_obs:  # (D_t, M_t) in float64 as the env computes them, then float32
             state = np.asarray([1.0 - account.equity / account.peak, account.max_drawdown], dtype=np.float64)

@@ -157,11 +157,24 @@ def test_transformer_decisions_equal_the_backtest_with_token_blocks(tmp_path_fac
         policy = Policy.from_checkpoint(_train(pt, tmp_path_factory, dataset="sp500", token_timeframes=("W-FRI",),
                                                token_counts=(3,),
                                                d_model=16, n_heads=2, ff_size=32, hidden_size=16))
-        assert policy.token_timeframes
+        assert policy.token_timeframes and policy.fitted_on_history == "token standardisation"
+        head = [m for m in policy.agent.actor.modules() if isinstance(m, torch.nn.Linear)][-1]
+        torch.manual_seed(1)
+        with torch.no_grad():  # the tiny run always goes long: a random (seeded) head makes the actions change
+            torch.nn.init.normal_(head.weight, std=1.0)
+            head.bias.zero_()
         result = replay(policy)
+        frame = policy.market.data.frame
+        train_stop = policy.market.range("train")[1]
+        assert policy.min_bars == train_stop  # the token standardisation is fitted on the history's training bars
+        with pytest.raises(BarsError, match=f"too few bars .* {train_stop - 1} given, at least {train_stop} needed "
+                                            r"\(the training range, on which its token standardisation is fitted\)"):
+            policy.decide(frame.iloc[: train_stop - 1])
+        with pytest.raises(BarsError, match="fits its token standardisation on its training bars.*history from"):
+            policy.decide(frame.iloc[1:])
     finally:
         torch.set_num_threads(torch_threads)
-    assert result["length"] > 80
+    assert result["length"] > 80 and len(set(result["actions"].tolist())) >= 2
 
 
 def test_many_instruments_at_once_equal_each_alone(ppo_policy):
