@@ -1,7 +1,7 @@
 """A trained model as a decision function: OHLCV history in, the decision for the newest bar out.
 
 :meth:`Policy.from_checkpoint` (a checkpoint file) or :meth:`Policy.load` (a path or a registry URI such as
-``models:/<name>@champion``, resolved by :func:`sentio_lab.deploy.registry.resolve`) rebuild the agent with
+``models:/<name>@champion``, resolved by ``sentio_lab.deploy.registry.resolve``) rebuild the agent with
 :func:`sentio_lab.agents.variants.load_trained`; :meth:`Policy.decide` then takes the bar history of one instrument
 (a DataFrame of OHLCV bars, oldest first, up to and including the newest closed bar) or of many (a dict
 name -> DataFrame) and returns, per instrument, the :class:`Decision` for the newest bar: the level index the
@@ -107,15 +107,17 @@ class Decision:
     """Timestamp of the bar the decision was made at (the newest bar of the history)."""
 
 
-def _resolve(uri: str | Path) -> Path:
-    """A local path for ``uri``: registry URIs through :func:`sentio_lab.deploy.registry.resolve`, paths as given."""
+def _resolve(uri: str | Path, registry_uri: str | None = None) -> Path:
+    """A local path for ``uri``: registry URIs through ``sentio_lab.deploy.registry.resolve`` (at ``registry_uri``,
+    default: the registry's own default), paths as given."""
     text = str(uri)
     if text.startswith(REGISTRY_SCHEME):
         try:
             from sentio_lab.deploy import registry  # the registry module (issue 21 s2) may be absent in a build
         except ImportError as err:  # pragma: no cover - present once the registry lands
             raise ValueError(f"{text}: registry URIs need sentio_lab.deploy.registry ({err})") from err
-        return Path(registry.resolve(text))
+        path = registry.resolve(text) if registry_uri is None else registry.resolve(text, registry_uri=registry_uri)
+        return Path(path)
     path = Path(text)
     if not path.exists():
         raise FileNotFoundError(f"{text}: no such checkpoint (give a checkpoint file or models:/<name>@<alias>)")
@@ -142,6 +144,8 @@ class Policy:
         """Wrap a restored agent (:func:`~sentio_lab.agents.variants.load_trained`); ``source`` names where it came
         from (a path or a registry URI)."""
         self.trained, self.source = trained, source
+        self.registry_uri: str | None = None
+        """The registry :meth:`load` resolved a ``models:/`` URI in (None: the default, or not from a registry)."""
         self.agent, self.args, self.market = trained.agent, trained.args, trained.market
         self.variant: str = trained.bundle["variant"]
         self.window: int = int(self.args.features.window)
@@ -184,11 +188,12 @@ class Policy:
         return cls(load_trained(file, dataset=dataset), source=str(path))
 
     @classmethod
-    def load(cls, uri: str | Path, *, dataset: str | Path | None = None) -> Policy:
-        """The policy at ``uri``: a checkpoint path, or ``models:/<name>@<alias>`` / ``models:/<name>/<version>``
-        resolved by the model registry (:func:`sentio_lab.deploy.registry.resolve`)."""
-        policy = cls.from_checkpoint(_resolve(uri), dataset=dataset)
-        policy.source = str(uri)
+    def load(cls, uri: str | Path, *, dataset: str | Path | None = None, registry_uri: str | None = None) -> Policy:
+        """The policy at ``uri``: a checkpoint path (or a folder holding one, like an exported bundle), or
+        ``models:/<name>@<alias>`` / ``models:/<name>/<version>`` resolved by the model registry at ``registry_uri``
+        (``sentio_lab.deploy.registry.resolve``; None: the registry's default)."""
+        policy = cls.from_checkpoint(_resolve(uri, registry_uri), dataset=dataset)
+        policy.source, policy.registry_uri = str(uri), registry_uri
         return policy
 
     def describe(self) -> dict[str, Any]:

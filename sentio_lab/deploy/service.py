@@ -37,6 +37,7 @@ import pandas as pd
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, TypeAdapter, ValidationError, model_validator
 
 from sentio_lab.deploy.policy import NEVER_TRADED, Account, BarsError, Policy
@@ -132,13 +133,10 @@ DECIDE_REQUEST: TypeAdapter[Any] = TypeAdapter(
 )
 
 
-class DecisionOut(BaseModel):
-    """One decision: the level index, its target weight, and the bar it was decided at (None: an observation)."""
-
-    instrument: str
-    action: int
-    weight: float
-    time: str | None = None
+def _decision(instrument: str, action: int, weight: float, time: str | None = None) -> dict[str, Any]:
+    """One answer: the level index, its target weight and the decision bar's time (None for an observation).
+    Plain dicts, sent as JSON directly: no response model to validate them again on the way out."""
+    return {"instrument": instrument, "action": action, "weight": weight, "time": time}
 
 
 def _error(loc: Sequence[str | int], message: str) -> HTTPException:
@@ -146,9 +144,9 @@ def _error(loc: Sequence[str | int], message: str) -> HTTPException:
     return HTTPException(status_code=422, detail=[{"loc": ["body", *loc], "msg": message, "type": "value_error"}])
 
 
-def _decide(policy: Policy, items: list[InstrumentIn], batched: bool) -> list[DecisionOut]:
+def _decide(policy: Policy, items: list[InstrumentIn], batched: bool) -> list[dict[str, Any]]:
     """Decisions for ``items``: ready observations in one :meth:`Policy.act`, bar histories one by one."""
-    out: list[DecisionOut | None] = [None] * len(items)
+    out: list[dict[str, Any] | None] = [None] * len(items)
     ready = [i for i, item in enumerate(items) if item.observation is not None]
     if ready:
         for i in ready:
@@ -165,8 +163,7 @@ def _decide(policy: Policy, items: list[InstrumentIn], batched: bool) -> list[De
                     raise _error(_loc(batched, i, "mask"), f"mask needs {levels} booleans with at least one true")
             masks = np.asarray([items[i].mask or [True] * levels for i in ready], dtype=bool)
         for i, action in zip(ready, policy.act(obs, masks), strict=True):
-            out[i] = DecisionOut(instrument=items[i].instrument, action=int(action),
-                                 weight=float(policy.levels[action]))
+            out[i] = _decision(items[i].instrument, int(action), float(policy.levels[action]))
     for i, item in enumerate(items):
         if item.bars is None:
             continue
@@ -177,8 +174,7 @@ def _decide(policy: Policy, items: list[InstrumentIn], batched: bool) -> list[De
             raise _error(_loc(batched, i, "bars"), str(err)) from err
         except ValueError as err:  # an account the model cannot read (a level index out of range)
             raise _error(_loc(batched, i, "account"), f"{item.instrument}: {err}") from err
-        out[i] = DecisionOut(instrument=item.instrument, action=decision.action, weight=decision.weight,
-                             time=decision.time.isoformat())
+        out[i] = _decision(item.instrument, decision.action, decision.weight, decision.time.isoformat())
     return out  # type: ignore[return-value]
 
 
@@ -190,15 +186,16 @@ def _loc(batched: bool, index: int, field: str) -> list[str | int]:
 def model_info(policy: Policy) -> dict[str, Any]:
     """``GET /model``: the policy's description plus its registry version and verdict (None outside the registry).
 
-    For a ``models:/`` source the version and its tags come from
-    :func:`sentio_lab.deploy.registry.model_version`; the verdict is the tags whose names start with ``verdict``."""
+    For a ``models:/`` source the version and its tags come from ``sentio_lab.deploy.registry.model_version``; the
+    verdict is the tags whose names start with ``verdict``."""
     info = policy.describe()
     info.update(version=None, verdict=None, tags={})
     if policy.source.startswith("models:/"):
         from sentio_lab.deploy import registry  # loaded with the registry URI already (Policy.load)
 
         name, _, ref = policy.source[len("models:/"):].replace("@", "/").partition("/")
-        version = registry.model_version(name, ref)
+        version = (registry.model_version(name, ref) if policy.registry_uri is None
+                   else registry.model_version(name, ref, registry_uri=policy.registry_uri))
         tags = dict(getattr(version, "tags", {}) or {})
         info.update(version=str(version.version), tags=tags,
                     verdict={k: v for k, v in tags.items() if k.startswith("verdict")} or None)
@@ -222,7 +219,7 @@ def create_app(policy: Policy) -> FastAPI:
         """What is served (module doc)."""
         return info
 
-    @app.post("/decide")
+    @app.post("/decide", response_class=JSONResponse)
     async def decide(request: Request) -> Any:
         """One decision (an :class:`InstrumentIn` body), or ``{"decisions": [...]}`` for a :class:`BatchIn` body."""
         try:  # pydantic parses the JSON itself (faster than json.loads; malformed JSON is a 422 as well)
@@ -240,7 +237,7 @@ def create_app(policy: Policy) -> FastAPI:
         else:  # one small forward pass: cheaper inline than a thread hop
             decisions = _decide(policy, items, batched)
         counter["decisions"] += len(decisions)  # a statistic: a lost increment under races costs nothing
-        return {"decisions": decisions} if batched else decisions[0]
+        return JSONResponse({"decisions": decisions} if batched else decisions[0])
 
     return app
 
@@ -252,9 +249,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--host", default=DEFAULT_HOST, help=f"address to bind (default {DEFAULT_HOST}: loopback)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
     parser.add_argument("--dataset", default=None, help="the model's data, if not where the checkpoint says")
+    parser.add_argument("--registry-uri", default=None,
+                        help="MLflow registry of a models:/ URI (default: the registry's own, runs/mlflow)")
     args = parser.parse_args(argv)
     try:
-        policy = Policy.load(args.model, dataset=args.dataset)
+        policy = Policy.load(args.model, dataset=args.dataset, registry_uri=args.registry_uri)
     except (OSError, ValueError, LookupError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

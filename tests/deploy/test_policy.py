@@ -284,11 +284,13 @@ def test_load_takes_paths_folders_and_registry_uris(ppo_checkpoint, tmp_path, mo
     (folder / "checkpoint.pt").write_bytes(ppo_checkpoint.read_bytes())
     asked = []
     fake = types.ModuleType("sentio_lab.deploy.registry")
-    fake.resolve = lambda uri: asked.append(uri) or folder
+    fake.resolve = lambda uri, registry_uri=None: asked.append((uri, registry_uri)) or folder
     monkeypatch.setitem(sys.modules, "sentio_lab.deploy.registry", fake)
     monkeypatch.setattr("sentio_lab.deploy.registry", fake, raising=False)
     policy = Policy.load("models:/spx@champion")
-    assert asked == ["models:/spx@champion"] and policy.source == "models:/spx@champion"
+    assert asked == [("models:/spx@champion", None)] and policy.source == "models:/spx@champion"
+    assert Policy.load("models:/spx/3", registry_uri="sqlite:///team.db").registry_uri == "sqlite:///team.db"
+    assert asked[-1] == ("models:/spx/3", "sqlite:///team.db")
     assert policy.describe()["data_fingerprint"] == Policy.load(ppo_checkpoint).describe()["data_fingerprint"]
     with pytest.raises(FileNotFoundError, match="no such checkpoint"):
         Policy.load(tmp_path / "nothing.pt")

@@ -166,14 +166,22 @@ def test_health_and_model(policy, client):
 
 def test_model_info_reads_the_registry_version_and_verdict(policy, monkeypatch):
     fake = types.ModuleType("sentio_lab.deploy.registry")
-    fake.model_version = lambda name, ref: types.SimpleNamespace(
-        version=7, tags={"variant": "ppo", "verdict.dsr": "0.61", "verdict.spa": "pass"}, asked=(name, ref))
+    asked = []
+
+    def model_version(name, ref, registry_uri=None):
+        asked.append((name, ref, registry_uri))
+        return types.SimpleNamespace(version=7, tags={"variant": "ppo", "verdict.dsr": "0.61", "verdict.spa": "pass"})
+
+    fake.model_version = model_version
     monkeypatch.setitem(sys.modules, "sentio_lab.deploy.registry", fake)
     monkeypatch.setattr("sentio_lab.deploy.registry", fake, raising=False)
     monkeypatch.setattr(policy, "source", "models:/spx@champion")
     info = model_info(policy)
     assert info["version"] == "7" and info["verdict"] == {"verdict.dsr": "0.61", "verdict.spa": "pass"}
-    assert info["tags"]["variant"] == "ppo"
+    assert info["tags"]["variant"] == "ppo" and asked == [("spx", "champion", None)]
+    monkeypatch.setattr(policy, "source", "models:/spx/7")
+    monkeypatch.setattr(policy, "registry_uri", "sqlite:///team.db")
+    assert model_info(policy)["version"] == "7" and asked[-1] == ("spx", "7", "sqlite:///team.db")
 
 
 def ready(policy, t, position):
@@ -248,8 +256,10 @@ def test_command_line(policy, monkeypatch, capsys, tmp_path):
     assert main(["--model", str(tmp_path / "missing.pt")]) == 2
     assert "no such checkpoint" in capsys.readouterr().err
     served = {}
-    monkeypatch.setattr(service.Policy, "load", classmethod(lambda cls, uri, dataset=None: policy))
+    monkeypatch.setattr(service.Policy, "load", classmethod(
+        lambda cls, uri, dataset=None, registry_uri=None: served.update(registry_uri=registry_uri) or policy))
     monkeypatch.setitem(sys.modules, "uvicorn", types.SimpleNamespace(run=lambda app, **kw: served.update(kw, app=app)))
-    assert main(["--model", "models:/spx@champion", "--port", "8123"]) == 0
+    assert main(["--model", "models:/spx@champion", "--port", "8123", "--registry-uri", "sqlite:///r.db"]) == 0
     assert served["host"] == "127.0.0.1" and served["port"] == 8123  # loopback unless --host says otherwise
+    assert served["registry_uri"] == "sqlite:///r.db"
     assert TestClient(served["app"]).get("/health").json()["status"] == "ok"
