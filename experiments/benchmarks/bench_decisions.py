@@ -46,7 +46,7 @@ for path in (_REPO, Path(__file__).resolve().parent):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
-from _timing import interleave, median_run, ratio, summarise, timed  # noqa: E402
+from _timing import interleave, median_run, ratio, summarise  # noqa: E402
 
 from sentio_lab import ppo  # noqa: E402
 from sentio_lab import ppo_transformer as pt  # noqa: E402
@@ -138,23 +138,36 @@ def batched(policy: Policy, obs: np.ndarray, repeats: int) -> dict[str, Any]:
     floor = forward(policy.agent)
     policy.act(obs)  # warm-up (first kernels, allocations)
     floor(tensor)
-    runs = interleave({"policy": lambda: timed(lambda: policy.act(obs)),
-                       "forward": lambda: timed(lambda: floor(tensor))}, repeats)
+    runs = interleave({"policy": lambda: both_clocks(lambda: policy.act(obs)),
+                       "forward": lambda: both_clocks(lambda: floor(tensor))}, repeats)
     out = {}
-    for name, seconds in runs.items():
-        out[name] = median_run([{"decisions_per_s": len(obs) / s} for s in seconds], "decisions_per_s")
+    for name, pairs in runs.items():
+        out[name] = median_run([{"decisions_per_s": len(obs) / wall, "decisions_per_cpu_s": len(obs) / cpu}
+                                for wall, cpu in pairs], "decisions_per_s")
+        out[name]["decisions_per_cpu_s"] = summarise([len(obs) / cpu for _, cpu in pairs])
     out["ratio"] = ratio(out["policy"], out["forward"], "decisions_per_s")
     out["batch"] = len(obs)
     return out
 
 
+def both_clocks(call: Any) -> tuple[float, float]:
+    """``(wall seconds, CPU seconds of this process)`` of ``call()``. On a shared machine the CPU time is the
+    load-robust figure: what the work costs on a core of its own."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    call()
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
 def latencies(call: Any, inputs: list[Any]) -> np.ndarray:
-    """Seconds of each ``call(x)`` over ``inputs`` (one after the other)."""
-    out = np.empty(len(inputs))
+    """Wall seconds of each ``call(x)`` over ``inputs`` (one after the other), and the CPU seconds of the whole
+    series as the last element's companion: returns ``(len(inputs) + 1,)``, the CPU total last."""
+    out = np.empty(len(inputs) + 1)
+    cpu = time.process_time()
     for i, x in enumerate(inputs):
         t0 = time.perf_counter()
         call(x)
         out[i] = time.perf_counter() - t0
+    out[-1] = time.process_time() - cpu
     return out
 
 
@@ -168,9 +181,10 @@ def single(policy: Policy, obs: np.ndarray, calls: int, repeats: int) -> dict[st
                       repeats)
     out = {}
     for name, samples in runs.items():
-        p50 = [float(np.percentile(s, 50)) * 1e3 for s in samples]
-        p99 = [float(np.percentile(s, 99)) * 1e3 for s in samples]
-        out[name] = {"p50_ms": summarise(p50), "p99_ms": summarise(p99)}
+        p50 = [float(np.percentile(s[:-1], 50)) * 1e3 for s in samples]
+        p99 = [float(np.percentile(s[:-1], 99)) * 1e3 for s in samples]
+        cpu = [float(s[-1]) / (len(s) - 1) * 1e3 for s in samples]
+        out[name] = {"p50_ms": summarise(p50), "p99_ms": summarise(p99), "cpu_ms_per_call": summarise(cpu)}
     return out
 
 
@@ -180,8 +194,9 @@ def decide_latency(policy: Policy, calls: int, repeats: int) -> dict[str, Any]:
     stops = np.linspace(policy.min_bars, len(frame), calls).astype(int)
     inputs = [frame.iloc[:s] for s in stops]
     samples = [latencies(policy.decide, inputs) for _ in range(repeats)]
-    return {"bars": len(frame), "p50_ms": summarise([float(np.median(s)) * 1e3 for s in samples]),
-            "max_ms": summarise([float(np.max(s)) * 1e3 for s in samples])}
+    return {"bars": len(frame), "p50_ms": summarise([float(np.median(s[:-1])) * 1e3 for s in samples]),
+            "max_ms": summarise([float(np.max(s[:-1])) * 1e3 for s in samples]),
+            "cpu_ms_per_call": summarise([float(s[-1]) / (len(s) - 1) * 1e3 for s in samples])}
 
 
 # ------------------------------------------------------------------------------------------------- HTTP
@@ -283,7 +298,11 @@ def http_runs(policy: Policy, obs: np.ndarray, opts: argparse.Namespace) -> dict
         runs: dict[str, list[dict]] = {name: [] for name in kinds}
         for _ in range(opts.repeats):
             for name, (requests, per_request, total) in kinds.items():
+                server_cpu, client_cpu = cpu_seconds(server.pid), time.process_time()
                 run = asyncio.run(_load(port, requests, total, opts.http_seconds, opts.connections))
+                run["server_cpu_s"] = cpu_seconds(server.pid) - server_cpu
+                run["client_cpu_s"] = time.process_time() - client_cpu
+                run["requests_per_server_cpu_s"] = run["requests"] / max(run["server_cpu_s"], 1e-9)
                 run["decisions_per_s"] = run["requests_per_s"] * per_request
                 run["checked"] = check_answers(policy, obs, name, run.pop("answers"), k, frame)
                 runs[name].append(run)
@@ -295,9 +314,18 @@ def http_runs(policy: Policy, obs: np.ndarray, opts: argparse.Namespace) -> dict
         out[name] = {**median_run(samples, "requests_per_s"),
                      "p50_ms": summarise([r["p50_ms"] for r in samples]),
                      "p99_ms": summarise([r["p99_ms"] for r in samples]),
-                     "decisions_per_s": summarise([r["decisions_per_s"] for r in samples])}
+                     "decisions_per_s": summarise([r["decisions_per_s"] for r in samples]),
+                     "requests_per_server_cpu_s": summarise([r["requests_per_server_cpu_s"] for r in samples])}
     out["connections"], out["port"] = opts.connections, port
     return out
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds the process ``pid`` has used (the server's cost per request, whatever the load)."""
+    import psutil
+
+    times = psutil.Process(pid).cpu_times()
+    return times.user + times.system
 
 
 def check_answers(policy: Policy, obs: np.ndarray, kind: str, answers: dict[int, bytes], k: int, frame: Any) -> int:
@@ -341,17 +369,22 @@ def report(results: dict[str, Any]) -> None:
         print(f"[{model}] batched act, {b['batch']} ready observations: {b['policy']['decisions_per_s']:,.0f} "
               f"decisions/s (spread {b['policy']['spread']:.0%}); forward pass "
               f"{b['forward']['decisions_per_s']:,.0f}/s (spread {b['forward']['spread']:.0%}); "
-              f"policy/forward {b['ratio']['text']}")
+              f"policy/forward {b['ratio']['text']}; per CPU-second: policy "
+              f"{b['policy']['decisions_per_cpu_s']['median']:,.0f}, "
+              f"forward {b['forward']['decisions_per_cpu_s']['median']:,.0f}")
         s = r["single"]
-        print(f"[{model}] one decision: p50 {_fmt(s['policy']['p50_ms'])} ms, p99 {_fmt(s['policy']['p99_ms'])} ms; "
-              f"forward p50 {_fmt(s['forward']['p50_ms'])} ms, p99 {_fmt(s['forward']['p99_ms'])} ms")
+        print(f"[{model}] one decision: p50 {_fmt(s['policy']['p50_ms'])} ms, p99 {_fmt(s['policy']['p99_ms'])} ms, "
+              f"CPU {_fmt(s['policy']['cpu_ms_per_call'])} ms/call; forward p50 {_fmt(s['forward']['p50_ms'])} ms, "
+              f"p99 {_fmt(s['forward']['p99_ms'])} ms, CPU {_fmt(s['forward']['cpu_ms_per_call'])} ms/call")
         d = r["decide"]
-        print(f"[{model}] decide from {d['bars']} bars (features computed): p50 {_fmt(d['p50_ms'])} ms")
+        print(f"[{model}] decide from {d['bars']} bars (features computed): p50 {_fmt(d['p50_ms'])} ms, "
+              f"CPU {_fmt(d['cpu_ms_per_call'])} ms/call")
     for name, r in results.get("http", {}).items():
         if isinstance(r, dict):
             print(f"[http {name}] {r['requests_per_s']:,.0f} requests/s (spread {r['spread']:.0%}), "
                   f"{r['decisions_per_s']['median']:,.0f} decisions/s; p50 {_fmt(r['p50_ms'])} ms, "
-                  f"p99 {_fmt(r['p99_ms'])} ms; statuses {r['statuses']}")
+                  f"p99 {_fmt(r['p99_ms'])} ms; statuses {r['statuses']}; requests per server CPU-second "
+                  f"{r['requests_per_server_cpu_s']['median']:,.0f}")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

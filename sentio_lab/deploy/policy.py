@@ -94,6 +94,19 @@ class Account:
     period_trades: int = 0
     """Level changes in the current ``period_bars`` window of the trade-limit rule."""
 
+    def __post_init__(self) -> None:
+        """Refuse an account no env could hold, naming the field."""
+        for name in ("equity", "peak", "max_drawdown"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
+                raise ValueError(f"account.{name} must be a finite number, got {value!r}")
+        if self.peak <= 0 or not 0 <= self.max_drawdown <= 1:
+            raise ValueError(f"account.peak must be > 0 and account.max_drawdown in [0, 1], got {self.peak}, "
+                             f"{self.max_drawdown}")
+        if self.since_trade < 0 or self.period_trades < 0:
+            raise ValueError(f"account.since_trade and account.period_trades must be >= 0, got {self.since_trade}, "
+                             f"{self.period_trades}")
+
 
 @dataclass(frozen=True)
 class Decision:

@@ -203,6 +203,11 @@ def test_the_position_is_read(ppo_policy):
     for bad in (3, -1, 1.0, True):
         with pytest.raises(ValueError, match="account.position must be a level index"):
             ppo_policy.decide(history, Account(position=bad))
+    for fields, field in (({"equity": float("nan")}, "equity"), ({"peak": 0.0}, "peak"),
+                          ({"max_drawdown": 1.5}, "max_drawdown"), ({"since_trade": -1}, "since_trade"),
+                          ({"equity": "1"}, "equity")):
+        with pytest.raises(ValueError, match=f"account.{field}"):
+            Account(**fields)
 
 
 def test_bad_histories_are_refused_saying_why(ppo_policy):
