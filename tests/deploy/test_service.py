@@ -103,6 +103,8 @@ MALFORMED = [
      "the model reads 81"),
     ({"batch": [{"observation": [0.0] * 81}, {"bars": 5}]}, ["body", "batch", 1, "bars"], "an object"),
     ([1, 2], ["body"], "object"),
+    ({"bars": {"time": ["2014-01-02"], "open": [1], "high": [1], "low": [1], "close": [1], "volume": [1]},
+      "mask": [True, True, True]}, ["body"], "mask goes with observation"),
 ]
 
 
@@ -117,6 +119,9 @@ def test_malformed_requests_get_a_422_naming_the_field(client, body, loc, messag
 def test_invalid_json_and_account_fields_are_422(policy, client):
     response = client.post("/decide", content=b"{not json", headers={"content-type": "application/json"})
     assert response.status_code == 422 and response.json()["detail"][0]["type"] == "json_invalid"
+    response = client.post("/decide", content=_json({"observation": [float("nan")] * 81}),
+                           headers={"content-type": "application/json"})
+    assert response.status_code == 422 and "finite" in response.json()["detail"][0]["msg"]
     bars = bars_json(policy.market.data.frame.iloc[:100])
     for account, field in (({"position": 3}, "account"), ({"position": -1}, "position"), ({"equity": 0}, "equity"),
                            ({"peak": float("nan")}, "peak"), ({"max_drawdown": 2}, "max_drawdown")):
