@@ -346,6 +346,15 @@ def check_answers(policy: Policy, obs: np.ndarray, kind: str, answers: dict[int,
     return len(answers)
 
 
+def uvicorn_stack() -> str:
+    """What uvicorn's ``auto`` settings pick here: httptools + uvloop when installed, else h11 + asyncio."""
+    import importlib.util
+
+    http = "httptools" if importlib.util.find_spec("httptools") else "h11"
+    loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
+    return f"{http} + {loop}"
+
+
 def serve(port: int, threads: int, quick: bool) -> None:
     """``--serve``: the MLP policy behind uvicorn on 127.0.0.1:port (the HTTP measurements' server)."""
     import uvicorn
@@ -398,7 +407,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     try:
         results: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "torch_threads": opts.threads,
                                                "platform": platform.platform(), "torch": torch.__version__,
-                                               "load_1min": os.getloadavg()[0]},
+                                               "load_1min": os.getloadavg()[0], "uvicorn": uvicorn_stack()},
                                    "in_process": {}}
         mlp = None
         for model in opts.models:
