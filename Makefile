@@ -62,7 +62,7 @@ docs: $(STAMP)
 	$(BIN)/mkdocs build --strict
 
 test: $(STAMP) lint docs
-	$(BIN)/python -m pytest -q --cov=sentio_lab --cov-report=term-missing:skip-covered
+	$(BIN)/python -m pytest -q --durations=25 --cov=sentio_lab --cov-report=term-missing:skip-covered
 	$(BIN)/python -m pytest -q -p no:cacheprovider --nbval $(GOLDEN) --nbval-sanitize-with reports/golden/sanitize.cfg
 
 # The committed, executed CI-sized evaluation report that nbval re-executes (a moved number fails `make test`).
