@@ -32,6 +32,7 @@ import torch
 
 from sentio_lab.agents.checkpoint import load_checkpoint
 from sentio_lab.agents.progress import tqdm
+from sentio_lab.agents.training import anchor_span, num_actions
 from sentio_lab.agents.variants import action_masking, agent_obs_dim, env_options, load_variant
 from sentio_lab.env import splits as splitting
 from sentio_lab.env.costs import bars_per_day, cost_reach
@@ -131,11 +132,12 @@ def plan_experiment(config: ExperimentConfig, extra_args: Sequence[str] = ()) ->
         # A variant whose observation reads further back than its feature window (token blocks of completed
         # higher-timeframe bars) declares how far: the span grows until the reach (window - 1 + span) covers it,
         # so the embargo and the touched-bar audit (splits.check_fold) both count it.
+        # An anchored agent's benchmark weight at t (its observation and its target) reads closes t - span .. t.
         span_of = getattr(load_variant(agent.variant), "observation_span", None)
-        if span_of is not None:
-            beyond = int(span_of(args, market)) - gaps.observation_reach
-            if beyond > 0:
-                gaps = dataclasses.replace(gaps, feature_span=gaps.feature_span + beyond)
+        reach = max(int(span_of(args, market)) if span_of is not None else 0, anchor_span(args, market))
+        beyond = reach - gaps.observation_reach
+        if beyond > 0:
+            gaps = dataclasses.replace(gaps, feature_span=gaps.feature_span + beyond)
         gap_options.append(gaps)
         first_valid = max(first_valid, int(market.arrays.first_valid))
     gaps = max(gap_options, key=lambda g: g.embargo)
@@ -220,7 +222,7 @@ def load_cell_agent(path: Path, market: PreparedMarket) -> torch.nn.Module:
         raise ValueError(f"{path}: the refitted fold features differ from the ones this agent was trained on")
     module = load_variant(bundle["variant"])
     args = module.Args.from_dict(bundle["args"])
-    agent = module.build_agent(args, agent_obs_dim(args, market), len(args.env.positions))
+    agent = module.build_agent(args, agent_obs_dim(args, market), num_actions(args))
     agent.load_state_dict(bundle["agent"])
     return agent.eval()
 
