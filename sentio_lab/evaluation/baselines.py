@@ -47,6 +47,7 @@ import torch
 
 from sentio_lab.env import _MIN_EQUITY as _EQUITY_FLOOR
 from sentio_lab.env import TradingEnv, check_positions
+from sentio_lab.env.anchor import AnchorConfig
 from sentio_lab.env.benchmarks import (  # the rules live in the env stage (anchors read them); re-exported here
     BASELINES,
     Baseline,
@@ -71,7 +72,7 @@ __all__ = [
     "BASELINES", "Baseline", "BuyAndHold", "PriceHistory", "Segment", "SmaCrossover", "TimeSeriesMomentum",
     "VolTarget", "anchor_config", "benchmark_span", "benchmark_weights", "make_baseline", "on_levels",
     "trailing_mean", "nearest_levels", "check_exposures", "Policy", "WeightPolicy", "RandomPolicy", "run_policy",
-    "evaluate_baseline", "RandomEvaluation", "evaluate_random",
+    "evaluate_baseline", "ZeroTiltPolicy", "evaluate_anchor_benchmark", "RandomEvaluation", "evaluate_random",
 ]
 
 
@@ -155,17 +156,20 @@ def run_policy(
     bars: Segment | None = None,
     num_envs: int = 1,
     device: str | torch.device = "cpu",
+    anchor: AnchorConfig | None = None,
 ) -> list[Evaluation]:
     """One deterministic episode per env over the range (``bars`` overrides the named one), as
     :func:`sentio_lab.evaluation.episodes.evaluate_policy` runs an agent: same env, start, length, fills, costs and
-    ruin."""
+    ruin. With ``anchor`` the env is anchored (the policy's actions are tilts) and the weights recorded are the ones
+    it filled."""
     start, stop = market.range(range_name) if bars is None else bars
     first = max(start, market.arrays.first_valid + window - 1)
     length = stop - 1 - first
     env = TradingEnv(market.arrays, num_envs=num_envs, window=window, episode_length=length, start=start, stop=stop,
-                     positions=positions, costs=costs, ruin_fraction=0.0, device=device)
+                     positions=positions, costs=costs, ruin_fraction=0.0, device=device, anchor=anchor)
     env.reset(starts=[first] * num_envs)
     chosen = np.empty((num_envs, length), dtype=np.int64)
+    filled = np.empty((num_envs, length))
     equity = np.empty((num_envs, length + 1))
     equity[:, 0] = 1.0
     steps = np.full(num_envs, length)
@@ -176,6 +180,8 @@ def run_policy(
             chosen[:, k] = action.cpu().numpy()
             _, _, terminated, _, info = env.step(action)
             equity[:, k + 1] = info["equity"].cpu().numpy()
+            if anchor is not None:
+                filled[:, k] = info["weight"].cpu().numpy()
             ruined = terminated.cpu().numpy() & alive  # ruin: the rest of the range is not tradable
             steps[ruined], alive = k + 1, alive & ~ruined
             if not alive.any():
@@ -190,7 +196,8 @@ def run_policy(
             curve[-1] = max(curve[-1], _EQUITY_FLOOR)
         out.append(Evaluation(
             range_name=range_name if bars is None else f"bars[{start}:{stop})", start=first,
-            weights=pd.Series(levels[chosen[i, :n]], index=index[first : first + n], name="weight"),
+            weights=pd.Series(levels[chosen[i, :n]] if anchor is None else filled[i, :n],
+                              index=index[first : first + n], name="weight"),
             equity=pd.Series(curve, index=index[first : first + n + 1], name="equity"),
             costs=costs, ruined=not alive[i], fill_price=market.arrays.fill_price,
         ))
@@ -213,6 +220,41 @@ def evaluate_baseline(
     policy = WeightPolicy(baseline, PriceHistory.from_market(market, train), positions)
     (evaluation,) = run_policy(policy, market, window=window, positions=positions, costs=costs,
                                range_name=range_name, bars=bars)
+    return evaluation
+
+
+class ZeroTiltPolicy:
+    """The anchored benchmark as a policy: the zero tilt at every bar, in an env anchored to it."""
+
+    def __init__(self, anchor: AnchorConfig) -> None:
+        """Bound to ``anchor``'s tilts."""
+        self.action = anchor.zero_action
+
+    def act(self, t: torch.Tensor) -> torch.Tensor:
+        """The zero tilt's index for every env."""
+        return torch.full_like(t, self.action)
+
+
+def evaluate_anchor_benchmark(
+    baseline: Baseline | str,
+    market: PreparedMarket,
+    *,
+    window: int,
+    positions: Sequence[float],
+    costs: CostModel,
+    range_name: str = "test",
+    bars: Segment | None = None,
+    train: Sequence[Segment] | None = None,
+) -> Evaluation:
+    """The benchmark an anchored agent tilts around, as it trades in the anchored env: the zero tilt over the range.
+
+    Its weights are the rule's own, clipped to the position range (:func:`~sentio_lab.env.benchmarks.anchor_config`),
+    not rounded to levels: where the rule's weights are levels (:func:`~sentio_lab.env.benchmarks.on_levels`) this
+    is :func:`evaluate_baseline` bit for bit; for ``vol_target`` it is the unrounded volatility target, the benchmark
+    an anchored agent's excess return is measured against."""
+    anchor = anchor_config(baseline, market, train=train)
+    (evaluation,) = run_policy(ZeroTiltPolicy(anchor), market, window=window, positions=positions, costs=costs,
+                               range_name=range_name, bars=bars, anchor=anchor)
     return evaluation
 
 
