@@ -88,6 +88,7 @@ def test_each_option_acts_in_the_training_env(sp500_market, option):
     env.reset(starts=starts)
     tilts = DEFAULT_TILTS
     path = [tilts.index(-0.25), tilts.index(-0.5), tilts.index(0.0), tilts.index(-0.25)] * 5
+    held, plain_held = set(), set()
     for action in path:
         actions = torch.full((2,), action)
         _, plain, _, _, plain_info = plain_env.step(actions)
@@ -99,9 +100,14 @@ def test_each_option_acts_in_the_training_env(sp500_market, option):
         elif option == "deviation_penalty":
             torch.testing.assert_close(reward, plain - 0.5 * info["tilt"].square(), rtol=0, atol=1e-12)
             assert info["tilt"].abs().max() > 0 or action == tilts.index(0.0)
-    if option == "no_trade_band":  # 1 - 0.25 is inside a 0.3 band of 1: after the first fill only 0.5 and 1 trade
-        assert set(info["weight"].tolist()) <= {0.5, 1.0}
+        held |= set(info["weight"].tolist())
+        plain_held |= set(plain_info["weight"].tolist())
+    assert plain_held == {0.5, 0.75, 1.0}
+    if option == "no_trade_band":  # the first fill goes to 0.75; 0.5 and 1.0 are then within the 0.3 band
+        assert held == {0.75}
         assert not torch.equal(info["equity"], plain_info["equity"])
+    else:
+        assert held == plain_held
 
 
 def test_anchor_options_without_an_anchor_are_refused(sp500_market):
@@ -122,8 +128,9 @@ def test_masks_with_an_anchor_are_refused_in_one_line(tmp_path):
 
 
 # ---------------------------------------------------------------------- the untrained agent is the benchmark
-@pytest.mark.parametrize("name", ["ppo", "ppo_risk", "ppo_transformer"])
-@pytest.mark.parametrize("baseline", sorted(BASELINES))
+@pytest.mark.parametrize(("name", "baseline"), [("ppo", rule) for rule in sorted(BASELINES)]
+                         + [(name, rule) for name in ("ppo_risk", "ppo_transformer")
+                            for rule in ("sma_crossover", "vol_target")])
 def test_a_fresh_variant_agent_is_its_benchmark_bit_for_bit(sp500_market, name, baseline):
     """Built as training builds it and evaluated greedily through the anchored env, the untrained agent's weights and
     equity are the benchmark's exactly; for level-valued rules that is also the baseline policy's own run."""
@@ -131,7 +138,8 @@ def test_a_fresh_variant_agent_is_its_benchmark_bit_for_bit(sp500_market, name, 
     torch.manual_seed(0)
     args = small(module, anchor=baseline, positions=(-1.0, 0.0, 1.0))
     agent = module.build_agent(args, agent_obs_dim(args, sp500_market), training.num_actions(args))
-    common = dict(window=8, positions=args.env.positions, costs=module.cost_model(args), range_name="validation")
+    bars = (400, len(sp500_market.arrays.close))  # 2014-12 .. 2018: falls in 2015, 2016 and 2018, each rule trades
+    common = dict(window=8, positions=args.env.positions, costs=module.cost_model(args), bars=bars)
     ours = evaluate_policy(agent, sp500_market, env_options=env_options(args, sp500_market), **common)
     benchmark = evaluate_anchor_benchmark(baseline, sp500_market, **common)
     assert ours.equity.equals(benchmark.equity) and ours.weights.equals(benchmark.weights)
@@ -251,3 +259,23 @@ def test_benchmark_span_of_the_runner_is_the_rules(sp500_market):
     args = small(ppo, anchor="momentum")
     assert training.anchor_span(args, sp500_market) == benchmark_span("momentum", sp500_market) > 250
     assert training.anchor_span(small(ppo), sp500_market) == 0
+
+
+def test_tune_passes_the_anchor_through_and_scores_the_anchored_env(sp500_market, tmp_path):
+    """Tune's trial arguments keep --anchor from the variant's argv, and its validation score is taken in the anchored
+    env: a fresh anchored agent scores exactly its benchmark's validation Sharpe."""
+    from sentio_lab.evaluation import metrics
+    from sentio_lab.scale import tune
+
+    config = {"argv": ["--anchor", "momentum", "--window", "8", "--hidden-size", "16"], "overrides": {}, "seed": 1,
+              "variant_iterations": 1}
+    args = tune.trial_args("ppo", config, tmp_path / "checkpoint.pt")
+    assert args.env.anchor == "momentum" and args.run.resume is None
+    torch.manual_seed(0)
+    agent = ppo.build_agent(args, agent_obs_dim(args, sp500_market), training.num_actions(args))
+    score = tune.validation_score("ppo", agent, args, sp500_market)
+    benchmark = evaluate_anchor_benchmark("momentum", sp500_market, window=8, positions=args.env.positions,
+                                          costs=ppo.cost_model(args), range_name="validation")
+    expected = metrics.sharpe_ratio(metrics.simple_returns(benchmark.equity))
+    assert score["validation_sharpe_per_period"] == pytest.approx(expected, rel=0, abs=0)
+    assert score["validation_total_return"] == benchmark.equity.iloc[-1] - 1.0
