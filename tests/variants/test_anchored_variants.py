@@ -21,12 +21,13 @@ from sentio_lab.evaluation.baselines import evaluate_anchor_benchmark, evaluate_
 from sentio_lab.evaluation.episodes import evaluate_policy
 
 VARIANTS = {"ppo": ppo, "ppo_masked": ppo_masked, "ppo_risk": ppo_risk, "ppo_transformer": ppo_transformer}
+TRANSFORMER = {"token_timeframes": (), "token_counts": (), "d_model": 8, "ff_size": 16}
 FLAGS = ("--anchor", "--tilts", "--excess-reward", "--deviation-penalty", "--no-trade-band", "--zero-tilt-prob")
 
 
 def small(module, **changes):
     """A variant's arguments for a fast test (a transformer without token timeframes: daily data)."""
-    extra = {"token_timeframes": (), "token_counts": (), "d_model": 8, "ff_size": 16} if module is ppo_transformer else {}
+    extra = TRANSFORMER if module is ppo_transformer else {}
     return module.Args.from_flat(window=8, hidden_size=16, track=False, progress=False, **extra, **changes)
 
 
@@ -225,10 +226,9 @@ def test_anchored_resume_equals_uninterrupted(tiny_args, synthetic_market):
 @pytest.mark.parametrize("name", ["ppo_risk", "ppo_transformer"])
 def test_other_variants_train_anchored(tiny_args, synthetic_market, name):
     module = VARIANTS[name]
-    extra = {"token_timeframes": (), "token_counts": (), "d_model": 8, "ff_size": 16} if name == "ppo_transformer" \
-        else {}
-    args = module.Args.from_flat(**{**tiny_args.flat(), "exp_name": name, "batch_size": 0, "minibatch_size": 0,
-                                    "num_iterations": 0}, anchor="vol_target", total_timesteps=8 * 16, **extra)
+    extra = TRANSFORMER if name == "ppo_transformer" else {}
+    args = module.Args.from_flat(**{**tiny_args.flat(), "exp_name": name, "anchor": "vol_target",
+                                    "total_timesteps": 8 * 16, **extra})
     result = module.train(args, market=synthetic_market)
     assert result.finished and result.agent.actor[-1].out_features == len(DEFAULT_TILTS)
     assert result.agent.obs_norm.mean.shape[0] == agent_obs_dim(result.args, synthetic_market)
