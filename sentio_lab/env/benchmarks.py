@@ -219,7 +219,8 @@ class VolTarget(Baseline):
         return max(int(np.ceil(np.log(0.01) / np.log(self.lam))), self.min_periods) + 1
 
 
-#: Deterministic baselines by the names experiment configs use ("random" is :func:`evaluate_random`).
+#: Deterministic baselines by the names experiment configs use ("random" is
+#: :func:`~sentio_lab.evaluation.baselines.evaluate_random`).
 BASELINES: dict[str, Callable[[], Baseline]] = {
     "buy_and_hold": BuyAndHold, "sma_crossover": SmaCrossover, "momentum": TimeSeriesMomentum,
     "vol_target": VolTarget,
@@ -238,7 +239,8 @@ def make_baseline(baseline: Baseline | str) -> Baseline:
 def benchmark_weights(baseline: Baseline | str, market: PreparedMarket,
                       train: Sequence[Segment] | None = None) -> np.ndarray:
     """The anchor of :mod:`sentio_lab.env.anchor`: the baseline's desired weight per bar, float64 ``(T,)``, flat (0)
-    where its signal is not defined yet -- the weight :class:`WeightPolicy` trades, before rounding to levels.
+    where its signal is not defined yet -- the weight :class:`~sentio_lab.evaluation.baselines.WeightPolicy` trades,
+    before rounding to levels.
 
     Causal: the weight at ``t`` reads closes ``<= t`` (within :meth:`Baseline.span` bars). ``train`` (default: the
     market's :meth:`~sentio_lab.env.market.PreparedMarket.training_segments`, a fold's training ranges on fold markets)
