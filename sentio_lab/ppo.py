@@ -16,9 +16,11 @@ Differences from CleanRL, and why:
 * a NaN / infinite reward, value, loss or gradient stops the run with :class:`~sentio_lab.agents.rollout.NonFiniteError`
   before the optimizer steps on it; the last good checkpoint on disk is left as it was;
 * the scaffolding around the algorithm (start / resume, checkpoints, logging, budgets, the command line) is
-  :mod:`sentio_lab.run_loop`, shared by every variant; the arguments are the groups of :mod:`sentio_lab.agents.arguments`.
+  :mod:`sentio_lab.run_loop`, shared by every variant; the arguments are the groups of
+  :mod:`sentio_lab.agents.arguments`.
 
-Resuming (``--resume PATH``): the run-control arguments (:data:`sentio_lab.agents.arguments.RUN_CONTROL_FIELDS`: budgets,
+Resuming (``--resume PATH``): the run-control arguments (:data:`sentio_lab.agents.arguments.RUN_CONTROL_FIELDS`:
+budgets,
 tracking, progress bar, where checkpoints go) come from the command line. Every other (experiment) argument comes
 from the checkpoint, and one the caller set away from its default to a value other than the checkpoint's
 is refused, naming each such field with both values. An argument left at its default is taken from the

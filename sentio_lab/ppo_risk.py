@@ -163,7 +163,8 @@ def train(args: Args, *, market: PreparedMarket | None = None, env: Any | None =
     An ``env`` passed in needs ``obs_dim``, ``num_actions``, ``reset()`` and ``step()`` like
     :class:`TradingEnv` and, with ``cost_limit``, ``info["drawdown_cost"]`` (build it with
     ``drawdown_obs=True``); without a market no checkpoint is written. Raises
-    :class:`~sentio_lab.agents.rollout.NonFiniteError` when a reward, cost, value, loss or gradient is not finite, before
+    :class:`~sentio_lab.agents.rollout.NonFiniteError` when a reward, cost, value, loss or gradient is not finite,
+    before
     any update or save uses it.
     """
     run = start_run(VARIANT, args, market=market, env=env, market_for=market_for, make_env=make_env)

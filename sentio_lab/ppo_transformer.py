@@ -7,7 +7,8 @@ surrogate, truncation bootstrap, checkpoints, exact resume); what differs, and w
   (``--token-timeframes 4h 1D``, ``--token-counts 16 10``): the last K completed bars of that timeframe, each a
   token of its own features (:mod:`sentio_lab.features.tokens`), gathered by the env on its device.
   :func:`env_options` builds them for a market, so evaluation and the experiment runner see the same observation;
-* the agent is :class:`~sentio_lab.agents.nets.transformer.MultiTimeframeActorCritic`: a transformer encoder per timeframe
+* the agent is :class:`~sentio_lab.agents.nets.transformer.MultiTimeframeActorCritic`: a transformer encoder per
+timeframe
   (the base window is one, with ``window`` tokens), pooled, fused across timeframes, then actor and critic heads.
   With no token timeframes it is a single-timeframe transformer over the window, the same code;
 * mixed precision (``--amp``): ``bf16`` autocast on CPU or CUDA, ``fp16`` autocast with a ``GradScaler`` on CUDA
@@ -16,7 +17,8 @@ surrogate, truncation bootstrap, checkpoints, exact resume); what differs, and w
   matmuls inside the trunk run in the low precision. The scaler's state is saved with the checkpoint;
 * ``--compile`` routes the trunk through ``torch.compile`` (state_dict keys unchanged).
 
-Resuming (``--resume PATH``) follows ``ppo``: run-control arguments (:data:`sentio_lab.agents.arguments.RUN_CONTROL_FIELDS`)
+Resuming (``--resume PATH``) follows ``ppo``: run-control arguments
+(:data:`sentio_lab.agents.arguments.RUN_CONTROL_FIELDS`)
 from the command line, every other argument from the checkpoint (a conflicting explicit value is refused); on CPU a
 resumed run ends with the same weights as an uninterrupted one (tests/variants/test_ppo_transformer.py).
 """

@@ -319,7 +319,8 @@ def start_run(
         check(args)
     seed_everything(args.run.seed, args.run.torch_deterministic)
     device = resolve_device(args.run.device)
-    # Data parallel under torchrun (sentio_lab.scale.distributed): this rank steps num_envs / world_size of the episodes.
+    # Data parallel under torchrun (sentio_lab.scale.distributed): this rank steps num_envs / world_size of the
+    # episodes.
     # In a world of one every distributed.* call is the identity and n_envs == num_envs.
     ctx = distributed.context() if distributed_ok else DistContext()
     n_envs = distributed.local_envs(args.ppo.num_envs, ctx)

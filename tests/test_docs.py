@@ -19,7 +19,7 @@ import sentio_lab
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = ("index", "training", "evaluation", "masks", "risk", "transformer", "costs", "scaling", "deployment",
-         "data", "choices", "benchmarks")
+         "data", "choices", "benchmarks", "portfolio")
 README_MAX_LINES = 200
 
 
@@ -121,7 +121,8 @@ def test_sphinx_roles_become_markdown():
     spec.loader.exec_module(roles)
     convert = roles.markdown_roles
     assert convert(":class:`~sentio_lab.env.TradingEnv` steps") == "[`TradingEnv`][sentio_lab.env.TradingEnv] steps"
-    assert convert(":func:`sentio_lab.env.costs.execute`") == "[`sentio_lab.env.costs.execute`][sentio_lab.env.costs.execute]"
+    assert (convert(":func:`sentio_lab.env.costs.execute`")
+            == "[`sentio_lab.env.costs.execute`][sentio_lab.env.costs.execute]")
     assert convert(":meth:`~sentio_lab.env.TradingEnv.step()`") == "[`step`][sentio_lab.env.TradingEnv.step]"
     # relative and private targets cannot be resolved by the site: plain code, no link
     assert convert("see :data:`VARIANTS` and :func:`sentio_lab.data.quality._pct`") == (

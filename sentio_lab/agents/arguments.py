@@ -76,6 +76,11 @@ class FeatureArgs:
     """Parquet cache of computed features (keyed by data fingerprint and config); None = no cache"""
     window: int = 32
     """bars of feature history in each observation"""
+    exogenous: tuple[str, ...] = ()
+    """point-in-time alternative data joined to the observation (level and change, z-scored on the training
+    range), e.g. vix credit_spread (or vix,credit_spread): bundled vix, wti, core_cpi, aaa, baa, credit_spread,
+    ff_mkt_rf, ff_smb, ff_hml, ff_rf, or a CSV file.csv (date,value,released_at) / file.csv@1D (a lag); each value
+    is seen from the first bar closing after its release (docs/data.md)"""
 
 
 @dataclass

@@ -65,6 +65,7 @@ def feature_config_from(args: Any) -> FeatureConfig:
         bank=features.feature_bank, timeframes=tuple(features.timeframes), regimes=features.regimes,
         regime_restarts=features.regime_restarts, normalise=features.normalise, prune_corr=features.prune_corr,
         cache_dir=features.feature_cache_dir, seed=features.feature_seed,
+        exogenous=tuple(features.exogenous),
     )
 
 

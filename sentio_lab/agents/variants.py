@@ -5,9 +5,11 @@ reached only by name, through :data:`VARIANTS` (name -> module, imported on firs
 each provides ``Args`` (with ``Args.from_dict`` for checkpoints and configs), ``build_agent(args, obs_dim,
 num_actions)``, ``feature_config(args)`` and ``cost_model(args)``; optionally ``env_options(args, market)``: the extra
 :class:`~sentio_lab.env.TradingEnv` keywords its observation needs (token blocks of higher timeframes, the drawdown
-state; :mod:`sentio_lab.features.observation_layout`). The hooks here turn a variant's arguments into what the other
-stages need: :func:`env_options`, :func:`agent_obs_dim` (the observation width), :func:`action_masking` (the mask
-keywords of a masked variant) and :func:`load_trained` (agent, arguments and market restored from a checkpoint).
+state; :mod:`sentio_lab.features.observation_layout`) and ``observation_span(args, market)``. The hooks here turn a
+name and a variant's arguments into what the other stages need: :func:`parse_variant_args` (the variant's parser),
+:func:`observation_span` (how far back its observation reads: the embargo), :func:`env_options`,
+:func:`agent_obs_dim` (the observation width), :func:`action_masking` (the mask keywords of a masked variant) and
+:func:`load_trained` (agent, arguments and market restored from a checkpoint).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
+import tyro
 from torch import nn
 
 from sentio_lab.agents.checkpoint import load_checkpoint
@@ -89,6 +92,19 @@ def load_trained(path: str | Path, *, dataset: str | Path | None = None) -> Trai
     agent.load_state_dict(bundle["agent"])
     agent.eval()
     return TrainedAgent(agent=agent, args=args, market=market, bundle=bundle)
+
+
+def parse_variant_args(variant: str, argv: tuple[str, ...] | list[str]) -> Any:
+    """The variant's ``Args`` from a command-line list (the same parser as ``python -m sentio_lab.<variant>``)."""
+    return tyro.cli(load_variant(variant).Args, args=list(argv))
+
+
+def observation_span(variant: str, args: Any, market: PreparedMarket) -> int | None:
+    """How many bars before a decision the agent's observation reads, when the variant declares it (its module's
+    ``observation_span(args, market)``: token blocks of completed higher-timeframe bars reach further back than
+    the feature window); None when the feature window and span say it all. The CPCV embargo counts it."""
+    hook = getattr(load_variant(variant), "observation_span", None)
+    return None if hook is None else int(hook(args, market))
 
 
 def action_masking(args: Any) -> dict[str, Any]:

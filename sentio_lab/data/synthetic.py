@@ -362,7 +362,8 @@ def write_ladder(folder: str | Path, *, n_bars: int = 8000, seed: int = 0, rungs
 
 @dataclass(frozen=True)
 class OracleRule:
-    """A market's oracle as a baseline rule (the interface :class:`sentio_lab.evaluation.baselines.WeightPolicy` reads), so the
+    """A market's oracle as a baseline rule (the interface :class:`sentio_lab.evaluation.baselines.WeightPolicy`
+    reads), so the
     oracle trades through the env like any baseline: ``WeightPolicy(OracleRule(market), history, positions)``."""
 
     market: AR1Market | RegimeMarket

@@ -5,7 +5,8 @@
 * :mod:`~sentio_lab.env.arrays`: the market arrays both envs read, fills, valid starts;
   :mod:`~sentio_lab.env.trading`: :class:`TradingEnv` (batched, torch); :mod:`~sentio_lab.env.reference`:
   :class:`NumpyTradingEnv` (one episode, gymnasium).
-* :mod:`~sentio_lab.env.costs` (fees, slippage, spread, impact, participation, borrow), :mod:`~sentio_lab.env.orderbook`,
+* :mod:`~sentio_lab.env.costs` (fees, slippage, spread, impact, participation, borrow),
+:mod:`~sentio_lab.env.orderbook`,
   :mod:`~sentio_lab.env.masks` (action masks), :mod:`~sentio_lab.env.anchor` (benchmark-anchored tilts).
 
 The env's names are re-exported here, so ``from sentio_lab.env import TradingEnv`` works.

@@ -2,11 +2,14 @@
 ends, and the demo-style report that ``python -m sentio_lab.evaluate CHECKPOINT`` writes.
 
 Both go through :func:`compare_with_buy_and_hold`: the agent's deterministic episode
-(:func:`sentio_lab.evaluation.episodes.evaluate_policy`, net of the run's costs, under its masks) and buy-and-hold over the
-same bars with the same costs (always fully long, :class:`sentio_lab.evaluation.baselines.BuyAndHold`, whatever levels the
+(:func:`sentio_lab.evaluation.episodes.evaluate_policy`, net of the run's costs, under its masks) and buy-and-hold over
+the
+same bars with the same costs (always fully long, :class:`sentio_lab.evaluation.baselines.BuyAndHold`, whatever levels
+the
 agent may choose), tabled by :func:`sentio_lab.evaluation.metrics.stats_table` as the reports do. The report
 (:func:`write_checkpoint_report`) is the demo notebook's (``notebooks/train_and_report.ipynb``): the same
-:func:`sentio_lab.evaluation.report.write_report` files and ``data_quality.md``, the same vectorbt replay of the agent's and
+:func:`sentio_lab.evaluation.report.write_report` files and ``data_quality.md``, the same vectorbt replay of the
+agent's and
 buy-and-hold's positions, which must reproduce the env's equity (to 1e-9, as the demo asserts).
 """
 
@@ -111,7 +114,8 @@ def compare_with_buy_and_hold(
 
 def training_summary(result: Any, range_name: str = "validation") -> str:
     """What a variant prints when training ends: :meth:`Comparison.describe` of its agent over the validation
-    range (``result`` is a :class:`sentio_lab.agents.training.TrainResult`). Never the test range: a selection made from this
+    range (``result`` is a :class:`sentio_lab.agents.training.TrainResult`). Never the test range: a selection made
+    from this
     printout must not read test (the W&B run summary does record test figures, labelled as such, as issue 17
     asked). When there is nothing to evaluate on (an env was passed in, a fold market without a validation range,
     a range too short for the window) it says so in one line instead of failing the finished run.
@@ -153,7 +157,8 @@ def write_checkpoint_report(
     """Evaluate a checkpoint against buy-and-hold and write the demo-style report; return the comparison and the
     paths (:data:`sentio_lab.evaluation.report.REPORT_FILES` keys and ``data_quality``).
 
-    ``dataset`` applies the model to another file (:func:`sentio_lab.agents.variants.load_trained`); ``output`` defaults to
+    ``dataset`` applies the model to another file (:func:`sentio_lab.agents.variants.load_trained`); ``output``
+    defaults to
     :func:`default_output`. Raises :class:`~sentio_lab.agents.checkpoint.CheckpointError` for a missing or damaged
     checkpoint, ``ValueError`` for data that does not fit it, and ``RuntimeError`` when the vectorbt replay does not
     reproduce the env's equity (the accounting would disagree with itself).

@@ -22,7 +22,8 @@ Each :class:`Evaluation` carries its :attr:`~Evaluation.summary`, the statistics
 (:func:`sentio_lab.evaluation.metrics.summary_stats` of its equity and weights).
 
 The command line ``python -m sentio_lab.evaluate CHECKPOINT [--dataset FILE] [--range validation|test|all]
-[--output DIR]`` writes the demo-style report of a checkpoint against buy-and-hold (:mod:`sentio_lab.evaluation.agent_report`)
+[--output DIR]`` writes the demo-style report of a checkpoint against buy-and-hold
+(:mod:`sentio_lab.evaluation.agent_report`)
 and prints its summary; errors are one line and a non-zero exit.
 """
 from __future__ import annotations
@@ -70,8 +71,10 @@ class Evaluation:
 
     @cached_property
     def summary(self) -> dict[str, object]:
-        """The statistics the reports show for this episode: :func:`sentio_lab.evaluation.metrics.summary_stats` of the equity
-        and the weights (keys :data:`sentio_lab.evaluation.metrics.STAT_NAMES`; Sharpe, drawdown, turnover, trades, ...)."""
+        """The statistics the reports show for this episode: :func:`sentio_lab.evaluation.metrics.summary_stats` of the
+        equity
+        and the weights (keys :data:`sentio_lab.evaluation.metrics.STAT_NAMES`; Sharpe, drawdown, turnover, trades,
+        ...)."""
         return summary_stats(self.equity, self.weights)
 
 def _mask_env_kwargs(masks: MaskConfig | None, invalid_action: str, market: PreparedMarket) -> dict[str, Any]:
@@ -82,7 +85,8 @@ def _mask_env_kwargs(masks: MaskConfig | None, invalid_action: str, market: Prep
 
 
 def _mask_inputs(masks: MaskConfig, market: PreparedMarket) -> MaskInputs | None:
-    """As the variant's own: :func:`sentio_lab.env.mask_inputs.market_mask_inputs` (GARCH fitted on training bars only)."""
+    """As the variant's own: :func:`sentio_lab.env.mask_inputs.market_mask_inputs` (GARCH fitted on training bars
+    only)."""
     return market_mask_inputs(masks, market)
 
 

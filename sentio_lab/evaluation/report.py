@@ -89,7 +89,8 @@ def _cell(value: object) -> str:
 
 def _notes(stats: pd.DataFrame) -> tuple[dict[tuple[str, str], int], list[str]]:
     """Numbered reasons for the table's NaN entries (``stats.attrs[NOT_AVAILABLE]``, see
-    :func:`sentio_lab.evaluation.metrics.stats_table`): ``({(row, column): number}, ["row (columns): reason", ...])``."""
+    :func:`sentio_lab.evaluation.metrics.stats_table`): ``({(row, column): number}, ["row (columns): reason",
+    ...])``."""
     given = stats.attrs.get(NOT_AVAILABLE) or {}
     numbers: dict[tuple[str, str], int] = {}
     texts: list[str] = []

@@ -33,7 +33,8 @@ from sentio_lab.evaluation.report import write_report
 
 #: Ranges a training run is summarised on, when the market has them.
 SUMMARY_RANGES: tuple[str, ...] = ("validation", "test")
-#: Column of the trained agent in every table (baselines keep their :data:`sentio_lab.evaluation.baselines.BASELINES` names).
+#: Column of the trained agent in every table (baselines keep their :data:`sentio_lab.evaluation.baselines.BASELINES`
+#: names).
 AGENT = "agent"
 #: Rows of the statistics tables that enter the flat (W&B) summary.
 SUMMARY_STATS: tuple[str, ...] = (
@@ -151,7 +152,8 @@ def write_run_report(summary: RunSummary, folder: str | Path, *, title: str,
 
 def log_run_outcome(tracker: Tracker, agent: Any, args: Any, market: Any, checkpoint: Path | str | None
                     ) -> dict[str, Any]:
-        """End of training: evaluation summary, report and checkpoint into ``tracker``'s run; returns the summary logged.
+        """End of training: evaluation summary, report and checkpoint into ``tracker``'s run; returns the summary
+        logged.
 
         Evaluates the greedy ``agent`` on ``market``'s validation and test ranges against the baselines
         (:func:`evaluate_run`), writes the report next to the checkpoint

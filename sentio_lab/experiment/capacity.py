@@ -41,13 +41,12 @@ from sentio_lab.env import splits as splitting
 from sentio_lab.env.costs import CostModel
 from sentio_lab.evaluation.baselines import evaluate_baseline, evaluate_random
 from sentio_lab.evaluation.episodes import evaluate_policies
+from sentio_lab.experiment.assembly import _path_curves, _path_stats
 from sentio_lab.experiment.cells import cell_done, parse_variant_args
 from sentio_lab.experiment.config import load_config
 from sentio_lab.experiment.runner import (
     Plan,
     _groups_frame,
-    _path_curves,
-    _path_stats,
     agent_argv,
     fold_market,
     load_cell_agent,

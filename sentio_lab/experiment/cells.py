@@ -19,10 +19,9 @@ from typing import Any
 
 import numpy as np
 import torch
-import tyro
 
 from sentio_lab.agents.tracking import sharing
-from sentio_lab.agents.variants import action_masking, env_options, load_variant
+from sentio_lab.agents.variants import action_masking, env_options, load_variant, parse_variant_args
 from sentio_lab.env.market import PreparedMarket
 from sentio_lab.evaluation.episodes import evaluate_policy
 from sentio_lab.evaluation.metrics import sharpe_ratio
@@ -47,12 +46,6 @@ class Cell:
         """Folder name of the cell: stable, readable and unique within an experiment."""
         tag = "" if self.placebo is None else f"__placebo{self.placebo}"
         return f"{self.agent}{tag}__seed{self.seed}__fold{self.fold:03d}"
-
-
-def parse_variant_args(variant: str, argv: tuple[str, ...] | list[str]) -> Any:
-    """The variant's ``Args`` from a command-line list (the same parser as ``python -m sentio_lab.<variant>``)."""
-    module = load_variant(variant)
-    return tyro.cli(module.Args, args=list(argv))
 
 
 def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:

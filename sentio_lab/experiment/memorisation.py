@@ -1,7 +1,8 @@
 """How much of a result is memorisation: in-sample vs validation vs test per run, policy confidence, placebo floor.
 
 Per trained cell (configuration x seed x fold) :func:`diagnose_agent` runs the greedy policy, with the same
-evaluation code as the test groups (:func:`sentio_lab.evaluation.episodes.evaluate_policies`), over three parts of the fold:
+evaluation code as the test groups (:func:`sentio_lab.evaluation.episodes.evaluate_policies`), over three parts of the
+fold:
 
 * ``in_sample``: each training segment of the fold (less the validation slice) as one episode,
 * ``validation``: the inner validation slice, when the fold market has one,

@@ -7,7 +7,8 @@ and the cells (one per configuration x seed x fold). Each cell trains once on it
 under ``<output>/cells/``; ``cell.json`` is written last, so a run killed at any point recomputes only the
 cells that were in flight. Baselines are evaluated per fold the same way (``<output>/baselines/``).
 
-Assembly (:func:`~sentio_lab.experiment.assembly.assemble`) reads only those files: for every backtest path it chains the test groups'
+Assembly (:func:`~sentio_lab.experiment.assembly.assemble`) reads only those files: for every backtest path it chains
+the test groups'
 equity curves (:func:`sentio_lab.env.splits.stitch_equity`) and computes the statistics of each (configuration,
 seed, path) and each baseline path. Every cell is deterministic and runs torch on one thread, so the table
 is identical whatever the number of worker processes and however often the run was interrupted.
@@ -33,7 +34,7 @@ import torch
 from sentio_lab.agents.checkpoint import load_checkpoint
 from sentio_lab.agents.progress import tqdm
 from sentio_lab.agents.training import anchor_span, num_actions
-from sentio_lab.agents.variants import action_masking, agent_obs_dim, env_options, load_variant
+from sentio_lab.agents.variants import action_masking, agent_obs_dim, env_options, load_variant, observation_span
 from sentio_lab.env import splits as splitting
 from sentio_lab.env.costs import bars_per_day, cost_reach
 from sentio_lab.env.market import PreparedMarket, prepare_fold_market, prepare_market
@@ -133,9 +134,8 @@ def plan_experiment(config: ExperimentConfig, extra_args: Sequence[str] = ()) ->
         # higher-timeframe bars) declares how far: the span grows until the reach (window - 1 + span) covers it,
         # so the embargo and the touched-bar audit (splits.check_fold) both count it.
         # An anchored agent's benchmark weight at t (its observation and its target) reads closes t - span .. t.
-        span_of = getattr(load_variant(agent.variant), "observation_span", None)
-        reach = max(int(span_of(args, market)) if span_of is not None else 0, anchor_span(args, market))
-        beyond = reach - gaps.observation_reach
+        span = max(observation_span(agent.variant, args, market) or 0, anchor_span(args, market))
+        beyond = span - gaps.observation_reach
         if beyond > 0:
             gaps = dataclasses.replace(gaps, feature_span=gaps.feature_span + beyond)
         gap_options.append(gaps)

@@ -162,7 +162,8 @@ def token_span(market: object, timeframes: Sequence[str], num_tokens: Sequence[i
     """Base bars before bar t that the token blocks seen at t may read, on ``market``'s own calendar.
 
     The oldest of the ``K`` completed bars of a timeframe and the ``bank``'s longest lookback before it: an HTF
-    producer of lookback ``K - 1 + L`` (:func:`~sentio_lab.features.spans.htf_span`, which also counts the forming bar, so
+    producer of lookback ``K - 1 + L`` (:func:`~sentio_lab.features.spans.htf_span`, which also counts the forming bar,
+    so
     the bound is conservative by one HTF bar). The experiment runner widens its embargo to cover it
     (``observation_span`` of ``ppo_transformer``); 0 without token timeframes.
     """

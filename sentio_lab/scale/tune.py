@@ -1,8 +1,8 @@
 """Population-based training (and random search) of any registered variant on Ray Tune.
 
-``python -m sentio_lab.scale.tune --variant ppo --variant-args="--window 16" --num-trials 4 --iterations 8`` starts a local
-Ray instance (``ray.init`` inside the command: nothing to start by hand, no dashboard, usage stats off) and runs
-Ray Tune's :class:`~ray.tune.schedulers.PopulationBasedTraining`; ``--address ray://host:10001`` (or ``auto``)
+``python -m sentio_lab.scale.tune --variant ppo --variant-args="--window 16" --num-trials 4 --iterations 8`` starts
+a local Ray instance (``ray.init`` inside the command: nothing to start by hand, no dashboard, usage stats off) and
+runs Ray Tune's :class:`~ray.tune.schedulers.PopulationBasedTraining`; ``--address ray://host:10001`` (or ``auto``)
 runs the same thing on an existing Ray cluster, whose nodes must have this package installed.
 
 How a trial works (:func:`trainable`): the variant's own training loop (``variant.train``) runs in Tune
@@ -21,9 +21,9 @@ without exploitation: the random-search control at equal compute. Every trial ru
 ``iterations * steps_per_iteration`` env steps (the learning-rate schedule, when annealed, is over that total).
 
 Afterwards the champion (the trial with the best *last* validation score) is evaluated once on the test range
-(:func:`sentio_lab.evaluation.episodes.evaluate_checkpoint`) and reported with the deflated Sharpe ratio over the set of
-every validation score the search computed: one per reported (trial, iteration), recorded by our driver-side
-:class:`ScoreLog` callback in ``validation_scores.jsonl``, since each is a configuration (weights +
+(:func:`sentio_lab.evaluation.episodes.evaluate_checkpoint`) and reported with the deflated Sharpe ratio over the
+set of every validation score the search computed: one per reported (trial, iteration), recorded by our
+driver-side :class:`ScoreLog` callback in ``validation_scores.jsonl``, since each is a configuration (weights +
 hyperparameters) PBT ranked and could have kept. ``N`` is the size of that set and ``Var[SR_n]`` the sample
 variance of its per-period Sharpe ratios (:func:`deflation`). ``summary.json`` and ``trials.csv`` are written
 under the experiment folder. An interrupted experiment continues with ``--resume``
@@ -480,8 +480,7 @@ def run_tune(args: TuneArgs, trainable_fn: Any = trainable) -> dict[str, Any]:
     init_ray(args.address, args.num_cpus)
     tuner = make_tuner(args, trainable_fn)
     start = time.time()
-    results = tuner.fit()
-    folder = Path(args.storage).resolve() / args.name
+    results, folder = tuner.fit(), Path(args.storage).resolve() / args.name
     summary = summarise(results, args, folder, time.time() - start)
     if args.track and args.wandb_mode != "disabled":
         log_tune(results, args, folder, summary)
@@ -492,10 +491,9 @@ def main() -> None:
     """Entry point of ``python -m sentio_lab.scale.tune``."""
     args = tyro.cli(TuneArgs)
     try:
-        summary = run_tune(args)
+        print(json.dumps(run_tune(args), indent=2, default=str))
     except (CheckpointError, ValueError, FileNotFoundError) as err:
         raise SystemExit(f"error: {err}") from err
-    print(json.dumps(summary, indent=2, default=str))
 
 
 if __name__ == "__main__":

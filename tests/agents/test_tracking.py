@@ -200,7 +200,8 @@ def test_a_training_run_logs_its_evaluation_report_and_checkpoint(tiny_args, sma
 @pytest.mark.parametrize("variant", [ppo, ppo_masked, ppo_risk, ppo_transformer])
 def test_every_variant_logs_its_outcome(variant, tiny_args, small_market, tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(run_loop, "log_run_outcome", lambda tracker, *a: calls.append((tracker.run is not None, *a)) or {})
+    monkeypatch.setattr(run_loop, "log_run_outcome",
+                        lambda tracker, *a: calls.append((tracker.run is not None, *a)) or {})
     args = variant.Args.from_flat(**{**tiny_args.flat(), "track": True, "run_dir": str(tmp_path)})
     if variant is ppo_risk:
         args = args.replace(num_quantiles=4)

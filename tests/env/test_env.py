@@ -602,7 +602,7 @@ def test_positions_must_be_distinct_finite_and_include_flat(positions):
 
 
 def test_large_banks_gather_windows_instead_of_precomputing(monkeypatch, nasdaq):
-    import sentio_lab.env as env_module
+    import sentio_lab.env.trading as env_module
 
     precomputed = TradingEnv(nasdaq, num_envs=6, window=5, episode_length=40, seed=4)
     monkeypatch.setattr(env_module, "WINDOW_MATRIX_MAX_BYTES", 0)

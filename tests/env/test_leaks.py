@@ -238,7 +238,6 @@ def _training_inputs(variant_name: str, args, market) -> dict[str, np.ndarray]:
 
     import torch
 
-    from sentio_lab.env import cost_inputs as _unused  # noqa: F401 - the env's own module is the one under test
     from sentio_lab.experiment.cells import load_variant
 
     variant = load_variant(variant_name)

@@ -78,7 +78,7 @@ def test_resuming_the_finished_run_from_the_command_line_leaves_the_file(trained
 
 def test_the_cli_writes_the_demo_report_next_to_the_checkpoint(trained):
     path, _ = trained
-    printed = run_main(sys.modules["sentio_lab.evaluation.episodes"], [str(path)])
+    printed = run_main(sys.modules["sentio_lab.evaluate"], [str(path)])
     folder = path.parent / "report_test"
     assert f"report: {folder}" in printed
     for name in ("report.html", "equity.png", "drawdown.png", "stats.csv", "stats.md", "meta.json",
@@ -114,7 +114,7 @@ def test_buy_and_hold_is_the_demos_vectorbt_benchmark(trained):
 @pytest.mark.parametrize("range_name", ["validation", "all"])
 def test_the_cli_ranges_and_output_folder(trained, tmp_path, range_name):
     path, _ = trained
-    printed = run_main(sys.modules["sentio_lab.evaluation.episodes"], [str(path), "--range", range_name,
+    printed = run_main(sys.modules["sentio_lab.evaluate"], [str(path), "--range", range_name,
                                                             "--output", str(tmp_path / "out")])
     assert printed.startswith(f"{range_name} summary") and (tmp_path / "out" / "report.html").exists()
     market = load_trained(path).market
@@ -169,7 +169,7 @@ def test_the_module_runs_and_a_damaged_checkpoint_gives_no_traceback(trained, tm
     path, _ = trained
     damaged = tmp_path / "checkpoint.pt"
     damaged.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # truncated
-    done = subprocess.run([sys.executable, "-m", "sentio_lab.evaluation.episodes", str(damaged)], capture_output=True,
+    done = subprocess.run([sys.executable, "-m", "sentio_lab.evaluate", str(damaged)], capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines() == [done.stderr.strip()]

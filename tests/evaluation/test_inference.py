@@ -1,4 +1,5 @@
-"""Tests of sentio_lab.evaluation.inference: PSR / DSR against benchmarks and trials, PBO by CSCV, paired Sharpe A/B, SPA.
+"""Tests of sentio_lab.evaluation.inference: PSR / DSR against benchmarks and trials, PBO by CSCV, paired Sharpe A/B,
+SPA.
 
 Conventions checked here: Sharpe ratios per period (mean / std, ddof=1) unless annualised by ``periods``;
 kurtosis non-excess in PSR (as in test_metrics); PBO ranks out of sample ascending (1 = worst), w = rank / (N + 1),

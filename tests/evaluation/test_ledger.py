@@ -25,7 +25,8 @@ import pandas as pd
 import pytest
 import torch
 
-import sentio_lab.env as env_module
+import sentio_lab.env.reference as reference_module
+import sentio_lab.env.trading as trading_module
 import sentio_lab.evaluation.backtest as bt
 from sentio_lab.data import load_market
 from sentio_lab.env import MarketArrays, NumpyTradingEnv, TradingEnv
@@ -236,7 +237,8 @@ def test_ledger_catches_a_sizing_error_the_replay_cannot(frame, market, monkeypa
     positions = (-1.0, 0.0, 1.0)
     actions = random_actions(len(positions), seed=5)
     right = ledger(frame, positions, actions)
-    monkeypatch.setattr(env_module, "rebalance", _mis_sized_rebalance)
+    monkeypatch.setattr(trading_module, "rebalance", _mis_sized_rebalance)
+    monkeypatch.setattr(reference_module, "rebalance", _mis_sized_rebalance)
     monkeypatch.setattr(bt, "rebalance", _mis_sized_rebalance)
     broken_torch = torch_equity(market, positions, actions)
     broken_numpy = numpy_equity(market, positions, actions)

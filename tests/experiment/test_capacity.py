@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from sentio_lab.experiment.assembly import RESULTS_FILE as RUNNER_RESULTS
 from sentio_lab.experiment.capacity import (
     RESULTS_FILE,
     CapacityConfig,
@@ -13,7 +14,6 @@ from sentio_lab.experiment.capacity import (
     load_capacity_config,
     main,
 )
-from sentio_lab.experiment.runner import RESULTS_FILE as RUNNER_RESULTS
 
 pytestmark = pytest.mark.slow  # trains a tiny CPCV experiment (~1-2 min on 2 idle cores)
 

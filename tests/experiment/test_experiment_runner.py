@@ -11,15 +11,10 @@ import pytest
 from sentio_lab.data import load_market
 from sentio_lab.env.splits import backtest_paths
 from sentio_lab.experiment.__main__ import main
+from sentio_lab.experiment.assembly import EQUITY_FILE, RESULTS_FILE, evaluation_folder
 from sentio_lab.experiment.cells import parse_variant_args
 from sentio_lab.experiment.config import AgentSpec, ExperimentConfig
-from sentio_lab.experiment.runner import (
-    EQUITY_FILE,
-    RESULTS_FILE,
-    evaluation_folder,
-    plan_experiment,
-    run_experiment,
-)
+from sentio_lab.experiment.runner import plan_experiment, run_experiment
 from sentio_lab.experiment.summary import strategy_table
 
 TINY = ("--total-timesteps", "256", "--num-envs", "8", "--num-steps", "16", "--num-minibatches", "2",

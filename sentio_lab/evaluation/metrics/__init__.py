@@ -18,9 +18,11 @@ Conventions
   spells and calendar months are defined in :func:`round_trip_trades`, :func:`drawdown_spells` and
   :func:`monthly_returns`. Statistical tests across strategies live in :mod:`sentio_lab.evaluation.inference`.
 
-Modules: :mod:`~sentio_lab.evaluation.metrics.inputs` (validated inputs), :mod:`~sentio_lab.evaluation.metrics.periods` (periods per
+Modules: :mod:`~sentio_lab.evaluation.metrics.inputs` (validated inputs), :mod:`~sentio_lab.evaluation.metrics.periods`
+(periods per
 year), :mod:`~sentio_lab.evaluation.metrics.returns` (return series, ratios, tail risk, calendar months),
-:mod:`~sentio_lab.evaluation.metrics.drawdowns` (drawdowns and their spells), :mod:`~sentio_lab.evaluation.metrics.trades` (weights,
+:mod:`~sentio_lab.evaluation.metrics.drawdowns` (drawdowns and their spells),
+:mod:`~sentio_lab.evaluation.metrics.trades` (weights,
 round trips, time in market, fill costs), :mod:`~sentio_lab.evaluation.metrics.sharpe_inference` (PSR and DSR) and
 :mod:`~sentio_lab.evaluation.metrics.table` (:func:`summary_stats`, :func:`stats_table`).
 """

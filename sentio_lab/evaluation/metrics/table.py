@@ -173,7 +173,8 @@ def stats_table(
     without ``trial_family`` is refused rather than applied to every column.
 
     Why an entry is NaN (no trial family, a baseline's DSR, no weights, no costs recorded, no round trip) is
-    recorded as ``table.attrs[NOT_AVAILABLE][row][column]`` (a sentence); :func:`sentio_lab.evaluation.report.write_report`
+    recorded as ``table.attrs[NOT_AVAILABLE][row][column]`` (a sentence);
+    :func:`sentio_lab.evaluation.report.write_report`
     prints it under the table instead of an empty cell.
     """
     if not equities:

@@ -94,7 +94,8 @@ def fill_costs(
     """Cost of each fill in account currency: ``|delta| open (slippage + fee (1 +- slippage))`` (+ on buys).
 
     That is what a fill pays over trading ``delta`` shares at the open with no costs, by the formula of
-    :func:`sentio_lab.env.costs.rebalance`. ``order_sizes`` as :func:`sentio_lab.evaluation.backtest.order_sizes` returns them
+    :func:`sentio_lab.env.costs.rebalance`. ``order_sizes`` as :func:`sentio_lab.evaluation.backtest.order_sizes`
+    returns them
     (row 0 of a replay is 0); ``open_prices`` the opens of the same rows (aligned on the index when both are
     Series with timestamps). ``costs`` is a :class:`sentio_lab.env.costs.CostModel` (any object with ``fee`` and
     ``slippage`` fractions). Short borrow is not a fill cost: add its charges to the series if wanted.
