@@ -101,7 +101,8 @@ def make_env(args: Args, market: PreparedMarket, range_name: str = "train") -> T
 
 def build_agent(args: Args, obs_dim: int, num_actions: int) -> MLPActorCritic:
     """The actor-critic of this variant (ppo's; the masks act on its logits)."""
-    return MLPActorCritic(obs_dim, num_actions, hidden=args.ppo.hidden_size, norm_obs=args.ppo.norm_obs)
+    agent = MLPActorCritic(obs_dim, num_actions, hidden=args.ppo.hidden_size, norm_obs=args.ppo.norm_obs)
+    return training.init_towards_benchmark(agent, args)  # anchored: the untrained agent is the benchmark
 
 
 def train(args: Args, *, market: PreparedMarket | None = None, env: Any | None = None) -> TrainResult:

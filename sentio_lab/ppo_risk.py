@@ -144,11 +144,12 @@ def make_env(args: Args, market: PreparedMarket, range_name: str = "train") -> T
 
 def build_agent(args: Args, obs_dim: int, num_actions: int) -> QuantileActorCritic:
     """The actor-critic of this variant (evaluation rebuilds it from a checkpoint's args)."""
-    return QuantileActorCritic(
+    agent = QuantileActorCritic(
         obs_dim, num_actions, hidden=args.ppo.hidden_size, norm_obs=args.ppo.norm_obs,
         num_quantiles=args.num_quantiles, risk=args.risk, cvar_alpha=args.cvar_alpha,
         cost_critic=args.cost_limit is not None,
     )
+    return training.init_towards_benchmark(agent, args)  # anchored: the untrained agent is the benchmark
 
 
 def history_path(checkpoint_path: Path) -> Path:

@@ -22,6 +22,8 @@ from typing import Any, Literal, TypeVar
 
 import tyro
 
+from sentio_lab.env.anchor import DEFAULT_TILTS
+
 #: Annotation for a shared group: its flags carry no ``group.`` prefix (``--fee-bps``, not ``--env.fee-bps``).
 Flat = tyro.conf.OmitArgPrefixes
 
@@ -115,6 +117,19 @@ class EnvArgs:
     """steps per training episode (random windows inside the training range)"""
     reward_scale: float = 100.0
     """multiplier on the log-return reward (log returns of daily bars are ~1e-2)"""
+    anchor: Literal["buy_and_hold", "sma_crossover", "momentum", "vol_target"] | None = None
+    """benchmark the actions tilt around (sentio_lab.env.anchor): target = clip(benchmark weight + tilt, position
+    range); None = actions are the position levels. The untrained agent's greedy action is the zero tilt"""
+    tilts: tuple[float, ...] = DEFAULT_TILTS
+    """with --anchor: the offsets the actions choose from (fractions of equity; must include 0)"""
+    excess_reward: bool = False
+    """with --anchor: reward the log return in excess of the benchmark's own (its shadow account pays the same costs)"""
+    deviation_penalty: float = 0.0
+    """with --anchor: c in reward -= c * (target - benchmark weight)^2 (L2 on the tilt taken)"""
+    no_trade_band: float = 0.0
+    """with --anchor: a target within this distance of the weight held does not trade"""
+    zero_tilt_prob: float = 0.5
+    """with --anchor: the untrained policy's probability of the zero tilt (its greedy action whatever the value)"""
 
 
 @dataclass

@@ -34,6 +34,7 @@ import torch
 from sentio_lab.agents.checkpoint import load_checkpoint
 from sentio_lab.agents.progress import tqdm
 from sentio_lab.agents.selection import selected_weights
+from sentio_lab.agents.training import anchor_span, num_actions
 from sentio_lab.agents.variants import action_masking, agent_obs_dim, env_options, load_variant, observation_span
 from sentio_lab.env import splits as splitting
 from sentio_lab.env.costs import bars_per_day, cost_reach
@@ -140,11 +141,11 @@ def plan_experiment(config: ExperimentConfig, extra_args: Sequence[str] = ()) ->
         # A variant whose observation reads further back than its feature window (token blocks of completed
         # higher-timeframe bars) declares how far: the span grows until the reach (window - 1 + span) covers it,
         # so the embargo and the touched-bar audit (splits.check_fold) both count it.
-        span = observation_span(agent.variant, args, market)
-        if span is not None:
-            beyond = span - gaps.observation_reach
-            if beyond > 0:
-                gaps = dataclasses.replace(gaps, feature_span=gaps.feature_span + beyond)
+        # An anchored agent's benchmark weight at t (its observation and its target) reads closes t - span .. t.
+        span = max(observation_span(agent.variant, args, market) or 0, anchor_span(args, market))
+        beyond = span - gaps.observation_reach
+        if beyond > 0:
+            gaps = dataclasses.replace(gaps, feature_span=gaps.feature_span + beyond)
         gap_options.append(gaps)
         first_valid = max(first_valid, int(market.arrays.first_valid))
     gaps = max(gap_options, key=lambda g: g.embargo)
@@ -229,7 +230,7 @@ def load_cell_agent(path: Path, market: PreparedMarket) -> torch.nn.Module:
         raise ValueError(f"{path}: the refitted fold features differ from the ones this agent was trained on")
     module = load_variant(bundle["variant"])
     args = module.Args.from_dict(bundle["args"])
-    agent = module.build_agent(args, agent_obs_dim(args, market), len(args.env.positions))
+    agent = module.build_agent(args, agent_obs_dim(args, market), num_actions(args))
     agent.load_state_dict(selected_weights(bundle))  # the selected state of a run with --select-on
     return agent.eval()
 
