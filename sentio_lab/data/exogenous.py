@@ -58,6 +58,12 @@ class ExogenousSeries:
     """End of each value's period (exclusive; naive UTC): the span of the features counts from its period's
     start, this is for the record. None: the next date."""
     description: str = ""
+    earliest_close: bool = False
+    """Compare the release instants with the earliest reading of a daily (or longer) bar's close, its label date's
+    start, instead of the end of that date: set for a user's file, whose instants know nothing of the market's
+    close. A US equity bar labelled D closes at 16:00 New York, hours before the end of D in UTC; a value released
+    in between would otherwise reach the decision at that close. Bundled series keep the end-of-date reading:
+    their release times are chosen after the 16:00 New York close (module doc)."""
 
     def __post_init__(self) -> None:
         """Check the point-in-time invariants (a bundled or loaded series always satisfies them)."""
@@ -88,10 +94,15 @@ def bar_close_times(index: pd.DatetimeIndex, base_freq: pd.Timedelta) -> np.ndar
     return times.as_unit("ns").asi8 + int(base_freq.value)
 
 
-def visible_index(series: ExogenousSeries, bar_close: np.ndarray) -> np.ndarray:
+def visible_index(series: ExogenousSeries, bar_close: np.ndarray, base_freq: pd.Timedelta | None = None
+                  ) -> np.ndarray:
     """int64 ``(T,)``: at each bar, the position in ``series`` of the latest value released by the bar's close
-    (``released_at <= close``); -1 before the first release. Row ``t`` reads only bar ``t``'s close time."""
+    (``released_at <= close``); -1 before the first release. Row ``t`` reads only bar ``t``'s close time. With
+    ``series.earliest_close`` and bars of a day or longer (``base_freq``), the close is read as the bar's label
+    date's start (``close - base_freq``): the earliest a market may close that day."""
     released = series.released_at.as_unit("ns").asi8
+    if series.earliest_close and base_freq is not None and base_freq >= pd.Timedelta(days=1):
+        bar_close = bar_close - int(base_freq.value)
     # Releases are sorted, so the number released by each close is a binary search (side="right": "at or after").
     return np.searchsorted(released, bar_close, side="right").astype(np.int64) - 1
 
@@ -290,13 +301,13 @@ def read_exogenous_csv(path: str | Path, lag: pd.Timedelta | None = None, *, nam
         raise DataValidationError(f"{source}: no released_at column and no publication lag; add the column (when "
                                   f"each value became public, UTC) or give a lag such as {path.name}@1D")
     else:
-        if lag < pd.Timedelta(0):
-            raise DataValidationError(f"{source}: the publication lag {lag} is negative; a value cannot be public "
-                                      "before its date")
+        if lag <= pd.Timedelta(0):
+            raise DataValidationError(f"{source}: the publication lag {lag} is not positive; a value is public only "
+                                      "after its date")
         released = dates + lag
-    for i in np.flatnonzero(released < dates)[:1]:
-        raise _line_error(source, i + 2, f"released_at {released[i]} is before its date {dates[i].date()}; a value "
-                                         "is public only after its period begins")
+    for i in np.flatnonzero(released <= dates)[:1]:
+        raise _line_error(source, i + 2, f"released_at {released[i]} is not after its date {dates[i].date()}; a value "
+                                         "is public only after its period begins (a lag must be positive)")
     for i in np.flatnonzero(np.diff(released.asi8) < 0)[:1]:
         raise _line_error(source, i + 3, f"released_at {released[i + 1]} is earlier than line {i + 2}'s "
                                          f"{released[i]}; releases must follow the dates' order")
@@ -304,7 +315,7 @@ def read_exogenous_csv(path: str | Path, lag: pd.Timedelta | None = None, *, nam
         gap = pd.Timedelta(int(np.median(steps)), unit="ns") if len(steps) else pd.Timedelta(days=1)
         max_age = max(3 * gap, pd.Timedelta(days=1))
     return ExogenousSeries(name=name or path.stem, dates=dates, values=values, released_at=released, change=change,
-                           max_age=max_age, description=f"user series from {source}")
+                           max_age=max_age, description=f"user series from {source}", earliest_close=True)
 
 
 def is_csv_spec(spec: str) -> bool:

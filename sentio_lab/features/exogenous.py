@@ -88,7 +88,7 @@ def exogenous_block(index: pd.DatetimeIndex, specs: Sequence[str], base_freq: pd
     bar_close = bar_close_times(index, base_freq)
     columns, names, visible = [], [], []
     for one in loaded:
-        where = visible_index(one, bar_close)
+        where = visible_index(one, bar_close, base_freq)
         level, change = _series_columns(one, where)
         columns += [level, change]
         names += [f"exo:{one.name}", f"exo:{one.name}:chg"]

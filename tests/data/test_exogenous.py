@@ -150,7 +150,9 @@ def test_a_user_csv_with_a_lag(tmp_path):
     path = write(tmp_path, "date,value\n2020-01-01,1\n2020-01-02,2\n")
     series = load_exogenous(f"{path}@36h")
     assert list(series.released_at) == [pd.Timestamp("2020-01-02 12:00"), pd.Timestamp("2020-01-03 12:00")]
-    assert read_exogenous_csv(path, pd.Timedelta(0), name="own").name == "own"
+    assert read_exogenous_csv(path, pd.Timedelta("1h"), name="own").name == "own"
+    with pytest.raises(DataValidationError, match="lag 0 days 00:00:00 is not positive"):
+        read_exogenous_csv(path, pd.Timedelta(0))
     single = read_exogenous_csv(write(tmp_path, "date,value\n2020-01-01,1\n", "one.csv"), pd.Timedelta("1D"))
     assert single.max_age == pd.Timedelta(days=3)  # one line: three days
 
@@ -163,13 +165,14 @@ def test_a_user_csv_with_a_lag(tmp_path):
     ("date,value\n2020-01-01,x\n", "@1D", "line 2: value 'x'"),
     ("date,value\n2020-01-01,1\n2020-01-01,2\n", "@1D", "line 3: date 2020-01-01 repeats the date on line 2"),
     ("date,value\n2020-01-02,1\n2020-01-01,2\n", "@1D", "line 3: date 2020-01-01 is earlier than"),
-    ("date,value,released_at\n2020-01-02,1,2020-01-01\n", "", "line 2: released_at 2020-01-01 00:00:00 is before"),
+    ("date,value,released_at\n2020-01-02,1,2020-01-01\n", "", "line 2: released_at 2020-01-01 00:00:00 is not after"),
+    ("date,value,released_at\n2020-01-02,1,2020-01-02\n", "", "line 2: released_at 2020-01-02 00:00:00 is not after"),
     ("date,value,released_at\n2020-01-01,1,2020-03-01\n2020-02-01,2,2020-02-20\n", "",
      "line 3: released_at 2020-02-20 00:00:00 is earlier than line 2's"),
     ("date,value,released_at\n2020-01-01,1,\n", "", "line 2: released_at '' is not a date"),
     ("date,value\n2020-01-01,1\n", "", "no released_at column and no publication lag"),
     ("date,value,released_at\n2020-01-01,1,2020-01-02\n", "@1D", "has a released_at column and a lag"),
-    ("date,value\n2020-01-01,1\n", "@-1D", "negative"),
+    ("date,value\n2020-01-01,1\n", "@-1D", "is not positive"),
     ("date,value\n2020-01-01,1\n", "@soon", "the lag 'soon' is not a duration"),
     ("date,value\n2020-01-01,1\n", "@1D" + "x" * 0, None),
 ])
@@ -191,3 +194,20 @@ def test_csv_errors_outside_the_rows(tmp_path):
     path = write(tmp_path, "date,value\n2020-01-01,0\n")
     with pytest.raises(DataValidationError, match="line 2: value 0.0 is not positive"):
         read_exogenous_csv(path, DAY, change="log")
+
+
+def test_a_user_release_after_the_new_york_close_is_not_seen_by_that_days_bar(tmp_path):
+    # A daily US equity bar labelled D closes at 16:00 New York, before the end of D in UTC: a user's value
+    # released at 16:15 New York on D must wait for bar D + 1 (review finding: the end-of-date reading let it in).
+    index = pd.DatetimeIndex(["2018-01-02", "2018-01-03", "2018-01-04"])
+    path = write(tmp_path, "date,value,released_at\n2018-01-01,1,2018-01-02T16:15:00-05:00\n"
+                           "2018-01-02,2,2018-01-03T08:30:00-05:00\n", "late.csv")
+    series = load_exogenous(str(path))
+    assert series.earliest_close
+    np.testing.assert_array_equal(visible_index(series, bar_close_times(index, DAY), DAY), [-1, 0, 1])
+    # a one-day lag: the value dated D is public at the start of D + 1, so bar D + 1 (and not bar D) sees it
+    lag_file = write(tmp_path, "date,value\n2018-01-02,1\n2018-01-03,2\n", "lag.csv")
+    lagged = load_exogenous(f"{lag_file}@1D")
+    np.testing.assert_array_equal(visible_index(lagged, bar_close_times(index, DAY), DAY), [-1, 0, 1])
+    # the end-of-date reading (bundled series, chosen after the 16:00 close) would show both a bar earlier
+    np.testing.assert_array_equal(visible_index(lagged, bar_close_times(index, DAY)), [0, 1, 1])
