@@ -228,9 +228,11 @@ def retire(name: str, version: str | int, *, registry_uri: str | None = None) ->
     registry_uri = registry_uri or default_registry_uri()
     current = model_version(name, version, registry_uri=registry_uri)
     client = _client(registry_uri)
+    # tag first: a crash between the two steps leaves a retired-tagged version (promotion refuses it) whose
+    # aliases a rerun removes, never an alias-free version that could still be promoted
+    client.set_model_version_tag(name, current.version, "status", "retired")
     for alias in current.aliases:
         client.delete_registered_model_alias(name, alias)
-    client.set_model_version_tag(name, current.version, "status", "retired")
     return client.get_model_version(name, current.version)
 
 

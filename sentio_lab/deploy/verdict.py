@@ -78,6 +78,10 @@ class Verdict:
         return cls(**{k: (math.nan if v is None and k not in ("placebo_gap",) else v) for k, v in data.items()})
 
 
+#: How :func:`verdict_from_checkpoint` begins a verdict's ``source``: one path, one trial.
+SINGLE_PATH_SOURCE = "checkpoint "
+
+
 @dataclass(frozen=True)
 class Gate:
     """The conditions a version must meet to become ``champion`` (each None: not checked)."""
@@ -90,6 +94,10 @@ class Gate:
     """The median out-of-sample Sharpe must be above this."""
     max_pbo: float | None = None
     """The probability of backtest overfitting must be below this (NaN: one configuration, fails)."""
+    allow_single_path: bool = False
+    """Accept a verdict read off one checkpoint's single test path (:func:`verdict_from_checkpoint`). Off by
+    default: there the DSR is PSR(0) of one path over one trial, so "DSR > 0.5" means little more than "Sharpe > 0";
+    a champion needs an experiment's verdict (CPCV paths x seeds, :func:`verdict_from_experiment`)."""
 
     def failures(self, verdict: Verdict) -> list[str]:
         """Each failed condition as a sentence (empty: the gate passes); an unmeasured number fails its condition."""
@@ -104,6 +112,9 @@ class Gate:
             failed.append(f"median Sharpe {verdict.median_sharpe:.3f} is not above {self.min_sharpe}")
         if self.max_pbo is not None and not verdict.pbo < self.max_pbo:
             failed.append(f"PBO {verdict.pbo:.3f} is not below {self.max_pbo}")
+        if not self.allow_single_path and verdict.source.startswith(SINGLE_PATH_SOURCE):
+            failed.append("the verdict is one checkpoint's single test path: register it with --verdict <experiment "
+                          "folder> (CPCV paths x seeds)")
         return failed
 
 
@@ -168,5 +179,6 @@ def verdict_from_checkpoint(checkpoint: str | Path, range_name: str = "test", *,
     return Verdict(median_sharpe=float(comparison.agent.summary["sharpe"]),
                    dsr=float(probabilistic_sharpe_ratio(frame["agent"].to_numpy(), 0.0)), pbo=math.nan,
                    spa_p_value=float(spa.consistent), spa_reverse_p_value=float(spa.reverse["agent"].consistent),
-                   benchmark="buy_and_hold", source=f"checkpoint {Path(checkpoint).resolve()} on its {range_name} "
-                   "range against buy-and-hold (one path)")
+                   benchmark="buy_and_hold",
+                   source=f"{SINGLE_PATH_SOURCE}{Path(checkpoint).resolve()} on its {range_name} range against "
+                   "buy-and-hold (one path)")

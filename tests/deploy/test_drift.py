@@ -262,9 +262,10 @@ def test_ledger_sink_maps_every_field_and_memory_sink_keeps_alerts():
 
 
 def test_monitor_alerts_reach_the_paper_ledger(tmp_path):
-    """With the paper-trading ledger present (issue 21), a planted parity break lands in its alerts table."""
-    ledger_module = pytest.importorskip("sentio_lab.deploy.ledger", reason="the paper-trading ledger is not merged")
-    with ledger_module.Ledger(tmp_path / "paper.sqlite") as ledger:
+    """Into the paper-trading ledger (issue 21): a planted parity break lands in its alerts table."""
+    from sentio_lab.deploy.ledger import Ledger  # merged: a broken import must fail here, not skip
+
+    with Ledger(tmp_path / "paper.sqlite") as ledger:
         monitor = DriftMonitor(small_reference(), sink=LedgerAlertSink(ledger, "acct"))
         for t in range(5):
             monitor.update(t, time=pd.Timestamp("2020-01-01") + pd.Timedelta(days=t), equity=1.0,

@@ -342,3 +342,13 @@ def test_default_registry_location(monkeypatch, tmp_path):
     assert registry.default_registry_uri() == "http://localhost:5000"
     assert registry._local_dir("http://localhost:5000") == tmp_path / "runs" / "mlflow"
     shutil.rmtree(tmp_path / "runs", ignore_errors=True)
+
+
+def test_the_default_gate_refuses_a_single_path_verdict():
+    # review finding: a checkpoint's one test path (DSR = PSR(0), no PBO) must not make a champion by default
+    one_path = Verdict(median_sharpe=0.05, dsr=0.51, pbo=math.nan, spa_p_value=0.9, spa_reverse_p_value=0.4,
+                       benchmark="buy_and_hold", source="checkpoint /x/checkpoint.pt on its test range")
+    assert Gate().failures(one_path) == [
+        "the verdict is one checkpoint's single test path: register it with --verdict <experiment folder> "
+        "(CPCV paths x seeds)"]
+    assert Gate(allow_single_path=True).failures(one_path) == []
