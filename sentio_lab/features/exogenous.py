@@ -14,6 +14,7 @@ training bar from seeing a value about a test group's bars.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -133,3 +134,29 @@ def fit_zscore(train: np.ndarray) -> dict:
 def apply_zscore(values: np.ndarray, params: dict, clip: float) -> np.ndarray:
     """``(values - mean) / std`` with fitted ``params``, clipped to ``[-clip, clip]``."""
     return np.clip((values - np.asarray(params["mean"])) / np.asarray(params["std"]), -clip, clip)
+
+
+def released_fingerprints(specs: Sequence[str], through_ns: int) -> dict[str, str]:
+    """sha256 per series of every value released by ``through_ns`` (UTC nanoseconds): its dates, values and release
+    instants. The feature state records it at the last training bar's close, so a later run on a revised file --
+    a value the z-score was fitted on, changed -- is refused instead of silently mixing vintages; values released
+    after the fit may be appended or revised freely."""
+    fingerprints = {}
+    for series in load_all(specs):
+        keep = series.released_at.as_unit("ns").asi8 <= through_ns
+        digest = hashlib.sha256()
+        for part in (series.dates.as_unit("ns").asi8[keep], np.asarray(series.values, np.float64)[keep],
+                     series.released_at.as_unit("ns").asi8[keep]):
+            digest.update(np.ascontiguousarray(part).tobytes())
+        fingerprints[series.name] = digest.hexdigest()
+    return fingerprints
+
+
+def check_fingerprints(specs: Sequence[str], fitted: dict) -> None:
+    """Refuse, in one line, a series whose values released by the fit's last close differ from the fitted ones."""
+    now = released_fingerprints(specs, int(fitted["through_ns"]))
+    for name, digest in fitted["sha256"].items():
+        if now.get(name) != digest:
+            raise ValueError(f"exogenous series {name!r}: values released up to the model's last training bar "
+                             f"({pd.Timestamp(int(fitted['through_ns']))} UTC) differ from the ones its z-score was "
+                             "fitted on; restore that file (or its vintage) or retrain")

@@ -9,9 +9,17 @@ import numpy as np
 import pandas as pd
 
 from sentio_lab.data import infer_bar_freq
+from sentio_lab.data.exogenous import bar_close_times
 from sentio_lab.features import regime as _regime
 from sentio_lab.features.config import FeatureConfig
-from sentio_lab.features.exogenous import EXOGENOUS_BLOCK, apply_zscore, exogenous_block, fit_zscore
+from sentio_lab.features.exogenous import (
+    EXOGENOUS_BLOCK,
+    apply_zscore,
+    check_fingerprints,
+    exogenous_block,
+    fit_zscore,
+    released_fingerprints,
+)
 from sentio_lab.features.normalise import _apply_normaliser, _fit_normaliser, _prune
 from sentio_lab.features.raw import RawFeatures, _raw_features, _validated_frame
 from sentio_lab.features.registry import FEATURE_VERSION
@@ -199,6 +207,8 @@ def build_observation_features(
     if state is not None:
         _check_state(state, config)
         base_freq = pd.Timedelta(int(state["base_freq_ns"]), unit="ns")
+        if config.exogenous and (state.get("exogenous") or {}).get("fitted"):
+            check_fingerprints(config.exogenous, state["exogenous"]["fitted"])
     else:
         # Inferred from the training rows only, so other bars cannot move timeframe buckets.
         base_freq = _training_bar_freq(frame, rows)
@@ -226,6 +236,10 @@ def build_observation_features(
                 f"warm-up of {first_valid} bars; at least {MIN_TRAIN_ROWS} are needed"
             )
         state = _fit_state(raw, fit, config, base_freq)
+        if config.exogenous:  # what the z-score was fitted on: a revised file is refused later (check_fingerprints)
+            through = int(bar_close_times(frame.index[[int(np.flatnonzero(fit)[-1])]], base_freq)[0])
+            state["exogenous"]["fitted"] = {"through_ns": through,
+                                            "sha256": released_fingerprints(config.exogenous, through)}
         if config.regimes:
             model = _regime.fit_regime_model(
                 regime_inputs,

@@ -107,8 +107,11 @@ def test_a_change_after_t_never_moves_anything_up_to_t(frame, tmp_path):
         after = exogenous_block(changed_frame.index, changed_config.exogenous, DAY)
         np.testing.assert_array_equal(after.values[: t + 1], before.values[: t + 1])
         assert not np.array_equal(after.values[t + 1:], before.values[t + 1:], equal_nan=True)
+        # the fixed state applied to a rewritten future (its fingerprint of the fitted values is set aside: here
+        # the rewrite may reach into the fit range on purpose, which a real run refuses)
+        exo_state = {k: v for k, v in full.state["exogenous"].items() if k != "fitted"}
         state = {**full.state, "config": changed_config.fitted_fields(),
-                 "exogenous": {**full.state["exogenous"], "series": list(changed_config.exogenous)}}
+                 "exogenous": {**exo_state, "series": list(changed_config.exogenous)}}
         rebuilt = build_observation_features(changed_frame, 700, changed_config, state=state)
         np.testing.assert_array_equal(rebuilt.values[: t + 1], full.values[: t + 1])
         # control: a value released by bar t's close does move bar t
@@ -155,6 +158,13 @@ def test_zscore_is_fitted_on_training_rows_only_and_carried_in_the_state(frame, 
     refit = build_observation_features(frame, 700, config)
     assert refit.state == features.state
     assert not np.array_equal(refit.values, features.values)
+    # the fitted state still applies to the revised file (later values may change) ...
+    build_observation_features(frame, 700, config, state=features.state)
+    # ... but not once a value it was fitted on changed (review finding: silent vintage mixing)
+    table.loc[0, "value"] += 1.0
+    table.to_csv(path, index=False)
+    with pytest.raises(ValueError, match="values released up to the model's last training bar .* differ"):
+        build_observation_features(frame, 700, config, state=features.state)
     # "none" keeps raw values: no z-score is fitted
     raw_config = FeatureConfig(exogenous=("vix",), normalise="none")
     unscaled = build_observation_features(frame, 700, raw_config)
@@ -242,7 +252,11 @@ def test_a_cpcv_fold_is_blind_to_exogenous_values_about_its_test_groups(tmp_path
     rewritten = frame.copy()
     rewritten.loc[test, ["open", "high", "low", "close"]] *= 1.1
     changed = prepare_fold_market(to_market(rewritten, name="rewritten"), fold, feature_config=config)
-    assert changed.features.state == market.features.state
+
+    def fitted_part(state):  # the fingerprint records the file (values about test groups included); nothing reads it
+        return {**state, "exogenous": {k: v for k, v in state["exogenous"].items() if k != "fitted"}}
+
+    assert fitted_part(changed.features.state) == fitted_part(market.features.state)
     observed = np.concatenate([np.arange(lo - 8 + 1, hi + 24 + 1) for lo, hi in market.episode_sampler(8, 24).bounds])
     np.testing.assert_array_equal(changed.arrays.features[observed], market.arrays.features[observed])
     block = market.features.blocks[EXOGENOUS_BLOCK]
