@@ -120,6 +120,12 @@ class PortfolioMarket:
     data: PanelInfo
     features: FeatureInfo
 
+    @property
+    def splits(self) -> dict:
+        """Empty: the single-asset summaries (:func:`sentio_lab.evaluation.agent_report.training_summary`, printed
+        by the command line) find no range of theirs here and say so; the portfolio's ranges are :attr:`ranges`."""
+        return {}
+
     def range(self, name: str) -> tuple[int, int]:
         """``[start, stop)`` of the named range."""
         return self.ranges[name]

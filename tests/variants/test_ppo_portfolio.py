@@ -160,10 +160,10 @@ def test_refusals_name_the_flag(tiny, panel):
 
 
 def planted_panel(n_bars=260, seed=0):
-    """Asset R rises 0.5 % every bar (a little noise); F1, F2 are driftless random walks with 2 % daily noise."""
+    """Asset R rises 0.5 % every bar (a little noise); F1, F2 fall 0.2 % a bar with 0.5 % noise."""
     rng = np.random.default_rng(seed)
     index = pd.bdate_range("2021-01-01", periods=n_bars)
-    drifts = {"F1": (0.0, 0.02), "R": (0.005, 0.001), "F2": (0.0, 0.02)}  # the riser sits in the middle
+    drifts = {"F1": (-0.002, 0.005), "R": (0.005, 0.001), "F2": (-0.002, 0.005)}  # the riser sits in the middle
     frames = {}
     for name, (mu, sigma) in drifts.items():
         close = 100 * np.exp(np.cumsum(rng.normal(mu, sigma, n_bars)))
@@ -177,12 +177,15 @@ def mean_greedy_weights(agent, market, args):
     return agent.act_greedy(env.reset()).mean(0)
 
 
+@pytest.mark.slow
 def test_policy_learns_to_hold_the_asset_that_always_rises(tmp_path):
+    # a bandit in all but name (the reward of a weight is the next bar's return): a short horizon (gamma 0.5) keeps
+    # the advantages about the weights chosen now
     args = pp.Args.from_flat(
-        total_timesteps=16 * 32 * 12, num_envs=16, num_steps=32, num_minibatches=4, update_epochs=4, window=4,
+        total_timesteps=16 * 32 * 8, num_envs=16, num_steps=32, num_minibatches=4, update_epochs=8, window=4,
         episode_length=32, progress=False, run_dir=str(tmp_path), run_name="planted", checkpoint_every=0,
-        feature_cache_dir=None, d_model=16, ff_size=32, hidden_size=32, learning_rate=3e-3, fee_bps=0.0,
-        slippage_bps=0.0, train_fraction=0.8, validation_fraction=0.1, ent_coef=0.0,
+        feature_cache_dir=None, d_model=16, ff_size=32, hidden_size=32, learning_rate=1e-2, fee_bps=0.0,
+        slippage_bps=0.0, train_fraction=0.8, validation_fraction=0.1, ent_coef=0.0, gamma=0.5, gae_lambda=0.5,
     )
     market = pp.portfolio_market(planted_panel(), args)
     riser = market.arrays.assets.index("R")
@@ -193,16 +196,17 @@ def test_policy_learns_to_hold_the_asset_that_always_rises(tmp_path):
     after = mean_greedy_weights(result.agent, market, args)
     assert before[riser] == pytest.approx(0.25, abs=0.05)  # an untrained policy is near equal weight
     assert after[riser] > before[riser] + 0.15, (before, after)
-    assert after[riser] == after[:3].max()
+    assert after[riser] == after.max()
 
 
-def test_load_trained_restores_a_sp500_portfolio_agent(tmp_path):
+def test_load_trained_restores_a_sp500_portfolio_agent(tmp_path, capsys):
     result = pp.run_cli(pp.Args, pp.train, prog="x", argv=[
         "--total-timesteps", "32", "--num-envs", "4", "--num-steps", "8", "--num-minibatches", "1",
         "--update-epochs", "1", "--window", "4", "--episode-length", "16", "--no-progress", "--run-dir", str(tmp_path),
         "--run-name", "sp", "--checkpoint-every", "0", "--feature-cache-dir", "None", "--d-model", "8", "--ff-size",
         "8", "--hidden-size", "8", "--data-start", "2021-06-01"])
     assert result.args.d_model == 8 and result.finished
+    assert "validation summary: not available" in capsys.readouterr().out
     trained = load_trained(result.checkpoint_path)
     assert weights_equal(trained.agent, result.agent) and trained.market.arrays.num_assets == 20
     env = pp.make_env(trained.args, trained.market, "test")

@@ -68,7 +68,7 @@ class PortfolioActorCritic(nn.Module):
         return self.num_assets * self.token_dim + 1
 
     def split(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The flat observation ``(B, obs_dim)`` as asset tokens ``(B, A, token_dim)`` and the cash weight ``(B, 1)``."""
+        """The flat observation ``(B, obs_dim)``: asset tokens ``(B, A, token_dim)`` and the cash weight ``(B, 1)``."""
         if obs.shape[-1] != self.obs_dim:
             raise ValueError(f"observation width {obs.shape[-1]}; this network reads {self.num_assets} assets x "
                              f"{self.token_dim} + 1 = {self.obs_dim}")
