@@ -182,10 +182,11 @@ def test_policy_learns_to_hold_the_asset_that_always_rises(tmp_path):
     # a bandit in all but name (the reward of a weight is the next bar's return): a short horizon (gamma 0.5) keeps
     # the advantages about the weights chosen now
     args = pp.Args.from_flat(
-        total_timesteps=16 * 32 * 8, num_envs=16, num_steps=32, num_minibatches=4, update_epochs=8, window=4,
+        total_timesteps=16 * 32 * 12, num_envs=16, num_steps=32, num_minibatches=4, update_epochs=4, window=4,
         episode_length=32, progress=False, run_dir=str(tmp_path), run_name="planted", checkpoint_every=0,
-        feature_cache_dir=None, d_model=16, ff_size=32, hidden_size=32, learning_rate=1e-2, fee_bps=0.0,
+        feature_cache_dir=None, d_model=16, ff_size=32, hidden_size=32, learning_rate=3e-3, fee_bps=0.0,
         slippage_bps=0.0, train_fraction=0.8, validation_fraction=0.1, ent_coef=0.0, gamma=0.5, gae_lambda=0.5,
+        max_grad_norm=5.0, anneal_lr=False,
     )
     market = pp.portfolio_market(planted_panel(), args)
     riser = market.arrays.assets.index("R")
