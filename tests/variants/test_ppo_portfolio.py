@@ -37,10 +37,11 @@ def panel():
     return load_panel(synthetic_frames(3, n_bars=300))
 
 
-def test_registered_and_help_lists_its_arguments(capsys):
+def test_registered_and_help_lists_its_arguments(capsys, monkeypatch):
     assert load_variant("ppo_portfolio") is pp and VARIANTS["ppo_portfolio"] == "sentio_lab.ppo_portfolio"
+    monkeypatch.setattr("sys.argv", ["ppo_portfolio", "--help"])
     with pytest.raises(SystemExit):
-        pp.run_cli(pp.Args, pp.train, prog="ppo_portfolio", argv=["--help"])
+        pp.main()
     out = capsys.readouterr().out
     for flag in ("--d-model", "--n-heads", "--min-concentration", "--cross-sectional", "--resume", "--fee-bps"):
         assert flag in out
@@ -215,3 +216,5 @@ def test_load_trained_restores_a_sp500_portfolio_agent(tmp_path, capsys):
     assert weights.shape == (4, 21) and torch.allclose(weights.sum(-1), torch.ones(4))
     with pytest.raises(ValueError, match="its own panel"):
         load_trained(result.checkpoint_path, dataset="sp500")
+    with pytest.raises(ValueError, match="now has fingerprint"):
+        pp.restore_trained(trained.args, {**trained.bundle, "data_fingerprint": "other"})
