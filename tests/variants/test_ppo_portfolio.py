@@ -168,9 +168,11 @@ def planted_panel(n_bars=260, seed=0):
     frames = {}
     for name, (mu, sigma) in drifts.items():
         close = 100 * np.exp(np.cumsum(rng.normal(mu, sigma, n_bars)))
-        frames[name] = pd.DataFrame({"open": close, "high": close, "low": close, "close": close,
-                                     "volume": np.full(n_bars, 1e5)}, index=index)
-    return load_panel(frames)
+        # open = the previous close: weights decided at t fill at t's close price and earn all of bar t+1
+        open_ = np.r_[close[0], close[:-1]]
+        frames[name] = pd.DataFrame({"open": open_, "high": np.maximum(open_, close), "low": np.minimum(open_, close),
+                                     "close": close, "volume": np.full(n_bars, 1e5)}, index=index)
+    return load_panel(frames, stale_opens="allow")  # opens copy the previous close on purpose
 
 
 def mean_greedy_weights(agent, market, args):
