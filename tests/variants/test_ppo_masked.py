@@ -94,8 +94,8 @@ class _RecordingAgent(MLPActorCritic):
         super().__init__(*a, **k)
         self.rollout, self.first_update = [], None
 
-    def get_action_and_value(self, obs, action=None, mask=None):
-        out = super().get_action_and_value(obs, action, mask)
+    def get_action_and_value(self, obs, action=None, mask=None, mask_checked=False):
+        out = super().get_action_and_value(obs, action, mask, mask_checked)
         if action is None:
             self.rollout.append((obs.clone(), out[0].clone(), out[1].detach().clone(), mask.clone()))
         elif self.first_update is None:
