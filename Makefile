@@ -20,7 +20,7 @@ DEMO_OUT ?= reports/demo
 DEMO_TIMESTEPS ?= 200000
 
 .PHONY: install demo lab report test lint docs bench bench-features bench-evaluation bench-risk bench-costs bench-scaling bench-transformer \
-	capacity sweep-example golden clean
+	capacity sweep-example golden clean dashboard
 
 install: $(STAMP)
 
@@ -62,7 +62,7 @@ docs: $(STAMP)
 	$(BIN)/mkdocs build --strict
 
 test: $(STAMP) lint docs
-	$(BIN)/python -m pytest -q --cov=sentio_lab --cov-report=term-missing:skip-covered
+	$(BIN)/python -m pytest -q --durations=25 --cov=sentio_lab --cov-report=term-missing:skip-covered
 	$(BIN)/python -m pytest -q -p no:cacheprovider --nbval $(GOLDEN) --nbval-sanitize-with reports/golden/sanitize.cfg
 
 # The committed, executed CI-sized evaluation report that nbval re-executes (a moved number fails `make test`).
@@ -103,6 +103,13 @@ capacity: $(STAMP)
 
 sweep-example: $(STAMP)
 	$(BIN)/python -m sentio_lab.scale.sweep experiments/sweeps/sp500_fees.toml --workers 2
+
+# The paper-trading monitoring dashboard (Panel) on http://localhost:$(DASHBOARD_PORT); Ctrl-C stops it.
+LEDGER ?= runs/paper/ledger.sqlite
+ACCOUNT ?= paper
+DASHBOARD_PORT ?= 5006
+dashboard: $(STAMP)
+	$(BIN)/python -m sentio_lab.deploy.dashboard --ledger $(LEDGER) --account $(ACCOUNT) --port $(DASHBOARD_PORT)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .coverage runs .cache site

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from torch import nn, optim
+from torch import nn
 
 from sentio_lab.agents import training
 from sentio_lab.agents.arguments import Flat, RunArgs, SharedArgs
@@ -101,7 +101,8 @@ def make_env(args: Args, market: PreparedMarket, range_name: str = "train") -> T
 
 def build_agent(args: Args, obs_dim: int, num_actions: int) -> MLPActorCritic:
     """The actor-critic of this variant (ppo's; the masks act on its logits)."""
-    return MLPActorCritic(obs_dim, num_actions, hidden=args.ppo.hidden_size, norm_obs=args.ppo.norm_obs)
+    agent = MLPActorCritic(obs_dim, num_actions, hidden=args.ppo.hidden_size, norm_obs=args.ppo.norm_obs)
+    return training.init_towards_benchmark(agent, args)  # anchored: the untrained agent is the benchmark
 
 
 def train(args: Args, *, market: PreparedMarket | None = None, env: Any | None = None) -> TrainResult:
@@ -115,7 +116,7 @@ def train(args: Args, *, market: PreparedMarket | None = None, env: Any | None =
     run = start_run(VARIANT, args, market=market, env=env, market_for=market_for, make_env=make_env)
     args, env, device, hp = run.args, run.env, run.device, run.args.ppo
     agent = build_agent(args, env.obs_dim, env.num_actions).to(device)
-    optimizer = optim.Adam(agent.parameters(), lr=hp.learning_rate, eps=1e-5, fused=True)
+    optimizer = training.make_optimizer(agent, hp)  # Adam, AdamW with --weight-decay
     obs, actions, logprobs, rewards, dones, values = rollout_storage(hp.num_steps, hp.num_envs, env.obs_dim, device)
     # the valid actions of each stored decision: the update scores actions under the mask they were sampled with
     masks = torch.zeros((hp.num_steps, hp.num_envs, env.num_actions), dtype=torch.bool, device=device)

@@ -54,7 +54,7 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 import torch
-from torch import nn, optim
+from torch import nn
 
 from sentio_lab.agents import training
 from sentio_lab.agents.arguments import Flat, PPOArgs, RunArgs, SharedArgs
@@ -144,11 +144,12 @@ def make_env(args: Args, market: PreparedMarket, range_name: str = "train") -> T
 
 def build_agent(args: Args, obs_dim: int, num_actions: int) -> QuantileActorCritic:
     """The actor-critic of this variant (evaluation rebuilds it from a checkpoint's args)."""
-    return QuantileActorCritic(
+    agent = QuantileActorCritic(
         obs_dim, num_actions, hidden=args.ppo.hidden_size, norm_obs=args.ppo.norm_obs,
         num_quantiles=args.num_quantiles, risk=args.risk, cvar_alpha=args.cvar_alpha,
         cost_critic=args.cost_limit is not None,
     )
+    return training.init_towards_benchmark(agent, args)  # anchored: the untrained agent is the benchmark
 
 
 def history_path(checkpoint_path: Path) -> Path:
@@ -170,7 +171,7 @@ def train(args: Args, *, market: PreparedMarket | None = None, env: Any | None =
     args, env, device, hp = run.args, run.env, run.device, run.args.ppo
     constrained = args.cost_limit is not None
     agent = build_agent(args, env.obs_dim, env.num_actions).to(device)
-    optimizer = optim.Adam(agent.parameters(), lr=hp.learning_rate, eps=1e-5, fused=True)
+    optimizer = training.make_optimizer(agent, hp)  # Adam, AdamW with --weight-decay
     lagrangian = PIDLagrangian(args.cost_limit, args.pid_kp, args.pid_ki, args.pid_kd) if constrained else None
     kl_control = AdaptiveKL(args.kl_coef, args.kl_target) if args.kl_penalty else None
 

@@ -32,7 +32,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from torch import nn, optim
+from torch import nn
 
 from sentio_lab.agents import training
 from sentio_lab.agents.arguments import DataArgs, Flat, RunArgs, SharedArgs
@@ -49,6 +49,7 @@ from sentio_lab.agents.rollout import (
 )
 from sentio_lab.agents.training import TrainResult, resolve_device
 from sentio_lab.env import TradingEnv
+from sentio_lab.env.anchor import BENCHMARK_BLOCK
 from sentio_lab.env.market import PreparedMarket
 from sentio_lab.features.observation_layout import TokenBlock, observation_dim, observation_layout
 from sentio_lab.features.tokens import block_name, build_token_blocks, token_span, token_width
@@ -134,12 +135,15 @@ def observation_parts(args: Args, obs_dim: int) -> dict[str, slice]:
     what remains of ``obs_dim`` after the position and the token blocks, divided by the window)."""
     d = token_width()
     tokens = sum(k * d for k in args.token_counts)
-    features, rest = divmod(obs_dim - 1 - tokens, args.features.window)
+    anchored = args.env.anchor is not None  # the benchmark block (b_t, one value) after the token blocks
+    features, rest = divmod(obs_dim - 1 - tokens - int(anchored), args.features.window)
     if rest or features < 1:
         raise ValueError(f"obs_dim {obs_dim} does not fit window {args.features.window} + position + token blocks "
                          f"{dict(zip(args.token_timeframes, args.token_counts, strict=True))} of width {d}")
     shapes = [TokenBlock(block_name(rule), np.zeros((1, d), np.float32), np.zeros((1, k), np.int64))
               for rule, k in zip(args.token_timeframes, args.token_counts, strict=True)]
+    if anchored:  # part of the agent's state beside the position (not a stream)
+        shapes.append(TokenBlock(BENCHMARK_BLOCK, np.zeros((1, 1), np.float32), np.zeros((1, 1), np.int64)))
     layout = observation_layout(features, args.features.window, shapes)
     assert observation_dim(layout) == obs_dim
     return layout
@@ -150,11 +154,12 @@ def build_agent(args: Args, obs_dim: int, num_actions: int) -> MultiTimeframeAct
     layout = observation_parts(args, obs_dim)
     blocks = [(block_name(rule), k, token_width()) for rule, k in zip(args.token_timeframes, args.token_counts,
                                                                       strict=True)]
-    return MultiTimeframeActorCritic(
+    agent = MultiTimeframeActorCritic(
         layout, streams_for(layout, args.features.window, blocks), num_actions, d_model=args.d_model,
         heads=args.n_heads, layers=args.n_layers, ff=args.ff_size, fusion=args.fusion, hidden=args.ppo.hidden_size,
         norm_obs=args.ppo.norm_obs,
     )
+    return training.init_towards_benchmark(agent, args)  # anchored: the untrained agent is the benchmark
 
 
 def train(args: Args, *, market: PreparedMarket | None = None, env: Any | None = None) -> TrainResult:
@@ -170,7 +175,7 @@ def train(args: Args, *, market: PreparedMarket | None = None, env: Any | None =
     agent = build_agent(args, env.obs_dim, env.num_actions).to(device)
     if args.compile:
         agent.set_compile(True, backend=args.compile_backend)
-    optimizer = optim.Adam(agent.parameters(), lr=hp.learning_rate, eps=1e-5, fused=True)
+    optimizer = training.make_optimizer(agent, hp)  # Adam, AdamW with --weight-decay
     # Mixed precision: autocast runs the trunk's matmuls in bf16 / fp16; parameters and Adam stay fp32. fp16 has
     # too few exponent bits for small gradients, hence the scaler (a no-op object unless amp is "fp16").
     amp_dtype = AMP_DTYPES[args.amp]

@@ -13,6 +13,10 @@ the same way around it lives here once:
   good checkpoint as it was;
 * :meth:`TrainingRun.log`, :meth:`TrainingRun.stop_or_checkpoint`, :meth:`TrainingRun.finish` -- W&B and the
   progress bar, the wall-clock / iteration budgets and periodic checkpoints, the final save;
+* checkpoint selection (``--select-on``, :mod:`sentio_lab.agents.selection`): :meth:`TrainingRun.stop_or_checkpoint`
+  scores the greedy agent on the validation range (:func:`validation_scores`) when due, keeps the best state and
+  stops when patience runs out; the state travels in every checkpoint, and :meth:`TrainingRun.finish` hands back
+  the selected agent;
 * :func:`run_cli` -- the ``main()`` of every variant: parse with tyro, train, print one line per error.
 """
 
@@ -32,9 +36,11 @@ import tyro
 from sentio_lab.agents.checkpoint import CheckpointError, capture_rng, load_checkpoint, restore_rng, save_checkpoint
 from sentio_lab.agents.progress import tqdm  # text bar under papermill (set_progress_mode)
 from sentio_lab.agents.rollout import NonFiniteError, describe_non_finite
+from sentio_lab.agents.selection import Selection, selection_from
 from sentio_lab.agents.tracking import Tracker
 from sentio_lab.agents.training import (
     TrainResult,
+    cost_model_from,
     derive_sizes,
     progress_postfix,
     resolve_device,
@@ -42,8 +48,11 @@ from sentio_lab.agents.training import (
     resume_device,
     seed_everything,
 )
+from sentio_lab.agents.variants import action_masking, env_options
 from sentio_lab.env.market import PreparedMarket
 from sentio_lab.evaluation import agent_report
+from sentio_lab.evaluation.episodes import evaluate_policy
+from sentio_lab.evaluation.metrics import sharpe_ratio
 from sentio_lab.evaluation.run_summary import log_run_outcome
 from sentio_lab.features.regime import RegimeFitError
 from sentio_lab.scale import distributed
@@ -87,6 +96,10 @@ class TrainingRun:
     start_step: int = 0
     elapsed: float = 0.0
     invocation_iterations: int = 0
+    selection: Selection | None = None
+    """checkpoint selection on validation (``--select-on``); None when off"""
+    agent: Any = None
+    """the agent being trained (set by :meth:`restore`): what selection scores and keeps"""
 
     @property
     def local_batch(self) -> int:
@@ -106,7 +119,8 @@ class TrainingRun:
         """With ``anneal_lr``, set the learning rate of ``iteration`` (linear from ``learning_rate`` to 0)."""
         ppo = self.args.ppo
         if ppo.anneal_lr:
-            optimizer.param_groups[0]["lr"] = (1.0 - (iteration - 1.0) / ppo.num_iterations) * ppo.learning_rate
+            for group in optimizer.param_groups:  # AdamW (--weight-decay) has a group without decay
+                group["lr"] = (1.0 - (iteration - 1.0) / ppo.num_iterations) * ppo.learning_rate
 
     def minibatches(self) -> Iterator[tuple[int, torch.Tensor]]:
         """One epoch's ``(minibatch number, sample indices)``: a fresh permutation of this rank's batch, cut into
@@ -154,6 +168,7 @@ class TrainingRun:
         step counter with fresh, seeded episodes on every rank.
         """
         bundle, device = self.bundle, self.device
+        self.agent = agent
         state = LoopState(next_obs=torch.zeros(0), next_done=torch.zeros(self.n_envs, device=device),
                           episode_return=torch.zeros(self.n_envs, dtype=torch.float64, device=device))
         if bundle is None or self.fresh_envs:
@@ -162,6 +177,10 @@ class TrainingRun:
             agent.load_state_dict(bundle["agent"])
             optimizer.load_state_dict(bundle["optimizer"])
             state.global_step, state.start_iteration = bundle["global_step"], bundle["iteration"] + 1
+            if self.selection is not None and bundle.get("selection") is not None:
+                self.selection.load_state_dict(bundle["selection"])
+                if self.selection.stopped:  # patience ran out: the run is over, a resume trains no further
+                    state.start_iteration = self.args.ppo.num_iterations + 1
         if bundle is not None and not self.fresh_envs:
             env_state = bundle["env_state"]
             if self.device_changed:
@@ -214,6 +233,7 @@ class TrainingRun:
             "data_fingerprint": market.data.fingerprint,
             "data_name": market.data.name,
             "data_quality": None if market.data.quality is None else market.data.quality.to_dict(),
+            **({"selection": self.selection.state_dict()} if self.selection is not None else {}),
             "extra": {"next_done": state.next_done.cpu(), "episode_return": state.episode_return.cpu(),
                       "recent_returns": list(state.recent_returns), "device": self.device.type,
                       **(extra or {}), **({"world_size": self.ctx.world_size} if self.ctx.enabled else {})},
@@ -264,6 +284,9 @@ class TrainingRun:
         save every ``checkpoint_every`` iterations (the last iteration is saved by :meth:`finish`)."""
         run = self.args.run
         self.invocation_iterations += 1
+        if self.selection is not None and self.selection.due(iteration, self.args.ppo.num_iterations):
+            if self.select(iteration):
+                return True
         out_of_time = run.time_budget_s is not None and self.elapsed >= run.time_budget_s
         out_of_time = distributed.any_rank(out_of_time, self.ctx, self.device)  # rank clocks differ
         out_of_iterations = run.max_iterations is not None and self.invocation_iterations >= run.max_iterations
@@ -273,6 +296,19 @@ class TrainingRun:
             save(iteration)
         return False
 
+    def select(self, iteration: int) -> bool:
+        """Score the agent of ``iteration`` on validation and update the selection (logged as ``selection/*``,
+        beside the iteration's record); True when patience has run out."""
+        selection = self.selection
+        scores = validation_scores(self.agent, self.args, self.market)
+        stop = selection.update(iteration, scores, self.agent)
+        scalars = {**{f"selection/{name}": value for name, value in scores.items()},
+                   "selection/best_iteration": float(selection.best_iteration or 0)}
+        if self.history:
+            self.history[-1].update(scalars)
+            self.tracker.log(scalars, step=int(self.history[-1]["global_step"]))
+        return stop
+
     def finish(self, iteration: int, save: Callable[[int], Path | None], agent: torch.nn.Module, state: LoopState,
                result_type: type[TrainResult] = TrainResult, **result_items: Any) -> TrainResult:
         """Close the bar, save the last iteration, close W&B; the :class:`~sentio_lab.agents.training.TrainResult`."""
@@ -280,12 +316,17 @@ class TrainingRun:
         # a resumed run with nothing left to do (finished) leaves its checkpoint file untouched and logs no outcome
         ran = iteration >= state.start_iteration
         saved_path = save(iteration) if ran else Path(self.args.run.resume)
+        selection = self.selection
+        if selection is not None and selection.best_state is not None:  # the selected agent is the result
+            agent.load_state_dict(selection.best_state)
+            result_items.setdefault("selection", selection.summary())
         if ran:  # evaluation summary, report and checkpoint to W&B
             log_run_outcome(self.tracker, agent, self.args, self.market, saved_path)
         self.tracker.finish()
         return result_type(
             agent=agent, args=self.args, checkpoint_path=saved_path, global_step=state.global_step,
-            finished=iteration >= self.args.ppo.num_iterations, history=self.history, market=self.market,
+            finished=iteration >= self.args.ppo.num_iterations or (selection is not None and selection.stopped),
+            history=self.history, market=self.market,
             **result_items,
         )
 
@@ -338,12 +379,39 @@ def start_run(
             env = make_env(args, market)
     if bundle is not None and market is not None and bundle["data_fingerprint"] != market.data.fingerprint:
         raise CheckpointError(f"--resume {args.run.resume}: the checkpoint was trained on other data")
+    selection = selection_from(args.run)
+    if selection is not None and (market is None or "validation" not in market.splits
+                                  or len(range(*market.range("validation"))) < 2):
+        raise ValueError(f"--select-on {args.run.select_on} needs a validation range: give --validation-fraction > 0 "
+                         "(on a fold, the experiment's validation_bars), or --select-on none")
     checkpoint_path = None
     if market is not None:
         checkpoint_path = Path(args.run.checkpoint_path or Path(args.run.run_dir) / args.run.run_name / "checkpoint.pt")
     return TrainingRun(variant=variant, args=args, device=device, ctx=ctx, n_envs=n_envs, env=env, market=market,
                        bundle=bundle, checkpoint_path=checkpoint_path, fresh_envs=fresh_envs,
-                       device_changed=device_changed)
+                       device_changed=device_changed, selection=selection)
+
+
+def validation_scores(agent: torch.nn.Module, args: Any, market: PreparedMarket) -> dict[str, float]:
+    """Every criterion of :data:`sentio_lab.agents.selection.CRITERIA` for the greedy ``agent`` over ``market``'s
+    validation range, net of the run's costs, under its masks and observation options (the evaluation code of
+    every report). The random generators are left exactly as they were, so scoring never changes the training
+    that follows (a run with selection trains the same weights as one without)."""
+    rng = capture_rng()
+    was_training = agent.training
+    agent.eval()  # greedy, no dropout
+    try:
+        evaluation = evaluate_policy(agent, market, window=args.features.window, positions=tuple(args.env.positions),
+                                     costs=cost_model_from(args), range_name="validation", **action_masking(args),
+                                     env_options=env_options(args, market))
+    finally:
+        agent.train(was_training)
+        restore_rng(rng)
+    equity = evaluation.equity.to_numpy(dtype=np.float64)
+    returns = equity[1:] / equity[:-1] - 1.0
+    sharpe = sharpe_ratio(returns) if len(returns) >= 2 else float("nan")
+    return {"validation_sharpe": 0.0 if np.isnan(sharpe) else sharpe,  # an agent that never moves scores 0
+            "validation_log_return": float(np.log(equity[-1] / equity[0]))}
 
 
 def rollout_storage(num_steps: int, n_envs: int, obs_dim: int, device: torch.device) -> tuple[torch.Tensor, ...]:

@@ -19,7 +19,7 @@ import sentio_lab
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = ("index", "training", "evaluation", "masks", "risk", "transformer", "costs", "scaling", "deployment",
-         "data", "choices", "benchmarks")
+         "data", "choices", "benchmarks", "portfolio")
 README_MAX_LINES = 200
 
 

@@ -22,6 +22,8 @@ from typing import Any, Literal, TypeVar
 
 import tyro
 
+from sentio_lab.env.anchor import DEFAULT_TILTS
+
 #: Annotation for a shared group: its flags carry no ``group.`` prefix (``--fee-bps``, not ``--env.fee-bps``).
 Flat = tyro.conf.OmitArgPrefixes
 
@@ -55,9 +57,10 @@ class DataArgs:
 class FeatureArgs:
     """Features: what the observation is built from."""
 
-    feature_bank: Literal["basic", "talib", "close"] = "basic"
-    """feature bank: "basic" (fast returns / volatility / range set), "talib" (150+ TA-Lib indicators) or "close"
-    (log returns and realised volatility from closes only, for close-only data)"""
+    feature_bank: Literal["basic", "talib", "close", "slow"] = "basic"
+    """feature bank: "basic" (fast returns / volatility / range set), "talib" (150+ TA-Lib indicators), "close"
+    (log returns and realised volatility from closes only, for close-only data) or "slow" (six regime-normalised
+    multi-horizon features from closes: fewer inputs to memorise with; sentio_lab.features.slow)"""
     timeframes: tuple[str, ...] = ()
     """extra higher timeframes whose features join the observation, e.g. 4h 1D (pandas offset aliases)"""
     regimes: int = 0
@@ -74,6 +77,11 @@ class FeatureArgs:
     """Parquet cache of computed features (keyed by data fingerprint and config); None = no cache"""
     window: int = 32
     """bars of feature history in each observation"""
+    exogenous: tuple[str, ...] = ()
+    """point-in-time alternative data joined to the observation (level and change, z-scored on the training
+    range), e.g. vix credit_spread (or vix,credit_spread): bundled vix, wti, core_cpi, aaa, baa, credit_spread,
+    ff_mkt_rf, ff_smb, ff_hml, ff_rf, or a CSV file.csv (date,value,released_at) / file.csv@1D (a lag); each value
+    is seen from the first bar closing after its release (docs/data.md)"""
 
 
 @dataclass
@@ -109,6 +117,19 @@ class EnvArgs:
     """steps per training episode (random windows inside the training range)"""
     reward_scale: float = 100.0
     """multiplier on the log-return reward (log returns of daily bars are ~1e-2)"""
+    anchor: Literal["buy_and_hold", "sma_crossover", "momentum", "vol_target"] | None = None
+    """benchmark the actions tilt around (sentio_lab.env.anchor): target = clip(benchmark weight + tilt, position
+    range); None = actions are the position levels. The untrained agent's greedy action is the zero tilt"""
+    tilts: tuple[float, ...] = DEFAULT_TILTS
+    """with --anchor: the offsets the actions choose from (fractions of equity; must include 0)"""
+    excess_reward: bool = False
+    """with --anchor: reward the log return in excess of the benchmark's own (its shadow account pays the same costs)"""
+    deviation_penalty: float = 0.0
+    """with --anchor: c in reward -= c * (target - benchmark weight)^2 (L2 on the tilt taken)"""
+    no_trade_band: float = 0.0
+    """with --anchor: a target within this distance of the weight held does not trade"""
+    zero_tilt_prob: float = 0.5
+    """with --anchor: the untrained policy's probability of the zero tilt (its greedy action whatever the value)"""
 
 
 @dataclass
@@ -119,6 +140,9 @@ class PPOArgs:
     """total env steps of the whole run; with --resume, a larger value continues the run (finished or not) to it"""
     learning_rate: float = 2.5e-4
     """Adam learning rate"""
+    weight_decay: float = 0.0
+    """decoupled weight decay (AdamW) on the weight matrices (not biases, norms or embeddings' 1-d gains); 0 = plain
+    Adam, bit for bit the optimizer of runs before this flag (sentio_lab.agents.training.make_optimizer)"""
     num_envs: int = 64
     """parallel episodes stepped together"""
     num_steps: int = 128
@@ -193,6 +217,13 @@ class RunArgs:
     error naming it (arguments left at their defaults are taken from the checkpoint)"""
     debug: bool = False
     """show the full traceback of an error (by default a data or argument error prints one line)"""
+    select_on: Literal["none", "validation_sharpe", "validation_log_return"] = "none"
+    """checkpoint selection on the validation range by this declared criterion (greedy, net of costs): the best
+    agent state is kept and is the run's result; "none" = the last weights (sentio_lab.agents.selection)"""
+    eval_every: int = 10
+    """with --select-on: score the agent on validation every this many iterations (and after the last one)"""
+    patience: int | None = None
+    """with --select-on: stop after this many evaluations without a better score; None = train to the end"""
 
 
 @dataclass

@@ -22,7 +22,10 @@ from torch import nn
 
 from sentio_lab.agents.arguments import RUN_CONTROL_FIELDS
 from sentio_lab.agents.checkpoint import CheckpointError
+from sentio_lab.agents.nets import favour_action
 from sentio_lab.env import TradingEnv
+from sentio_lab.env.anchor import AnchorConfig, check_tilts
+from sentio_lab.env.benchmarks import anchor_config, benchmark_span
 from sentio_lab.env.costs import CostModel
 from sentio_lab.env.market import PreparedMarket, prepare_market
 from sentio_lab.features import FeatureConfig
@@ -43,6 +46,9 @@ class TrainResult:
     """True when total_timesteps were reached (False after a budget / iteration stop)."""
     history: list[dict[str, float]] = field(default_factory=list)
     market: PreparedMarket | None = None
+    selection: dict[str, Any] | None = None
+    """with ``--select-on``: :meth:`sentio_lab.agents.selection.Selection.summary` (criterion, selected iteration,
+    best score, early stop, history); ``agent`` is then the selected state, not the last one"""
 
 
 #: The cost-model arguments every variant's ``Args`` carries (the fields of :class:`~sentio_lab.env.costs.CostModel`).
@@ -62,6 +68,7 @@ def feature_config_from(args: Any) -> FeatureConfig:
         bank=features.feature_bank, timeframes=tuple(features.timeframes), regimes=features.regimes,
         regime_restarts=features.regime_restarts, normalise=features.normalise, prune_corr=features.prune_corr,
         cache_dir=features.feature_cache_dir, seed=features.feature_seed,
+        exogenous=tuple(features.exogenous),
     )
 
 
@@ -74,6 +81,52 @@ def market_from(args: Any, feature_state: dict | None = None) -> PreparedMarket:
         start=data.data_start, end=data.data_end, stale_opens=data.stale_opens, fill_price=data.fill_price,
         window=args.features.window, episode_length=args.env.episode_length,  # refuses a market too short to train on
     )
+
+
+def anchor_from(args: Any, market: PreparedMarket) -> AnchorConfig | None:
+    """The :class:`~sentio_lab.env.anchor.AnchorConfig` a variant's ``--anchor`` flags ask for on ``market`` (None
+    without ``--anchor``): the benchmark's weights on this market (on a fold market, ``vol_target`` scaled by the
+    fold's training segments only) and the options. The training env and evaluation (:func:`anchor_options`) both
+    build it here, so both trade the same benchmark. An anchor option given without ``--anchor`` is an error."""
+    env = args.env
+    if env.anchor is None:
+        given = [flag for flag, value, default in (
+            ("--excess-reward", env.excess_reward, False), ("--deviation-penalty", env.deviation_penalty, 0.0),
+            ("--no-trade-band", env.no_trade_band, 0.0)) if value != default]
+        if given:
+            raise ValueError(f"{', '.join(given)} only act with --anchor (a benchmark to tilt around); add --anchor "
+                             "buy_and_hold (or another baseline) or drop them")
+        return None
+    if not 0.0 < env.zero_tilt_prob < 1.0:
+        raise ValueError(f"--zero-tilt-prob {env.zero_tilt_prob}: must be in (0, 1)")
+    return anchor_config(env.anchor, market, tilts=tuple(env.tilts), excess_reward=env.excess_reward,
+                         deviation_penalty=env.deviation_penalty, no_trade_band=env.no_trade_band)
+
+
+def anchor_options(args: Any, market: PreparedMarket) -> dict[str, Any]:
+    """``{"anchor": config}`` for an anchored run's env keywords, ``{}`` otherwise (:func:`anchor_from`)."""
+    anchor = anchor_from(args, market)
+    return {} if anchor is None else {"anchor": anchor}
+
+
+def anchor_span(args: Any, market: PreparedMarket) -> int:
+    """Bars before bar ``t`` that an anchored run's benchmark weight at ``t`` reads on ``market`` (0 unanchored):
+    the CPCV purge / embargo must cover it (:func:`sentio_lab.env.benchmarks.benchmark_span`)."""
+    return 0 if args.env.anchor is None else benchmark_span(args.env.anchor, market)
+
+
+def num_actions(args: Any) -> int:
+    """Actions of a variant's policy: one per tilt when anchored, one per position level otherwise."""
+    return len(args.env.tilts) if args.env.anchor is not None else len(args.env.positions)
+
+
+def init_towards_benchmark(agent: nn.Module, args: Any) -> nn.Module:
+    """An anchored run's fresh agent starts as its benchmark: the actor's last layer is biased towards the zero tilt
+    (:func:`sentio_lab.agents.nets.favour_action`), so the greedy action is the zero tilt for every observation and
+    the sampled one has probability about ``--zero-tilt-prob``. Unanchored agents are returned untouched."""
+    if args.env.anchor is not None:
+        favour_action(agent.actor[-1], check_tilts(args.env.tilts).index(0.0), args.env.zero_tilt_prob)
+    return agent
 
 
 def training_env(args: Any, market: PreparedMarket, range_name: str = "train", **env_kwargs: Any) -> TradingEnv:
@@ -92,8 +145,28 @@ def training_env(args: Any, market: PreparedMarket, range_name: str = "train", *
     return TradingEnv(
         market.arrays, num_envs=args.ppo.num_envs, window=window, episode_length=episode_length,
         start=start, stop=stop, positions=args.env.positions, costs=cost_model_from(args),
-        device=resolve_device(args.run.device), seed=args.run.seed, start_sampler=sampler, **env_kwargs,
+        device=resolve_device(args.run.device), seed=args.run.seed, start_sampler=sampler,
+        **anchor_options(args, market), **env_kwargs,
     )
+
+
+def make_optimizer(agent: nn.Module, ppo: Any) -> torch.optim.Optimizer:
+    """The optimizer of every variant: Adam (eps 1e-5, as CleanRL), or with ``ppo.weight_decay > 0`` AdamW.
+
+    AdamW's decay is decoupled from the gradient (``w <- w - lr * decay * w`` beside the Adam step), so it shrinks
+    weights whatever the loss scale; it applies to parameters of two or more dimensions (weight matrices, the
+    transformer's token projections), not to biases and layer-norm gains, whose pull to zero only distorts. A decay
+    of 0 builds exactly the former ``Adam(agent.parameters(), ...)``: one parameter group, bit-identical results.
+    """
+    if ppo.weight_decay < 0:
+        raise ValueError(f"--weight-decay {ppo.weight_decay}: must be >= 0")
+    if ppo.weight_decay == 0:
+        # fused: one kernel for all parameters instead of ~10 small ops per tensor (measured ~3x faster step)
+        return torch.optim.Adam(agent.parameters(), lr=ppo.learning_rate, eps=1e-5, fused=True)
+    params = list(agent.parameters())
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": ppo.weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=ppo.learning_rate, eps=1e-5, fused=True)
 
 
 def resolve_device(name: str) -> torch.device:

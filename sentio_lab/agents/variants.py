@@ -25,6 +25,8 @@ import tyro
 from torch import nn
 
 from sentio_lab.agents.checkpoint import load_checkpoint
+from sentio_lab.agents.selection import selected_weights
+from sentio_lab.agents.training import anchor_options, num_actions
 from sentio_lab.env.market import PreparedMarket, prepare_market
 from sentio_lab.features.observation_layout import observation_dim, observation_layout
 
@@ -59,7 +61,9 @@ class TrainedAgent:
 
 
 def load_trained(path: str | Path, *, dataset: str | Path | None = None) -> TrainedAgent:
-    """Rebuild agent and market from a checkpoint; features reuse the saved training statistics.
+    """Rebuild agent and market from a checkpoint; features reuse the saved training statistics. The agent has the
+    weights the run stands for: the selected state when it selected on validation
+    (:func:`sentio_lab.agents.selection.selected_weights`), else the last.
 
     With ``dataset`` the model is applied to other data (e.g. a later file of the same market), loaded whole
     with the default stale-open policy; otherwise the checkpoint's own dataset is reloaded over the same bar
@@ -87,8 +91,8 @@ def load_trained(path: str | Path, *, dataset: str | Path | None = None) -> Trai
             f"{path}: dataset {data.dataset!r} now has fingerprint {market.data.fingerprint}, "
             f"the model was trained on {bundle['data_fingerprint']}"
         )
-    agent = variant.build_agent(args, agent_obs_dim(args, market), len(args.env.positions))
-    agent.load_state_dict(bundle["agent"])
+    agent = variant.build_agent(args, agent_obs_dim(args, market), num_actions(args))
+    agent.load_state_dict(selected_weights(bundle))  # the run's selected state under --select-on
     agent.eval()
     return TrainedAgent(agent=agent, args=args, market=market, bundle=bundle)
 
@@ -117,10 +121,12 @@ def action_masking(args: Any) -> dict[str, Any]:
 
 def env_options(args: Any, market: PreparedMarket) -> dict[str, Any]:
     """Extra :class:`~sentio_lab.env.TradingEnv` keywords the agent's observation needs on ``market`` (module
-    doc): the variant's own ``env_options(args, market)`` when the module defining ``type(args)`` has one, else
-    ``{}`` (``ppo``, ``ppo_masked``)."""
+    doc): the variant's own ``env_options(args, market)`` when the module defining ``type(args)`` has one (``ppo``
+    and ``ppo_masked`` have none), and the anchor of ``--anchor`` (:func:`sentio_lab.agents.training.anchor_options`,
+    the one the training env is built with)."""
     hook = getattr(sys.modules.get(type(args).__module__), "env_options", None)
-    return {} if hook is None else dict(hook(args, market))
+    options = {} if hook is None else dict(hook(args, market))
+    return {**options, **anchor_options(args, market)}
 
 
 def agent_obs_dim(args: Any, market: PreparedMarket) -> int:

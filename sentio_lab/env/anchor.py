@@ -5,9 +5,8 @@ read action ``a`` as the offset ``tilts[a]`` and trade towards
 
     target_t = clip(b_t + tilts[a], lo, hi)
 
-with ``b_t`` the benchmark's weight decided at bar ``t`` (a function of bars ``<= t``: a baseline of
-:mod:`sentio_lab.evaluation.baselines`, computed once per market by
-:func:`sentio_lab.evaluation.baselines.benchmark_weights`) and
+with ``b_t`` the benchmark's weight decided at bar ``t`` (a function of bars ``<= t``: a rule of
+:mod:`sentio_lab.env.benchmarks`, computed once per market by :func:`sentio_lab.env.benchmarks.benchmark_weights`) and
 ``[lo, hi]`` the ``limits`` (default: the lowest and highest level of the env's position set). The fills, costs,
 borrow and marks are the env's own, unchanged. The zero offset must be one of the tilts: an agent that always
 chooses it *is* the benchmark, bit for bit (the same target weights, the same trades, the same equity), which is
@@ -19,15 +18,29 @@ Options (each off at its default):
   held weight stays. Band 0 trades on any change, as the unanchored env does on a level change.
 * ``excess_reward``: the reward is the agent's log return minus the benchmark's own log return over the same bar.
   The benchmark runs as a shadow account beside the agent's in every episode (same start, same fills and cost
-  model, no band), so its trades pay the same costs; ``info["benchmark_equity"]`` is its equity.
+  model, no band), so its trades pay the same costs; ``info["benchmark_equity"]`` is its equity. A shadow account
+  whose mark falls to the equity floor (1e-12; leverage beyond the benchmark's own, or a short held through a
+  rally, can take it below 0) is ruined: from that bar it is flat at the floor and trades nothing more, so its log
+  return is finite once (a large negative one) and 0 after; the agent's own episode goes on.
 * ``deviation_penalty``: ``c`` in ``reward -= c * (target_t - b_t)^2``, the L2 penalty on the tilt actually taken
   (after clipping to the limits, before the band).
+
+Level-valued or not: the benchmark's weight is traded as it is (clipped to the limits), not rounded to a position
+level, so the zero tilt reproduces the *baseline policy* of :mod:`sentio_lab.evaluation.baselines` (which rounds)
+only for rules whose weights are levels (``buy_and_hold``, ``sma_crossover``, ``momentum`` on a set holding -1, 0, 1;
+:func:`sentio_lab.env.benchmarks.on_levels`). For ``vol_target`` the anchored benchmark is the unrounded rule:
+:func:`sentio_lab.evaluation.baselines.evaluate_anchor_benchmark` evaluates it, and the zero tilt is that, bit for bit.
+
+The variants take all of this from the shared flags (``--anchor``, ``--tilts``, ``--excess-reward``,
+``--deviation-penalty``, ``--no-trade-band``; :func:`sentio_lab.agents.training.anchor_from` builds the config for
+the training and the evaluation env alike) and start as the benchmark: the actor's last layer is biased so that the
+zero tilt is the greedy action for every observation (:func:`sentio_lab.agents.nets.favour_action`).
 
 The observation gains one block, ``"benchmark"`` (:meth:`AnchorConfig.token_block`): ``b_t`` at bar ``t``, so the
 agent knows where it is anchored; the position slot shows the weight held. Episodes start flat, like every episode.
 
 Masks (:mod:`sentio_lab.env.masks`) index fixed position levels; an anchored env's weights move with ``b_t``, so the
-two do not combine yet: an env built with both raises.
+two do not combine yet: an env built with both raises (``ppo_masked --anchor`` is refused with that one line).
 """
 
 from __future__ import annotations
@@ -74,7 +87,7 @@ class AnchorConfig:
     no_trade_band: float = 0.0
     """A target within this distance of the weight held does not trade (``>= 0``)."""
     name: str = "benchmark"
-    """The benchmark's name (a :data:`sentio_lab.evaluation.baselines.BASELINES` key), for reports."""
+    """The benchmark's name (a :data:`sentio_lab.env.benchmarks.BASELINES` key), for reports."""
 
     def __post_init__(self) -> None:
         """Check the series, the tilts, the limits and the option values once."""

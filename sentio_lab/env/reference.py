@@ -209,6 +209,9 @@ class NumpyTradingEnv(gym.Env):
             borrowed = before if self.market.fill_price == "next_close" else shares
             cash -= float(borrow_cost(borrowed, close, self._borrow_years[self.t + 1], self.costs))
         equity = cash + shares * close
-        log_return = float(np.log(max(equity, _MIN_EQUITY) / account["equity"]))
+        if account["equity"] <= _MIN_EQUITY or equity <= _MIN_EQUITY:  # ruined: flat at the floor from now on
+            cash, shares, target, equity = _MIN_EQUITY, 0.0, 0.0, _MIN_EQUITY
+            account["pending"] = False
+        log_return = float(np.log(equity / account["equity"]))
         account.update(cash=cash, shares=shares, held=target, equity=equity)
         return log_return

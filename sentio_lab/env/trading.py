@@ -415,13 +415,20 @@ class TradingEnv:
         target, trade = benchmark_targets(b_t, self.bench_held, lo, hi)
         cash, shares, equity, fill = self._account_step(self.bench_cash, self.bench_shares, target, trade,
                                                         self.bench_pending)
+        # Ruin of the shadow account (leverage, or a short held through a rally, can take it to <= 0): from the bar
+        # its mark falls to the floor it is flat at the floor and trades nothing more (sentio_lab.env.anchor).
+        # (No host sync: torch.where on every step.)
+        ruined = (self.bench_equity <= _MIN_EQUITY) | (equity <= _MIN_EQUITY)
+        floor = torch.full_like(equity, _MIN_EQUITY)
+        cash, equity = torch.where(ruined, floor, cash), torch.where(ruined, floor, equity)
+        shares, target = torch.where(ruined, 0.0, shares), torch.where(ruined, 0.0, target)
         if self.anchor.excess_reward:
-            reward = reward - torch.log(equity.clamp_min(_MIN_EQUITY) / self.bench_equity)
+            reward = reward - torch.log(equity / self.bench_equity)
         if self.anchor.deviation_penalty:
             reward = reward - self.anchor.deviation_penalty * deviation.square()
         self.bench_cash, self.bench_shares, self.bench_held, self.bench_equity = cash, shares, target, equity
         if self._carry:
-            self.bench_pending = fill.capped
+            self.bench_pending = fill.capped & ~ruined
         return reward
 
     def _reset_anchor(self, done: torch.Tensor) -> None:

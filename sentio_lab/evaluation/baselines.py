@@ -13,7 +13,7 @@ Causality: the desired weight at bar ``t`` is a function of closes ``<= t`` (and
 filled at the next open like any action. Until a signal is defined (too little history) the baseline is flat,
 and :attr:`WeightPolicy.first_defined` says from which bar it is not.
 
-The baselines:
+The baselines (their weight rules are :mod:`sentio_lab.env.benchmarks`, re-exported here):
 
 * ``buy_and_hold``: weight 1.
 * ``sma_crossover``: long-flat, 1 while the 50-bar mean of closes is above the 200-bar mean, else 0.
@@ -37,10 +37,9 @@ twin of ``evaluate_policy``, which feeds observations, while baselines need the 
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import ClassVar, Protocol
+from typing import Protocol
 
 import numpy as np
 import pandas as pd
@@ -48,236 +47,33 @@ import torch
 
 from sentio_lab.env import _MIN_EQUITY as _EQUITY_FLOOR
 from sentio_lab.env import TradingEnv, check_positions
-from sentio_lab.env.anchor import DEFAULT_TILTS, AnchorConfig
+from sentio_lab.env.anchor import AnchorConfig
+from sentio_lab.env.benchmarks import (  # the rules live in the env stage (anchors read them); re-exported here
+    BASELINES,
+    Baseline,
+    BuyAndHold,
+    PriceHistory,
+    Segment,
+    SmaCrossover,
+    TimeSeriesMomentum,
+    VolTarget,
+    anchor_config,
+    benchmark_span,
+    benchmark_weights,
+    make_baseline,
+    on_levels,
+    trailing_mean,
+)
 from sentio_lab.env.costs import CostModel
 from sentio_lab.env.market import PreparedMarket
 from sentio_lab.evaluation.episodes import Evaluation
 
-Segment = tuple[int, int]
-
-
-@dataclass(frozen=True)
-class PriceHistory:
-    """What baselines read: closes, bar times and the training segments (for the volatility target)."""
-
-    close: np.ndarray
-    """float64 ``(T,)`` closes."""
-    index: pd.DatetimeIndex | None
-    """Bar times (None: calendar-free, months counted in bars)."""
-    train: tuple[Segment, ...]
-    """Training env ranges ``[start, stop)``."""
-
-    @classmethod
-    def from_market(cls, market: PreparedMarket, train: Sequence[Segment] | None = None) -> PriceHistory:
-        """Closes and times of ``market``; ``train`` defaults to its ``"train"`` range."""
-        frame = market.data.frame
-        segments = tuple(train) if train is not None else (market.range("train"),)
-        index = frame.index if isinstance(frame.index, pd.DatetimeIndex) else None
-        return cls(close=frame["close"].to_numpy(dtype=np.float64), index=index, train=segments)
-
-
-class Baseline(ABC):
-    """A rule from closes ``<= t`` to a desired weight at bar ``t``."""
-
-    name: ClassVar[str]
-    wants: ClassVar[tuple[float, ...]]
-    """Signs of exposure the rule asks for (checked against the position set)."""
-
-    @abstractmethod
-    def weights(self, history: PriceHistory) -> np.ndarray:
-        """Desired weight per bar, float64 ``(T,)``; NaN where the signal is not defined yet."""
-
-    @property
-    def exposures(self) -> tuple[float, ...]:
-        """Exposures this configuration asks for (by default :attr:`wants`)."""
-        return self.wants
-
-    def span(self, history: PriceHistory) -> int:
-        """Bars before bar ``t`` the weight at ``t`` reads (its lookback; the purge / embargo count it). A rule
-        used as an anchor must declare it."""
-        raise TypeError(f"baseline {self.name!r} declares no span(): its lookback is needed to size the embargo")
-
-
-class BuyAndHold(Baseline):
-    """Always fully long."""
-
-    name, wants = "buy_and_hold", (1.0,)
-
-    def weights(self, history: PriceHistory) -> np.ndarray:
-        """1.0 on every bar."""
-        return np.ones(len(history.close))
-
-    def span(self, history: PriceHistory) -> int:
-        """0: reads nothing."""
-        return 0
-
-
-def trailing_mean(x: np.ndarray, n: int) -> np.ndarray:
-    """Mean of ``x[t - n + 1 .. t]`` at each ``t`` (NaN for ``t < n - 1``)."""
-    out = np.full(len(x), np.nan)
-    if len(x) >= n:
-        out[n - 1 :] = np.lib.stride_tricks.sliding_window_view(x, n).mean(axis=-1)
-    return out
-
-
-@dataclass
-class SmaCrossover(Baseline):
-    """Long while the fast mean of closes is above the slow one, flat otherwise."""
-
-    fast: int = 50
-    slow: int = 200
-    name: ClassVar[str] = "sma_crossover"
-    wants: ClassVar[tuple[float, ...]] = (1.0,)
-
-    def weights(self, history: PriceHistory) -> np.ndarray:
-        """1 where SMA(fast) > SMA(slow), 0 where not, NaN before ``slow - 1``."""
-        if not 0 < self.fast < self.slow:
-            raise ValueError(f"sma_crossover: need 0 < fast < slow, got {self.fast}, {self.slow}")
-        fast, slow = trailing_mean(history.close, self.fast), trailing_mean(history.close, self.slow)
-        return np.where(np.isnan(slow), np.nan, (fast > slow).astype(np.float64))
-
-    def span(self, history: PriceHistory) -> int:
-        """``slow - 1``: the slow mean reads closes ``t - slow + 1 .. t``."""
-        return self.slow - 1
-
-
-@dataclass
-class TimeSeriesMomentum(Baseline):
-    """Sign of the return from ``lookback_months`` ago to ``skip_months`` ago (12-1 momentum)."""
-
-    lookback_months: int = 12
-    skip_months: int = 1
-    long_only: bool = False
-    bars_per_month: int = 21
-    """Used only without bar times."""
-    name: ClassVar[str] = "momentum"
-    wants: ClassVar[tuple[float, ...]] = (1.0, -1.0)
-
-    def anchors(self, history: PriceHistory) -> tuple[np.ndarray, np.ndarray]:
-        """Bar positions ``(far, near)`` at or before ``lookback_months`` / ``skip_months`` before each bar."""
-        n = len(history.close)
-        if history.index is None:
-            t = np.arange(n)
-            return t - self.lookback_months * self.bars_per_month, t - self.skip_months * self.bars_per_month
-        ts = history.index.as_unit("ns").asi8
-
-        def before(months: int) -> np.ndarray:
-            back = (history.index - pd.DateOffset(months=months)).as_unit("ns").asi8
-            return np.searchsorted(ts, back, side="right") - 1
-
-        return before(self.lookback_months), before(self.skip_months)
-
-    def weights(self, history: PriceHistory) -> np.ndarray:
-        """+1 / -1 (0 instead of -1 when ``long_only``; 0 for no change), NaN without 12 months of history."""
-        if not 0 <= self.skip_months < self.lookback_months:
-            raise ValueError(f"momentum: need 0 <= skip < lookback, got {self.skip_months}, {self.lookback_months}")
-        far, near = self.anchors(history)
-        ok = far >= 0
-        sign = np.full(len(history.close), np.nan)
-        sign[ok] = np.sign(np.log(history.close[near[ok]]) - np.log(history.close[far[ok]]))
-        return np.maximum(sign, 0.0) if self.long_only else sign
-
-    def span(self, history: PriceHistory) -> int:
-        """The longest distance from a bar back to its ``lookback_months`` anchor on this calendar."""
-        far = self.anchors(history)[0]
-        ok = far >= 0
-        distance = np.arange(len(far))[ok] - far[ok]
-        return int(distance.max()) if ok.any() else self.lookback_months * self.bars_per_month
-
-    @property
-    def exposures(self) -> tuple[float, ...]:
-        """Exposures this configuration asks for."""
-        return (1.0,) if self.long_only else self.wants
-
-
-@dataclass
-class VolTarget(Baseline):
-    """Buy-and-hold scaled by ``train_vol / forecast_vol_t``, clipped to ``[0, max_level]``."""
-
-    lam: float = 0.94
-    """EWMA decay of squared log returns (RiskMetrics)."""
-    min_periods: int = 20
-    """Returns needed before the forecast counts as defined."""
-    max_level: float = 1.0
-    name: ClassVar[str] = "vol_target"
-    wants: ClassVar[tuple[float, ...]] = (1.0,)
-
-    def forecast_vol(self, close: np.ndarray) -> np.ndarray:
-        """EWMA root mean square of the log returns up to each bar (NaN before ``min_periods`` returns)."""
-        returns = np.diff(np.log(close), prepend=np.nan)
-        var = pd.Series(returns**2).ewm(alpha=1.0 - self.lam, adjust=True, min_periods=self.min_periods).mean()
-        return np.sqrt(var.to_numpy())
-
-    @staticmethod
-    def train_vol(history: PriceHistory) -> float:
-        """Root mean square of the log returns earned inside the training segments (bars ``start + 1 .. stop - 1``)."""
-        logc = np.log(history.close)
-        returns = np.concatenate([np.diff(logc[s:e]) for s, e in history.train])
-        if len(returns) == 0:
-            raise ValueError(f"vol_target: training segments {history.train} hold no return")
-        return float(np.sqrt(np.mean(returns**2)))
-
-    def weights(self, history: PriceHistory) -> np.ndarray:
-        """``clip(train_vol / forecast_vol_t, 0, max_level)``; NaN while the forecast is undefined."""
-        if not (0 < self.lam < 1 and self.max_level > 0 and self.min_periods >= 1):
-            raise ValueError(f"vol_target: need 0 < lam < 1, max_level > 0, min_periods >= 1; got {self}")
-        forecast = self.forecast_vol(history.close)
-        with np.errstate(divide="ignore"):
-            ratio = self.train_vol(history) / forecast
-        return np.where(np.isnan(forecast), np.nan, np.clip(ratio, 0.0, self.max_level))
-
-    def span(self, history: PriceHistory) -> int:
-        """The EWMA's memory is infinite but fades: by convention the bars until an old return's weight
-        ``lam^k`` falls below 1 % (75 bars at lam 0.94), plus the close before it, at least ``min_periods + 1``.
-        (The training volatility reads the training segments only, which a training env may read.)"""
-        return max(int(np.ceil(np.log(0.01) / np.log(self.lam))), self.min_periods) + 1
-
-
-#: Deterministic baselines by the names experiment configs use ("random" is :func:`evaluate_random`).
-BASELINES: dict[str, Callable[[], Baseline]] = {
-    "buy_and_hold": BuyAndHold, "sma_crossover": SmaCrossover, "momentum": TimeSeriesMomentum,
-    "vol_target": VolTarget,
-}
-
-
-def make_baseline(baseline: Baseline | str) -> Baseline:
-    """A deterministic baseline from an instance or a :data:`BASELINES` name."""
-    if isinstance(baseline, Baseline):
-        return baseline
-    if baseline not in BASELINES:
-        raise KeyError(f"unknown baseline {baseline!r}; known: {sorted(BASELINES)} and 'random'")
-    return BASELINES[baseline]()
-
-
-def benchmark_weights(baseline: Baseline | str, market: PreparedMarket,
-                      train: Sequence[Segment] | None = None) -> np.ndarray:
-    """The anchor of :mod:`sentio_lab.env.anchor`: the baseline's desired weight per bar, float64 ``(T,)``, flat (0)
-    where its signal is not defined yet -- the weight :class:`WeightPolicy` trades, before rounding to levels.
-
-    Causal: the weight at ``t`` reads closes ``<= t`` (within :meth:`Baseline.span` bars). ``train`` (default: the
-    market's :meth:`~sentio_lab.env.market.PreparedMarket.training_segments`, a fold's training ranges on fold markets)
-    is what ``vol_target`` scales by: training bars only.
-    """
-    rule = make_baseline(baseline)
-    segments = tuple(train) if train is not None else market.training_segments()
-    weights = rule.weights(PriceHistory.from_market(market, segments))
-    return np.where(np.isnan(weights), 0.0, weights).astype(np.float64)
-
-
-def benchmark_span(baseline: Baseline | str, market: PreparedMarket) -> int:
-    """Bars before bar ``t`` that the baseline's weight at ``t`` reads on ``market`` (:meth:`Baseline.span`):
-    an anchored variant's observation reaches this far back, so the CPCV embargo must cover it."""
-    return make_baseline(baseline).span(PriceHistory.from_market(market, market.training_segments()))
-
-
-def anchor_config(baseline: Baseline | str, market: PreparedMarket, *, tilts: Sequence[float] = DEFAULT_TILTS,
-                  excess_reward: bool = False, deviation_penalty: float = 0.0, no_trade_band: float = 0.0,
-                  train: Sequence[Segment] | None = None) -> AnchorConfig:
-    """The :class:`~sentio_lab.env.anchor.AnchorConfig` of an env whose actions tilt ``baseline``'s weight on ``market``
-    (:func:`benchmark_weights`; the limits are the env's position set)."""
-    rule = make_baseline(baseline)
-    return AnchorConfig(benchmark_weights(rule, market, train), tilts=tuple(tilts), excess_reward=excess_reward,
-                        deviation_penalty=deviation_penalty, no_trade_band=no_trade_band, name=rule.name)
+__all__ = [
+    "BASELINES", "Baseline", "BuyAndHold", "PriceHistory", "Segment", "SmaCrossover", "TimeSeriesMomentum",
+    "VolTarget", "anchor_config", "benchmark_span", "benchmark_weights", "make_baseline", "on_levels",
+    "trailing_mean", "nearest_levels", "check_exposures", "Policy", "WeightPolicy", "RandomPolicy", "run_policy",
+    "evaluate_baseline", "ZeroTiltPolicy", "evaluate_anchor_benchmark", "RandomEvaluation", "evaluate_random",
+]
 
 
 # ============================================================================================== policies
@@ -360,17 +156,20 @@ def run_policy(
     bars: Segment | None = None,
     num_envs: int = 1,
     device: str | torch.device = "cpu",
+    anchor: AnchorConfig | None = None,
 ) -> list[Evaluation]:
     """One deterministic episode per env over the range (``bars`` overrides the named one), as
     :func:`sentio_lab.evaluation.episodes.evaluate_policy` runs an agent: same env, start, length, fills, costs and
-    ruin."""
+    ruin. With ``anchor`` the env is anchored (the policy's actions are tilts) and the weights recorded are the ones
+    it filled."""
     start, stop = market.range(range_name) if bars is None else bars
     first = max(start, market.arrays.first_valid + window - 1)
     length = stop - 1 - first
     env = TradingEnv(market.arrays, num_envs=num_envs, window=window, episode_length=length, start=start, stop=stop,
-                     positions=positions, costs=costs, ruin_fraction=0.0, device=device)
+                     positions=positions, costs=costs, ruin_fraction=0.0, device=device, anchor=anchor)
     env.reset(starts=[first] * num_envs)
     chosen = np.empty((num_envs, length), dtype=np.int64)
+    filled = np.empty((num_envs, length))
     equity = np.empty((num_envs, length + 1))
     equity[:, 0] = 1.0
     steps = np.full(num_envs, length)
@@ -381,6 +180,8 @@ def run_policy(
             chosen[:, k] = action.cpu().numpy()
             _, _, terminated, _, info = env.step(action)
             equity[:, k + 1] = info["equity"].cpu().numpy()
+            if anchor is not None:
+                filled[:, k] = info["weight"].cpu().numpy()
             ruined = terminated.cpu().numpy() & alive  # ruin: the rest of the range is not tradable
             steps[ruined], alive = k + 1, alive & ~ruined
             if not alive.any():
@@ -395,7 +196,8 @@ def run_policy(
             curve[-1] = max(curve[-1], _EQUITY_FLOOR)
         out.append(Evaluation(
             range_name=range_name if bars is None else f"bars[{start}:{stop})", start=first,
-            weights=pd.Series(levels[chosen[i, :n]], index=index[first : first + n], name="weight"),
+            weights=pd.Series(levels[chosen[i, :n]] if anchor is None else filled[i, :n],
+                              index=index[first : first + n], name="weight"),
             equity=pd.Series(curve, index=index[first : first + n + 1], name="equity"),
             costs=costs, ruined=not alive[i], fill_price=market.arrays.fill_price,
         ))
@@ -418,6 +220,41 @@ def evaluate_baseline(
     policy = WeightPolicy(baseline, PriceHistory.from_market(market, train), positions)
     (evaluation,) = run_policy(policy, market, window=window, positions=positions, costs=costs,
                                range_name=range_name, bars=bars)
+    return evaluation
+
+
+class ZeroTiltPolicy:
+    """The anchored benchmark as a policy: the zero tilt at every bar, in an env anchored to it."""
+
+    def __init__(self, anchor: AnchorConfig) -> None:
+        """Bound to ``anchor``'s tilts."""
+        self.action = anchor.zero_action
+
+    def act(self, t: torch.Tensor) -> torch.Tensor:
+        """The zero tilt's index for every env."""
+        return torch.full_like(t, self.action)
+
+
+def evaluate_anchor_benchmark(
+    baseline: Baseline | str,
+    market: PreparedMarket,
+    *,
+    window: int,
+    positions: Sequence[float],
+    costs: CostModel,
+    range_name: str = "test",
+    bars: Segment | None = None,
+    train: Sequence[Segment] | None = None,
+) -> Evaluation:
+    """The benchmark an anchored agent tilts around, as it trades in the anchored env: the zero tilt over the range.
+
+    Its weights are the rule's own, clipped to the position range (:func:`~sentio_lab.env.benchmarks.anchor_config`),
+    not rounded to levels: where the rule's weights are levels (:func:`~sentio_lab.env.benchmarks.on_levels`) this
+    is :func:`evaluate_baseline` bit for bit; for ``vol_target`` it is the unrounded volatility target, the benchmark
+    an anchored agent's excess return is measured against."""
+    anchor = anchor_config(baseline, market, train=train)
+    (evaluation,) = run_policy(ZeroTiltPolicy(anchor), market, window=window, positions=positions, costs=costs,
+                               range_name=range_name, bars=bars, anchor=anchor)
     return evaluation
 
 

@@ -16,6 +16,7 @@ import pandas as pd
 from sentio_lab.env import splits as splitting
 from sentio_lab.evaluation.metrics import number_of_trades, round_trip_trades, summary_stats
 from sentio_lab.experiment.cells import cell_done
+from sentio_lab.experiment.ensemble import ENSEMBLE_SEED, ensemble_name
 
 if TYPE_CHECKING:
     from sentio_lab.experiment.runner import Plan
@@ -78,6 +79,20 @@ def _path_stats(equity: pd.Series, weights: pd.Series | None, pieces: list[tuple
     return stats
 
 
+def _ensemble_unit(agent: Any, plan: Plan, output: Path) -> tuple[dict[str, Any], pd.DataFrame]:
+    """The results key and test-group episodes of configuration ``agent``'s seed ensemble over every fold."""
+    name, frames, members = ensemble_name(agent.name), [], []
+    for fold in plan.folds:
+        folder = evaluation_folder(output, name, fold.fold)
+        record = evaluation_done(folder)
+        if record is None:
+            raise FileNotFoundError(f"{folder}: evaluation not finished; run the experiment first")
+        frames.append(pd.read_parquet(folder / GROUPS_FILE).assign(fold=fold.fold))
+        members.append(record["selected_iterations"][str(ENSEMBLE_SEED)])
+    return ({"kind": "agent", "name": name, "variant": agent.variant, "seed": ENSEMBLE_SEED,
+             "selected_iterations": json.dumps(members)}, pd.concat(frames, ignore_index=True))
+
+
 def assemble(plan: Plan, output: str | Path) -> pd.DataFrame:
     """Read every finished cell and baseline, stitch backtest paths, write ``results.parquet``, ``equity.parquet``
     and ``mask_rules.parquet`` (per configuration and fold: decisions and how often each mask rule bound)."""
@@ -100,6 +115,8 @@ def assemble(plan: Plan, output: str | Path) -> pd.DataFrame:
         for seed in plan.config.seeds:
             units.append(({"kind": "agent", "name": agent.name, "variant": agent.variant, "seed": seed,
                            "selected_iterations": json.dumps(selected[seed])}, groups[groups["seed"] == seed]))
+        if agent.ensemble:  # its seed ensemble: one more strategy (sentio_lab.experiment.ensemble)
+            units.append(_ensemble_unit(agent, plan, output))
     for name in plan.config.baselines:
         frames = [pd.read_parquet(output / "baselines" / f"{name}__fold{f.fold:03d}" / GROUPS_FILE).assign(fold=f.fold)
                   for f in plan.folds]

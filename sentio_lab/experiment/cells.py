@@ -98,6 +98,12 @@ def train_cell(
     if not select_every:
         result = module.train(args, market=market)
         record.update(global_step=result.global_step, checkpoint="checkpoint.pt", selected_iteration=None)
+        if result.selection is not None:  # the run selected on the fold's inner validation slice (--select-on)
+            record.update(selected_iteration=result.selection["selected_iteration"],
+                          selection_criterion=result.selection["criterion"],
+                          validation_score=result.selection["best_score"],
+                          stopped_early=result.selection["stopped_early"],
+                          selection_history=result.selection["history"])
     else:
         # Train in chunks (exact resume makes this the same run), score each chunk's end on validation.
         best, best_iteration, history = -np.inf, None, []

@@ -15,7 +15,9 @@ An experiment is written as a TOML file under ``experiments/`` (see ``experiment
     args = ["--total-timesteps", "100000", "--episode-length", "64"]
 
 Every ``[agents.*]`` table is one configuration, i.e. one trial for the deflated Sharpe ratio; seeds
-repeat a configuration and are not extra trials. Arguments shared by every agent (costs, window, position
+repeat a configuration and are not extra trials. ``ensemble = true`` in a table adds that configuration's seed
+ensemble (:mod:`sentio_lab.experiment.ensemble`: its trained seeds acting on their mean action probabilities) as
+the strategy ``<name>_ensemble``, one more trial. Arguments shared by every agent (costs, window, position
 set) go in ``common_args`` and are checked to be equal across agents, so that every row of a comparison
 has the same accounting.
 """
@@ -27,6 +29,7 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
+from sentio_lab.experiment.ensemble import ensemble_name
 from sentio_lab.experiment.placebo import PLACEBO_SCHEMES
 
 #: Split schemes the runner knows.
@@ -42,6 +45,8 @@ class AgentSpec:
     name: str
     variant: str
     args: tuple[str, ...] = ()
+    ensemble: bool = False
+    """also evaluate the seed ensemble of this configuration (``<name>_ensemble``, one more trial)"""
 
 
 @dataclass(frozen=True)
@@ -97,6 +102,9 @@ class ExperimentConfig:
         names = [a.name for a in self.agents]
         if len(set(names)) != len(names):
             raise ValueError(f"experiment {self.name!r}: agent names repeat: {names}")
+        clashes = sorted({ensemble_name(a.name) for a in self.agents if a.ensemble} & set(names))
+        if clashes:
+            raise ValueError(f"experiment {self.name!r}: agent names {clashes} are taken by seed ensembles; rename")
         if self.split not in SPLIT_SCHEMES:
             raise ValueError(f"experiment {self.name!r}: split {self.split!r} not in {SPLIT_SCHEMES}")
         unknown = sorted(set(self.baselines) - set(BASELINE_NAMES))
@@ -115,8 +123,9 @@ class ExperimentConfig:
 
     @property
     def n_trials(self) -> int:
-        """Configurations tried: what the deflated Sharpe ratio deflates for."""
-        return len(self.agents)
+        """Configurations tried, each seed ensemble counting as one more: what the deflated Sharpe ratio deflates
+        for."""
+        return len(self.agents) + sum(agent.ensemble for agent in self.agents)
 
 
 def load_config(path: str | Path, **overrides: object) -> ExperimentConfig:
@@ -130,10 +139,13 @@ def load_config(path: str | Path, **overrides: object) -> ExperimentConfig:
         raise ValueError(f"{path}: [agents.<name>] tables expected")
     agents = []
     for name, table in agents_raw.items():
-        extra = sorted(set(table) - {"variant", "args"})
+        extra = sorted(set(table) - {"variant", "args", "ensemble"})
         if extra:
-            raise ValueError(f"{path}: agents.{name} has unknown keys {extra} (variant, args)")
-        agents.append(AgentSpec(name=name, variant=table.get("variant", "ppo"), args=tuple(table.get("args", ()))))
+            raise ValueError(f"{path}: agents.{name} has unknown keys {extra} (variant, args, ensemble)")
+        if not isinstance(table.get("ensemble", False), bool):
+            raise ValueError(f"{path}: agents.{name}.ensemble must be true or false, got {table['ensemble']!r}")
+        agents.append(AgentSpec(name=name, variant=table.get("variant", "ppo"), args=tuple(table.get("args", ())),
+                                ensemble=table.get("ensemble", False)))
     known = {f.name for f in dataclasses.fields(ExperimentConfig)} - {"agents"}
     unknown = sorted(set(raw) - known)
     if unknown:

@@ -33,6 +33,8 @@ import torch
 
 from sentio_lab.agents.checkpoint import load_checkpoint
 from sentio_lab.agents.progress import tqdm
+from sentio_lab.agents.selection import selected_weights
+from sentio_lab.agents.training import anchor_span, num_actions
 from sentio_lab.agents.variants import action_masking, agent_obs_dim, env_options, load_variant, observation_span
 from sentio_lab.env import splits as splitting
 from sentio_lab.env.costs import bars_per_day, cost_reach
@@ -52,6 +54,7 @@ from sentio_lab.experiment.assembly import (
 )
 from sentio_lab.experiment.cells import CELL_FILE, Cell, cell_done, parse_variant_args, train_cell, write_json_atomic
 from sentio_lab.experiment.config import AgentSpec, ExperimentConfig
+from sentio_lab.experiment.ensemble import ENSEMBLE_SEED, SeedEnsemble, ensemble_name
 from sentio_lab.experiment.memorisation import (
     PLACEBO_DIR,
     assemble_memorisation,
@@ -108,6 +111,12 @@ def plan_experiment(config: ExperimentConfig, extra_args: Sequence[str] = ()) ->
     """Folds and cells of ``config``; refuses agents whose accounting (window, positions, costs) differs."""
     parsed = [(agent, parse_variant_args(agent.variant, agent_argv(config, agent.args, extra_args)))
               for agent in config.agents]
+    for agent, args in parsed:  # a run that selects on validation needs the fold's inner slice (never test bars)
+        if args.run.select_on != "none" and (not config.validation_bars or config.select_every):
+            raise ValueError(
+                f"experiment {config.name!r}: agent {agent.name!r} selects on validation (--select-on "
+                f"{args.run.select_on}): set validation_bars (the inner slice carved from each fold's training "
+                "segments) and leave select_every at 0 (one selection rule per run)")
     accountings = {agent.name: _accounting(args, agent.variant) for agent, args in parsed}
     first_name, first = next(iter(accountings.items()))
     for name, other in accountings.items():
@@ -132,11 +141,11 @@ def plan_experiment(config: ExperimentConfig, extra_args: Sequence[str] = ()) ->
         # A variant whose observation reads further back than its feature window (token blocks of completed
         # higher-timeframe bars) declares how far: the span grows until the reach (window - 1 + span) covers it,
         # so the embargo and the touched-bar audit (splits.check_fold) both count it.
-        span = observation_span(agent.variant, args, market)
-        if span is not None:
-            beyond = span - gaps.observation_reach
-            if beyond > 0:
-                gaps = dataclasses.replace(gaps, feature_span=gaps.feature_span + beyond)
+        # An anchored agent's benchmark weight at t (its observation and its target) reads closes t - span .. t.
+        span = max(observation_span(agent.variant, args, market) or 0, anchor_span(args, market))
+        beyond = span - gaps.observation_reach
+        if beyond > 0:
+            gaps = dataclasses.replace(gaps, feature_span=gaps.feature_span + beyond)
         gap_options.append(gaps)
         first_valid = max(first_valid, int(market.arrays.first_valid))
     gaps = max(gap_options, key=lambda g: g.embargo)
@@ -221,8 +230,8 @@ def load_cell_agent(path: Path, market: PreparedMarket) -> torch.nn.Module:
         raise ValueError(f"{path}: the refitted fold features differ from the ones this agent was trained on")
     module = load_variant(bundle["variant"])
     args = module.Args.from_dict(bundle["args"])
-    agent = module.build_agent(args, agent_obs_dim(args, market), len(args.env.positions))
-    agent.load_state_dict(bundle["agent"])
+    agent = module.build_agent(args, agent_obs_dim(args, market), num_actions(args))
+    agent.load_state_dict(selected_weights(bundle))  # the selected state of a run with --select-on
     return agent.eval()
 
 
@@ -271,14 +280,16 @@ def diagnose_cell(plan: Plan, cell: Cell, output: Path, *, market: PreparedMarke
 
 
 def evaluate_fold(plan: Plan, agent: AgentSpec, fold: splitting.Fold, output: Path,
-                  tracking: ExperimentTracking | None = None) -> None:
+                  tracking: ExperimentTracking | None = None, *, ensemble: bool = False) -> None:
     """Every seed of ``agent`` trained on ``fold``, greedy on each of the fold's test groups, stepped together
-    (with ``tracking``, logged as a W&B evaluate run)."""
-    folder = evaluation_folder(output, agent.name, fold.fold)
+    (with ``tracking``, logged as a W&B evaluate run). With ``ensemble`` the seeds act as one
+    :class:`~sentio_lab.experiment.ensemble.SeedEnsemble`, written as strategy ``<name>_ensemble``."""
+    name = ensemble_name(agent.name) if ensemble else agent.name
+    folder = evaluation_folder(output, name, fold.fold)
     if evaluation_done(folder) is not None:
         return
     folder.mkdir(parents=True, exist_ok=True)
-    cells = [c for c in plan.cells if c.agent == agent.name and c.fold == fold.fold]
+    cells = cells_of(plan, agent, fold)
     args = parse_variant_args(agent.variant, cells[0].args)
     market = fold_market(plan, fold, load_variant(agent.variant).feature_config(args))
     records = [cell_done(output / "cells" / c.cell_id) for c in cells]
@@ -287,6 +298,9 @@ def evaluate_fold(plan: Plan, agent: AgentSpec, fold: splitting.Fold, output: Pa
     acc = plan.accounting
     ranges = [f"test:{group}" for group in fold.groups]
     rule_counts: dict[str, int] = {}
+    if ensemble:  # one strategy: the members' mean action probabilities, through the same env and code
+        agents = [SeedEnsemble(agents, len(acc["positions"]))]
+        cells = [dataclasses.replace(cells[0], seed=ENSEMBLE_SEED)]
     results = evaluate_policies(agents, market, ranges, window=acc["window"], positions=acc["positions"],
                                 costs=acc["costs"], rule_counts=rule_counts, **action_masking(args),
                                 env_options=env_options(args, market))
@@ -294,13 +308,21 @@ def evaluate_fold(plan: Plan, agent: AgentSpec, fold: splitting.Fold, output: Pa
               for c, per_agent in zip(cells, results, strict=True)]
     groups = pd.concat(frames, ignore_index=True)
     groups.to_parquet(folder / GROUPS_FILE)
+    members = {str(c.seed): r.get("selected_iteration") for c, r in zip(cells_of(plan, agent, fold), records,
+                                                                           strict=True)}
     record = {
-        "agent": agent.name, "fold": fold.fold, "format": GROUPS_FORMAT, "rule_counts": rule_counts,
-        "selected_iterations": {str(c.seed): r.get("selected_iteration") for c, r in zip(cells, records, strict=True)},
+        "agent": name, "fold": fold.fold, "format": GROUPS_FORMAT, "rule_counts": rule_counts,
+        # an ensemble's one run holds every member: their selected iterations, by member seed
+        "selected_iterations": {str(ENSEMBLE_SEED): members} if ensemble else members,
     }
     write_json_atomic(folder / CELL_FILE, record)
     if tracking is not None:
-        log_evaluation(tracking, agent.name, fold.fold, record, groups)
+        log_evaluation(tracking, name, fold.fold, record, groups)
+
+
+def cells_of(plan: Plan, agent: AgentSpec, fold: splitting.Fold) -> list[Cell]:
+    """The trained cells (one per seed) of configuration ``agent`` on ``fold``, in seed order."""
+    return [c for c in plan.cells if c.agent == agent.name and c.fold == fold.fold]
 
 
 def run_baselines(plan: Plan, fold: splitting.Fold, output: Path) -> None:
@@ -339,8 +361,8 @@ def _job(kind: str, plan: Plan, item: Any, output: str, tracking: ExperimentTrac
     elif kind == "diagnose":
         diagnose_cell(plan, item, out)
     elif kind == "evaluate":
-        agent, fold = item
-        evaluate_fold(plan, agent, plan.folds[fold], out, tracking)
+        agent, fold, ensemble = item
+        evaluate_fold(plan, agent, plan.folds[fold], out, tracking, ensemble=ensemble)
     else:
         run_baselines(plan, plan.folds[item], out)
     return kind
@@ -380,14 +402,16 @@ def run_experiment(plan: Plan, output: str | Path, *, workers: int = 1, progress
     (output / "plan.json").write_text(json.dumps(_plan_record(plan), indent=2, default=str))
     config = plan.config
     train = [("train", c) for c in plan.cells if cell_done(output / "cells" / c.cell_id) is None]
-    evaluate = [("evaluate", (a, f.fold)) for a in config.agents for f in plan.folds
-                if evaluation_done(evaluation_folder(output, a.name, f.fold)) is None]
+    strategies = [(a, False) for a in config.agents] + [(a, True) for a in config.agents if a.ensemble]
+    evaluate = [("evaluate", (a, f.fold, ensemble)) for a, ensemble in strategies for f in plan.folds
+                if evaluation_done(evaluation_folder(output, ensemble_name(a.name) if ensemble else a.name,
+                                                     f.fold)) is None]
     baselines = [("baselines", f.fold) for f in plan.folds
                  if any(evaluation_done(output / "baselines" / f"{b}__fold{f.fold:03d}") is None
                         for b in config.baselines)]
     train += [("placebo", c) for c in plan.placebo_cells if diagnosis_done(output, c) is None]
     evaluate += [("diagnose", c) for c in plan.cells if diagnosis_done(output, c) is None]
-    total = len(plan.cells) + len(config.agents) * len(plan.folds) + len(plan.folds)
+    total = len(plan.cells) + len(strategies) * len(plan.folds) + len(plan.folds)
     total += len(plan.placebo_cells) + len(plan.cells)
     bar = tqdm(total=total, initial=total - len(train) - len(evaluate) - len(baselines), unit="job",
                disable=not progress, dynamic_ncols=True, desc=config.name)

@@ -21,6 +21,10 @@ Conventions (stated once, used everywhere in the report):
 * A/B (:func:`ab_tests`) compares two configurations on their **ensemble** returns (mean over seeds and
   paths at each bar); both sides are averaged alike, so the comparison is fair, but its Sharpe ratios are
   those of the ensembles.
+* A configuration's seed ensemble (``ensemble = true``, :mod:`sentio_lab.experiment.ensemble`) is one more agent
+  row (seed :data:`~sentio_lab.experiment.ensemble.ENSEMBLE_SEED`, one run per path) and one more trial: in a
+  seed's DSR / PBO it sits beside that seed's run of every configuration; its own DSR / PBO is the median over
+  the seeds of the same computation.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import pandas as pd
 
 from sentio_lab.evaluation import inference
 from sentio_lab.evaluation.metrics import probabilistic_sharpe_ratio, sharpe_ratio
+from sentio_lab.experiment.ensemble import ENSEMBLE_SEED
 
 #: Statistics of the report's per-strategy table (columns of results.parquet).
 REPORT_STATS: tuple[str, ...] = ("sharpe", "cagr", "max_drawdown", "cvar_5", "positive_months", "trade_win_rate",
@@ -141,22 +146,15 @@ def infer(results: pd.DataFrame, curves: pd.DataFrame, agent: str, *, reps: int 
         row = {"sharpe": sharpe_ratio(mine.to_numpy()), "psr_best": against.psr,
                "psr_zero": probabilistic_sharpe_ratio(mine.to_numpy(), 0.0), "spa": spa.consistent,
                "reverse": spa.reverse[agent].consistent, "bars": len(frame)}
-        peers = {a: returns.get((a, run_seed, path)) for a in agents}
-        if len(agents) >= 2 and all(v is not None for v in peers.values()):
-            trials = pd.concat(peers, axis=1).dropna()
-            # A configuration that never traded in this run has no Sharpe ratio: it is left out of the DSR's
-            # variance and of PBO (its trial still counts in n_trials); the agent's own flat run has no DSR.
-            traded = [a for a in trials.columns if trials[a].std() > 0]
-            if agent not in traded:
-                row["dsr"], row["pbo"] = float("nan"), float("nan")
-            elif len(traded) >= 2:
-                row["dsr"] = inference.deflated_sharpe_of_trials(trials[traded], selected=agent,
-                                                                n_trials=max(n_trials, len(agents))).dsr
-                row["pbo"] = inference.probability_of_backtest_overfitting(trials[traded], n_blocks=pbo_blocks).pbo
-            else:
-                row["dsr"], row["pbo"] = row["psr_zero"], float("nan")
-        else:
-            row["dsr"], row["pbo"] = row["psr_zero"], float("nan")
+        # DSR / PBO across the configurations tried, on this run's seed; a seed ensemble (one run per path) sits
+        # beside every seed, and its own run is compared seed by seed (median over the seeds)
+        seeds = [run_seed] if run_seed != ENSEMBLE_SEED else sorted(
+            {s for (n, s, _) in returns if n in agents and s != ENSEMBLE_SEED})
+        trials = [_trial_stats(agent, {a: returns.get((a, s, path), returns.get((a, ENSEMBLE_SEED, path)))
+                                       for a in agents}, max(n_trials, len(agents)), pbo_blocks, row["psr_zero"])
+                  for s in seeds]
+        row["dsr"] = float(pd.Series([dsr for dsr, _ in trials], dtype=float).median())
+        row["pbo"] = float(pd.Series([pbo for _, pbo in trials], dtype=float).median())
         rows.append(row)
     table = pd.DataFrame(rows)
     return Inference(
@@ -168,6 +166,24 @@ def infer(results: pd.DataFrame, curves: pd.DataFrame, agent: str, *, reps: int 
         reverse_rejections=float((table["reverse"] < alpha).mean()), runs=len(table),
         bars=int(table["bars"].median()), undefined_runs=int(table["sharpe"].isna().sum()),
     )
+
+
+def _trial_stats(agent: str, peers: dict[str, pd.Series | None], n_trials: int, pbo_blocks: int,
+                 psr_zero: float) -> tuple[float, float]:
+    """``(DSR, PBO)`` of ``agent`` among ``peers`` (every configuration's returns on one path and seed; None: not
+    run there): PSR(0) and NaN when there is nothing to compare with."""
+    if len(peers) < 2 or any(v is None for v in peers.values()):
+        return psr_zero, float("nan")
+    trials = pd.concat(peers, axis=1).dropna()
+    # A configuration that never traded in this run has no Sharpe ratio: it is left out of the DSR's variance and
+    # of PBO (its trial still counts in n_trials); the agent's own flat run has no DSR.
+    traded = [a for a in trials.columns if trials[a].std() > 0]
+    if agent not in traded:
+        return float("nan"), float("nan")
+    if len(traded) < 2:
+        return psr_zero, float("nan")
+    dsr = inference.deflated_sharpe_of_trials(trials[traded], selected=agent, n_trials=n_trials).dsr
+    return dsr, inference.probability_of_backtest_overfitting(trials[traded], n_blocks=pbo_blocks).pbo
 
 
 def targets_table(results: pd.DataFrame, agent: str) -> pd.DataFrame:

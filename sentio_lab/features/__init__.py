@@ -2,13 +2,17 @@
 
 Everything a policy observes at bar ``t`` is computed from bars ``<= t`` (bar ``t`` closed). Features
 come from *producers* registered by name (:func:`register_feature`); each declares its lookback, the
-number of warm-up bars before all of its outputs are defined. Two banks exist:
+number of warm-up bars before all of its outputs are defined. The banks:
 
 * ``"basic"``: a handful of fast hand-written features (log returns, realised volatility, range,
   close location, gap, volume z-score). Fast enough for every PPO run and test.
 * ``"talib"``: the basic features plus every applicable TA-Lib function (see :data:`TALIB_EXCLUDED`
   for the ones left out and why), over several periods, made scale-free (price levels become log
   ratios to the close, price differences are divided by the close) so one normaliser fits all markets.
+* ``"close"``: the basic features that read closes only, for close-only data.
+* ``"slow"``: six regime-normalised multi-horizon features from closes (returns over 5 / 20 / 60 bars and
+  distances to the 50 / 200-bar means in volatility units, a volatility ratio): a small input set for capacity
+  control (:mod:`sentio_lab.features.slow`).
 
 Start dependence (decided): recursive indicators (EMA-family, Wilder smoothing, SAR, Hilbert transforms,
 Heikin-Ashi) are causal but depend, fading geometrically, on where the series *started*; each such producer adds
@@ -34,6 +38,7 @@ Modules: :mod:`~sentio_lab.features.registry` (producers, their registry and loo
 :mod:`~sentio_lab.features.talib_bank` (TA-Lib machinery, exclusions, coverage) and the TA-Lib producers by group
 (:mod:`~sentio_lab.features.overlap`, :mod:`~sentio_lab.features.momentum`, :mod:`~sentio_lab.features.cycles`,
 :mod:`~sentio_lab.features.stats`, :mod:`~sentio_lab.features.volume`, :mod:`~sentio_lab.features.patterns`),
+:mod:`~sentio_lab.features.slow` (the slow bank),
 :mod:`~sentio_lab.features.config` (:class:`FeatureConfig`), :mod:`~sentio_lab.features.raw` (raw features and
 their cache), :mod:`~sentio_lab.features.normalise` (normalisation and pruning) and
 :mod:`~sentio_lab.features.observation` (the observation matrix and its fitted state).
@@ -71,7 +76,7 @@ from sentio_lab.features.talib_bank import TALIB_EXCLUDED, talib_coverage
 # The producer modules, imported for their registrations and in this order: registration order is the column
 # order of the features, which every fitted state and raw-feature cache key records. Keep the order.
 # isort: off
-from sentio_lab.features import basic, overlap, momentum, cycles, stats, volume, patterns  # noqa: F401
+from sentio_lab.features import basic, overlap, momentum, cycles, stats, volume, patterns, slow  # noqa: F401
 # isort: on
 
 __all__ = [

@@ -6,6 +6,7 @@ import json
 from dataclasses import asdict, dataclass
 
 from sentio_lab.data import canonical_session_close
+from sentio_lab.data.exogenous import BUNDLED_EXOGENOUS, is_csv_spec
 from sentio_lab.features.normalise import NORMALISERS
 from sentio_lab.features.registry import BANKS
 
@@ -15,7 +16,9 @@ class FeatureConfig:
     """What to compute and how to normalise it. Hashable; recorded in the fitted state."""
 
     bank: str = "basic"
-    """``"basic"`` (fast hand-written features) or ``"talib"`` (the full TA-Lib bank plus the basic ones)."""
+    """``"basic"`` (fast hand-written features), ``"talib"`` (the full TA-Lib bank plus the basic ones), ``"close"``
+    (the basic ones from closes only) or ``"slow"`` (regime-normalised multi-horizon,
+    :mod:`sentio_lab.features.slow`)."""
     timeframes: tuple[str, ...] = ()
     """Extra higher timeframes (pandas offset aliases, e.g. ``("4h", "1D")`` or ``("W-FRI",)``)."""
     regimes: int = 0
@@ -39,6 +42,11 @@ class FeatureConfig:
     timeframes run from one close to the next (see :mod:`sentio_lab.data.timeframes`). None: the UTC calendar.
     :func:`sentio_lab.env.market.prepare_market` fills it from the market (``MarketData.session_close``) when
     left None; pass ``"00:00 UTC"`` to keep UTC days for a market that has a session close."""
+    exogenous: tuple[str, ...] = ()
+    """Point-in-time alternative data joined as the ``"exogenous"`` block: bundled series names (``"vix"``,
+    ``"credit_spread"``, ...: :data:`sentio_lab.data.exogenous.BUNDLED_EXOGENOUS`) or CSV files
+    (``"file.csv"`` with a ``released_at`` column, ``"file.csv@1D"`` with a publication lag); see
+    :mod:`sentio_lab.features.exogenous`."""
 
     def __post_init__(self) -> None:
         if self.bank not in BANKS:
@@ -51,8 +59,19 @@ class FeatureConfig:
         object.__setattr__(self, "timeframes", tfs)
         if len(set(tfs)) != len(tfs) or not all(isinstance(t, str) and t for t in tfs):
             raise ValueError(f"FeatureConfig.timeframes must be distinct non-empty strings, got {tfs}")
-        if any(t in ("base", "regime") for t in tfs):
-            raise ValueError("'base' and 'regime' are block names, not timeframes")
+        if any(t in ("base", "regime", "exogenous") for t in tfs):
+            raise ValueError("'base', 'exogenous' and 'regime' are block names, not timeframes")
+        if isinstance(self.exogenous, str):
+            raise ValueError(f"FeatureConfig.exogenous must be a tuple of series, got the string {self.exogenous!r}")
+        # "vix,credit_spread" as one entry (the flag's comma form) is two series.
+        exo = tuple(part.strip() for spec in self.exogenous for part in str(spec).split(","))
+        object.__setattr__(self, "exogenous", exo)
+        if len(set(exo)) != len(exo):
+            raise ValueError(f"FeatureConfig.exogenous names a series twice: {exo}")
+        for spec in exo:
+            if not (spec in BUNDLED_EXOGENOUS or is_csv_spec(spec)):
+                raise ValueError(f"FeatureConfig.exogenous: unknown series {spec!r}; choose from "
+                                 f"{sorted(BUNDLED_EXOGENOUS)} or give a CSV file 'file.csv' / 'file.csv@1D'")
         if not isinstance(self.regimes, int) or self.regimes < 0 or self.regimes == 1:
             raise ValueError(f"FeatureConfig.regimes must be 0 or >= 2, got {self.regimes!r}")
         if self.normalise not in NORMALISERS:
@@ -70,7 +89,9 @@ class FeatureConfig:
 
     def fitted_fields(self) -> dict:
         """The fields a fitted state depends on (a state is only valid for the same values)."""
-        return {
+        # "exogenous" only when set, so states fitted before the field existed still match a config without it.
+        exogenous = {"exogenous": list(self.exogenous)} if self.exogenous else {}
+        return {**exogenous,
             "bank": self.bank,
             "timeframes": list(self.timeframes),
             "regimes": self.regimes,
@@ -86,6 +107,7 @@ def config_from_state(state: dict, **overrides: object) -> FeatureConfig:
     """The :class:`FeatureConfig` a fitted state was built with (cache_dir / seed from ``overrides``)."""
     fields = dict(state["config"])
     fields["timeframes"] = tuple(fields["timeframes"])
+    fields["exogenous"] = tuple(fields.get("exogenous", ()))
     fields.update(overrides)
     return FeatureConfig(**fields)
 

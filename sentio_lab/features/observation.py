@@ -9,8 +9,17 @@ import numpy as np
 import pandas as pd
 
 from sentio_lab.data import infer_bar_freq
+from sentio_lab.data.exogenous import bar_close_times
 from sentio_lab.features import regime as _regime
 from sentio_lab.features.config import FeatureConfig
+from sentio_lab.features.exogenous import (
+    EXOGENOUS_BLOCK,
+    apply_zscore,
+    check_fingerprints,
+    exogenous_block,
+    fit_zscore,
+    released_fingerprints,
+)
 from sentio_lab.features.normalise import _apply_normaliser, _fit_normaliser, _prune
 from sentio_lab.features.raw import RawFeatures, _raw_features, _validated_frame
 from sentio_lab.features.registry import FEATURE_VERSION
@@ -26,11 +35,13 @@ class ObservationFeatures:
     values: np.ndarray
     """float32 ``(T, F)`` aligned with the frame's rows; finite from ``first_valid`` on, 0.0 before."""
     names: list[str]
-    """Column names; extra timeframes are prefixed ``"<rule>:"``, regime columns are ``"regime:p<k>"``."""
+    """Column names; extra timeframes are prefixed ``"<rule>:"``, exogenous columns ``"exo:"``
+    (:mod:`sentio_lab.features.exogenous`), regime columns are ``"regime:p<k>"``."""
     first_valid: int
     """First row where every feature is defined (after the longest warm-up of all blocks)."""
     blocks: dict[str, slice]
-    """Column slice per block: ``"base"``, each extra timeframe, and ``"regime"`` when regimes > 0."""
+    """Column slice per block: ``"base"``, each extra timeframe, ``"exogenous"`` with exogenous series and
+    ``"regime"`` when regimes > 0."""
     state: dict
     """Everything fitted on the training range, as plain python values (lists, floats, str)."""
 
@@ -75,7 +86,12 @@ def _fit_state(raw: RawFeatures, fit: np.ndarray, config: FeatureConfig, base_fr
             raise ValueError(f"block {block!r}: every feature is constant on the training range")
         columns += [raw.names[i] for i in idx]
         block_sizes[block] = len(idx)
+    exo = block_sizes.get(EXOGENOUS_BLOCK, 0) if config.normalise != "none" else 0
     selected = train[:, [raw.names.index(c) for c in columns]]
+    exogenous = None
+    if config.exogenous:  # the exogenous block (the last of raw) is z-scored instead of normalised by the bank's rule
+        zscore = fit_zscore(selected[:, len(columns) - exo:]) if exo else None
+        exogenous = {"series": list(config.exogenous), "zscore": zscore}
     return {
         "version": FEATURE_VERSION,
         "config": config.fitted_fields(),
@@ -86,7 +102,8 @@ def _fit_state(raw: RawFeatures, fit: np.ndarray, config: FeatureConfig, base_fr
         "block_sizes": block_sizes,
         "dropped_constant": dropped_constant,
         "dropped_correlated": dropped_correlated,
-        "normaliser": _fit_normaliser(selected, config.normalise),
+        "normaliser": _fit_normaliser(selected[:, : len(columns) - exo], config.normalise),
+        "exogenous": exogenous,
         "regime": None,
     }
 
@@ -100,8 +117,9 @@ def _check_state(state: dict, config: FeatureConfig) -> None:
         raise ValueError(
             f"feature state has version {state['version']}, this code computes version {FEATURE_VERSION}"
         )
-    wanted = config.fitted_fields()
-    diff = {k: (state["config"].get(k), v) for k, v in wanted.items() if state["config"].get(k) != v}
+    # No "exogenous" key (a config without series, or a state saved before the field) means no series.
+    wanted, saved = {"exogenous": [], **config.fitted_fields()}, {"exogenous": [], **state["config"]}
+    diff = {k: (saved.get(k), v) for k, v in wanted.items() if saved.get(k) != v}
     if diff:
         raise ValueError(f"feature state was fitted with a different config (state, given): {diff}")
 
@@ -134,6 +152,23 @@ def _training_bar_freq(frame: pd.DataFrame, rows: np.ndarray) -> pd.Timedelta:
     return pd.Timedelta(int(np.median(gaps)), unit="ns") if len(gaps) else pd.Timedelta(0)
 
 
+def _with_exogenous(raw: RawFeatures, frame: pd.DataFrame, config: FeatureConfig,
+                    base_freq: pd.Timedelta) -> RawFeatures:
+    """``raw`` with the ``"exogenous"`` block appended (:func:`~sentio_lab.features.exogenous.exogenous_block`)
+    when ``config`` names series; ``raw`` itself otherwise."""
+    if not config.exogenous:
+        return raw
+    block = exogenous_block(frame.index, config.exogenous, base_freq)
+    width = raw.values.shape[1]
+    return RawFeatures(
+        values=np.column_stack([raw.values, block.values]),
+        names=raw.names + block.names,
+        blocks={**raw.blocks, EXOGENOUS_BLOCK: slice(width, width + len(block.names))},
+        first_valid=max(raw.first_valid, block.first_valid),
+        block_first_valid={**raw.block_first_valid, EXOGENOUS_BLOCK: block.first_valid},
+    )
+
+
 def _first_valid(raw: RawFeatures, config: FeatureConfig) -> int:
     """The first row whose observation is complete: every feature block's and the regime inputs' warm-up done."""
     return max(raw.first_valid, _regime.INPUT_LOOKBACK) if config.regimes else raw.first_valid
@@ -145,7 +180,8 @@ def warmup_rows(frame: pd.DataFrame, train_stop: int, config: FeatureConfig = Fe
     warm-up is not over within ``frame`` it is ``len(frame)`` (a lower bound)."""
     frame = _validated_frame(frame)
     base_freq = _training_bar_freq(frame, _training_rows(len(frame), train_stop, None))
-    return min(_first_valid(_raw_features(frame, config, base_freq), config), len(frame))
+    raw = _with_exogenous(_raw_features(frame, config, base_freq), frame, config, base_freq)
+    return min(_first_valid(raw, config), len(frame))
 
 
 def build_observation_features(
@@ -171,13 +207,15 @@ def build_observation_features(
     if state is not None:
         _check_state(state, config)
         base_freq = pd.Timedelta(int(state["base_freq_ns"]), unit="ns")
+        if config.exogenous and (state.get("exogenous") or {}).get("fitted"):
+            check_fingerprints(config.exogenous, state["exogenous"]["fitted"])
     else:
         # Inferred from the training rows only, so other bars cannot move timeframe buckets.
         base_freq = _training_bar_freq(frame, rows)
         if config.timeframes and base_freq <= pd.Timedelta(0):
             raise ValueError("cannot infer the base bar duration from fewer than 2 training rows")
 
-    raw = _raw_features(frame, config, base_freq)
+    raw = _with_exogenous(_raw_features(frame, config, base_freq), frame, config, base_freq)
     first_valid = _first_valid(raw, config)
     regime_inputs = None
     if config.regimes:
@@ -198,6 +236,10 @@ def build_observation_features(
                 f"warm-up of {first_valid} bars; at least {MIN_TRAIN_ROWS} are needed"
             )
         state = _fit_state(raw, fit, config, base_freq)
+        if config.exogenous:  # what the z-score was fitted on: a revised file is refused later (check_fingerprints)
+            through = int(bar_close_times(frame.index[[int(np.flatnonzero(fit)[-1])]], base_freq)[0])
+            state["exogenous"]["fitted"] = {"through_ns": through,
+                                            "sha256": released_fingerprints(config.exogenous, through)}
         if config.regimes:
             model = _regime.fit_regime_model(
                 regime_inputs,
@@ -216,7 +258,10 @@ def build_observation_features(
         raise ValueError(f"feature state expects column(s) the bank did not produce: {missing[:5]}")
     position = {name: i for i, name in enumerate(raw.names)}
     selected = raw.values[:, [position[c] for c in state["columns"]]]
-    normed = _apply_normaliser(selected, state["normaliser"], config.clip)
+    exo = state["block_sizes"].get(EXOGENOUS_BLOCK, 0) if (state.get("exogenous") or {}).get("zscore") else 0
+    normed = _apply_normaliser(selected[:, : selected.shape[1] - exo], state["normaliser"], config.clip)
+    if exo:
+        normed = np.column_stack([normed, apply_zscore(selected[:, -exo:], state["exogenous"]["zscore"], config.clip)])
     names = list(state["columns"])
     blocks: dict[str, slice] = {}
     start = 0

@@ -18,7 +18,7 @@ from sentio_lab.data import CLOSE_ONLY_OPTIONAL, OHLCV_COLUMNS
 #: Bumped whenever a producer's definition changes, so cached raw features are not reused.
 #: 2: zero-volume conventions (MFI, VWMA, RVOL, MARKETFI; exact window sums of volume), session close.
 FEATURE_VERSION = 2
-BANKS: tuple[str, ...] = ("basic", "talib", "close")
+BANKS: tuple[str, ...] = ("basic", "talib", "close", "slow")
 #: The "close" bank: the basic producers that read closes only (log returns, realised volatility), for close-only
 #: data (no open / high / low / volume; next-close fills).
 CLOSE_BANK: tuple[str, ...] = ("ret_1", "ret_5", "ret_20", "rvol_5", "rvol_20")
@@ -26,7 +26,7 @@ CLOSE_BANK: tuple[str, ...] = ("ret_1", "ret_5", "ret_20", "rvol_5", "rvol_20")
 
 def bank_optional_columns(bank: str) -> tuple[str, ...]:
     """The OHLCV columns ``bank``'s producers never read, which may therefore be absent or NaN (close-only data)."""
-    return CLOSE_ONLY_OPTIONAL if bank == "close" else ()
+    return CLOSE_ONLY_OPTIONAL if bank in ("close", "slow") else ()
 
 
 @dataclass(frozen=True)
@@ -100,12 +100,12 @@ def register_feature(
 
 def registered_producers(bank: str | None = None) -> list[FeatureProducer]:
     """Producers of ``bank`` in registration order: "basic", "talib" (includes basic), "close" (the basic
-    producers of :data:`CLOSE_BANK`) or None (all)."""
+    producers of :data:`CLOSE_BANK`), "slow" (:mod:`sentio_lab.features.slow`, closes only) or None (all)."""
     if bank is None:
         return list(FEATURE_REGISTRY.values())
     if bank not in BANKS:
         raise ValueError(f"unknown bank {bank!r}; use one of {BANKS}")
     if bank == "close":
         return [p for p in FEATURE_REGISTRY.values() if p.name in CLOSE_BANK]
-    wanted = {"basic"} if bank == "basic" else {"basic", "talib"}
+    wanted = {"basic": {"basic"}, "talib": {"basic", "talib"}, "slow": {"slow"}}[bank]
     return [p for p in FEATURE_REGISTRY.values() if p.bank in wanted]

@@ -5,7 +5,8 @@ and the look-back checks count it; :mod:`sentio_lab.env.splits` has the vocabula
 the longest registered producer lookback; a higher-timeframe (HTF) producer with lookback ``L`` reads ``L + 1``
 complete HTF bars plus the still-open bucket, so it spans up to ``(L + 2) * B - 1`` base bars with ``B`` base bars
 per HTF bar (:func:`htf_span_bound`; on the actual calendar when the frame is given, :func:`htf_span`); the HMM
-inputs add :data:`sentio_lab.features.regime.INPUT_LOOKBACK`.
+inputs add :data:`sentio_lab.features.regime.INPUT_LOOKBACK`; exogenous series count how long before a row the oldest
+period they show began (:func:`sentio_lab.features.exogenous.exogenous_span`, on the frame's calendar).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import pandas as pd
 from sentio_lab.data import infer_bar_freq
 from sentio_lab.data.timeframes import resample_causal
 from sentio_lab.features.config import FeatureConfig
+from sentio_lab.features.exogenous import exogenous_span
 from sentio_lab.features.regime import INPUT_LOOKBACK
 from sentio_lab.features.registry import registered_producers
 
@@ -64,7 +66,7 @@ def feature_span(
 
     Every block runs the same producers, so ``L`` is the bank's longest registered lookback. HTF blocks use the
     span on ``frame``'s own calendar when given (:func:`htf_span`), else :func:`htf_span_bound` with
-    ``bars_per_htf_bar[rule]``.
+    ``bars_per_htf_bar[rule]``; exogenous series need ``frame``.
     """
     lookback = max((p.lookback for p in registered_producers(config.bank)), default=0)
     span = max(lookback, INPUT_LOOKBACK if config.regimes else 0)
@@ -75,4 +77,10 @@ def feature_span(
             span = max(span, htf_span_bound(lookback, bars_per_htf_bar[rule]))
         else:
             raise ValueError(f"timeframe {rule!r}: pass the frame or bars_per_htf_bar[{rule!r}] to size its span")
+    exogenous = getattr(config, "exogenous", ())
+    if exogenous:
+        if frame is None:
+            raise ValueError(f"exogenous series {list(exogenous)}: pass the frame to size their span")
+        base = infer_bar_freq(frame) if base_freq is None else base_freq
+        span = max(span, exogenous_span(frame.index, exogenous, base))
     return span

@@ -35,7 +35,7 @@ def test_help_shows_one_box_per_group_the_choices_and_the_module_usage(name, cap
     assert f"usage: python -m sentio_lab.{name}" in text
     for group in GROUPS:
         assert f"{group} options" in text, group
-    for choices in ("{cpu,cuda,auto}", "{offline,online,disabled}", "{refuse,allow}", "{basic,talib,close}",
+    for choices in ("{cpu,cuda,auto}", "{offline,online,disabled}", "{refuse,allow}", "{basic,talib,close,slow}",
                     "{next_open,next_close}",
                     "{robust,rank,none}", "{none,corwin_schultz,abdi_ranaldo}", "{none,sqrt,almgren_chriss}",
                     "{cancel,carry}", "{bar,forecast}"):

@@ -11,7 +11,6 @@ import pandas as pd
 import pytest
 import torch
 
-from sentio_lab.agents.arguments import FeatureArgs
 from sentio_lab.data import load_market
 from sentio_lab.env import MarketArrays, NumpyTradingEnv, TradingEnv
 from sentio_lab.env.anchor import AnchorConfig, anchored_targets, check_tilts
@@ -443,19 +442,37 @@ def test_anchor_config_from_a_baseline_name(market):
     assert config.bounds((0.0, 1.0)) == (0.0, 1.0) and config.bounds((-1.0, 0.0, 2.0)) == (-1.0, 2.0)
 
 
-def env_options(args, market):
-    """The env-options hook of :class:`AnchoredArgs` (evaluate.env_options finds it by the class's module)."""
-    return {"anchor": AnchorConfig(benchmark_weights("buy_and_hold", market), tilts=args.tilts)}
-
-
-class AnchoredArgs:
-    features = FeatureArgs(window=8)  # a variant's Args reads the window through its features group
-    tilts = (0.0, 0.5, 1.0)
-
-
 def test_agent_obs_dim_counts_the_benchmark_block(market):
-    from sentio_lab.agents.variants import agent_obs_dim
+    from sentio_lab import ppo
+    from sentio_lab.agents.variants import agent_obs_dim, env_options
 
-    options = env_options(AnchoredArgs(), market)
+    args = ppo.Args.from_flat(window=8, anchor="buy_and_hold", tilts=(0.0, 0.5, 1.0))
+    options = env_options(args, market)
+    np.testing.assert_array_equal(options["anchor"].benchmark, benchmark_weights("buy_and_hold", market))
     env = TradingEnv(market.arrays, window=8, episode_length=10, **options)
-    assert agent_obs_dim(AnchoredArgs(), market) == env.obs_dim == 8 * market.arrays.features.shape[1] + 2
+    assert agent_obs_dim(args, market) == env.obs_dim == 8 * market.arrays.features.shape[1] + 2
+    assert env.num_actions == 3
+
+
+# ----------------------------------------------------------------------------------------- shadow account ruin
+def test_a_ruined_shadow_account_stays_flat_at_the_floor(nasdaq):
+    """A 3x leveraged short benchmark through a rally: its mark falls below 0; from that bar the shadow account is
+    flat at the floor (no NaN, no later jump), in the torch env and the numpy reference alike."""
+    from sentio_lab.env.arrays import _MIN_EQUITY
+
+    frame, arrays = nasdaq
+    start = 3000
+    close = arrays.close.copy()
+    close[start + 5 : start + 40] *= np.linspace(1.1, 1.6, 35)  # a rally a 3x short does not survive
+    rally = dataclasses.replace(arrays, close=close, fill_price="next_close")
+    anchor = AnchorConfig(np.full(len(frame), -3.0), tilts=(0.0, 3.0), limits=(-3.0, 3.0), excess_reward=True)
+    actions = np.full((60, 1), 1)  # the agent stays flat (-3 + 3) and survives the rally its benchmark does not
+    ours = torch_run(rally, anchor, actions, [start], costs=CostModel())
+    reference = numpy_run(rally, anchor, actions, [start], costs=CostModel())
+    bench = ours["benchmark_equity"][:, 0]
+    ruined = np.flatnonzero(bench == _MIN_EQUITY)
+    assert len(ruined) and (bench[ruined[0]:] == _MIN_EQUITY).all()
+    assert np.isfinite(ours["reward"]).all() and np.isfinite(reference["reward"]).all()
+    np.testing.assert_allclose(reference["benchmark_equity"][:, 0], bench, rtol=TOL, atol=0)
+    assert (ours["equity"][:, 0] == 1.0).all() and ours["reward"][ruined[0], 0] > 0  # -log(1e-12 / prev): once
+    np.testing.assert_array_equal(ours["reward"][ruined[0] + 1 :, 0], 0.0)  # then nothing: flat at the floor

@@ -42,9 +42,6 @@ def test_golden_was_executed_from_this_notebook():
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="open: the tampered copy run from reports/nbval_check/ also fails its cell 8 since the "
-                   "placebo cells were added (the golden itself passes nbval in make test); see the stop note",
-                   strict=False)
 def test_nbval_fails_when_a_reported_number_moves():
     nb = json.loads(GOLDEN.read_text())
     moved = False

@@ -62,6 +62,28 @@ def mlp(in_dim: int, hidden: int, out_dim: int, out_std: float, layers: int = 2)
     return nn.Sequential(*modules)
 
 
+@torch.no_grad()
+def favour_action(head: nn.Linear, action: int, probability: float) -> nn.Linear:
+    """Raise the bias of ``action`` in a policy head so that it is the greedy action for *every* input, and is
+    sampled with ``probability`` where the head's input is 0 (in place; returns ``head``).
+
+    The head reads tanh activations (every policy head of :func:`mlp`), so ``|h_j| <= 1`` and for any input
+    ``logit_i - logit_a = (w_i - w_a) . h + b_i - b_a <= ||w_i - w_a||_1 + b_i - b_a``. The bias of ``a`` is set to
+    ``max_i b_i + max(log(probability (K - 1) / (1 - probability)), max_i ||w_i - w_a||_1 + 0.1)``: the first term
+    gives the probability at ``h = 0`` (with the other biases equal, as initialised), the second, when larger,
+    keeps ``a`` the argmax with a margin of 0.1 over the largest change the weights can make. With the CleanRL
+    policy init (gain 0.01) the weight bound is ~0.1, so the probability is what is asked for.
+    """
+    k = head.out_features
+    if not 0 <= action < k or not 0.0 < probability < 1.0:
+        raise ValueError(f"favour_action: action {action} of {k}, probability {probability} (need 0 < p < 1)")
+    others = torch.arange(k, device=head.bias.device) != action
+    bound = (head.weight[others] - head.weight[action]).abs().sum(-1).max().item()
+    log_odds = float(np.log(probability * (k - 1) / (1.0 - probability)))
+    head.bias[action] = head.bias[others].max() + max(log_odds, bound + 0.1)
+    return head
+
+
 def check_mask(mask: torch.Tensor, num_actions: int, rows: bool = True) -> torch.Tensor:
     """``mask`` as a bool tensor ``(..., num_actions)``; a row without a single valid action is a ValueError.
 
