@@ -139,9 +139,10 @@ def train(args: Args, *, market: PreparedMarket | None = None, env: Any | None =
                     agent.obs_norm.update(next_obs)
                 obs[step] = norm_obs = agent.normalise(next_obs)
                 dones[step] = next_done
-                # the env's masks after its last reset / step (auto-resets included): this decision's valid actions
+                # the env's masks after its last reset / step (auto-resets included): this decision's valid actions;
+                # their rows are checked once per rollout (below), not here: no host sync per step for that
                 masks[step] = mask = env.action_masks().to(device)
-                action, logprob, _, value = agent.get_action_and_value(norm_obs, mask=mask)
+                action, logprob, _, value = agent.get_action_and_value(norm_obs, mask=mask, mask_checked=True)
                 values[step] = value
             actions[step] = action
             logprobs[step] = logprob
@@ -149,14 +150,19 @@ def train(args: Args, *, market: PreparedMarket | None = None, env: Any | None =
             next_obs, reward, terminated, truncated, info = env.step(action)
             state.episode_return += reward
             reward = reward.to(torch.float32) * args.env.reward_scale
-            if bool(truncated.any()):  # the window ended, the market did not: bootstrap V(where we would be next)
+            done = terminated | truncated
+            any_truncated, any_done = torch.stack([truncated.any(), done.any()]).tolist()  # one host sync
+            if any_truncated:  # the window ended, the market did not: bootstrap V(where we would be next)
                 with torch.no_grad():
                     final_value = agent.get_value(agent.normalise(info["final_obs"]))
                 reward = bootstrap_truncated(reward, final_value, truncated, hp.gamma)
             rewards[step] = reward
-            done = terminated | truncated
             next_done = done.to(torch.float32)
-            run.end_episodes(state, done)
+            if any_done:
+                run.end_episodes(state, done)
+
+        # ---- every stored decision allowed some action (one check per rollout, before anything uses it)
+        check_rollout_masks(masks)
 
         # ---- bootstrap value and GAE
         with torch.no_grad():
@@ -179,7 +185,8 @@ def train(args: Args, *, market: PreparedMarket | None = None, env: Any | None =
                     x.index_select(0, mb_inds) for x in batch
                 )
                 # the rollout's masks, not today's: old and new log-probabilities of the same masked distribution
-                _, newlogprob, entropy, newvalue = agent.get_action_and_value(mb_obs, mb_actions, mask=mb_masks)
+                _, newlogprob, entropy, newvalue = agent.get_action_and_value(mb_obs, mb_actions, mask=mb_masks,
+                                                                              mask_checked=True)
                 logratio = newlogprob - mb_logprobs
                 ratio = logratio.exp()
                 with torch.no_grad():
@@ -217,6 +224,17 @@ def train(args: Args, *, market: PreparedMarket | None = None, env: Any | None =
             break
 
     return run.finish(iteration, save, agent, state)
+
+
+def check_rollout_masks(masks: torch.Tensor) -> None:
+    """Raise a ValueError naming the first rollout step and env (up to 10) whose stored mask ``(num_steps, num_envs,
+    num_actions)`` allows no action; one host sync for the whole rollout. (:class:`TradingEnv` already refuses to
+    hand out such a mask; an env passed in by a caller might not.)"""
+    empty = ~masks.any(-1)
+    if bool(empty.any()):
+        where = [(int(s), int(e)) for s, e in torch.nonzero(empty)[:10].tolist()]
+        raise ValueError(f"action masks: (rollout step, env) {where} (first 10) allow no action; an env's "
+                         "action_masks() must leave at least one valid action in every row")
 
 
 def _mask_counts(env: Any, kind: str) -> dict[str, float]:

@@ -17,8 +17,11 @@ Measured, each in its own wall-clock window after a warm-up call:
   ``evaluate_policies`` over all pairs in one call, e.g. 1x1000 (one agent, 1,000 starts) and 20x50.
 
 The serial episodes are also compared with the batched results of the same pairs (weights and equity bit for
-bit), so the speed-up is for identical output. Wall seconds come from ``time.perf_counter``; with
-``--repeats R`` each measurement is repeated and the fastest kept. Goal (issue 6 section 3): the batched
+bit), so the speed-up is for identical output. Wall seconds come from ``time.perf_counter``. Timing discipline
+(``_timing.py``, as the other benchmarks): the measurements run ``--repeats`` times (default 3) **interleaved**
+(serial, batched A, batched B, serial, ...); each keeps its **median** seconds and its **spread** (max - min) /
+median, and a speed-up is refused (``unreliable: ...``) when a side's runs spread wider than
+``_timing.SPREAD_LIMIT`` or number fewer than 3. Goal (issue 6 section 3): the batched
 evaluation of 1,000 x 252 in under 10 s on the project's 2-core machine.
 
 Run ``python experiments/benchmarks/bench_evaluation.py --help``.
@@ -44,6 +47,10 @@ import torch
 _REPO = Path(__file__).resolve().parents[2]
 if str(_REPO) not in sys.path:
     sys.path.insert(0, str(_REPO))
+if str(_REPO / "experiments" / "benchmarks") not in sys.path:
+    sys.path.insert(0, str(_REPO / "experiments" / "benchmarks"))
+
+import _timing  # noqa: E402
 
 from sentio_lab import ppo  # noqa: E402
 from sentio_lab.data import Split  # noqa: E402
@@ -56,7 +63,7 @@ from sentio_lab.features import FeatureConfig  # noqa: E402
 GOAL_SECONDS = 10.0
 
 QUICK = {"episodes": 12, "episode_length": 20, "layouts": ["1x12", "3x4"], "serial_episodes": 3, "window": 8,
-         "hidden": 16}
+         "hidden": 16, "repeats": 1}
 
 
 def parse_layout(text: str) -> tuple[int, int]:
@@ -85,7 +92,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="bars of feature history per observation")
     p.add_argument("--hidden", type=int, default=ppo.Args().ppo.hidden_size, help="hidden units of the 2-layer MLP")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
-    p.add_argument("--repeats", type=int, default=1, help="repeat each measurement and keep the fastest")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="interleaved repeats of each measurement; the median is kept, speed-ups need >= 3 runs "
+                        "and a narrow spread (_timing.py)")
     p.add_argument("--device", default="cpu", help="device of the batched env and forward passes")
     p.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test, not a measurement)")
     p.add_argument("--json", type=Path, default=None, help="write the results here as JSON")
@@ -144,14 +153,19 @@ def make_agents(market: PreparedMarket, n: int, window: int, hidden: int) -> lis
     return agents
 
 
-def _best_of(repeats: int, fn: Any) -> tuple[float, Any]:
-    """Fastest wall seconds of ``repeats`` calls of ``fn`` and the last result."""
-    best, out = float("inf"), None
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t0)
-    return best, out
+def measure_interleaved(calls: dict[str, Any], repeats: int, clock: Any = time.perf_counter,
+                        ) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """Time every call once per round, ``repeats`` rounds (``_timing.interleave``) on ``clock``: per name the median
+    seconds with spread and every run (``_timing.median_run`` on ``seconds``), and its last result."""
+    last: dict[str, Any] = {}
+
+    def timed(name: str) -> dict[str, float]:
+        t0 = clock()
+        last[name] = calls[name]()
+        return {"seconds": clock() - t0}
+
+    runs = _timing.interleave({name: (lambda name=name: timed(name)) for name in calls}, repeats)
+    return {name: _timing.median_run(r, key="seconds") for name, r in runs.items()}, last
 
 
 def _same(a: Evaluation, b: Evaluation) -> bool:
@@ -174,14 +188,19 @@ def _load() -> list[float]:
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    """One line per measurement: wall seconds, episodes/s, steps/s, speed-up over the serial loop."""
+    """One line per measurement: median wall seconds, episodes/s, steps/s, speed-up over the serial loop (or why
+    none is given), spread of the runs."""
     head = (f"{'measurement':<37} | {'episodes':>8} | {'wall s':>9} | {'episodes/s':>10} | {'steps/s':>10} | "
             f"{'speed-up':>8}")
+    head += f" | {'spread':>7}"
     lines = [head, "-" * len(head)]
     for r in rows:
         note = " (extrapolated)" if r.get("extrapolated") else ""
+        speedup = "-" if r.get("speedup_check") is None else (
+            f"{r['speedup']:.1f}x" if r["speedup"] is not None else r["speedup_check"]["text"])
         lines.append(f"{r['name'] + note:<37} | {r['episodes']:>8} | {r['seconds']:>9.2f} | "
-                     f"{r['episodes_per_s']:>10.1f} | {r['steps_per_s']:>10,.0f} | {r['speedup']:>7.1f}x")
+                     f"{r['episodes_per_s']:>10.1f} | {r['steps_per_s']:>10,.0f} | {speedup:>8} | "
+                     f"{r['spread']:>7.1%}")
     return "\n".join(lines)
 
 
@@ -214,31 +233,34 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     evaluate_policy(agents[0], market, range_name=name_of[all_starts[0]], **kw)
     evaluate_policies(agents[:2], market, [name_of[x] for x in all_starts[:2]], device=cli.device, **kw)
 
-    batched_rows, batched_results = [], {}
-    for a, s in cli.layouts:
-        names = [name_of[x] for x in layout_starts[(a, s)]]
-        seconds, result = _best_of(cli.repeats, lambda a=a, names=names: evaluate_policies(
-            agents[:a], market, names, device=cli.device, **kw))
-        batched_results[(a, s)] = result
-        batched_rows.append({"name": f"batched {a}x{s}", "agents": a, "starts": s, "episodes": a * s,
-                             "seconds": seconds})
-        print(f"batched {a}x{s}: {seconds:.2f} s", flush=True)
-
     # serial: a subset of the pairs of the layout with the most agents, spread over them
     a_max, s_max = max(cli.layouts)
     pairs = [(i, x) for i in range(a_max) for x in layout_starts[(a_max, s_max)]]
     k = len(pairs) if cli.serial_episodes <= 0 else min(cli.serial_episodes, len(pairs))
     subset = [pairs[int(p)] for p in np.linspace(0, len(pairs) - 1, k).round()]
-    serial_out: list[Evaluation] = []
 
-    def run_serial() -> None:
-        serial_out.clear()
-        for i, x in subset:
-            serial_out.append(evaluate_policy(agents[i], market, range_name=name_of[x], **kw))
+    def run_serial() -> list[Evaluation]:
+        return [evaluate_policy(agents[i], market, range_name=name_of[x], **kw) for i, x in subset]
 
-    measured, _ = _best_of(cli.repeats, run_serial)
+    calls: dict[str, Any] = {"serial": run_serial}
+    for a, s in cli.layouts:
+        names = [name_of[x] for x in layout_starts[(a, s)]]
+        calls[f"batched {a}x{s}"] = lambda a=a, names=names: evaluate_policies(
+            agents[:a], market, names, device=cli.device, **kw)
+    timings, last = measure_interleaved(calls, cli.repeats)  # serial, batched A, batched B, serial, ...
+
+    batched_rows = []
+    for a, s in cli.layouts:
+        t = timings[f"batched {a}x{s}"]
+        batched_rows.append({"name": f"batched {a}x{s}", "agents": a, "starts": s, "episodes": a * s,
+                             "seconds": t["seconds"], "spread": t["spread"], "runs": t["n"],
+                             "all_seconds": t["all_seconds"]})
+        print(f"batched {a}x{s}: {t['seconds']:.2f} s (median of {t['n']}, spread {t['spread']:.1%})", flush=True)
+
+    serial_out: list[Evaluation] = last["serial"]
+    measured = timings["serial"]["seconds"]
     column = {x: j for j, x in enumerate(layout_starts[(a_max, s_max)])}
-    reference = batched_results[(a_max, s_max)]
+    reference = last[f"batched {a_max}x{s_max}"]
     identical = all(_same(ev, reference[i][column[x]]) for (i, x), ev in zip(subset, serial_out, strict=True))
     extrapolated = k < cli.episodes
     serial_seconds = measured * cli.episodes / k
@@ -246,12 +268,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                                          if extrapolated else ""), flush=True)
 
     steps = cli.episodes * cli.episode_length
-    rows = [{"name": "serial evaluate_policy", "episodes": cli.episodes, "seconds": serial_seconds,
-             "measured_episodes": k, "measured_seconds": measured, "extrapolated": extrapolated}] + batched_rows
+    serial_row = {"name": "serial evaluate_policy", "episodes": cli.episodes, "seconds": serial_seconds,
+                  "measured_episodes": k, "measured_seconds": measured, "extrapolated": extrapolated,
+                  "spread": timings["serial"]["spread"], "runs": timings["serial"]["n"],
+                  "all_seconds": [x * cli.episodes / k for x in timings["serial"]["all_seconds"]]}
+    rows = [serial_row] + batched_rows
     for r in rows:
         r["episodes_per_s"] = r["episodes"] / r["seconds"]
         r["steps_per_s"] = r["episodes"] * cli.episode_length / r["seconds"]
-        r["speedup"] = serial_seconds / r["seconds"]
+    for r in batched_rows:  # serial seconds / batched seconds, refused when either side's runs disagree
+        check = _timing.ratio({"seconds": serial_seconds, "spread": serial_row["spread"], "n": serial_row["runs"]},
+                              {"seconds": r["seconds"], "spread": r["spread"], "n": r["runs"]}, key="seconds")
+        r["speedup"], r["speedup_check"] = check["ratio"], check
     goal_applies = cli.episodes >= 1000 and cli.episode_length >= 252
     goals = {f"batched_{r['agents']}x{r['starts']}_under_{GOAL_SECONDS:g}s": r["seconds"] < GOAL_SECONDS
              for r in batched_rows}
@@ -264,8 +292,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                      "hidden": cli.hidden, "obs_dim": obs_dim, "positions": list(positions),
                      "serial_episodes": k, "repeats": cli.repeats, "threads": cli.threads, "device": cli.device,
                      "quick": cli.quick},
-        "timing": "wall seconds (time.perf_counter) of one call per measurement after a warm-up, fastest of "
-                  "--repeats; serial = evaluate_policy per episode" + (
+        "timing": "wall seconds (time.perf_counter) of one call per measurement after a warm-up, median of "
+                  "--repeats interleaved runs; serial = evaluate_policy per episode" + (
                       f", measured on {k} episodes and scaled to {cli.episodes}" if extrapolated else ""),
         "results": rows,
         "serial_identical_to_batched": identical,

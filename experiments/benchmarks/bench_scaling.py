@@ -6,11 +6,15 @@ Two measurements (``--part ddp``, ``--part tune`` or both):
   processes (``--processes``; gloo on CPU, torch.multiprocessing spawn, one torch thread per process). Each rank
   times its own ``train`` call after a barrier (the market is prepared before, compile / import time is not
   counted); steps/s = total env steps / the slowest rank's seconds. K = 1 is a plain single-process run.
+  The process counts run ``--repeats`` times (default 3) interleaved (1 2 1 2 ...); each keeps its median steps/s
+  and its spread, and the speed-up over the first count is refused (``unreliable: ...``) when a side's runs spread
+  wider than ``_timing.SPREAD_LIMIT`` or number fewer than 3 (``experiments/benchmarks/_timing.py``).
   With ``--device cuda`` the same at 1 GPU per process (NCCL); without a GPU it is skipped and says so.
 * **tune**: ``sentio_lab.scale.tune`` with ``--scheduler pbt`` and ``--scheduler random`` on the same population
   (same initial configurations and seeds, ``--trials`` x ``--iterations`` x ``--steps-per-iteration`` env steps
   each): the best validation Sharpe reached (last and any iteration), the champion's test figures and DSR, and
-  wall seconds, each on a fresh local Ray instance with ``--ray-cpus`` CPUs.
+  wall seconds, each on a fresh local Ray instance with ``--ray-cpus`` CPUs (a comparison of results at equal
+  compute, not of speed: run once).
 
 Results go to ``--json`` (and stdout). Run ``python experiments/benchmarks/bench_scaling.py --help``.
 """
@@ -36,8 +40,12 @@ import torch.multiprocessing as mp
 from sentio_lab import ppo
 from sentio_lab.scale import distributed
 
+if str(Path(__file__).resolve().parent) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _timing  # noqa: E402
+
 QUICK = {"timesteps": 2048, "num_envs": 16, "num_steps": 32, "processes": [1, 2], "trials": 2, "iterations": 2,
-         "steps_per_iteration": 512}
+         "steps_per_iteration": 512, "repeats": 1}
 
 
 def _free_port() -> int:
@@ -70,21 +78,30 @@ def _rank(rank: int, world: int, port: int, options: argparse.Namespace, out: st
         distributed.shutdown()
 
 
+def _ddp_once(world: int, options: argparse.Namespace) -> dict[str, Any]:
+    """One DDP run at ``world`` processes: env steps, the slowest rank's seconds, steps/s."""
+    with tempfile.TemporaryDirectory() as out:
+        mp.spawn(_rank, args=(world, _free_port(), options, out), nprocs=world, join=True)
+        ranks = [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(world)]
+    seconds = max(r["seconds"] for r in ranks)
+    return {"processes": world, "env_steps": ranks[0]["steps"], "seconds": seconds,
+            "steps_per_s": ranks[0]["steps"] / seconds, "num_envs_per_process": options.num_envs // world}
+
+
 def bench_ddp(options: argparse.Namespace) -> list[dict[str, Any]]:
-    """Steps/s of data-parallel PPO at each process count."""
+    """Steps/s of data-parallel PPO at each process count: the median of ``--repeats`` interleaved runs, its
+    spread, and the speed-up over the first count (None, with the reason in ``speedup_check``, when unreliable)."""
     if options.device.startswith("cuda") and not torch.cuda.is_available():
         return [{"skipped": "no CUDA device here: GPU figures not measured"}]
-    rows = []
-    for world in options.processes:
-        with tempfile.TemporaryDirectory() as out:
-            mp.spawn(_rank, args=(world, _free_port(), options, out), nprocs=world, join=True)
-            ranks = [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(world)]
-        seconds = max(r["seconds"] for r in ranks)
-        rows.append({"processes": world, "env_steps": ranks[0]["steps"], "seconds": seconds,
-                     "steps_per_s": ranks[0]["steps"] / seconds, "num_envs_per_process": options.num_envs // world})
-    base = rows[0]["steps_per_s"]
+    calls = {world: (lambda world=world: _ddp_once(world, options)) for world in options.processes}
+    runs = _timing.interleave(calls, options.repeats)
+    rows = [_timing.median_run(runs[world]) for world in options.processes]
     for row in rows:
-        row["speedup_vs_first"] = row["steps_per_s"] / base
+        check = _timing.ratio(row, rows[0])
+        row["speedup_vs_first"], row["speedup_check"] = check["ratio"], check
+    for row in rows:
+        print(f"processes {row['processes']}: {row['steps_per_s']:,.0f} steps/s (spread {row['spread']:.1%}, "
+              f"{row['n']} runs), speed-up {row['speedup_check']['text']}")
     return rows
 
 
@@ -124,6 +141,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--num-steps", type=int, default=128)
     p.add_argument("--processes", type=int, nargs="+", default=[1, 2])
     p.add_argument("--device", default="cpu", help="cpu (gloo) or cuda (NCCL, one GPU per process)")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved DDP runs per process count (median kept)")
     p.add_argument("--trials", type=int, default=4)
     p.add_argument("--iterations", type=int, default=6)
     p.add_argument("--steps-per-iteration", type=int, default=8192)

@@ -16,6 +16,12 @@ and every precision in ``--precisions`` (fp32, bf16), one PPO run of ``--iterati
 * bf16 on the MLP: ``ppo`` has no ``--amp``; its run is wrapped in ``torch.autocast("cpu", torch.bfloat16)`` so the
   matmuls run in bf16 (a throughput measurement only, not a supported training mode of ``ppo``).
 
+Timing discipline (``_timing.py``, as the other benchmarks): at each N the candidates (model x precision) run
+``--repeats`` times (default 3) **interleaved** (A B C A B C ...), each in its own subprocess; the **median** steps/s
+is kept with its **spread** (max - min) / median, and the ratios (transformer / MLP at the same precision, bf16 /
+fp32 of the same model: the ``--amp`` question) are refused (``unreliable: ...``) when a side's runs spread wider
+than ``_timing.SPREAD_LIMIT`` or number fewer than 3. Peak memory is the median run's.
+
 Torch runs on ``--threads`` threads (2 = the machine's cores). Run ``python experiments/benchmarks/bench_transformer.py
 --help``; ``--quick`` is a smoke test (tiny sizes), not a measurement.
 """
@@ -41,11 +47,15 @@ import torch
 _REPO = Path(__file__).resolve().parents[2]
 if str(_REPO) not in sys.path:
     sys.path.insert(0, str(_REPO))
+if str(_REPO / "experiments" / "benchmarks") not in sys.path:
+    sys.path.insert(0, str(_REPO / "experiments" / "benchmarks"))
+
+import _timing  # noqa: E402
 
 MODELS = ("mlp", "transformer")
 PRECISIONS = ("fp32", "bf16", "fp16")
 QUICK = {"num_envs": [8], "num_steps": 4, "iterations": 2, "data_end": "2017-04-30", "episode_length": 32, "window": 8,
-         "token_counts": [3, 2], "d_model": 8}
+         "token_counts": [3, 2], "d_model": 8, "repeats": 1}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -65,6 +75,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--token-counts", type=int, nargs=2, default=[16, 10], help="4h and 1D tokens")
     p.add_argument("--d-model", type=int, default=32, help="transformer width")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="interleaved repeats of each measurement; the median is kept, ratios need >= 3 and a "
+                        "narrow spread (_timing.py)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test, not a measurement)")
     p.add_argument("--json", type=Path, default=None, help="write the results here as JSON")
@@ -137,6 +150,30 @@ def run_subprocess(model: str, precision: str, num_envs: int, argv: list[str]) -
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def summarise_runs(runs: dict[tuple[str, str], list[dict]]) -> list[dict[str, Any]]:
+    """One row per (model, precision) of one N: the median run (:func:`_timing.median_run`: steps/s median, spread,
+    every run's steps/s), and the ratios ``over_mlp`` (transformer / MLP, same precision) and ``over_fp32`` (this
+    precision / fp32, same model) as :func:`_timing.ratio` checks (None when the spreads are too wide)."""
+    rows = {c: {**_timing.median_run(r), "model": c[0], "precision": c[1]} for c, r in runs.items()}
+    for (model, precision), row in rows.items():
+        mlp, fp32 = rows.get(("mlp", precision)), rows.get((model, "fp32"))
+        row["over_mlp"] = _timing.ratio(row, mlp) if model != "mlp" and mlp is not None else None
+        row["over_fp32"] = _timing.ratio(row, fp32) if precision != "fp32" and fp32 is not None else None
+    return list(rows.values())
+
+
+def format_table(results: list[dict[str, Any]]) -> str:
+    """The printed table: median steps/s, spread, memory, ratios (or their refusal)."""
+    lines = [f"{'model':<12}{'precision':<10}{'N':>6}{'steps/s':>10}{'spread':>8}{'peak MB':>9}{'added MB':>9}"
+             f"{'params':>8}  {'/ mlp':>34}  {'/ fp32':>34}"]
+    for r in results:
+        lines.append(f"{r['model']:<12}{r['precision']:<10}{r['num_envs']:>6}{r['steps_per_s']:>10,.0f}"
+                     f"{r['spread']:>8.1%}{r['peak_mb']:>9.0f}{r['peak_mb'] - r['rss_before_mb']:>9.0f}"
+                     f"{r['parameters']:>8}  {_timing.fmt_ratio(r['over_mlp'], 34)}  "
+                     f"{_timing.fmt_ratio(r['over_fp32'], 34)}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run every measurement (each in a subprocess), print a table, return (and optionally write) the results."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -146,7 +183,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(json.dumps(measure_one(model, precision, int(n), opts)))
         return {}
     child_argv = [a for a in argv if a != "--json" and not a.endswith(".json")]
-    results, skipped = [], []
+    candidates, skipped = [], []
     for model in opts.models:
         for precision in opts.precisions:
             if precision == "fp16" and torch.device(opts.device).type != "cuda":
@@ -155,12 +192,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if precision == "fp16" and model == "mlp":
                 skipped.append("mlp fp16: ppo has no GradScaler path")
                 continue
-            for n in opts.num_envs:
-                results.append(run_subprocess(model, precision, n, child_argv))
-    print(f"{'model':<12}{'precision':<10}{'N':>6}{'steps/s':>10}{'peak MB':>9}{'added MB':>9}{'params':>8}")
-    for r in results:
-        print(f"{r['model']:<12}{r['precision']:<10}{r['num_envs']:>6}{r['steps_per_s']:>10,.0f}"
-              f"{r['peak_mb']:>9.0f}{r['peak_mb'] - r['rss_before_mb']:>9.0f}{r['parameters']:>8}")
+            candidates.append((model, precision))
+    results = []
+    for n in opts.num_envs:  # per N: every candidate once per round (interleaved), --repeats rounds
+        calls = {c: (lambda c=c, n=n: run_subprocess(c[0], c[1], n, child_argv)) for c in candidates}
+        results += summarise_runs(_timing.interleave(calls, opts.repeats))
+    print(format_table(results))
     for note in skipped:
         print(f"skipped: {note}")
     out = {

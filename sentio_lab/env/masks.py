@@ -181,6 +181,10 @@ class Masker:
         if config.regime_threshold is not None and self.regime is None:
             raise ValueError("the regime rule needs MaskInputs.regime_prob")
         self.state: dict[str, Any] = {}
+        # The masks of the last checked decision, reused by apply() for the same decision (below), and the
+        # counter increments of the last apply(), committed by update() once the env's step has gone through.
+        self._cached: tuple[tuple[Any, ...], dict[str, Any], Any] | None = None
+        self._pending_counts: tuple[Any, Any] | None = None
         self.reset()
 
     def _array(self, values: np.ndarray) -> Any:
@@ -196,6 +200,7 @@ class Masker:
     def reset(self) -> None:
         """Fresh episodes: peak 1, guard off, no trade yet, counters at 0."""
         n, r = self.num_envs, len(self.names)
+        self._cached, self._pending_counts = None, None
         self.state = {
             "peak": self._full(n, 1.0, "f"), "guard": self._full(n, False, "b"),
             "since_trade": self._full(n, _NEVER, "i"), "period_trades": self._full(n, 0, "i"),
@@ -205,6 +210,7 @@ class Masker:
     def reset_where(self, done: Any) -> None:
         """Restart the episodes where ``done`` (auto-reset); counters keep counting."""
         xp, s = _xp(done), self.state
+        self._cached = None
         s["peak"] = xp.where(done, 1.0, s["peak"])
         s["guard"] = s["guard"] & ~done
         s["since_trade"] = xp.where(done, _NEVER, s["since_trade"])
@@ -216,6 +222,10 @@ class Masker:
         ``changed`` says which episodes changed level, ``equity`` is the new mark and ``steps`` the new step count.
         """
         xp, s, c = _xp(equity), self.state, self.config
+        self._cached = None
+        if self._pending_counts is not None:  # the counters of the step that just went through
+            hits, binds = self._pending_counts
+            s["counts"], s["binding"], self._pending_counts = s["counts"] + hits, s["binding"] + binds, None
         s["peak"] = xp.maximum(s["peak"], equity)
         if c.drawdown_threshold is not None:
             d = 1.0 - equity / s["peak"]
@@ -236,6 +246,7 @@ class Masker:
         missing = [name for name in STATE_NAMES if name not in state]
         if missing:
             raise ValueError(f"mask state lacks {missing} (saved without masks?)")
+        self._cached, self._pending_counts = None, None
         self.state = {name: (np.array(state[name]) if self.device is None else state[name].to(self.device).clone())
                       for name in STATE_NAMES}
 
@@ -302,36 +313,52 @@ class Masker:
         raise AssertionError("unreachable: some row was empty")
 
     def action_masks(self, t: Any, level: Any, equity: Any) -> Any:
-        """(N, A) bool: the valid actions of the decision at bars ``t``."""
-        return self.combine(self.rule_masks(t, level), t, level, equity)
+        """(N, A) bool: the valid actions of the decision at bars ``t`` (every row checked non-empty).
+
+        The rule masks and their checked AND are kept for :meth:`apply` of the same decision, so a step pays the
+        rules and the empty-row check (one host sync) once, not twice.
+        """
+        masks = self.rule_masks(t, level)
+        combined = self.combine(masks, t, level, equity)
+        if self.device is not None:
+            # the caller's copy of ``combined`` is the cached one: an in-place edit of it must not reach apply()
+            self._cached = (tuple((x, x._version) for x in (t, level, equity, combined)), masks, combined)
+        return combined
+
+    def _decision_masks(self, t: Any, level: Any, equity: Any) -> tuple[dict[str, Any], Any]:
+        """The rule masks and their checked AND for this decision: :meth:`action_masks`' when it was asked for the
+        same decision (the same ``t``, ``level`` and ``equity`` tensors, unchanged since), else computed now."""
+        if self._cached is not None and _same_decision(self._cached[0], t, level, equity, self._cached[2]):
+            return self._cached[1], self._cached[2]
+        masks = self.rule_masks(t, level)
+        return masks, self.combine(masks, t, level, equity)
 
     def apply(self, actions: Any, t: Any, level: Any, equity: Any) -> Any:
         """Enforce the masks on ``actions`` (valid level indices): refuse or map to the nearest valid level, and
         count per rule the chosen actions it masked (``counts``) and the rows where it masked any level
-        (``binding``). Returns the actions to fill."""
-        masks = self.rule_masks(t, level)
-        combined = self.combine(masks, t, level, equity)
+        (``binding``). Returns the actions to fill.
+
+        The counts are committed by the :meth:`update` that follows, so a step that fails after this call (e.g.
+        on an out-of-range action) leaves them unchanged. With ``"nearest"`` this costs no host sync (the
+        mapping is a ``where``); ``"refuse"`` pays one to know whether to raise.
+        """
+        masks, combined = self._decision_masks(t, level, equity)
         xp = _xp(combined)
         rows = xp.arange(len(t)) if xp is np else torch.arange(len(t), device=self.device)
         valid = combined[rows, actions]
-        if not bool(valid.all()):
-            if self.invalid_action == "refuse":
-                i = int(np.flatnonzero(~np.asarray(valid.tolist()))[0])
-                a = int(actions[i])
-                rules = [k for k, m in masks.items() if not bool(m[i, a])]
-                raise ValueError(
-                    f"step: action {a} (level {float(self.levels[a])}) of env {i} is masked by rule(s) {rules} at "
-                    f"bar t={int(t[i])}; the env is unchanged"
-                )
-        for j, m in enumerate(masks.values()):
-            hit = ~m[rows, actions]
-            bind = ~m.all(1)
-            if xp is np:
-                self.state["counts"][j] += int(hit.sum())
-                self.state["binding"][j] += int(bind.sum())
-            else:
-                self.state["counts"][j] += hit.sum()
-                self.state["binding"][j] += bind.sum()
+        if self.invalid_action == "refuse" and not bool(valid.all()):
+            i = int(np.flatnonzero(~np.asarray(valid.tolist()))[0])
+            a = int(actions[i])
+            rules = [k for k, m in masks.items() if not bool(m[i, a])]
+            raise ValueError(
+                f"step: action {a} (level {float(self.levels[a])}) of env {i} is masked by rule(s) {rules} at "
+                f"bar t={int(t[i])}; the env is unchanged"
+            )
+        hits = [(~m[rows, actions]).sum() for m in masks.values()]
+        binds = [(~m.all(1)).sum() for m in masks.values()]
+        if hits:
+            self._pending_counts = (np.array(hits), np.array(binds)) if xp is np else (torch.stack(hits),
+                                                                                      torch.stack(binds))
         if self.invalid_action == "nearest":
             actions = xp.where(valid, actions, nearest_valid(actions, combined, self.levels))
         return actions
@@ -339,6 +366,12 @@ class Masker:
     def counts(self, key: str = "counts") -> dict[str, int]:
         """``{rule: count}`` of the ``"counts"`` or ``"binding"`` counter."""
         return dict(zip(self.names, (int(v) for v in self.state[key].tolist()), strict=True))
+
+
+def _same_decision(cached: tuple[Any, ...], *tensors: Any) -> bool:
+    """Whether ``tensors`` are the very tensors of ``cached`` (:meth:`Masker.action_masks`' key), unchanged since:
+    the env replaces its state tensors at every step, and an in-place change bumps ``_version``."""
+    return all(x is old and x._version == version for x, (old, version) in zip(tensors, cached, strict=True))
 
 
 def nearest_valid(actions: Any, mask: Any, levels: Any) -> Any:

@@ -297,10 +297,10 @@ class TradingEnv:
         # assert) and reported below, in the one host sync the step needs anyway, before any state changes.
         bad = (actions < 0) | (actions >= self.num_actions)
         level = actions.clamp(0, self.num_actions - 1)  # a new tensor: the caller's must not move
-        if self.masker is not None:  # masks index by level: check the range first (one more sync, masks only)
-            if bool(bad.any()):
+        if self.masker is not None:  # apply() sees clamped levels; "refuse" checks the range first (it may raise)
+            if self.masker.invalid_action == "refuse" and bool(bad.any()):
                 raise _bad_actions_error(actions[bad], self.num_actions)
-            level = self.masker.apply(level, self.t, self.level, self.equity)
+            level = self.masker.apply(level, self.t, self.level, self.equity)  # its counts commit in update()
         next_t = self.t + 1
         if self.anchor is None:
             weights, changed = self.positions.index_select(0, level), level != self.level

@@ -33,7 +33,9 @@ def test_quick_run_reports_serial_and_batched_with_consistent_ratios(tmp_path, c
         assert r["seconds"] > 0
         assert math.isclose(r["episodes_per_s"], r["episodes"] / r["seconds"])
         assert math.isclose(r["steps_per_s"], r["episodes"] * q["episode_length"] / r["seconds"])
-        assert math.isclose(r["speedup"], serial["seconds"] / r["seconds"])
+    for r in batched:  # one run each (--quick): the speed-up is refused, never read off a single measurement
+        assert r["speedup"] is None and r["speedup_check"]["text"] == "unreliable: 1 run < 3"
+        assert r["runs"] == 1 and r["spread"] == 0.0
     assert out["serial_identical_to_batched"] is True  # the speed-up is for the same output
     assert set(out["goals"]) == {f"batched_{x}_under_10s" for x in q["layouts"]}
     assert out["settings"]["steps"] == q["episodes"] * q["episode_length"] and "--quick" in out["command"]
@@ -41,6 +43,7 @@ def test_quick_run_reports_serial_and_batched_with_consistent_ratios(tmp_path, c
 
     printed = capsys.readouterr().out
     assert "extrapolated" in printed and "speed-up" in printed and "batched 3x4" in printed
+    assert "unreliable: 1 run < 3" in printed
     assert "identical (bit for bit) to the batched ones: True" in printed
 
 
@@ -67,3 +70,14 @@ def test_layouts_must_add_up_to_the_episodes():
         bench.parse_args(["--episodes", "100", "--layouts", "3x30"])
     with pytest.raises(SystemExit):
         bench.parse_args(["--layouts", "20by50"])
+
+
+def test_measurements_are_interleaved_and_summarised_by_their_median():
+    bench = load_bench()
+    calls, clock = [], iter([0.0, 1.0, 1.0, 1.5, 10.0, 13.0, 13.0, 13.4, 20.0, 22.0, 22.0, 22.6])
+    timings, last = bench.measure_interleaved({"serial": lambda: calls.append("s") or len(calls),
+                                               "batched": lambda: calls.append("b") or len(calls)}, repeats=3,
+                                               clock=lambda: next(clock))
+    assert calls == ["s", "b", "s", "b", "s", "b"] and last == {"serial": 5, "batched": 6}
+    assert timings["serial"]["all_seconds"] == [1.0, 3.0, 2.0] and timings["serial"]["seconds"] == 2.0
+    assert math.isclose(timings["batched"]["seconds"], 0.5) and math.isclose(timings["batched"]["spread"], 0.4)

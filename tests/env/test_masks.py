@@ -416,3 +416,21 @@ def test_a_masked_state_does_not_load_into_an_unmasked_env():
     plain = TradingEnv(arr, num_envs=2, window=2, episode_length=20, positions=FIVE, costs=COSTS)
     with pytest.raises(ValueError, match="mask-rule state, but this env has no masks"):
         plain.load_state_dict(masked.state_dict())
+
+
+def test_a_failed_step_counts_nothing_and_an_edited_mask_is_not_reused():
+    # issue 18 s3: the counters commit after the step's one sync, and the masks action_masks() handed out are reused
+    # by step() only while nothing changed them (here the caller edits its copy in place)
+    arrays = market()
+    env = TradingEnv(arrays, num_envs=1, window=2, episode_length=40, positions=FIVE, stagger_starts=False,
+                     masks=MaskConfig(long_only=True))
+    env.reset(starts=[10])
+    env.action_masks()
+    with pytest.raises(ValueError, match="outside"):
+        env.step(torch.tensor([7]))  # out of range: clamped to a valid level for the masks, then refused
+    assert env.mask_counts == {"long_only": 0} and env.mask_binding == {"long_only": 0}
+    mask = env.action_masks()
+    mask[:] = True  # the caller's edit of its copy: -1 now looks valid to it, not to the env
+    env.step(torch.tensor([0]))
+    assert env.level.item() == FLAT  # mapped to the nearest valid level all the same
+    assert env.mask_counts == {"long_only": 1} and env.mask_binding == {"long_only": 1}

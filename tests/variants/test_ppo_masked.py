@@ -7,12 +7,13 @@ import sys
 import numpy as np
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 
 from sentio_lab import ppo, ppo_masked
 from sentio_lab.agents.checkpoint import CheckpointError, load_checkpoint
-from sentio_lab.agents.nets import MLPActorCritic
+from sentio_lab.agents.nets import MaskedCategorical, MLPActorCritic
 from sentio_lab.agents.variants import VARIANTS, action_masking, load_variant
-from sentio_lab.env.masks import MaskConfig
+from sentio_lab.env.masks import MaskConfig, Masker
 from sentio_lab.evaluation.episodes import evaluate_checkpoint, evaluate_policy
 
 #: rules that bind often on the announced market: no shorts, a 3-bar holding period, at most 2 trades per 8 steps
@@ -93,8 +94,8 @@ class _RecordingAgent(MLPActorCritic):
         super().__init__(*a, **k)
         self.rollout, self.first_update = [], None
 
-    def get_action_and_value(self, obs, action=None, mask=None):
-        out = super().get_action_and_value(obs, action, mask)
+    def get_action_and_value(self, obs, action=None, mask=None, mask_checked=False):
+        out = super().get_action_and_value(obs, action, mask, mask_checked)
         if action is None:
             self.rollout.append((obs.clone(), out[0].clone(), out[1].detach().clone(), mask.clone()))
         elif self.first_update is None:
@@ -163,3 +164,114 @@ def test_args_round_trip_through_a_dict_and_reject_unknown_enforcement():
     with pytest.raises(ValueError, match="invalid-action"):
         ppo_masked.Args.from_flat(invalid_action="ignore")
     assert np.isclose(ppo_masked.Args().ppo.learning_rate, ppo.Args().ppo.learning_rate)
+
+
+# ------------------------------------------------------------------------------------ host syncs (issue 18 s3)
+#: Tensor methods that copy device data to the host (a sync on an accelerator): scalars, lists, arrays, moves.
+_HOST_TRANSFERS = {"__bool__", "item", "tolist", "__int__", "__float__", "__index__", "numpy", "cpu", "nonzero"}
+
+
+class SyncCounter(TorchFunctionMode):
+    """Counts host transfers: the methods above, and indexing with a bool tensor (its shape depends on the data)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count, self.paused = 0, False
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if self.paused:
+            pass
+        elif name in _HOST_TRANSFERS or (name in ("__getitem__", "__setitem__") and len(args) > 1
+                                       and isinstance(args[1], torch.Tensor) and args[1].dtype == torch.bool):
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+class SyncsPerStep:
+    """Wraps an env and notes the sync count at every return of ``step``: the differences are the host syncs of
+    one rollout step (masks, policy, env step, bookkeeping), or of an update plus one step across iterations."""
+
+    def __init__(self, env, counter):
+        self.env, self.counter, self.marks, self.ended = env, counter, [], []
+
+    def __getattr__(self, name):
+        return getattr(self.env, name)
+
+    def step(self, action):
+        out = self.env.step(action)
+        self.marks.append(self.counter.count)
+        self.counter.paused = True  # the test's own look at the episodes that ended is no sync of the run's
+        self.ended.append(bool(out[4]["done"].any()))
+        self.counter.paused = False
+        return out
+
+
+def _syncs(variant, args, market, num_steps):
+    """(syncs of each rollout step inside an iteration, syncs from the last step of iteration 1 to the first of 2,
+    whether an episode ended at the step that starts each of the first, whether one ended at the step that ends it)."""
+    counter = SyncCounter()
+    env = SyncsPerStep(variant.make_env(args, market), counter)
+    with counter:
+        variant.train(args, market=market, env=env)
+    gaps = np.diff(env.marks)
+    boundary = num_steps - 1  # the gap that holds iteration 1's update
+    inside = np.delete(np.arange(len(gaps)), np.arange(boundary, len(gaps), num_steps))
+    return (gaps[inside].tolist(), int(gaps[boundary]), [env.ended[i] for i in inside],
+            [env.ended[i + 1] for i in inside])
+
+
+def test_masks_add_no_host_sync_per_step_and_one_per_rollout(tiny_args, masked_args, synthetic_market, monkeypatch):
+    # long episodes: several end inside the rollout (staggered starts), none by ruin; rules that bind
+    plain_args = tiny_args.replace(total_timesteps=8 * 12 * 2, num_steps=12)
+    args = masked_args.replace(total_timesteps=8 * 12 * 2, num_steps=12, masks=RULES)
+    checks = []
+    monkeypatch.setattr(ppo_masked, "check_rollout_masks",
+                        lambda masks, check=ppo_masked.check_rollout_masks: checks.append(check(masks)))
+    boundary = {}
+    for minibatches in (2, 4):
+        plain_steps, plain_boundary, _, _ = _syncs(ppo, plain_args.replace(num_minibatches=minibatches),
+                                                synthetic_market, 12)
+        masked_steps, masked_boundary, ended, resets = _syncs(ppo_masked, args.replace(num_minibatches=minibatches),
+                                                      synthetic_market, 12)
+        # per rollout step: ppo's syncs (was 5 more: mask AND check, policy check, range check, mask AND check
+        # again, validity check): 3 in all (masks, env step, truncation / ends) where no episode ends or restarts;
+        # after a step where one ended, one more than ppo (ppo's bookkeeping asks again whether one did)
+        assert sum(ended) > 0 and not all(ended)
+        assert [m - p for m, p in zip(masked_steps, plain_steps, strict=True)] == [int(e) for e in ended]
+        assert {m for m, e, r in zip(masked_steps, ended, resets, strict=True) if not e and not r} == {3}
+        boundary[minibatches] = masked_boundary - plain_boundary
+    # per update: the masked extra does not grow with the number of minibatches (was one check_mask per minibatch)
+    assert boundary[2] == boundary[4]
+    assert len(checks) == 2 * 2  # the rows of the stored masks: checked once per rollout
+
+
+def test_cached_masks_and_deferred_checks_give_the_eager_paths_results(masked_args, synthetic_market, monkeypatch):
+    # bit-identical to the path that computes every mask twice and checks every row on every call (the code before
+    # issue 18 s3): the golden is computed here from that path, not pasted
+    args = masked_args.replace(masks=RULES, total_timesteps=8 * 16 * 2)
+    fast = ppo_masked.train(args.replace(run_name="fast"), market=synthetic_market)
+    with monkeypatch.context() as m:
+        m.setattr(Masker, "_decision_masks", lambda self, t, level, equity: (
+            masks := self.rule_masks(t, level), self.combine(masks, t, level, equity)))
+        init = MaskedCategorical.__init__
+        m.setattr(MaskedCategorical, "__init__", lambda self, logits, mask=None, mask_checked=False: init(
+            self, logits, mask, mask_checked=False))
+        eager = ppo_masked.train(args.replace(run_name="eager"), market=synthetic_market)
+    assert weights_equal(fast.agent, eager.agent)
+    assert [{k: v for k, v in h.items() if k != "charts/SPS"} for h in fast.history] == [
+        {k: v for k, v in h.items() if k != "charts/SPS"} for h in eager.history]
+    assert any(v > 0 for k, v in fast.history[-1].items() if k.startswith("masks_binding/"))  # rules did bind
+
+
+def test_a_rollout_mask_without_a_valid_action_stops_the_run(masked_args, synthetic_market):
+    class EmptyRowEnv(RecordingEnv):
+        def action_masks(self):
+            mask = self.env.action_masks().clone()
+            mask[3] = False
+            return mask
+
+    args = masked_args.replace(masks=RULES)
+    env = EmptyRowEnv(ppo_masked.make_env(args, synthetic_market))
+    with pytest.raises(ValueError, match=r"\(rollout step, env\) \[\(0, 3\), \(1, 3\).*allow no action"):
+        ppo_masked.train(args, market=synthetic_market, env=env)

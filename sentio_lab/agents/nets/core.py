@@ -84,20 +84,23 @@ def favour_action(head: nn.Linear, action: int, probability: float) -> nn.Linear
     return head
 
 
-def check_mask(mask: torch.Tensor, num_actions: int) -> torch.Tensor:
+def check_mask(mask: torch.Tensor, num_actions: int, rows: bool = True) -> torch.Tensor:
     """``mask`` as a bool tensor ``(..., num_actions)``; a row without a single valid action is a ValueError.
 
     Never a silent fallback: with every logit masked a softmax would be uniform over *invalid* actions (or NaN).
-    The check costs one device sync per call, which the caller pays once per rollout step or minibatch.
+    The row check costs one host sync per call; ``rows=False`` checks dtype and shape only (no sync), for a
+    caller that checks the rows of a whole batch once instead (masked PPO: once per rollout, on its buffer).
     """
     if mask.dtype != torch.bool:
         raise TypeError(f"action mask must be a bool tensor, got dtype {mask.dtype}")
     if mask.shape[-1] != num_actions:
         raise ValueError(f"action mask has {mask.shape[-1]} actions, the policy {num_actions}")
+    if not rows:
+        return mask
     empty = ~mask.any(-1)
     if bool(empty.any()):
-        rows = torch.nonzero(empty).flatten().tolist()[:10]
-        raise ValueError(f"action mask: row(s) {rows} (first 10) have no valid action")
+        rows_found = torch.nonzero(empty.reshape(-1)).flatten().tolist()[:10]
+        raise ValueError(f"action mask: row(s) {rows_found} (first 10) have no valid action")
     return mask
 
 
@@ -112,10 +115,11 @@ class MaskedCategorical(Categorical):
     unmasked distribution (the same softmax of the same logits; ``torch.where`` passes them through).
     """
 
-    def __init__(self, logits: torch.Tensor, mask: torch.Tensor | None = None) -> None:
-        """``logits`` ``(..., K)``; ``mask`` bool ``(..., K)`` or None (see :func:`check_mask`)."""
+    def __init__(self, logits: torch.Tensor, mask: torch.Tensor | None = None, mask_checked: bool = False) -> None:
+        """``logits`` ``(..., K)``; ``mask`` bool ``(..., K)`` or None (see :func:`check_mask`); ``mask_checked``:
+        the caller has already checked that every row allows an action (skips that check and its host sync)."""
         if mask is not None:
-            mask = check_mask(mask, logits.shape[-1])
+            mask = check_mask(mask, logits.shape[-1], rows=not mask_checked)
             logits = torch.where(mask, logits, torch.finfo(logits.dtype).min)
         self.mask = mask
         super().__init__(logits=logits, validate_args=False)  # checks cost time, logits are finite
@@ -155,14 +159,16 @@ class MLPActorCritic(nn.Module):
         return self.critic(obs).squeeze(-1)
 
     def get_action_and_value(
-        self, obs: torch.Tensor, action: torch.Tensor | None = None, mask: torch.Tensor | None = None
+        self, obs: torch.Tensor, action: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+        mask_checked: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Sample (or score the given) actions: (action, log_prob, entropy, value).
 
         ``mask`` (bool, ``(B, num_actions)``) restricts the policy to the valid actions (:class:`MaskedCategorical`);
-        None is the plain categorical, bit for bit.
+        None is the plain categorical, bit for bit. ``mask_checked=True`` says the caller has checked its rows
+        (:func:`check_mask`), so this call costs no host sync.
         """
-        dist = MaskedCategorical(self.actor(obs), mask)
+        dist = MaskedCategorical(self.actor(obs), mask, mask_checked=mask_checked)
         if action is None:
             action = dist.sample()
         return action, dist.log_prob(action), dist.entropy(), self.get_value(obs)
