@@ -116,8 +116,8 @@ def recorded(monkeypatch):
         record = Record()
         original = agent_class.get_action_and_value
 
-        def recording(self, obs, action=None, mask=None):
-            out = original(self, obs, action, mask)
+        def recording(self, obs, action=None, mask=None, **options):  # options: e.g. masked PPO's mask_checked
+            out = original(self, obs, action, mask, **options)
             if action is None and self is not record.initial_agent:  # a rollout decision of the trained agent
                 if record.agent is None:
                     record.agent = self
