@@ -104,7 +104,10 @@ def anchor_from(args: Any, market: PreparedMarket) -> AnchorConfig | None:
 
 
 def anchor_options(args: Any, market: PreparedMarket) -> dict[str, Any]:
-    """``{"anchor": config}`` for an anchored run's env keywords, ``{}`` otherwise (:func:`anchor_from`)."""
+    """``{"anchor": config}`` for an anchored run's env keywords, ``{}`` otherwise (:func:`anchor_from`); arguments
+    without the env group (a hand-made arguments object) have no anchor."""
+    if getattr(args, "env", None) is None:
+        return {}
     anchor = anchor_from(args, market)
     return {} if anchor is None else {"anchor": anchor}
 
