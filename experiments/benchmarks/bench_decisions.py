@@ -11,11 +11,13 @@ What is measured (a script, not a timed test; ``--quick`` is a smoke test with t
 * **in process, one decision**: p50 / p99 latency of ``Policy.act`` on one observation (``--single-calls``
   calls), beside the one-row forward pass; and of :meth:`Policy.decide` from a bar history (features computed
   from the bars: sp500 from its first bar, the history the backtest saw);
-* **HTTP on loopback**: the service (:mod:`sentio_lab.deploy.service`) in its own process (uvicorn, one worker),
+* **HTTP on loopback**: the service (:mod:`sentio_lab.deploy.service`) in its own process (uvicorn; ``--workers``
+  processes),
   a load generator in this one: ``--connections`` keep-alive connections, each sending its next request when
   the previous answer is in (closed loop), bounded by ``--http-requests`` requests and ``--http-seconds``
   seconds per run, to 127.0.0.1 only. Single-decision requests (one ready observation), batches of
-  ``--http-batch`` instruments (ready observations), and single requests carrying a bar history (the features
+  ``--http-batch`` instruments (ready observations: a list of instrument objects, one ``observations`` matrix,
+  and the same matrix as base64 float32, ``observations_b64``), and single requests carrying a bar history (the features
   computed by the server). Requests/s and decisions/s over the run's wall time; p50 / p99 of each request's
   time from sending to the last byte of its answer. Every answer's status must be 200, and the answers of the
   first requests are checked against the in-process policy.
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import json
 import os
 import platform
@@ -77,6 +80,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--http-batch", type=int, default=100, help="instruments per batched HTTP request")
     p.add_argument("--connections", type=int, default=8, help="concurrent keep-alive connections of the load")
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (here and in the server)")
+    p.add_argument("--workers", type=int, default=1, help="server processes (uvicorn workers)")
     p.add_argument("--transformer-end", default="2017-04-30", help="last day of eurusd_1h for the transformer")
     p.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test, not a measurement)")
     p.add_argument("--json", type=Path, default=None, help="write the results here as JSON")
@@ -252,9 +256,10 @@ async def _load(port: int, requests: list[bytes], total: int, seconds: float, co
             "answers": answers}
 
 
-def start_server(port: int, threads: int, quick: bool) -> subprocess.Popen:
+def start_server(port: int, threads: int, quick: bool, workers: int = 1) -> subprocess.Popen:
     """This script in ``--serve`` mode (the MLP policy behind uvicorn) as a child process; waits for /health."""
-    command = [sys.executable, str(Path(__file__).resolve()), "--serve", str(port), "--threads", str(threads)]
+    command = [sys.executable, str(Path(__file__).resolve()), "--serve", str(port), "--threads", str(threads),
+               "--workers", str(workers)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(_REPO), os.environ.get("PYTHONPATH", "")])}
     child = subprocess.Popen(command + (["--quick"] if quick else []), env=env)
     deadline = time.monotonic() + 180
@@ -288,12 +293,17 @@ def http_runs(policy: Policy, obs: np.ndarray, opts: argparse.Namespace) -> dict
         "batch": ([request_bytes({"batch": [{"instrument": f"i{j}", "observation": row.tolist()}
                                             for j, row in enumerate(obs[b * k:(b + 1) * k])]})
                    for b in range(max(1, min(16, len(obs) // k)))], k, max(1, opts.http_requests // 10)),
+        "matrix": ([request_bytes({"observations": obs[b * k:(b + 1) * k].tolist()})
+                    for b in range(max(1, min(16, len(obs) // k)))], k, max(1, opts.http_requests // 10)),
+        "matrix_b64": ([request_bytes({"observations_b64": base64.b64encode(
+            obs[b * k:(b + 1) * k].astype("<f4").tobytes()).decode()})
+            for b in range(max(1, min(16, len(obs) // k)))], k, max(1, opts.http_requests // 10)),
         "bars": ([request_bytes({"instrument": "spx", "bars": {
             "time": [t.isoformat() for t in frame.index[:stop]],
             **{c: frame[c].iloc[:stop].tolist() for c in ("open", "high", "low", "close", "volume")}}})
             for stop in (len(frame), len(frame) - 1)], 1, max(1, opts.http_requests // 100)),
     }
-    server = start_server(port, opts.threads, opts.quick)
+    server = start_server(port, opts.threads, opts.quick, opts.workers)
     try:
         runs: dict[str, list[dict]] = {name: [] for name in kinds}
         for _ in range(opts.repeats):
@@ -321,11 +331,19 @@ def http_runs(policy: Policy, obs: np.ndarray, opts: argparse.Namespace) -> dict
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds the process ``pid`` has used (the server's cost per request, whatever the load)."""
+    """User + system CPU seconds the process ``pid`` and its live children (``--workers``) have used: the server's
+    cost per request, whatever the load."""
     import psutil
 
-    times = psutil.Process(pid).cpu_times()
-    return times.user + times.system
+    process = psutil.Process(pid)
+    total = 0.0
+    for each in (process, *process.children(recursive=True)):
+        try:
+            times = each.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += times.user + times.system
+    return total
 
 
 def check_answers(policy: Policy, obs: np.ndarray, kind: str, answers: dict[int, bytes], k: int, frame: Any) -> int:
@@ -335,7 +353,7 @@ def check_answers(policy: Policy, obs: np.ndarray, kind: str, answers: dict[int,
         if kind == "single":
             expected = [int(policy.act(obs[i][None])[0])]
             actions = [got["action"]]
-        elif kind == "batch":
+        elif kind in ("batch", "matrix", "matrix_b64"):
             expected = policy.act(obs[i * k:(i + 1) * k]).tolist()
             actions = [d["action"] for d in got["decisions"]]
         else:
@@ -355,14 +373,30 @@ def uvicorn_stack() -> str:
     return f"{http} + {loop}"
 
 
-def serve(port: int, threads: int, quick: bool) -> None:
-    """``--serve``: the MLP policy behind uvicorn on 127.0.0.1:port (the HTTP measurements' server)."""
+def serve(port: int, threads: int, quick: bool, workers: int = 1) -> None:
+    """``--serve``: the MLP policy behind uvicorn on 127.0.0.1:port (the HTTP measurements' server); with
+    ``workers`` > 1, that many processes (uvicorn's supervisor), each building the same seeded policy."""
     import uvicorn
 
+    torch.set_num_threads(threads)
+    if workers > 1:
+        os.environ[_THREADS_ENV] = str(threads)
+        uvicorn.run(f"{Path(__file__).stem}:server_app", factory=True, workers=workers, host=LOOPBACK, port=port,
+                    log_level="warning", access_log=False)
+        return
+    uvicorn.run(server_app(), host=LOOPBACK, port=port, log_level="warning", access_log=False)
+
+
+_THREADS_ENV = "SENTIO_BENCH_THREADS"
+
+
+def server_app() -> Any:
+    """The served app: the untrained MLP policy of :func:`make_policy` (the same in every worker: seed 0)."""
     from sentio_lab.deploy.service import create_app
 
-    torch.set_num_threads(threads)
-    uvicorn.run(create_app(make_policy("mlp")), host=LOOPBACK, port=port, log_level="warning", access_log=False)
+    if _THREADS_ENV in os.environ:
+        torch.set_num_threads(int(os.environ[_THREADS_ENV]))
+    return create_app(make_policy("mlp"))
 
 
 # ------------------------------------------------------------------------------------------------- report
@@ -400,7 +434,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the measurements (module doc), print them, write ``--json``; returns the results."""
     opts = parse_args(argv)
     if opts.serve is not None:
-        serve(opts.serve, opts.threads, opts.quick)
+        serve(opts.serve, opts.threads, opts.quick, opts.workers)
         return {}
     threads = torch.get_num_threads()
     torch.set_num_threads(opts.threads)

@@ -11,7 +11,8 @@ path or ``models:/<name>@<alias>``); it listens on 127.0.0.1 unless ``--host`` s
   of valid levels). Body ``{"instrument": ..., "bars": {...}}`` or ``{"observation": [...]}`` answers one decision
   ``{"instrument", "action", "weight", "time"}``; ``{"batch": [instrument, ...]}`` answers
   ``{"decisions": [...]}`` in the same order (ready observations of a batch go through one forward pass,
-  :meth:`Policy.act <sentio_lab.deploy.policy.Policy.act>`).
+  :meth:`Policy.act <sentio_lab.deploy.policy.Policy.act>`). Many ready observations travel best as one matrix,
+  ``{"observations": [[...], ...]}`` or ``{"observations_b64": "..."}`` (:class:`MatrixIn`), answered like a batch.
 * ``GET /health``: ``{"status": "ok", "uptime_s", "decisions"}``.
 * ``GET /model``: what is served: source, version and verdict (from the registry for a ``models:/`` URI), the
   variant, its levels, window and history rules (``min_bars``, ``first_bar``).
@@ -25,7 +26,9 @@ Requests are served concurrently (bar histories in the thread pool); the policy 
 from __future__ import annotations
 
 import argparse
-import math
+import base64
+import binascii
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -47,6 +50,10 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
 #: Most instruments one batch request may carry.
 MAX_BATCH = 10_000
+#: A float that must be finite, checked by pydantic's core (no Python loop per value).
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+#: Environment variables a worker process of ``--workers N`` reads its model from (:func:`app_from_environment`).
+MODEL_ENV, DATASET_ENV, REGISTRY_ENV = "SENTIO_SERVICE_MODEL", "SENTIO_SERVICE_DATASET", "SENTIO_SERVICE_REGISTRY"
 
 
 class BarsIn(BaseModel):
@@ -98,7 +105,7 @@ class InstrumentIn(BaseModel):
     instrument: str = Field(default="bars", min_length=1, max_length=200)
     bars: BarsIn | None = None
     account: AccountIn | None = None
-    observation: list[float] | None = Field(default=None, min_length=1)
+    observation: list[FiniteFloat] | None = Field(default=None, min_length=1)
     mask: list[bool] | None = None
 
     @model_validator(mode="after")
@@ -109,8 +116,6 @@ class InstrumentIn(BaseModel):
             raise ValueError("account goes with bars; an observation already holds the position")
         if self.mask is not None and self.observation is None:
             raise ValueError("mask goes with observation; with bars the policy computes the mask")
-        if self.observation is not None and not all(math.isfinite(v) for v in self.observation):
-            raise ValueError("observation values must be finite")
         return self
 
 
@@ -121,15 +126,50 @@ class BatchIn(BaseModel):
     batch: list[InstrumentIn] = Field(min_length=1, max_length=MAX_BATCH)
 
 
+class MatrixIn(BaseModel):
+    """``POST /decide`` with a batch of ready observations as one matrix (a row per instrument): the compact form of
+    a :class:`BatchIn` of observations, one model to validate instead of one per instrument. The rows come as
+    ``observations`` (a list of rows of numbers) or as ``observations_b64``: the base64 of the little-endian
+    float32 matrix, row-major, ``obs_dim`` values a row (``base64.b64encode(obs.astype("<f4").tobytes())``), which
+    spares both sides printing and parsing every number (the cost of a large batch in JSON). Optional ``masks`` (a
+    row of booleans per observation) and ``instruments`` (names; default ``"0"``, ``"1"``, ...). Answered
+    ``{"decisions": [...]}`` in row order, as a batch is."""
+
+    model_config = ConfigDict(extra="forbid")
+    observations: list[list[FiniteFloat]] | None = Field(default=None, min_length=1, max_length=MAX_BATCH)
+    observations_b64: str | None = Field(default=None, min_length=1)
+    masks: list[list[bool]] | None = None
+    instruments: list[Annotated[str, Field(min_length=1, max_length=200)]] | None = None
+
+    @model_validator(mode="after")
+    def _rows_agree(self) -> MatrixIn:
+        if (self.observations is None) == (self.observations_b64 is None):
+            raise ValueError("give either observations or observations_b64 (exactly one)")
+        if self.observations is not None:
+            rows = len(self.observations)
+            for name in ("masks", "instruments"):
+                value = getattr(self, name)
+                if value is not None and len(value) != rows:
+                    raise ValueError(f"{name} needs one entry per observation row: {len(value)} given for {rows} rows")
+        return self
+
+
 def _request_kind(value: Any) -> str:
-    """``"batch"`` for an object with a ``batch`` key, else ``"one"``: which model validates a request."""
-    return "batch" if isinstance(value, dict) and "batch" in value else "one"
+    """Which model validates a request: ``"batch"`` for an object with a ``batch`` key, ``"matrix"`` for one with
+    ``observations``, else ``"one"``."""
+    if isinstance(value, dict):
+        if "batch" in value:
+            return "batch"
+        if "observations" in value or "observations_b64" in value:
+            return "matrix"
+    return "one"
 
 
-#: ``POST /decide``'s body: a :class:`BatchIn` or one :class:`InstrumentIn`, told apart by the ``batch`` key (so
-#: errors name the fields of the one model meant, not of both).
+#: ``POST /decide``'s body: a :class:`BatchIn`, a :class:`MatrixIn` or one :class:`InstrumentIn`, told apart by
+#: their keys (so errors name the fields of the one model meant, not of all three).
 DECIDE_REQUEST: TypeAdapter[Any] = TypeAdapter(
-    Annotated[Annotated[BatchIn, Tag("batch")] | Annotated[InstrumentIn, Tag("one")], Discriminator(_request_kind)]
+    Annotated[Annotated[BatchIn, Tag("batch")] | Annotated[MatrixIn, Tag("matrix")]
+              | Annotated[InstrumentIn, Tag("one")], Discriminator(_request_kind)]
 )
 
 
@@ -176,6 +216,51 @@ def _decide(policy: Policy, items: list[InstrumentIn], batched: bool) -> list[di
             raise _error(_loc(batched, i, "account"), f"{item.instrument}: {err}") from err
         out[i] = _decision(item.instrument, decision.action, decision.weight, decision.time.isoformat())
     return out  # type: ignore[return-value]
+
+
+def _matrix_rows(policy: Policy, matrix: MatrixIn) -> np.ndarray:
+    """The ``(rows, obs_dim)`` float32 observations of a :class:`MatrixIn`, checked (422 naming the field)."""
+    width = policy.obs_dim
+    if matrix.observations_b64 is not None:
+        try:
+            raw = base64.b64decode(matrix.observations_b64, validate=True)
+        except (binascii.Error, ValueError) as err:
+            raise _error(["observations_b64"], f"not base64: {err}") from err
+        if not raw or len(raw) % (4 * width):
+            raise _error(["observations_b64"], f"{len(raw)} bytes is no whole number of rows of {width} float32 "
+                                               f"values ({4 * width} bytes a row)")
+        obs = np.frombuffer(raw, dtype="<f4").reshape(-1, width).astype(np.float32)
+        if len(obs) > MAX_BATCH:
+            raise _error(["observations_b64"], f"{len(obs)} rows: at most {MAX_BATCH} a request")
+        finite = np.isfinite(obs).all(axis=1)
+        if not finite.all():
+            raise _error(["observations_b64"], f"row {int(np.argmin(finite))}: observation values must be finite")
+        for name in ("masks", "instruments"):
+            value = getattr(matrix, name)
+            if value is not None and len(value) != len(obs):
+                raise _error([name], f"{name} needs one entry per observation row: {len(value)} given for "
+                                     f"{len(obs)} rows")
+        return obs
+    rows = matrix.observations or []
+    bad = next((i for i, row in enumerate(rows) if len(row) != width), None)
+    if bad is not None:
+        raise _error(["observations", bad], f"observation has {len(rows[bad])} values, the model reads {width}")
+    return np.asarray(rows, dtype=np.float32)
+
+
+def _decide_matrix(policy: Policy, matrix: MatrixIn) -> list[dict[str, Any]]:
+    """Decisions for a :class:`MatrixIn`: every row through one :meth:`Policy.act`."""
+    obs = _matrix_rows(policy, matrix)
+    masks = None
+    if matrix.masks is not None:
+        levels = len(policy.levels)
+        for i, mask in enumerate(matrix.masks):
+            if len(mask) != levels or not any(mask):
+                raise _error(["masks", i], f"mask needs {levels} booleans with at least one true")
+        masks = np.asarray(matrix.masks, dtype=bool)
+    names = matrix.instruments or [str(i) for i in range(len(obs))]
+    levels = policy.levels
+    return [_decision(name, int(a), float(levels[a])) for name, a in zip(names, policy.act(obs, masks), strict=True)]
 
 
 def _loc(batched: bool, index: int, field: str) -> list[str | int]:
@@ -230,6 +315,10 @@ def create_app(policy: Policy) -> FastAPI:
                 [{"type": e["type"], "loc": ("body", *e["loc"][1:]), "msg": e["msg"]}
                  for e in err.errors(include_url=False, include_context=False, include_input=False)]
             ) from None
+        if isinstance(parsed, MatrixIn):  # ready observations only: one forward pass, inline
+            decisions = _decide_matrix(policy, parsed)
+            counter["decisions"] += len(decisions)
+            return JSONResponse({"decisions": decisions})
         batched = isinstance(parsed, BatchIn)
         items = parsed.batch if batched else [parsed]
         if any(item.bars is not None for item in items):  # features take milliseconds: off the event loop
@@ -251,16 +340,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--dataset", default=None, help="the model's data, if not where the checkpoint says")
     parser.add_argument("--registry-uri", default=None,
                         help="MLflow registry of a models:/ URI (default: the registry's own, runs/mlflow)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="server processes sharing the port, each with its own copy of the model (default 1)")
     args = parser.parse_args(argv)
-    try:
+    if args.workers < 1:
+        parser.error("--workers must be >= 1")
+    try:  # loaded here even with several workers: a bad model is refused before any process starts
         policy = Policy.load(args.model, dataset=args.dataset, registry_uri=args.registry_uri)
     except (OSError, ValueError, LookupError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     import uvicorn
 
-    uvicorn.run(create_app(policy), host=args.host, port=args.port, log_level="warning", access_log=False)
+    if args.workers == 1:
+        uvicorn.run(create_app(policy), host=args.host, port=args.port, log_level="warning", access_log=False)
+        return 0
+    # Several processes share the port (uvicorn's supervisor); each loads the model itself from the environment.
+    os.environ.update({MODEL_ENV: args.model, DATASET_ENV: args.dataset or "", REGISTRY_ENV: args.registry_uri or ""})
+    uvicorn.run(f"{__name__}:app_from_environment", factory=True, workers=args.workers, host=args.host,
+                port=args.port, log_level="warning", access_log=False)
     return 0
+
+
+def app_from_environment() -> FastAPI:
+    """The app of one worker process of ``--workers N``: the model named by :data:`MODEL_ENV` (with
+    :data:`DATASET_ENV` and :data:`REGISTRY_ENV` where set), loaded in this process."""
+    policy = Policy.load(os.environ[MODEL_ENV], dataset=os.environ.get(DATASET_ENV) or None,
+                         registry_uri=os.environ.get(REGISTRY_ENV) or None)
+    return create_app(policy)
 
 
 if __name__ == "__main__":  # pragma: no cover

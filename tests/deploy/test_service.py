@@ -3,6 +3,7 @@ naming the field, bad bars are refused saying why, and concurrent clients get th
 
 from __future__ import annotations
 
+import base64
 import socket
 import sys
 import threading
@@ -98,6 +99,15 @@ MALFORMED = [
     ({"observation": [0.0] * 81, "mask": [True]}, ["body", "mask"], "3 booleans"),
     ({"observation": "x"}, ["body", "observation"], "valid array"),
     ({"batch": []}, ["body", "batch"], "at least 1 item"),
+    ({"observations": []}, ["body", "observations"], "at least 1 item"),
+    ({"observations": [[0.0] * 81, [0.0] * 3]}, ["body", "observations", 1], "the model reads 81"),
+    ({"observations": [[0.0] * 80]}, ["body", "observations", 0], "the model reads 81"),
+    ({"observations": [[0.0] * 81, [0.0] * 81], "masks": [[True] * 3]}, ["body"], "one entry per observation row"),
+    ({"observations": [[0.0] * 81], "instruments": ["a", "b"]}, ["body"], "one entry per observation row"),
+    ({"observations": [[0.0] * 81], "masks": [[False] * 3]}, ["body", "masks", 0], "at least one true"),
+    ({"observations": [[0.0] * 81], "masks": [[True] * 2]}, ["body", "masks", 0], "3 booleans"),
+    ({"observations": [[0.0] * 81], "mask": [True] * 3}, ["body", "mask"], "Extra inputs"),
+    ({"observations": [["x"] + [0.0] * 80]}, ["body", "observations", 0, 0], "valid number"),
     ({"batch": [{"observation": [0.0] * 81}], "observation": [1.0]}, ["body", "observation"], "Extra inputs"),
     ({"batch": [{"observation": [0.0] * 81}, {"observation": [0.0] * 3}]}, ["body", "batch", 1, "observation"],
      "the model reads 81"),
@@ -114,6 +124,60 @@ def test_malformed_requests_get_a_422_naming_the_field(client, body, loc, messag
     assert response.status_code == 422, response.text
     details = response.json()["detail"]
     assert any(d["loc"] == loc and message in d["msg"] for d in details), details
+
+
+def test_a_matrix_of_observations_answers_in_row_order(policy, client):
+    frame = policy.market.data.frame
+    observations = np.stack([policy.observation(frame.iloc[:t], Account(position=t % 3)) for t in range(200, 260)])
+    expected = policy.act(observations).tolist()
+    assert len(set(expected)) >= 2  # a mix-up of rows would show
+    response = client.post("/decide", json={"observations": observations.tolist()})
+    assert response.status_code == 200, response.text
+    decisions = response.json()["decisions"]
+    assert [d["action"] for d in decisions] == expected
+    assert [d["instrument"] for d in decisions] == [str(i) for i in range(60)]
+    assert [d["weight"] for d in decisions] == [float(policy.levels[a]) for a in expected]
+    masks = [[True, False, False]] * 60
+    named = client.post("/decide", json={"observations": observations.tolist(), "masks": masks,
+                                          "instruments": [f"x{i}" for i in range(60)]}).json()["decisions"]
+    assert {d["action"] for d in named} == {0} and named[5]["instrument"] == "x5"
+    # the same rows as a batch of instrument objects answer the same
+    batch = client.post("/decide", json={"batch": [{"instrument": str(i), "observation": o.tolist()}
+                                                    for i, o in enumerate(observations)]}).json()["decisions"]
+    assert batch == decisions
+    # ragged rows that are all of the wrong width, and non-finite values, are 422 too
+    assert client.post("/decide", json={"observations": [[0.0] * 3, [0.0] * 4]}).status_code == 422
+    response = client.post("/decide", content=_json({"observations": [[0.0] * 80 + [float("inf")]]}),
+                           headers={"content-type": "application/json"})
+    assert response.status_code == 422 and "finite" in response.json()["detail"][0]["msg"]
+    assert response.json()["detail"][0]["loc"] == ["body", "observations", 0, 80]
+
+
+def test_a_base64_float32_matrix_answers_as_the_json_one(policy, client):
+    frame = policy.market.data.frame
+    observations = np.stack([policy.observation(frame.iloc[:t], Account(position=t % 3)) for t in range(300, 340)])
+    as_json = client.post("/decide", json={"observations": observations.tolist()}).json()
+    encoded = base64.b64encode(observations.astype("<f4").tobytes()).decode()
+    response = client.post("/decide", json={"observations_b64": encoded})
+    assert response.status_code == 200, response.text
+    assert response.json() == as_json and len({d["action"] for d in as_json["decisions"]}) >= 2
+    masked = client.post("/decide", json={"observations_b64": encoded, "masks": [[False, False, True]] * 40,
+                                          "instruments": [f"n{i}" for i in range(40)]}).json()["decisions"]
+    assert {d["action"] for d in masked} == {2} and masked[-1]["instrument"] == "n39"
+    broken = observations.astype("<f4").copy()
+    broken[7, 3] = np.nan
+    for body, field, message in (
+        ({"observations_b64": "%%%"}, "observations_b64", "not base64"),
+        ({"observations_b64": base64.b64encode(b"\0" * 12).decode()}, "observations_b64", "no whole number of rows"),
+        ({"observations_b64": base64.b64encode(broken.tobytes()).decode()}, "observations_b64", "row 7: observation"),
+        ({"observations_b64": encoded, "masks": [[True] * 3]}, "masks", "one entry per observation row"),
+        ({"observations_b64": encoded, "instruments": ["a"]}, "instruments", "one entry per observation row"),
+        ({"observations_b64": encoded, "observations": [[0.0] * 81]}, None, "exactly one"),
+    ):
+        response = client.post("/decide", json=body)
+        assert response.status_code == 422, (body.keys(), response.text)
+        detail = response.json()["detail"][0]
+        assert message in detail["msg"] and detail["loc"] == (["body", field] if field else ["body"]), detail
 
 
 def test_invalid_json_and_account_fields_are_422(policy, client):
@@ -268,3 +332,13 @@ def test_command_line(policy, monkeypatch, capsys, tmp_path):
     assert served["host"] == "127.0.0.1" and served["port"] == 8123  # loopback unless --host says otherwise
     assert served["registry_uri"] == "sqlite:///r.db"
     assert TestClient(served["app"]).get("/health").json()["status"] == "ok"
+    # several workers: uvicorn's supervisor imports the app factory, which loads the model from the environment
+    served.clear()
+    monkeypatch.setattr(service.os, "environ", {})
+    assert main(["--model", "m.pt", "--workers", "3", "--dataset", "d.csv"]) == 0
+    assert served["app"] == "sentio_lab.deploy.service:app_from_environment" and served["factory"] is True
+    assert served["workers"] == 3 and service.os.environ[service.MODEL_ENV] == "m.pt"
+    app = service.app_from_environment()
+    assert served["registry_uri"] is None and TestClient(app).get("/health").json()["status"] == "ok"
+    with pytest.raises(SystemExit):
+        main(["--model", "m.pt", "--workers", "0"])

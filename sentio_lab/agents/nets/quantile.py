@@ -66,18 +66,20 @@ class _QuantileHuber(torch.autograd.Function):
     @staticmethod
     def forward(ctx, predicted: torch.Tensor, targets: torch.Tensor, taus: torch.Tensor,  # noqa: D102
                 kappa: float) -> torch.Tensor:
-        u = targets.unsqueeze(-2) - predicted.unsqueeze(-1)  # (B, N, M): row i = predicted quantile i
-        abs_u = u.abs()
-        # L_kappa(u) = c (|u| - c / 2) with c = min(|u|, kappa): both branches of the Huber loss in one expression
-        inner = abs_u.clamp(max=kappa)
-        huber = inner * (abs_u - 0.5 * inner)
-        weight = torch.where(u < 0, 1.0 - taus.unsqueeze(-1), taus.unsqueeze(-1))  # |tau - 1{u < 0}|
+        # (B, N, M) views, row i = predicted quantile i, column j = target j; u_ij = target_j - predicted_i.
+        # aten's fused Huber kernels do the elementwise work in one pass each (the (B, N, M) passes dominate):
+        # huber_loss(t, p) = L_kappa(t - p) (0.5 u^2 inside kappa, kappa (|u| - kappa / 2) outside), and
+        # huber_loss_backward(w, t, p) = w clamp(t - p, -kappa, kappa), i.e. w dL/du.
+        shape = (*predicted.shape, targets.shape[-1])
+        target_b, predicted_b = targets.unsqueeze(-2).expand(shape), predicted.unsqueeze(-1).expand(shape)
+        huber = torch.ops.aten.huber_loss(target_b, predicted_b, 0, kappa)  # reduction 0: none
+        weight = torch.where(target_b < predicted_b, 1.0 - taus.unsqueeze(-1), taus.unsqueeze(-1))  # |tau - 1{u<0}|
         loss = (weight * huber).mean((-2, -1)) / kappa
         if ctx.needs_input_grad[0]:
-            # d L / du = clamp(u, -kappa, kappa) = sign(u) min(|u|, kappa); summed over the targets j
-            slope = (weight * inner.copysign_(u)).sum(-1)
+            # summed over the targets j: sum_j w_ij clamp(u_ij, -kappa, kappa)
+            slope = torch.ops.aten.huber_loss_backward(weight, target_b, predicted_b, 0, kappa).sum(-1)
             ctx.save_for_backward(slope)
-            ctx.scale = -1.0 / (u.shape[-1] * u.shape[-2] * kappa)
+            ctx.scale = -1.0 / (shape[-1] * shape[-2] * kappa)
         return loss
 
     @staticmethod
