@@ -61,8 +61,14 @@ lint: $(STAMP)
 docs: $(STAMP)
 	$(BIN)/mkdocs build --strict
 
+# The suite runs on TEST_WORKERS pytest-xdist workers (default: the usable cores, at most 4: more mostly adds
+# memory, the heavy tests start processes of their own). --dist loadgroup keeps tests marked
+# xdist_group("name") on one worker, one after another (a shared Ray session, say). pytest-cov combines the workers'
+# coverage, so the fail_under gate sees the whole suite.
+TEST_WORKERS ?= $(shell $(BIN)/python -c "import os; print(min(4, len(os.sched_getaffinity(0))))" 2>/dev/null || echo 2)
 test: $(STAMP) lint docs
-	$(BIN)/python -m pytest -q --durations=25 --cov=sentio_lab --cov-report=term-missing:skip-covered
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=25 \
+		--cov=sentio_lab --cov-report=term-missing:skip-covered
 	$(BIN)/python -m pytest -q -p no:cacheprovider --nbval $(GOLDEN) --nbval-sanitize-with reports/golden/sanitize.cfg
 
 # The committed, executed CI-sized evaluation report that nbval re-executes (a moved number fails `make test`).

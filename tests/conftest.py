@@ -12,6 +12,29 @@ import pytest
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("MPLBACKEND", "Agg")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Under pytest-xdist the workers already fill the cores (`make test`: one per core): a second torch/OpenMP
+    # thread per worker only contends for them. Set before torch is imported; subprocesses inherit it.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+SHARED_SCOPES = ("class", "module", "package")
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook reads the xdist_group marks into the test ids
+def pytest_collection_modifyitems(config, items):
+    """Under ``pytest -n N --dist loadgroup`` (``make test``): the tests of a module that share a class-, module- or
+    package-scoped fixture (often a tiny training run) form one xdist group, so one worker builds that fixture once
+    instead of every worker building its own. A test's explicit ``xdist_group`` mark wins."""
+    if getattr(config.option, "dist", "no") != "loadgroup":
+        return
+    for item in items:
+        if item.get_closest_marker("xdist_group") is not None:
+            continue
+        info = getattr(item, "_fixtureinfo", None)
+        definitions = info.name2fixturedefs.values() if info is not None else ()
+        if any(defs and defs[-1].scope in SHARED_SCOPES for defs in definitions):
+            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
 
 
 @pytest.fixture()

@@ -108,7 +108,7 @@ class RecordingEnv:
 
 
 @pytest.fixture()
-def recorded(monkeypatch):
+def recorded(monkeypatch, tmp_path):
     """``run(variant, args, env, agent_class)``: train one iteration, return its :class:`Record`."""
     handles = []
 
@@ -139,7 +139,8 @@ def recorded(monkeypatch):
         monkeypatch.setattr(agent_class, "get_action_and_value", recording)
         handles.append(register_optimizer_step_pre_hook(on_step))
         try:
-            result = variant.train(args, env=RecordingEnv(env, record))
+            # its own run folder: under pytest-xdist another worker may train a "hand" run at the same time
+            result = variant.train(args.replace(run_dir=str(tmp_path / "runs")), env=RecordingEnv(env, record))
         finally:
             handles.pop().remove()
             monkeypatch.setattr(agent_class, "get_action_and_value", original)

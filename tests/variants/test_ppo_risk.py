@@ -53,13 +53,14 @@ def test_help_lists_the_risk_arguments():
 
 
 @pytest.mark.parametrize("clip_vloss", [False, True])
-def test_one_quantile_unconstrained_update_equals_ppos_bit_for_bit(synthetic_market, clip_vloss):
+def test_one_quantile_unconstrained_update_equals_ppos_bit_for_bit(synthetic_market, clip_vloss, tmp_path):
     """One head at tau = 0.5, risk neutral, no constraint, no KL penalty: the quantile Huber loss is u^2 / (4 kappa)
     where |u| <= kappa, so with kappa = 1024 (a power of two far above any TD error here) and vf_coef = 2 kappa x
     ppo's 0.5, the loss, every gradient and so every weight equal ppo's exactly (powers of two scale floats exactly).
     With Huber's default kappa = 1 they cannot: errors beyond kappa get a linear, not a squared, loss (checked too)."""
-    a = ppo.Args.from_flat(**TINY, clip_vloss=clip_vloss)
-    r = ppo_risk.Args.from_flat(**TINY, clip_vloss=clip_vloss, num_quantiles=1, kappa=1024.0, vf_coef=1024.0)
+    a = ppo.Args.from_flat(**TINY, clip_vloss=clip_vloss, run_dir=str(tmp_path / "ppo"))  # own folders: xdist
+    r = ppo_risk.Args.from_flat(**TINY, clip_vloss=clip_vloss, num_quantiles=1, kappa=1024.0, vf_coef=1024.0,
+                                run_dir=str(tmp_path / "risk"))
     theirs = ppo.train(a, env=drawdown_env(a, synthetic_market))
     ours = ppo_risk.train(r, env=drawdown_env(r, synthetic_market))
     ours_state = {k: v for k, v in ours.agent.state_dict().items() if k != "taus"}
@@ -318,7 +319,7 @@ def greedy_episode_drawdown(agent, market: PreparedMarket, length: int, n: int =
 
 
 @pytest.mark.slow
-def test_the_constrained_agent_keeps_the_drawdown_limit_the_unconstrained_breaks():
+def test_the_constrained_agent_keeps_the_drawdown_limit_the_unconstrained_breaks(tmp_path):
     """Limit 0.07 on the mean 32-bar episode max drawdown, tolerance 0.03. On held-out test bars the greedy
     unconstrained agent is always long (mean max drawdown 0.128 there, above 0.10), the greedy constrained one stays
     under 0.10 (with this seed it goes flat: 0.0; half a position would be 0.071). In training, the stochastic
@@ -328,7 +329,7 @@ def test_the_constrained_agent_keeps_the_drawdown_limit_the_unconstrained_breaks
     args = ppo_risk.Args.from_flat(num_envs=32, num_steps=32, episode_length=32, window=1, positions=(0.0, 0.5, 1.0),
                          fee_bps=0.0, slippage_bps=0.0, total_timesteps=32 * 32 * 40, learning_rate=2e-3,
                          anneal_lr=False, ent_coef=0.0, num_quantiles=8, pid_kp=20.0, pid_ki=20.0, track=False,
-                         progress=False, run_name="trend", checkpoint_every=0)
+                         progress=False, run_name="trend", checkpoint_every=0, run_dir=str(tmp_path))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
