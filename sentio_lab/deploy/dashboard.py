@@ -190,6 +190,7 @@ class Dashboard:
             try:
                 self.paths, found = experiment_paths(oos, oos_name)
                 self._band_source = f"{len(self.paths)} out-of-sample paths of `{found}` in `{oos}`"
+                self.band_note = "No band yet: the account has no first bar in the ledger."
             except (OSError, ValueError) as err:
                 self.band_note = f"No band: {err}"
         self.headline = pn.pane.Markdown("", css_classes=["equity-now"])
