@@ -105,7 +105,7 @@ def oos_band(paths: Sequence[pd.Series | np.ndarray], horizon: int, *, quantiles
         count = sum(len(r) for r in ratios)
         if count < min_windows:
             break
-        q = np.exp(np.quantile(np.concatenate(ratios), [low, high]))
+        q = np.quantile(np.exp(np.concatenate(ratios)), [low, high])
         lower.append(float(q[0]))
         upper.append(float(q[1]))
         counts.append(count)
