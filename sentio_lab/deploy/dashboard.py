@@ -333,11 +333,11 @@ def equity_figure(equity: pd.DataFrame, expected: pd.Series | None = None,
                           color=BAND_COLOR, alpha=BAND_ALPHA, lw=0, label="out-of-sample band")
     if not equity.empty:
         last = int(equity["bar"].iloc[-1])
-        if expected is not None:
-            shown = expected.loc[:last]
-            axes.plot(shown.index.to_numpy(), shown.to_numpy(), color="tab:orange", lw=1.2, ls="--",
-                      label="backtest")
         axes.plot(equity["bar"].to_numpy(), equity["equity"].to_numpy(), color="tab:blue", lw=1.2, label="paper")
+        if expected is not None:  # dashed on top: where the two agree (they should), both stay visible
+            shown = expected.loc[:last]
+            axes.plot(shown.index.to_numpy(), shown.to_numpy(), color="tab:orange", lw=1.2, ls=(0, (4, 4)),
+                      label="backtest")
         axes.legend(loc="upper left", fontsize=8, frameon=False)
     axes.set_xlabel("bar")
     axes.set_ylabel("equity")

@@ -191,9 +191,9 @@ def test_served_dashboard_in_headless_chromium(tmp_path):
             # The registry's versions: v2 is champion, v3 challenger, with their verdict numbers and gate result.
             rows = page.locator(".versions-table tbody tr")
             _until(lambda: rows.count() == 3, 60, "three model versions")
-            champion = rows.filter(has_text="champion").first.text_content()
-            assert champion.startswith("2") and "1.20" in champion and "pass" in champion
-            assert "challenger" in rows.filter(has_text="DSR 0.300").first.text_content()
+            champion = rows.filter(has_text="champion").first.text_content().split()
+            assert champion[:2] == ["2", "champion"] and "1.20" in champion and champion[-1] == "pass"
+            assert "challenger" in rows.filter(has_text="DSR 0.300").first.text_content().split()
             # The band: said on the page, and its colour fills part of the chart image (none without a band).
             status = page.locator(".expectation-status").first
             assert "band: 5%-95% of the equity ratio" in status.text_content()

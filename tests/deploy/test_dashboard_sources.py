@@ -134,8 +134,9 @@ def test_the_page_draws_the_band_and_the_backtest_and_reports_the_gap(tmp_path, 
     assert len(band) == 1
     top = band[0].get_paths()[0].vertices[:, 1].max()
     assert top == pytest.approx(page.band.upper[:21].max())
-    assert [line.get_label() for line in axes.get_lines()] == ["backtest", "paper"]
-    np.testing.assert_allclose(axes.get_lines()[0].get_ydata(), expected.to_numpy())
+    assert [line.get_label() for line in axes.get_lines()] == ["paper", "backtest"]
+    np.testing.assert_allclose(axes.get_lines()[1].get_ydata(), expected.to_numpy())
+    np.testing.assert_allclose(axes.get_lines()[0].get_ydata(), paper)
     # new bars past the expectation: recomputed only once the slow period has passed
     append_bars(path, [paper[-1]] * 5, 31)
     page.refresh()
