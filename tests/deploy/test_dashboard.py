@@ -195,9 +195,9 @@ def test_served_dashboard_in_headless_chromium(tmp_path):
             assert champion[:2] == ["2", "champion"] and "1.20" in champion and champion[-1] == "pass"
             assert "challenger" in rows.filter(has_text="DSR 0.300").first.text_content().split()
             # The band: said on the page, and its colour fills part of the chart image (none without a band).
-            status = page.locator(".expectation-status").first
-            assert "band: 5%-95% of the equity ratio" in status.text_content()
-            assert "No backtest expectation (turned off)" in status.text_content()
+            status = " ".join(page.locator(".expectation-status p").all_text_contents())  # inside the shadow root
+            assert "band: 5%-95% of the equity ratio" in status
+            assert "No backtest expectation (turned off)" in status
             chart = page.locator(".equity-chart img").first
             _until(lambda: _band_pixels(chart.screenshot()) > 2000, 60, "the band in the chart")
             shot = tmp_path / "dashboard.png"
