@@ -137,6 +137,10 @@ def test_the_page_draws_the_band_and_the_backtest_and_reports_the_gap(tmp_path, 
     assert [line.get_label() for line in axes.get_lines()] == ["paper", "backtest"]
     np.testing.assert_allclose(axes.get_lines()[1].get_ydata(), expected.to_numpy())
     np.testing.assert_allclose(axes.get_lines()[0].get_ydata(), paper)
+    page.slow_refresh_s = 0.0
+    page.refresh()
+    assert len(calls) == 1  # the expectation covers every bar of the ledger: never recomputed
+    page.slow_refresh_s = 3600
     # new bars past the expectation: recomputed only once the slow period has passed
     append_bars(path, [paper[-1]] * 5, 31)
     page.refresh()
