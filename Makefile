@@ -20,7 +20,7 @@ DEMO_OUT ?= reports/demo
 DEMO_TIMESTEPS ?= 200000
 
 .PHONY: install demo lab report test lint docs bench bench-features bench-evaluation bench-risk bench-costs bench-scaling bench-transformer \
-	capacity sweep-example golden clean dashboard
+	capacity sweep-example golden clean dashboard dashboard-screenshot
 
 install: $(STAMP)
 
@@ -116,6 +116,11 @@ ACCOUNT ?= paper
 DASHBOARD_PORT ?= 5006
 dashboard: $(STAMP)
 	$(BIN)/python -m sentio_lab.deploy.dashboard --ledger $(LEDGER) --account $(ACCOUNT) --port $(DASHBOARD_PORT)
+
+# docs/images/dashboard.png from a realistic replay (tiny CPCV experiment, registry, 2018 sp500 paper run; needs
+# Debian's chromium): experiments/figures/dashboard_screenshot.py says what it builds in runs/dashboard_demo.
+dashboard-screenshot: $(STAMP)
+	$(BIN)/python experiments/figures/dashboard_screenshot.py --out runs/dashboard_demo
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .coverage runs .cache site

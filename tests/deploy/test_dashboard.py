@@ -1,9 +1,10 @@
 """The monitoring dashboard: ledger reading (unit), and the served page in headless Chromium (Playwright): the
-equity shown equals the ledger's, follows new bars, and an alert row appears after a planted drift; a screenshot
-is saved."""
+equity shown equals the ledger's, follows new bars, an alert row appears after a planted drift, the registry's
+versions show the champion, the out-of-sample band is drawn (its pixels are in the chart); a screenshot is saved."""
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import socket
@@ -32,6 +33,8 @@ CREATE TABLE fills (account TEXT, bar INTEGER, time TEXT, order_bar INTEGER, sha
 CREATE TABLE alerts (account TEXT, bar INTEGER, time TEXT, kind TEXT, metric TEXT, value REAL, threshold REAL,
                      message TEXT);
 """
+ACCOUNTS = """CREATE TABLE accounts (account TEXT, model TEXT, feed TEXT, positions TEXT, fill_price TEXT, capital REAL,
+                                first_bar INTEGER)"""
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
@@ -143,15 +146,21 @@ def _wait_for(url: str, seconds: float, log: Path) -> None:
 def test_served_dashboard_in_headless_chromium(tmp_path):
     playwright = pytest.importorskip("playwright.sync_api", reason="playwright is a dev dependency")
     ledger = SqlLedger(tmp_path / "paper.sqlite")
+    with sqlite3.connect(ledger.path) as db:  # the account opened at bar 0 (its model is not needed here)
+        db.execute(ACCOUNTS)
+        db.execute("INSERT INTO accounts VALUES ('acct', 'model.pt', 'feed.csv', '[-1, 0, 1]', 'next_open', 1e6, 0)")
     rng = np.random.default_rng(0)
     ledger.write_bars(rng.normal(0.0005, 0.01, 120))
+    oos = _oos_folder(tmp_path / "oos", rng)
+    registry_uri = _registry(tmp_path / "mlflow")
     port = _free_port()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(board.__file__).parents[2]),
                                                         os.environ.get("PYTHONPATH", "")])}
     log = tmp_path / "server.log"
     with log.open("w") as out:
         server = subprocess.Popen([sys.executable, "-m", "sentio_lab.deploy.dashboard", "--ledger", str(ledger.path),
-                                   "--account", "acct", "--port", str(port), "--refresh-ms", "500"],
+                                   "--account", "acct", "--port", str(port), "--refresh-ms", "500", "--oos", str(oos),
+                                   "--model-name", "demo", "--registry-uri", registry_uri, "--no-expectation"],
                                   env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
         _wait_for(f"http://127.0.0.1:{port}/", 240, log)
@@ -179,6 +188,18 @@ def test_served_dashboard_in_headless_chromium(tmp_path):
             assert "feature_psi" in set(written["kind"]) and written["bar"].min() >= 150
             _until(lambda: "feature_psi" in alerts.text_content(), 60, "the alert row")
             assert "feature_ks" in alerts.text_content()
+            # The registry's versions: v2 is champion, v3 challenger, with their verdict numbers and gate result.
+            rows = page.locator(".versions-table tbody tr")
+            _until(lambda: rows.count() == 3, 60, "three model versions")
+            champion = rows.filter(has_text="champion").first.text_content().split()
+            assert champion[:2] == ["2", "champion"] and "1.20" in champion and champion[-1] == "pass"
+            assert "challenger" in rows.filter(has_text="DSR 0.300").first.text_content().split()
+            # The band: said on the page, and its colour fills part of the chart image (none without a band).
+            status = " ".join(page.locator(".expectation-status p").all_text_contents())  # inside the shadow root
+            assert "band: 5%-95% of the equity ratio" in status
+            assert "No backtest expectation (turned off)" in status
+            chart = page.locator(".equity-chart img").first
+            _until(lambda: _band_pixels(chart.screenshot()) > 2000, 60, "the band in the chart")
             shot = tmp_path / "dashboard.png"
             page.screenshot(path=str(shot), full_page=True)
             assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000
@@ -189,6 +210,48 @@ def test_served_dashboard_in_headless_chromium(tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def _band_pixels(png: bytes) -> int:
+    """Pixels of the chart coloured as the band's fill on white (BAND_COLOR at BAND_ALPHA)."""
+    from matplotlib.colors import to_rgb
+    from PIL import Image
+
+    fill = 255 * (1 - board.BAND_ALPHA) + board.BAND_ALPHA * 255 * np.array(to_rgb(board.BAND_COLOR))
+    pixels = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=float)
+    return int((np.abs(pixels - fill).max(axis=-1) <= 6).sum())
+
+
+def _oos_folder(folder: Path, rng: np.random.Generator) -> Path:
+    """An experiment folder with 4 out-of-sample paths of 400 bars of agent "a"."""
+    folder.mkdir()
+    curves = [pd.DataFrame({"name": "a", "seed": 1, "path": p, "timestamp": pd.bdate_range("2020-01-01", periods=400),
+                            "equity": np.exp(np.cumsum(rng.normal(0.0004, 0.01, 400)))}) for p in range(4)]
+    pd.concat(curves).to_parquet(folder / "equity.parquet")
+    pd.DataFrame({"kind": ["agent"] * 4, "name": ["a"] * 4}).to_parquet(folder / "results.parquet")
+    return folder
+
+
+def _registry(folder: Path) -> str:
+    """An MLflow registry holding versions 1 (retired), 2 (champion, passes the gate) and 3 (challenger, low DSR)
+    of model "demo": tags as :func:`sentio_lab.deploy.registry.register` writes them (no bundle is needed here)."""
+    from mlflow import MlflowClient
+
+    from sentio_lab.deploy.verdict import Verdict
+
+    folder.mkdir()
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    client.create_registered_model("demo")
+    verdicts = [(0.4, 0.6, "retired"), (1.2, 0.9, "registered"), (0.5, 0.3, "registered")]
+    for sharpe, dsr, status in verdicts:
+        verdict = Verdict(median_sharpe=sharpe, dsr=dsr, pbo=0.2, spa_p_value=0.1, spa_reverse_p_value=0.5,
+                          benchmark="buy_and_hold", source="experiment demo")
+        client.create_model_version("demo", str(folder / "bundle"), tags={"status": status, "variant": "ppo",
+                                                                         **verdict.to_tags()})
+    client.set_registered_model_alias("demo", "champion", "2")
+    client.set_registered_model_alias("demo", "challenger", "3")
+    return uri
 
 
 def _until(condition, seconds: float, what: str) -> None:  # noqa: ANN001
