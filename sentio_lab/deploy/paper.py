@@ -261,13 +261,13 @@ class MaskReplay:
             self._step(masker, self._level, mark, first_bar)
         else:  # a restart (or a first call): the whole account from its ledger rows
             positions = ledger.table("positions", account)
-            equity = ledger.table("equity", account)
-            rows = positions["bar"] < mark.bar
-            levels, marks = positions["level"].to_numpy()[rows], equity["equity"].to_numpy()[rows]
-            bars = positions["bar"].to_numpy()[rows]
-            if len(bars) != mark.bar - first_bar or (len(bars) and bars[0] != first_bar):
+            positions = positions[positions["bar"] < mark.bar]
+            equity = ledger.table("equity", account).set_index("bar")["equity"]
+            bars, levels = positions["bar"].to_numpy(), positions["level"].to_numpy()
+            if not np.array_equal(bars, np.arange(first_bar, mark.bar)):
                 raise PaperError(f"account {account!r}: the ledger holds bars {bars[:1].tolist()}..., not every bar "
                                  f"from {first_bar} to {mark.bar - 1}; the mask state cannot be replayed")
+            marks = equity.reindex(bars).to_numpy()  # a bar is one transaction: its equity row is there too
             masker.reset()
             for k in range(1, len(bars)):
                 self._update(masker, levels[k] != levels[k - 1], marks[k], int(bars[k]) - first_bar)

@@ -135,6 +135,12 @@ def test_a_masked_account_equals_the_masked_backtest_at_every_bar(masked, masked
                                 costs=variant.cost_model(trained.args), bars=(0, len(trained.market.data.frame)),
                                 masks=MaskConfig(**rules))
         assert not np.array_equal(fewer.weights.to_numpy(), weights), rules  # the next stateful rule binds
+    decider = CheckpointDecider(checkpoint)
+    market = decider.market(load_market("sp500").frame.iloc[-60:], "bars")
+    held = Mark(bar=59, time="t", level=1, shares=0.0, weight=0.0, pending=False, cash=1.0, borrow=0.0, equity=1.0,
+                peak=1.0, max_drawdown=0.0)
+    with pytest.raises(ValueError, match="decides with its mask state"):
+        decider.decide(market, held)  # never without the state replayed from the ledger
 
 
 @pytest.mark.slow
@@ -178,7 +184,7 @@ def test_the_mask_replay_refuses_a_ledger_with_holes(tmp_path):
     class Holes:  # a ledger whose positions skip a bar
         @staticmethod
         def table(name, account):
-            return pd.DataFrame({"bar": [5, 7], "level": [1, 2], "equity": [1.0, 1.01]})
+            return pd.DataFrame({"bar": [5, 7], "level": [1, 2], "equity": [1.0, 1.01]})  # bar 6 missing
 
     masker = Masker(MaskConfig(cooldown=3), np.array([-1.0, 0.0, 1.0]), MaskInputs(), 1)
     mark = Mark(bar=8, time="t", level=2, shares=0.0, weight=1.0, pending=False, cash=1.0, borrow=0.0, equity=1.0,
