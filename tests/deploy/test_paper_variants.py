@@ -2,8 +2,9 @@
 mask state rebuilt from the ledger after restarts.
 
 * a ``ppo_masked`` model with stateless rules (long-only, EWMA risk budget) and every stateful one (drawdown guard,
-  cool-down, trade limit per window): at every bar the ledger's equity equals ``evaluate_policy`` with the variant's
-  masks on the same bars, to 1e-9, and every order's target equals the backtest's weight;
+  cool-down, trade limit per window; each binds on this feed, checked): at every bar the ledger's equity equals
+  ``evaluate_policy`` with the variant's masks on the same bars, to 1e-9, and every order's target equals the
+  backtest's weight;
 * the same account traded with a restart (a new trader, nothing in memory) every few bars, and with ``kill -9``
   at points inside bars: the ledger equals the uninterrupted run's, row for row (the mask state is replayed from
   the ledger, :class:`~sentio_lab.deploy.paper.MaskReplay`);
@@ -41,8 +42,8 @@ from sentio_lab.evaluation.episodes import evaluate_policy
 
 #: Stateless rules and every stateful one: the state (peak, guard, since_trade, period_trades) must come back
 #: from the ledger for the decisions to equal the backtest's.
-RULES = MaskConfig(long_only=True, risk_budget=0.02, drawdown_threshold=0.01, recover_threshold=0.002, cooldown=3,
-                   max_trades=2, period_bars=10)
+RULES = MaskConfig(long_only=True, risk_budget=0.012, drawdown_threshold=0.04, recover_threshold=0.0, cooldown=4,
+                   max_trades=3, period_bars=12)
 MASKED_BARS = 160  # real sp500 bars: 27 of warm-up and window, then ~130 decisions
 ANCHORED_BARS = 330  # sma_crossover needs 200 closes: b_t is 0 before, then 1, then 0 after the December 2018 cross
 
@@ -130,11 +131,13 @@ def test_a_masked_account_equals_the_masked_backtest_at_every_bar(masked, masked
     unmasked = evaluate_policy(trained.agent, trained.market, window=8, positions=tuple(trained.args.env.positions),
                                costs=variant.cost_model(trained.args), bars=(0, len(trained.market.data.frame)))
     assert not np.array_equal(unmasked.weights.to_numpy(), weights)
-    for rules in (dict(long_only=True, risk_budget=0.02), dict(long_only=True, risk_budget=0.02, cooldown=3)):
+    # every stateful rule binds (its state read back from the ledger decides): without it the backtest trades otherwise
+    for off in (dict(cooldown=0), dict(max_trades=0, period_bars=0), dict(drawdown_threshold=None),
+                dict(period_bars=13)):
         fewer = evaluate_policy(trained.agent, trained.market, window=8, positions=tuple(trained.args.env.positions),
                                 costs=variant.cost_model(trained.args), bars=(0, len(trained.market.data.frame)),
-                                masks=MaskConfig(**rules))
-        assert not np.array_equal(fewer.weights.to_numpy(), weights), rules  # the next stateful rule binds
+                                masks=dataclasses.replace(RULES, **off))
+        assert not np.array_equal(fewer.weights.to_numpy(), weights), off
     decider = CheckpointDecider(checkpoint)
     market = decider.market(load_market("sp500").frame.iloc[-60:], "bars")
     held = Mark(bar=59, time="t", level=1, shares=0.0, weight=0.0, pending=False, cash=1.0, borrow=0.0, equity=1.0,
