@@ -44,6 +44,13 @@ from sentio_lab.evaluation.episodes import evaluate_policy
 #: from the ledger for the decisions to equal the backtest's.
 RULES = MaskConfig(long_only=True, risk_budget=0.012, drawdown_threshold=0.04, recover_threshold=0.0, cooldown=4,
                    max_trades=3, period_bars=12)
+#: The same with a risk budget that binds on this feed (the drawdown guard then does not): its volatility input
+#: read one bar late changes decisions, so parity checks the mask inputs' timing too.
+RISK_RULES = dataclasses.replace(RULES, risk_budget=0.011)
+#: The rules of each masked account that must bind on the feed (removing one changes the backtest).
+BINDING = {"rules": (dict(cooldown=0), dict(max_trades=0, period_bars=0), dict(drawdown_threshold=None),
+                     dict(period_bars=13)),
+           "risk_rules": (dict(risk_budget=None), dict(cooldown=0), dict(max_trades=0, period_bars=0))}
 MASKED_BARS = 160  # real sp500 bars: 27 of warm-up and window, then ~130 decisions
 ANCHORED_BARS = 330  # sma_crossover needs 200 closes: b_t is 0 before, then 1, then 0 after the December 2018 cross
 
@@ -102,6 +109,16 @@ def masked(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def masked_risk(masked):
+    """The same weights under RISK_RULES (the checkpoint re-saved with those masks) and the same feed."""
+    checkpoint, feed = masked
+    bundle = dict(load_checkpoint(checkpoint))
+    bundle.pop("format_version")
+    bundle["args"] = {**bundle["args"], "masks": dataclasses.asdict(RISK_RULES)}
+    return str(save_checkpoint(feed.parent / "risk_rules.pt", bundle)), feed
+
+
+@pytest.fixture(scope="module")
 def masked_reference(masked, tmp_path_factory):
     """The uninterrupted paper run of the masked model: its ledger rows."""
     checkpoint, feed = masked
@@ -119,10 +136,14 @@ def assert_parity(rows, expected, first_bar):
 
 
 @pytest.mark.slow
-def test_a_masked_account_equals_the_masked_backtest_at_every_bar(masked, masked_reference):
-    checkpoint, feed = masked
+@pytest.mark.parametrize("rules", ["rules", "risk_rules"])
+def test_a_masked_account_equals_the_masked_backtest_at_every_bar(rules, masked, masked_risk, masked_reference,
+                                                                    tmp_path):
+    checkpoint, feed = masked if rules == "rules" else masked_risk
+    config = RULES if rules == "rules" else RISK_RULES
+    rows = masked_reference if rules == "rules" else trade(checkpoint, feed, tmp_path / "ledger.db")
     expected = backtest(checkpoint, feed)
-    assert_parity(masked_reference, expected, 27)
+    assert_parity(rows, expected, 27)
     weights = expected.weights.to_numpy()
     assert (weights >= 0).all() and len(set(weights.tolist())) >= 2  # long-only held, and the policy trades
     # the stateful rules bound: the unmasked policy over the same bars trades otherwise
@@ -131,12 +152,12 @@ def test_a_masked_account_equals_the_masked_backtest_at_every_bar(masked, masked
     unmasked = evaluate_policy(trained.agent, trained.market, window=8, positions=tuple(trained.args.env.positions),
                                costs=variant.cost_model(trained.args), bars=(0, len(trained.market.data.frame)))
     assert not np.array_equal(unmasked.weights.to_numpy(), weights)
-    # every stateful rule binds (its state read back from the ledger decides): without it the backtest trades otherwise
-    for off in (dict(cooldown=0), dict(max_trades=0, period_bars=0), dict(drawdown_threshold=None),
-                dict(period_bars=13)):
+    # the rules bind (the state read back from the ledger, the inputs of bar t decide): without one the backtest
+    # trades otherwise
+    for off in BINDING[rules]:
         fewer = evaluate_policy(trained.agent, trained.market, window=8, positions=tuple(trained.args.env.positions),
                                 costs=variant.cost_model(trained.args), bars=(0, len(trained.market.data.frame)),
-                                masks=dataclasses.replace(RULES, **off))
+                                masks=dataclasses.replace(config, **off))
         assert not np.array_equal(fewer.weights.to_numpy(), weights), off
     decider = CheckpointDecider(checkpoint)
     market = decider.market(load_market("sp500").frame.iloc[-60:], "bars")
