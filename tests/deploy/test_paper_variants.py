@@ -275,3 +275,20 @@ def test_models_paper_trading_cannot_match_are_refused_in_one_line(tmp_path, mon
         with pytest.raises(PaperError, match=refusal) as error:
             CheckpointDecider(tmp_path / "model.pt")
         assert "\n" not in str(error.value)
+
+
+@pytest.mark.slow
+def test_the_trader_loads_the_selected_weights_as_the_backtest_does(masked):
+    """A run that selected on validation stands for its selected state (load_trained): the trader trades that."""
+    checkpoint, feed = masked
+    bundle = dict(load_checkpoint(checkpoint))
+    bundle.pop("format_version")
+    best = {name: value + 0.5 if value.is_floating_point() else value for name, value in bundle["agent"].items()}
+    bundle["selection"] = {**(bundle.get("selection") or {}), "best_state": best}
+    selected = save_checkpoint(feed.parent / "selected.pt", bundle)
+    decider = CheckpointDecider(selected)
+    agent = decider._agent(decider.market(load_market("sp500").frame.iloc[-60:], "bars"))
+    for name, value in agent.state_dict().items():
+        assert torch.equal(value, best[name]), name
+    assert all(torch.equal(value, load_trained(selected, dataset=feed).agent.state_dict()[name])
+               for name, value in agent.state_dict().items())
