@@ -57,10 +57,15 @@ class Broker(Protocol):
 class PaperBroker:
     """The simulated broker (module doc): fills with the env's cost code at the next bar's fill price."""
 
-    def __init__(self, positions: tuple[float, ...], costs: CostModel) -> None:
-        """``positions``: the model's position levels (an order's ``level`` indexes them); ``costs``: its cost model."""
+    def __init__(self, positions: tuple[float, ...], costs: CostModel, *, anchored: bool = False) -> None:
+        """``positions``: the model's position levels (an order's ``level`` indexes them); ``costs``: its cost model.
+        ``anchored``: orders carry their own target weight (an anchored model's ``clip(b_t + tilt)``, which moves
+        with the benchmark): the order trades to ``order.target_weight`` wherever it differs from the weight held,
+        as :class:`~sentio_lab.env.TradingEnv` trades an anchored target
+        (:func:`sentio_lab.env.anchor.anchored_targets`: inside the no-trade band the target *is* the weight held)."""
         self.levels = np.asarray(positions, dtype=np.float64)
         self.costs = costs
+        self.anchored = anchored
         self._open: dict[str, tuple[Order, Mark]] = {}
 
     def submit(self, account: str, order: Order, held: Mark) -> None:
@@ -87,8 +92,12 @@ class PaperBroker:
         # one-element float64 arrays: the same elementwise formulas the batched torch env evaluates
         cash, shares = np.array([held.cash]), np.array([held.shares])
         price = market.fill[bar : bar + 1]
-        weight = self.levels[order.level : order.level + 1]
-        trade = np.array([order.level != held.level])
+        if self.anchored:
+            weight = np.array([order.target_weight], dtype=np.float64)
+            trade = np.array([order.target_weight != held.weight])
+        else:
+            weight = self.levels[order.level : order.level + 1]
+            trade = np.array([order.level != held.level])
         arrays = fill_arrays(market, costs, t, bar)
         if arrays is None:
             new_cash, new_shares, delta = rebalance(cash, shares, price, weight, trade, costs)

@@ -28,12 +28,17 @@ GARCH forecast), need the history from :attr:`Policy.first_bar` through at least
 another start where it matters, bars out of order or duplicated, and malformed OHLCV are refused with
 :class:`BarsError` (a ``ValueError``) saying so.
 
-Supported: ``ppo``, ``ppo_risk`` (pass the account's equity, peak and maximum drawdown), ``ppo_transformer``
-and ``ppo_masked``: every mask rule, from the account's mask state (the stateless rules -- level cap,
+Supported: ``ppo``, ``ppo_risk`` (pass the account's equity, peak and maximum drawdown), ``ppo_transformer``,
+``ppo_masked``: every mask rule, from the account's mask state (the stateless rules -- level cap,
 long-only, risk budget, regime -- need only the position; the EWMA / GARCH volatility of the risk budget runs
-over the history, GARCH fitted on the model's training range, which the history must then cover). Anchored
-(benchmark-tilt) models are refused for now: their observation holds the benchmark weight, which a bar history
-alone does not define.
+over the history, GARCH fitted on the model's training range, which the history must then cover), and
+benchmark-anchored models (``--anchor``, :mod:`sentio_lab.env.anchor`): the benchmark weight ``b_t`` is computed
+from the history by the env's own rule (:func:`sentio_lab.env.benchmarks.benchmark_weights`, through the same
+:func:`~sentio_lab.agents.variants.env_options` the backtest builds its env with), the account gives the weight
+held (:attr:`Account.weight`, not a level: an anchored weight moves with ``b_t``), the action is a tilt index and
+:attr:`Decision.weight` the target ``clip(b_t + tilt, lo, hi)`` (the weight held inside the no-trade band), by
+:func:`sentio_lab.env.anchor.anchored_targets`. ``vol_target`` scales by the training range's volatility, so its
+history must cover the training range (:attr:`Policy.fitted_on_history`).
 
 :meth:`Policy.act` is the batched path for observations that are ready (a ``(B, D)`` array): one forward pass;
 for MLP agents near-ties of the logits are recomputed row by row, so each action equals the one-row decision.
@@ -55,6 +60,7 @@ from sentio_lab.agents.nets.quantile import QuantileActorCritic
 from sentio_lab.agents.variants import TrainedAgent, action_masking, agent_obs_dim, env_options, load_trained
 from sentio_lab.data import DataValidationError, MarketData, canonicalize
 from sentio_lab.env import MarketArrays
+from sentio_lab.env.anchor import AnchorConfig, anchored_targets
 from sentio_lab.env.market import PreparedMarket
 from sentio_lab.env.mask_inputs import market_mask_inputs
 from sentio_lab.env.masks import make_masker
@@ -80,7 +86,9 @@ class Account:
     unit consistent with ``peak`` (the env's start at 1.0; only ``equity / peak`` is read)."""
 
     position: int | None = None
-    """Index of the level held now (into :attr:`Policy.levels`); None: flat."""
+    """Index of the level held now (into :attr:`Policy.levels`); None: flat. Not read by anchored models."""
+    weight: float | None = None
+    """Anchored models only: the weight held now (the target filled last, :attr:`Decision.weight`); None: flat."""
     equity: float = 1.0
     """Equity marked at the newest bar's close."""
     peak: float = 1.0
@@ -103,6 +111,9 @@ class Account:
         if self.peak <= 0 or not 0 <= self.max_drawdown <= 1:
             raise ValueError(f"account.peak must be > 0 and account.max_drawdown in [0, 1], got {self.peak}, "
                              f"{self.max_drawdown}")
+        if self.weight is not None and (isinstance(self.weight, bool) or not isinstance(self.weight, (int, float))
+                                        or not np.isfinite(self.weight)):
+            raise ValueError(f"account.weight must be a finite number (the weight held), got {self.weight!r}")
         if self.since_trade < 0 or self.period_trades < 0:
             raise ValueError(f"account.since_trade and account.period_trades must be >= 0, got {self.since_trade}, "
                              f"{self.period_trades}")
@@ -113,9 +124,10 @@ class Decision:
     """The greedy decision at the newest bar's close: fill it at the next bar (open or close, as the model's)."""
 
     action: int
-    """Index of the chosen level (into :attr:`Policy.levels`)."""
+    """Index of the chosen level (into :attr:`Policy.levels`; anchored models: of the tilt, :attr:`Policy.tilts`)."""
     weight: float
-    """Target weight of that level (fraction of equity; negative: short)."""
+    """Target weight (fraction of equity; negative: short): the chosen level's, or an anchored model's
+    ``clip(b_t + tilt, lo, hi)`` (the weight held when that is inside the no-trade band)."""
     time: pd.Timestamp
     """Timestamp of the bar the decision was made at (the newest bar of the history)."""
 
@@ -168,17 +180,20 @@ class Policy:
         self.feature_config = dataclasses.replace(self.market.feature_config, cache_dir=None)
         self.masking: dict[str, Any] = action_masking(self.args)
         options = env_options(self.args, self.market)
-        if options.get("anchor") is not None:
-            raise ValueError(f"{source or 'model'}: anchored (benchmark-tilt) models are not supported by Policy yet "
-                             "(their observation holds the benchmark weight, which bars alone do not define)")
+        self.anchor: AnchorConfig | None = options.get("anchor")
+        """The model's anchor on its own market (None: unanchored); a decision rebuilds it on the history."""
+        self.tilts: tuple[float, ...] | None = None if self.anchor is None else self.anchor.tilts
+        """Anchored models: the tilt each action adds to the benchmark weight (None: unanchored)."""
         self.drawdown_obs = bool(options.get("drawdown_obs", False))
         self.token_timeframes = bool(options.get("token_blocks"))
         self.first_bar: pd.Timestamp = self.market.data.frame.index[0]
         """The first bar of the model's data: histories from here give the backtest's decisions bit for bit."""
         masks = self.masking.get("masks")
         garch = masks is not None and masks.risk_budget is not None and masks.vol_model == "garch"
+        vol_anchor = self.anchor is not None and self.anchor.name == "vol_target"
         self.fitted_on_history: str | None = (
-            "token standardisation" if self.token_timeframes else "GARCH volatility forecast" if garch else None)
+            "token standardisation" if self.token_timeframes else "GARCH volatility forecast" if garch
+            else "benchmark's training volatility (vol_target anchor)" if vol_anchor else None)
         """What this model fits on the training bars *of the history* (as the backtest does: the transformer's token
         standardisation, the risk budget's GARCH), None when nothing is: such a history must start at
         :attr:`first_bar` and cover the training range."""
@@ -222,6 +237,7 @@ class Policy:
             "fill_price": self.fill_price,
             "data_fingerprint": self.trained.bundle["data_fingerprint"],
             "masks": sorted(self.masking["masks"].active_rules()) if self.masking else [],
+            "anchor": None if self.anchor is None else {"benchmark": self.anchor.name, "tilts": list(self.tilts)},
         }
 
     # ------------------------------------------------------------------------------------ observations
@@ -259,26 +275,47 @@ class Policy:
         return PreparedMarket(data=data, splits=self.market.splits, features=features, arrays=arrays,
                               feature_config=self.feature_config)
 
-    def _observe(self, market: PreparedMarket, account: Account) -> np.ndarray:
+    def _options(self, market: PreparedMarket) -> dict[str, Any]:
+        """The env keywords of the history (token blocks, the anchor on its bars), as the backtest builds them."""
+        if not self.token_timeframes and self.anchor is None:
+            return {}
+        try:
+            return env_options(self.args, market)
+        except ValueError as err:  # bars the token timeframes (or the benchmark) cannot be built from
+            raise BarsError(f"{market.data.name}: {err}") from err
+
+    def _observe(self, market: PreparedMarket, account: Account, options: dict[str, Any] | None = None
+                 ) -> np.ndarray:
         """The env's observation at the newest bar (:class:`~sentio_lab.env.TradingEnv`'s, in the same order)."""
         features, t = market.arrays.features, len(market.arrays.close) - 1
-        level = self._position(account)
+        options = self._options(market) if options is None else options
+        if self.anchor is None:
+            held = self.levels[self._position(account)]
+        else:  # the env's position slot of an anchored model: the weight held (float64 -> float32)
+            held = self._held_weight(account)
         parts = [features[t - self.window + 1 : t + 1].reshape(-1),
-                 np.asarray([self.levels[level]], dtype=np.float64).astype(np.float32)]
-        if self.token_timeframes:
-            try:
-                blocks = env_options(self.args, market)["token_blocks"]
-            except ValueError as err:  # bars the token timeframes cannot be built from
-                raise BarsError(f"{market.data.name}: {err}") from err
-            for block in blocks:
-                parts.append(block.table[block.index[t]].reshape(-1))
+                 np.asarray([held], dtype=np.float64).astype(np.float32)]
+        blocks = list(options.get("token_blocks", ()))
+        if self.anchor is not None:  # the benchmark block (b_t) after the token blocks, as the env appends it
+            blocks.append(options["anchor"].token_block())
+        for block in blocks:
+            parts.append(block.table[block.index[t]].reshape(-1))
         if self.drawdown_obs:  # (D_t, M_t) in float64 as the env computes them, then float32
             state = np.asarray([1.0 - account.equity / account.peak, account.max_drawdown], dtype=np.float64)
             parts.append(state.astype(np.float32))
         return np.concatenate(parts).astype(np.float32, copy=False)
 
+    def _held_weight(self, account: Account) -> float:
+        """The weight an anchored model's account holds (flat when None); a level index is refused, naming why."""
+        if account.position is not None:
+            raise ValueError("account.position: an anchored model holds a weight that moves with its benchmark, "
+                             "not a level; give account.weight (the last decision's weight) instead")
+        return 0.0 if account.weight is None else float(account.weight)
+
     def _position(self, account: Account) -> int:
         """The held level index of ``account`` (flat when None), checked."""
+        if account.weight is not None:
+            raise ValueError("account.weight is read by anchored models only; give account.position (a level index)")
         if account.position is None:
             return int(np.argmin(np.abs(self.levels)))
         level = account.position
@@ -313,11 +350,20 @@ class Policy:
     def _decide_one(self, bars: pd.DataFrame, account: Account | None, name: str) -> Decision:
         account = account or Account()
         market = self._history(bars, name)
-        obs = torch.from_numpy(self._observe(market, account))[None]
+        options = self._options(market)
+        obs = torch.from_numpy(self._observe(market, account, options))[None]
         mask = self._mask(market, account)
         with torch.no_grad():  # one row through act_greedy: the call evaluate_policy makes at every bar
             action = int(self.agent.act_greedy(obs) if mask is None else self.agent.act_greedy(obs, mask))
-        return Decision(action=action, weight=float(self.levels[action]), time=market.data.frame.index[-1])
+        time = market.data.frame.index[-1]
+        if self.anchor is None:
+            return Decision(action=action, weight=float(self.levels[action]), time=time)
+        anchor: AnchorConfig = options["anchor"]
+        lo, hi = anchor.bounds(self.levels)
+        target, _, _ = anchored_targets(anchor.benchmark[len(market.arrays.close) - 1 : len(market.arrays.close)],
+                                        np.asarray([anchor.tilts[action]]),
+                                        np.asarray([self._held_weight(account)]), lo, hi, anchor.no_trade_band)
+        return Decision(action=action, weight=float(target[0]), time=time)
 
     def decide(
         self,

@@ -476,7 +476,7 @@ def test_a_paced_replay_sleeps_between_bars(monkeypatch):
     assert list(PaperTrader._arrivals(3, 6, speed=None)) == [4, 5, 6] and len(slept) == 3
 
 
-def test_model_uris_folders_and_unsupported_models(ppo_checkpoint, tmp_path, monkeypatch):
+def test_model_uris_and_folders(ppo_checkpoint, tmp_path, monkeypatch):
     folder = tmp_path / "bundle"
     folder.mkdir()
     with pytest.raises(PaperError, match="expected one checkpoint"):
@@ -495,15 +495,8 @@ def test_model_uris_folders_and_unsupported_models(ppo_checkpoint, tmp_path, mon
     monkeypatch.setitem(sys.modules, "sentio_lab.deploy.registry", None)  # not installed: a clear error
     with pytest.raises(PaperError, match="registry URIs need sentio_lab.deploy.registry"):
         resolve_model("models:/demo@champion")
-    decider = CheckpointDecider(ppo_checkpoint)
-    market = decider.market(load_market("sp500").frame.iloc[-60:], "bars")
-    for options, refusal in (({"anchor": object()}, "anchored models"), ({"token_blocks": [object()]}, "token tim")):
-        monkeypatch.setattr(paper, "env_options", lambda args, market, options=options: options)
-        with pytest.raises(PaperError, match=refusal):
-            decider.decide(market, mark(59))
-    monkeypatch.setattr(paper, "action_masking", lambda args: {"masks": object()})
-    with pytest.raises(PaperError, match="masked models"):
-        CheckpointDecider(ppo_checkpoint)
+    # the models paper trading refuses (GARCH risk budget, vol_target anchor, token timeframes):
+    # tests/deploy/test_paper_variants.py
 
 
 def test_the_crash_hook_parses_its_spec_and_fires_only_at_its_point(monkeypatch):

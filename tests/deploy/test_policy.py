@@ -203,6 +203,8 @@ def test_the_position_is_read(ppo_policy):
     for bad in (3, -1, 1.0, True):
         with pytest.raises(ValueError, match="account.position must be a level index"):
             ppo_policy.decide(history, Account(position=bad))
+    with pytest.raises(ValueError, match="account.weight is read by anchored models only"):
+        ppo_policy.decide(history, Account(weight=0.5))
     for fields, field in (({"equity": float("nan")}, "equity"), ({"peak": 0.0}, "peak"),
                           ({"max_drawdown": 1.5}, "max_drawdown"), ({"since_trade": -1}, "since_trade"),
                           ({"equity": "1"}, "equity")):
