@@ -52,6 +52,9 @@ DEFAULT_PORT = 8000
 MAX_BATCH = 10_000
 #: A float that must be finite, checked by pydantic's core (no Python loop per value).
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+#: Why an anchored model takes no ready observation: its action is a tilt, its target ``clip(b_t + tilt)``.
+ANCHORED_NEEDS_BARS = ("this model is anchored to a benchmark: its target weight needs the benchmark weight at the "
+                       "bar, computed from the bars; send bars (with account.weight) instead of an observation")
 #: Environment variables a worker process of ``--workers N`` reads its model from (:func:`app_from_environment`).
 MODEL_ENV, DATASET_ENV, REGISTRY_ENV = "SENTIO_SERVICE_MODEL", "SENTIO_SERVICE_DATASET", "SENTIO_SERVICE_REGISTRY"
 
@@ -86,6 +89,7 @@ class AccountIn(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     position: int | None = Field(default=None, ge=0)
+    weight: float | None = Field(default=None, allow_inf_nan=False)
     equity: float = Field(default=1.0, gt=0, allow_inf_nan=False)
     peak: float = Field(default=1.0, gt=0, allow_inf_nan=False)
     max_drawdown: float = Field(default=0.0, ge=0, le=1, allow_inf_nan=False)
@@ -188,6 +192,8 @@ def _decide(policy: Policy, items: list[InstrumentIn], batched: bool) -> list[di
     """Decisions for ``items``: ready observations in one :meth:`Policy.act`, bar histories one by one."""
     out: list[dict[str, Any] | None] = [None] * len(items)
     ready = [i for i, item in enumerate(items) if item.observation is not None]
+    if ready and policy.tilts is not None:
+        raise _error(_loc(batched, ready[0], "observation"), ANCHORED_NEEDS_BARS)
     if ready:
         for i in ready:
             if len(items[i].observation) != policy.obs_dim:
@@ -250,6 +256,8 @@ def _matrix_rows(policy: Policy, matrix: MatrixIn) -> np.ndarray:
 
 def _decide_matrix(policy: Policy, matrix: MatrixIn) -> list[dict[str, Any]]:
     """Decisions for a :class:`MatrixIn`: every row through one :meth:`Policy.act`."""
+    if policy.tilts is not None:
+        raise _error(["observations" if matrix.observations is not None else "observations_b64"], ANCHORED_NEEDS_BARS)
     obs = _matrix_rows(policy, matrix)
     masks = None
     if matrix.masks is not None:

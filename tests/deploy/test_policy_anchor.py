@@ -101,3 +101,31 @@ def test_an_anchored_account_is_a_weight_not_a_level(anchored_policy):
         Account(weight=float("inf"))
     flat = policy.decide(history)
     assert flat == policy.decide(history, Account(weight=0.0))
+
+
+def test_the_service_decides_an_anchored_model_from_bars_only(anchored_policy):
+    """Over HTTP: bars with ``account.weight`` answer the policy's decision (the target weight, not a level's); a
+    ready observation is refused with a 422 saying why (its target needs ``b_t`` from the bars); a level index is
+    a 422 on the account, not a 500."""
+    from fastapi.testclient import TestClient
+
+    from sentio_lab.deploy.service import create_app
+
+    policy = anchored_policy
+    client = TestClient(create_app(policy))
+    frame = policy.market.data.frame.iloc[:420]
+    bars = {"time": [t.isoformat() for t in frame.index],
+            **{c: frame[c].tolist() for c in ("open", "high", "low", "close", "volume")}}
+    answer = client.post("/decide", json={"bars": bars, "account": {"weight": 0.25}})
+    assert answer.status_code == 200, answer.text
+    expected = policy.decide(frame, Account(weight=0.25))
+    assert answer.json()["action"] == expected.action and answer.json()["weight"] == expected.weight
+    obs = policy.observation(frame, Account(weight=0.25)).tolist()
+    for body, loc in (({"observation": obs}, ["body", "observation"]),
+                      ({"batch": [{"observation": obs}]}, ["body", "batch", 0, "observation"]),
+                      ({"observations": [obs]}, ["body", "observations"])):
+        refused = client.post("/decide", json=body)
+        assert refused.status_code == 422 and refused.json()["detail"][0]["loc"] == loc
+        assert "anchored to a benchmark" in refused.json()["detail"][0]["msg"]
+    level = client.post("/decide", json={"bars": bars, "account": {"position": 1}})
+    assert level.status_code == 422 and "give account.weight" in level.json()["detail"][0]["msg"]
