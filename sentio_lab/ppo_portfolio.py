@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import pandas as pd
 import torch
 from torch import nn
 
@@ -52,10 +53,10 @@ from sentio_lab.agents.rollout import (
 from sentio_lab.agents.training import TrainResult, resolve_device
 from sentio_lab.data.panel import SP500_PANEL, PanelData, load_sp500_panel
 from sentio_lab.env.anchor import DEFAULT_TILTS
-from sentio_lab.env.arrays import StartSampler
 from sentio_lab.env.portfolio import PortfolioEnv
 from sentio_lab.env.portfolio_anchor import PortfolioAnchor, equal_weight_benchmark
 from sentio_lab.env.portfolio_arrays import PortfolioArrays, build_portfolio_arrays
+from sentio_lab.env.splits import SegmentEpisodeSampler
 from sentio_lab.run_loop import run_cli, start_run
 
 VARIANT = "ppo_portfolio"
@@ -66,9 +67,8 @@ class PortfolioEnvArgs(EnvArgs):
     """Environment and costs (ppo's group), with the portfolio's benchmark for ``--anchor``."""
 
     anchor: Literal["equal_weight"] | None = None
-    """benchmark the actions tilt around: target = the Euclidean projection onto the simplex of benchmark weights +
-    a Gaussian tilt (sentio_lab.env.portfolio_anchor); None = actions are the weights. The untrained agent's greedy
-    action is the zero tilt (the benchmark)"""
+    """benchmark the actions tilt around: target = projection onto the simplex of benchmark weights + a Gaussian tilt
+    (sentio_lab.env.portfolio_anchor); the untrained agent's greedy action is the zero tilt (the benchmark)"""
 
 
 @dataclass
@@ -147,9 +147,9 @@ class PortfolioMarket:
     """``train`` / ``validation`` / ``test``: ``[start, stop)`` bar indices"""
     data: PanelInfo
     features: FeatureInfo
-    train_sampler: StartSampler | None = None
-    """Where training episodes start (a CPCV fold's training segments, e.g.
-    :class:`sentio_lab.env.splits.SegmentEpisodeSampler`); None: anywhere in the ``train`` range."""
+    train_segments: tuple[tuple[int, int], ...] | None = None
+    """a CPCV / walk-forward fold's training segments (the runner's fold market): episodes start in these only,
+    none crosses a test group; None: the whole ``train`` range"""
 
     @property
     def splits(self) -> dict:
@@ -210,10 +210,9 @@ def check_args(args: Args) -> None:
     if args.d_model % args.n_heads:
         raise ValueError(f"--d-model {args.d_model} is not divisible by --n-heads {args.n_heads}")
     env = args.env
-    single_asset = [flag for flag, value, default in (
-        ("--deviation-penalty", env.deviation_penalty, 0.0), ("--no-trade-band", env.no_trade_band, 0.0),
-        ("--tilts", tuple(env.tilts), DEFAULT_TILTS), ("--zero-tilt-prob", env.zero_tilt_prob, 0.5))
-        if value != default]
+    single_asset = [flag for flag, value, default in (("--deviation-penalty", env.deviation_penalty, 0.0),
+        ("--no-trade-band", env.no_trade_band, 0.0), ("--tilts", tuple(env.tilts), DEFAULT_TILTS),
+        ("--zero-tilt-prob", env.zero_tilt_prob, 0.5)) if value != default]
     if single_asset:
         raise ValueError(f"{', '.join(single_asset)}: single-asset anchor options; the portfolio tilt is continuous "
                          "(--tilt-std); drop them")
@@ -232,22 +231,39 @@ def policy_of(args: Args) -> str:
 
 def anchor_for(args: Args, market: PortfolioMarket) -> PortfolioAnchor | None:
     """The benchmark of ``--anchor`` on ``market`` (equal weight reads no bar), with ``--excess-reward``."""
-    if args.env.anchor is None:
-        return None
     benchmark = equal_weight_benchmark(len(market.arrays.close), market.arrays.num_assets)
-    return PortfolioAnchor(benchmark, excess_reward=args.env.excess_reward, name=args.env.anchor)
+    return None if args.env.anchor is None else PortfolioAnchor(benchmark, args.env.excess_reward, args.env.anchor)
 
 
 def make_env(args: Args, market: PortfolioMarket, range_name: str = "train") -> PortfolioEnv:
-    """Training env: ``num_envs`` random windows inside the named range (inside ``market.train_sampler``'s segments
-    when it has one), with the run's allocation, anchor and costs (evaluation builds its env here too)."""
+    """Training env: ``num_envs`` random windows inside the named range (on a fold market, inside its training
+    segments only), with the run's allocation, anchor and costs (evaluation builds its env here too)."""
     start, stop = market.range(range_name)
-    sampler = market.train_sampler if range_name == "train" else None
+    sampler = None
+    if range_name == "train" and market.train_segments is not None:  # a fold: the training segments only
+        sampler = SegmentEpisodeSampler(market.train_segments, args.features.window, args.env.episode_length,
+                                        first_valid=market.arrays.first_valid, n_bars=len(market.arrays.close))
     return PortfolioEnv(market.arrays, num_envs=args.ppo.num_envs, window=args.features.window,
                         episode_length=args.env.episode_length, start=start, stop=stop,
                         allocation="long_short" if args.long_short else "long_only", gross_limit=args.gross_limit,
                         costs=cost_model(args), device=resolve_device(args.run.device), seed=args.run.seed,
                         start_sampler=sampler, anchor=anchor_for(args, market))
+
+
+def validation_equity(agent: PortfolioActorCritic, args: Args, market: PortfolioMarket,
+                      range_name: str = "validation") -> pd.Series:
+    """The greedy agent's equity over ``range_name`` (one account from the range's first decision bar to its end, net
+    of costs, indexed by the bars it is marked on): Tune's fitness (:mod:`sentio_lab.scale.tune`)."""
+    start, stop = market.range(range_name)
+    first = max(start, market.arrays.first_valid + args.features.window - 1)
+    env = make_env(args.replace(num_envs=1, episode_length=stop - 1 - first), market, range_name)
+    obs, equity = env.reset([first]), [1.0]
+    for _ in range(stop - 1 - first):
+        obs, _, terminated, _, info = env.step(agent.act_greedy(obs))
+        equity.append(float(info["equity"][0]))
+        if bool(terminated[0]):  # ruined: the account stops there
+            break  # (an episode as long as the range never truncates)
+    return pd.Series(equity, index=market.panel.index[first:first + len(equity)], name="equity")
 
 
 def build_agent(args: Args, obs_dim: int, num_actions: int) -> PortfolioActorCritic:

@@ -119,13 +119,14 @@ def test_long_short_run_trades_shorts_through_the_env(tiny, panel):
 
 def test_training_episodes_start_inside_the_markets_sampler(tiny, panel):
     market = pp.portfolio_market(panel, tiny)
-    sampler = SegmentEpisodeSampler([(0, 60), (120, 180)], window=4, episode_length=24,
-                                    first_valid=market.arrays.first_valid)
-    market.train_sampler = sampler
+    market.train_segments = ((0, 60), (120, 180))  # a fold: a test group in between
     env = pp.make_env(tiny, market)
-    assert env.start_sampler is sampler and pp.make_env(tiny, market, "test").start_sampler is None
+    assert isinstance(env.start_sampler, SegmentEpisodeSampler)
+    assert pp.make_env(tiny, market, "test").start_sampler is None
     env.reset()
-    assert bool(sampler.contains(env.t).all())
+    for _ in range(60):  # past several episode ends: every bar an account is marked on lies inside one segment
+        env.step(torch.full((8, 4), 0.25))
+        assert bool(((env.t < 60) | ((env.t >= 120) & (env.t < 180))).all())
     result = pp.train(tiny.replace(total_timesteps=8 * 16), market=market)
     assert result.finished
 
@@ -148,3 +149,25 @@ def test_policy_choice_follows_the_flags(tiny):
     assert pp.policy_of(tiny.replace(anchor="equal_weight")) == "tilt"
     with pytest.raises(ValueError, match="policy 'gauss'"):
         PortfolioActorCritic(2, 3, policy="gauss")
+
+
+def test_tune_iterates_an_anchored_portfolio_trial_and_takes_a_mutation(panel, tmp_path):
+    from sentio_lab.scale import tune as T
+
+    argv = ("--num-envs 8 --num-steps 16 --num-minibatches 2 --update-epochs 1 --window 4 --episode-length 24 "
+            "--d-model 8 --ff-size 16 --hidden-size 16 --feature-cache-dir None --anchor equal_weight --excess-reward "
+            f"--run-dir {tmp_path / 'runs'}")
+    tune_args = T.TuneArgs(variant="ppo_portfolio", variant_args=argv, iterations=2, steps_per_iteration=256)
+    config = {"variant": "ppo_portfolio", **T.base_arguments(tune_args), "seed": 3, "learning_rate": 3e-4,
+              "ent_coef": 0.01, "clip_coef": 0.2, "gae_lambda": 0.95}
+    args = T.trial_args("ppo_portfolio", config, tmp_path / T.CHECKPOINT_FILE)
+    market = pp.portfolio_market(panel, args)
+    # the fitness of the untrained agent is the benchmark's validation equity (one account over the whole range)
+    equity = pp.validation_equity(pp.build_agent(args, obs_dim(market, args), 4), args, market)
+    start, stop = market.range("validation")
+    assert len(equity) == stop - start and equity.iloc[0] == 1.0 and equity.index[-1] == panel.index[stop - 1]
+    first = T.run_iteration("ppo_portfolio", config, tmp_path, market)
+    second = T.run_iteration("ppo_portfolio", {**config, "ent_coef": 0.02}, tmp_path, market)
+    assert (first["global_step"], second["global_step"]) == (256, 512) and second["finished"]
+    assert second["mutated"] == ["ent_coef"] and np.isfinite(second[T.METRIC])
+    assert first["validation_total_return"] != second["validation_total_return"]  # the trained tilt moved
