@@ -163,10 +163,9 @@ def trial_args(variant_name: str, config: dict[str, Any], checkpoint: Path) -> A
 
 
 def validation_score(variant_name: str, agent: Any, args: Any, market: Any) -> dict[str, float]:
-    """Fitness of an agent: its greedy episode over the validation range, net of costs (never the test range)."""
-    variant = load_variant(variant_name)
-    own = getattr(variant, "validation_equity", None)  # a variant with an env of its own (ppo_portfolio)
-    equity = own(agent, args, market) if own is not None else evaluate_policy(
+    """Fitness of an agent: its greedy validation episode net of costs, never the test range (or the variant's own)."""
+    own = getattr(variant := load_variant(variant_name), "validation_equity", None)
+    equity = own(agent, args, market) if own else evaluate_policy(
         agent, market, window=args.features.window, positions=tuple(args.env.positions), costs=variant.cost_model(args),
         range_name="validation", **action_masking(args), env_options=env_options(args, market)).equity
     returns = metrics.simple_returns(equity)
