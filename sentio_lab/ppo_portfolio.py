@@ -24,7 +24,8 @@ the truncation bootstrap, checkpoints, exact resume through :mod:`sentio_lab.run
     return over the benchmark's own (a shadow account with the same fills and costs).
 
 Not here: the risk-aware critic (a quantile critic with CVaR, as ``ppo_risk``), an anchor on a skfolio baseline, and
-the end-of-run W&B evaluation summary (``run_summary`` is single-asset): ``--track`` is refused.
+the end-of-run W&B evaluation summary (``run_summary`` is single-asset): ``--track`` is refused. Tune scores a trial by
+:func:`validation_equity`; a fold market (``train_segments``) keeps training episodes inside its training segments.
 """
 
 from __future__ import annotations
