@@ -121,9 +121,15 @@ def test_shadow_accounts_resume_and_reset_with_the_episodes(arrays):
     assert not torch.equal(state["benchmark_equity"], torch.ones(2, dtype=torch.float64))
     copy = PortfolioEnv(arrays, anchor=anchor, **kwargs)
     copy.load_state_dict(state)
+    restarted = False
     for _ in range(5):  # across the end of the episode (6 steps): both accounts restart at equity 1
-        r1, r2 = env.step(tilt)[1], copy.step(tilt)[1]
+        r1, r2 = (e.step(tilt)[1] for e in (env, copy))
         assert torch.equal(r1, r2)
+        if bool(env.steps.eq(0).all()):  # the step that ended the episodes: the shadow restarts all cash
+            assert torch.equal(env.shadow.equity, torch.ones(2, dtype=torch.float64))
+            assert torch.equal(env.shadow.shares, torch.zeros_like(env.shadow.shares))
+            restarted = True
+    assert restarted
     assert torch.equal(env.shadow.equity, copy.shadow.equity) and bool((env.steps < 4).all())
     assert bool((env.shadow.equity != state["benchmark_equity"]).all())
 
