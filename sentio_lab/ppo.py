@@ -42,13 +42,11 @@ from sentio_lab.agents import training
 from sentio_lab.agents.arguments import SharedArgs
 from sentio_lab.agents.nets import MLPActorCritic
 from sentio_lab.agents.rollout import (
-    approx_kl,
     bootstrap_truncated,
-    clip_fraction,
     compute_gae,
+    gather_minibatch,
     kl_early_stop,
-    normalise_advantages,
-    policy_loss,
+    ppo_objective,
     value_loss,
 )
 from sentio_lab.agents.training import TrainResult
@@ -160,39 +158,26 @@ def train(args: Args, *, market: PreparedMarket | None = None, env: Any | None =
         epochs_run = updates_run = 0
         for epoch in range(hp.update_epochs):
             for minibatch, mb_inds in run.minibatches():
-                # one contiguous gather per tensor (index_select is several times faster than [mb_inds])
-                batch = (b_obs, b_actions, b_logprobs, b_advantages, b_returns, b_values)
-                mb_obs, mb_actions, mb_logprobs, mb_advantages, mb_returns, mb_values = (
-                    x.index_select(0, mb_inds) for x in batch
-                )
+                mb_obs, mb_actions, mb_logprobs, mb_advantages, mb_returns, mb_values = gather_minibatch(
+                    (b_obs, b_actions, b_logprobs, b_advantages, b_returns, b_values), mb_inds)
                 _, newlogprob, entropy, newvalue = agent.get_action_and_value(mb_obs, mb_actions)
-                logratio = newlogprob - mb_logprobs
-                ratio = logratio.exp()
-                with torch.no_grad():
-                    old_kl, kl = approx_kl(logratio, ratio)
-                    clipfracs.append(clip_fraction(ratio, hp.clip_coef).item())
-
-                if hp.norm_adv:
-                    mb_advantages = normalise_advantages(mb_advantages)
-                pg_loss = policy_loss(mb_advantages, ratio, hp.clip_coef)
                 v_loss = value_loss(newvalue, mb_returns, mb_values, hp.clip_coef, hp.clip_vloss)
-                entropy_loss = entropy.mean()
-                loss = pg_loss - hp.ent_coef * entropy_loss + v_loss * hp.vf_coef
+                # ratio, KL, clip fraction, advantage normalisation, clipped surrogate, entropy bonus
+                objective = ppo_objective(newlogprob, mb_logprobs, mb_advantages, entropy, v_loss, hp)
+                clipfracs.append(objective.clip_fraction)
 
                 optimizer.zero_grad()
-                loss.backward()
+                objective.loss.backward()
                 distributed.average_gradients(agent, ctx)  # the mean over ranks, before clipping (as DDP)
                 grad_norm = nn.utils.clip_grad_norm_(agent.parameters(), hp.max_grad_norm)
-                run.check_update(iteration, epoch, minibatch, loss, grad_norm, policy_loss=pg_loss,
-                                 value_loss=v_loss, entropy=entropy_loss)
+                run.check_update(iteration, epoch, minibatch, objective.loss, grad_norm, **objective.parts())
                 optimizer.step()
                 updates_run += 1
             epochs_run += 1
-            if kl_early_stop(distributed.mean_over_ranks(kl, ctx), hp.target_kl):  # all ranks stop together
+            if kl_early_stop(distributed.mean_over_ranks(objective.approx_kl, ctx), hp.target_kl):  # all stop together
                 break
 
-        losses = {"value_loss": v_loss, "policy_loss": pg_loss, "entropy": entropy_loss, "old_approx_kl": old_kl,
-                  "approx_kl": kl}
+        losses = objective.losses()
         run.log(run.record(state, optimizer, losses, clipfracs, b_values, b_returns, epochs_run, updates_run), state)
         if run.stop_or_checkpoint(iteration, save):
             break

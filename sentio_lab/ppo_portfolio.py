@@ -6,15 +6,26 @@ the truncation bootstrap, checkpoints, exact resume through :mod:`sentio_lab.run
 * the data is a panel (:mod:`sentio_lab.data.panel`; ``--dataset sp500_20``: skfolio's 20 S&P 500 stocks, close-only,
   so fills are at the next close and features come from the close-only bank), features fitted on the first
   ``--train-fraction`` of the bars only (:func:`sentio_lab.env.portfolio_arrays.build_portfolio_arrays`);
-* the env is :class:`~sentio_lab.env.portfolio.PortfolioEnv`, long-only: the action is a vector of ``A + 1`` target
-  weights on the simplex, cash last;
-* the policy is a Dirichlet over those weights, from a network that treats the assets alike (a shared per-asset
+* the env is :class:`~sentio_lab.env.portfolio.PortfolioEnv`; the network treats the assets alike (a shared per-asset
   encoder with attention across assets and no positional encoding:
-  :class:`~sentio_lab.agents.nets.portfolio.PortfolioActorCritic`, whose module doc states the log-probability);
-  the observation normaliser pools its statistics over the assets.
+  :class:`~sentio_lab.agents.nets.portfolio.PortfolioActorCritic`, whose module doc states each log-probability);
+  the observation normaliser pools its statistics over the assets. Three action distributions:
 
-Not (yet) here: long-short allocation, benchmark anchoring (a tilt around equal weight), the risk-aware critic, and
-the end-of-run W&B evaluation summary (``run_summary`` is single-asset): ``--track`` is refused.
+  - long-only (default): a Dirichlet over the ``A + 1`` target weights on the simplex, cash last; its log-probability
+    is ``Dirichlet.log_prob`` of the stored weights (no change of variables: they are drawn on the simplex);
+  - ``--long-short --gross-limit G``: a Dirichlet over ``2A + 1`` legs (each asset's long and short leg, and the
+    unused gross); the env gets ``w_i = G (long_i - short_i)``, so ``sum |w| < G`` by construction (cash
+    ``1 - sum w``); the log-probability is the Dirichlet's of the stored ``2A + 1`` legs, exact;
+  - ``--anchor equal_weight``: a diagonal Gaussian tilt ``tau`` over the ``A + 1`` weights; the env trades
+    ``P(b_t + tau)``, ``b_t`` the benchmark's weights and ``P`` the Euclidean projection onto the simplex
+    (:mod:`sentio_lab.env.portfolio_anchor`); the log-probability is the Gaussian's of the raw tilt (the projection is
+    the env's, as CleanRL's continuous PPO leaves clipping to the env). The mean tilt starts at 0 for every
+    observation: the untrained greedy agent *is* the benchmark, bit for bit. ``--excess-reward`` rewards the log
+    return over the benchmark's own (a shadow account with the same fills and costs).
+
+Not here: the risk-aware critic (a quantile critic with CVaR, as ``ppo_risk``), an anchor on a skfolio baseline, and
+the end-of-run W&B evaluation summary (``run_summary`` is single-asset): ``--track`` is refused. Tune scores a trial by
+:func:`validation_equity`; a fold market (``train_segments``) keeps training episodes inside its training segments.
 """
 
 from __future__ import annotations
@@ -22,32 +33,43 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
+import pandas as pd
 import torch
-from torch import nn, optim
+from torch import nn
 
 from sentio_lab.agents import training
-from sentio_lab.agents.arguments import DataArgs, FeatureArgs, Flat, RunArgs, SharedArgs, TrackingArgs
+from sentio_lab.agents.arguments import DataArgs, EnvArgs, FeatureArgs, Flat, RunArgs, SharedArgs, TrackingArgs
 from sentio_lab.agents.nets.portfolio import PortfolioActorCritic
 from sentio_lab.agents.rollout import (
-    approx_kl,
     bootstrap_truncated,
-    clip_fraction,
     compute_gae,
+    gather_minibatch,
     kl_early_stop,
-    normalise_advantages,
-    policy_loss,
+    ppo_objective,
     value_loss,
 )
 from sentio_lab.agents.training import TrainResult, resolve_device
 from sentio_lab.data.panel import SP500_PANEL, PanelData, load_sp500_panel
+from sentio_lab.env.anchor import DEFAULT_TILTS
 from sentio_lab.env.portfolio import PortfolioEnv
+from sentio_lab.env.portfolio_anchor import PortfolioAnchor, equal_weight_benchmark
 from sentio_lab.env.portfolio_arrays import PortfolioArrays, build_portfolio_arrays
+from sentio_lab.env.splits import SegmentEpisodeSampler
 from sentio_lab.run_loop import run_cli, start_run
 
 VARIANT = "ppo_portfolio"
+
+
+@dataclass
+class PortfolioEnvArgs(EnvArgs):
+    """Environment and costs (ppo's group), with the portfolio's benchmark for ``--anchor``."""
+
+    anchor: Literal["equal_weight"] | None = None
+    """benchmark the actions tilt around: target = projection onto the simplex of benchmark weights + a Gaussian tilt
+    (sentio_lab.env.portfolio_anchor); the untrained agent's greedy action is the zero tilt (the benchmark)"""
 
 
 @dataclass
@@ -58,7 +80,14 @@ class Args(SharedArgs):
     data: Flat[DataArgs] = field(default_factory=lambda: DataArgs(dataset=SP500_PANEL, fill_price="next_close"))
     features: Flat[FeatureArgs] = field(default_factory=lambda: FeatureArgs(feature_bank="close", window=16))
     run: Flat[RunArgs] = field(default_factory=lambda: RunArgs(exp_name=VARIANT))
+    env: Flat[PortfolioEnvArgs] = field(default_factory=PortfolioEnvArgs)
     tracking: Flat[TrackingArgs] = field(default_factory=lambda: TrackingArgs(track=False))
+    long_short: bool = False
+    """long-short allocation: signed weights with sum |w| <= --gross-limit, cash 1 - sum w (default: long-only)"""
+    gross_limit: float = 1.0
+    """with --long-short: the gross exposure limit G (sum |w| <= G)"""
+    tilt_std: float = 0.05
+    """with --anchor: the Gaussian tilt's starting standard deviation (learned; one for every weight)"""
     cross_sectional: bool = False
     """append each feature's rank across the assets at bar t (scaled to [-1, 1]) to every asset's features"""
     d_model: int = 32
@@ -119,6 +148,9 @@ class PortfolioMarket:
     """``train`` / ``validation`` / ``test``: ``[start, stop)`` bar indices"""
     data: PanelInfo
     features: FeatureInfo
+    train_segments: tuple[tuple[int, int], ...] | None = None
+    """a CPCV / walk-forward fold's training segments (the runner's fold market): episodes start in these only,
+    none crosses a test group; None: the whole ``train`` range"""
 
     @property
     def splits(self) -> dict:
@@ -178,25 +210,74 @@ def check_args(args: Args) -> None:
         raise ValueError("--track: the end-of-run W&B evaluation summary is single-asset only; run with --no-track")
     if args.d_model % args.n_heads:
         raise ValueError(f"--d-model {args.d_model} is not divisible by --n-heads {args.n_heads}")
+    env = args.env
+    single_asset = [flag for flag, value, default in (("--deviation-penalty", env.deviation_penalty, 0.0),
+        ("--no-trade-band", env.no_trade_band, 0.0), ("--tilts", tuple(env.tilts), DEFAULT_TILTS),
+        ("--zero-tilt-prob", env.zero_tilt_prob, 0.5)) if value != default]
+    if single_asset:
+        raise ValueError(f"{', '.join(single_asset)}: single-asset anchor options; the portfolio tilt is continuous "
+                         "(--tilt-std); drop them")
+    if env.excess_reward and env.anchor is None:
+        raise ValueError("--excess-reward only acts with --anchor (a benchmark to beat); add --anchor equal_weight")
+    if env.anchor is not None and args.long_short:
+        raise ValueError("--anchor with --long-short: the tilt is projected onto the long-only simplex; drop one")
+    if args.gross_limit != 1.0 and not args.long_short:
+        raise ValueError(f"--gross-limit {args.gross_limit} only acts with --long-short; add it or drop the limit")
+
+
+def policy_of(args: Args) -> str:
+    """The action distribution ``args`` ask for (:data:`sentio_lab.agents.nets.portfolio.POLICIES`)."""
+    return "tilt" if args.env.anchor is not None else "long_short" if args.long_short else "dirichlet"
+
+
+def anchor_for(args: Args, market: PortfolioMarket) -> PortfolioAnchor | None:
+    """The benchmark of ``--anchor`` on ``market`` (equal weight reads no bar), with ``--excess-reward``."""
+    benchmark = equal_weight_benchmark(len(market.arrays.close), market.arrays.num_assets)
+    return None if args.env.anchor is None else PortfolioAnchor(benchmark, args.env.excess_reward, args.env.anchor)
 
 
 def make_env(args: Args, market: PortfolioMarket, range_name: str = "train") -> PortfolioEnv:
-    """Training env: ``num_envs`` random windows inside the named range, long-only, with the run's costs."""
+    """Training env: ``num_envs`` random windows inside the named range (on a fold market, inside its training
+    segments only), with the run's allocation, anchor and costs (evaluation builds its env here too)."""
     start, stop = market.range(range_name)
+    sampler = None
+    if range_name == "train" and market.train_segments is not None:  # a fold: the training segments only
+        sampler = SegmentEpisodeSampler(market.train_segments, args.features.window, args.env.episode_length,
+                                        first_valid=market.arrays.first_valid, n_bars=len(market.arrays.close))
     return PortfolioEnv(market.arrays, num_envs=args.ppo.num_envs, window=args.features.window,
-                        episode_length=args.env.episode_length, start=start, stop=stop, allocation="long_only",
-                        costs=cost_model(args), device=resolve_device(args.run.device), seed=args.run.seed)
+                        episode_length=args.env.episode_length, start=start, stop=stop,
+                        allocation="long_short" if args.long_short else "long_only", gross_limit=args.gross_limit,
+                        costs=cost_model(args), device=resolve_device(args.run.device), seed=args.run.seed,
+                        start_sampler=sampler, anchor=anchor_for(args, market))
+
+
+def validation_equity(agent: PortfolioActorCritic, args: Args, market: PortfolioMarket,
+                      range_name: str = "validation") -> pd.Series:
+    """The greedy agent's equity over ``range_name`` (one account from the range's first decision bar to its end, net
+    of costs, indexed by the bars it is marked on): Tune's fitness (:mod:`sentio_lab.scale.tune`)."""
+    start, stop = market.range(range_name)
+    first = max(start, market.arrays.first_valid + args.features.window - 1)
+    env = make_env(args.replace(num_envs=1, episode_length=stop - 1 - first), market, range_name)
+    obs, equity = env.reset([first]), [1.0]
+    for _ in range(stop - 1 - first):
+        obs, _, terminated, _, info = env.step(agent.act_greedy(obs))
+        equity.append(float(info["equity"][0]))
+        if bool(terminated[0]):  # ruined: the account stops there
+            break  # (an episode as long as the range never truncates)
+    return pd.Series(equity, index=market.panel.index[first:first + len(equity)], name="equity")
 
 
 def build_agent(args: Args, obs_dim: int, num_actions: int) -> PortfolioActorCritic:
-    """The actor-critic for ``num_actions = A + 1`` weights over observations ``obs_dim = A x token + 1`` wide."""
-    num_assets = num_actions - 1
+    """The actor-critic for ``A`` assets (``num_actions``: the env's action width, ``A + 1`` long-only, ``A``
+    long-short) over observations ``obs_dim = A x token + 1`` wide."""
+    num_assets = num_actions if args.long_short else num_actions - 1
     token_dim, rest = divmod(obs_dim - 1, num_assets)
     if rest:
         raise ValueError(f"obs_dim {obs_dim} is not {num_assets} asset blocks + the cash weight")
     return PortfolioActorCritic(num_assets, token_dim, d_model=args.d_model, heads=args.n_heads,
                                 layers=args.n_layers, ff=args.ff_size, hidden=args.ppo.hidden_size,
-                                norm_obs=args.ppo.norm_obs, min_concentration=args.min_concentration)
+                                norm_obs=args.ppo.norm_obs, min_concentration=args.min_concentration,
+                                policy=policy_of(args), gross_limit=args.gross_limit, tilt_std=args.tilt_std)
 
 
 def restore_trained(args: Args, bundle: dict[str, Any]) -> tuple[PortfolioActorCritic, PortfolioMarket]:
@@ -208,7 +289,7 @@ def restore_trained(args: Args, bundle: dict[str, Any]) -> tuple[PortfolioActorC
                          f"trained on {bundle['data_fingerprint']}")
     arrays = market.arrays
     obs_dim = arrays.num_assets * (args.features.window * arrays.features.shape[2] + 1) + 1
-    agent = build_agent(args, obs_dim, arrays.num_assets + 1)
+    agent = build_agent(args, obs_dim, arrays.num_assets + (0 if args.long_short else 1))
     agent.load_state_dict(bundle["agent"])
     agent.eval()
     return agent, market
@@ -224,11 +305,11 @@ def train(args: Args, *, market: PortfolioMarket | None = None) -> TrainResult:
     args, env, device = run.args, run.env, run.device
     hp, n_envs = args.ppo, run.n_envs
     agent = build_agent(args, env.obs_dim, env.action_dim).to(device)
-    optimizer = optim.Adam(agent.parameters(), lr=hp.learning_rate, eps=1e-5)
+    optimizer = training.make_optimizer(agent, hp)  # Adam, AdamW with --weight-decay
     shape = (hp.num_steps, n_envs)
     obs = torch.zeros((*shape, env.obs_dim), device=device)
-    actions = torch.zeros((*shape, env.action_dim), device=device)
-    logprobs, rewards, dones, values = (torch.zeros(shape, device=device) for _ in range(4))
+    actions = torch.zeros((*shape, agent.action_dim), device=device)
+    logprobs, rewards, dones, values, cash_weights = (torch.zeros(shape, device=device) for _ in range(5))
     state = run.restore(agent, optimizer)
     next_obs, next_done = state.next_obs, state.next_done
 
@@ -253,7 +334,8 @@ def train(args: Args, *, market: PortfolioMarket | None = None) -> TrainResult:
             actions[step] = action
             logprobs[step] = logprob
 
-            next_obs, reward, terminated, truncated, info = env.step(action)
+            next_obs, reward, terminated, truncated, info = env.step(agent.env_action(action))
+            cash_weights[step] = 1.0 - info["weights"].sum(-1)  # the cash weight the env filled
             state.episode_return += reward
             reward = reward.to(torch.float32) * args.env.reward_scale
             if bool(truncated.any()):  # the window ended, the market did not: bootstrap
@@ -272,8 +354,7 @@ def train(args: Args, *, market: PortfolioMarket | None = None) -> TrainResult:
             advantages, returns = compute_gae(rewards, values, dones, next_value, next_done, hp.gamma, hp.gae_lambda)
 
         # ---- flatten the batch
-        b_obs = obs.reshape((-1, env.obs_dim))
-        b_actions = actions.reshape((-1, env.action_dim))
+        b_obs, b_actions = obs.reshape((-1, env.obs_dim)), actions.reshape((-1, agent.action_dim))
         b_logprobs, b_advantages, b_returns, b_values = (x.reshape(-1) for x in (logprobs, advantages, returns,
                                                                                     values))
 
@@ -282,40 +363,27 @@ def train(args: Args, *, market: PortfolioMarket | None = None) -> TrainResult:
         epochs_run = updates_run = 0
         for epoch in range(hp.update_epochs):
             for minibatch, mb_inds in run.minibatches():
-                batch = (b_obs, b_actions, b_logprobs, b_advantages, b_returns, b_values)
-                mb_obs, mb_actions, mb_logprobs, mb_advantages, mb_returns, mb_values = (
-                    x.index_select(0, mb_inds) for x in batch
-                )
+                mb_obs, mb_actions, mb_logprobs, mb_advantages, mb_returns, mb_values = gather_minibatch(
+                    (b_obs, b_actions, b_logprobs, b_advantages, b_returns, b_values), mb_inds)
                 _, newlogprob, entropy, newvalue = agent.get_action_and_value(mb_obs, mb_actions)
-                logratio = newlogprob - mb_logprobs
-                ratio = logratio.exp()
-                with torch.no_grad():
-                    old_kl, kl = approx_kl(logratio, ratio)
-                    clipfracs.append(clip_fraction(ratio, hp.clip_coef).item())
-
-                if hp.norm_adv:
-                    mb_advantages = normalise_advantages(mb_advantages)
-                pg_loss = policy_loss(mb_advantages, ratio, hp.clip_coef)
                 v_loss = value_loss(newvalue, mb_returns, mb_values, hp.clip_coef, hp.clip_vloss)
-                entropy_loss = entropy.mean()
-                loss = pg_loss - hp.ent_coef * entropy_loss + v_loss * hp.vf_coef
+                objective = ppo_objective(newlogprob, mb_logprobs, mb_advantages, entropy, v_loss, hp)
+                clipfracs.append(objective.clip_fraction)
 
                 optimizer.zero_grad()
-                loss.backward()
+                objective.loss.backward()
                 grad_norm = nn.utils.clip_grad_norm_(agent.parameters(), hp.max_grad_norm)
-                run.check_update(iteration, epoch, minibatch, loss, grad_norm, policy_loss=pg_loss,
-                                 value_loss=v_loss, entropy=entropy_loss)
+                run.check_update(iteration, epoch, minibatch, objective.loss, grad_norm, **objective.parts())
                 optimizer.step()
                 updates_run += 1
             epochs_run += 1
-            if kl_early_stop(kl, hp.target_kl):
+            if kl_early_stop(objective.approx_kl, hp.target_kl):
                 break
 
-        losses = {"value_loss": v_loss, "policy_loss": pg_loss, "entropy": entropy_loss, "old_approx_kl": old_kl,
-                  "approx_kl": kl}
-        record = run.record(state, optimizer, losses, clipfracs, b_values, b_returns, epochs_run, updates_run)
-        # the policy's mean weight on cash over the rollout: how invested it is
-        record["charts/mean_cash_weight"] = float(b_actions[:, -1].mean())
+        record = run.record(state, optimizer, objective.losses(), clipfracs, b_values, b_returns, epochs_run,
+                            updates_run)
+        # the mean weight on cash the env filled over the rollout: how invested the policy is
+        record["charts/mean_cash_weight"] = float(cash_weights.mean())
         run.log(record, state)
         if run.stop_or_checkpoint(iteration, save):
             break

@@ -1,4 +1,5 @@
-"""Rollout maths shared by the PPO variants: GAE, the truncation bootstrap, the PPO losses, approximate KL.
+"""Rollout maths shared by the PPO variants: GAE, the truncation bootstrap, the PPO losses, approximate KL, and the
+minibatch objective assembled from them (:func:`ppo_objective`).
 
 Pure tensor functions, no state: each variant's train loop calls them, and ``tests/agents/test_rollout.py``
 checks them against numbers worked out by hand, so a broken algorithm fails a test.
@@ -11,6 +12,10 @@ of where the agent would have been next to the last reward before GAE cuts the l
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -120,3 +125,58 @@ def describe_non_finite(**tensors: torch.Tensor) -> str | None:
             where = f", first at index {first}" if first else ""
             problems.append(f"{name} ({int(bad.sum())} of {tensor.numel()} entries non-finite{where})")
     return "; ".join(problems) or None
+
+
+@dataclass
+class PPOObjective:
+    """One minibatch's PPO loss and its parts (:func:`ppo_objective`): what a variant backpropagates and logs."""
+
+    loss: torch.Tensor
+    """``policy_loss - ent_coef * entropy + vf_coef * value_loss``, the tensor to backpropagate"""
+    policy_loss: torch.Tensor
+    value_loss: torch.Tensor
+    entropy: torch.Tensor
+    """the minibatch's mean entropy (the bonus term before its coefficient)"""
+    old_approx_kl: torch.Tensor
+    approx_kl: torch.Tensor
+    clip_fraction: float
+    """share of the minibatch whose ratio left ``[1 - clip_coef, 1 + clip_coef]`` (one host sync)"""
+
+    def parts(self) -> dict[str, torch.Tensor]:
+        """The loss's three terms by name, for the non-finite message
+        (:meth:`sentio_lab.run_loop.TrainingRun.check_update`)."""
+        return {"policy_loss": self.policy_loss, "value_loss": self.value_loss, "entropy": self.entropy}
+
+    def losses(self) -> dict[str, torch.Tensor]:
+        """The terms the run loop logs, by their log names (``losses/<name>``)."""
+        return {"value_loss": self.value_loss, "policy_loss": self.policy_loss, "entropy": self.entropy,
+                "old_approx_kl": self.old_approx_kl, "approx_kl": self.approx_kl}
+
+
+def gather_minibatch(batch: Sequence[torch.Tensor], indices: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The rows ``indices`` of every flattened rollout tensor: one contiguous gather each (``index_select`` is several
+    times faster than ``x[indices]``)."""
+    return tuple(x.index_select(0, indices) for x in batch)
+
+
+def ppo_objective(new_logprob: torch.Tensor, old_logprob: torch.Tensor, advantages: torch.Tensor,
+                  entropy: torch.Tensor, value_loss_term: torch.Tensor, hp: Any) -> PPOObjective:
+    """The clipped-surrogate PPO loss of one minibatch, CleanRL's order of operations (so every variant that calls it
+    is bit-identical to writing it out): ratio from the log-probabilities, the KL estimators and clip fraction
+    without gradient, advantages normalised when ``hp.norm_adv``, then
+    ``loss = policy_loss - hp.ent_coef * mean(entropy) + hp.vf_coef * value_loss_term``.
+
+    ``value_loss_term`` is the variant's own critic loss (:func:`value_loss`, or a quantile Huber loss), computed by
+    the caller; ``hp`` is the PPO argument group (``clip_coef``, ``norm_adv``, ``ent_coef``, ``vf_coef``).
+    """
+    logratio = new_logprob - old_logprob
+    ratio = logratio.exp()
+    with torch.no_grad():
+        old_kl, kl = approx_kl(logratio, ratio)
+        clipped = clip_fraction(ratio, hp.clip_coef).item()
+    if hp.norm_adv:
+        advantages = normalise_advantages(advantages)
+    pg_loss = policy_loss(advantages, ratio, hp.clip_coef)
+    entropy_loss = entropy.mean()
+    loss = pg_loss - hp.ent_coef * entropy_loss + value_loss_term * hp.vf_coef
+    return PPOObjective(loss, pg_loss, value_loss_term, entropy_loss, old_kl, kl, clipped)

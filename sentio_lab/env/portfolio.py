@@ -16,7 +16,9 @@ Actions (``allocation``): ``"long_only"`` takes ``(num_envs, A + 1)`` weights on
 ``"long_short"`` takes ``(num_envs, A)`` signed weights with ``sum |w| <= gross_limit`` (cash is the rest,
 ``1 - sum w``). Every step rebalances every asset to its target (weights drift between bars, so holding the same
 target trades the drift back). ``invalid_weights="project"`` maps a vector outside the set onto it instead of
-refusing it (:func:`~sentio_lab.env.portfolio_arrays.check_weights`).
+refusing it (:func:`~sentio_lab.env.portfolio_arrays.check_weights`). With ``anchor`` (long-only) the action is a
+tilt around a benchmark's weights, projected onto the simplex, and ``excess_reward`` subtracts the benchmark's own
+log return (:mod:`sentio_lab.env.portfolio_anchor`).
 
 Observation, float32 ``(num_envs, A x (window x F + 1) + 1)``, asset-major: for each asset its last ``window``
 feature rows (bars ``t - window + 1 .. t``, oldest first, F features each, flattened) then its held weight at
@@ -37,6 +39,7 @@ from sentio_lab.env.arrays import (
     episode_start_bounds,
 )
 from sentio_lab.env.costs import CostModel
+from sentio_lab.env.portfolio_anchor import PortfolioAnchor, ShadowAccount, project_to_simplex
 from sentio_lab.env.portfolio_arrays import (
     Allocation,
     InvalidWeights,
@@ -80,9 +83,15 @@ class PortfolioEnv:
         seed: int = 0,
         stagger_starts: bool = True,
         start_sampler: StartSampler | None = None,
+        anchor: PortfolioAnchor | None = None,
     ) -> None:
         """Build the env on bars ``[start, stop)`` of ``arrays``; tensors live on ``device``."""
         check_allocation(allocation, gross_limit, invalid_weights)
+        if anchor is not None:
+            if allocation != "long_only":
+                raise ValueError("anchor: a benchmark tilt is projected onto the long-only simplex; use "
+                                 "allocation='long_only'")
+            anchor.check(len(arrays.close), arrays.num_assets)
         stop = len(arrays.close) if stop is None else stop
         self.start_low, self.start_high = episode_start_bounds(arrays, window, start, stop, episode_length)
         self.start_sampler = start_sampler
@@ -134,6 +143,10 @@ class PortfolioEnv:
         self.cash = torch.ones(num_envs, dtype=f64, device=dev)
         self.shares = torch.zeros(num_envs, self.num_assets, dtype=f64, device=dev)
         self.equity = torch.ones_like(self.cash)
+        self.anchor = anchor
+        self._benchmark = None if anchor is None else torch.tensor(anchor.benchmark, dtype=f64, device=dev)
+        self.shadow = None if anchor is None or not anchor.excess_reward else ShadowAccount(num_envs,
+                                                                                            self.num_assets, dev)
 
     # ----------------------------------------------------------------------------------- observations
     def _observe(self, t: torch.Tensor, cash: torch.Tensor, shares: torch.Tensor) -> torch.Tensor:
@@ -175,6 +188,8 @@ class PortfolioEnv:
         self.cash = torch.ones(self.num_envs, dtype=torch.float64, device=self.device)
         self.shares = torch.zeros(self.num_envs, self.num_assets, dtype=torch.float64, device=self.device)
         self.equity = torch.ones_like(self.cash)
+        if self.shadow is not None:
+            self.shadow.reset()
         return self._observe(self.t, self.cash, self.shares)
 
     def step(self, actions: torch.Tensor, hold: torch.Tensor | None = None
@@ -186,13 +201,19 @@ class PortfolioEnv:
 
         ``info``: ``equity`` (marked at bar t+1's close), ``weights`` (the asset weights filled), ``cost`` (fees and
         price concessions paid, equity units), ``turnover`` (traded notional over the equity at the fill prices),
-        ``capped`` (bool ``(N, A)``, with a participation cap), ``final_obs`` and ``done``. Invalid weights raise
-        before any state changes (``invalid_weights="refuse"``).
+        ``capped`` (bool ``(N, A)``, with a participation cap), ``final_obs`` and ``done``; anchored with
+        ``excess_reward``, ``benchmark_equity``. Invalid weights raise before any state changes
+        (``invalid_weights="refuse"``).
         """
         actions = torch.as_tensor(actions, device=self.device)
         if actions.ndim != 2 or actions.shape[0] != self.num_envs or not actions.is_floating_point():
             raise ValueError(f"step: expected float weights of shape ({self.num_envs}, {self.action_dim}), got "
                              f"{tuple(actions.shape)} {actions.dtype}")
+        benchmark = None if self._benchmark is None else self._benchmark.index_select(0, self.t)
+        if benchmark is not None:  # a tilt around the benchmark's weights decided at bar t
+            if actions.shape[1] != self.action_dim:
+                raise ValueError(f"step: expected tilts of width {self.action_dim}, got {actions.shape[1]}")
+            actions = project_to_simplex(benchmark + actions.to(torch.float64))
         weights = check_weights(actions.to(torch.float64), self.allocation, self.gross_limit, self.invalid_weights,
                                 self.num_assets)
         next_t = self.t + 1
@@ -210,6 +231,13 @@ class PortfolioEnv:
             cash = cash - (held.neg().clamp_min(0.0) * self._borrow_per_share.index_select(0, next_t)).sum(-1)
         equity = cash + (fill.shares * self.close.index_select(0, next_t)).sum(-1)
         reward = torch.log(equity.clamp_min(_MIN_EQUITY) / self.equity)
+        extra = {}
+        if self.shadow is not None:  # the benchmark's account: the same prices, costs and cost inputs
+            shadow = self.shadow
+            target = check_weights(benchmark, "long_only", 1.0, "refuse", self.num_assets)
+            bench = portfolio_fill(shadow.cash, shadow.shares, price, target, self.costs, half, eta, cap, hold)
+            reward = reward - shadow.log_return(bench.cash, bench.shares, self.close.index_select(0, next_t))
+            extra["benchmark_equity"] = shadow.equity
         at_price = self.cash + (self.shares * price).sum(-1)
         turnover = (fill.delta.abs() * price).sum(-1) / at_price
         steps = self.steps + 1
@@ -219,7 +247,7 @@ class PortfolioEnv:
         self.cash, self.shares, self.equity, self.t, self.steps = cash, fill.shares, equity, next_t, steps
         obs = self._observe(self.t, self.cash, self.shares)
         info = {"equity": equity, "weights": weights, "cost": fill.cost, "turnover": turnover, "final_obs": obs,
-                "done": done}
+                "done": done, **extra}
         if self._fill_arrays is not None:
             info["capped"] = fill.capped
         if bool(done.any()):
@@ -236,12 +264,16 @@ class PortfolioEnv:
         self.cash = torch.where(done, one, self.cash)
         self.shares = torch.where(done[:, None], 0.0 * self.shares, self.shares)
         self.equity = torch.where(done, one, self.equity)
+        if self.shadow is not None:
+            self.shadow.reset(done)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Everything that evolves while stepping (episode positions, accounts, generator), for resuming."""
         state = {name: getattr(self, name).detach().cpu().clone() for name in ("t", "steps", "cash", "shares",
                                                                                "equity")}
         state["generator"] = self.generator.get_state()
+        if self.shadow is not None:
+            state.update(self.shadow.state_dict())
         return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -252,4 +284,6 @@ class PortfolioEnv:
         for name in ("t", "steps", "cash", "shares", "equity"):
             setattr(self, name, state[name].to(self.device).clone())
         self.generator.set_state(state["generator"])
+        if self.shadow is not None:
+            self.shadow.load_state_dict(state, self.device)
         return self._observe(self.t, self.cash, self.shares)

@@ -163,18 +163,18 @@ def trial_args(variant_name: str, config: dict[str, Any], checkpoint: Path) -> A
 
 
 def validation_score(variant_name: str, agent: Any, args: Any, market: Any) -> dict[str, float]:
-    """Fitness of an agent: its greedy episode over the validation range, net of costs (never the test range)."""
-    variant = load_variant(variant_name)
-    evaluation = evaluate_policy(agent, market, window=args.features.window, positions=tuple(args.env.positions),
-                                 costs=variant.cost_model(args), range_name="validation", **action_masking(args),
-                                 env_options=env_options(args, market))
-    returns = metrics.simple_returns(evaluation.equity)
+    """Fitness of an agent: its greedy validation episode net of costs, never the test range (or the variant's own)."""
+    own = getattr(variant := load_variant(variant_name), "validation_equity", None)
+    equity = own(agent, args, market) if own else evaluate_policy(
+        agent, market, window=args.features.window, positions=tuple(args.env.positions), costs=variant.cost_model(args),
+        range_name="validation", **action_masking(args), env_options=env_options(args, market)).equity
+    returns = metrics.simple_returns(equity)
     per_period = metrics.sharpe_ratio(returns)
-    ppy = metrics.periods_per_year(evaluation.equity.index)
+    ppy = metrics.periods_per_year(equity.index)
     # a flat policy has no Sharpe ratio; it ranks below every trading one rather than poisoning PBT's ordering
     annual = per_period * math.sqrt(ppy) if np.isfinite(per_period) else -10.0
     return {METRIC: float(annual), "validation_sharpe_per_period": float(per_period),
-            "validation_total_return": float(evaluation.equity.iloc[-1] - 1.0)}
+            "validation_total_return": float(equity.iloc[-1] - 1.0)}
 
 
 def run_iteration(variant_name: str, config: dict[str, Any], work: Path, market: Any) -> dict[str, Any]:

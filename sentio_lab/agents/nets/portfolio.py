@@ -26,41 +26,75 @@ Dirichlet draw can round a component to exactly 0, whose log-density is -inf); o
 evaluated at that stored action, so the PPO ratio is exact. The entropy is the Dirichlet's differential entropy.
 ``min_concentration = 1`` (the default) keeps the density log-concave and bounded (no mass piling on the faces); the
 greedy action is the mean ``alpha / sum alpha``.
+
+**Long-short** (``policy="long_short"``). A Dirichlet over ``2A + 1`` entries: each asset's long leg ``l_i`` and short
+leg ``s_i`` (the per-asset head gives both concentrations) and one unused-gross entry (from the pooled encoding);
+:meth:`PortfolioActorCritic.env_action` maps a draw to the signed weights ``w_i = G (l_i - s_i)`` (``G`` the gross
+limit), so ``sum |w_i| <= G (1 - unused) < G`` always holds and cash is ``1 - sum w``. The log-probability is the
+Dirichlet's of the stored ``2A + 1`` vector, exact (the map to ``w`` is not inverted: the ratio compares two densities
+of the same stored vector); the greedy action maps the mean.
+
+**Benchmark tilt** (``policy="tilt"``). A diagonal Gaussian over a tilt ``tau`` in ``R^(A + 1)`` (cash last): the mean
+from the per-asset head and, for cash, the pooled encoding; one learned log standard deviation shared by every entry
+(so the assets stay alike), starting at ``log(tilt_std)``. The log-probability is the Gaussian's,
+``sum_k log N(tau_k; mu_k, sigma)``, of the raw tilt: the projection of ``b_t + tau`` onto the simplex is the env's
+(:mod:`sentio_lab.env.portfolio_anchor`), as CleanRL's continuous PPO leaves action clipping to the env. The mean
+heads' last layers start at zero, so the untrained greedy action is the zero tilt: the benchmark itself.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.distributions import Dirichlet
+from torch.distributions import Dirichlet, Distribution, Normal
 
 from sentio_lab.agents.nets.core import RunningObsNorm, mlp
 from sentio_lab.agents.nets.transformer import EncoderBlock
 
 #: Floor of a stored weight (module doc: a float32 Dirichlet draw can round a component to 0).
 MIN_WEIGHT = 1e-6
+#: The action distributions (module doc): long-only Dirichlet, long-short Dirichlet over legs, Gaussian tilt.
+POLICIES: tuple[str, ...] = ("dirichlet", "long_short", "tilt")
 
 
 class PortfolioActorCritic(nn.Module):
     """Dirichlet policy and value over ``num_assets`` assets encoded alike (module doc)."""
 
     def __init__(self, num_assets: int, token_dim: int, *, d_model: int = 32, heads: int = 2, layers: int = 1,
-                 ff: int = 64, hidden: int = 64, norm_obs: bool = True, min_concentration: float = 1.0) -> None:
-        """``token_dim``: the width of one asset's block (``window x F + 1``)."""
+                 ff: int = 64, hidden: int = 64, norm_obs: bool = True, min_concentration: float = 1.0,
+                 policy: str = "dirichlet", gross_limit: float = 1.0, tilt_std: float = 0.05) -> None:
+        """``token_dim``: the width of one asset's block (``window x F + 1``); ``policy`` one of :data:`POLICIES`
+        (``gross_limit`` for ``long_short``, ``tilt_std`` the starting standard deviation of ``tilt``)."""
         super().__init__()
         if num_assets < 1 or token_dim < 1:
             raise ValueError(f"PortfolioActorCritic: num_assets {num_assets} and token_dim {token_dim} must be >= 1")
         if min_concentration <= 0:
             raise ValueError(f"--min-concentration {min_concentration}: must be > 0")
+        if policy not in POLICIES or not gross_limit > 0 or not tilt_std > 0:
+            raise ValueError(f"PortfolioActorCritic: policy {policy!r} (choose from {POLICIES}), gross_limit "
+                             f"{gross_limit} and tilt_std {tilt_std} (both > 0)")
         self.num_assets, self.token_dim, self.min_concentration = num_assets, token_dim, float(min_concentration)
+        self.policy, self.gross_limit = policy, float(gross_limit)
         self.obs_norm = RunningObsNorm(token_dim) if norm_obs else None
         self.embed = nn.Linear(token_dim + 1, d_model)
         self.blocks = nn.ModuleList(EncoderBlock(d_model, heads, ff) for _ in range(layers))
         self.norm = nn.LayerNorm(d_model)
-        self.asset_head = mlp(d_model, hidden, 1, out_std=0.01)
+        self.asset_head = mlp(d_model, hidden, 2 if policy == "long_short" else 1, out_std=0.01)
         self.cash_head = mlp(d_model, hidden, 1, out_std=0.01)
         self.critic = mlp(d_model + 1, hidden, 1, out_std=1.0)
+        if policy == "tilt":  # the untrained mean tilt is 0 for every observation: the agent starts as the benchmark
+            for head in (self.asset_head, self.cash_head):
+                nn.init.zeros_(head[-1].weight)
+                nn.init.zeros_(head[-1].bias)
+            self.log_std = nn.Parameter(torch.tensor(math.log(tilt_std)))
+
+    @property
+    def action_dim(self) -> int:
+        """Width of the stored action: ``A + 1`` (dirichlet, tilt) or ``2A + 1`` (long_short's legs)."""
+        return 2 * self.num_assets + 1 if self.policy == "long_short" else self.num_assets + 1
 
     @property
     def obs_dim(self) -> int:
@@ -97,11 +131,31 @@ class PortfolioActorCritic(nn.Module):
         x = self.norm(x)
         return x, x.mean(1), cash
 
+    def _heads(self, x: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+        """The heads' outputs ``(B, action_dim)``: per asset (long legs, then short legs), then the pooled entry."""
+        per_asset = self.asset_head(x)  # (B, A, 1) or (B, A, 2)
+        return torch.cat([per_asset.transpose(1, 2).reshape(len(x), -1), self.cash_head(pooled)], dim=1)
+
+    def _distribution(self, x: torch.Tensor, pooled: torch.Tensor) -> Distribution:
+        raw = self._heads(x, pooled)
+        if self.policy == "tilt":
+            return Normal(raw, self.log_std.exp().expand_as(raw))
+        return Dirichlet(self.min_concentration + F.softplus(raw))
+
     def concentration(self, obs: torch.Tensor) -> torch.Tensor:
-        """Dirichlet concentrations ``(B, A + 1)`` (cash last) for normalised observations."""
+        """Dirichlet concentrations ``(B, action_dim)`` (cash / unused gross last) for normalised observations."""
         x, pooled, _ = self.encode(obs)
-        raw = torch.cat([self.asset_head(x).squeeze(-1), self.cash_head(pooled)], dim=1)
-        return self.min_concentration + F.softplus(raw)
+        return self.min_concentration + F.softplus(self._heads(x, pooled))
+
+    def env_action(self, action: torch.Tensor) -> torch.Tensor:
+        """What the env steps on for a stored action: the weights (dirichlet), the tilt (tilt), or long-short's signed
+        weights ``G (l - s)`` in float64 ``(B, A)`` (module doc)."""
+        if self.policy != "long_short":
+            return action
+        legs = action.to(torch.float64)
+        legs = legs / legs.sum(-1, keepdim=True)  # float32 draws sum to 1 only to ~1e-7: keep sum |w| < G exactly
+        a = self.num_assets
+        return self.gross_limit * (legs[:, :a] - legs[:, a:2 * a])
 
     def get_value(self, obs: torch.Tensor) -> torch.Tensor:
         """State value ``(B,)`` for normalised observations."""
@@ -112,19 +166,27 @@ class PortfolioActorCritic(nn.Module):
                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Sample (or score the given) weights: ``(weights (B, A + 1), log_prob, entropy, value)`` (module doc)."""
         x, pooled, cash = self.encode(obs)
-        raw = torch.cat([self.asset_head(x).squeeze(-1), self.cash_head(pooled)], dim=1)
-        dist = Dirichlet(self.min_concentration + F.softplus(raw))
-        if action is None:
+        dist = self._distribution(x, pooled)
+        if action is None and self.policy == "tilt":
+            action = dist.sample()
+        elif action is None:
             action = dist.sample().clamp_min(MIN_WEIGHT)
             action = action / action.sum(-1, keepdim=True)
         value = self.critic(torch.cat([pooled, cash], dim=1)).squeeze(-1)
-        return action, dist.log_prob(action), dist.entropy(), value
+        log_prob, entropy = dist.log_prob(action), dist.entropy()
+        if self.policy == "tilt":  # independent entries: the joint density is the product
+            log_prob, entropy = log_prob.sum(-1), entropy.sum(-1)
+        return action, log_prob, entropy, value
 
     @torch.no_grad()
     def act_greedy(self, obs: torch.Tensor) -> torch.Tensor:
-        """The mean weights ``alpha / sum alpha`` for raw observations (deterministic evaluation)."""
-        alpha = self.concentration(self.normalise(obs))
-        return alpha / alpha.sum(-1, keepdim=True)
+        """The env action of the distribution's mean for raw observations (deterministic evaluation): the weights
+        ``alpha / sum alpha``, the mean tilt, or long-short's signed weights of the mean legs."""
+        x, pooled, _ = self.encode(self.normalise(obs))
+        if self.policy == "tilt":
+            return self._heads(x, pooled)
+        alpha = self.min_concentration + F.softplus(self._heads(x, pooled))
+        return self.env_action(alpha / alpha.sum(-1, keepdim=True))
 
 
-__all__ = ["MIN_WEIGHT", "PortfolioActorCritic"]
+__all__ = ["MIN_WEIGHT", "POLICIES", "PortfolioActorCritic"]
