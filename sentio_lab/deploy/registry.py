@@ -101,7 +101,7 @@ def model_version(name: str, alias_or_version: str | int, *, registry_uri: str |
 def register(checkpoint: str | Path, name: str, *, verdict: Verdict | str | Path | None = None,
              report: str | Path | None = None, alias: str | None = None, registry_uri: str | None = None,
              agent: str | None = None, track: bool = False, wandb_project: str = "sentio-lab",
-             wandb_dir: str | Path = "runs") -> Any:
+             wandb_dir: str | Path = "runs", tags: dict[str, str] | None = None) -> Any:
     """Register ``checkpoint`` as a new version of model ``name``; return the MLflow ``ModelVersion`` (module doc).
 
     ``checkpoint``: a checkpoint file (exported here) or a bundle folder exported before (registered as it is, after
@@ -114,7 +114,10 @@ def register(checkpoint: str | Path, name: str, *, verdict: Verdict | str | Path
     ``challenger`` at once (``champion`` goes through :func:`promote` and its gate). ``agent``: the configuration
     of an experiment folder with several. ``track``: log the checkpoint
     and the report as W&B artifacts too (offline unless ``WANDB_MODE`` says otherwise) and tag the run id.
+    ``tags``: more version tags (e.g. the lineage :mod:`sentio_lab.deploy.online` records); they may not replace
+    the tags written here.
     """
+    extra_tags = tags
     if alias is not None and alias != "challenger":
         raise ValueError(f"register sets only the 'challenger' alias, not {alias!r}; promote to champion")
     registry_uri = registry_uri or default_registry_uri()
@@ -137,6 +140,10 @@ def register(checkpoint: str | Path, name: str, *, verdict: Verdict | str | Path
                 "feature_state_hash": bundle.config["feature_state_hash"], "git_commit": str(code["git_commit"]),
                 "git_dirty": str(code["git_dirty"]), "package_version": str(code["package_version"]),
                 "global_step": str(bundle.config["global_step"]), "status": "registered", **verdict.to_tags()}
+        clash = sorted(set(tags) & set(extra_tags or {}))
+        if clash:
+            raise ValueError(f"register: tags {clash} are written by the registry itself; use other names")
+        tags.update(extra_tags or {})
         wandb_id = _log_wandb(track, wandb_project, wandb_dir, name, checkpoint, report_path, tags)
         if wandb_id is not None:
             tags["wandb_run_id"] = wandb_id
