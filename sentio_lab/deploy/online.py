@@ -21,7 +21,8 @@ One refresh at bar ``t`` (``t`` bars seen; all positions below are rows of the f
   champion, deflated over **every trial so far** (``n_trials`` grows with each refresh and rollback check), must
   exceed ``min_dsr``; and the SPA test against the champion must not find the champion better (reverse p >=
   ``spa_alpha``). Under the null (no real difference) the A/B condition alone passes with probability about
-  ``ab_alpha / 2`` (one side of a two-sided test): that is the gate's stated false-positive rate per refresh.
+  ``ab_alpha / 2`` (one side of a two-sided test); the gate's stated false-positive rate per refresh is at most
+  ``ab_alpha`` (measured by :func:`null_pass_rate`).
 * **Register** the challenger with its lineage (tags ``online.parent_version``, ``online.trained_until``,
   ``online.trial``, the A/B numbers, the trigger) and the alias ``challenger``; promote it to ``champion`` through
   :func:`sentio_lab.deploy.registry.promote` (whose :class:`~sentio_lab.deploy.verdict.Gate` re-checks DSR and SPA)
@@ -58,6 +59,7 @@ from sentio_lab.agents.variants import action_masking, env_options, load_trained
 from sentio_lab.data import load_market
 from sentio_lab.deploy import registry
 from sentio_lab.deploy.export import load_bundle
+from sentio_lab.deploy.ledger import Ledger
 from sentio_lab.deploy.verdict import Gate, Verdict
 from sentio_lab.evaluation.episodes import evaluate_policy
 from sentio_lab.evaluation.inference import SharpeDifference, sharpe_difference_test, spa_agent_vs_baselines
@@ -433,7 +435,7 @@ class OnlineLearner:
         """Replay ``feed``: bars are seen one at a time from ``start_bar`` on (or from the last refresh of a
         previous run); a refresh is due every ``every_bars`` bars or after a drift alert (module doc)."""
         cfg = self.config
-        alerts = sorted(pd.Timestamp(a) for a in alert_times)
+        alerts = sorted(_feed_time(a, feed.index) for a in alert_times)
         last = self.state["last_refresh"] if self.state["last_refresh"] is not None else start_bar
         events: list[OnlineEvent] = []
         for t in range(last + 1, len(feed) + 1):
@@ -447,6 +449,25 @@ class OnlineLearner:
             events += self.step(feed.iloc[:t], trigger)
             last = t
         return events
+
+
+def _feed_time(moment: Any, index: pd.Index) -> pd.Timestamp:
+    """``moment`` as a timestamp comparable with the feed's index (a ledger writes times with their offset)."""
+    stamp = pd.Timestamp(moment)
+    tz = getattr(index, "tz", None)
+    if tz is None and stamp.tz is not None:
+        return stamp.tz_convert(None)
+    if tz is not None and stamp.tz is None:
+        return stamp.tz_localize(tz)
+    return stamp
+
+
+def ledger_alert_times(ledger: str | Path, account: str) -> list[pd.Timestamp]:
+    """The times of the drift alerts recorded for ``account`` in a paper ledger (:mod:`sentio_lab.deploy.ledger`)."""
+    path = Path(ledger)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such ledger")
+    return [pd.Timestamp(t) for t in Ledger(path).table("alerts", account)["time"]]
 
 
 # ------------------------------------------------------------------------------------------ command line
@@ -481,9 +502,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         if args.ledger is not None:
             if args.account is None:
                 raise ValueError("--ledger needs --account")
-            from sentio_lab.deploy.ledger import Ledger
-
-            alerts = list(pd.to_datetime(Ledger(args.ledger).table("alerts", args.account)["time"]))
+            alerts = ledger_alert_times(args.ledger, args.account)
         learner = OnlineLearner(args.model, Path(args.work_dir or Path("runs") / "online" / args.model), config,
                                 args.registry_uri)
         for event in learner.run(feed, args.start_bar, alerts):
