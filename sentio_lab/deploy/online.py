@@ -158,7 +158,7 @@ def judge(candidate: pd.Series, incumbent: pd.Series, trial_sharpes: Sequence[fl
         raise ValueError("judge: candidate and incumbent returns are not on the same bars")
     excess = candidate - incumbent
     excess_sharpe = sharpe_ratio(excess)
-    trials = [*map(float, trial_sharpes), excess_sharpe]
+    trials = [*(math.nan if s is None else float(s) for s in trial_sharpes), excess_sharpe]
     finite = [s for s in trials if np.isfinite(s)]
     if not np.isfinite(excess_sharpe):
         dsr = math.nan  # identical returns: nothing to promote
@@ -183,7 +183,9 @@ def judge(candidate: pd.Series, incumbent: pd.Series, trial_sharpes: Sequence[fl
         spa = spa_agent_vs_baselines(candidate.rename("candidate"), incumbent.to_frame("incumbent"),
                                      reps=config.reps, seed=config.seed)
         spa_p, spa_reverse = float(spa.consistent), float(spa.reverse["candidate"].consistent)
-    if not spa_reverse >= config.spa_alpha:
+    if not np.isfinite(spa_reverse):
+        failures.append("SPA: not run (the excess returns do not vary)")
+    elif spa_reverse < config.spa_alpha:
         failures.append(f"SPA: the incumbent is better (reverse SPA p = {spa_reverse:.3f} < {config.spa_alpha})")
     return GateDecision(ab=ab, excess_sharpe=excess_sharpe, dsr=float(dsr), n_trials=len(trials), spa_p_value=spa_p,
                         spa_reverse_p_value=spa_reverse, failures=tuple(failures))
@@ -268,8 +270,7 @@ def evaluation_returns(checkpoint: str | Path, history: pd.DataFrame, first: int
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     data_file = folder / "history.csv"
-    if not data_file.exists():
-        history.to_csv(data_file)
+    history.to_csv(data_file)
     trained = load_trained(checkpoint, dataset=data_file)
     args, market = trained.args, trained.market
     evaluation = evaluate_policy(trained.agent, market, window=args.features.window,

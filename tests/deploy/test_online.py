@@ -86,6 +86,7 @@ def test_the_gate_passes_a_clearly_better_candidate_and_names_each_failure_other
     assert any(f.startswith("DSR") for f in worse.failures) and any(f.startswith("SPA") for f in worse.failures)
     same = judge(incumbent, incumbent.copy(), [], CONFIG)  # identical returns: nothing to promote
     assert not same.passed and math.isnan(same.dsr) and same.ab.p_value == 1.0
+    assert "SPA: not run (the excess returns do not vary)" in same.failures
     flat = judge(returns(np.zeros(60)), incumbent, [], CONFIG)  # a flat candidate has no Sharpe ratio
     assert any("do not vary" in f for f in flat.failures)
     with pytest.raises(ValueError, match="same bars"):
@@ -107,6 +108,7 @@ def test_the_dsr_is_deflated_by_every_trial_so_far():
     # a trial without a Sharpe ratio (identical models) counts in N but not in the spread
     with_nan = judge(candidate, incumbent, [*spread, math.nan], CONFIG)
     assert with_nan.n_trials == 6 and with_nan.dsr < after_four.dsr
+    assert judge(candidate, incumbent, [*spread, None], CONFIG).dsr == with_nan.dsr  # None: NaN read back from JSON
 
 
 @pytest.mark.slow
