@@ -297,3 +297,10 @@ def test_drift_alerts_are_read_from_the_paper_ledger(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--model", "m", "--feed", str(feed), "--start-bar", "10", "--ledger", str(path)])
     assert "--ledger needs --account" in capsys.readouterr().err
+
+
+def test_register_refuses_extra_tags_that_would_replace_its_own(tmp_path):
+    for tag in ("status", "verdict.dsr", "feature_state_hash"):
+        with pytest.raises(ValueError, match="written by the registry itself"):
+            registry.register(tmp_path / "none.pt", "m", tags={tag: "x", "online.trial": "1"},
+                              registry_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
