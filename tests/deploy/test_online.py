@@ -229,7 +229,7 @@ def test_a_planted_regime_change_gets_a_fine_tuned_challenger_promoted(champion,
     kinds = [(e["bar"], e["kind"]) for e in state["events"]]
     assert kinds == [(400, "challenger"), (500, "promoted")], state["events"]
     champion_now = registry.model_version("m", "champion", registry_uri=uri)
-    assert champion_now.version == state["events"][1]["version"]
+    assert str(champion_now.version) == state["events"][1]["version"]
     tags = champion_now.tags
     assert tags["online.parent_version"] == first and tags["online.trial"] == "2"
     assert tags["online.trained_until"] == str(champion["feed"].index[439])  # the window ends where eval begins
@@ -274,7 +274,7 @@ def test_a_promoted_champion_that_underperforms_its_predecessor_is_rolled_back(c
     assert learner.check_rollback(feed.iloc[:480]) is None  # fewer than eval_bars bars since its promotion
     event = learner.check_rollback(feed.iloc[:520])
     assert event.kind == "rolled_back" and event.version == first and event.decision.passed
-    assert registry.model_version("m", "champion", registry_uri=uri).version == first
+    assert str(registry.model_version("m", "champion", registry_uri=uri).version) == first
     assert registry.model_version("m", demoted.version, registry_uri=uri).tags["status"] == "retired"
     assert learner.check_rollback(feed.iloc[:600]) is None  # the original champion has no online predecessor
 
