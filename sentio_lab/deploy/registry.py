@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from sentio_lab.deploy.export import BUNDLE_DIR, export_bundle, load_bundle
-from sentio_lab.deploy.verdict import Gate, Verdict, verdict_from_checkpoint, verdict_from_experiment
+from sentio_lab.deploy.verdict import VERDICT_TAG, Gate, Verdict, verdict_from_checkpoint, verdict_from_experiment
 
 #: Where the embedded registry lives when no URI is given: ``runs/mlflow/mlflow.db`` (artifacts beside it).
 DEFAULT_DIR = Path("runs") / "mlflow"
@@ -43,6 +43,9 @@ EXPERIMENT = "sentio-lab-registry"
 #: The aliases this lifecycle uses.
 ALIASES: tuple[str, ...] = ("champion", "challenger")
 _PROGRESS_BAR = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+#: Version tags :func:`register` writes itself (besides ``verdict.*``): extra tags may not replace them.
+_OWN_TAGS = frozenset({"variant", "data_fingerprint", "feature_state_hash", "git_commit", "git_dirty",
+                       "package_version", "global_step", "status"})
 #: ``models:/<name>@<alias>`` or ``models:/<name>/<version>``.
 _MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>\d+))$")
 
@@ -101,7 +104,7 @@ def model_version(name: str, alias_or_version: str | int, *, registry_uri: str |
 def register(checkpoint: str | Path, name: str, *, verdict: Verdict | str | Path | None = None,
              report: str | Path | None = None, alias: str | None = None, registry_uri: str | None = None,
              agent: str | None = None, track: bool = False, wandb_project: str = "sentio-lab",
-             wandb_dir: str | Path = "runs") -> Any:
+             wandb_dir: str | Path = "runs", tags: dict[str, str] | None = None) -> Any:
     """Register ``checkpoint`` as a new version of model ``name``; return the MLflow ``ModelVersion`` (module doc).
 
     ``checkpoint``: a checkpoint file (exported here) or a bundle folder exported before (registered as it is, after
@@ -114,7 +117,13 @@ def register(checkpoint: str | Path, name: str, *, verdict: Verdict | str | Path
     ``challenger`` at once (``champion`` goes through :func:`promote` and its gate). ``agent``: the configuration
     of an experiment folder with several. ``track``: log the checkpoint
     and the report as W&B artifacts too (offline unless ``WANDB_MODE`` says otherwise) and tag the run id.
+    ``tags``: more version tags (e.g. the lineage :mod:`sentio_lab.deploy.online` records); they may not replace
+    the tags written here.
     """
+    extra_tags = tags or {}
+    clash = sorted(k for k in extra_tags if k in _OWN_TAGS or k.startswith(VERDICT_TAG) or k == "wandb_run_id")
+    if clash:
+        raise ValueError(f"register: tags {clash} are written by the registry itself; use other names")
     if alias is not None and alias != "challenger":
         raise ValueError(f"register sets only the 'challenger' alias, not {alias!r}; promote to champion")
     registry_uri = registry_uri or default_registry_uri()
@@ -137,6 +146,7 @@ def register(checkpoint: str | Path, name: str, *, verdict: Verdict | str | Path
                 "feature_state_hash": bundle.config["feature_state_hash"], "git_commit": str(code["git_commit"]),
                 "git_dirty": str(code["git_dirty"]), "package_version": str(code["package_version"]),
                 "global_step": str(bundle.config["global_step"]), "status": "registered", **verdict.to_tags()}
+        tags.update(extra_tags or {})
         wandb_id = _log_wandb(track, wandb_project, wandb_dir, name, checkpoint, report_path, tags)
         if wandb_id is not None:
             tags["wandb_run_id"] = wandb_id
