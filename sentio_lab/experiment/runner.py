@@ -55,6 +55,7 @@ from sentio_lab.experiment.assembly import (
 from sentio_lab.experiment.cells import CELL_FILE, Cell, cell_done, parse_variant_args, train_cell, write_json_atomic
 from sentio_lab.experiment.config import AgentSpec, ExperimentConfig
 from sentio_lab.experiment.ensemble import ENSEMBLE_SEED, SeedEnsemble, ensemble_name
+from sentio_lab.experiment.gate import gated_name, gated_policy, validation_gate
 from sentio_lab.experiment.memorisation import (
     PLACEBO_DIR,
     assemble_memorisation,
@@ -117,6 +118,9 @@ def plan_experiment(config: ExperimentConfig, extra_args: Sequence[str] = ()) ->
                 f"experiment {config.name!r}: agent {agent.name!r} selects on validation (--select-on "
                 f"{args.run.select_on}): set validation_bars (the inner slice carved from each fold's training "
                 "segments) and leave select_every at 0 (one selection rule per run)")
+        if agent.gate_margin is not None and args.env.anchor is None:
+            raise ValueError(f"experiment {config.name!r}: agent {agent.name!r} has gate_margin but no --anchor: the "
+                             "gate falls back to the anchored benchmark; add --anchor to its args")
     accountings = {agent.name: _accounting(args, agent.variant) for agent, args in parsed}
     first_name, first = next(iter(accountings.items()))
     for name, other in accountings.items():
@@ -279,14 +283,20 @@ def diagnose_cell(plan: Plan, cell: Cell, output: Path, *, market: PreparedMarke
                     env_options=env_options(args, market))
 
 
+def strategy_name(agent: AgentSpec, ensemble: bool = False, gated: bool = False) -> str:
+    """The results name of ``agent``'s plain, seed-ensemble or validation-gated strategy."""
+    return ensemble_name(agent.name) if ensemble else gated_name(agent.name) if gated else agent.name
+
+
 def evaluate_fold(plan: Plan, agent: AgentSpec, fold: splitting.Fold, output: Path,
-                  tracking: ExperimentTracking | None = None, *, ensemble: bool = False) -> None:
+                  tracking: ExperimentTracking | None = None, *, ensemble: bool = False, gated: bool = False) -> None:
     """Every seed of ``agent`` trained on ``fold``, greedy on each of the fold's test groups, stepped together
     (with ``tracking``, logged as a W&B evaluate run). With ``ensemble`` the seeds act as one
-    :class:`~sentio_lab.experiment.ensemble.SeedEnsemble`, written as strategy ``<name>_ensemble``."""
-    name = ensemble_name(agent.name) if ensemble else agent.name
+    :class:`~sentio_lab.experiment.ensemble.SeedEnsemble`, written as strategy ``<name>_ensemble``; with ``gated``
+    each seed first passes the validation gate (:mod:`sentio_lab.experiment.gate`), written as ``<name>_gated``."""
+    name = strategy_name(agent, ensemble, gated)
     folder = evaluation_folder(output, name, fold.fold)
-    if evaluation_done(folder) is not None:
+    if _evaluation_current(folder, agent.gate_margin if gated else None) is not None:
         return
     folder.mkdir(parents=True, exist_ok=True)
     cells = cells_of(plan, agent, fold)
@@ -298,12 +308,22 @@ def evaluate_fold(plan: Plan, agent: AgentSpec, fold: splitting.Fold, output: Pa
     acc = plan.accounting
     ranges = [f"test:{group}" for group in fold.groups]
     rule_counts: dict[str, int] = {}
+    options = env_options(args, market)
+    gates = {}
+    if gated:  # per seed: keep the tilt only where it beat the benchmark on the fold's validation slice
+        zero = options["anchor"].zero_action
+        for i, cell in enumerate(cells):
+            decision = validation_gate(agents[i], market, margin=float(agent.gate_margin), zero_action=zero,
+                                       window=acc["window"], positions=acc["positions"], costs=acc["costs"],
+                                       **action_masking(args), env_options=options)
+            gates[str(cell.seed)] = decision.to_dict()
+            agents[i] = gated_policy(agents[i], decision, zero)
     if ensemble:  # one strategy: the members' mean action probabilities, through the same env and code
         agents = [SeedEnsemble(agents, len(acc["positions"]))]
         cells = [dataclasses.replace(cells[0], seed=ENSEMBLE_SEED)]
     results = evaluate_policies(agents, market, ranges, window=acc["window"], positions=acc["positions"],
                                 costs=acc["costs"], rule_counts=rule_counts, **action_masking(args),
-                                env_options=env_options(args, market))
+                                env_options=options)
     frames = [_groups_frame(per_agent, fold, market).assign(seed=c.seed)
               for c, per_agent in zip(cells, results, strict=True)]
     groups = pd.concat(frames, ignore_index=True)
@@ -314,10 +334,19 @@ def evaluate_fold(plan: Plan, agent: AgentSpec, fold: splitting.Fold, output: Pa
         "agent": name, "fold": fold.fold, "format": GROUPS_FORMAT, "rule_counts": rule_counts,
         # an ensemble's one run holds every member: their selected iterations, by member seed
         "selected_iterations": {str(ENSEMBLE_SEED): members} if ensemble else members,
+        **({"gates": gates, "gate_margin": agent.gate_margin} if gated else {}),
     }
     write_json_atomic(folder / CELL_FILE, record)
     if tracking is not None:
         log_evaluation(tracking, name, fold.fold, record, groups)
+
+
+def _evaluation_current(folder: Path, gate_margin: float | None) -> dict[str, Any] | None:
+    """A finished evaluation's record; a gated one only when it was gated at ``gate_margin`` (else redone)."""
+    record = evaluation_done(folder)
+    if record is not None and gate_margin is not None and record.get("gate_margin") != gate_margin:
+        return None
+    return record
 
 
 def cells_of(plan: Plan, agent: AgentSpec, fold: splitting.Fold) -> list[Cell]:
@@ -361,8 +390,8 @@ def _job(kind: str, plan: Plan, item: Any, output: str, tracking: ExperimentTrac
     elif kind == "diagnose":
         diagnose_cell(plan, item, out)
     elif kind == "evaluate":
-        agent, fold, ensemble = item
-        evaluate_fold(plan, agent, plan.folds[fold], out, tracking, ensemble=ensemble)
+        agent, fold, ensemble, gated = item
+        evaluate_fold(plan, agent, plan.folds[fold], out, tracking, ensemble=ensemble, gated=gated)
     else:
         run_baselines(plan, plan.folds[item], out)
     return kind
@@ -402,10 +431,11 @@ def run_experiment(plan: Plan, output: str | Path, *, workers: int = 1, progress
     (output / "plan.json").write_text(json.dumps(_plan_record(plan), indent=2, default=str))
     config = plan.config
     train = [("train", c) for c in plan.cells if cell_done(output / "cells" / c.cell_id) is None]
-    strategies = [(a, False) for a in config.agents] + [(a, True) for a in config.agents if a.ensemble]
-    evaluate = [("evaluate", (a, f.fold, ensemble)) for a, ensemble in strategies for f in plan.folds
-                if evaluation_done(evaluation_folder(output, ensemble_name(a.name) if ensemble else a.name,
-                                                     f.fold)) is None]
+    strategies = ([(a, False, False) for a in config.agents] + [(a, True, False) for a in config.agents if a.ensemble]
+                  + [(a, False, True) for a in config.agents if a.gate_margin is not None])
+    evaluate = [("evaluate", (a, f.fold, ensemble, gated)) for a, ensemble, gated in strategies for f in plan.folds
+                if _evaluation_current(evaluation_folder(output, strategy_name(a, ensemble, gated), f.fold),
+                                       a.gate_margin if gated else None) is None]
     baselines = [("baselines", f.fold) for f in plan.folds
                  if any(evaluation_done(output / "baselines" / f"{b}__fold{f.fold:03d}") is None
                         for b in config.baselines)]
