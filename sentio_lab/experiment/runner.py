@@ -52,6 +52,7 @@ from sentio_lab.experiment.assembly import (
     evaluation_done,
     evaluation_folder,
 )
+from sentio_lab.experiment.augment import trained_fingerprint, training_market
 from sentio_lab.experiment.cells import CELL_FILE, Cell, cell_done, parse_variant_args, train_cell, write_json_atomic
 from sentio_lab.experiment.config import AgentSpec, ExperimentConfig
 from sentio_lab.experiment.ensemble import ENSEMBLE_SEED, SeedEnsemble, ensemble_name
@@ -118,6 +119,10 @@ def plan_experiment(config: ExperimentConfig, extra_args: Sequence[str] = ()) ->
                 f"experiment {config.name!r}: agent {agent.name!r} selects on validation (--select-on "
                 f"{args.run.select_on}): set validation_bars (the inner slice carved from each fold's training "
                 "segments) and leave select_every at 0 (one selection rule per run)")
+        if config.augment_paths and args.env.anchor == "vol_target":
+            raise ValueError(f"experiment {config.name!r}: agent {agent.name!r}: augment_paths with --anchor "
+                             "vol_target: its scale is fitted on the training segments, which would include the "
+                             "bootstrapped copies; choose another anchor or set augment_paths = 0")
         if agent.gate_margin is not None and args.env.anchor is None:
             raise ValueError(f"experiment {config.name!r}: agent {agent.name!r} has gate_margin but no --anchor: the "
                              "gate falls back to the anchored benchmark; add --anchor to its args")
@@ -160,9 +165,10 @@ def plan_experiment(config: ExperimentConfig, extra_args: Sequence[str] = ()) ->
     else:
         folds = splitting.walk_forward(n_bars, gaps, n_folds=config.n_groups, first_valid=first_valid,
                                        train_size=config.train_bars, expanding=config.split == "walk_forward")
+    augment = f"{config.augment_paths}x{config.augment_block_mean:g}" if config.augment_paths else None
     cells = tuple(
         Cell(agent=agent.name, variant=agent.variant, args=agent_argv(config, agent.args, extra_args), seed=seed,
-             fold=fold.fold)
+             fold=fold.fold, augment=augment)
         for agent in config.agents for seed in config.seeds for fold in folds
     )
     return Plan(config=config, folds=tuple(folds), cells=cells, gaps=gaps, n_bars=n_bars, first_valid=first_valid,
@@ -224,9 +230,11 @@ def _groups_frame(evaluations: Sequence[Evaluation], fold: splitting.Fold, marke
     return pd.concat(parts, ignore_index=True)
 
 
-def load_cell_agent(path: Path, market: PreparedMarket) -> torch.nn.Module:
-    """The agent saved in a cell's checkpoint, for the fold market it was trained on (greedy, eval mode)."""
-    bundle = load_checkpoint(path, data_fingerprint=market.data.fingerprint)
+def load_cell_agent(path: Path, market: PreparedMarket, data_fingerprint: str | None = None) -> torch.nn.Module:
+    """The agent saved in a cell's checkpoint, for the fold market it was trained on (greedy, eval mode);
+    ``data_fingerprint``: the bars it trained on when not ``market``'s (augmented cells:
+    :func:`~sentio_lab.experiment.augment.trained_fingerprint`)."""
+    bundle = load_checkpoint(path, data_fingerprint=data_fingerprint or market.data.fingerprint)
     # The fold market is refitted in this process: it must be the features the agent was trained on.
     saved, refitted = (json.dumps(state, sort_keys=True, default=str)
                        for state in (bundle["feature_state"], market.features.state))
@@ -248,6 +256,7 @@ def run_cell(plan: Plan, cell: Cell, output: Path, tracking: ExperimentTracking 
         return done
     args = parse_variant_args(cell.variant, cell.args)
     market = fold_market(plan, plan.folds[cell.fold], load_variant(cell.variant).feature_config(args))
+    market = training_market(plan, cell, market, args)
     if tracking is None:
         return train_cell(cell, market, folder, select_every=plan.config.select_every)
     with tracking.run(cell.cell_id, "train", cell_config(cell, args)) as tracker:
@@ -264,7 +273,8 @@ def run_placebo_cell(plan: Plan, cell: Cell, output: Path) -> None:
     args = parse_variant_args(cell.variant, cell.args)
     real = fold_market(plan, plan.folds[cell.fold], load_variant(cell.variant).feature_config(args))
     market = placebo_market(real, plan.config, int(cell.placebo))
-    record = cell_done(folder) or train_cell(cell, market, folder, select_every=plan.config.select_every)
+    record = cell_done(folder) or train_cell(cell, training_market(plan, cell, market, args), folder,
+                                             select_every=plan.config.select_every)
     diagnose_cell(plan, cell, output, market=market, checkpoint=folder / record["checkpoint"])
 
 
@@ -278,7 +288,7 @@ def diagnose_cell(plan: Plan, cell: Cell, output: Path, *, market: PreparedMarke
         market = fold_market(plan, plan.folds[cell.fold], load_variant(cell.variant).feature_config(args))
         folder = output / "cells" / cell.cell_id
         checkpoint = folder / cell_done(folder)["checkpoint"]
-    agent = load_cell_agent(checkpoint, market)
+    agent = load_cell_agent(checkpoint, market, trained_fingerprint(plan, cell, market))
     write_diagnosis(output, cell, agent, market, plan.accounting, **action_masking(args),
                     env_options=env_options(args, market))
 
@@ -303,7 +313,8 @@ def evaluate_fold(plan: Plan, agent: AgentSpec, fold: splitting.Fold, output: Pa
     args = parse_variant_args(agent.variant, cells[0].args)
     market = fold_market(plan, fold, load_variant(agent.variant).feature_config(args))
     records = [cell_done(output / "cells" / c.cell_id) for c in cells]
-    agents = [load_cell_agent(output / "cells" / c.cell_id / r["checkpoint"], market)
+    agents = [load_cell_agent(output / "cells" / c.cell_id / r["checkpoint"], market,
+                              trained_fingerprint(plan, c, market))
               for c, r in zip(cells, records, strict=True)]
     acc = plan.accounting
     ranges = [f"test:{group}" for group in fold.groups]
