@@ -16,7 +16,7 @@ from sentio_lab.env.market import prepare_fold_market
 from sentio_lab.experiment.augment import augmented_frame, augmented_market
 from sentio_lab.experiment.config import AgentSpec, ExperimentConfig
 from sentio_lab.experiment.runner import plan_experiment, run_experiment
-from sentio_lab.features import FeatureConfig
+from sentio_lab.features import FeatureConfig, build_observation_features
 from tests.evaluation.test_baselines import prices
 
 WINDOW = 4
@@ -37,11 +37,10 @@ def augment(market, paths=2, seed=7, reach=3):
     return augmented_market(market, paths=paths, block_mean=5.0, seed=seed, window=WINDOW, reach=reach)
 
 
-def not_training(market):
-    rows = np.ones(len(market.data.frame), dtype=bool)
-    for a, b in market.training_segments():
-        rows[a:b] = False
-    return np.flatnonzero(rows)
+def validation_and_test(market):
+    """The rows of the validation slice and of every test group (what training must never see)."""
+    ranges = [market.range(name) for name in market.splits if name == "validation" or name.startswith("test")]
+    return np.unique(np.concatenate([np.arange(a, b) for a, b in ranges]))
 
 
 def scaled(frame, rows, seed=0):
@@ -88,12 +87,12 @@ def test_a_copy_is_a_block_bootstrap_of_its_own_segment(fold_setup):
 
 
 def test_copies_depend_on_training_rows_only(fold_setup):
-    """Scaling every non-training bar (validation, test group, gaps) leaves the copies bit for bit; scaling one
+    """Scaling every validation and test-group bar leaves the copies (bars and features) bit for bit; scaling one
     training bar moves them."""
     frame, fold, real = fold_setup
     n = len(frame)
     market, _ = augment(real)
-    outside = scaled(frame, not_training(real))
+    outside = scaled(frame, validation_and_test(real))
     other = prepare_fold_market(to_market(outside, name="p"), fold, feature_config=CONFIG, validation_bars=40)
     perturbed, _ = augment(other)
     pd.testing.assert_frame_equal(perturbed.data.frame.iloc[n:], market.data.frame.iloc[n:], check_exact=True)
@@ -121,8 +120,10 @@ def test_episodes_on_a_copy_never_read_across_its_start(fold_setup):
     assert len(copy_bounds) == len(copies)  # every copy is drawn from
     for (lo, _), copy in zip(copy_bounds, copies, strict=True):
         a, b = copy.rows
-        warm = int(np.argmax(np.isfinite(market.features.values[a:b]).all(axis=1)))
-        assert lo >= a + reach and lo - (WINDOW - 1) >= a + warm - 1
+        own = build_observation_features(market.data.frame.iloc[a:b], None, CONFIG, real.features.state,
+                                         train_rows=np.ones(b - a, dtype=bool))
+        np.testing.assert_array_equal(market.features.values[a:b], own.values)  # computed on the copy alone
+        assert own.first_valid > 0 and lo == a + max(own.first_valid + WINDOW - 1, reach)
     starts = sampler.sample(4000, torch.Generator().manual_seed(0)).numpy()
     assert (starts >= len(real.data.frame)).mean() > 0.5  # two copies of every segment: most episodes are augmented
 
@@ -136,7 +137,7 @@ def test_refusals(fold_setup):
     with pytest.raises(ValueError, match="fold market"):
         augment(dataclasses.replace(real, fold=None))
     with pytest.raises(ValueError, match="augment_paths must be >= 0"):
-        ExperimentConfig(name="x", agents=(AgentSpec("a"),), augment_paths=-1)
+        ExperimentConfig(name="x", agents=(AgentSpec("a", "ppo"),), augment_paths=-1)
 
 
 # ---------------------------------------------------------------------------------------------- runner

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -230,20 +231,37 @@ def test_the_gated_strategy_is_one_more_trial(ran):
     assert found.n_trials == 2 and found.runs == 2
 
 
+def test_the_command_line_reports_the_fallback_rate(ran, capsys):
+    """The same experiment as a TOML file through ``python -m sentio_lab.experiment`` (every cell reused)."""
+    from sentio_lab.experiment.__main__ import main
+
+    plan = ran[-1e9][0]
+    config = plan.config
+    folder = Path(config.dataset).parent
+    quoted = ", ".join(f'"{a}"' for a in config.agents[0].args)
+    common = ", ".join(f'"{a}"' for a in config.common_args)
+    (folder / "run.toml").write_text(
+        f'name = "run"\ndataset = "{config.dataset}"\nsplit = "walk_forward"\nn_groups = 2\nseeds = [1, 2]\n'
+        f'baselines = ["buy_and_hold"]\nrandom_seeds = 1\nvalidation_bars = 40\ncommon_args = [{common}]\n'
+        f'[agents.anch]\nvariant = "ppo"\nargs = [{quoted}]\ngate_margin = 1e9\n')
+    main(["--config", str(folder / "run.toml"), "--output-root", str(folder), "--no-progress", "--no-track"])
+    assert "anch_gated: fell back to the benchmark in 100% of 4 cells" in capsys.readouterr().out
+
+
 def test_config_and_plan_refuse_a_gate_they_cannot_run(tmp_path):
     path = tmp_path / "e.toml"
     path.write_text('name = "e"\nvalidation_bars = 20\n[agents.a]\nargs = []\ngate_margin = 0.1\n')
     assert load_config(path).agents[0].gate_margin == 0.1 and load_config(path).n_trials == 2
     with pytest.raises(ValueError, match="gate_margin needs a validation slice"):
-        ExperimentConfig(name="x", agents=(AgentSpec("a", gate_margin=0.1),))
+        ExperimentConfig(name="x", agents=(AgentSpec("a", "ppo", gate_margin=0.1),))
     with pytest.raises(ValueError, match="must be a finite number"):
-        ExperimentConfig(name="x", validation_bars=20, agents=(AgentSpec("a", gate_margin=float("nan")),))
+        ExperimentConfig(name="x", validation_bars=20, agents=(AgentSpec("a", "ppo", gate_margin=float("nan")),))
     with pytest.raises(ValueError, match=r"\['a_gated'\] are taken by gated strategies"):
         ExperimentConfig(name="x", validation_bars=20,
-                         agents=(AgentSpec("a", gate_margin=0.1), AgentSpec("a_gated")))
+                         agents=(AgentSpec("a", "ppo", gate_margin=0.1), AgentSpec("a_gated", "ppo")))
     folder = tmp_path
     load_market("nasdaq", end="2004-12-31").frame.iloc[:600].to_csv(folder / "nasdaq.csv")
     config = config_for(folder, 0.1)
-    unanchored = dataclasses.replace(config.agents[0], args=TINY[:-5])
+    unanchored = dataclasses.replace(config.agents[0], args=TINY[:-6])
     with pytest.raises(ValueError, match="has gate_margin but no --anchor"):
         plan_experiment(dataclasses.replace(config, agents=(unanchored,)))
