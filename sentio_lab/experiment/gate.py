@@ -152,7 +152,7 @@ def gate_table(gates: pd.DataFrame) -> pd.DataFrame:
 def gate_summary(gates: pd.DataFrame) -> str:
     """One plain line per gated configuration: how often it fell back to its benchmark, at which margin."""
     return "\n".join(
-        f"{gated_name(name)}: fell back to the benchmark in {row['fallback_rate']:.0%} of {row['cells']} cells "
+        f"{gated_name(name)}: fell back to the benchmark in {row['fallback_rate']:.0%} of {int(row['cells'])} cells "
         f"(seeds x folds; kept the tilt where its validation Sharpe beat the benchmark's by more than "
         f"{row['margin']:g}; median difference {row['difference']:.2f})"
         for name, row in gate_table(gates).iterrows())

@@ -27,8 +27,8 @@ CONFIG = FeatureConfig(regimes=2)  # the basic bank and a filtered HMM: both mus
 def fold_setup():
     frame = prices(900, seed=5)
     gaps = splitting.PurgeEmbargo.for_features(WINDOW, CONFIG, frame)
-    folds = splitting.combinatorial_purged(len(frame), gaps, n_groups=4, n_test_groups=1, first_valid=60)
-    fold = next(f for f in folds if f.groups == (1,))  # training on both sides of the test group
+    folds = splitting.combinatorial_purged(len(frame), gaps, n_groups=4, n_test_groups=2, first_valid=60)
+    fold = next(f for f in folds if f.groups == (1, 2))  # training on both sides of the test groups
     real = prepare_fold_market(to_market(frame, name="p"), fold, feature_config=CONFIG, validation_bars=40)
     return frame, fold, real
 

@@ -227,7 +227,7 @@ def test_the_gated_strategy_is_one_more_trial(ran):
     plan, results, curves, _ = ran[-1e9]
     assert plan.config.n_trials == 2 and (results["n_trials"] == 2).all()
     assert set(results["name"]) == {"anch", gated_name("anch"), "buy_and_hold"}
-    found = infer(results, curves, gated_name("anch"), reps=50)
+    found = infer(results, curves, gated_name("anch"), reps=100)
     assert found.n_trials == 2 and found.runs == 2
 
 
