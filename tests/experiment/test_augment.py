@@ -136,6 +136,12 @@ def test_refusals(fold_setup):
         augment(dataclasses.replace(real, feature_config=dataclasses.replace(CONFIG, exogenous=("vix",))))
     with pytest.raises(ValueError, match="fold market"):
         augment(dataclasses.replace(real, fold=None))
+    with pytest.raises(ValueError, match="needs a DatetimeIndex"):
+        augmented_frame(real.data.frame.reset_index(drop=True), real.training_segments(), paths=1, block_mean=5.0,
+                        seed=0)
+    # a reach longer than every copy: the copies exist but none is drawn from (nothing reads across a start)
+    market, copies = augment(real, reach=10_000)
+    assert copies and market.train_segments == real.train_segments
     with pytest.raises(ValueError, match="augment_paths must be >= 0"):
         ExperimentConfig(name="x", agents=(AgentSpec("a", "ppo"),), augment_paths=-1)
 
