@@ -6,9 +6,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import pandas as pd
 import tyro
 
 from sentio_lab.experiment.config import load_config
+from sentio_lab.experiment.gate import GATES_FILE, gate_summary
 from sentio_lab.experiment.runner import RESULTS_FILE, RUNS_ROOT, plan_experiment, run_experiment
 from sentio_lab.experiment.summary import strategy_table
 
@@ -52,6 +54,8 @@ def main(argv: list[str] | None = None) -> Path:
     results = run_experiment(plan, output, workers=args.workers, progress=args.progress, track=args.track,
                              wandb_project=args.wandb_project_name, wandb_mode=args.wandb_mode)
     print(strategy_table(results, ("sharpe", "cagr", "max_drawdown")).to_string())
+    if (output / GATES_FILE).exists():  # validation-gated configurations: how often each fell back
+        print(gate_summary(pd.read_parquet(output / GATES_FILE)))
     print(f"results: {output / RESULTS_FILE}")
     return output
 

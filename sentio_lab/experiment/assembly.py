@@ -17,6 +17,7 @@ from sentio_lab.env import splits as splitting
 from sentio_lab.evaluation.metrics import number_of_trades, round_trip_trades, summary_stats
 from sentio_lab.experiment.cells import cell_done
 from sentio_lab.experiment.ensemble import ENSEMBLE_SEED, ensemble_name
+from sentio_lab.experiment.gate import GATES_FILE, gate_rows, gated_name, gates_frame
 
 if TYPE_CHECKING:
     from sentio_lab.experiment.runner import Plan
@@ -95,27 +96,32 @@ def _ensemble_unit(agent: Any, plan: Plan, output: Path) -> tuple[dict[str, Any]
 
 def assemble(plan: Plan, output: str | Path) -> pd.DataFrame:
     """Read every finished cell and baseline, stitch backtest paths, write ``results.parquet``, ``equity.parquet``
-    and ``mask_rules.parquet`` (per configuration and fold: decisions and how often each mask rule bound)."""
+    and ``mask_rules.parquet`` (per configuration and fold: decisions and how often each mask rule bound); with
+    gated configurations also ``gates.parquet`` (:mod:`sentio_lab.experiment.gate`: every cell's gate decision)."""
     output = Path(output)
     paths = splitting.backtest_paths(plan.folds)
     rows, curves, rules = [], [], []
     units: list[tuple[dict[str, Any], pd.DataFrame]] = []
-    for agent in plan.config.agents:
+    gates: list[dict[str, Any]] = []
+    strategies = [(a, name) for a in plan.config.agents
+                  for name in (a.name, *([gated_name(a.name)] if a.gate_margin is not None else []))]
+    for agent, name in strategies:  # a gated strategy: one more agent row per seed (its own name)
         frames, selected = [], {}
         for fold in plan.folds:
-            folder = evaluation_folder(output, agent.name, fold.fold)
+            folder = evaluation_folder(output, name, fold.fold)
             record = evaluation_done(folder)
             if record is None:
                 raise FileNotFoundError(f"{folder}: evaluation not finished; run the experiment first")
             frames.append(pd.read_parquet(folder / GROUPS_FILE).assign(fold=fold.fold))
             for seed, iteration in record["selected_iterations"].items():
                 selected.setdefault(int(seed), []).append(iteration)
-            rules.append({"name": agent.name, "fold": fold.fold, **record.get("rule_counts", {})})
+            rules.append({"name": name, "fold": fold.fold, **record.get("rule_counts", {})})
+            gates += gate_rows(agent.name, fold.fold, record.get("gates", {}))
         groups = pd.concat(frames, ignore_index=True)
         for seed in plan.config.seeds:
-            units.append(({"kind": "agent", "name": agent.name, "variant": agent.variant, "seed": seed,
+            units.append(({"kind": "agent", "name": name, "variant": agent.variant, "seed": seed,
                            "selected_iterations": json.dumps(selected[seed])}, groups[groups["seed"] == seed]))
-        if agent.ensemble:  # its seed ensemble: one more strategy (sentio_lab.experiment.ensemble)
+        if agent.ensemble and name == agent.name:  # its seed ensemble (sentio_lab.experiment.ensemble)
             units.append(_ensemble_unit(agent, plan, output))
     for name in plan.config.baselines:
         frames = [pd.read_parquet(output / "baselines" / f"{name}__fold{f.fold:03d}" / GROUPS_FILE).assign(fold=f.fold)
@@ -135,5 +141,7 @@ def assemble(plan: Plan, output: str | Path) -> pd.DataFrame:
     results.to_parquet(output / RESULTS_FILE)
     pd.concat(curves, ignore_index=True).to_parquet(output / EQUITY_FILE)
     pd.DataFrame(rules).to_parquet(output / RULES_FILE)  # mask rules: how often each fired, per fold
+    if gates:
+        gates_frame(gates).to_parquet(output / GATES_FILE)
     return results
 

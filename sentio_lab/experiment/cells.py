@@ -40,11 +40,14 @@ class Cell:
     fold: int
     placebo: int | None = None
     """placebo replicate (its bootstrap seed) of a placebo-control cell; None for a cell on the real bars"""
+    augment: str | None = None
+    """training-data augmentation (:mod:`sentio_lab.experiment.augment`), ``"<paths>x<block mean>"``; None: off"""
 
     @property
     def cell_id(self) -> str:
         """Folder name of the cell: stable, readable and unique within an experiment."""
         tag = "" if self.placebo is None else f"__placebo{self.placebo}"
+        tag += "" if self.augment is None else f"__aug{self.augment}"
         return f"{self.agent}{tag}__seed{self.seed}__fold{self.fold:03d}"
 
 

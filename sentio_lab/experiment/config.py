@@ -17,19 +17,22 @@ An experiment is written as a TOML file under ``experiments/`` (see ``experiment
 Every ``[agents.*]`` table is one configuration, i.e. one trial for the deflated Sharpe ratio; seeds
 repeat a configuration and are not extra trials. ``ensemble = true`` in a table adds that configuration's seed
 ensemble (:mod:`sentio_lab.experiment.ensemble`: its trained seeds acting on their mean action probabilities) as
-the strategy ``<name>_ensemble``, one more trial. Arguments shared by every agent (costs, window, position
-set) go in ``common_args`` and are checked to be equal across agents, so that every row of a comparison
-has the same accounting.
+the strategy ``<name>_ensemble``, one more trial; ``gate_margin = 0.1`` in an anchored configuration's table adds its
+validation-gated strategy ``<name>_gated`` (:mod:`sentio_lab.experiment.gate`), one more trial too. Arguments
+shared by every agent (costs, window, position set) go in ``common_args`` and are checked to be equal across
+agents, so that every row of a comparison has the same accounting.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
 from sentio_lab.experiment.ensemble import ensemble_name
+from sentio_lab.experiment.gate import gated_name
 from sentio_lab.experiment.placebo import PLACEBO_SCHEMES
 
 #: Split schemes the runner knows.
@@ -47,6 +50,10 @@ class AgentSpec:
     args: tuple[str, ...] = ()
     ensemble: bool = False
     """also evaluate the seed ensemble of this configuration (``<name>_ensemble``, one more trial)"""
+    gate_margin: float | None = None
+    """validation-gated deviation (:mod:`sentio_lab.experiment.gate`): also evaluate ``<name>_gated``, which keeps
+    the tilt on a fold only where its validation Sharpe (annualised) beats the benchmark's by more than this;
+    needs ``--anchor`` and ``validation_bars`` (None: off)"""
 
 
 @dataclass(frozen=True)
@@ -94,6 +101,11 @@ class ExperimentConfig:
     """placebo: mean block length of the stationary bootstrap, in bars"""
     placebo_seeds: int = 5
     """placebo: replicates per configuration and fold (replicate j: bootstrap seed j, policy seed seeds[j % n])"""
+    augment_paths: int = 0
+    """training-data augmentation (:mod:`sentio_lab.experiment.augment`): every cell also trains on this many
+    stationary-block-bootstrap copies of its fold's training segments (0: off)"""
+    augment_block_mean: float = 5.0
+    """augmentation: mean block length of the stationary bootstrap, in bars"""
 
     def __post_init__(self) -> None:
         """Reject what cannot run, naming the field."""
@@ -105,6 +117,20 @@ class ExperimentConfig:
         clashes = sorted({ensemble_name(a.name) for a in self.agents if a.ensemble} & set(names))
         if clashes:
             raise ValueError(f"experiment {self.name!r}: agent names {clashes} are taken by seed ensembles; rename")
+        gated = [a for a in self.agents if a.gate_margin is not None]
+        clashes = sorted({gated_name(a.name) for a in gated} & set(names))
+        if clashes:
+            raise ValueError(f"experiment {self.name!r}: agent names {clashes} are taken by gated strategies; rename")
+        for agent in gated:
+            if isinstance(agent.gate_margin, bool) or not isinstance(agent.gate_margin, int | float) \
+                    or not math.isfinite(agent.gate_margin):
+                raise ValueError(f"experiment {self.name!r}: agents.{agent.name}.gate_margin must be a finite "
+                                 f"number (annualised Sharpe), got {agent.gate_margin!r}")
+            if not self.validation_bars:
+                raise ValueError(f"experiment {self.name!r}: agents.{agent.name}.gate_margin needs a validation "
+                                 "slice: set validation_bars")
+        if self.augment_paths < 0 or self.augment_block_mean < 1:
+            raise ValueError(f"experiment {self.name!r}: augment_paths must be >= 0 and augment_block_mean >= 1")
         if self.split not in SPLIT_SCHEMES:
             raise ValueError(f"experiment {self.name!r}: split {self.split!r} not in {SPLIT_SCHEMES}")
         unknown = sorted(set(self.baselines) - set(BASELINE_NAMES))
@@ -123,9 +149,10 @@ class ExperimentConfig:
 
     @property
     def n_trials(self) -> int:
-        """Configurations tried, each seed ensemble counting as one more: what the deflated Sharpe ratio deflates
-        for."""
-        return len(self.agents) + sum(agent.ensemble for agent in self.agents)
+        """Configurations tried, each seed ensemble and gated strategy counting as one more: what the deflated
+        Sharpe ratio deflates for."""
+        return (len(self.agents) + sum(agent.ensemble for agent in self.agents)
+                + sum(agent.gate_margin is not None for agent in self.agents))
 
 
 def load_config(path: str | Path, **overrides: object) -> ExperimentConfig:
@@ -139,13 +166,13 @@ def load_config(path: str | Path, **overrides: object) -> ExperimentConfig:
         raise ValueError(f"{path}: [agents.<name>] tables expected")
     agents = []
     for name, table in agents_raw.items():
-        extra = sorted(set(table) - {"variant", "args", "ensemble"})
+        extra = sorted(set(table) - {"variant", "args", "ensemble", "gate_margin"})
         if extra:
-            raise ValueError(f"{path}: agents.{name} has unknown keys {extra} (variant, args, ensemble)")
+            raise ValueError(f"{path}: agents.{name} has unknown keys {extra} (variant, args, ensemble, gate_margin)")
         if not isinstance(table.get("ensemble", False), bool):
             raise ValueError(f"{path}: agents.{name}.ensemble must be true or false, got {table['ensemble']!r}")
         agents.append(AgentSpec(name=name, variant=table.get("variant", "ppo"), args=tuple(table.get("args", ())),
-                                ensemble=table.get("ensemble", False)))
+                                ensemble=table.get("ensemble", False), gate_margin=table.get("gate_margin")))
     known = {f.name for f in dataclasses.fields(ExperimentConfig)} - {"agents"}
     unknown = sorted(set(raw) - known)
     if unknown:

@@ -52,9 +52,11 @@ from sentio_lab.experiment.assembly import (
     evaluation_done,
     evaluation_folder,
 )
+from sentio_lab.experiment.augment import trained_fingerprint, training_market
 from sentio_lab.experiment.cells import CELL_FILE, Cell, cell_done, parse_variant_args, train_cell, write_json_atomic
 from sentio_lab.experiment.config import AgentSpec, ExperimentConfig
 from sentio_lab.experiment.ensemble import ENSEMBLE_SEED, SeedEnsemble, ensemble_name
+from sentio_lab.experiment.gate import gated_name, gated_policy, validation_gate
 from sentio_lab.experiment.memorisation import (
     PLACEBO_DIR,
     assemble_memorisation,
@@ -117,6 +119,13 @@ def plan_experiment(config: ExperimentConfig, extra_args: Sequence[str] = ()) ->
                 f"experiment {config.name!r}: agent {agent.name!r} selects on validation (--select-on "
                 f"{args.run.select_on}): set validation_bars (the inner slice carved from each fold's training "
                 "segments) and leave select_every at 0 (one selection rule per run)")
+        if config.augment_paths and args.env.anchor == "vol_target":
+            raise ValueError(f"experiment {config.name!r}: agent {agent.name!r}: augment_paths with --anchor "
+                             "vol_target: its scale is fitted on the training segments, which would include the "
+                             "bootstrapped copies; choose another anchor or set augment_paths = 0")
+        if agent.gate_margin is not None and args.env.anchor is None:
+            raise ValueError(f"experiment {config.name!r}: agent {agent.name!r} has gate_margin but no --anchor: the "
+                             "gate falls back to the anchored benchmark; add --anchor to its args")
     accountings = {agent.name: _accounting(args, agent.variant) for agent, args in parsed}
     first_name, first = next(iter(accountings.items()))
     for name, other in accountings.items():
@@ -156,9 +165,10 @@ def plan_experiment(config: ExperimentConfig, extra_args: Sequence[str] = ()) ->
     else:
         folds = splitting.walk_forward(n_bars, gaps, n_folds=config.n_groups, first_valid=first_valid,
                                        train_size=config.train_bars, expanding=config.split == "walk_forward")
+    augment = f"{config.augment_paths}x{config.augment_block_mean:g}" if config.augment_paths else None
     cells = tuple(
         Cell(agent=agent.name, variant=agent.variant, args=agent_argv(config, agent.args, extra_args), seed=seed,
-             fold=fold.fold)
+             fold=fold.fold, augment=augment)
         for agent in config.agents for seed in config.seeds for fold in folds
     )
     return Plan(config=config, folds=tuple(folds), cells=cells, gaps=gaps, n_bars=n_bars, first_valid=first_valid,
@@ -220,9 +230,11 @@ def _groups_frame(evaluations: Sequence[Evaluation], fold: splitting.Fold, marke
     return pd.concat(parts, ignore_index=True)
 
 
-def load_cell_agent(path: Path, market: PreparedMarket) -> torch.nn.Module:
-    """The agent saved in a cell's checkpoint, for the fold market it was trained on (greedy, eval mode)."""
-    bundle = load_checkpoint(path, data_fingerprint=market.data.fingerprint)
+def load_cell_agent(path: Path, market: PreparedMarket, data_fingerprint: str | None = None) -> torch.nn.Module:
+    """The agent saved in a cell's checkpoint, for the fold market it was trained on (greedy, eval mode);
+    ``data_fingerprint``: the bars it trained on when not ``market``'s (augmented cells:
+    :func:`~sentio_lab.experiment.augment.trained_fingerprint`)."""
+    bundle = load_checkpoint(path, data_fingerprint=data_fingerprint or market.data.fingerprint)
     # The fold market is refitted in this process: it must be the features the agent was trained on.
     saved, refitted = (json.dumps(state, sort_keys=True, default=str)
                        for state in (bundle["feature_state"], market.features.state))
@@ -244,6 +256,7 @@ def run_cell(plan: Plan, cell: Cell, output: Path, tracking: ExperimentTracking 
         return done
     args = parse_variant_args(cell.variant, cell.args)
     market = fold_market(plan, plan.folds[cell.fold], load_variant(cell.variant).feature_config(args))
+    market = training_market(plan, cell, market, args)
     if tracking is None:
         return train_cell(cell, market, folder, select_every=plan.config.select_every)
     with tracking.run(cell.cell_id, "train", cell_config(cell, args)) as tracker:
@@ -260,7 +273,8 @@ def run_placebo_cell(plan: Plan, cell: Cell, output: Path) -> None:
     args = parse_variant_args(cell.variant, cell.args)
     real = fold_market(plan, plan.folds[cell.fold], load_variant(cell.variant).feature_config(args))
     market = placebo_market(real, plan.config, int(cell.placebo))
-    record = cell_done(folder) or train_cell(cell, market, folder, select_every=plan.config.select_every)
+    record = cell_done(folder) or train_cell(cell, training_market(plan, cell, market, args), folder,
+                                             select_every=plan.config.select_every)
     diagnose_cell(plan, cell, output, market=market, checkpoint=folder / record["checkpoint"])
 
 
@@ -274,36 +288,53 @@ def diagnose_cell(plan: Plan, cell: Cell, output: Path, *, market: PreparedMarke
         market = fold_market(plan, plan.folds[cell.fold], load_variant(cell.variant).feature_config(args))
         folder = output / "cells" / cell.cell_id
         checkpoint = folder / cell_done(folder)["checkpoint"]
-    agent = load_cell_agent(checkpoint, market)
+    agent = load_cell_agent(checkpoint, market, trained_fingerprint(plan, cell, market))
     write_diagnosis(output, cell, agent, market, plan.accounting, **action_masking(args),
                     env_options=env_options(args, market))
 
 
+def strategy_name(agent: AgentSpec, ensemble: bool = False, gated: bool = False) -> str:
+    """The results name of ``agent``'s plain, seed-ensemble or validation-gated strategy."""
+    return ensemble_name(agent.name) if ensemble else gated_name(agent.name) if gated else agent.name
+
+
 def evaluate_fold(plan: Plan, agent: AgentSpec, fold: splitting.Fold, output: Path,
-                  tracking: ExperimentTracking | None = None, *, ensemble: bool = False) -> None:
+                  tracking: ExperimentTracking | None = None, *, ensemble: bool = False, gated: bool = False) -> None:
     """Every seed of ``agent`` trained on ``fold``, greedy on each of the fold's test groups, stepped together
     (with ``tracking``, logged as a W&B evaluate run). With ``ensemble`` the seeds act as one
-    :class:`~sentio_lab.experiment.ensemble.SeedEnsemble`, written as strategy ``<name>_ensemble``."""
-    name = ensemble_name(agent.name) if ensemble else agent.name
+    :class:`~sentio_lab.experiment.ensemble.SeedEnsemble`, written as strategy ``<name>_ensemble``; with ``gated``
+    each seed first passes the validation gate (:mod:`sentio_lab.experiment.gate`), written as ``<name>_gated``."""
+    name = strategy_name(agent, ensemble, gated)
     folder = evaluation_folder(output, name, fold.fold)
-    if evaluation_done(folder) is not None:
+    if _evaluation_current(folder, agent.gate_margin if gated else None) is not None:
         return
     folder.mkdir(parents=True, exist_ok=True)
     cells = cells_of(plan, agent, fold)
     args = parse_variant_args(agent.variant, cells[0].args)
     market = fold_market(plan, fold, load_variant(agent.variant).feature_config(args))
     records = [cell_done(output / "cells" / c.cell_id) for c in cells]
-    agents = [load_cell_agent(output / "cells" / c.cell_id / r["checkpoint"], market)
+    agents = [load_cell_agent(output / "cells" / c.cell_id / r["checkpoint"], market,
+                              trained_fingerprint(plan, c, market))
               for c, r in zip(cells, records, strict=True)]
     acc = plan.accounting
     ranges = [f"test:{group}" for group in fold.groups]
     rule_counts: dict[str, int] = {}
+    options = env_options(args, market)
+    gates = {}
+    if gated:  # per seed: keep the tilt only where it beat the benchmark on the fold's validation slice
+        zero = options["anchor"].zero_action
+        for i, cell in enumerate(cells):
+            decision = validation_gate(agents[i], market, margin=float(agent.gate_margin), zero_action=zero,
+                                       window=acc["window"], positions=acc["positions"], costs=acc["costs"],
+                                       **action_masking(args), env_options=options)
+            gates[str(cell.seed)] = decision.to_dict()
+            agents[i] = gated_policy(agents[i], decision, zero)
     if ensemble:  # one strategy: the members' mean action probabilities, through the same env and code
         agents = [SeedEnsemble(agents, len(acc["positions"]))]
         cells = [dataclasses.replace(cells[0], seed=ENSEMBLE_SEED)]
     results = evaluate_policies(agents, market, ranges, window=acc["window"], positions=acc["positions"],
                                 costs=acc["costs"], rule_counts=rule_counts, **action_masking(args),
-                                env_options=env_options(args, market))
+                                env_options=options)
     frames = [_groups_frame(per_agent, fold, market).assign(seed=c.seed)
               for c, per_agent in zip(cells, results, strict=True)]
     groups = pd.concat(frames, ignore_index=True)
@@ -314,10 +345,19 @@ def evaluate_fold(plan: Plan, agent: AgentSpec, fold: splitting.Fold, output: Pa
         "agent": name, "fold": fold.fold, "format": GROUPS_FORMAT, "rule_counts": rule_counts,
         # an ensemble's one run holds every member: their selected iterations, by member seed
         "selected_iterations": {str(ENSEMBLE_SEED): members} if ensemble else members,
+        **({"gates": gates, "gate_margin": agent.gate_margin} if gated else {}),
     }
     write_json_atomic(folder / CELL_FILE, record)
     if tracking is not None:
         log_evaluation(tracking, name, fold.fold, record, groups)
+
+
+def _evaluation_current(folder: Path, gate_margin: float | None) -> dict[str, Any] | None:
+    """A finished evaluation's record; a gated one only when it was gated at ``gate_margin`` (else redone)."""
+    record = evaluation_done(folder)
+    if record is not None and gate_margin is not None and record.get("gate_margin") != gate_margin:
+        return None
+    return record
 
 
 def cells_of(plan: Plan, agent: AgentSpec, fold: splitting.Fold) -> list[Cell]:
@@ -361,8 +401,8 @@ def _job(kind: str, plan: Plan, item: Any, output: str, tracking: ExperimentTrac
     elif kind == "diagnose":
         diagnose_cell(plan, item, out)
     elif kind == "evaluate":
-        agent, fold, ensemble = item
-        evaluate_fold(plan, agent, plan.folds[fold], out, tracking, ensemble=ensemble)
+        agent, fold, ensemble, gated = item
+        evaluate_fold(plan, agent, plan.folds[fold], out, tracking, ensemble=ensemble, gated=gated)
     else:
         run_baselines(plan, plan.folds[item], out)
     return kind
@@ -402,10 +442,11 @@ def run_experiment(plan: Plan, output: str | Path, *, workers: int = 1, progress
     (output / "plan.json").write_text(json.dumps(_plan_record(plan), indent=2, default=str))
     config = plan.config
     train = [("train", c) for c in plan.cells if cell_done(output / "cells" / c.cell_id) is None]
-    strategies = [(a, False) for a in config.agents] + [(a, True) for a in config.agents if a.ensemble]
-    evaluate = [("evaluate", (a, f.fold, ensemble)) for a, ensemble in strategies for f in plan.folds
-                if evaluation_done(evaluation_folder(output, ensemble_name(a.name) if ensemble else a.name,
-                                                     f.fold)) is None]
+    strategies = ([(a, False, False) for a in config.agents] + [(a, True, False) for a in config.agents if a.ensemble]
+                  + [(a, False, True) for a in config.agents if a.gate_margin is not None])
+    evaluate = [("evaluate", (a, f.fold, ensemble, gated)) for a, ensemble, gated in strategies for f in plan.folds
+                if _evaluation_current(evaluation_folder(output, strategy_name(a, ensemble, gated), f.fold),
+                                       a.gate_margin if gated else None) is None]
     baselines = [("baselines", f.fold) for f in plan.folds
                  if any(evaluation_done(output / "baselines" / f"{b}__fold{f.fold:03d}") is None
                         for b in config.baselines)]
