@@ -45,6 +45,7 @@ from sentio_lab.agents.training import TrainResult, resolve_device
 from sentio_lab.data.panel import SP500_PANEL, PanelData, load_sp500_panel
 from sentio_lab.env.portfolio import PortfolioEnv
 from sentio_lab.env.portfolio_arrays import PortfolioArrays, build_portfolio_arrays
+from sentio_lab.env.splits import SegmentEpisodeSampler
 from sentio_lab.run_loop import run_cli, start_run
 
 VARIANT = "ppo_portfolio"
@@ -119,6 +120,9 @@ class PortfolioMarket:
     """``train`` / ``validation`` / ``test``: ``[start, stop)`` bar indices"""
     data: PanelInfo
     features: FeatureInfo
+    train_segments: tuple[tuple[int, int], ...] | None = None
+    """a CPCV / walk-forward fold's training segments (the runner's fold market): episodes start in these only,
+    none crosses a test group; None: the whole ``train`` range"""
 
     @property
     def splits(self) -> dict:
@@ -183,9 +187,14 @@ def check_args(args: Args) -> None:
 def make_env(args: Args, market: PortfolioMarket, range_name: str = "train") -> PortfolioEnv:
     """Training env: ``num_envs`` random windows inside the named range, long-only, with the run's costs."""
     start, stop = market.range(range_name)
+    sampler = None
+    if range_name == "train" and market.train_segments is not None:  # a fold: the training segments only
+        sampler = SegmentEpisodeSampler(market.train_segments, args.features.window, args.env.episode_length,
+                                        first_valid=market.arrays.first_valid, n_bars=len(market.arrays.close))
     return PortfolioEnv(market.arrays, num_envs=args.ppo.num_envs, window=args.features.window,
                         episode_length=args.env.episode_length, start=start, stop=stop, allocation="long_only",
-                        costs=cost_model(args), device=resolve_device(args.run.device), seed=args.run.seed)
+                        costs=cost_model(args), device=resolve_device(args.run.device), seed=args.run.seed,
+                        start_sampler=sampler)
 
 
 def build_agent(args: Args, obs_dim: int, num_actions: int) -> PortfolioActorCritic:

@@ -9,6 +9,8 @@ from typing import Literal
 import tyro
 
 from sentio_lab.experiment.config import load_config
+from sentio_lab.experiment.portfolio_config import is_portfolio_file
+from sentio_lab.experiment.portfolio_runner import run_portfolio_file
 from sentio_lab.experiment.runner import RESULTS_FILE, RUNS_ROOT, plan_experiment, run_experiment
 from sentio_lab.experiment.summary import strategy_table
 
@@ -44,6 +46,9 @@ class Args:
 def main(argv: list[str] | None = None) -> Path:
     """Parse arguments, run the experiment, print the per-strategy summary; returns the output folder."""
     args = tyro.cli(Args, args=argv)
+    if is_portfolio_file(args.config):  # kind = "portfolio": sentio_lab.experiment.portfolio_runner (no W&B yet)
+        return run_portfolio_file(args.config, args.output_root, seeds=args.seeds, extra_args=args.extra_args,
+                                  name=args.name)
     config = load_config(args.config, seeds=args.seeds, name=args.name)
     output = Path(args.output_root) / config.name
     plan = plan_experiment(config, args.extra_args)
