@@ -52,6 +52,8 @@ def write_portfolio_report(output: str | Path, report: str | Path, *, labels: Ma
                                                                    .median()),
         "asset_turnover": asset_table(paths, "turnover"), "concentration": concentration_table(paths),
         "memorisation": memorisation_table(memo),
+        # the inputs of the three tables above, so a test recomputes them from the committed report
+        "paths": paths.set_index("kind"), "memorisation_cells": memo.set_index("name"),
         **{f"targets_{agent}": targets_table(results, agent) for agent in agents},
     }
     for stem, table in tables.items():
