@@ -166,7 +166,7 @@ def segment_env(plan: PortfolioPlan, arrays: Any, segment: tuple[int, int]) -> t
 
 
 def agent_decide(agent: torch.nn.Module) -> Any:
-    """The greedy policy of a portfolio agent as a :data:`~sentio_lab.evaluation.portfolio_report.Decide`."""
+    """The greedy policy of a portfolio agent as a ``Decide`` (sentio_lab.evaluation.portfolio_report)."""
     def decide(k: int, t: int, obs: torch.Tensor) -> tuple[np.ndarray, bool]:
         return agent.act_greedy(obs)[0].to(torch.float64).numpy(), False
     return decide

@@ -17,6 +17,7 @@ import torch
 from sentio_lab.agents.checkpoint import load_checkpoint
 from sentio_lab.data.panel import load_panel
 from sentio_lab.experiment import portfolio_runner as runner
+from sentio_lab.experiment.__main__ import main as experiment_main
 from sentio_lab.experiment.config import AgentSpec
 from sentio_lab.experiment.portfolio_config import (
     PortfolioExperimentConfig,
@@ -122,9 +123,18 @@ def test_training_never_reads_test_group_bars(panel_of, tmp_path):
 @pytest.mark.slow
 def test_agents_and_baselines_share_folds_and_a_rerun_gives_the_same_numbers(panel_of, tmp_path):
     panel_of(synthetic_frames(3, seed=5))
-    plan = runner.plan_portfolio(tiny_config())
-    first = tmp_path / "first"
-    results = runner.run_portfolio_experiment(plan, first)
+    plan = runner.plan_portfolio(tiny_config(name="first"))
+    # the first run through the command line: a kind = "portfolio" file goes to the portfolio runner
+    config_file = tmp_path / "tiny.toml"
+    config_file.write_text("\n".join([
+        'kind = "portfolio"', 'name = "first"', f"common_args = {json.dumps(list(COMMON))}",
+        "n_groups = 3", "n_test_groups = 2", "seeds = [1]", 'baselines = ["equal_weight", "minimum_variance"]',
+        "rebalance_every = 10", "lookback = 100", "min_returns = 20", "bootstrap_samples = 50",
+        "[agents.pp]", 'variant = "ppo_portfolio"', f"args = {json.dumps(list(TINY_ARGS))}"]))
+    assert load_portfolio_config(config_file) == plan.config
+    first = experiment_main(["--config", str(config_file), "--output-root", str(tmp_path), "--no-progress"])
+    assert first == tmp_path / "first"
+    results = pd.read_parquet(first / "results.parquet")
     # identical folds: every baseline's test-group marks are the agent's, bar for bar, on every fold
     for cell in plan.cells:
         agent = pd.read_parquet(first / "cells" / cell.cell_id / "groups.parquet")
