@@ -46,7 +46,9 @@ class Args:
 def main(argv: list[str] | None = None) -> Path:
     """Parse arguments, run the experiment, print the per-strategy summary; returns the output folder."""
     args = tyro.cli(Args, args=argv)
-    if is_portfolio_file(args.config):  # kind = "portfolio": sentio_lab.experiment.portfolio_runner (no W&B yet)
+    if is_portfolio_file(args.config):  # kind = "portfolio": sentio_lab.experiment.portfolio_runner
+        if args.workers > 1 or args.track:
+            print("portfolio experiment: --workers and --track are not supported yet: one process, no W&B")
         return run_portfolio_file(args.config, args.output_root, seeds=args.seeds, extra_args=args.extra_args,
                                   name=args.name)
     config = load_config(args.config, seeds=args.seeds, name=args.name)
