@@ -97,8 +97,11 @@ def test_training_never_reads_test_group_bars(panel_of, tmp_path):
     bit-identical. A moved training bar moves them (the check can fail)."""
     frames = synthetic_frames(3, seed=2)
     panel_of(frames)
-    plan = runner.plan_portfolio(tiny_config())
-    cell = plan.cells[1]
+    plan = runner.plan_portfolio(tiny_config(n_groups=4))
+    # a fold with a test group between two training segments: the span of its training range holds test bars
+    cell = next(c for c in plan.cells
+                if any(plan.folds[c.fold].train[0][1] <= a < plan.folds[c.fold].train[-1][0]
+                       for a, _ in plan.folds[c.fold].test))
     fold = plan.folds[cell.fold]
     runner.run_portfolio_cell(plan, cell, tmp_path / "clean")
     clean = trained_weights(tmp_path / "clean", cell)
