@@ -11,6 +11,8 @@ import tyro
 
 from sentio_lab.experiment.config import load_config
 from sentio_lab.experiment.gate import GATES_FILE, gate_summary
+from sentio_lab.experiment.portfolio_config import is_portfolio_file
+from sentio_lab.experiment.portfolio_runner import run_portfolio_file
 from sentio_lab.experiment.runner import RESULTS_FILE, RUNS_ROOT, plan_experiment, run_experiment
 from sentio_lab.experiment.summary import strategy_table
 
@@ -46,6 +48,11 @@ class Args:
 def main(argv: list[str] | None = None) -> Path:
     """Parse arguments, run the experiment, print the per-strategy summary; returns the output folder."""
     args = tyro.cli(Args, args=argv)
+    if is_portfolio_file(args.config):  # kind = "portfolio": sentio_lab.experiment.portfolio_runner
+        if args.workers > 1 or args.track:
+            print("portfolio experiment: --workers and --track are not supported yet: one process, no W&B")
+        return run_portfolio_file(args.config, args.output_root, seeds=args.seeds, extra_args=args.extra_args,
+                                  name=args.name)
     config = load_config(args.config, seeds=args.seeds, name=args.name)
     output = Path(args.output_root) / config.name
     plan = plan_experiment(config, args.extra_args)

@@ -1,0 +1,132 @@
+"""What a portfolio experiment is: a panel, CPCV on its dates, portfolio agents, seeds and the skfolio baselines.
+
+Written as a TOML file with ``kind = "portfolio"`` (``experiments/configs/sp500_20_portfolio_cpcv.toml``)::
+
+    kind = "portfolio"
+    name = "sp500_20_portfolio_cpcv"
+    dataset = "sp500_20"          # skfolio's 20 S&P 500 stocks (the only panel a TOML file can name today)
+    data_start = "2016-01-01"
+    n_groups = 4
+    n_test_groups = 2
+    seeds = [1, 2, 3, 4, 5]
+    baselines = ["equal_weight", "inverse_volatility", "minimum_variance", "maximum_diversification", "hrp",
+                 "mean_cvar"]
+    rebalance_every = 21          # the baselines' declared rebalancing frequency, in bars
+    common_args = ["--window", "8", "--episode-length", "64", "--fee-bps", "2", "--slippage-bps", "2"]
+
+    [agents.ppo_portfolio]
+    variant = "ppo_portfolio"
+    args = ["--total-timesteps", "2048"]
+
+The split is always CPCV over the panel's dates (one calendar for every asset). Each ``[agents.*]`` table is one
+configuration (one trial for the deflated Sharpe ratio), as in :mod:`sentio_lab.experiment.config`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+from sentio_lab.data.panel import SP500_PANEL
+from sentio_lab.evaluation.portfolio_baselines import BASELINES
+from sentio_lab.experiment.config import AgentSpec
+
+#: The ``kind`` key that marks a portfolio experiment file.
+PORTFOLIO_KIND = "portfolio"
+
+
+@dataclass(frozen=True)
+class PortfolioExperimentConfig:
+    """A parsed portfolio experiment file (module doc); every field has a documented default."""
+
+    name: str
+    """experiment name: results go to ``<output_root>/<name>/``"""
+    agents: tuple[AgentSpec, ...]
+    """the configurations tried (each one a trial); their variant must be a portfolio variant"""
+    dataset: str = SP500_PANEL
+    """the panel (``"sp500_20"``)"""
+    data_start: str | None = None
+    """first date to load (None = the panel's first)"""
+    data_end: str | None = None
+    """last date to load"""
+    common_args: tuple[str, ...] = ()
+    """variant arguments shared by every agent (window, episode length, costs); the baselines trade the same costs"""
+    n_groups: int = 6
+    """CPCV: contiguous groups of dates"""
+    n_test_groups: int = 2
+    """CPCV: groups per test set"""
+    seeds: tuple[int, ...] = (1, 2, 3, 4, 5)
+    """policy seeds per configuration"""
+    baselines: tuple[str, ...] = BASELINES
+    """skfolio baselines (:data:`sentio_lab.evaluation.portfolio_baselines.BASELINES`) on the same test groups"""
+    rebalance_every: int = 21
+    """bars between two rebalances of a baseline (it holds its shares in between)"""
+    lookback: int = 252
+    """a baseline fits on at most this many of the latest training returns"""
+    min_returns: int = 60
+    """fewer training returns than this before a decision bar: the baseline holds equal weights (recorded)"""
+    bootstrap_samples: int = 1000
+    """stationary-bootstrap resamples for SPA and the A/B intervals"""
+    bootstrap_seed: int = 0
+    """seed of the bootstrap"""
+
+    def __post_init__(self) -> None:
+        """Reject what cannot run, naming the field."""
+        if not self.agents:
+            raise ValueError(f"experiment {self.name!r}: no [agents.*] tables")
+        names = [a.name for a in self.agents]
+        if len(set(names)) != len(names):
+            raise ValueError(f"experiment {self.name!r}: agent names repeat: {names}")
+        if any(a.ensemble for a in self.agents):
+            raise ValueError(f"experiment {self.name!r}: ensemble = true is single-asset only; remove it")
+        if self.dataset != SP500_PANEL:
+            raise ValueError(f"experiment {self.name!r}: dataset {self.dataset!r}; portfolio experiment files read "
+                             f"the {SP500_PANEL!r} panel")
+        unknown = sorted(set(self.baselines) - set(BASELINES))
+        if unknown or not self.baselines:
+            raise ValueError(f"experiment {self.name!r}: baselines {list(self.baselines)}: need at least one of "
+                             f"{BASELINES}")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"experiment {self.name!r}: seeds must be distinct and non-empty, got {self.seeds}")
+        if self.rebalance_every < 1 or not 2 <= self.min_returns <= self.lookback:
+            raise ValueError(f"experiment {self.name!r}: need rebalance_every >= 1 and 2 <= min_returns <= lookback")
+
+    @property
+    def n_trials(self) -> int:
+        """Configurations tried: what the deflated Sharpe ratio deflates for."""
+        return len(self.agents)
+
+
+def is_portfolio_file(path: str | Path) -> bool:
+    """Whether the TOML file at ``path`` declares ``kind = "portfolio"`` (False for a missing file)."""
+    path = Path(path)
+    return path.is_file() and tomllib.loads(Path(path).read_text()).get("kind") == PORTFOLIO_KIND
+
+
+def load_portfolio_config(path: str | Path, **overrides: object) -> PortfolioExperimentConfig:
+    """Read a portfolio experiment TOML file; ``overrides`` replace top-level fields (e.g. ``seeds=(1,)``)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such experiment file")
+    raw = tomllib.loads(path.read_text())
+    if raw.pop("kind", None) != PORTFOLIO_KIND:
+        raise ValueError(f"{path}: not a portfolio experiment (add kind = {PORTFOLIO_KIND!r})")
+    agents = []
+    for name, table in raw.pop("agents", {}).items():
+        extra = sorted(set(table) - {"variant", "args"})
+        if extra:
+            raise ValueError(f"{path}: agents.{name} has unknown keys {extra} (variant, args)")
+        agents.append(AgentSpec(name=name, variant=table.get("variant", "ppo_portfolio"),
+                                args=tuple(table.get("args", ()))))
+    known = {f.name for f in dataclasses.fields(PortfolioExperimentConfig)} - {"agents"}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ValueError(f"{path}: unknown keys {unknown}; known: {sorted(known)}")
+    for key in ("seeds", "baselines", "common_args"):
+        if key in raw:
+            raw[key] = tuple(raw[key])
+    raw.setdefault("name", path.stem)
+    raw.update({k: v for k, v in overrides.items() if v is not None})
+    return PortfolioExperimentConfig(agents=tuple(agents), **raw)

@@ -1,0 +1,381 @@
+"""Run a portfolio experiment: CPCV on the panel's dates x seeds x portfolio agents, plus the skfolio baselines.
+
+The single-asset runner's shape (:mod:`sentio_lab.experiment.runner`), for a panel:
+
+* **Plan** (:func:`plan_portfolio`): the folds are CPCV over the panel's dates, identical for every asset; the purge
+  and embargo come from the longest reach over the assets of the observation (window + feature look-back) and of the
+  fills' cost inputs (:class:`sentio_lab.env.splits.PurgeEmbargo`), and the folds start after the longest warm-up.
+* **Cells** (:func:`run_portfolio_cell`): one per configuration x seed x fold. Each trains with the variant's own
+  ``train`` (:func:`sentio_lab.experiment.cells.train_cell`) on the fold's market: features fitted on its training
+  segments only, episodes drawn from those segments only (``PortfolioMarket.train_segments``). The trained agent then
+  runs greedily on each test group (written to ``groups.parquet``) and on each training segment (the in-sample
+  Sharpe: the memorisation gap); ``cell.json`` is written last, so a killed run redoes only the cells in flight.
+* **Baselines** (:func:`run_portfolio_baselines`): each skfolio allocation refitted on the fold's training returns
+  only (:class:`~sentio_lab.evaluation.portfolio_baselines.SkfolioBaseline`) runs through the same env, on the same
+  test groups, with the same costs, rebalancing every ``rebalance_every`` bars.
+* **Assembly** (:func:`assemble_portfolio`): per backtest path the test groups' equity curves are chained
+  (:func:`sentio_lab.env.splits.stitch_equity`) into ``results.parquet`` (the single-asset runner's columns, so
+  :mod:`sentio_lab.experiment.summary` reads it unchanged) and ``equity.parquet``; ``paths.parquet`` adds the
+  per-asset contributions and turnover and the concentration (:mod:`sentio_lab.evaluation.portfolio_report`).
+
+Every cell seeds its training and runs torch on one thread, so the tables are identical however often the run
+was interrupted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shlex
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from sentio_lab.agents.checkpoint import load_checkpoint
+from sentio_lab.agents.variants import load_variant, parse_variant_args
+from sentio_lab.data.panel import PanelData, load_sp500_panel
+from sentio_lab.env import splits as splitting
+from sentio_lab.env.costs import bars_per_day, cost_reach
+from sentio_lab.env.portfolio import PortfolioEnv
+from sentio_lab.env.portfolio_arrays import build_portfolio_arrays
+from sentio_lab.evaluation.metrics import sharpe_ratio, summary_stats
+from sentio_lab.evaluation.metrics.table import STAT_NAMES
+from sentio_lab.evaluation.portfolio_baselines import SkfolioBaseline
+from sentio_lab.evaluation.portfolio_report import PortfolioEpisode, path_tables, record_episode
+from sentio_lab.experiment.assembly import EQUITY_FILE, GROUPS_FILE, RESULTS_FILE
+from sentio_lab.experiment.cells import CELL_FILE, Cell, cell_done, train_cell, write_json_atomic
+from sentio_lab.experiment.portfolio_config import PortfolioExperimentConfig, load_portfolio_config
+from sentio_lab.experiment.runner import agent_argv
+from sentio_lab.experiment.summary import strategy_table
+
+#: Per-path portfolio figures: contributions and turnover per asset, concentration (one row per strategy x seed x
+#: path, beside ``results.parquet``).
+PATHS_FILE = "paths.parquet"
+#: In-sample (training segments) vs out-of-sample (test groups) Sharpe of every cell.
+MEMORISATION_FILE = "memorisation.parquet"
+#: Version of the files a cell or baseline writes; other versions are redone.
+PORTFOLIO_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class PortfolioPlan:
+    """Everything a portfolio run does, decided before anything trains."""
+
+    config: PortfolioExperimentConfig
+    folds: tuple[splitting.Fold, ...]
+    cells: tuple[Cell, ...]
+    gaps: splitting.PurgeEmbargo
+    n_bars: int
+    first_valid: int
+    accounting: dict[str, Any]
+    """window, cost model and fill price shared by every agent and the baselines."""
+    assets: tuple[str, ...]
+
+
+_PANELS: dict[tuple, PanelData] = {}
+
+
+def load_experiment_panel(config: PortfolioExperimentConfig) -> PanelData:
+    """The experiment's panel (cached per process)."""
+    key = (config.dataset, config.data_start, config.data_end)
+    if key not in _PANELS:
+        _PANELS.clear()
+        _PANELS[key] = load_sp500_panel(start=config.data_start, end=config.data_end)
+    return _PANELS[key]
+
+
+def _accounting(module: Any, args: Any) -> dict[str, Any]:
+    return {"window": int(args.features.window), "costs": module.cost_model(args), "fill_price": args.data.fill_price,
+            "episode_length": int(args.env.episode_length)}
+
+
+def plan_portfolio(config: PortfolioExperimentConfig, extra_args: tuple[str, ...] = ()) -> PortfolioPlan:
+    """Folds and cells of ``config``; refuses non-portfolio variants and agents whose accounting differs."""
+    parsed = []
+    for agent in config.agents:
+        module = load_variant(agent.variant)
+        if not hasattr(module, "portfolio_market"):
+            raise ValueError(f"experiment {config.name!r}: agent {agent.name!r} runs {agent.variant!r}, not a "
+                             "portfolio variant (ppo_portfolio)")
+        args = parse_variant_args(agent.variant, agent_argv(config, agent.args, extra_args))  # type: ignore[arg-type]
+        if args.run.select_on != "none":
+            raise ValueError(f"experiment {config.name!r}: agent {agent.name!r}: --select-on needs a validation "
+                             "slice, which portfolio experiments do not carve; use --select-on none")
+        parsed.append((agent, module, args))
+    accountings = {agent.name: _accounting(module, args) for agent, module, args in parsed}
+    first_name, first = next(iter(accountings.items()))
+    for name, other in accountings.items():
+        if other != first:
+            raise ValueError(f"experiment {config.name!r}: agents {first_name!r} and {name!r} differ in window, "
+                             f"episode length, costs or fill price ({first} vs {other}); put those in common_args")
+    panel = load_experiment_panel(config)
+    n_bars = len(panel.index)
+    gap_options, first_valid = [], 0
+    for _, module, args in parsed:
+        feature_config = module.feature_config(args)
+        # first_valid only (the warm-up of the raw features): the fitted normalisers of this build are not used
+        arrays, _ = build_portfolio_arrays(panel, feature_config, train_stop=n_bars, fill_price=args.data.fill_price)
+        first_valid = max(first_valid, arrays.first_valid)
+        cost_span = cost_reach(first["costs"], bars_per_day(panel.index, n_bars))
+        for asset in panel.assets:  # the longest reach over the assets (the same bank: the same span, checked)
+            gaps = splitting.PurgeEmbargo.for_features(first["window"], feature_config, panel.frames[asset])
+            gap_options.append(dataclasses.replace(gaps, cost_span=cost_span))
+    gaps = max(gap_options, key=lambda g: g.embargo)
+    folds = splitting.combinatorial_purged(n_bars, gaps, n_groups=config.n_groups, n_test_groups=config.n_test_groups,
+                                           first_valid=first_valid)
+    cells = tuple(Cell(agent=agent.name, variant=agent.variant, args=agent_argv(config, agent.args, extra_args),  # type: ignore[arg-type]
+                       seed=seed, fold=fold.fold)
+                  for agent in config.agents for seed in config.seeds for fold in folds)
+    return PortfolioPlan(config=config, folds=tuple(folds), cells=cells, gaps=gaps, n_bars=n_bars,
+                         first_valid=first_valid, accounting=first, assets=panel.assets)
+
+
+def fold_market(plan: PortfolioPlan, fold: splitting.Fold, module: Any, args: Any) -> Any:
+    """The variant's market of ``fold``: features fitted on its training segments only, training episodes drawn
+    from those segments only, ``test:<group>`` ranges for its test groups."""
+    panel = load_experiment_panel(plan.config)
+    rows = splitting.fit_rows(fold.train, plan.n_bars)
+    arrays, states = build_portfolio_arrays(panel, module.feature_config(args), train_rows=rows,
+                                            cross_sectional=bool(getattr(args, "cross_sectional", False)),
+                                            fill_price=args.data.fill_price)
+    ranges = {"train": (fold.train[0][0], fold.train[-1][1]),
+              **{f"test:{g}": seg for g, seg in zip(fold.groups, fold.test, strict=True)}}
+    info = module.PanelInfo(panel.name, module.panel_fingerprint(panel), module.PanelQuality(panel.report()))
+    return module.PortfolioMarket(panel=panel, arrays=arrays, ranges=ranges, data=info,
+                                  features=module.FeatureInfo(states, arrays.feature_names),
+                                  train_segments=tuple(fold.train))
+
+
+# ================================================================================================ episodes
+def segment_env(plan: PortfolioPlan, arrays: Any, segment: tuple[int, int]) -> tuple[PortfolioEnv, int, int] | None:
+    """A one-account env over env range ``segment`` = ``[a, b)`` and its first decision bar and steps (decisions at
+    ``max(a, warm-up) .. b - 2``, the last fill and mark on ``b - 1``); None when fewer than 2 steps fit."""
+    acc = plan.accounting
+    start = max(segment[0], arrays.first_valid + acc["window"] - 1)
+    steps = segment[1] - 1 - start
+    if steps < 2:
+        return None
+    env = PortfolioEnv(arrays, num_envs=1, window=acc["window"], episode_length=steps, start=start,
+                       stop=segment[1], allocation="long_only", costs=acc["costs"])
+    return env, start, steps
+
+
+def agent_decide(agent: torch.nn.Module) -> Any:
+    """The greedy policy of a portfolio agent as a ``Decide`` (sentio_lab.evaluation.portfolio_report)."""
+    def decide(k: int, t: int, obs: torch.Tensor) -> tuple[np.ndarray, bool]:
+        return agent.act_greedy(obs)[0].to(torch.float64).numpy(), False
+    return decide
+
+
+def baseline_decide(baseline: SkfolioBaseline, rebalance_every: int) -> Any:
+    """A skfolio baseline at its declared frequency: its weights at bar t on step 0, every ``rebalance_every``
+    steps after; held in between (as :func:`~sentio_lab.evaluation.portfolio_baselines.run_baseline`)."""
+    def decide(k: int, t: int, obs: torch.Tensor) -> tuple[np.ndarray, bool]:
+        rebalance = k % rebalance_every == 0
+        weights = baseline.weights_at(t) if rebalance else np.full(baseline.close.shape[1], 0.0)
+        return np.r_[weights, 0.0 if rebalance else 1.0], not rebalance
+    return decide
+
+
+def episode_frame(episode: PortfolioEpisode, index: pd.DatetimeIndex, assets: tuple[str, ...]) -> pd.DataFrame:
+    """One row per mark of ``episode`` (``L + 1``: the start, then each step's): the equity, and each step's costs,
+    per-asset contributions, turnover and held weights (the start row: nothing traded, all cash)."""
+    steps = len(episode.cost)
+    def pad(values: np.ndarray, first: float = 0.0) -> np.ndarray:
+        return np.concatenate([np.full((1, *values.shape[1:]), first), values])
+    columns: dict[str, Any] = {"timestamp": index[episode.start: episode.start + steps + 1],
+                               "equity": episode.equity, "cost": pad(episode.cost)}
+    for a, name in enumerate(assets):
+        columns[f"contrib:{name}"] = pad(episode.contribution[:, a])
+        columns[f"turnover:{name}"] = pad(episode.turnover[:, a])
+        columns[f"weight:{name}"] = pad(episode.weights[:, a])
+    columns["weight:cash"] = pad(episode.weights[:, -1], 1.0)
+    return pd.DataFrame(columns)
+
+
+def frame_episode(frame: pd.DataFrame, assets: tuple[str, ...], start: int) -> PortfolioEpisode:
+    """:func:`episode_frame` read back."""
+    rows = frame.iloc[1:]
+    def block(prefix: str) -> np.ndarray:
+        return rows[[f"{prefix}:{a}" for a in assets]].to_numpy()
+    return PortfolioEpisode(start=start, equity=frame["equity"].to_numpy(), contribution=block("contrib"),
+                            cost=rows["cost"].to_numpy(), turnover=block("turnover"),
+                            weights=np.column_stack([block("weight"), rows["weight:cash"].to_numpy()]))
+
+
+def _test_groups(plan: PortfolioPlan, fold: splitting.Fold, arrays: Any, decide: Any) -> pd.DataFrame:
+    index = load_experiment_panel(plan.config).index
+    parts = []
+    for group, path, segment in zip(fold.groups, fold.paths, fold.test, strict=True):
+        env, start, steps = segment_env(plan, arrays, segment)  # a test group always holds its decision bars
+        episode = record_episode(env, decide, start, steps)
+        parts.append(episode_frame(episode, index, plan.assets).assign(group=group, path=path, start=start))
+    return pd.concat(parts, ignore_index=True)
+
+
+def chained_sharpe(episodes: list[PortfolioEpisode]) -> float:
+    """Annualised (x sqrt 252: daily bars) Sharpe of the episodes' returns put end to end."""
+    returns = np.concatenate([e.returns for e in episodes])
+    return float(sharpe_ratio(returns, periods=252.0)) if len(returns) > 1 and returns.std() > 0 else float("nan")
+
+
+# =================================================================================================== cells
+def load_cell_agent(path: Path, module: Any, args: Any, market: Any) -> torch.nn.Module:
+    """The agent of a cell's checkpoint for its fold market (greedy, eval mode)."""
+    bundle = load_checkpoint(path, data_fingerprint=market.data.fingerprint)
+    arrays = market.arrays
+    obs_dim = arrays.num_assets * (args.features.window * arrays.features.shape[2] + 1) + 1
+    agent = module.build_agent(args, obs_dim, arrays.num_assets + 1)
+    agent.load_state_dict(bundle["agent"])
+    return agent.eval()
+
+
+def run_portfolio_cell(plan: PortfolioPlan, cell: Cell, output: Path) -> dict[str, Any]:
+    """Train ``cell`` on its fold (module doc), then run it greedily on the fold's test groups and training
+    segments; finished cells are not redone."""
+    folder = output / "cells" / cell.cell_id
+    done = cell_done(folder)
+    if done is not None and done.get("format") == PORTFOLIO_FORMAT:
+        return done
+    torch.set_num_threads(1)
+    module, args = load_variant(cell.variant), parse_variant_args(cell.variant, cell.args)
+    fold = plan.folds[cell.fold]
+    market = fold_market(plan, fold, module, args)
+    record = train_cell(cell, market, folder, write_record=False)
+    agent = load_cell_agent(folder / record["checkpoint"], module, args.replace(seed=cell.seed), market)
+    decide = agent_decide(agent)
+    groups = _test_groups(plan, fold, market.arrays, decide)
+    groups.to_parquet(folder / GROUPS_FILE)
+    in_sample = []
+    for segment in fold.train:
+        built = segment_env(plan, market.arrays, segment)
+        if built is not None:
+            in_sample.append(record_episode(built[0], decide, built[1], built[2]))
+    out_sample = [frame_episode(g, plan.assets, int(g["start"].iloc[0])) for _, g in groups.groupby("group")]
+    record.update(format=PORTFOLIO_FORMAT, in_sample_sharpe=chained_sharpe(in_sample),
+                  in_sample_bars=int(sum(len(e.cost) for e in in_sample)), test_sharpe=chained_sharpe(out_sample))
+    write_json_atomic(folder / CELL_FILE, record)
+    return record
+
+
+def run_portfolio_baselines(plan: PortfolioPlan, fold: splitting.Fold, output: Path) -> None:
+    """Every skfolio baseline of the plan, fitted on ``fold``'s training returns only, on its test groups."""
+    config = plan.config
+    agent = config.agents[0]
+    module, args = load_variant(agent.variant), parse_variant_args(agent.variant, agent_argv(config, agent.args))  # type: ignore[arg-type]
+    arrays = fold_market(plan, fold, module, args).arrays
+    rows = splitting.fit_rows(fold.train, plan.n_bars)
+    for name in config.baselines:
+        folder = output / "baselines" / f"{name}__fold{fold.fold:03d}"
+        done = cell_done(folder)
+        if done is not None and done.get("format") == PORTFOLIO_FORMAT:
+            continue
+        folder.mkdir(parents=True, exist_ok=True)
+        baseline = SkfolioBaseline(name, arrays.close, rows, lookback=config.lookback, min_returns=config.min_returns,
+                                   assets=plan.assets)
+        groups = _test_groups(plan, fold, arrays, baseline_decide(baseline, config.rebalance_every))
+        groups.assign(seed=-1).to_parquet(folder / GROUPS_FILE)
+        write_json_atomic(folder / CELL_FILE, {"baseline": name, "fold": fold.fold, "format": PORTFOLIO_FORMAT,
+                                               "fallback_bars": len(baseline.fallbacks)})
+
+
+# ================================================================================================ assembly
+def _units(plan: PortfolioPlan, output: Path) -> list[tuple[dict[str, Any], dict[int, pd.DataFrame]]]:
+    """(results key, fold -> test-group frames) of every agent seed and every baseline."""
+    units = []
+    for agent in plan.config.agents:
+        for seed in plan.config.seeds:
+            frames = {c.fold: pd.read_parquet(output / "cells" / c.cell_id / GROUPS_FILE) for c in plan.cells
+                      if c.agent == agent.name and c.seed == seed}
+            units.append(({"kind": "agent", "name": agent.name, "variant": agent.variant, "seed": seed}, frames))
+    for name in plan.config.baselines:
+        frames = {f.fold: pd.read_parquet(output / "baselines" / f"{name}__fold{f.fold:03d}" / GROUPS_FILE)
+                  for f in plan.folds}
+        units.append(({"kind": "baseline", "name": name, "variant": "", "seed": -1}, frames))
+    return units
+
+
+def assemble_portfolio(plan: PortfolioPlan, output: str | Path) -> pd.DataFrame:
+    """Chain every path of every agent seed and baseline; write ``results.parquet`` (the single-asset runner's
+    columns), ``equity.parquet``, ``paths.parquet`` (per-asset figures) and ``memorisation.parquet``."""
+    output = Path(output)
+    paths = splitting.backtest_paths(plan.folds)
+    rows, curves, extras = [], [], []
+    for key, frames in _units(plan, output):
+        for path, members in paths.items():
+            episodes, pieces = [], []
+            for fold_id, j in members:
+                frame = frames[fold_id]
+                group = frame[frame["group"] == plan.folds[fold_id].groups[j]]
+                episodes.append(frame_episode(group, plan.assets, int(group["start"].iloc[0])))
+                pieces.append(pd.Series(group["equity"].to_numpy(), index=pd.DatetimeIndex(group["timestamp"])))
+            equity = splitting.stitch_equity(pieces)
+            stats = summary_stats(equity)
+            tables = path_tables(episodes, plan.assets, float(stats["periods_per_year"]))
+            turnover = sum(v for k, v in tables.items() if k.startswith("turnover:"))
+            stats.update(turnover_per_year=turnover, costs_paid=tables["costs"])
+            row = {"experiment": plan.config.name, **key, "selected_iterations": "[]", "path": path,
+                   "n_trials": plan.config.n_trials}
+            rows.append({**row, **{name: stats[name] for name in STAT_NAMES}})
+            extras.append({**key, "path": path, "total_return": float(stats["total_return"]),
+                           "turnover_per_year": turnover, **tables})
+            curves.append(pd.DataFrame({"name": key["name"], "seed": key["seed"], "path": path,
+                                        "timestamp": equity.index, "equity": equity.to_numpy()}))
+    results = pd.DataFrame(rows)
+    results.to_parquet(output / RESULTS_FILE)
+    pd.concat(curves, ignore_index=True).to_parquet(output / EQUITY_FILE)
+    pd.DataFrame(extras).to_parquet(output / PATHS_FILE)
+    memo = [{"name": c.agent, "seed": c.seed, "fold": c.fold,
+             **{k: cell_done(output / "cells" / c.cell_id)[k] for k in ("in_sample_sharpe", "in_sample_bars",
+                                                                         "test_sharpe")}} for c in plan.cells]
+    pd.DataFrame(memo).to_parquet(output / MEMORISATION_FILE)
+    return results
+
+
+def run_portfolio_experiment(plan: PortfolioPlan, output: str | Path) -> pd.DataFrame:
+    """Train and evaluate every unfinished cell, run the baselines on every fold, then :func:`assemble_portfolio`.
+    Finished work is never redone; a folder left by other arguments is refused."""
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    for cell in plan.cells:
+        record = cell_done(output / "cells" / cell.cell_id)
+        if record is not None and record.get("command") != shlex.join(cell.args):
+            raise ValueError(f"{output / 'cells' / cell.cell_id}: finished with other arguments "
+                             f"({record.get('command')!r}, planned {shlex.join(cell.args)!r}); choose another "
+                             "output folder or delete that one")
+    record = {"experiment": plan.config.name, "n_trials": plan.config.n_trials, "n_bars": plan.n_bars,
+              "first_valid": plan.first_valid, "purge": plan.gaps.purge, "embargo": plan.gaps.embargo,
+              "folds": [dataclasses.asdict(f) for f in plan.folds], "cells": [c.cell_id for c in plan.cells],
+              "accounting": {**plan.accounting, "costs": dataclasses.asdict(plan.accounting["costs"])},
+              "created": time.strftime("%Y-%m-%d %H:%M:%S")}
+    (output / "plan.json").write_text(json.dumps(record, indent=2, default=str))
+    threads = torch.get_num_threads()
+    try:
+        for cell in plan.cells:
+            run_portfolio_cell(plan, cell, output)
+        for fold in plan.folds:
+            run_portfolio_baselines(plan, fold, output)
+    finally:
+        torch.set_num_threads(threads)
+    return assemble_portfolio(plan, output)
+
+
+def run_portfolio_file(path: str | Path, output_root: str | Path, *, seeds: tuple[int, ...] | None = None,
+                       extra_args: tuple[str, ...] = (), name: str | None = None) -> Path:
+    """``python -m sentio_lab.experiment --config <portfolio file>``: plan, run, print the per-strategy medians;
+    returns the output folder ``<output_root>/<name>``."""
+    config = load_portfolio_config(path, seeds=seeds, name=name)
+    output = Path(output_root) / config.name
+    plan = plan_portfolio(config, extra_args)
+    print(f"{config.name}: {len(plan.folds)} CPCV folds over {plan.n_bars} dates x {len(plan.assets)} assets, "
+          f"{len(plan.cells)} cells ({config.n_trials} configurations x {len(config.seeds)} seeds x "
+          f"{len(plan.folds)} folds), purge {plan.gaps.purge}, embargo {plan.gaps.embargo}")
+    results = run_portfolio_experiment(plan, output)
+    print(strategy_table(results, ("sharpe", "cagr", "max_drawdown")).to_string())
+    print(f"results: {output / RESULTS_FILE}")
+    return output
