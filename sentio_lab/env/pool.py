@@ -302,7 +302,7 @@ def prepare_pool(
 
 def pool_purge_embargo(pool: PooledMarket, window: int, **kwargs: Any) -> PurgeEmbargo:
     """The purge / embargo of the pool's folds: the longest reach of any instrument (``kwargs`` go to
-    :meth:`PurgeEmbargo.for_features`, e.g. ``extra_embargo``)."""
+    :meth:`sentio_lab.env.splits.PurgeEmbargo.for_features`, e.g. ``extra_embargo``)."""
     gaps = [PurgeEmbargo.for_features(window, m.feature_config or FeatureConfig(), m.data.frame, **dict(kwargs))
             for m in pool.members.values()]
     return max(gaps, key=lambda g: (g.embargo, g.feature_span))

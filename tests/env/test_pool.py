@@ -19,7 +19,7 @@ from sentio_lab.env.pool import (
     prepare_pool,
     prepare_pool_fold,
 )
-from sentio_lab.env.splits import combinatorial_purged, touched_bars
+from sentio_lab.env.splits import PurgeEmbargo, combinatorial_purged, touched_bars
 from sentio_lab.features import FeatureConfig
 
 CONFIG = FeatureConfig(cache_dir=None)
@@ -144,7 +144,10 @@ def instrument_draws(pool: PooledMarket, seed: int, resets: int = 40) -> np.ndar
 
     args = Args.from_flat(num_envs=16, window=WINDOW, episode_length=LENGTH, track=False, seed=seed)
     env = training_env(args, pool)
-    starts = [env.reset().clone() for _ in range(resets)]
+    starts = []
+    for _ in range(resets):
+        env.reset()
+        starts.append(env.t.clone())  # each env's instrument and start, drawn at the reset
     return torch.cat(starts).numpy()
 
 
@@ -186,14 +189,17 @@ def test_cpcv_test_dates_never_reach_a_training_input(tmp_path, files):
     changed = [write(tmp_path, f"{k}x", rewrite_after(ohlcv(s), test, seed=11 + s))
                for s, k in enumerate(("a", "b", "c"))]
     other = prepare_pool_fold(pool_of(changed), fold)
-    touched = np.unique(np.concatenate([touched_bars(seg, gaps, first_valid=pool_first_valid(pool))
-                                        for seg in fold.train]))
+    first_valid = pool_first_valid(pool)
+    # raw bars a training env reads (feature lookbacks included) and the feature rows it observes (windows only)
+    touched = np.unique(np.concatenate([touched_bars(seg, gaps, first_valid=first_valid) for seg in fold.train]))
+    observed = np.unique(np.concatenate([touched_bars(seg, PurgeEmbargo(WINDOW, 0), first_valid=first_valid)
+                                         for seg in fold.train]))
     assert len(touched) and not test[touched].any()
     for k in range(3):
-        rows = touched + k * BARS
+        rows, bars = observed + k * BARS, touched + k * BARS
         np.testing.assert_array_equal(other.arrays.features[rows], fold_pool.arrays.features[rows])
-        np.testing.assert_array_equal(other.arrays.close[rows], fold_pool.arrays.close[rows])
-        np.testing.assert_array_equal(other.arrays.fill[rows], fold_pool.arrays.fill[rows])
+        np.testing.assert_array_equal(other.arrays.close[bars], fold_pool.arrays.close[bars])
+        np.testing.assert_array_equal(other.arrays.fill[bars], fold_pool.arrays.fill[bars])
         assert list(other.features.state.values())[k] == list(fold_pool.features.state.values())[k]
         test_rows = np.flatnonzero(test) + k * BARS
         assert not np.array_equal(other.arrays.close[test_rows], fold_pool.arrays.close[test_rows])
