@@ -12,6 +12,7 @@ Prints one markdown table row per (run, seed) and writes ``reports/pooled_sharpe
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -19,27 +20,44 @@ import pandas as pd
 
 from sentio_lab import ppo
 from sentio_lab.agents.training import cost_model_from, feature_config_from
+from sentio_lab.data import Split
 from sentio_lab.env.pool import prepare_pool, stack_members
 from sentio_lab.evaluation.episodes import evaluate_policies
 from sentio_lab.evaluation.metrics import periods_per_year, sharpe_ratio
 from sentio_lab.evaluation.pooled import pooled_returns
 
 
+def with_instrument_ranges(pool, window: int, ranges) -> tuple[object, dict[str, dict[str, str]]]:
+    """The stacked pool with one named range per (range, instrument) on its stacked rows, so a single batched
+    :func:`evaluate_policies` env runs every instrument (each range starts at the instrument's first observable
+    bar: the decision bar :func:`evaluate_policy` starts the member at)."""
+    frame = pool.data.frame
+    splits, names = dict(pool.splits), {r: {} for r in ranges}
+    for offset, (name, member) in zip(pool.offsets, pool.members.items(), strict=True):
+        for r in ranges:
+            start, stop = member.range(r)
+            a, b = offset + max(start, member.arrays.first_valid + window - 1), offset + stop
+            key = f"{r}@{name}"
+            splits[key] = Split(key, a, b, frame.index[a], frame.index[b - 1])
+            names[r][name] = key
+    return dataclasses.replace(pool, splits=splits), names
+
+
 def sharpes(agent, args, pool, ranges=("train", "validation")) -> dict[str, dict[str, float]]:
-    """Per range: the mean per-instrument Sharpe, the equal-weight book's Sharpe and the single instrument's."""
-    per = {r: {} for r in ranges}
-    for name, member in pool.members.items():
-        results = evaluate_policies([agent], member, window=args.features.window, positions=tuple(args.env.positions),
-                                    costs=cost_model_from(args), range_names=list(ranges))[0]
-        for r, evaluation in zip(ranges, results, strict=True):
-            per[r][name] = evaluation
+    """Per range: the mean per-instrument Sharpe, the equal-weight book's Sharpe and each instrument's."""
+    market, names = with_instrument_ranges(pool, args.features.window, ranges)
+    keys = [key for r in ranges for key in names[r].values()]
+    results = evaluate_policies([agent], market, window=args.features.window, positions=tuple(args.env.positions),
+                                costs=cost_model_from(args), range_names=keys)[0]
+    by_key = dict(zip(keys, results, strict=True))
     out = {}
     for r in ranges:
-        values = [float(ev.summary["sharpe"]) for ev in per[r].values()]
-        book = pooled_returns(per[r])
-        periods = periods_per_year(next(iter(per[r].values())).equity.index)
+        per = {name: by_key[key] for name, key in names[r].items()}
+        values = [float(ev.summary["sharpe"]) for ev in per.values()]
+        book = pooled_returns(per)
+        periods = periods_per_year(next(iter(per.values())).equity.index)
         out[r] = {"mean": float(np.nanmean(values)), "book": sharpe_ratio(book.to_numpy(), periods),
-                  **{name: float(ev.summary["sharpe"]) for name, ev in per[r].items()}}
+                  **{name: float(ev.summary["sharpe"]) for name, ev in per.items()}}
     return out
 
 
