@@ -211,3 +211,17 @@ def test_cpcv_test_dates_never_reach_a_training_input(tmp_path, files):
     local = starts - np.asarray(fold_pool.offsets)[k]
     for lo in range(0, LENGTH + 1, 6):  # every bar an episode observes, fills or marks is a training bar
         assert not test[local + lo].any()
+
+
+def test_sp500_20_tickers_load_close_only_on_one_calendar():
+    """The bundled panel: sp500_20 names its 20 tickers; tickers load close-only on the panel's dates."""
+    from sentio_lab.env.pool import _expand, load_pool
+
+    names = _expand(["sp500_20"])
+    assert len(names) == 20 and names[0] == "sp500_20:AAPL"
+    loaded, note = load_pool(["sp500_20:AAPL,sp500_20:XOM"], start="2020-01-01", end="2020-06-30")
+    assert list(loaded) == ["sp500_20:AAPL", "sp500_20:XOM"] and "2020-01-02" in note
+    frames = [d.frame for d in loaded.values()]
+    assert frames[0].index.equals(frames[1].index) and frames[0]["open"].isna().all()
+    with pytest.raises(DataValidationError, match="no ticker"):
+        load_pool(["sp500_20:NOPE"])
