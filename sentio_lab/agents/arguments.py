@@ -51,6 +51,11 @@ class DataArgs:
     """first fraction of bars used for training (features and normalisation are fitted here only)"""
     validation_fraction: float = 0.2
     """next fraction of bars held out for validation; the rest is the test range"""
+    pool: tuple[str, ...] = ()
+    """train one policy on several instruments at once instead of --dataset (sentio_lab.env.pool): sp500_20
+    (skfolio's 20 stocks, closes only: with --fill-price next_close and --feature-bank close or slow),
+    sp500_20:TICKER, bundled datasets (sp500, nasdaq) or files; ranges are cut on their common dates, each
+    instrument's features are fitted on its own training rows; () = off (docs/training.md)"""
 
 
 @dataclass

@@ -28,6 +28,7 @@ from sentio_lab.env.anchor import AnchorConfig, check_tilts
 from sentio_lab.env.benchmarks import anchor_config, benchmark_span
 from sentio_lab.env.costs import CostModel
 from sentio_lab.env.market import PreparedMarket, prepare_market
+from sentio_lab.env.pool import check_pool_env, prepare_pool
 from sentio_lab.features import FeatureConfig
 
 ArgsT = TypeVar("ArgsT", bound=Any)
@@ -73,8 +74,17 @@ def feature_config_from(args: Any) -> FeatureConfig:
 
 
 def market_from(args: Any, feature_state: dict | None = None) -> PreparedMarket:
-    """The market a variant's arguments ask for (dataset, bar range, stale-open policy, features, ranges)."""
+    """The market a variant's arguments ask for (dataset, bar range, stale-open policy, features, ranges); with
+    ``--pool`` the :class:`~sentio_lab.env.pool.PooledMarket` of those instruments (``feature_state``: one state per
+    instrument)."""
     data = args.data
+    if getattr(data, "pool", ()):
+        return prepare_pool(
+            data.pool, feature_config_from(args), train_fraction=data.train_fraction,
+            validation_fraction=data.validation_fraction, feature_state=feature_state, start=data.data_start,
+            end=data.data_end, stale_opens=data.stale_opens, fill_price=data.fill_price,
+            window=args.features.window, episode_length=args.env.episode_length,
+        )
     return prepare_market(
         data.dataset, feature_config_from(args), train_fraction=data.train_fraction,
         validation_fraction=data.validation_fraction, feature_state=feature_state,
@@ -140,6 +150,8 @@ def training_env(args: Any, market: PreparedMarket, range_name: str = "train", *
     range spans test groups: episodes are then drawn from the fold's training segments only, and none crosses
     a gap between them.
     """
+    check_pool_env(market, cost_model_from(args), {"anchor": args.env.anchor, **env_kwargs})  # not yet: one line
+    options = {**anchor_options(args, market), **env_kwargs}
     start, stop = market.range(range_name)
     window, episode_length = args.features.window, args.env.episode_length
     sampler = None
@@ -148,8 +160,7 @@ def training_env(args: Any, market: PreparedMarket, range_name: str = "train", *
     return TradingEnv(
         market.arrays, num_envs=args.ppo.num_envs, window=window, episode_length=episode_length,
         start=start, stop=stop, positions=args.env.positions, costs=cost_model_from(args),
-        device=resolve_device(args.run.device), seed=args.run.seed, start_sampler=sampler,
-        **anchor_options(args, market), **env_kwargs,
+        device=resolve_device(args.run.device), seed=args.run.seed, start_sampler=sampler, **options,
     )
 
 
@@ -292,7 +303,7 @@ def derive_sizes(args: ArgsT) -> ArgsT:
     if num_iterations < 1:
         raise ValueError(f"--total-timesteps {ppo.total_timesteps} < one rollout ({batch_size} steps = --num-envs "
                          f"{ppo.num_envs} x --num-steps {ppo.num_steps})")
-    stem = Path(str(args.data.dataset)).stem
+    stem = "pool" if getattr(args.data, "pool", ()) else Path(str(args.data.dataset)).stem
     run_name = args.run.run_name or f"{stem}__{args.run.exp_name}__{args.run.seed}__{int(time.time())}"
     return args.replace(batch_size=batch_size, minibatch_size=batch_size // ppo.num_minibatches,
                         num_iterations=num_iterations, run_name=run_name)

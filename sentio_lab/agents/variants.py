@@ -82,17 +82,22 @@ def load_trained(path: str | Path, *, dataset: str | Path | None = None) -> Trai
         agent, market = restore(args, bundle)
         return TrainedAgent(agent=agent, args=args, market=market, bundle=bundle)
     data = args.data
-    market = prepare_market(
-        dataset if dataset is not None else data.dataset,
-        variant.feature_config(args),
-        train_fraction=data.train_fraction,
-        validation_fraction=data.validation_fraction,
-        feature_state=bundle["feature_state"],
-        start=data.data_start if dataset is None else None,
-        end=data.data_end if dataset is None else None,
-        stale_opens=data.stale_opens if dataset is None else "refuse",
-        fill_price=data.fill_price,  # the fills the agent was trained with (older checkpoints: next_open)
-    )
+    if getattr(data, "pool", ()):  # a pooled run: every instrument with its own saved feature state
+        if dataset is not None:
+            raise ValueError(f"{path}: a pooled checkpoint is evaluated on its own instruments (no dataset=)")
+        market = variant.market_for(args, bundle["feature_state"])
+    else:
+        market = prepare_market(
+            dataset if dataset is not None else data.dataset,
+            variant.feature_config(args),
+            train_fraction=data.train_fraction,
+            validation_fraction=data.validation_fraction,
+            feature_state=bundle["feature_state"],
+            start=data.data_start if dataset is None else None,
+            end=data.data_end if dataset is None else None,
+            stale_opens=data.stale_opens if dataset is None else "refuse",
+            fill_price=data.fill_price,  # the fills the agent was trained with (older checkpoints: next_open)
+        )
     if dataset is None and market.data.fingerprint != bundle["data_fingerprint"]:
         raise ValueError(
             f"{path}: dataset {data.dataset!r} now has fingerprint {market.data.fingerprint}, "

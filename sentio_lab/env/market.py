@@ -91,7 +91,7 @@ def effective_feature_config(
 
 
 def prepare_market(
-    source: str | Path,
+    source: str | Path | MarketData,
     feature_config: FeatureConfig,
     *,
     start: str | pd.Timestamp | None = None,
@@ -104,7 +104,8 @@ def prepare_market(
     episode_length: int | None = None,
     fill_price: FillPrice = "next_open",
 ) -> PreparedMarket:
-    """Load ``source``, split it chronologically, build features fitted on the training range.
+    """Load ``source`` (or take a loaded :class:`~sentio_lab.data.MarketData` as it is), split it chronologically,
+    build features fitted on the training range.
 
     ``start``, ``end``, ``stale_opens`` and ``fill_price`` go to :func:`sentio_lab.data.load_market` (an inclusive
     date range, a bundled dataset's default start when ``start`` is None, the stale-open policy, which next-close
@@ -114,7 +115,10 @@ def prepare_market(
     :class:`~sentio_lab.data.DataValidationError` saying how many bars it needs
     (:func:`sentio_lab.data.bars_needed`).
     """
-    data = load_market(source, start=start, end=end, stale_opens=stale_opens, fill_price=fill_price)
+    if isinstance(source, MarketData):  # loaded already (a pool's instrument, sentio_lab.env.pool)
+        data = source
+    else:
+        data = load_market(source, start=start, end=end, stale_opens=stale_opens, fill_price=fill_price)
     splits = chronological_split(data, train_fraction, validation_fraction)
     config = effective_feature_config(feature_config, data, feature_state)
     train_stop = splits["train"].stop

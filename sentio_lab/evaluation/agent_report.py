@@ -26,9 +26,11 @@ from torch import nn
 from sentio_lab.agents.training import cost_model_from
 from sentio_lab.agents.variants import action_masking, env_options, load_trained
 from sentio_lab.env.market import PreparedMarket
+from sentio_lab.env.pool import PooledMarket
 from sentio_lab.evaluation.baselines import BuyAndHold, evaluate_baseline
 from sentio_lab.evaluation.episodes import Evaluation, evaluate_policy
 from sentio_lab.evaluation.metrics import stats_table
+from sentio_lab.evaluation.pooled import evaluate_pool
 
 #: The ranges :func:`compare_with_buy_and_hold` takes: a named range of the chronological split, or every bar.
 RANGES: tuple[str, ...] = ("validation", "test", "all")
@@ -121,6 +123,8 @@ def training_summary(result: Any, range_name: str = "validation") -> str:
     a range too short for the window) it says so in one line instead of failing the finished run.
     """
     market = result.market
+    if isinstance(market, PooledMarket):  # per instrument and pooled (sentio_lab.evaluation.pooled)
+        return pooled_summary(result, range_name)
     if market is None or range_name not in market.splits:
         return f"{range_name} summary: not available (no {range_name} range in this run's market)"
     try:
@@ -129,6 +133,23 @@ def training_summary(result: Any, range_name: str = "validation") -> str:
     except ValueError as err:
         return f"{range_name} summary: not available ({err})"
     return comparison.describe()
+
+
+def pooled_summary(result: Any, range_name: str = "validation") -> str:
+    """:meth:`~sentio_lab.evaluation.pooled.PooledEvaluation.describe` of a pooled run's greedy agent over
+    ``range_name`` of every instrument, net of the run's costs."""
+    args, agent = result.args, result.agent
+    was_training = agent.training
+    agent.eval()
+    try:
+        evaluation = evaluate_pool(agent, result.market, window=args.features.window,
+                                   positions=tuple(args.env.positions), costs=cost_model_from(args),
+                                   range_name=range_name, env_options=env_options(args, result.market))
+    except (KeyError, ValueError) as err:
+        return f"{range_name} summary: not available ({err})"
+    finally:
+        agent.train(was_training)
+    return evaluation.describe()
 
 
 def default_output(checkpoint: str | Path, range_name: str, dataset: str | Path | None = None) -> Path:
