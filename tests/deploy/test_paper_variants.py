@@ -7,7 +7,7 @@ mask state rebuilt from the ledger after restarts.
   backtest's weight;
 * the same account traded with a restart (a new trader, nothing in memory) every few bars, and with ``kill -9``
   at points inside bars: the ledger equals the uninterrupted run's, row for row (the mask state is replayed from
-  the ledger, :class:`~sentio_lab.deploy.paper.MaskReplay`);
+  the ledger, :class:`~sentio_lab.deploy.paper_decisions.MaskReplay`);
 * an anchored ``ppo`` model (``--anchor sma_crossover`` with a no-trade band): the benchmark weight comes from the
   feed's bars by the env's rule, the orders' targets are ``clip(b_t + tilt)``, and the equity equals the backtest's;
 * refusals, one line each: the GARCH risk budget, the ``vol_target`` anchor, token timeframes.
@@ -33,7 +33,7 @@ import torch
 from sentio_lab.agents.checkpoint import load_checkpoint, save_checkpoint
 from sentio_lab.agents.variants import action_masking, env_options, load_trained, load_variant
 from sentio_lab.data import load_market
-from sentio_lab.deploy import paper
+from sentio_lab.deploy import paper_decisions
 from sentio_lab.deploy.ledger import TABLES, Ledger, Mark
 from sentio_lab.deploy.paper import CRASH_ENV, CheckpointDecider, MaskReplay, PaperError, PaperTrader
 from sentio_lab.env.mask_inputs import MaskInputs
@@ -271,7 +271,7 @@ def test_models_paper_trading_cannot_match_are_refused_in_one_line(tmp_path, mon
         variant = load_variant(flat["variant"])
         args = variant.Args.from_flat(**{k: v for k, v in flat.items() if k != "variant"})
         bundle = {"variant": flat["variant"], "args": dataclasses.asdict(args), "feature_state": {}}
-        monkeypatch.setattr(paper, "load_checkpoint", lambda path, bundle=bundle: bundle)
+        monkeypatch.setattr(paper_decisions, "load_checkpoint", lambda path, bundle=bundle: bundle)
         with pytest.raises(PaperError, match=refusal) as error:
             CheckpointDecider(tmp_path / "model.pt")
         assert "\n" not in str(error.value)
