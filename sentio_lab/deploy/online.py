@@ -43,6 +43,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -88,6 +89,9 @@ def rebase(checkpoint: str | Path, window: pd.DataFrame, folder: str | Path) -> 
     bundle = load_checkpoint(checkpoint)
     if bundle["variant"] not in SUPPORTED:
         raise ValueError(f"{checkpoint}: online fine-tuning supports {list(SUPPORTED)}, not {bundle['variant']!r}")
+    if (bundle["args"].get("env") or {}).get("anchor") == "vol_target":
+        raise ValueError(f"{checkpoint}: the vol_target anchor scales by the volatility of the training segments, "
+                         "which in a fine-tuning window's evaluation would reach into the bars it is judged on")
     variant = load_variant(bundle["variant"])
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -189,7 +193,10 @@ class OnlineLearner:
 
     def _save(self) -> None:
         path = self.work_dir / STATE_FILE
-        path.with_suffix(".tmp").write_text(json.dumps(self.state, indent=1))
+        with open(path.with_suffix(".tmp"), "w") as out:  # durable before it replaces the old state
+            out.write(json.dumps(self.state, indent=1))
+            out.flush()
+            os.fsync(out.fileno())
         path.with_suffix(".tmp").replace(path)
 
     def _checkpoint(self, version: Any) -> Path:
@@ -234,8 +241,29 @@ class OnlineLearner:
                              "start the online loop later (--start-bar)")
         folder = self.work_dir / f"refresh-{t:06d}"
         window = bars.iloc[t - cfg.eval_bars - cfg.window_bars:t - cfg.eval_bars]
+        pending = self.state.get("pending")
+        if pending is not None and pending["bar"] == t:  # a run killed during this refresh: finish it, once
+            recovered = [v for v in registry.list_versions(self.name, registry_uri=self.registry_uri)
+                         if dict(v.tags or {}).get(TAG + "eval_end") == str(bars.index[t - 1])]
+            if recovered:  # registered before the kill: its trial is counted; do not register it twice
+                version = recovered[-1]
+                self.state.pop("pending")
+                self.state["last_refresh"] = t
+                self.state["events"].append({"bar": t, "kind": "recovered", "version": str(version.version),
+                                             "against": pending["against"], "trigger": trigger, "failures": []})
+                self._save()
+                raise RuntimeError(f"refresh at bar {t} was interrupted after registering version "
+                                   f"{version.version}; its trial is counted and nothing is registered twice: check "
+                                   f"its alias (`python -m sentio_lab.deploy.registry show {self.name} "
+                                   f"{version.version}`) and run again")
+            self.state["trials"] = self.state["trials"][:pending["trials_before"]]  # judged again below
         challenger = fine_tune(parent, window, folder / "train", cfg.finetune_steps)
+        trials_before = len(self.state["trials"])
         decision = self._judge(bars, challenger, parent, folder / "eval")
+        # Saved before the registry is touched: a kill from here on keeps the trial (the DSR of later challengers
+        # counts it) and the rerun finds the version it registered instead of registering it twice.
+        self.state["pending"] = {"bar": t, "trials_before": trials_before, "against": str(champion.version)}
+        self._save()
         returns_index = bars.index[t - cfg.eval_bars:t]
         verdict = Verdict(median_sharpe=float(decision.ab.sharpe_a * math.sqrt(periods_per_year(bars.index)))
                           if decision.ab is not None else math.nan, dsr=decision.dsr, pbo=math.nan,
@@ -258,6 +286,7 @@ class OnlineLearner:
             registry.promote(self.name, version.version, gate=self._gate(), registry_uri=self.registry_uri)
             kind = "promoted"
         self.state["last_refresh"] = t
+        self.state.pop("pending", None)
         return self._record(OnlineEvent(t, kind, str(version.version), str(champion.version), decision, trigger))
 
     def check_rollback(self, bars: pd.DataFrame) -> OnlineEvent | None:

@@ -304,3 +304,68 @@ def test_register_refuses_extra_tags_that_would_replace_its_own(tmp_path):
         with pytest.raises(ValueError, match="written by the registry itself"):
             registry.register(tmp_path / "none.pt", "m", tags={tag: "x", "online.trial": "1"},
                               registry_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+
+
+def test_a_vol_target_anchored_champion_is_refused(champion, tmp_path):
+    """Its benchmark scales by the training segments' volatility: in a fine-tuning window's evaluation history those
+    segments reach into the very bars the challenger is judged on."""
+    bundle = load_checkpoint(champion["checkpoint"])
+    bundle["args"]["env"]["anchor"] = "vol_target"
+    other = save_checkpoint(tmp_path / "vol.pt", bundle)
+    with pytest.raises(ValueError, match="vol_target anchor"):
+        rebase(other, champion["feed"].iloc[:150], tmp_path / "x")
+
+
+class _Killed(BaseException):
+    """Stands for a kill -9 at the registry (nothing after it in the process runs)."""
+
+
+def test_a_refresh_killed_at_the_registry_keeps_its_trial_and_registers_once(tmp_path, monkeypatch):
+    """A kill between judging and recording: the trial is on disk before the registry is touched; rerun, a version
+    it already registered is found (not registered twice) and one it had not is judged again (one trial per
+    refresh, never two, never none)."""
+    from types import SimpleNamespace
+
+    from sentio_lab.deploy import online
+
+    feed = replay(0, change=False, total=400)
+    versions: list[SimpleNamespace] = []
+    calls = {"register": 0, "judge": 0}
+
+    def register(checkpoint, name, *, tags, **kw):
+        calls["register"] += 1
+        if calls["register"] == 1:
+            raise _Killed  # the first run dies before the version exists
+        versions.append(SimpleNamespace(version=len(versions) + 2, tags=tags))
+        raise _Killed  # the second dies right after registering it
+
+    monkeypatch.setattr(online.registry, "model_version", lambda *a, **k: SimpleNamespace(version=1, tags={}))
+    monkeypatch.setattr(online.registry, "register", register)
+    monkeypatch.setattr(online.registry, "list_versions", lambda *a, **k: list(versions))
+    monkeypatch.setattr(online, "fine_tune", lambda parent, window, folder, steps:
+                        folder.mkdir(parents=True, exist_ok=True) or tmp_path / "challenger.pt")
+    monkeypatch.setattr(online, "trained_until", lambda *a, **k: feed.index[0])
+    monkeypatch.setattr(OnlineLearner, "_checkpoint", lambda self, version: tmp_path / "parent.pt")
+    flat = returns(np.full(CONFIG.eval_bars, 0.001))
+    monkeypatch.setattr(online, "evaluation_returns", lambda *a, **k: flat)
+    real_judge = online.judge
+
+    def judge(*args, **kwargs):
+        calls["judge"] += 1
+        return real_judge(*args, **kwargs)
+
+    monkeypatch.setattr(online, "judge", judge)
+    bars = feed.iloc[:320]
+    for attempt in range(2):
+        learner = OnlineLearner("m", tmp_path / "online", CONFIG)  # a fresh process: state from disk only
+        with pytest.raises(_Killed):
+            learner.refresh(bars)
+        state = json.loads((tmp_path / "online" / online.STATE_FILE).read_text())
+        assert len(state["trials"]) == 1 and state["pending"]["bar"] == 320, (attempt, state)
+    assert calls == {"register": 2, "judge": 2} and len(versions) == 1
+    learner = OnlineLearner("m", tmp_path / "online", CONFIG)
+    with pytest.raises(RuntimeError, match="interrupted after registering version 2"):
+        learner.refresh(bars)
+    state = json.loads((tmp_path / "online" / online.STATE_FILE).read_text())
+    assert calls == {"register": 2, "judge": 2} and len(state["trials"]) == 1 and "pending" not in state
+    assert state["last_refresh"] == 320 and state["events"][-1]["kind"] == "recovered"
