@@ -148,18 +148,26 @@ def test_perturbing_test_group_bars_never_changes_the_gate():
         perturbed.iloc[test_rows, perturbed.columns.get_loc(column)] *= rng.uniform(0.8, 1.25, len(test_rows))
     perturbed["high"] = perturbed[["open", "high", "low", "close"]].max(axis=1)
     perturbed["low"] = perturbed[["open", "high", "low", "close"]].min(axis=1)
-    decisions, tests = [], []
+    decisions, tests, tilted = [], [], []
     for data in (frame, perturbed):
         market = prepare_fold_market(to_market(data, name="n"), fold, feature_config=config, validation_bars=60)
         torch.manual_seed(0)
         agent = module.build_agent(args, agent_obs_dim(args, market), num_actions(args)).eval()
+        head = [m for m in agent.actor.modules() if isinstance(m, torch.nn.Linear)][-1]
+        with torch.no_grad():  # an untrained anchored agent always takes the zero tilt: redraw its head so its
+            torch.nn.init.normal_(head.weight, std=2.0)  # decisions read the observations (else a leak into them
+            head.bias.zero_()  # could not move the gate)
         options = env_options(args, market)
         kwargs = {"window": 4, "positions": tuple(args.env.positions), "costs": module.cost_model(args)}
         decisions.append(validation_gate(agent, market, margin=0.1, zero_action=options["anchor"].zero_action,
                                          env_options=options, **kwargs))
+        (validation,), = evaluate_policies([agent], market, ["validation"], env_options=options, **kwargs)
+        tilted.append(validation.weights)
         (test,), = evaluate_policies([agent], market, [f"test:{fold.groups[0]}"], env_options=options, **kwargs)
         tests.append(test.equity)
     assert decisions[0] == decisions[1]
+    assert decisions[0].agent_sharpe != decisions[0].benchmark_sharpe  # the agent's own decisions were judged
+    assert tilted[0].nunique() > 1  # it deviates from buy-and-hold on the validation slice
     assert not tests[0].equals(tests[1])  # the perturbation reached the test episodes
 
 
