@@ -106,6 +106,11 @@ def plan_portfolio(config: PortfolioExperimentConfig, extra_args: tuple[str, ...
         if args.run.select_on != "none":
             raise ValueError(f"experiment {config.name!r}: agent {agent.name!r}: --select-on needs a validation "
                              "slice, which portfolio experiments do not carve; use --select-on none")
+        options = (("--anchor", getattr(args.env, "anchor", None)), ("--long-short", getattr(args, "long_short", 0)))
+        for flag, on in options:  # the runner's evaluation env is long-only and unanchored: refused before training
+            if on:
+                raise ValueError(f"experiment {config.name!r}: agent {agent.name!r}: {flag} is not evaluated by the "
+                                 "portfolio runner yet (long-only, unanchored agents only); drop it")
         parsed.append((agent, module, args))
     accountings = {agent.name: _accounting(module, args) for agent, module, args in parsed}
     first_name, first = next(iter(accountings.items()))
