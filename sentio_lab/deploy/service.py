@@ -228,6 +228,9 @@ def _matrix_rows(policy: Policy, matrix: MatrixIn) -> np.ndarray:
     """The ``(rows, obs_dim)`` float32 observations of a :class:`MatrixIn`, checked (422 naming the field)."""
     width = policy.obs_dim
     if matrix.observations_b64 is not None:
+        longest = 4 * -(-(MAX_BATCH * width * 4) // 3)  # base64 of MAX_BATCH rows: refused before decoding more
+        if len(matrix.observations_b64) > longest:
+            raise _error(["observations_b64"], f"more than {MAX_BATCH} rows of {width} float32 values")
         try:
             raw = base64.b64decode(matrix.observations_b64, validate=True)
         except (binascii.Error, ValueError) as err:

@@ -168,6 +168,8 @@ def test_a_base64_float32_matrix_answers_as_the_json_one(policy, client):
     broken[7, 3] = np.nan
     for body, field, message in (
         ({"observations_b64": "%%%"}, "observations_b64", "not base64"),
+        ({"observations_b64": "A" * (4 * -(-(service.MAX_BATCH * 81 * 4) // 3) + 4)}, "observations_b64",
+         "more than 10000 rows"),
         ({"observations_b64": base64.b64encode(b"\0" * 12).decode()}, "observations_b64", "no whole number of rows"),
         ({"observations_b64": base64.b64encode(broken.tobytes()).decode()}, "observations_b64", "row 7: observation"),
         ({"observations_b64": encoded, "masks": [[True] * 3]}, "masks", "one entry per observation row"),
