@@ -34,7 +34,9 @@ One refresh at bar ``t`` (``t`` bars seen; all positions below are rows of the f
 A refresh is due every ``every_bars`` bars, or earlier when a drift alert (a row of the paper ledger's ``alerts``
 table, :mod:`sentio_lab.deploy.drift_monitor`) arrived after the last refresh and ``alert_cooldown_bars`` have
 passed. Progress (last refresh, the trial Sharpe ratios) lives in ``<work-dir>/online_state.json``: a rerun on a
-longer feed goes on from there. Only ``ppo`` models are supported (the variant tested here).
+longer feed goes on from there. Supported: the single-asset variants (``ppo``, ``ppo_masked``, ``ppo_risk``,
+``ppo_transformer`` without token timeframes: their normaliser is fitted on the training rows of the market they
+run on); ``vol_target``-anchored models are refused for the same reason.
 """
 
 from __future__ import annotations
@@ -69,7 +71,7 @@ from sentio_lab.evaluation.metrics import periods_per_year, simple_returns
 #: Prefix of the version tags this module writes.
 TAG = "online."
 #: Variants whose fine-tuning is tested.
-SUPPORTED: tuple[str, ...] = ("ppo",)
+SUPPORTED: tuple[str, ...] = ("ppo", "ppo_masked", "ppo_risk", "ppo_transformer")
 #: Bars at the end of a window file that only close the chronological split (its "test" range, never used).
 SPLIT_TAIL = 2
 STATE_FILE = "online_state.json"
@@ -89,6 +91,9 @@ def rebase(checkpoint: str | Path, window: pd.DataFrame, folder: str | Path) -> 
     bundle = load_checkpoint(checkpoint)
     if bundle["variant"] not in SUPPORTED:
         raise ValueError(f"{checkpoint}: online fine-tuning supports {list(SUPPORTED)}, not {bundle['variant']!r}")
+    if bundle["args"].get("token_timeframes"):
+        raise ValueError(f"{checkpoint}: token timeframes are refused: the token normaliser is fitted on the training "
+                         "rows of the market it runs on, which in a fine-tuning window are not the champion's")
     if (bundle["args"].get("env") or {}).get("anchor") == "vol_target":
         raise ValueError(f"{checkpoint}: the vol_target anchor scales by the volatility of the training segments, "
                          "which in a fine-tuning window's evaluation would reach into the bars it is judged on")
@@ -109,6 +114,8 @@ def rebase(checkpoint: str | Path, window: pd.DataFrame, folder: str | Path) -> 
                   data_name=market.data.name)
     bundle["extra"] = {**bundle["extra"], "next_done": torch.zeros(n_envs),
                        "episode_return": torch.zeros(n_envs, dtype=torch.float64), "recent_returns": []}
+    if "episode_cost" in bundle["extra"]:  # ppo_risk: the episodes restart, so does their drawdown cost; its
+        bundle["extra"]["episode_cost"] = torch.zeros(n_envs, dtype=torch.float64)  # multiplier and KL state go on
     bundle.pop("selection", None)
     return save_checkpoint(folder / "checkpoint.pt", bundle)
 

@@ -28,6 +28,7 @@ from sentio_lab.deploy.online import (
     rebase,
 )
 from sentio_lab.deploy.verdict import Verdict
+from sentio_lab.env.masks import MaskConfig
 
 #: The champion's own training bars; the live replay follows.
 INITIAL_BARS = 300
@@ -157,11 +158,52 @@ def test_fine_tuning_continues_the_champion_through_resume_and_keeps_its_feature
 
 def test_a_variant_that_is_not_supported_is_refused(champion, tmp_path):
     bundle = load_checkpoint(champion["checkpoint"])
-    bundle["variant"] = "ppo_risk"
+    bundle["variant"] = "ppo_portfolio"
 
-    other = save_checkpoint(tmp_path / "risk.pt", bundle)
-    with pytest.raises(ValueError, match="supports \\['ppo'\\], not 'ppo_risk'"):
+    other = save_checkpoint(tmp_path / "portfolio.pt", bundle)
+    with pytest.raises(ValueError, match="not 'ppo_portfolio'"):
         rebase(other, champion["feed"].iloc[:150], tmp_path / "x")
+    bundle = load_checkpoint(champion["checkpoint"])
+    bundle["variant"], bundle["args"]["token_timeframes"] = "ppo_transformer", ["1D"]
+    tokens = save_checkpoint(tmp_path / "tokens.pt", bundle)
+    with pytest.raises(ValueError, match="token timeframes are refused"):
+        rebase(tokens, champion["feed"].iloc[:150], tmp_path / "y")
+
+
+@pytest.mark.parametrize(("variant", "extra"), [("ppo_masked", {"masks": MaskConfig(cooldown=2, long_only=True)}),
+                                                ("ppo_risk", {"num_quantiles": 4, "cost_limit": 0.05})])
+def test_other_variants_fine_tune_through_their_own_resume_path(variant, extra, tmp_path):
+    """A masked and a risk-aware champion continue on a window like ppo: the step count grows by the fine-tuning
+    steps, the feature state is kept, the weights move, a repeat gives the same weights, and the challenger's
+    evaluation returns come out (the risk variant's episode cost restarts with the episodes)."""
+    from sentio_lab.agents.variants import load_variant
+
+    feed = replay(0, change=False, total=400)
+    data = tmp_path / "initial.csv"
+    feed.iloc[:INITIAL_BARS].to_csv(data)
+    module = load_variant(variant)
+    args = module.Args.from_flat(dataset=str(data), total_timesteps=8 * 32 * 4, num_envs=8, num_steps=32,
+                                 num_minibatches=2, update_epochs=1, window=4, episode_length=32, hidden_size=16,
+                                 track=False, progress=False, checkpoint_every=0, run_name="c",
+                                 run_dir=str(tmp_path / "runs"), feature_cache_dir=None, train_fraction=0.8,
+                                 validation_fraction=0.1, **extra)
+    with torch.random.fork_rng():
+        champion = Path(module.train(args).checkpoint_path)
+    parent = load_checkpoint(champion)
+    window, steps = feed.iloc[200:350], 8 * 32 * 2
+    tuned = fine_tune(champion, window, tmp_path / "a", steps)
+    first = load_checkpoint(tuned)
+    again = load_checkpoint(fine_tune(champion, window, tmp_path / "b", steps))
+    assert first["variant"] == variant and first["global_step"] == parent["global_step"] + steps
+    assert first["feature_state"] == parent["feature_state"]
+    assert any(not torch.equal(v, parent["agent"][k]) for k, v in first["agent"].items())
+    assert all(torch.equal(v, again["agent"][k]) for k, v in first["agent"].items())
+    history = feed.iloc[250:400]
+    assert len(evaluation_returns(tuned, history, 100, tmp_path / "e")) == 49
+    if variant == "ppo_risk":  # the champion stopped mid-episode; the window's fresh episodes owe no drawdown yet
+        rebased = load_checkpoint(rebase(champion, window, tmp_path / "r"))
+        assert parent["extra"]["episode_cost"].any() and not rebased["extra"]["episode_cost"].any()
+        assert rebased["extra"]["lagrangian"] == parent["extra"]["lagrangian"]
 
 
 def test_evaluation_returns_at_a_bar_read_no_later_bar(champion, tmp_path):
