@@ -373,7 +373,8 @@ def ledger_alert_times(ledger: str | Path, account: str) -> list[pd.Timestamp]:
 
 # ------------------------------------------------------------------------------------------ command line
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m sentio_lab.deploy.online", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m sentio_lab.deploy.online",
+                                     description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--model", required=True, help="registered model name (its champion is refreshed)")
     parser.add_argument("--feed", required=True, help="OHLCV CSV / Parquet file of the bars seen so far")
     parser.add_argument("--start-bar", type=int, required=True,
