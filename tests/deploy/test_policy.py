@@ -305,8 +305,3 @@ def test_load_takes_paths_folders_and_registry_uris(ppo_checkpoint, tmp_path, mo
     with pytest.raises(FileNotFoundError, match=r"expected one checkpoint \(\*.pt\) in the folder, found 2"):
         Policy.from_checkpoint(folder)
 
-
-def test_anchored_models_are_refused(ppo_checkpoint, monkeypatch):
-    monkeypatch.setattr("sentio_lab.deploy.policy.env_options", lambda args, market: {"anchor": object()})
-    with pytest.raises(ValueError, match="anchored .* not supported"):
-        Policy.from_checkpoint(ppo_checkpoint)

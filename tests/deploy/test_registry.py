@@ -124,6 +124,7 @@ def test_gate_conditions():
 
 def test_aliases_and_resolve(setup, versions):
     uri, cache = setup["uri"], setup["folder"] / "downloads"
+    promote("m", versions[0], registry_uri=uri)  # its own champion: no reliance on another test's order or worker
     champion = resolve("models:/m@champion", registry_uri=uri, cache=cache)
     assert champion == cache / "m" / versions[0] / "bundle"
     assert load_bundle(champion).manifest == load_bundle(setup["bundle"]).manifest
