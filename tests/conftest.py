@@ -26,7 +26,8 @@ def pytest_collection_modifyitems(config, items):
     """Under ``pytest -n N --dist loadgroup`` (``make test``): the tests of a module that share a class-, module- or
     package-scoped fixture (often a tiny training run) form one xdist group, so one worker builds that fixture once
     instead of every worker building its own. A test's explicit ``xdist_group`` mark wins."""
-    if getattr(config.option, "dist", "no") != "loadgroup":
+    # The workers collect too, and read the groups there: they run with dist "no" and the "loadgroup" flag set.
+    if getattr(config.option, "dist", "no") != "loadgroup" and not getattr(config.option, "loadgroup", False):
         return
     for item in items:
         if item.get_closest_marker("xdist_group") is not None:

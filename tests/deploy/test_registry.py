@@ -192,6 +192,7 @@ def test_register_arguments_are_checked(setup):
 
 def test_command_line(setup, versions, capsys):
     uri = setup["uri"]
+    promote("m", versions[0], registry_uri=uri)  # its own champion: no reliance on another test's order or worker
     main(["--registry-uri", uri, "list", "m"])
     out = capsys.readouterr().out.splitlines()
     assert len(out) == 3 and out[0].startswith(f"m v{versions[0]} [champion] registered ppo: median Sharpe 1.20")
