@@ -34,13 +34,10 @@ from sentio_lab.agents import training
 from sentio_lab.agents.arguments import Flat, RunArgs, SharedArgs
 from sentio_lab.agents.nets import MLPActorCritic
 from sentio_lab.agents.rollout import (
-    approx_kl,
     bootstrap_truncated,
-    clip_fraction,
     compute_gae,
     kl_early_stop,
-    normalise_advantages,
-    policy_loss,
+    ppo_objective,
     value_loss,
 )
 from sentio_lab.agents.training import TrainResult
@@ -187,31 +184,23 @@ def train(args: Args, *, market: PreparedMarket | None = None, env: Any | None =
                 # the rollout's masks, not today's: old and new log-probabilities of the same masked distribution
                 _, newlogprob, entropy, newvalue = agent.get_action_and_value(mb_obs, mb_actions, mask=mb_masks,
                                                                               mask_checked=True)
-                logratio = newlogprob - mb_logprobs
-                ratio = logratio.exp()
-                with torch.no_grad():
-                    old_kl, kl = approx_kl(logratio, ratio)
-                    clipfracs.append(clip_fraction(ratio, hp.clip_coef).item())
-                if hp.norm_adv:
-                    mb_advantages = normalise_advantages(mb_advantages)
-                pg_loss = policy_loss(mb_advantages, ratio, hp.clip_coef)
                 v_loss = value_loss(newvalue, mb_returns, mb_values, hp.clip_coef, hp.clip_vloss)
-                entropy_loss = entropy.mean()  # over the valid actions only (MaskedCategorical)
-                loss = pg_loss - hp.ent_coef * entropy_loss + v_loss * hp.vf_coef
+                # ratio, KL, clip fraction, advantage normalisation, clipped surrogate, entropy bonus (the entropy is
+                # over the valid actions only: MaskedCategorical)
+                objective = ppo_objective(newlogprob, mb_logprobs, mb_advantages, entropy, v_loss, hp)
+                clipfracs.append(objective.clip_fraction)
 
                 optimizer.zero_grad()
-                loss.backward()
+                objective.loss.backward()
                 grad_norm = nn.utils.clip_grad_norm_(agent.parameters(), hp.max_grad_norm)
-                run.check_update(iteration, epoch, minibatch, loss, grad_norm, policy_loss=pg_loss,
-                                 value_loss=v_loss, entropy=entropy_loss)
+                run.check_update(iteration, epoch, minibatch, objective.loss, grad_norm, **objective.parts())
                 optimizer.step()
                 updates_run += 1
             epochs_run += 1
-            if kl_early_stop(kl, hp.target_kl):
+            if kl_early_stop(objective.approx_kl, hp.target_kl):
                 break
 
-        losses = {"value_loss": v_loss, "policy_loss": pg_loss, "entropy": entropy_loss, "old_approx_kl": old_kl,
-                  "approx_kl": kl}
+        losses = objective.losses()
         record = run.record(state, optimizer, losses, clipfracs, b_values, b_returns, epochs_run, updates_run)
         record["charts/masked_fraction"] = float((~masks).float().mean())
         # the env's per-rule counters (cumulative): how often each rule masked the chosen action, and bound at all

@@ -38,13 +38,10 @@ from sentio_lab.agents import training
 from sentio_lab.agents.arguments import DataArgs, Flat, RunArgs, SharedArgs
 from sentio_lab.agents.nets.transformer import FUSIONS, MultiTimeframeActorCritic, streams_for
 from sentio_lab.agents.rollout import (
-    approx_kl,
     bootstrap_truncated,
-    clip_fraction,
     compute_gae,
     kl_early_stop,
-    normalise_advantages,
-    policy_loss,
+    ppo_objective,
     value_loss,
 )
 from sentio_lab.agents.training import TrainResult, resolve_device
@@ -246,34 +243,26 @@ def train(args: Args, *, market: PreparedMarket | None = None, env: Any | None =
                     x.index_select(0, mb_inds) for x in batch)
                 with autocast():  # the network's outputs are float32: the losses below are computed in fp32
                     _, newlogprob, entropy, newvalue = agent.get_action_and_value(mb_obs, mb_actions)
-                logratio = newlogprob - mb_logprobs
-                ratio = logratio.exp()
-                with torch.no_grad():
-                    old_kl, kl = approx_kl(logratio, ratio)
-                    clipfracs.append(clip_fraction(ratio, hp.clip_coef).item())
-                if hp.norm_adv:
-                    mb_advantages = normalise_advantages(mb_advantages)
-                pg_loss = policy_loss(mb_advantages, ratio, hp.clip_coef)
                 v_loss = value_loss(newvalue, mb_returns, mb_values, hp.clip_coef, hp.clip_vloss)
-                entropy_loss = entropy.mean()
-                loss = pg_loss - hp.ent_coef * entropy_loss + v_loss * hp.vf_coef
+                # ratio, KL, clip fraction, advantage normalisation, clipped surrogate, entropy bonus
+                objective = ppo_objective(newlogprob, mb_logprobs, mb_advantages, entropy, v_loss, hp)
+                clipfracs.append(objective.clip_fraction)
 
                 optimizer.zero_grad()
-                scaler.scale(loss).backward()
+                scaler.scale(objective.loss).backward()
                 scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
                 grad_norm = nn.utils.clip_grad_norm_(agent.parameters(), hp.max_grad_norm)
                 # an fp16 overflow is the scaler's to skip (scaler.step does, and lowers the scale), not an error
-                skipped += run.check_update(iteration, epoch, minibatch, loss, grad_norm, scaled=scaler.is_enabled(),
-                                            policy_loss=pg_loss, value_loss=v_loss, entropy=entropy_loss)
+                skipped += run.check_update(iteration, epoch, minibatch, objective.loss, grad_norm,
+                                            scaled=scaler.is_enabled(), **objective.parts())
                 scaler.step(optimizer)
                 scaler.update()
                 updates_run += 1
             epochs_run += 1
-            if kl_early_stop(kl, hp.target_kl):
+            if kl_early_stop(objective.approx_kl, hp.target_kl):
                 break
 
-        losses = {"value_loss": v_loss, "policy_loss": pg_loss, "entropy": entropy_loss, "old_approx_kl": old_kl,
-                  "approx_kl": kl}
+        losses = objective.losses()
         record = run.record(state, optimizer, losses, clipfracs, b_values, b_returns, epochs_run, updates_run)
         run.log({**record, "losses/skipped_updates": skipped}, state)
         if run.stop_or_checkpoint(iteration, save):
