@@ -84,43 +84,46 @@ def test_the_block_is_market_wide_fitted_once_on_training_rows_and_not_ranked(tm
 
 
 def test_a_value_released_after_t_never_moves_the_observation_at_or_before_t(tmp_path):
-    """Rewrite every exogenous value released after bar t's close and every price after t: the portfolio features
-    and the env's observation up to t are bit-identical (t from the last training bar on, so the training rows'
-    z-score is the same; before it, the raw block is); a value released by t's close does move bar t."""
+    """Rewrite every exogenous value not visible at bar t (released after the earliest reading of t's close, the
+    start of its label date) and every price after t: the portfolio features and the env's observation up to t are
+    bit-identical (the raw block for every t; the z-scored block from the last training bar on, where the training
+    rows' fit is unchanged). Each t is the bar just before a release shows, so the rewrite moves bar t + 1 (a
+    one-bar look-ahead would move t); a value visible at t does move t."""
     frames, train_stop = frames_2014(), 400
     path = tmp_path / "macro.csv"
     monthly_csv(path)
     config = FeatureConfig(bank="close", exogenous=("vix", str(path)))
     arrays, _ = build_portfolio_arrays(load_panel(frames), config, train_stop=train_stop)
     index = load_panel(frames).index
-    closes = (index + DAY).as_unit("ns").asi8
+    released = pd.DatetimeIndex(pd.read_csv(path)["released_at"]).as_unit("ns").asi8
+    shown = np.searchsorted(released, index.as_unit("ns").asi8, side="right")  # releases visible at each bar
+    before_release = np.flatnonzero(np.diff(shown) > 0)  # t: a new value shows at t + 1
     changed_path = tmp_path / "changed" / "macro.csv"
     changed_path.parent.mkdir()
     changed_config = FeatureConfig(bank="close", exogenous=("vix", str(changed_path)))
-    for t in (150, train_stop - 1, 520, 650):
+    train = np.arange(len(index)) < train_stop
+    raw = shared_exogenous(index, config.exogenous, DAY, train, normalise=False)
+    for target in (150, train_stop - 1, 520, 650):
+        t = int(before_release[np.searchsorted(before_release, target)])
         table = pd.read_csv(path)
-        later = pd.DatetimeIndex(table["released_at"]).as_unit("ns").asi8 > closes[t]
+        later = released > index[t].value
         assert later.any() and (~later).any()
         table.loc[later, "value"] = table.loc[later, "value"] * 3 + 1
         table.to_csv(changed_path, index=False)
-        changed_panel = load_panel(changed_after(frames, t, seed=t))
-        raw = shared_exogenous(index, config.exogenous, DAY, np.arange(len(index)) < train_stop, normalise=False)
-        raw_changed = shared_exogenous(index, changed_config.exogenous, DAY, np.arange(len(index)) < train_stop,
-                                       normalise=False)
+        raw_changed = shared_exogenous(index, changed_config.exogenous, DAY, train, normalise=False)
         np.testing.assert_array_equal(raw_changed.values[: t + 1], raw.values[: t + 1])
-        assert not np.array_equal(raw_changed.values[t + 1:], raw.values[t + 1:])
+        assert (raw_changed.values[t + 1, 2:] != raw.values[t + 1, 2:]).all()
         if t >= train_stop - 1:
-            moved, _ = build_portfolio_arrays(changed_panel, changed_config, train_stop=train_stop)
+            moved, _ = build_portfolio_arrays(load_panel(changed_after(frames, t, seed=t)), changed_config,
+                                              train_stop=train_stop)
             np.testing.assert_array_equal(moved.features[: t + 1], arrays.features[: t + 1])
-            assert not np.array_equal(moved.features[t + 1:], arrays.features[t + 1:])
+            assert (moved.features[t + 1, :, -2:] != arrays.features[t + 1, :, -2:]).any(axis=1).all()  # (clipped)
             assert torch.equal(observation_at(moved, t), observation_at(arrays, t))
-        # control: the latest value released by the start of t's label date is what t shows; changing it moves t
+        # control: the latest value visible at t is what t shows; changing it moves t
         table = pd.read_csv(path)
-        seen = np.flatnonzero(pd.DatetimeIndex(table["released_at"]).as_unit("ns").asi8 <= index[t].value)[-1]
-        table.loc[seen, "value"] += 1.0
+        table.loc[np.flatnonzero(~later)[-1], "value"] += 1.0
         table.to_csv(changed_path, index=False)
-        control = shared_exogenous(index, changed_config.exogenous, DAY, np.arange(len(index)) < train_stop,
-                                   normalise=False)
+        control = shared_exogenous(index, changed_config.exogenous, DAY, train, normalise=False)
         assert control.values[t, 2] != raw.values[t, 2]
 
 
@@ -271,7 +274,8 @@ def test_shared_block_edges(tmp_path):
     path = tmp_path / "flat.csv"
     pd.DataFrame({"date": months.to_timestamp().strftime("%Y-%m-%d"), "value": flat,
                   "released_at": released.strftime("%Y-%m-%d")}).to_csv(path, index=False)
-    kept = shared_exogenous(index, ("vix", str(path)), DAY, rows)
+    kept = shared_exogenous(index, ("vix", str(path)), DAY, rows, warmup=30)
+    assert kept.first_valid == 30 and (kept.values[:30] == 0).all() and (kept.values[30] != 0).all()
     assert kept.names == ["exo:vix", "exo:vix:chg"]
     assert kept.state["dropped_constant"] == ["exo:flat", "exo:flat:chg"] and kept.values.shape == (300, 2)
     with pytest.raises(ValueError, match="every column is constant"):
