@@ -4,7 +4,6 @@ inputs, and ablation.md quotes the A/B test and DSRs of the committed tables, wi
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import numpy as np
