@@ -27,6 +27,7 @@ to carry).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
@@ -39,6 +40,7 @@ from sentio_lab.data.panel import PanelData
 from sentio_lab.env.arrays import FILL_PRICES, FillPrice, MarketArrays, fill_arrays
 from sentio_lab.env.costs import CostModel, bars_per_day, year_fractions
 from sentio_lab.features import FeatureConfig, build_observation_features
+from sentio_lab.features.exogenous import EXOGENOUS_BLOCK, shared_exogenous
 
 #: Newton steps of the post-cost equity (module doc: 3 reach rounding in the steepest case measured).
 SIZING_STEPS = 6
@@ -148,6 +150,11 @@ def build_portfolio_arrays(
     ranks (:func:`cross_sectional_ranks`); returns the arrays and each asset's fitted feature state.
 
     ``fill_price`` defaults to next open, next close for a close-only panel (which refuses next open).
+
+    Exogenous series (``feature_config.exogenous``) are market-wide: their block is computed once on the panel's
+    calendar and z-scored once on the training rows (:func:`sentio_lab.features.exogenous.shared_exogenous`), then
+    appended, identical, to every asset's features after the cross-sectional ranks (a rank of a value every asset
+    shares is a constant); each asset's state records the shared fit under ``"exogenous"``.
     """
     fill_price = fill_price or ("next_close" if panel.close_only else "next_open")
     if panel.close_only and fill_price == "next_open":
@@ -156,8 +163,9 @@ def build_portfolio_arrays(
         raise ValueError(f"{panel.name} is close-only: build its features with FeatureConfig(bank='close') "
                          "(--feature-bank close)")
     blocks, states, names, first_valid = [], {}, None, 0
+    per_asset = dataclasses.replace(feature_config, exogenous=())  # the market-wide block is built once, below
     for asset in panel.assets:
-        built = build_observation_features(panel.frames[asset], train_stop, feature_config, train_rows=train_rows)
+        built = build_observation_features(panel.frames[asset], train_stop, per_asset, train_rows=train_rows)
         if names is None:
             names = built.names
         elif built.names != names:
@@ -175,6 +183,9 @@ def build_portfolio_arrays(
         ranks[:first_valid] = 0.0
         features = np.concatenate([features, ranks], axis=2)
         names = names + tuple(f"xs_rank:{n}" for n in names)
+    if feature_config.exogenous:
+        features, names, first_valid = _with_shared_exogenous(panel, feature_config, features, names, first_valid,
+                                                              states, train_stop, train_rows)
     index = panel.index
     column = panel.column
     known = not panel.close_only
@@ -187,6 +198,23 @@ def build_portfolio_arrays(
         bars_per_day=bars_per_day(index, len(index)), fill_price=fill_price,
     )
     return arrays, states
+
+
+def _with_shared_exogenous(panel: PanelData, config: FeatureConfig, features: np.ndarray, names: tuple[str, ...],
+                           first_valid: int, states: dict[str, dict], train_stop: int | None,
+                           train_rows: np.ndarray | None) -> tuple[np.ndarray, tuple[str, ...], int]:
+    """``features`` with the shared exogenous block appended to every asset (:func:`build_portfolio_arrays`)."""
+    n = len(panel.index)
+    rows = np.arange(n) < train_stop if train_rows is None else np.asarray(train_rows, dtype=bool)
+    base_freq = pd.Timedelta(int(next(iter(states.values()))["base_freq_ns"]), unit="ns")  # from training rows
+    shared = shared_exogenous(panel.index, config.exogenous, base_freq, rows, warmup=first_valid,
+                              normalise=config.normalise != "none", clip=config.clip)
+    for state in states.values():
+        state[EXOGENOUS_BLOCK] = shared.state
+    block = np.broadcast_to(shared.values[:, None, :], (n, features.shape[1], shared.values.shape[1]))
+    features = np.concatenate([features, block], axis=2)
+    features[:shared.first_valid] = 0.0
+    return features, names + tuple(shared.names), max(first_valid, shared.first_valid)
 
 
 def asset_fill_arrays(arrays: PortfolioArrays, costs: CostModel, first: int, last: int

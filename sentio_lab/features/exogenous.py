@@ -160,3 +160,55 @@ def check_fingerprints(specs: Sequence[str], fitted: dict) -> None:
             raise ValueError(f"exogenous series {name!r}: values released up to the model's last training bar "
                              f"({pd.Timestamp(int(fitted['through_ns']))} UTC) differ from the ones its z-score was "
                              "fitted on; restore that file (or its vintage) or retrain")
+
+
+@dataclass
+class SharedExogenous:
+    """The exogenous block of a calendar shared by several instruments (a panel), fitted once
+    (:func:`shared_exogenous`)."""
+
+    values: np.ndarray
+    """float32 ``(T, K)``: z-scored and clipped (raw with ``normalise="none"``); 0 before ``first_valid``."""
+    names: list[str]
+    first_valid: int
+    """First row where every kept column is defined."""
+    state: dict
+    """``series``, ``zscore`` (None with ``normalise="none"``), ``columns``, ``dropped_constant`` and ``fitted``
+    (``through_ns``: the last fit row's close, ``sha256``: :func:`released_fingerprints`), as a single market's
+    ``state["exogenous"]``."""
+
+
+def shared_exogenous(index: pd.DatetimeIndex, specs: Sequence[str], base_freq: pd.Timedelta, train_rows: np.ndarray,
+                     *, warmup: int = 0, normalise: bool = True, clip: float = 5.0) -> SharedExogenous:
+    """The exogenous columns of ``specs`` on the bars ``index`` (module doc), for every instrument of a panel at once.
+
+    The series are market-wide, so one block serves every asset: the z-score is fitted once, on the rows where the
+    boolean mask ``train_rows`` is True from ``max(warmup, block first_valid)`` on (``warmup``: the other features'
+    warm-up, so the fit rows are the observation's), not per asset. A column constant on those rows is dropped (as a
+    single market drops it). Row ``t`` reads only values released by bar ``t``'s close."""
+    if not isinstance(index, pd.DatetimeIndex):
+        raise ValueError(f"exogenous series {list(specs)} are joined by time: the bars need a DatetimeIndex, "
+                         f"got {type(index).__name__}; drop --exogenous or index the panel by timestamps")
+    rows = np.asarray(train_rows, dtype=bool)
+    block = exogenous_block(index, specs, base_freq)
+    first_valid = max(int(warmup), block.first_valid)
+    fit = rows & (np.arange(len(index)) >= first_valid)
+    if fit.sum() < 2:
+        raise ValueError(f"exogenous series {list(specs)}: {int(fit.sum())} training rows after the warm-up of "
+                         f"{first_valid} bars (the series' first two releases); start the data later or widen the "
+                         "training range")
+    train = block.values[fit]
+    constant = np.ptp(train, axis=0) == 0
+    keep = np.flatnonzero(~constant)
+    if not len(keep):
+        raise ValueError(f"exogenous series {list(specs)}: every column is constant on the training rows")
+    raw = block.values[:, keep]
+    zscore = fit_zscore(train[:, keep]) if normalise else None
+    values = apply_zscore(raw, zscore, clip) if zscore is not None else raw.copy()
+    values[:first_valid] = 0.0
+    through = int(bar_close_times(index[[int(np.flatnonzero(fit)[-1])]], base_freq)[0])
+    state = {"series": list(specs), "zscore": zscore, "columns": [block.names[i] for i in keep],
+             "dropped_constant": [block.names[i] for i in np.flatnonzero(constant)],
+             "fitted": {"through_ns": through, "sha256": released_fingerprints(specs, through)}}
+    return SharedExogenous(values=values.astype(np.float32), names=list(state["columns"]), first_valid=first_valid,
+                           state=state)
