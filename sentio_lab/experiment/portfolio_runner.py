@@ -106,11 +106,6 @@ def plan_portfolio(config: PortfolioExperimentConfig, extra_args: tuple[str, ...
         if args.run.select_on != "none":
             raise ValueError(f"experiment {config.name!r}: agent {agent.name!r}: --select-on needs a validation "
                              "slice, which portfolio experiments do not carve; use --select-on none")
-        options = (("--anchor", getattr(args.env, "anchor", None)), ("--long-short", getattr(args, "long_short", 0)))
-        for flag, on in options:  # the runner's evaluation env is long-only and unanchored: refused before training
-            if on:
-                raise ValueError(f"experiment {config.name!r}: agent {agent.name!r}: {flag} is not evaluated by the "
-                                 "portfolio runner yet (long-only, unanchored agents only); drop it")
         parsed.append((agent, module, args))
     accountings = {agent.name: _accounting(module, args) for agent, module, args in parsed}
     first_name, first = next(iter(accountings.items()))
@@ -170,8 +165,23 @@ def segment_env(plan: PortfolioPlan, arrays: Any, segment: tuple[int, int]) -> t
     return env, start, steps
 
 
+def agent_env(plan: PortfolioPlan, module: Any, args: Any, market: Any, segment: tuple[int, int]
+              ) -> tuple[PortfolioEnv, int, int] | None:
+    """:func:`segment_env` built by the variant's own ``make_env``: the agent's allocation and gross limit, its anchor
+    (``anchor_for`` on the fold market) and excess reward, its costs; on the CPU, one account."""
+    acc = plan.accounting
+    start = max(segment[0], market.arrays.first_valid + acc["window"] - 1)
+    steps = segment[1] - 1 - start
+    if steps < 2:
+        return None
+    view = dataclasses.replace(market, ranges={**market.ranges, "evaluation": tuple(segment)})
+    env = module.make_env(args.replace(num_envs=1, episode_length=steps, device="cpu"), view, "evaluation")
+    return env, start, steps
+
+
 def agent_decide(agent: torch.nn.Module) -> Any:
-    """The greedy policy of a portfolio agent as a ``Decide`` (sentio_lab.evaluation.portfolio_report)."""
+    """The greedy policy of a portfolio agent as a ``Decide`` (sentio_lab.evaluation.portfolio_report): what its env
+    steps on (weights, signed weights or a tilt)."""
     def decide(k: int, t: int, obs: torch.Tensor) -> tuple[np.ndarray, bool]:
         return agent.act_greedy(obs)[0].to(torch.float64).numpy(), False
     return decide
@@ -213,11 +223,11 @@ def frame_episode(frame: pd.DataFrame, assets: tuple[str, ...], start: int) -> P
                             weights=np.column_stack([block("weight"), rows["weight:cash"].to_numpy()]))
 
 
-def _test_groups(plan: PortfolioPlan, fold: splitting.Fold, arrays: Any, decide: Any) -> pd.DataFrame:
+def _test_groups(plan: PortfolioPlan, fold: splitting.Fold, env_of: Any, decide: Any) -> pd.DataFrame:
     index = load_experiment_panel(plan.config).index
     parts = []
     for group, path, segment in zip(fold.groups, fold.paths, fold.test, strict=True):
-        env, start, steps = segment_env(plan, arrays, segment)  # a test group always holds its decision bars
+        env, start, steps = env_of(segment)  # a test group always holds its decision bars
         episode = record_episode(env, decide, start, steps)
         parts.append(episode_frame(episode, index, plan.assets).assign(group=group, path=path, start=start))
     return pd.concat(parts, ignore_index=True)
@@ -230,12 +240,10 @@ def chained_sharpe(episodes: list[PortfolioEpisode]) -> float:
 
 
 # =================================================================================================== cells
-def load_cell_agent(path: Path, module: Any, args: Any, market: Any) -> torch.nn.Module:
-    """The agent of a cell's checkpoint for its fold market (greedy, eval mode)."""
+def load_cell_agent(path: Path, module: Any, args: Any, market: Any, env: PortfolioEnv) -> torch.nn.Module:
+    """The agent of a cell's checkpoint for its fold market, sized for ``env`` (greedy, eval mode)."""
     bundle = load_checkpoint(path, data_fingerprint=market.data.fingerprint)
-    arrays = market.arrays
-    obs_dim = arrays.num_assets * (args.features.window * arrays.features.shape[2] + 1) + 1
-    agent = module.build_agent(args, obs_dim, arrays.num_assets + 1)
+    agent = module.build_agent(args, env.obs_dim, env.action_dim)
     agent.load_state_dict(bundle["agent"])
     return agent.eval()
 
@@ -252,13 +260,16 @@ def run_portfolio_cell(plan: PortfolioPlan, cell: Cell, output: Path) -> dict[st
     fold = plan.folds[cell.fold]
     market = fold_market(plan, fold, module, args)
     record = train_cell(cell, market, folder, write_record=False)
-    agent = load_cell_agent(folder / record["checkpoint"], module, args.replace(seed=cell.seed), market)
+    args = args.replace(seed=cell.seed)
+    def env_of(segment: tuple[int, int]) -> tuple[PortfolioEnv, int, int] | None:
+        return agent_env(plan, module, args, market, segment)
+    agent = load_cell_agent(folder / record["checkpoint"], module, args, market, env_of(fold.test[0])[0])
     decide = agent_decide(agent)
-    groups = _test_groups(plan, fold, market.arrays, decide)
+    groups = _test_groups(plan, fold, env_of, decide)
     groups.to_parquet(folder / GROUPS_FILE)
     in_sample = []
     for segment in fold.train:
-        built = segment_env(plan, market.arrays, segment)
+        built = env_of(segment)
         if built is not None:
             in_sample.append(record_episode(built[0], decide, built[1], built[2]))
     out_sample = [frame_episode(g, plan.assets, int(g["start"].iloc[0])) for _, g in groups.groupby("group")]
@@ -283,7 +294,8 @@ def run_portfolio_baselines(plan: PortfolioPlan, fold: splitting.Fold, output: P
         folder.mkdir(parents=True, exist_ok=True)
         baseline = SkfolioBaseline(name, arrays.close, rows, lookback=config.lookback, min_returns=config.min_returns,
                                    assets=plan.assets)
-        groups = _test_groups(plan, fold, arrays, baseline_decide(baseline, config.rebalance_every))
+        groups = _test_groups(plan, fold, lambda segment: segment_env(plan, arrays, segment),
+                              baseline_decide(baseline, config.rebalance_every))
         groups.assign(seed=-1).to_parquet(folder / GROUPS_FILE)
         write_json_atomic(folder / CELL_FILE, {"baseline": name, "fold": fold.fold, "format": PORTFOLIO_FORMAT,
                                                "fallback_bars": len(baseline.fallbacks)})
