@@ -4,7 +4,7 @@ Written as a TOML file with ``kind = "portfolio"`` (``experiments/configs/sp500_
 
     kind = "portfolio"
     name = "sp500_20_portfolio_cpcv"
-    dataset = "sp500_20"          # skfolio's 20 S&P 500 stocks (the only panel a TOML file can name today)
+    dataset = "sp500_20"          # skfolio's 20 S&P 500 stocks, or "files" (user CSVs: ``files``, ``missing``)
     data_start = "2016-01-01"
     n_groups = 4
     n_test_groups = 2
@@ -18,6 +18,12 @@ Written as a TOML file with ``kind = "portfolio"`` (``experiments/configs/sp500_
     variant = "ppo_portfolio"
     args = ["--total-timesteps", "2048"]
 
+A user panel: ``dataset = "files"``, ``files = ["data/aapl.csv", "data/msft.csv", ...]`` (one OHLCV file per asset,
+named by its file stem; a relative path is read from the experiment file's folder) and ``missing = "refuse"`` (a
+bar absent on the common calendar is an error naming the asset and date) or ``"ffill"`` (its last close is carried
+forward; every filled bar is recorded in ``plan.json`` and the report), through
+:func:`sentio_lab.data.panel.load_panel`.
+
 The split is always CPCV over the panel's dates (one calendar for every asset). Each ``[agents.*]`` table is one
 configuration (one trial for the deflated Sharpe ratio), as in :mod:`sentio_lab.experiment.config`.
 """
@@ -29,12 +35,14 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from sentio_lab.data.panel import SP500_PANEL
+from sentio_lab.data.panel import MISSING_POLICIES, SP500_PANEL
 from sentio_lab.evaluation.portfolio_baselines import BASELINES
 from sentio_lab.experiment.config import AgentSpec
 
 #: The ``kind`` key that marks a portfolio experiment file.
 PORTFOLIO_KIND = "portfolio"
+#: ``dataset`` of a panel of user files (``files``).
+USER_PANEL = "files"
 
 
 @dataclass(frozen=True)
@@ -46,7 +54,12 @@ class PortfolioExperimentConfig:
     agents: tuple[AgentSpec, ...]
     """the configurations tried (each one a trial); their variant must be a portfolio variant"""
     dataset: str = SP500_PANEL
-    """the panel (``"sp500_20"``)"""
+    """the panel: ``"sp500_20"`` or ``"files"`` (:attr:`files`)"""
+    files: tuple[str, ...] = ()
+    """with ``dataset = "files"``: one OHLCV file per asset (the asset is the file's stem)"""
+    missing: str = "refuse"
+    """a user panel's missing-bar policy (:data:`sentio_lab.data.panel.MISSING_POLICIES`): ``"refuse"`` or
+    ``"ffill"``"""
     data_start: str | None = None
     """first date to load (None = the panel's first)"""
     data_end: str | None = None
@@ -81,9 +94,18 @@ class PortfolioExperimentConfig:
             raise ValueError(f"experiment {self.name!r}: agent names repeat: {names}")
         if any(a.ensemble for a in self.agents):
             raise ValueError(f"experiment {self.name!r}: ensemble = true is single-asset only; remove it")
-        if self.dataset != SP500_PANEL:
-            raise ValueError(f"experiment {self.name!r}: dataset {self.dataset!r}; portfolio experiment files read "
-                             f"the {SP500_PANEL!r} panel")
+        if self.dataset not in (SP500_PANEL, USER_PANEL):
+            raise ValueError(f"experiment {self.name!r}: dataset {self.dataset!r}; a portfolio experiment reads "
+                             f"the {SP500_PANEL!r} panel or user files (dataset = {USER_PANEL!r}, files = [...])")
+        if (self.dataset == USER_PANEL) != bool(self.files):
+            raise ValueError(f"experiment {self.name!r}: files = [...] goes with dataset = {USER_PANEL!r} (one file "
+                             f"per asset, at least 2), got dataset {self.dataset!r} and {len(self.files)} files")
+        stems = [Path(f).stem for f in self.files]
+        if len(self.files) == 1 or len(set(stems)) != len(stems):
+            raise ValueError(f"experiment {self.name!r}: files: need at least 2 files with distinct names (the "
+                             f"asset names), got {stems}")
+        if self.missing not in MISSING_POLICIES:
+            raise ValueError(f"experiment {self.name!r}: missing {self.missing!r}: choose one of {MISSING_POLICIES}")
         unknown = sorted(set(self.baselines) - set(BASELINES))
         if unknown or not self.baselines:
             raise ValueError(f"experiment {self.name!r}: baselines {list(self.baselines)}: need at least one of "
@@ -124,9 +146,11 @@ def load_portfolio_config(path: str | Path, **overrides: object) -> PortfolioExp
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ValueError(f"{path}: unknown keys {unknown}; known: {sorted(known)}")
-    for key in ("seeds", "baselines", "common_args"):
+    for key in ("seeds", "baselines", "common_args", "files"):
         if key in raw:
             raw[key] = tuple(raw[key])
+    # a relative file is read from the experiment file's folder (the command may run from anywhere)
+    raw["files"] = tuple(str(path.parent / f) if not Path(f).is_absolute() else f for f in raw.get("files", ()))
     raw.setdefault("name", path.stem)
     raw.update({k: v for k, v in overrides.items() if v is not None})
     return PortfolioExperimentConfig(agents=tuple(agents), **raw)

@@ -38,7 +38,7 @@ import torch
 
 from sentio_lab.agents.checkpoint import load_checkpoint
 from sentio_lab.agents.variants import load_variant, parse_variant_args
-from sentio_lab.data.panel import PanelData, load_sp500_panel
+from sentio_lab.data.panel import PanelData, load_panel, load_sp500_panel
 from sentio_lab.env import splits as splitting
 from sentio_lab.env.costs import bars_per_day, cost_reach
 from sentio_lab.env.portfolio import PortfolioEnv
@@ -49,7 +49,7 @@ from sentio_lab.evaluation.portfolio_baselines import SkfolioBaseline
 from sentio_lab.evaluation.portfolio_report import PortfolioEpisode, path_tables, record_episode
 from sentio_lab.experiment.assembly import EQUITY_FILE, GROUPS_FILE, RESULTS_FILE
 from sentio_lab.experiment.cells import CELL_FILE, Cell, cell_done, train_cell, write_json_atomic
-from sentio_lab.experiment.portfolio_config import PortfolioExperimentConfig, load_portfolio_config
+from sentio_lab.experiment.portfolio_config import USER_PANEL, PortfolioExperimentConfig, load_portfolio_config
 from sentio_lab.experiment.runner import agent_argv
 from sentio_lab.experiment.summary import strategy_table
 
@@ -75,18 +75,36 @@ class PortfolioPlan:
     accounting: dict[str, Any]
     """window, cost model and fill price shared by every agent and the baselines."""
     assets: tuple[str, ...]
+    panel: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """the panel's report (:meth:`sentio_lab.data.panel.PanelData.report`): assets, calendar, missing-bar policy and
+    every filled bar; written to ``plan.json``."""
 
 
 _PANELS: dict[tuple, PanelData] = {}
 
 
-def load_experiment_panel(config: PortfolioExperimentConfig) -> PanelData:
-    """The experiment's panel (cached per process)."""
-    key = (config.dataset, config.data_start, config.data_end)
+def load_experiment_panel(config: PortfolioExperimentConfig, fill_price: str = "next_close") -> PanelData:
+    """The experiment's panel (cached per process): skfolio's S&P 500 stocks, or the user's ``files`` loaded by
+    :func:`sentio_lab.data.panel.load_panel` with the ``missing`` policy and the agents' fill price (next-open fills
+    need opens)."""
+    key = (config.dataset, config.files, config.missing, config.data_start, config.data_end, fill_price)
     if key not in _PANELS:
         _PANELS.clear()
-        _PANELS[key] = load_sp500_panel(start=config.data_start, end=config.data_end)
+        if config.dataset == USER_PANEL:
+            for file in config.files:
+                if not Path(file).is_file():
+                    raise FileNotFoundError(f"experiment {config.name!r}: files: {file} does not exist")
+            sources = {Path(file).stem: file for file in config.files}
+            _PANELS[key] = load_panel(sources, start=config.data_start, end=config.data_end,
+                                      missing=config.missing, fill_price=fill_price)  # type: ignore[arg-type]
+        else:
+            _PANELS[key] = load_sp500_panel(start=config.data_start, end=config.data_end)
     return _PANELS[key]
+
+
+def plan_panel(plan: PortfolioPlan) -> PanelData:
+    """The panel ``plan`` runs on."""
+    return load_experiment_panel(plan.config, plan.accounting["fill_price"])
 
 
 def _accounting(module: Any, args: Any) -> dict[str, Any]:
@@ -113,7 +131,7 @@ def plan_portfolio(config: PortfolioExperimentConfig, extra_args: tuple[str, ...
         if other != first:
             raise ValueError(f"experiment {config.name!r}: agents {first_name!r} and {name!r} differ in window, "
                              f"episode length, costs or fill price ({first} vs {other}); put those in common_args")
-    panel = load_experiment_panel(config)
+    panel = load_experiment_panel(config, first["fill_price"])
     n_bars = len(panel.index)
     gap_options, first_valid = [], 0
     for _, module, args in parsed:
@@ -132,13 +150,13 @@ def plan_portfolio(config: PortfolioExperimentConfig, extra_args: tuple[str, ...
                        seed=seed, fold=fold.fold)
                   for agent in config.agents for seed in config.seeds for fold in folds)
     return PortfolioPlan(config=config, folds=tuple(folds), cells=cells, gaps=gaps, n_bars=n_bars,
-                         first_valid=first_valid, accounting=first, assets=panel.assets)
+                         first_valid=first_valid, accounting=first, assets=panel.assets, panel=panel.report())
 
 
 def fold_market(plan: PortfolioPlan, fold: splitting.Fold, module: Any, args: Any) -> Any:
     """The variant's market of ``fold``: features fitted on its training segments only, training episodes drawn
     from those segments only, ``test:<group>`` ranges for its test groups."""
-    panel = load_experiment_panel(plan.config)
+    panel = plan_panel(plan)
     rows = splitting.fit_rows(fold.train, plan.n_bars)
     arrays, states = build_portfolio_arrays(panel, module.feature_config(args), train_rows=rows,
                                             cross_sectional=bool(getattr(args, "cross_sectional", False)),
@@ -224,7 +242,7 @@ def frame_episode(frame: pd.DataFrame, assets: tuple[str, ...], start: int) -> P
 
 
 def _test_groups(plan: PortfolioPlan, fold: splitting.Fold, env_of: Any, decide: Any) -> pd.DataFrame:
-    index = load_experiment_panel(plan.config).index
+    index = plan_panel(plan).index
     parts = []
     for group, path, segment in zip(fold.groups, fold.paths, fold.test, strict=True):
         env, start, steps = env_of(segment)  # a test group always holds its decision bars
@@ -369,6 +387,7 @@ def run_portfolio_experiment(plan: PortfolioPlan, output: str | Path) -> pd.Data
               "first_valid": plan.first_valid, "purge": plan.gaps.purge, "embargo": plan.gaps.embargo,
               "folds": [dataclasses.asdict(f) for f in plan.folds], "cells": [c.cell_id for c in plan.cells],
               "accounting": {**plan.accounting, "costs": dataclasses.asdict(plan.accounting["costs"])},
+              "panel": plan.panel,
               "created": time.strftime("%Y-%m-%d %H:%M:%S")}
     (output / "plan.json").write_text(json.dumps(record, indent=2, default=str))
     threads = torch.get_num_threads()

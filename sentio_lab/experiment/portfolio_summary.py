@@ -9,6 +9,7 @@ concentration (effective number of assets) and the memorisation gap (in-sample v
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -32,12 +33,27 @@ def memorisation_table(memo: pd.DataFrame) -> pd.DataFrame:
                          "cells": grouped.size()})
 
 
+def panel_labels(output: Path) -> dict[str, str]:
+    """The panel the run in ``output`` read, from its ``plan.json``: name, assets and calendar, and the missing-bar
+    policy with the number of forward-filled bars per asset (empty for a run without that record)."""
+    plan = output / "plan.json"
+    panel = json.loads(plan.read_text()).get("panel") if plan.exists() else None
+    if not panel:
+        return {}
+    filled = panel["filled_bars"]
+    return {"panel": f"{panel['name']}: {len(panel['assets'])} assets, {panel['bars']} bars {panel['first']} .. "
+                     f"{panel['last']}",
+            "missing bars": f"policy {panel['missing_policy']!r}, forward-filled bars per asset: "
+                            f"{filled if filled else 'none'}"}
+
+
 def write_portfolio_report(output: str | Path, report: str | Path, *, labels: Mapping[str, object],
                            reps: int = 1000, seed: int = 0) -> dict[str, pd.DataFrame]:
     """Write the report of the finished run in ``output`` to the folder ``report``; ``labels`` (range, steps, seeds,
     costs...) head ``report.md`` so every figure is read with what produced it. Returns the tables by file stem."""
     output, report = Path(output), Path(report)
     report.mkdir(parents=True, exist_ok=True)
+    labels = {**labels, **panel_labels(output)}
     results = pd.read_parquet(output / RESULTS_FILE)
     curves = pd.read_parquet(output / EQUITY_FILE)
     paths = pd.read_parquet(output / PATHS_FILE)
