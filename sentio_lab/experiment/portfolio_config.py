@@ -38,6 +38,7 @@ from pathlib import Path
 from sentio_lab.data.panel import MISSING_POLICIES, SP500_PANEL
 from sentio_lab.evaluation.portfolio_baselines import BASELINES
 from sentio_lab.experiment.config import AgentSpec
+from sentio_lab.experiment.placebo import PLACEBO_SCHEMES
 
 #: The ``kind`` key that marks a portfolio experiment file.
 PORTFOLIO_KIND = "portfolio"
@@ -80,6 +81,13 @@ class PortfolioExperimentConfig:
     """a baseline fits on at most this many of the latest training returns"""
     min_returns: int = 60
     """fewer training returns than this before a decision bar: the baseline holds equal weights (recorded)"""
+    placebo: str | None = None
+    """placebo control (:mod:`sentio_lab.experiment.portfolio_placebo`): ``"stationary_bootstrap"`` retrains every
+    configuration on block-bootstrapped training bars (one set of source bars for every asset); None: off"""
+    placebo_block_mean: float = 5.0
+    """placebo: mean block length of the stationary bootstrap, in bars"""
+    placebo_seeds: int = 5
+    """placebo: replicates per configuration and fold (replicate j: bootstrap seed j, policy seed seeds[j % n])"""
     bootstrap_samples: int = 1000
     """stationary-bootstrap resamples for SPA and the A/B intervals"""
     bootstrap_seed: int = 0
@@ -112,6 +120,10 @@ class PortfolioExperimentConfig:
                              f"{BASELINES}")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"experiment {self.name!r}: seeds must be distinct and non-empty, got {self.seeds}")
+        if self.placebo is not None and self.placebo not in PLACEBO_SCHEMES:
+            raise ValueError(f"experiment {self.name!r}: placebo {self.placebo!r} not in {PLACEBO_SCHEMES}")
+        if self.placebo is not None and (self.placebo_seeds < 1 or self.placebo_block_mean < 1):
+            raise ValueError(f"experiment {self.name!r}: placebo_seeds and placebo_block_mean must be >= 1")
         if self.rebalance_every < 1 or not 2 <= self.min_returns <= self.lookback:
             raise ValueError(f"experiment {self.name!r}: need rebalance_every >= 1 and 2 <= min_returns <= lookback")
 

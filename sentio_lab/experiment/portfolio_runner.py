@@ -50,6 +50,7 @@ from sentio_lab.evaluation.portfolio_report import PortfolioEpisode, path_tables
 from sentio_lab.experiment.assembly import EQUITY_FILE, GROUPS_FILE, RESULTS_FILE
 from sentio_lab.experiment.cells import CELL_FILE, Cell, cell_done, train_cell, write_json_atomic
 from sentio_lab.experiment.portfolio_config import USER_PANEL, PortfolioExperimentConfig, load_portfolio_config
+from sentio_lab.experiment.portfolio_placebo import bootstrap_panel, placebo_cells
 from sentio_lab.experiment.runner import agent_argv
 from sentio_lab.experiment.summary import strategy_table
 
@@ -58,6 +59,10 @@ from sentio_lab.experiment.summary import strategy_table
 PATHS_FILE = "paths.parquet"
 #: In-sample (training segments) vs out-of-sample (test groups) Sharpe of every cell.
 MEMORISATION_FILE = "memorisation.parquet"
+#: Placebo cells' in-sample Sharpe (one row per configuration x replicate x fold; only with ``placebo``).
+PLACEBO_FILE = "placebo.parquet"
+#: Folder of the placebo cells, beside ``cells/``.
+PLACEBO_DIR = "placebo"
 #: Version of the files a cell or baseline writes; other versions are redone.
 PORTFOLIO_FORMAT = 1
 
@@ -75,6 +80,8 @@ class PortfolioPlan:
     accounting: dict[str, Any]
     """window, cost model and fill price shared by every agent and the baselines."""
     assets: tuple[str, ...]
+    placebo_cells: tuple[Cell, ...] = ()
+    """the placebo-control cells (:func:`sentio_lab.experiment.portfolio_placebo.placebo_cells`; none when off)"""
     panel: dict[str, Any] = dataclasses.field(default_factory=dict)
     """the panel's report (:meth:`sentio_lab.data.panel.PanelData.report`): assets, calendar, missing-bar policy and
     every filled bar; written to ``plan.json``."""
@@ -149,14 +156,18 @@ def plan_portfolio(config: PortfolioExperimentConfig, extra_args: tuple[str, ...
     cells = tuple(Cell(agent=agent.name, variant=agent.variant, args=agent_argv(config, agent.args, extra_args),  # type: ignore[arg-type]
                        seed=seed, fold=fold.fold)
                   for agent in config.agents for seed in config.seeds for fold in folds)
+    placebo = () if config.placebo is None else placebo_cells(cells, config.seeds, config.placebo_seeds)
     return PortfolioPlan(config=config, folds=tuple(folds), cells=cells, gaps=gaps, n_bars=n_bars,
-                         first_valid=first_valid, accounting=first, assets=panel.assets, panel=panel.report())
+                         first_valid=first_valid, accounting=first, assets=panel.assets, placebo_cells=placebo,
+                         panel=panel.report())
 
 
-def fold_market(plan: PortfolioPlan, fold: splitting.Fold, module: Any, args: Any) -> Any:
+def fold_market(plan: PortfolioPlan, fold: splitting.Fold, module: Any, args: Any, panel: PanelData | None = None
+                ) -> Any:
     """The variant's market of ``fold``: features fitted on its training segments only, training episodes drawn
-    from those segments only, ``test:<group>`` ranges for its test groups."""
-    panel = plan_panel(plan)
+    from those segments only, ``test:<group>`` ranges for its test groups; on ``panel`` (a placebo panel) or the
+    plan's."""
+    panel = plan_panel(plan) if panel is None else panel
     rows = splitting.fit_rows(fold.train, plan.n_bars)
     arrays, states = build_portfolio_arrays(panel, module.feature_config(args), train_rows=rows,
                                             cross_sectional=bool(getattr(args, "cross_sectional", False)),
@@ -297,6 +308,37 @@ def run_portfolio_cell(plan: PortfolioPlan, cell: Cell, output: Path) -> dict[st
     return record
 
 
+def placebo_panel(plan: PortfolioPlan, fold: splitting.Fold, replicate: int) -> PanelData:
+    """The plan's panel with ``fold``'s training segments bootstrapped with seed ``replicate``
+    (:func:`sentio_lab.experiment.portfolio_placebo.bootstrap_panel`; test groups and gaps untouched)."""
+    panel, _ = bootstrap_panel(plan_panel(plan), fold.train, block_mean=plan.config.placebo_block_mean,
+                               seed=replicate)
+    return panel
+
+
+def run_portfolio_placebo_cell(plan: PortfolioPlan, cell: Cell, output: Path) -> dict[str, Any]:
+    """Train placebo ``cell`` on its fold's placebo panel under ``<output>/placebo/``, then run it greedily on the
+    fold's (bootstrapped) training segments: its in-sample Sharpe. Finished cells are not redone."""
+    folder = output / PLACEBO_DIR / cell.cell_id
+    done = cell_done(folder)
+    if done is not None and done.get("format") == PORTFOLIO_FORMAT:
+        return done
+    torch.set_num_threads(1)
+    module, args = load_variant(cell.variant), parse_variant_args(cell.variant, cell.args)
+    fold = plan.folds[cell.fold]
+    market = fold_market(plan, fold, module, args, placebo_panel(plan, fold, int(cell.placebo)))
+    record = train_cell(cell, market, folder, write_record=False)
+    args = args.replace(seed=cell.seed)
+    envs = [agent_env(plan, module, args, market, segment) for segment in fold.train]
+    envs = [built for built in envs if built is not None]
+    agent = load_cell_agent(folder / record["checkpoint"], module, args, market, envs[0][0])
+    in_sample = [record_episode(env, agent_decide(agent), start, steps) for env, start, steps in envs]
+    record.update(format=PORTFOLIO_FORMAT, in_sample_sharpe=chained_sharpe(in_sample),
+                  in_sample_bars=int(sum(len(e.cost) for e in in_sample)))
+    write_json_atomic(folder / CELL_FILE, record)
+    return record
+
+
 def run_portfolio_baselines(plan: PortfolioPlan, fold: splitting.Fold, output: Path) -> None:
     """Every skfolio baseline of the plan, fitted on ``fold``'s training returns only, on its test groups."""
     config = plan.config
@@ -369,6 +411,14 @@ def assemble_portfolio(plan: PortfolioPlan, output: str | Path) -> pd.DataFrame:
              **{k: cell_done(output / "cells" / c.cell_id)[k] for k in ("in_sample_sharpe", "in_sample_bars",
                                                                          "test_sharpe")}} for c in plan.cells]
     pd.DataFrame(memo).to_parquet(output / MEMORISATION_FILE)
+    if plan.placebo_cells:
+        placebo = [{"name": c.agent, "replicate": c.placebo, "seed": c.seed, "fold": c.fold,
+                    **{k: cell_done(output / PLACEBO_DIR / c.cell_id)[k] for k in ("in_sample_sharpe",
+                                                                                   "in_sample_bars")}}
+                   for c in plan.placebo_cells]
+        pd.DataFrame(placebo).to_parquet(output / PLACEBO_FILE)
+    else:
+        (output / PLACEBO_FILE).unlink(missing_ok=True)
     return results
 
 
@@ -377,15 +427,16 @@ def run_portfolio_experiment(plan: PortfolioPlan, output: str | Path) -> pd.Data
     Finished work is never redone; a folder left by other arguments is refused."""
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
-    for cell in plan.cells:
-        record = cell_done(output / "cells" / cell.cell_id)
+    for cell in plan.cells + plan.placebo_cells:
+        record = cell_done(output / ("cells" if cell.placebo is None else PLACEBO_DIR) / cell.cell_id)
         if record is not None and record.get("command") != shlex.join(cell.args):
-            raise ValueError(f"{output / 'cells' / cell.cell_id}: finished with other arguments "
+            raise ValueError(f"{output / cell.cell_id}: finished with other arguments "
                              f"({record.get('command')!r}, planned {shlex.join(cell.args)!r}); choose another "
                              "output folder or delete that one")
     record = {"experiment": plan.config.name, "n_trials": plan.config.n_trials, "n_bars": plan.n_bars,
               "first_valid": plan.first_valid, "purge": plan.gaps.purge, "embargo": plan.gaps.embargo,
               "folds": [dataclasses.asdict(f) for f in plan.folds], "cells": [c.cell_id for c in plan.cells],
+              "placebo_cells": [c.cell_id for c in plan.placebo_cells],
               "accounting": {**plan.accounting, "costs": dataclasses.asdict(plan.accounting["costs"])},
               "panel": plan.panel,
               "created": time.strftime("%Y-%m-%d %H:%M:%S")}
@@ -394,6 +445,8 @@ def run_portfolio_experiment(plan: PortfolioPlan, output: str | Path) -> pd.Data
     try:
         for cell in plan.cells:
             run_portfolio_cell(plan, cell, output)
+        for cell in plan.placebo_cells:
+            run_portfolio_placebo_cell(plan, cell, output)
         for fold in plan.folds:
             run_portfolio_baselines(plan, fold, output)
     finally:
