@@ -24,6 +24,10 @@ bar absent on the common calendar is an error naming the asset and date) or ``"f
 forward; every filled bar is recorded in ``plan.json`` and the report), through
 :func:`sentio_lab.data.panel.load_panel`.
 
+``ensemble = true`` in an ``[agents.*]`` table adds that configuration's seed ensemble (``<name>_ensemble``: its
+trained seeds averaging their target weights at each decision; :mod:`sentio_lab.experiment.portfolio_runner`), one
+more trial.
+
 The split is always CPCV over the panel's dates (one calendar for every asset). Each ``[agents.*]`` table is one
 configuration (one trial for the deflated Sharpe ratio), as in :mod:`sentio_lab.experiment.config`.
 """
@@ -38,6 +42,7 @@ from pathlib import Path
 from sentio_lab.data.panel import MISSING_POLICIES, SP500_PANEL
 from sentio_lab.evaluation.portfolio_baselines import BASELINES
 from sentio_lab.experiment.config import AgentSpec
+from sentio_lab.experiment.ensemble import ensemble_name
 from sentio_lab.experiment.placebo import PLACEBO_SCHEMES
 
 #: The ``kind`` key that marks a portfolio experiment file.
@@ -100,8 +105,12 @@ class PortfolioExperimentConfig:
         names = [a.name for a in self.agents]
         if len(set(names)) != len(names):
             raise ValueError(f"experiment {self.name!r}: agent names repeat: {names}")
-        if any(a.ensemble for a in self.agents):
-            raise ValueError(f"experiment {self.name!r}: ensemble = true is single-asset only; remove it")
+        clashes = sorted({ensemble_name(a.name) for a in self.agents if a.ensemble} & set(names))
+        if clashes:
+            raise ValueError(f"experiment {self.name!r}: agent names {clashes} are taken by seed ensembles; rename")
+        if any(a.gate_margin is not None for a in self.agents):
+            raise ValueError(f"experiment {self.name!r}: gate_margin needs a validation slice, which portfolio "
+                             "experiments do not carve; remove it")
         if self.dataset not in (SP500_PANEL, USER_PANEL):
             raise ValueError(f"experiment {self.name!r}: dataset {self.dataset!r}; a portfolio experiment reads "
                              f"the {SP500_PANEL!r} panel or user files (dataset = {USER_PANEL!r}, files = [...])")
@@ -129,8 +138,9 @@ class PortfolioExperimentConfig:
 
     @property
     def n_trials(self) -> int:
-        """Configurations tried: what the deflated Sharpe ratio deflates for."""
-        return len(self.agents)
+        """Configurations tried, each seed ensemble counting as one more: what the deflated Sharpe ratio deflates
+        for."""
+        return len(self.agents) + sum(agent.ensemble for agent in self.agents)
 
 
 def is_portfolio_file(path: str | Path) -> bool:
@@ -149,11 +159,13 @@ def load_portfolio_config(path: str | Path, **overrides: object) -> PortfolioExp
         raise ValueError(f"{path}: not a portfolio experiment (add kind = {PORTFOLIO_KIND!r})")
     agents = []
     for name, table in raw.pop("agents", {}).items():
-        extra = sorted(set(table) - {"variant", "args"})
+        extra = sorted(set(table) - {"variant", "args", "ensemble"})
         if extra:
-            raise ValueError(f"{path}: agents.{name} has unknown keys {extra} (variant, args)")
+            raise ValueError(f"{path}: agents.{name} has unknown keys {extra} (variant, args, ensemble)")
+        if not isinstance(table.get("ensemble", False), bool):
+            raise ValueError(f"{path}: agents.{name}.ensemble must be true or false, got {table['ensemble']!r}")
         agents.append(AgentSpec(name=name, variant=table.get("variant", "ppo_portfolio"),
-                                args=tuple(table.get("args", ()))))
+                                args=tuple(table.get("args", ())), ensemble=table.get("ensemble", False)))
     known = {f.name for f in dataclasses.fields(PortfolioExperimentConfig)} - {"agents"}
     unknown = sorted(set(raw) - known)
     if unknown:

@@ -42,6 +42,7 @@ from sentio_lab.data.panel import PanelData, load_panel, load_sp500_panel
 from sentio_lab.env import splits as splitting
 from sentio_lab.env.costs import bars_per_day, cost_reach
 from sentio_lab.env.portfolio import PortfolioEnv
+from sentio_lab.env.portfolio_anchor import PortfolioAnchor, project_to_simplex
 from sentio_lab.env.portfolio_arrays import build_portfolio_arrays
 from sentio_lab.evaluation.metrics import sharpe_ratio, summary_stats
 from sentio_lab.evaluation.metrics.table import STAT_NAMES
@@ -49,6 +50,8 @@ from sentio_lab.evaluation.portfolio_baselines import SkfolioBaseline
 from sentio_lab.evaluation.portfolio_report import PortfolioEpisode, path_tables, record_episode
 from sentio_lab.experiment.assembly import EQUITY_FILE, GROUPS_FILE, RESULTS_FILE
 from sentio_lab.experiment.cells import CELL_FILE, Cell, cell_done, train_cell, write_json_atomic
+from sentio_lab.experiment.config import AgentSpec
+from sentio_lab.experiment.ensemble import ENSEMBLE_SEED, ensemble_name
 from sentio_lab.experiment.portfolio_config import USER_PANEL, PortfolioExperimentConfig, load_portfolio_config
 from sentio_lab.experiment.portfolio_placebo import bootstrap_panel, placebo_cells
 from sentio_lab.experiment.runner import agent_argv
@@ -63,6 +66,8 @@ MEMORISATION_FILE = "memorisation.parquet"
 PLACEBO_FILE = "placebo.parquet"
 #: Folder of the placebo cells, beside ``cells/``.
 PLACEBO_DIR = "placebo"
+#: Folder of the seed ensembles' test-group evaluations, beside ``cells/``.
+ENSEMBLE_DIR = "ensembles"
 #: Version of the files a cell or baseline writes; other versions are redone.
 PORTFOLIO_FORMAT = 1
 
@@ -216,6 +221,22 @@ def agent_decide(agent: torch.nn.Module) -> Any:
     return decide
 
 
+def ensemble_decide(members: list[torch.nn.Module], anchor: PortfolioAnchor | None) -> Any:
+    """A seed ensemble as a ``Decide``: at each decision every member's greedy target weights for the same
+    observation (each through its own normaliser), and their plain mean traded. Long-only weights and long-short
+    signed weights are the env actions themselves (the mean of points of a convex set stays in it: on the simplex,
+    or within ``sum |w| <= G``); an anchored member's target is ``P(b_t + tau_i)`` (its tilt projected around the
+    benchmark's weights at bar t), and the ensemble steps on the tilt ``mean_i P(b_t + tau_i) - b_t``, which the
+    env projects back onto that mean (already on the simplex)."""
+    def decide(k: int, t: int, obs: torch.Tensor) -> tuple[np.ndarray, bool]:
+        actions = torch.stack([m.act_greedy(obs)[0].to(torch.float64) for m in members])
+        if anchor is None:
+            return actions.mean(0).numpy(), False
+        benchmark = torch.as_tensor(anchor.benchmark[t])
+        return (project_to_simplex(benchmark + actions).mean(0) - benchmark).numpy(), False
+    return decide
+
+
 def baseline_decide(baseline: SkfolioBaseline, rebalance_every: int) -> Any:
     """A skfolio baseline at its declared frequency: its weights at bar t on step 0, every ``rebalance_every``
     steps after; held in between (as :func:`~sentio_lab.evaluation.portfolio_baselines.run_baseline`)."""
@@ -339,6 +360,35 @@ def run_portfolio_placebo_cell(plan: PortfolioPlan, cell: Cell, output: Path) ->
     return record
 
 
+def run_portfolio_ensemble(plan: PortfolioPlan, agent: AgentSpec, fold: splitting.Fold, output: Path) -> None:
+    """Configuration ``agent``'s seed ensemble on ``fold``'s test groups (:func:`ensemble_decide`; the trained cells
+    of every seed as members, in the configuration's own env), under ``<output>/ensembles/``; a finished ensemble
+    with the same members is not redone."""
+    name = ensemble_name(agent.name)
+    folder = output / ENSEMBLE_DIR / f"{name}__fold{fold.fold:03d}"
+    cells = [c for c in plan.cells if c.agent == agent.name and c.fold == fold.fold]
+    done = cell_done(folder)
+    if done is not None and done.get("format") == PORTFOLIO_FORMAT and done.get("members") == [c.cell_id for c in
+                                                                                                cells]:
+        return
+    torch.set_num_threads(1)
+    module, args = load_variant(agent.variant), parse_variant_args(agent.variant, cells[0].args)
+    market = fold_market(plan, fold, module, args)
+    def env_of(segment: tuple[int, int]) -> tuple[PortfolioEnv, int, int] | None:
+        return agent_env(plan, module, args, market, segment)
+    env = env_of(fold.test[0])[0]
+    members = []
+    for cell in cells:
+        record = cell_done(output / "cells" / cell.cell_id)
+        members.append(load_cell_agent(output / "cells" / cell.cell_id / record["checkpoint"], module,
+                                       args.replace(seed=cell.seed), market, env))
+    folder.mkdir(parents=True, exist_ok=True)
+    groups = _test_groups(plan, fold, env_of, ensemble_decide(members, env.anchor))
+    groups.assign(seed=ENSEMBLE_SEED).to_parquet(folder / GROUPS_FILE)
+    write_json_atomic(folder / CELL_FILE, {"ensemble": name, "fold": fold.fold, "format": PORTFOLIO_FORMAT,
+                                           "members": [c.cell_id for c in cells]})
+
+
 def run_portfolio_baselines(plan: PortfolioPlan, fold: splitting.Fold, output: Path) -> None:
     """Every skfolio baseline of the plan, fitted on ``fold``'s training returns only, on its test groups."""
     config = plan.config
@@ -370,6 +420,11 @@ def _units(plan: PortfolioPlan, output: Path) -> list[tuple[dict[str, Any], dict
             frames = {c.fold: pd.read_parquet(output / "cells" / c.cell_id / GROUPS_FILE) for c in plan.cells
                       if c.agent == agent.name and c.seed == seed}
             units.append(({"kind": "agent", "name": agent.name, "variant": agent.variant, "seed": seed}, frames))
+        if agent.ensemble:
+            name = ensemble_name(agent.name)
+            frames = {f.fold: pd.read_parquet(output / ENSEMBLE_DIR / f"{name}__fold{f.fold:03d}" / GROUPS_FILE)
+                      for f in plan.folds}
+            units.append(({"kind": "agent", "name": name, "variant": agent.variant, "seed": ENSEMBLE_SEED}, frames))
     for name in plan.config.baselines:
         frames = {f.fold: pd.read_parquet(output / "baselines" / f"{name}__fold{f.fold:03d}" / GROUPS_FILE)
                   for f in plan.folds}
@@ -445,6 +500,10 @@ def run_portfolio_experiment(plan: PortfolioPlan, output: str | Path) -> pd.Data
     try:
         for cell in plan.cells:
             run_portfolio_cell(plan, cell, output)
+        for agent in plan.config.agents:
+            for fold in plan.folds:
+                if agent.ensemble:
+                    run_portfolio_ensemble(plan, agent, fold, output)
         for cell in plan.placebo_cells:
             run_portfolio_placebo_cell(plan, cell, output)
         for fold in plan.folds:

@@ -194,7 +194,6 @@ def test_config_file_and_refusals(tmp_path):
         load_portfolio_config(tmp_path / "missing.toml")
     agent = (AgentSpec("a", "ppo_portfolio"),)
     for changes, match in [({"agents": (AgentSpec("a", "ppo_portfolio"),) * 2}, "repeat"),
-                           ({"agents": (AgentSpec("a", "ppo_portfolio", ensemble=True),)}, "ensemble"),
                            ({"dataset": "sp500"}, "panel"), ({"baselines": ("nope",)}, "baselines"),
                            ({"seeds": (1, 1)}, "seeds"), ({"rebalance_every": 0}, "rebalance_every")]:
         with pytest.raises(ValueError, match=match):
