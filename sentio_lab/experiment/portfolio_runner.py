@@ -10,6 +10,13 @@ The single-asset runner's shape (:mod:`sentio_lab.experiment.runner`), for a pan
   segments only, episodes drawn from those segments only (``PortfolioMarket.train_segments``). The trained agent then
   runs greedily on each test group (written to ``groups.parquet``) and on each training segment (the in-sample
   Sharpe: the memorisation gap); ``cell.json`` is written last, so a killed run redoes only the cells in flight.
+  The evaluation env is the agent's own (:func:`agent_env`: the variant's ``make_env``, so long-short agents trade
+  signed weights and anchored agents their tilt around the benchmark, with the costs they trained with).
+* **Seed ensembles** (:func:`run_portfolio_ensemble`, ``ensemble = true``): the trained seeds of a configuration
+  trade the mean of their target weights (:func:`ensemble_decide`), one more trial.
+* **Placebo** (:func:`run_portfolio_placebo_cell`, ``placebo = "stationary_bootstrap"``): every configuration
+  retrained on a panel whose training segments are block-bootstrapped (:mod:`sentio_lab.experiment.portfolio_placebo`);
+  their in-sample Sharpe ratios (``placebo.parquet``) give the memorisation floor.
 * **Baselines** (:func:`run_portfolio_baselines`): each skfolio allocation refitted on the fold's training returns
   only (:class:`~sentio_lab.evaluation.portfolio_baselines.SkfolioBaseline`) runs through the same env, on the same
   test groups, with the same costs, rebalancing every ``rebalance_every`` bars.
