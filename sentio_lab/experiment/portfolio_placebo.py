@@ -4,11 +4,12 @@ The single-asset placebo (:mod:`sentio_lab.experiment.placebo`) for a panel. :fu
 training segment of a fold with the same stationary block bootstrap
 (:func:`~sentio_lab.experiment.placebo.bootstrap_indices`, one stream per segment, as
 :func:`~sentio_lab.experiment.placebo.bootstrap_training_bars` draws them) and applies **one set of source bars to
-every asset**: bar ``t`` of asset i takes the close-to-close return of the same source bar ``k`` in every asset, so the cross-section (correlations, common shocks) stays coherent while
-every dependence across time longer than a block is destroyed. The first bar of a segment is kept (the price level);
-open, high and low keep the source bar's shape relative to its close (NaN stays NaN in a close-only panel); volume
-travels with its bar. Rows outside the training segments -- purge and embargo gaps, the test groups -- are never
-touched, so no placebo training input depends on a test-group bar.
+every asset**: bar ``t`` of asset i takes the close-to-close return of the same source bar ``k`` in every asset, so
+the cross-section (correlations, common shocks) stays coherent while every dependence across time longer than a
+block is destroyed. The first bar of a segment is kept (the price level); open, high and low keep the source bar's
+shape relative to its close (NaN stays NaN in a close-only panel); volume travels with its bar. Rows outside the
+training segments -- purge and embargo gaps, the test groups -- are never touched, so no placebo training input
+depends on a test-group bar.
 
 A placebo cell (:func:`placebo_cells`: per configuration and fold, ``placebo_seeds`` replicates; replicate j uses
 bootstrap seed j and policy seed ``seeds[j % len(seeds)]``) trains on that panel with the fold's own features refit
