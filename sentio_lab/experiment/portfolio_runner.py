@@ -528,8 +528,9 @@ def run_portfolio_file(path: str | Path, output_root: str | Path, *, seeds: tupl
     output = Path(output_root) / config.name
     plan = plan_portfolio(config, extra_args)
     print(f"{config.name}: {len(plan.folds)} CPCV folds over {plan.n_bars} dates x {len(plan.assets)} assets, "
-          f"{len(plan.cells)} cells ({config.n_trials} configurations x {len(config.seeds)} seeds x "
-          f"{len(plan.folds)} folds), purge {plan.gaps.purge}, embargo {plan.gaps.embargo}")
+          f"{len(plan.cells)} cells ({len(config.agents)} configurations x {len(config.seeds)} seeds x "
+          f"{len(plan.folds)} folds), {len(plan.placebo_cells)} placebo cells, {config.n_trials} trials, "
+          f"purge {plan.gaps.purge}, embargo {plan.gaps.embargo}")
     results = run_portfolio_experiment(plan, output)
     print(strategy_table(results, ("sharpe", "cagr", "max_drawdown")).to_string())
     print(f"results: {output / RESULTS_FILE}")
