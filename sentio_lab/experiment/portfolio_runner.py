@@ -140,6 +140,7 @@ def plan_portfolio(config: PortfolioExperimentConfig, extra_args: tuple[str, ...
             raise ValueError(f"experiment {config.name!r}: agent {agent.name!r} runs {agent.variant!r}, not a "
                              "portfolio variant (ppo_portfolio)")
         args = parse_variant_args(agent.variant, agent_argv(config, agent.args, extra_args))  # type: ignore[arg-type]
+        module.check_args(args)  # the variant's own refusals (e.g. --excess-reward without --anchor), before training
         if args.run.select_on != "none":
             raise ValueError(f"experiment {config.name!r}: agent {agent.name!r}: --select-on needs a validation "
                              "slice, which portfolio experiments do not carve; use --select-on none")

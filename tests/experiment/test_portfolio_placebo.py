@@ -127,6 +127,9 @@ def test_placebo_runs_give_the_floor_next_to_the_real_in_sample_sharpe(panel_of,
     assert row["floor"] == pytest.approx(np.quantile(placebo["in_sample_sharpe"], 0.95))
     assert row["share_at_or_below_floor"] == pytest.approx(np.mean(memo["in_sample_sharpe"] <= row["floor"]))
     assert "## Placebo floor" in (tmp_path / "report" / "report.md").read_text()
+    # a rerun reuses every finished placebo cell: the same table
+    runner.run_portfolio_experiment(plan, tmp_path / "out")
+    pd.testing.assert_frame_equal(placebo, pd.read_parquet(tmp_path / "out" / runner.PLACEBO_FILE))
     # a file with the placebo on
     file = tmp_path / "p.toml"
     file.write_text('kind = "portfolio"\nplacebo = "stationary_bootstrap"\nplacebo_seeds = 2\n[agents.a]\n')

@@ -117,3 +117,11 @@ def test_long_short_cell_equity_is_a_hand_replay_through_its_env(panel_of, tmp_p
     paths = pd.read_parquet(tmp_path / runner.PATHS_FILE)
     contributions = paths[[c for c in paths if c.startswith("contrib:")]].sum(axis=1) - paths["costs"]
     np.testing.assert_allclose(contributions, paths["total_return"], atol=1e-12)
+
+
+def test_plan_refuses_what_the_variant_refuses(panel_of):
+    panel_of(synthetic_frames(3, seed=1))
+    for flags, match in [(("--excess-reward",), "--excess-reward only acts with --anchor"),
+                         (("--anchor", "equal_weight", "--long-short"), "--anchor with --long-short")]:
+        with pytest.raises(ValueError, match=match):
+            runner.plan_portfolio(tiny_config(agents=(AgentSpec("a", "ppo_portfolio", (*TINY_ARGS, *flags)),)))
