@@ -8,8 +8,8 @@ step by :func:`record_episode` into a :class:`PortfolioEpisode`; the report's fi
   ``fill`` = its open or close, mark at its close) asset i earns ``s_i (fill_i - close_i,t) + s'_i (close_i,t+1 -
   fill_i)`` with ``s`` its shares before the fill and ``s'`` after; dividing by the equity at bar t gives its
   contribution to the step's simple return. The env's identity ``E_{t+1} = E_t + sum_i PnL_i - cost`` (cash earns
-  nothing; long-only books pay no borrow) makes ``sum_i contribution_i - cost / E_t`` the step's simple return
-  exactly. Over an episode (and a stitched path) the contributions are summed in units of the starting equity
+  nothing; a long-short book's borrow counts as cost) makes ``sum_i contribution_i - cost / E_t`` the step's simple
+  return exactly. Over an episode (and a stitched path) the contributions are summed in units of the starting equity
   (:func:`episode_contributions`): they add up, with the costs, to the total return.
 * **Turnover per asset**: the notional traded in asset i over the equity at the fill prices (the env's ``turnover``
   is its sum over the assets), annualised by the bars per year.
@@ -46,7 +46,8 @@ class PortfolioEpisode:
     contribution: np.ndarray
     """float64 (L, A): each asset's share of each step's simple return (before costs)."""
     cost: np.ndarray
-    """float64 (L,): each step's fees and price concessions over the equity at its decision bar."""
+    """float64 (L,): each step's fees and price concessions (and a short book's borrow) over the equity at its
+    decision bar."""
     turnover: np.ndarray
     """float64 (L, A): notional traded in each asset over the equity at the fill prices."""
     weights: np.ndarray
@@ -66,9 +67,16 @@ def step_contributions(shares_before: np.ndarray, shares_after: np.ndarray, clos
 
 
 def record_episode(env: PortfolioEnv, decide: Decide, start: int, steps: int) -> PortfolioEpisode:
-    """Run ``decide`` through the long-only one-account ``env`` for ``steps`` steps from bar ``start``."""
-    if env.num_envs != 1 or env.allocation != "long_only":
-        raise ValueError("record_episode: build the env with num_envs=1 and allocation='long_only'")
+    """Run ``decide`` through the one-account ``env`` for ``steps`` steps from bar ``start``.
+
+    ``decide`` returns what the env steps on: long-only target weights ``(A + 1,)``, long-short signed weights
+    ``(A,)``, or an anchored env's tilt. A long-short book may pay borrow on its shorts (``costs.borrow_bps``), which
+    the env charges to cash outside ``info["cost"]``: it is added to the step's ``cost`` as what is left of the
+    step's P&L identity (``E_t + sum_i PnL_i - fees - E_{t+1}``), so contributions and costs still add up to the
+    return. A long-only book holds no shorts and pays no borrow: its ``cost`` is the env's alone.
+    """
+    if env.num_envs != 1:
+        raise ValueError("record_episode: build the env with num_envs=1")
     if steps > env.episode_length:
         raise ValueError(f"record_episode: steps={steps} exceeds the env's episode_length {env.episode_length}")
     obs = env.reset(starts=[start])
@@ -94,7 +102,11 @@ def record_episode(env: PortfolioEnv, decide: Decide, start: int, steps: int) ->
         equity[k + 1] = float(info["equity"][0])
         contribution[k] = step_contributions(shares_before, shares_after, close[t], price, close[t + 1],
                                              equity[k])
-        cost[k] = float(info["cost"][0]) / equity[k]
+        fees = float(info["cost"][0])
+        if env.allocation == "long_short":  # borrow on the shorts: the identity's remainder (docstring)
+            pnl = float(contribution[k].sum()) * equity[k]
+            fees += equity[k] + pnl - fees - equity[k + 1]
+        cost[k] = fees / equity[k]
         at_price = cash_before + float(shares_before @ price)
         turnover[k] = np.abs(shares_after - shares_before) * price / at_price
         held = shares_after * close[t + 1] / equity[k + 1]

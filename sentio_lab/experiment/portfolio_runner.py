@@ -10,6 +10,13 @@ The single-asset runner's shape (:mod:`sentio_lab.experiment.runner`), for a pan
   segments only, episodes drawn from those segments only (``PortfolioMarket.train_segments``). The trained agent then
   runs greedily on each test group (written to ``groups.parquet``) and on each training segment (the in-sample
   Sharpe: the memorisation gap); ``cell.json`` is written last, so a killed run redoes only the cells in flight.
+  The evaluation env is the agent's own (:func:`agent_env`: the variant's ``make_env``, so long-short agents trade
+  signed weights and anchored agents their tilt around the benchmark, with the costs they trained with).
+* **Seed ensembles** (:func:`run_portfolio_ensemble`, ``ensemble = true``): the trained seeds of a configuration
+  trade the mean of their target weights (:func:`ensemble_decide`), one more trial.
+* **Placebo** (:func:`run_portfolio_placebo_cell`, ``placebo = "stationary_bootstrap"``): every configuration
+  retrained on a panel whose training segments are block-bootstrapped (:mod:`sentio_lab.experiment.portfolio_placebo`);
+  their in-sample Sharpe ratios (``placebo.parquet``) give the memorisation floor.
 * **Baselines** (:func:`run_portfolio_baselines`): each skfolio allocation refitted on the fold's training returns
   only (:class:`~sentio_lab.evaluation.portfolio_baselines.SkfolioBaseline`) runs through the same env, on the same
   test groups, with the same costs, rebalancing every ``rebalance_every`` bars.
@@ -38,10 +45,11 @@ import torch
 
 from sentio_lab.agents.checkpoint import load_checkpoint
 from sentio_lab.agents.variants import load_variant, parse_variant_args
-from sentio_lab.data.panel import PanelData, load_sp500_panel
+from sentio_lab.data.panel import PanelData, load_panel, load_sp500_panel
 from sentio_lab.env import splits as splitting
 from sentio_lab.env.costs import bars_per_day, cost_reach
 from sentio_lab.env.portfolio import PortfolioEnv
+from sentio_lab.env.portfolio_anchor import PortfolioAnchor, project_to_simplex
 from sentio_lab.env.portfolio_arrays import build_portfolio_arrays
 from sentio_lab.evaluation.metrics import sharpe_ratio, summary_stats
 from sentio_lab.evaluation.metrics.table import STAT_NAMES
@@ -49,7 +57,10 @@ from sentio_lab.evaluation.portfolio_baselines import SkfolioBaseline
 from sentio_lab.evaluation.portfolio_report import PortfolioEpisode, path_tables, record_episode
 from sentio_lab.experiment.assembly import EQUITY_FILE, GROUPS_FILE, RESULTS_FILE
 from sentio_lab.experiment.cells import CELL_FILE, Cell, cell_done, train_cell, write_json_atomic
-from sentio_lab.experiment.portfolio_config import PortfolioExperimentConfig, load_portfolio_config
+from sentio_lab.experiment.config import AgentSpec
+from sentio_lab.experiment.ensemble import ENSEMBLE_SEED, ensemble_name
+from sentio_lab.experiment.portfolio_config import USER_PANEL, PortfolioExperimentConfig, load_portfolio_config
+from sentio_lab.experiment.portfolio_placebo import bootstrap_panel, placebo_cells
 from sentio_lab.experiment.runner import agent_argv
 from sentio_lab.experiment.summary import strategy_table
 
@@ -58,6 +69,12 @@ from sentio_lab.experiment.summary import strategy_table
 PATHS_FILE = "paths.parquet"
 #: In-sample (training segments) vs out-of-sample (test groups) Sharpe of every cell.
 MEMORISATION_FILE = "memorisation.parquet"
+#: Placebo cells' in-sample Sharpe (one row per configuration x replicate x fold; only with ``placebo``).
+PLACEBO_FILE = "placebo.parquet"
+#: Folder of the placebo cells, beside ``cells/``.
+PLACEBO_DIR = "placebo"
+#: Folder of the seed ensembles' test-group evaluations, beside ``cells/``.
+ENSEMBLE_DIR = "ensembles"
 #: Version of the files a cell or baseline writes; other versions are redone.
 PORTFOLIO_FORMAT = 1
 
@@ -75,18 +92,38 @@ class PortfolioPlan:
     accounting: dict[str, Any]
     """window, cost model and fill price shared by every agent and the baselines."""
     assets: tuple[str, ...]
+    placebo_cells: tuple[Cell, ...] = ()
+    """the placebo-control cells (:func:`sentio_lab.experiment.portfolio_placebo.placebo_cells`; none when off)"""
+    panel: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """the panel's report (:meth:`sentio_lab.data.panel.PanelData.report`): assets, calendar, missing-bar policy and
+    every filled bar; written to ``plan.json``."""
 
 
 _PANELS: dict[tuple, PanelData] = {}
 
 
-def load_experiment_panel(config: PortfolioExperimentConfig) -> PanelData:
-    """The experiment's panel (cached per process)."""
-    key = (config.dataset, config.data_start, config.data_end)
+def load_experiment_panel(config: PortfolioExperimentConfig, fill_price: str = "next_close") -> PanelData:
+    """The experiment's panel (cached per process): skfolio's S&P 500 stocks, or the user's ``files`` loaded by
+    :func:`sentio_lab.data.panel.load_panel` with the ``missing`` policy and the agents' fill price (next-open fills
+    need opens)."""
+    key = (config.dataset, config.files, config.missing, config.data_start, config.data_end, fill_price)
     if key not in _PANELS:
         _PANELS.clear()
-        _PANELS[key] = load_sp500_panel(start=config.data_start, end=config.data_end)
+        if config.dataset == USER_PANEL:
+            for file in config.files:
+                if not Path(file).is_file():
+                    raise FileNotFoundError(f"experiment {config.name!r}: files: {file} does not exist")
+            sources = {Path(file).stem: file for file in config.files}
+            _PANELS[key] = load_panel(sources, start=config.data_start, end=config.data_end,
+                                      missing=config.missing, fill_price=fill_price)  # type: ignore[arg-type]
+        else:
+            _PANELS[key] = load_sp500_panel(start=config.data_start, end=config.data_end)
     return _PANELS[key]
+
+
+def plan_panel(plan: PortfolioPlan) -> PanelData:
+    """The panel ``plan`` runs on."""
+    return load_experiment_panel(plan.config, plan.accounting["fill_price"])
 
 
 def _accounting(module: Any, args: Any) -> dict[str, Any]:
@@ -103,14 +140,10 @@ def plan_portfolio(config: PortfolioExperimentConfig, extra_args: tuple[str, ...
             raise ValueError(f"experiment {config.name!r}: agent {agent.name!r} runs {agent.variant!r}, not a "
                              "portfolio variant (ppo_portfolio)")
         args = parse_variant_args(agent.variant, agent_argv(config, agent.args, extra_args))  # type: ignore[arg-type]
+        module.check_args(args)  # the variant's own refusals (e.g. --excess-reward without --anchor), before training
         if args.run.select_on != "none":
             raise ValueError(f"experiment {config.name!r}: agent {agent.name!r}: --select-on needs a validation "
                              "slice, which portfolio experiments do not carve; use --select-on none")
-        options = (("--anchor", getattr(args.env, "anchor", None)), ("--long-short", getattr(args, "long_short", 0)))
-        for flag, on in options:  # the runner's evaluation env is long-only and unanchored: refused before training
-            if on:
-                raise ValueError(f"experiment {config.name!r}: agent {agent.name!r}: {flag} is not evaluated by the "
-                                 "portfolio runner yet (long-only, unanchored agents only); drop it")
         parsed.append((agent, module, args))
     accountings = {agent.name: _accounting(module, args) for agent, module, args in parsed}
     first_name, first = next(iter(accountings.items()))
@@ -118,7 +151,7 @@ def plan_portfolio(config: PortfolioExperimentConfig, extra_args: tuple[str, ...
         if other != first:
             raise ValueError(f"experiment {config.name!r}: agents {first_name!r} and {name!r} differ in window, "
                              f"episode length, costs or fill price ({first} vs {other}); put those in common_args")
-    panel = load_experiment_panel(config)
+    panel = load_experiment_panel(config, first["fill_price"])
     n_bars = len(panel.index)
     gap_options, first_valid = [], 0
     for _, module, args in parsed:
@@ -136,14 +169,18 @@ def plan_portfolio(config: PortfolioExperimentConfig, extra_args: tuple[str, ...
     cells = tuple(Cell(agent=agent.name, variant=agent.variant, args=agent_argv(config, agent.args, extra_args),  # type: ignore[arg-type]
                        seed=seed, fold=fold.fold)
                   for agent in config.agents for seed in config.seeds for fold in folds)
+    placebo = () if config.placebo is None else placebo_cells(cells, config.seeds, config.placebo_seeds)
     return PortfolioPlan(config=config, folds=tuple(folds), cells=cells, gaps=gaps, n_bars=n_bars,
-                         first_valid=first_valid, accounting=first, assets=panel.assets)
+                         first_valid=first_valid, accounting=first, assets=panel.assets, placebo_cells=placebo,
+                         panel=panel.report())
 
 
-def fold_market(plan: PortfolioPlan, fold: splitting.Fold, module: Any, args: Any) -> Any:
+def fold_market(plan: PortfolioPlan, fold: splitting.Fold, module: Any, args: Any, panel: PanelData | None = None
+                ) -> Any:
     """The variant's market of ``fold``: features fitted on its training segments only, training episodes drawn
-    from those segments only, ``test:<group>`` ranges for its test groups."""
-    panel = load_experiment_panel(plan.config)
+    from those segments only, ``test:<group>`` ranges for its test groups; on ``panel`` (a placebo panel) or the
+    plan's."""
+    panel = plan_panel(plan) if panel is None else panel
     rows = splitting.fit_rows(fold.train, plan.n_bars)
     arrays, states = build_portfolio_arrays(panel, module.feature_config(args), train_rows=rows,
                                             cross_sectional=bool(getattr(args, "cross_sectional", False)),
@@ -170,10 +207,41 @@ def segment_env(plan: PortfolioPlan, arrays: Any, segment: tuple[int, int]) -> t
     return env, start, steps
 
 
+def agent_env(plan: PortfolioPlan, module: Any, args: Any, market: Any, segment: tuple[int, int]
+              ) -> tuple[PortfolioEnv, int, int] | None:
+    """:func:`segment_env` built by the variant's own ``make_env``: the agent's allocation and gross limit, its anchor
+    (``anchor_for`` on the fold market) and excess reward, its costs; on the CPU, one account."""
+    acc = plan.accounting
+    start = max(segment[0], market.arrays.first_valid + acc["window"] - 1)
+    steps = segment[1] - 1 - start
+    if steps < 2:
+        return None
+    view = dataclasses.replace(market, ranges={**market.ranges, "evaluation": tuple(segment)})
+    env = module.make_env(args.replace(num_envs=1, episode_length=steps, device="cpu"), view, "evaluation")
+    return env, start, steps
+
+
 def agent_decide(agent: torch.nn.Module) -> Any:
-    """The greedy policy of a portfolio agent as a ``Decide`` (sentio_lab.evaluation.portfolio_report)."""
+    """The greedy policy of a portfolio agent as a ``Decide`` (sentio_lab.evaluation.portfolio_report): what its env
+    steps on (weights, signed weights or a tilt)."""
     def decide(k: int, t: int, obs: torch.Tensor) -> tuple[np.ndarray, bool]:
         return agent.act_greedy(obs)[0].to(torch.float64).numpy(), False
+    return decide
+
+
+def ensemble_decide(members: list[torch.nn.Module], anchor: PortfolioAnchor | None) -> Any:
+    """A seed ensemble as a ``Decide``: at each decision every member's greedy target weights for the same
+    observation (each through its own normaliser), and their plain mean traded. Long-only weights and long-short
+    signed weights are the env actions themselves (the mean of points of a convex set stays in it: on the simplex,
+    or within ``sum |w| <= G``); an anchored member's target is ``P(b_t + tau_i)`` (its tilt projected around the
+    benchmark's weights at bar t), and the ensemble steps on the tilt ``mean_i P(b_t + tau_i) - b_t``, which the
+    env projects back onto that mean (already on the simplex)."""
+    def decide(k: int, t: int, obs: torch.Tensor) -> tuple[np.ndarray, bool]:
+        actions = torch.stack([m.act_greedy(obs)[0].to(torch.float64) for m in members])
+        if anchor is None:
+            return actions.mean(0).numpy(), False
+        benchmark = torch.as_tensor(anchor.benchmark[t])
+        return (project_to_simplex(benchmark + actions).mean(0) - benchmark).numpy(), False
     return decide
 
 
@@ -213,11 +281,11 @@ def frame_episode(frame: pd.DataFrame, assets: tuple[str, ...], start: int) -> P
                             weights=np.column_stack([block("weight"), rows["weight:cash"].to_numpy()]))
 
 
-def _test_groups(plan: PortfolioPlan, fold: splitting.Fold, arrays: Any, decide: Any) -> pd.DataFrame:
-    index = load_experiment_panel(plan.config).index
+def _test_groups(plan: PortfolioPlan, fold: splitting.Fold, env_of: Any, decide: Any) -> pd.DataFrame:
+    index = plan_panel(plan).index
     parts = []
     for group, path, segment in zip(fold.groups, fold.paths, fold.test, strict=True):
-        env, start, steps = segment_env(plan, arrays, segment)  # a test group always holds its decision bars
+        env, start, steps = env_of(segment)  # a test group always holds its decision bars
         episode = record_episode(env, decide, start, steps)
         parts.append(episode_frame(episode, index, plan.assets).assign(group=group, path=path, start=start))
     return pd.concat(parts, ignore_index=True)
@@ -230,12 +298,10 @@ def chained_sharpe(episodes: list[PortfolioEpisode]) -> float:
 
 
 # =================================================================================================== cells
-def load_cell_agent(path: Path, module: Any, args: Any, market: Any) -> torch.nn.Module:
-    """The agent of a cell's checkpoint for its fold market (greedy, eval mode)."""
+def load_cell_agent(path: Path, module: Any, args: Any, market: Any, env: PortfolioEnv) -> torch.nn.Module:
+    """The agent of a cell's checkpoint for its fold market, sized for ``env`` (greedy, eval mode)."""
     bundle = load_checkpoint(path, data_fingerprint=market.data.fingerprint)
-    arrays = market.arrays
-    obs_dim = arrays.num_assets * (args.features.window * arrays.features.shape[2] + 1) + 1
-    agent = module.build_agent(args, obs_dim, arrays.num_assets + 1)
+    agent = module.build_agent(args, env.obs_dim, env.action_dim)
     agent.load_state_dict(bundle["agent"])
     return agent.eval()
 
@@ -252,13 +318,16 @@ def run_portfolio_cell(plan: PortfolioPlan, cell: Cell, output: Path) -> dict[st
     fold = plan.folds[cell.fold]
     market = fold_market(plan, fold, module, args)
     record = train_cell(cell, market, folder, write_record=False)
-    agent = load_cell_agent(folder / record["checkpoint"], module, args.replace(seed=cell.seed), market)
+    args = args.replace(seed=cell.seed)
+    def env_of(segment: tuple[int, int]) -> tuple[PortfolioEnv, int, int] | None:
+        return agent_env(plan, module, args, market, segment)
+    agent = load_cell_agent(folder / record["checkpoint"], module, args, market, env_of(fold.test[0])[0])
     decide = agent_decide(agent)
-    groups = _test_groups(plan, fold, market.arrays, decide)
+    groups = _test_groups(plan, fold, env_of, decide)
     groups.to_parquet(folder / GROUPS_FILE)
     in_sample = []
     for segment in fold.train:
-        built = segment_env(plan, market.arrays, segment)
+        built = env_of(segment)
         if built is not None:
             in_sample.append(record_episode(built[0], decide, built[1], built[2]))
     out_sample = [frame_episode(g, plan.assets, int(g["start"].iloc[0])) for _, g in groups.groupby("group")]
@@ -266,6 +335,66 @@ def run_portfolio_cell(plan: PortfolioPlan, cell: Cell, output: Path) -> dict[st
                   in_sample_bars=int(sum(len(e.cost) for e in in_sample)), test_sharpe=chained_sharpe(out_sample))
     write_json_atomic(folder / CELL_FILE, record)
     return record
+
+
+def placebo_panel(plan: PortfolioPlan, fold: splitting.Fold, replicate: int) -> PanelData:
+    """The plan's panel with ``fold``'s training segments bootstrapped with seed ``replicate``
+    (:func:`sentio_lab.experiment.portfolio_placebo.bootstrap_panel`; test groups and gaps untouched)."""
+    panel, _ = bootstrap_panel(plan_panel(plan), fold.train, block_mean=plan.config.placebo_block_mean,
+                               seed=replicate)
+    return panel
+
+
+def run_portfolio_placebo_cell(plan: PortfolioPlan, cell: Cell, output: Path) -> dict[str, Any]:
+    """Train placebo ``cell`` on its fold's placebo panel under ``<output>/placebo/``, then run it greedily on the
+    fold's (bootstrapped) training segments: its in-sample Sharpe. Finished cells are not redone."""
+    folder = output / PLACEBO_DIR / cell.cell_id
+    done = cell_done(folder)
+    if done is not None and done.get("format") == PORTFOLIO_FORMAT:
+        return done
+    torch.set_num_threads(1)
+    module, args = load_variant(cell.variant), parse_variant_args(cell.variant, cell.args)
+    fold = plan.folds[cell.fold]
+    market = fold_market(plan, fold, module, args, placebo_panel(plan, fold, int(cell.placebo)))
+    record = train_cell(cell, market, folder, write_record=False)
+    args = args.replace(seed=cell.seed)
+    envs = [agent_env(plan, module, args, market, segment) for segment in fold.train]
+    envs = [built for built in envs if built is not None]
+    agent = load_cell_agent(folder / record["checkpoint"], module, args, market, envs[0][0])
+    in_sample = [record_episode(env, agent_decide(agent), start, steps) for env, start, steps in envs]
+    record.update(format=PORTFOLIO_FORMAT, in_sample_sharpe=chained_sharpe(in_sample),
+                  in_sample_bars=int(sum(len(e.cost) for e in in_sample)))
+    write_json_atomic(folder / CELL_FILE, record)
+    return record
+
+
+def run_portfolio_ensemble(plan: PortfolioPlan, agent: AgentSpec, fold: splitting.Fold, output: Path) -> None:
+    """Configuration ``agent``'s seed ensemble on ``fold``'s test groups (:func:`ensemble_decide`; the trained cells
+    of every seed as members, in the configuration's own env), under ``<output>/ensembles/``; a finished ensemble
+    with the same members is not redone."""
+    name = ensemble_name(agent.name)
+    folder = output / ENSEMBLE_DIR / f"{name}__fold{fold.fold:03d}"
+    cells = [c for c in plan.cells if c.agent == agent.name and c.fold == fold.fold]
+    done = cell_done(folder)
+    if done is not None and done.get("format") == PORTFOLIO_FORMAT and done.get("members") == [c.cell_id for c in
+                                                                                                cells]:
+        return
+    torch.set_num_threads(1)
+    module, args = load_variant(agent.variant), parse_variant_args(agent.variant, cells[0].args)
+    market = fold_market(plan, fold, module, args)
+    def env_of(segment: tuple[int, int]) -> tuple[PortfolioEnv, int, int] | None:
+        return agent_env(plan, module, args, market, segment)
+    env = env_of(fold.test[0])[0]
+    members = []
+    for cell in cells:
+        record = cell_done(output / "cells" / cell.cell_id)
+        members.append(load_cell_agent(output / "cells" / cell.cell_id / record["checkpoint"], module,
+                                       args.replace(seed=cell.seed), market, env))
+    folder.mkdir(parents=True, exist_ok=True)
+    groups = _test_groups(plan, fold, env_of, ensemble_decide(members, env.anchor))
+    groups.assign(seed=ENSEMBLE_SEED).to_parquet(folder / GROUPS_FILE)
+    write_json_atomic(folder / CELL_FILE, {"ensemble": name, "fold": fold.fold, "format": PORTFOLIO_FORMAT,
+                                           "members": [c.cell_id for c in cells]})
 
 
 def run_portfolio_baselines(plan: PortfolioPlan, fold: splitting.Fold, output: Path) -> None:
@@ -283,7 +412,8 @@ def run_portfolio_baselines(plan: PortfolioPlan, fold: splitting.Fold, output: P
         folder.mkdir(parents=True, exist_ok=True)
         baseline = SkfolioBaseline(name, arrays.close, rows, lookback=config.lookback, min_returns=config.min_returns,
                                    assets=plan.assets)
-        groups = _test_groups(plan, fold, arrays, baseline_decide(baseline, config.rebalance_every))
+        groups = _test_groups(plan, fold, lambda segment: segment_env(plan, arrays, segment),
+                              baseline_decide(baseline, config.rebalance_every))
         groups.assign(seed=-1).to_parquet(folder / GROUPS_FILE)
         write_json_atomic(folder / CELL_FILE, {"baseline": name, "fold": fold.fold, "format": PORTFOLIO_FORMAT,
                                                "fallback_bars": len(baseline.fallbacks)})
@@ -298,6 +428,11 @@ def _units(plan: PortfolioPlan, output: Path) -> list[tuple[dict[str, Any], dict
             frames = {c.fold: pd.read_parquet(output / "cells" / c.cell_id / GROUPS_FILE) for c in plan.cells
                       if c.agent == agent.name and c.seed == seed}
             units.append(({"kind": "agent", "name": agent.name, "variant": agent.variant, "seed": seed}, frames))
+        if agent.ensemble:
+            name = ensemble_name(agent.name)
+            frames = {f.fold: pd.read_parquet(output / ENSEMBLE_DIR / f"{name}__fold{f.fold:03d}" / GROUPS_FILE)
+                      for f in plan.folds}
+            units.append(({"kind": "agent", "name": name, "variant": agent.variant, "seed": ENSEMBLE_SEED}, frames))
     for name in plan.config.baselines:
         frames = {f.fold: pd.read_parquet(output / "baselines" / f"{name}__fold{f.fold:03d}" / GROUPS_FILE)
                   for f in plan.folds}
@@ -339,6 +474,14 @@ def assemble_portfolio(plan: PortfolioPlan, output: str | Path) -> pd.DataFrame:
              **{k: cell_done(output / "cells" / c.cell_id)[k] for k in ("in_sample_sharpe", "in_sample_bars",
                                                                          "test_sharpe")}} for c in plan.cells]
     pd.DataFrame(memo).to_parquet(output / MEMORISATION_FILE)
+    if plan.placebo_cells:
+        placebo = [{"name": c.agent, "replicate": c.placebo, "seed": c.seed, "fold": c.fold,
+                    **{k: cell_done(output / PLACEBO_DIR / c.cell_id)[k] for k in ("in_sample_sharpe",
+                                                                                   "in_sample_bars")}}
+                   for c in plan.placebo_cells]
+        pd.DataFrame(placebo).to_parquet(output / PLACEBO_FILE)
+    else:
+        (output / PLACEBO_FILE).unlink(missing_ok=True)
     return results
 
 
@@ -347,22 +490,30 @@ def run_portfolio_experiment(plan: PortfolioPlan, output: str | Path) -> pd.Data
     Finished work is never redone; a folder left by other arguments is refused."""
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
-    for cell in plan.cells:
-        record = cell_done(output / "cells" / cell.cell_id)
+    for cell in plan.cells + plan.placebo_cells:
+        record = cell_done(output / ("cells" if cell.placebo is None else PLACEBO_DIR) / cell.cell_id)
         if record is not None and record.get("command") != shlex.join(cell.args):
-            raise ValueError(f"{output / 'cells' / cell.cell_id}: finished with other arguments "
+            raise ValueError(f"{output / cell.cell_id}: finished with other arguments "
                              f"({record.get('command')!r}, planned {shlex.join(cell.args)!r}); choose another "
                              "output folder or delete that one")
     record = {"experiment": plan.config.name, "n_trials": plan.config.n_trials, "n_bars": plan.n_bars,
               "first_valid": plan.first_valid, "purge": plan.gaps.purge, "embargo": plan.gaps.embargo,
               "folds": [dataclasses.asdict(f) for f in plan.folds], "cells": [c.cell_id for c in plan.cells],
+              "placebo_cells": [c.cell_id for c in plan.placebo_cells],
               "accounting": {**plan.accounting, "costs": dataclasses.asdict(plan.accounting["costs"])},
+              "panel": plan.panel,
               "created": time.strftime("%Y-%m-%d %H:%M:%S")}
     (output / "plan.json").write_text(json.dumps(record, indent=2, default=str))
     threads = torch.get_num_threads()
     try:
         for cell in plan.cells:
             run_portfolio_cell(plan, cell, output)
+        for agent in plan.config.agents:
+            for fold in plan.folds:
+                if agent.ensemble:
+                    run_portfolio_ensemble(plan, agent, fold, output)
+        for cell in plan.placebo_cells:
+            run_portfolio_placebo_cell(plan, cell, output)
         for fold in plan.folds:
             run_portfolio_baselines(plan, fold, output)
     finally:
@@ -378,8 +529,9 @@ def run_portfolio_file(path: str | Path, output_root: str | Path, *, seeds: tupl
     output = Path(output_root) / config.name
     plan = plan_portfolio(config, extra_args)
     print(f"{config.name}: {len(plan.folds)} CPCV folds over {plan.n_bars} dates x {len(plan.assets)} assets, "
-          f"{len(plan.cells)} cells ({config.n_trials} configurations x {len(config.seeds)} seeds x "
-          f"{len(plan.folds)} folds), purge {plan.gaps.purge}, embargo {plan.gaps.embargo}")
+          f"{len(plan.cells)} cells ({len(config.agents)} configurations x {len(config.seeds)} seeds x "
+          f"{len(plan.folds)} folds), {len(plan.placebo_cells)} placebo cells, {config.n_trials} trials, "
+          f"purge {plan.gaps.purge}, embargo {plan.gaps.embargo}")
     results = run_portfolio_experiment(plan, output)
     print(strategy_table(results, ("sharpe", "cagr", "max_drawdown")).to_string())
     print(f"results: {output / RESULTS_FILE}")

@@ -3,12 +3,14 @@
 The single-asset report's tables, computed by the same code (:mod:`sentio_lab.experiment.summary`: the
 per-strategy medians, PSR / DSR / PBO / SPA against the baselines, the verdict, the targets), plus the portfolio's
 own (:mod:`sentio_lab.evaluation.portfolio_report`): per-asset contribution to the return, turnover per asset,
-concentration (effective number of assets) and the memorisation gap (in-sample vs out-of-sample Sharpe per cell).
+concentration (effective number of assets) and the memorisation gap (in-sample vs out-of-sample Sharpe per cell),
+with a placebo control its floor (:func:`sentio_lab.experiment.portfolio_placebo.placebo_table`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -17,7 +19,8 @@ import pandas as pd
 from sentio_lab.evaluation.portfolio_report import asset_table, concentration_table
 from sentio_lab.experiment.assembly import EQUITY_FILE, RESULTS_FILE
 from sentio_lab.experiment.figures import plot_path_equity, plot_sharpe_distribution
-from sentio_lab.experiment.portfolio_runner import MEMORISATION_FILE, PATHS_FILE
+from sentio_lab.experiment.portfolio_placebo import placebo_table
+from sentio_lab.experiment.portfolio_runner import MEMORISATION_FILE, PATHS_FILE, PLACEBO_FILE
 from sentio_lab.experiment.summary import ab_tests, infer, strategy_table, targets_table, verdict
 
 
@@ -32,12 +35,27 @@ def memorisation_table(memo: pd.DataFrame) -> pd.DataFrame:
                          "cells": grouped.size()})
 
 
+def panel_labels(output: Path) -> dict[str, str]:
+    """The panel the run in ``output`` read, from its ``plan.json``: name, assets and calendar, and the missing-bar
+    policy with the number of forward-filled bars per asset (empty for a run without that record)."""
+    plan = output / "plan.json"
+    panel = json.loads(plan.read_text()).get("panel") if plan.exists() else None
+    if not panel:
+        return {}
+    filled = panel["filled_bars"]
+    return {"panel": f"{panel['name']}: {len(panel['assets'])} assets, {panel['bars']} bars {panel['first']} .. "
+                     f"{panel['last']}",
+            "missing bars": f"policy {panel['missing_policy']!r}, forward-filled bars per asset: "
+                            f"{filled if filled else 'none'}"}
+
+
 def write_portfolio_report(output: str | Path, report: str | Path, *, labels: Mapping[str, object],
                            reps: int = 1000, seed: int = 0) -> dict[str, pd.DataFrame]:
     """Write the report of the finished run in ``output`` to the folder ``report``; ``labels`` (range, steps, seeds,
     costs...) head ``report.md`` so every figure is read with what produced it. Returns the tables by file stem."""
     output, report = Path(output), Path(report)
     report.mkdir(parents=True, exist_ok=True)
+    labels = {**labels, **panel_labels(output)}
     results = pd.read_parquet(output / RESULTS_FILE)
     curves = pd.read_parquet(output / EQUITY_FILE)
     paths = pd.read_parquet(output / PATHS_FILE)
@@ -56,6 +74,9 @@ def write_portfolio_report(output: str | Path, report: str | Path, *, labels: Ma
         "paths": paths.set_index("kind"), "memorisation_cells": memo.set_index("name"),
         **{f"targets_{agent}": targets_table(results, agent) for agent in agents},
     }
+    if (output / PLACEBO_FILE).exists():  # the memorisation floor beside the real in-sample Sharpe
+        placebo = pd.read_parquet(output / PLACEBO_FILE)
+        tables.update(placebo=placebo_table(placebo, memo), placebo_cells=placebo.set_index("name"))
     for stem, table in tables.items():
         table.to_csv(report / f"{stem}.csv", index=stem != "ab_tests")
     lines = [verdict(results, f) for f in found.values()]
@@ -81,4 +102,6 @@ def _markdown(labels: Mapping[str, object], lines: list[str], tables: Mapping[st
         *block("Turnover per asset per year (medians)", "asset_turnover"),
         *block("Memorisation: in-sample (training segments) vs out-of-sample (test groups) Sharpe per cell",
                "memorisation"),
+        *(block("Placebo floor: 95th percentile of the in-sample Sharpe of agents retrained on block-bootstrapped "
+                "training bars, beside the real cells' in-sample Sharpe", "placebo") if "placebo" in tables else []),
     ])

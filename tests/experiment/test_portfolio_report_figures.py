@@ -140,3 +140,33 @@ def test_recorder_refuses_what_it_cannot_record():
         record_episode(batched, replay(path_of_weights()), START, STEPS)
     with pytest.raises(ValueError, match="exceeds"):
         record_episode(make_env(arrays, CostModel(), 5), replay(path_of_weights()), START, STEPS)
+
+
+@pytest.mark.parametrize("fill_price", ["next_open", "next_close"])
+def test_long_short_book_counts_its_borrow_as_cost(fill_price):
+    """A long-short book (gross 1.5) with borrow on its shorts: contributions minus costs are each step's return;
+    the recorded cost is the env's fees plus a non-negative borrow (material over the episode), and exactly the env's
+    fees without borrow."""
+    arrays = toy_arrays(fill_price)
+    rng = np.random.default_rng(5)
+    legs = rng.dirichlet(np.full(7, 0.7), size=STEPS)
+    signed = 1.5 * (legs[:, :3] - legs[:, 3:6])
+    for borrow in (0.0, 2000.0):
+        env = PortfolioEnv(arrays, num_envs=1, window=WINDOW, episode_length=STEPS, start=START,
+                           allocation="long_short", gross_limit=1.5,
+                           costs=CostModel(fee_bps=10.0, slippage_bps=5.0, borrow_bps=borrow))
+        fees, step = [], env.step
+
+        def recording(actions, hold=None, step=step, fees=fees):
+            out = step(actions, hold)
+            fees.append(float(out[4]["cost"][0]))
+            return out
+        env.step = recording
+        episode = record_episode(env, replay(signed), START, STEPS)
+        np.testing.assert_allclose(episode.contribution.sum(axis=1) - episode.cost, episode.returns, atol=1e-13)
+        paid = episode.cost * episode.equity[:-1] - np.array(fees)
+        if borrow:
+            assert (paid > -1e-15).all() and paid.sum() > 1e-3  # borrow is never a credit, and it is material
+        else:
+            np.testing.assert_allclose(paid, 0.0, atol=1e-15)
+        assert (episode.weights[:, :3] < 0).any()

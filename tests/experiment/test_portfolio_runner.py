@@ -73,9 +73,6 @@ def test_plan_refusals_name_the_problem(panel_of):
     with pytest.raises(ValueError, match="select-on"):
         runner.plan_portfolio(tiny_config(agents=(AgentSpec("a", "ppo_portfolio", (*TINY_ARGS, "--select-on",
                                                                                    "validation_sharpe")),)))
-    for flag in (("--anchor", "equal_weight"), ("--long-short",)):  # not evaluated by the runner yet
-        with pytest.raises(ValueError, match=f"{flag[0]} is not evaluated by the portfolio runner"):
-            runner.plan_portfolio(tiny_config(agents=(AgentSpec("a", "ppo_portfolio", (*TINY_ARGS, *flag)),)))
 
 
 def trained_weights(output: Path, cell) -> dict[str, torch.Tensor]:
@@ -197,7 +194,6 @@ def test_config_file_and_refusals(tmp_path):
         load_portfolio_config(tmp_path / "missing.toml")
     agent = (AgentSpec("a", "ppo_portfolio"),)
     for changes, match in [({"agents": (AgentSpec("a", "ppo_portfolio"),) * 2}, "repeat"),
-                           ({"agents": (AgentSpec("a", "ppo_portfolio", ensemble=True),)}, "ensemble"),
                            ({"dataset": "sp500"}, "panel"), ({"baselines": ("nope",)}, "baselines"),
                            ({"seeds": (1, 1)}, "seeds"), ({"rebalance_every": 0}, "rebalance_every")]:
         with pytest.raises(ValueError, match=match):

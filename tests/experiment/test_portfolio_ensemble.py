@@ -1,0 +1,117 @@
+"""Seed ensembles of portfolio agents (sentio_lab.experiment.portfolio_runner.ensemble_decide and the runner's
+``<name>_ensemble`` strategy): the members' target weights averaged at each decision -- an anchored member's target is
+its projected tilt, not the raw tilt -- a hand replay of the averaged weights gives the ensemble's equity, and the
+ensemble counts as one more trial."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from sentio_lab.agents.checkpoint import load_checkpoint
+from sentio_lab.agents.variants import load_variant, parse_variant_args
+from sentio_lab.data.panel import load_panel
+from sentio_lab.env.portfolio import PortfolioEnv
+from sentio_lab.env.portfolio_anchor import PortfolioAnchor, equal_weight_benchmark, project_to_simplex
+from sentio_lab.experiment import portfolio_runner as runner
+from sentio_lab.experiment.config import AgentSpec
+from sentio_lab.experiment.portfolio_config import PortfolioExperimentConfig, load_portfolio_config
+from tests.data.test_panel import synthetic_frames
+from tests.experiment.test_portfolio_runner import TINY_ARGS, tiny_config
+
+
+class Fixed(torch.nn.Module):
+    """A member whose greedy action is the same row for every observation."""
+
+    def __init__(self, row) -> None:
+        super().__init__()
+        self.row = torch.tensor([row], dtype=torch.float32)
+
+    def act_greedy(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.row.expand(obs.shape[0], -1)
+
+
+def test_members_average_their_target_weights():
+    obs = torch.zeros(1, 5)
+    weights = runner.ensemble_decide([Fixed([0.5, 0.5, 0.0]), Fixed([0.0, 0.25, 0.75])], None)
+    targets, hold = weights(0, 3, obs)
+    np.testing.assert_allclose(targets, [0.25, 0.375, 0.375], rtol=1e-7)
+    assert not hold
+    signed = runner.ensemble_decide([Fixed([1.0, -0.5]), Fixed([-0.2, 0.3])], None)
+    np.testing.assert_allclose(signed(0, 0, obs)[0], [0.4, -0.1], rtol=1e-6)
+    # anchored: the mean of the projected targets, as a tilt around b_t; tilts that cancel are not the benchmark
+    benchmark = equal_weight_benchmark(10, 3)
+    benchmark[4] = [0.5, 0.2, 0.1, 0.2]
+    anchor = PortfolioAnchor(benchmark)
+    tilts = [[2.0, -1.0, 0.0, 0.0], [-2.0, 1.0, 0.0, 0.0]]
+    tilt, _ = runner.ensemble_decide([Fixed(t) for t in tilts], anchor)(0, 4, obs)
+    b = torch.as_tensor(benchmark[4])
+    expected = torch.stack([project_to_simplex(b + torch.tensor(t, dtype=torch.float64)) for t in tilts]).mean(0)
+    np.testing.assert_allclose(tilt + benchmark[4], expected.numpy(), atol=1e-7)
+    assert not np.allclose(tilt, 0.0, atol=1e-3)  # averaging the raw tilts would give the benchmark
+    assert torch.allclose(project_to_simplex(b + torch.as_tensor(tilt)), expected, atol=1e-7)
+
+
+def test_ensemble_fields():
+    spec = AgentSpec("a", "ppo_portfolio", ensemble=True)
+    assert PortfolioExperimentConfig(name="x", agents=(spec,)).n_trials == 2
+    for agents, match in [((spec, AgentSpec("a_ensemble", "ppo_portfolio")), "taken by seed ensembles"),
+                          ((AgentSpec("a", "ppo_portfolio", gate_margin=0.1),), "gate_margin")]:
+        with pytest.raises(ValueError, match=match):
+            PortfolioExperimentConfig(name="x", agents=agents)
+
+
+@pytest.fixture
+def panel_of(monkeypatch):
+    def use(frames):
+        runner._PANELS.clear()
+        monkeypatch.setattr(runner, "load_sp500_panel", lambda start=None, end=None: load_panel(frames))
+    yield use
+    runner._PANELS.clear()
+
+
+@pytest.mark.slow
+def test_ensemble_equity_is_a_hand_replay_of_the_averaged_weights(panel_of, tmp_path):
+    panel_of(synthetic_frames(3, seed=9))
+    file = tmp_path / "e.toml"
+    file.write_text("\n".join(['kind = "portfolio"', "[agents.pp]", "ensemble = true",
+                               f"args = {json.dumps(list(TINY_ARGS))}"]))
+    spec = load_portfolio_config(file).agents[0]
+    assert spec.ensemble
+    plan = runner.plan_portfolio(tiny_config(agents=(spec,), seeds=(1, 2), baselines=("equal_weight",)))
+    results = runner.run_portfolio_experiment(plan, tmp_path / "out")
+    assert set(results["name"]) == {"pp", "pp_ensemble", "equal_weight"}
+    assert (results["n_trials"] == 2).all()
+    assert (results.loc[results["name"] == "pp_ensemble", "seed"] == -2).all()
+    fold = plan.folds[0]
+    module, args = load_variant("ppo_portfolio"), parse_variant_args("ppo_portfolio", plan.cells[0].args)
+    market = runner.fold_market(plan, fold, module, args)
+    arrays = market.arrays
+    members = []
+    for cell in (c for c in plan.cells if c.fold == fold.fold):
+        net = module.build_agent(args, arrays.num_assets * (4 * arrays.features.shape[2] + 1) + 1,
+                                 arrays.num_assets + 1)
+        net.load_state_dict(load_checkpoint(tmp_path / "out" / "cells" / cell.cell_id / "checkpoint.pt")["agent"])
+        members.append(net.eval())
+    assert len(members) == 2
+    groups = pd.read_parquet(tmp_path / "out" / "ensembles" / "pp_ensemble__fold000" / "groups.parquet")
+    singles = pd.read_parquet(tmp_path / "out" / "cells" / plan.cells[0].cell_id / "groups.parquet")
+    segment, group = fold.test[0], fold.groups[0]
+    start = max(segment[0], arrays.first_valid + 3)
+    steps = segment[1] - 1 - start
+    env = PortfolioEnv(arrays, num_envs=1, window=4, episode_length=steps, start=segment[0], stop=segment[1],
+                       costs=module.cost_model(args))
+    obs, equity = env.reset([start]), [1.0]
+    for _ in range(steps):
+        mean = (members[0].act_greedy(obs).double() + members[1].act_greedy(obs).double()) / 2
+        obs, _, _, _, info = env.step(mean)
+        equity.append(float(info["equity"][0]))
+    mine = groups.loc[groups["group"] == group, "equity"].to_numpy()
+    np.testing.assert_allclose(mine, equity, rtol=1e-12)
+    assert not np.allclose(mine, singles.loc[singles["group"] == group, "equity"].to_numpy(), rtol=1e-9)
+    # a rerun reuses the finished ensembles and gives the same table
+    pd.testing.assert_frame_equal(results, runner.run_portfolio_experiment(plan, tmp_path / "out"))
