@@ -55,6 +55,7 @@ from sentio_lab.env.anchor import DEFAULT_TILTS
 from sentio_lab.env.portfolio import PortfolioEnv
 from sentio_lab.env.portfolio_anchor import PortfolioAnchor, equal_weight_benchmark
 from sentio_lab.env.portfolio_arrays import build_portfolio_arrays
+from sentio_lab.env.portfolio_benchmarks import fitted_benchmark
 from sentio_lab.env.portfolio_market import (
     FeatureInfo,
     PanelInfo,
@@ -62,7 +63,7 @@ from sentio_lab.env.portfolio_market import (
     PortfolioMarket,
     panel_fingerprint,
 )
-from sentio_lab.env.splits import SegmentEpisodeSampler
+from sentio_lab.env.splits import SegmentEpisodeSampler, fit_rows
 from sentio_lab.run_loop import run_cli, start_run
 
 VARIANT = "ppo_portfolio"
@@ -72,9 +73,14 @@ VARIANT = "ppo_portfolio"
 class PortfolioEnvArgs(EnvArgs):
     """Environment and costs (ppo's group), with the portfolio's benchmark for ``--anchor``."""
 
-    anchor: Literal["equal_weight"] | None = None
+    anchor: Literal["equal_weight", "inverse_volatility", "minimum_variance", "maximum_diversification", "hrp"] | None \
+        = None
     """benchmark the actions tilt around: target = projection onto the simplex of benchmark weights + a Gaussian tilt
-    (sentio_lab.env.portfolio_anchor); the untrained agent's greedy action is the zero tilt (the benchmark)"""
+    (sentio_lab.env.portfolio_anchor); a skfolio portfolio is fitted on training returns <= t only; the untrained
+    agent's greedy action is the zero tilt (the benchmark)"""
+    anchor_rebalance: int = 1
+    """with --anchor: episode steps between the benchmark's re-targets; it drifts with prices in between (the zero
+    tilt then equals the runner's baseline at that frequency); 1: re-target every step (a constant mix)"""
 
 
 @dataclass
@@ -155,6 +161,8 @@ def check_args(args: Args) -> None:
                          "(--tilt-std); drop them")
     if env.excess_reward and env.anchor is None:
         raise ValueError("--excess-reward only acts with --anchor (a benchmark to beat); add --anchor equal_weight")
+    if env.anchor_rebalance != 1 and env.anchor is None:
+        raise ValueError(f"--anchor-rebalance {env.anchor_rebalance} only acts with --anchor; add one or drop it")
     if env.anchor is not None and args.long_short:
         raise ValueError("--anchor with --long-short: the tilt is projected onto the long-only simplex; drop one")
     if args.gross_limit != 1.0 and not args.long_short:
@@ -167,9 +175,20 @@ def policy_of(args: Args) -> str:
 
 
 def anchor_for(args: Args, market: PortfolioMarket) -> PortfolioAnchor | None:
-    """The benchmark of ``--anchor`` on ``market`` (equal weight reads no bar), with ``--excess-reward``."""
-    benchmark = equal_weight_benchmark(len(market.arrays.close), market.arrays.num_assets)
-    return None if args.env.anchor is None else PortfolioAnchor(benchmark, args.env.excess_reward, args.env.anchor)
+    """The benchmark of ``--anchor`` on ``market``, with ``--excess-reward`` and ``--anchor-rebalance``: equal weight
+    reads no bar; a skfolio portfolio is refitted at each bar on the training returns up to it (the ``train`` range,
+    or a fold market's ``train_segments``: :mod:`sentio_lab.env.portfolio_benchmarks`)."""
+    name, arrays = args.env.anchor, market.arrays
+    if name is None:
+        return None
+    n_bars = len(arrays.close)
+    if name == "equal_weight":
+        benchmark = equal_weight_benchmark(n_bars, arrays.num_assets)
+    else:
+        rows = fit_rows(market.train_segments or [market.range("train")], n_bars)
+        first = arrays.first_valid + args.features.window - 1  # no decision before: fit nothing there
+        benchmark = fitted_benchmark(name, arrays.close, rows, first, market.panel.assets)
+    return PortfolioAnchor(benchmark, args.env.excess_reward, name, args.env.anchor_rebalance)
 
 
 def make_env(args: Args, market: PortfolioMarket, range_name: str = "train") -> PortfolioEnv:
@@ -218,11 +237,16 @@ def build_agent(args: Args, obs_dim: int, num_actions: int) -> PortfolioActorCri
 
 def restore_trained(args: Args, bundle: dict[str, Any]) -> tuple[PortfolioActorCritic, PortfolioMarket]:
     """Agent and market of a checkpoint (:func:`sentio_lab.agents.variants.load_trained`): the panel reloaded, its
-    fingerprint checked, the features refitted on the same training bars."""
+    fingerprint checked, the features and an anchor's benchmark refitted on the same training bars (the benchmark
+    checked against the checkpoint's record)."""
     market = market_for(args)
     if market.data.fingerprint != bundle["data_fingerprint"]:
         raise ValueError(f"panel {market.data.name!r} now has fingerprint {market.data.fingerprint}, the model was "
                          f"trained on {bundle['data_fingerprint']}")
+    recorded, anchor = bundle["extra"].get("anchor_benchmark"), anchor_for(args, market)
+    if recorded is not None and (anchor is None or not torch.equal(recorded, torch.from_numpy(anchor.benchmark))):
+        raise ValueError(f"--anchor {args.env.anchor}: the benchmark refitted on the training bars differs from the "
+                         "one the checkpoint recorded (another panel, or another skfolio version)")
     arrays = market.arrays
     obs_dim = arrays.num_assets * (args.features.window * arrays.features.shape[2] + 1) + 1
     agent = build_agent(args, obs_dim, arrays.num_assets + (0 if args.long_short else 1))
@@ -249,9 +273,12 @@ def train(args: Args, *, market: PortfolioMarket | None = None) -> TrainResult:
     state = run.restore(agent, optimizer)
     next_obs, next_done = state.next_obs, state.next_done
 
+    anchor = getattr(env, "anchor", None)  # the fitted benchmark joins the checkpoint (restore_trained compares it)
+    fitted = {} if anchor is None else {"anchor_benchmark": torch.from_numpy(anchor.benchmark.copy())}
+
     def save(iteration: int) -> Path | None:
         state.next_done = next_done
-        return run.save(iteration, agent, optimizer, state)
+        return run.save(iteration, agent, optimizer, state, extra=fitted)
 
     iteration = state.start_iteration - 1
     for iteration in range(state.start_iteration, hp.num_iterations + 1):
