@@ -39,8 +39,18 @@ import torch
 from torch import nn
 
 from sentio_lab.agents import training
-from sentio_lab.agents.arguments import DataArgs, EnvArgs, FeatureArgs, Flat, RunArgs, SharedArgs, TrackingArgs
+from sentio_lab.agents.arguments import (
+    DataArgs,
+    EnvArgs,
+    FeatureArgs,
+    Flat,
+    RiskCriticArgs,
+    RunArgs,
+    SharedArgs,
+    TrackingArgs,
+)
 from sentio_lab.agents.nets.portfolio import PortfolioActorCritic
+from sentio_lab.agents.portfolio_risk import PortfolioRisk, check_risk_args, risk_aware
 from sentio_lab.agents.rollout import (
     bootstrap_truncated,
     compute_gae,
@@ -93,6 +103,7 @@ class Args(SharedArgs):
     run: Flat[RunArgs] = field(default_factory=lambda: RunArgs(exp_name=VARIANT))
     env: Flat[PortfolioEnvArgs] = field(default_factory=PortfolioEnvArgs)
     tracking: Flat[TrackingArgs] = field(default_factory=lambda: TrackingArgs(track=False))
+    risk_critic: Flat[RiskCriticArgs] = field(default_factory=RiskCriticArgs)
     long_short: bool = False
     """long-short allocation: signed weights with sum |w| <= --gross-limit, cash 1 - sum w (default: long-only)"""
     gross_limit: float = 1.0
@@ -152,6 +163,7 @@ def check_args(args: Args) -> None:
         raise ValueError("--track: the end-of-run W&B evaluation summary is single-asset only; run with --no-track")
     if args.d_model % args.n_heads:
         raise ValueError(f"--d-model {args.d_model} is not divisible by --n-heads {args.n_heads}")
+    check_risk_args(args.risk_critic)
     env = args.env
     single_asset = [flag for flag, value, default in (("--deviation-penalty", env.deviation_penalty, 0.0),
         ("--no-trade-band", env.no_trade_band, 0.0), ("--tilts", tuple(env.tilts), DEFAULT_TILTS),
@@ -225,14 +237,16 @@ def validation_equity(agent: PortfolioActorCritic, args: Args, market: Portfolio
 def build_agent(args: Args, obs_dim: int, num_actions: int) -> PortfolioActorCritic:
     """The actor-critic for ``A`` assets (``num_actions``: the env's action width, ``A + 1`` long-only, ``A``
     long-short) over observations ``obs_dim = A x token + 1`` wide."""
-    num_assets = num_actions if args.long_short else num_actions - 1
+    num_assets, risk = num_actions if args.long_short else num_actions - 1, args.risk_critic
     token_dim, rest = divmod(obs_dim - 1, num_assets)
     if rest:
         raise ValueError(f"obs_dim {obs_dim} is not {num_assets} asset blocks + the cash weight")
     return PortfolioActorCritic(num_assets, token_dim, d_model=args.d_model, heads=args.n_heads,
                                 layers=args.n_layers, ff=args.ff_size, hidden=args.ppo.hidden_size,
                                 norm_obs=args.ppo.norm_obs, min_concentration=args.min_concentration,
-                                policy=policy_of(args), gross_limit=args.gross_limit, tilt_std=args.tilt_std)
+                                policy=policy_of(args), gross_limit=args.gross_limit, tilt_std=args.tilt_std,
+                                num_quantiles=risk.num_quantiles, risk=risk.risk, cvar_alpha=risk.cvar_alpha,
+                                cost_critic=risk.cost_limit is not None)
 
 
 def restore_trained(args: Args, bundle: dict[str, Any]) -> tuple[PortfolioActorCritic, PortfolioMarket]:
@@ -270,15 +284,19 @@ def train(args: Args, *, market: PortfolioMarket | None = None) -> TrainResult:
     obs = torch.zeros((*shape, env.obs_dim), device=device)
     actions = torch.zeros((*shape, agent.action_dim), device=device)
     logprobs, rewards, dones, values, cash_weights = (torch.zeros(shape, device=device) for _ in range(5))
+    risk = PortfolioRisk(args.risk_critic, hp.num_steps, n_envs, device) if risk_aware(args.risk_critic) else None
     state = run.restore(agent, optimizer)
     next_obs, next_done = state.next_obs, state.next_done
+    if risk is not None and run.bundle is not None:
+        risk.load_state_dict(run.bundle["extra"]["risk"])
 
     anchor = getattr(env, "anchor", None)  # the fitted benchmark joins the checkpoint (restore_trained compares it)
     fitted = {} if anchor is None else {"anchor_benchmark": torch.from_numpy(anchor.benchmark.copy())}
 
     def save(iteration: int) -> Path | None:
         state.next_done = next_done
-        return run.save(iteration, agent, optimizer, state, extra=fitted)
+        return run.save(iteration, agent, optimizer, state, extra={
+            **fitted, **({} if risk is None else {"risk": risk.state_dict()})})
 
     iteration = state.start_iteration - 1
     for iteration in range(state.start_iteration, hp.num_iterations + 1):
@@ -293,7 +311,7 @@ def train(args: Args, *, market: PortfolioMarket | None = None) -> TrainResult:
                 obs[step] = norm_obs
                 dones[step] = next_done
                 action, logprob, _, value = agent.get_action_and_value(norm_obs)
-                values[step] = value
+                values[step] = value if risk is None else risk.value(agent, step, value, norm_obs)
             actions[step] = action
             logprobs[step] = logprob
 
@@ -301,6 +319,8 @@ def train(args: Args, *, market: PortfolioMarket | None = None) -> TrainResult:
             cash_weights[step] = 1.0 - info["weights"].sum(-1)  # the cash weight the env filled
             state.episode_return += reward
             reward = reward.to(torch.float32) * args.env.reward_scale
+            if risk is not None:  # per-quantile rewards and drawdown costs, bootstrapped on truncation
+                risk.observe(agent, step, reward, info, truncated, hp.gamma)
             if bool(truncated.any()):  # the window ended, the market did not: bootstrap
                 with torch.no_grad():
                     final_value = agent.get_value(agent.normalise(info["final_obs"]))
@@ -310,11 +330,14 @@ def train(args: Args, *, market: PortfolioMarket | None = None) -> TrainResult:
             next_done = done.to(torch.float32)
             run.end_episodes(state, done)
 
-        # ---- bootstrap value and GAE
+        # ---- the multiplier (one PID step on the measured drawdown), bootstrap value and GAE
+        risk_record = {} if risk is None else risk.end_rollout()
         with torch.no_grad():
             next_value = agent.get_value(agent.normalise(next_obs))
             run.check_rollout(iteration, rewards=rewards, values=values, next_value=next_value)
             advantages, returns = compute_gae(rewards, values, dones, next_value, next_done, hp.gamma, hp.gae_lambda)
+            if risk is not None:  # per-quantile lambda-returns, cost advantages
+                risk.targets(agent, agent.normalise(next_obs), dones, next_done, hp.gamma, hp.gae_lambda)
 
         # ---- flatten the batch
         b_obs, b_actions = obs.reshape((-1, env.obs_dim)), actions.reshape((-1, agent.action_dim))
@@ -329,8 +352,14 @@ def train(args: Args, *, market: PortfolioMarket | None = None) -> TrainResult:
                 mb_obs, mb_actions, mb_logprobs, mb_advantages, mb_returns, mb_values = gather_minibatch(
                     (b_obs, b_actions, b_logprobs, b_advantages, b_returns, b_values), mb_inds)
                 _, newlogprob, entropy, newvalue = agent.get_action_and_value(mb_obs, mb_actions)
-                v_loss = value_loss(newvalue, mb_returns, mb_values, hp.clip_coef, hp.clip_vloss)
-                objective = ppo_objective(newlogprob, mb_logprobs, mb_advantages, entropy, v_loss, hp)
+                if risk is None:
+                    v_loss = value_loss(newvalue, mb_returns, mb_values, hp.clip_coef, hp.clip_vloss)
+                    objective = ppo_objective(newlogprob, mb_logprobs, mb_advantages, entropy, v_loss, hp)
+                else:  # quantile Huber / cost value losses; (A_r - lambda A_c) / (1 + lambda) with a constraint
+                    v_loss, c_loss = risk.critic_loss(agent, newvalue, mb_obs, mb_inds, mb_returns, mb_values, hp)
+                    mb_advantages, mb_hp = risk.advantages(mb_advantages, mb_inds, hp)
+                    objective = ppo_objective(newlogprob, mb_logprobs, mb_advantages, entropy, v_loss, mb_hp)
+                    objective.loss = objective.loss + c_loss
                 clipfracs.append(objective.clip_fraction)
 
                 optimizer.zero_grad()
@@ -347,6 +376,7 @@ def train(args: Args, *, market: PortfolioMarket | None = None) -> TrainResult:
                             updates_run)
         # the mean weight on cash the env filled over the rollout: how invested the policy is
         record["charts/mean_cash_weight"] = float(cash_weights.mean())
+        record.update(risk_record if risk is None else {**risk_record, **risk.record(values)})
         run.log(record, state)
         if run.stop_or_checkpoint(iteration, save):
             break

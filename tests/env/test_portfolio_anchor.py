@@ -215,7 +215,7 @@ def test_random_starts_retarget_on_each_episodes_first_step_and_resume(arrays):
     env.reset()
     assert bool((env.steps > 0).any()) and bool((env.shadow.age == 0).all())
     zero = torch.zeros(3, a + 1)
-    for k in range(12):
+    for _ in range(12):
         fresh, retarget = env.shadow.age == 0, env.shadow.age % 5 == 0
         _, _, _, _, info = env.step(zero)
         assert bool((info["cost"][fresh] > 0).all())  # every episode's first step buys the benchmark
