@@ -16,16 +16,23 @@ the truncation bootstrap, checkpoints, exact resume through :mod:`sentio_lab.run
   - ``--long-short --gross-limit G``: a Dirichlet over ``2A + 1`` legs (each asset's long and short leg, and the
     unused gross); the env gets ``w_i = G (long_i - short_i)``, so ``sum |w| < G`` by construction (cash
     ``1 - sum w``); the log-probability is the Dirichlet's of the stored ``2A + 1`` legs, exact;
-  - ``--anchor equal_weight``: a diagonal Gaussian tilt ``tau`` over the ``A + 1`` weights; the env trades
+  - ``--anchor NAME``: a diagonal Gaussian tilt ``tau`` over the ``A + 1`` weights; the env trades
     ``P(b_t + tau)``, ``b_t`` the benchmark's weights and ``P`` the Euclidean projection onto the simplex
     (:mod:`sentio_lab.env.portfolio_anchor`); the log-probability is the Gaussian's of the raw tilt (the projection is
     the env's, as CleanRL's continuous PPO leaves clipping to the env). The mean tilt starts at 0 for every
     observation: the untrained greedy agent *is* the benchmark, bit for bit. ``--excess-reward`` rewards the log
-    return over the benchmark's own (a shadow account with the same fills and costs).
+    return over the benchmark's own (a shadow account with the same fills and costs). The benchmark is equal weight
+    or a skfolio portfolio refitted at each bar on training returns up to it only
+    (:mod:`sentio_lab.env.portfolio_benchmarks`); with ``--anchor-rebalance K`` it re-targets every K steps and
+    drifts in between, and the zero tilt is the runner's baseline of the same name, bit for bit.
 
-Not here: the risk-aware critic (a quantile critic with CVaR, as ``ppo_risk``), an anchor on a skfolio baseline, and
-the end-of-run W&B evaluation summary (``run_summary`` is single-asset): ``--track`` is refused. Tune scores a trial by
-:func:`validation_equity`; a fold market (``train_segments``) keeps training episodes inside its training segments.
+* the risk-aware critic (``--num-quantiles``, ``--risk cvar``, ``--cost-limit``; off by default, the variant then as
+  before bit for bit): ``ppo_risk``'s quantile critic, CVaR and PID-Lagrangian drawdown constraint, from
+  :mod:`sentio_lab.agents.portfolio_risk`.
+
+Not here: the end-of-run W&B evaluation summary (``run_summary`` is single-asset): ``--track`` is refused. Tune scores
+a trial by :func:`validation_equity`; a fold market (``train_segments``) keeps training episodes inside its training
+segments.
 """
 
 from __future__ import annotations
@@ -88,9 +95,6 @@ class PortfolioEnvArgs(EnvArgs):
     """benchmark the actions tilt around: target = projection onto the simplex of benchmark weights + a Gaussian tilt
     (sentio_lab.env.portfolio_anchor); a skfolio portfolio is fitted on training returns <= t only; the untrained
     agent's greedy action is the zero tilt (the benchmark)"""
-    anchor_rebalance: int = 1
-    """with --anchor: episode steps between the benchmark's re-targets; it drifts with prices in between (the zero
-    tilt then equals the runner's baseline at that frequency); 1: re-target every step (a constant mix)"""
 
 
 @dataclass
@@ -108,6 +112,9 @@ class Args(SharedArgs):
     """long-short allocation: signed weights with sum |w| <= --gross-limit, cash 1 - sum w (default: long-only)"""
     gross_limit: float = 1.0
     """with --long-short: the gross exposure limit G (sum |w| <= G)"""
+    anchor_rebalance: int = 1
+    """with --anchor: episode steps between the benchmark's re-targets; it drifts with prices in between (the zero
+    tilt then equals the runner's baseline at that frequency); 1: re-target every step (a constant mix)"""
     tilt_std: float = 0.05
     """with --anchor: the Gaussian tilt's starting standard deviation (learned; one for every weight)"""
     cross_sectional: bool = False
@@ -173,8 +180,8 @@ def check_args(args: Args) -> None:
                          "(--tilt-std); drop them")
     if env.excess_reward and env.anchor is None:
         raise ValueError("--excess-reward only acts with --anchor (a benchmark to beat); add --anchor equal_weight")
-    if env.anchor_rebalance != 1 and env.anchor is None:
-        raise ValueError(f"--anchor-rebalance {env.anchor_rebalance} only acts with --anchor; add one or drop it")
+    if args.anchor_rebalance != 1 and env.anchor is None:
+        raise ValueError(f"--anchor-rebalance {args.anchor_rebalance} only acts with --anchor; add one or drop it")
     if env.anchor is not None and args.long_short:
         raise ValueError("--anchor with --long-short: the tilt is projected onto the long-only simplex; drop one")
     if args.gross_limit != 1.0 and not args.long_short:
@@ -200,7 +207,7 @@ def anchor_for(args: Args, market: PortfolioMarket) -> PortfolioAnchor | None:
         rows = fit_rows(market.train_segments or [market.range("train")], n_bars)
         first = arrays.first_valid + args.features.window - 1  # no decision before: fit nothing there
         benchmark = fitted_benchmark(name, arrays.close, rows, first, market.panel.assets)
-    return PortfolioAnchor(benchmark, args.env.excess_reward, name, args.env.anchor_rebalance)
+    return PortfolioAnchor(benchmark, args.env.excess_reward, name, args.anchor_rebalance)
 
 
 def make_env(args: Args, market: PortfolioMarket, range_name: str = "train") -> PortfolioEnv:
