@@ -26,13 +26,11 @@ the truncation bootstrap, checkpoints, exact resume through :mod:`sentio_lab.run
     (:mod:`sentio_lab.env.portfolio_benchmarks`); with ``--anchor-rebalance K`` it re-targets every K steps and
     drifts in between, and the zero tilt is the runner's baseline of the same name, bit for bit.
 
-* the risk-aware critic (``--num-quantiles``, ``--risk cvar``, ``--cost-limit``; off by default, the variant then as
-  before bit for bit): ``ppo_risk``'s quantile critic, CVaR and PID-Lagrangian drawdown constraint, from
-  :mod:`sentio_lab.agents.portfolio_risk`.
+* ``--num-quantiles``, ``--risk cvar``, ``--cost-limit``: ``ppo_risk``'s quantile critic, CVaR and PID-Lagrangian
+  drawdown constraint (:mod:`sentio_lab.agents.portfolio_risk`); off by default (the variant as before, bit for bit).
 
-Not here: the end-of-run W&B evaluation summary (``run_summary`` is single-asset): ``--track`` is refused. Tune scores
-a trial by :func:`validation_equity`; a fold market (``train_segments``) keeps training episodes inside its training
-segments.
+Not here: the end-of-run W&B summary (``run_summary`` is single-asset): ``--track`` is refused. Tune scores a trial by
+:func:`validation_equity`; a fold market (``train_segments``) keeps training episodes inside its training segments.
 """
 
 from __future__ import annotations
