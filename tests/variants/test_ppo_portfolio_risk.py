@@ -252,3 +252,21 @@ def test_a_checkpoint_records_the_fitted_benchmark_and_load_checks_it(tmp_path):
 def test_refusals_name_the_flag(tiny, flags, message):
     with pytest.raises(ValueError, match=message):
         pp.check_args(tiny.replace(**flags))
+
+
+def test_the_network_refuses_what_it_was_not_built_with():
+    agent = PortfolioActorCritic(2, 3, d_model=8, ff=16, hidden=8)
+    obs = torch.rand(4, 7)
+    assert agent.get_value(obs).shape == (4,)  # the scalar critic, as before
+    with pytest.raises(RuntimeError, match="scalar critic"):
+        agent.get_quantiles(obs)
+    with pytest.raises(RuntimeError, match="no cost critic"):
+        agent.get_cost_value(obs)
+    with pytest.raises(ValueError, match="--risk 'tail'"):
+        PortfolioActorCritic(2, 3, num_quantiles=4, risk="tail")
+    with pytest.raises(ValueError, match="cvar_alpha"):
+        PortfolioActorCritic(2, 3, num_quantiles=4, risk="cvar", cvar_alpha=0.0)
+    quantile = PortfolioActorCritic(2, 3, d_model=8, ff=16, hidden=8, num_quantiles=5, risk="cvar", cvar_alpha=0.4)
+    with torch.no_grad():
+        q = quantile.get_quantiles(obs)
+        assert q.shape == (4, 5) and torch.equal(quantile.get_value(obs), distort(q, "cvar", 0.4))
