@@ -16,15 +16,20 @@ the truncation bootstrap, checkpoints, exact resume through :mod:`sentio_lab.run
   - ``--long-short --gross-limit G``: a Dirichlet over ``2A + 1`` legs (each asset's long and short leg, and the
     unused gross); the env gets ``w_i = G (long_i - short_i)``, so ``sum |w| < G`` by construction (cash
     ``1 - sum w``); the log-probability is the Dirichlet's of the stored ``2A + 1`` legs, exact;
-  - ``--anchor equal_weight``: a diagonal Gaussian tilt ``tau`` over the ``A + 1`` weights; the env trades
+  - ``--anchor NAME``: a diagonal Gaussian tilt ``tau`` over the ``A + 1`` weights; the env trades
     ``P(b_t + tau)``, ``b_t`` the benchmark's weights and ``P`` the Euclidean projection onto the simplex
     (:mod:`sentio_lab.env.portfolio_anchor`); the log-probability is the Gaussian's of the raw tilt (the projection is
     the env's, as CleanRL's continuous PPO leaves clipping to the env). The mean tilt starts at 0 for every
     observation: the untrained greedy agent *is* the benchmark, bit for bit. ``--excess-reward`` rewards the log
-    return over the benchmark's own (a shadow account with the same fills and costs).
+    return over the benchmark's own (a shadow account with the same fills and costs). The benchmark is equal weight
+    or a skfolio portfolio refitted at each bar on training returns up to it only
+    (:mod:`sentio_lab.env.portfolio_benchmarks`); with ``--anchor-rebalance K`` it re-targets every K steps and
+    drifts in between, and the zero tilt is the runner's baseline of the same name, bit for bit.
 
-Not here: the risk-aware critic (a quantile critic with CVaR, as ``ppo_risk``), an anchor on a skfolio baseline, and
-the end-of-run W&B evaluation summary (``run_summary`` is single-asset): ``--track`` is refused. Tune scores a trial by
+* ``--num-quantiles``, ``--risk cvar``, ``--cost-limit``: ``ppo_risk``'s quantile critic, CVaR and PID-Lagrangian
+  drawdown constraint (:mod:`sentio_lab.agents.portfolio_risk`); off by default (the variant as before, bit for bit).
+
+Not here: the end-of-run W&B summary (``run_summary`` is single-asset): ``--track`` is refused. Tune scores a trial by
 :func:`validation_equity`; a fold market (``train_segments``) keeps training episodes inside its training segments.
 """
 
@@ -39,8 +44,18 @@ import torch
 from torch import nn
 
 from sentio_lab.agents import training
-from sentio_lab.agents.arguments import DataArgs, EnvArgs, FeatureArgs, Flat, RunArgs, SharedArgs, TrackingArgs
+from sentio_lab.agents.arguments import (
+    DataArgs,
+    EnvArgs,
+    FeatureArgs,
+    Flat,
+    RiskCriticArgs,
+    RunArgs,
+    SharedArgs,
+    TrackingArgs,
+)
 from sentio_lab.agents.nets.portfolio import PortfolioActorCritic
+from sentio_lab.agents.portfolio_risk import PortfolioRisk, check_risk_args, risk_aware
 from sentio_lab.agents.rollout import (
     bootstrap_truncated,
     compute_gae,
@@ -55,6 +70,7 @@ from sentio_lab.env.anchor import DEFAULT_TILTS
 from sentio_lab.env.portfolio import PortfolioEnv
 from sentio_lab.env.portfolio_anchor import PortfolioAnchor, equal_weight_benchmark
 from sentio_lab.env.portfolio_arrays import build_portfolio_arrays
+from sentio_lab.env.portfolio_benchmarks import fitted_benchmark
 from sentio_lab.env.portfolio_market import (
     FeatureInfo,
     PanelInfo,
@@ -62,7 +78,7 @@ from sentio_lab.env.portfolio_market import (
     PortfolioMarket,
     panel_fingerprint,
 )
-from sentio_lab.env.splits import SegmentEpisodeSampler
+from sentio_lab.env.splits import SegmentEpisodeSampler, fit_rows
 from sentio_lab.run_loop import run_cli, start_run
 
 VARIANT = "ppo_portfolio"
@@ -72,9 +88,11 @@ VARIANT = "ppo_portfolio"
 class PortfolioEnvArgs(EnvArgs):
     """Environment and costs (ppo's group), with the portfolio's benchmark for ``--anchor``."""
 
-    anchor: Literal["equal_weight"] | None = None
+    anchor: Literal["equal_weight", "inverse_volatility", "minimum_variance", "maximum_diversification", "hrp"] | None \
+        = None
     """benchmark the actions tilt around: target = projection onto the simplex of benchmark weights + a Gaussian tilt
-    (sentio_lab.env.portfolio_anchor); the untrained agent's greedy action is the zero tilt (the benchmark)"""
+    (sentio_lab.env.portfolio_anchor); a skfolio portfolio is fitted on training returns <= t only; the untrained
+    agent's greedy action is the zero tilt (the benchmark)"""
 
 
 @dataclass
@@ -87,10 +105,14 @@ class Args(SharedArgs):
     run: Flat[RunArgs] = field(default_factory=lambda: RunArgs(exp_name=VARIANT))
     env: Flat[PortfolioEnvArgs] = field(default_factory=PortfolioEnvArgs)
     tracking: Flat[TrackingArgs] = field(default_factory=lambda: TrackingArgs(track=False))
+    risk_critic: Flat[RiskCriticArgs] = field(default_factory=RiskCriticArgs)
     long_short: bool = False
     """long-short allocation: signed weights with sum |w| <= --gross-limit, cash 1 - sum w (default: long-only)"""
     gross_limit: float = 1.0
     """with --long-short: the gross exposure limit G (sum |w| <= G)"""
+    anchor_rebalance: int = 1
+    """with --anchor: episode steps between the benchmark's re-targets; it drifts with prices in between (the zero
+    tilt then equals the runner's baseline at that frequency); 1: re-target every step (a constant mix)"""
     tilt_std: float = 0.05
     """with --anchor: the Gaussian tilt's starting standard deviation (learned; one for every weight)"""
     cross_sectional: bool = False
@@ -146,6 +168,7 @@ def check_args(args: Args) -> None:
         raise ValueError("--track: the end-of-run W&B evaluation summary is single-asset only; run with --no-track")
     if args.d_model % args.n_heads:
         raise ValueError(f"--d-model {args.d_model} is not divisible by --n-heads {args.n_heads}")
+    check_risk_args(args.risk_critic)
     env = args.env
     single_asset = [flag for flag, value, default in (("--deviation-penalty", env.deviation_penalty, 0.0),
         ("--no-trade-band", env.no_trade_band, 0.0), ("--tilts", tuple(env.tilts), DEFAULT_TILTS),
@@ -155,6 +178,8 @@ def check_args(args: Args) -> None:
                          "(--tilt-std); drop them")
     if env.excess_reward and env.anchor is None:
         raise ValueError("--excess-reward only acts with --anchor (a benchmark to beat); add --anchor equal_weight")
+    if args.anchor_rebalance != 1 and env.anchor is None:
+        raise ValueError(f"--anchor-rebalance {args.anchor_rebalance} only acts with --anchor; add one or drop it")
     if env.anchor is not None and args.long_short:
         raise ValueError("--anchor with --long-short: the tilt is projected onto the long-only simplex; drop one")
     if args.gross_limit != 1.0 and not args.long_short:
@@ -167,9 +192,20 @@ def policy_of(args: Args) -> str:
 
 
 def anchor_for(args: Args, market: PortfolioMarket) -> PortfolioAnchor | None:
-    """The benchmark of ``--anchor`` on ``market`` (equal weight reads no bar), with ``--excess-reward``."""
-    benchmark = equal_weight_benchmark(len(market.arrays.close), market.arrays.num_assets)
-    return None if args.env.anchor is None else PortfolioAnchor(benchmark, args.env.excess_reward, args.env.anchor)
+    """The benchmark of ``--anchor`` on ``market``, with ``--excess-reward`` and ``--anchor-rebalance``: equal weight
+    reads no bar; a skfolio portfolio is refitted at each bar on the training returns up to it (the ``train`` range,
+    or a fold market's ``train_segments``: :mod:`sentio_lab.env.portfolio_benchmarks`)."""
+    name, arrays = args.env.anchor, market.arrays
+    if name is None:
+        return None
+    n_bars = len(arrays.close)
+    if name == "equal_weight":
+        benchmark = equal_weight_benchmark(n_bars, arrays.num_assets)
+    else:
+        rows = fit_rows(market.train_segments or [market.range("train")], n_bars)
+        first = arrays.first_valid + args.features.window - 1  # no decision before: fit nothing there
+        benchmark = fitted_benchmark(name, arrays.close, rows, first, market.panel.assets)
+    return PortfolioAnchor(benchmark, args.env.excess_reward, name, args.anchor_rebalance)
 
 
 def make_env(args: Args, market: PortfolioMarket, range_name: str = "train") -> PortfolioEnv:
@@ -206,23 +242,30 @@ def validation_equity(agent: PortfolioActorCritic, args: Args, market: Portfolio
 def build_agent(args: Args, obs_dim: int, num_actions: int) -> PortfolioActorCritic:
     """The actor-critic for ``A`` assets (``num_actions``: the env's action width, ``A + 1`` long-only, ``A``
     long-short) over observations ``obs_dim = A x token + 1`` wide."""
-    num_assets = num_actions if args.long_short else num_actions - 1
+    num_assets, risk = num_actions if args.long_short else num_actions - 1, args.risk_critic
     token_dim, rest = divmod(obs_dim - 1, num_assets)
     if rest:
         raise ValueError(f"obs_dim {obs_dim} is not {num_assets} asset blocks + the cash weight")
     return PortfolioActorCritic(num_assets, token_dim, d_model=args.d_model, heads=args.n_heads,
                                 layers=args.n_layers, ff=args.ff_size, hidden=args.ppo.hidden_size,
                                 norm_obs=args.ppo.norm_obs, min_concentration=args.min_concentration,
-                                policy=policy_of(args), gross_limit=args.gross_limit, tilt_std=args.tilt_std)
+                                policy=policy_of(args), gross_limit=args.gross_limit, tilt_std=args.tilt_std,
+                                num_quantiles=risk.num_quantiles, risk=risk.risk, cvar_alpha=risk.cvar_alpha,
+                                cost_critic=risk.cost_limit is not None)
 
 
 def restore_trained(args: Args, bundle: dict[str, Any]) -> tuple[PortfolioActorCritic, PortfolioMarket]:
     """Agent and market of a checkpoint (:func:`sentio_lab.agents.variants.load_trained`): the panel reloaded, its
-    fingerprint checked, the features refitted on the same training bars."""
+    fingerprint checked, the features and an anchor's benchmark refitted on the same training bars (the benchmark
+    checked against the checkpoint's record)."""
     market = market_for(args)
     if market.data.fingerprint != bundle["data_fingerprint"]:
         raise ValueError(f"panel {market.data.name!r} now has fingerprint {market.data.fingerprint}, the model was "
                          f"trained on {bundle['data_fingerprint']}")
+    recorded, anchor = bundle["extra"].get("anchor_benchmark"), anchor_for(args, market)
+    if recorded is not None and (anchor is None or not torch.equal(recorded, torch.from_numpy(anchor.benchmark))):
+        raise ValueError(f"--anchor {args.env.anchor}: the benchmark refitted on the training bars differs from the "
+                         "one the checkpoint recorded (another panel, or another skfolio version)")
     arrays = market.arrays
     obs_dim = arrays.num_assets * (args.features.window * arrays.features.shape[2] + 1) + 1
     agent = build_agent(args, obs_dim, arrays.num_assets + (0 if args.long_short else 1))
@@ -246,12 +289,19 @@ def train(args: Args, *, market: PortfolioMarket | None = None) -> TrainResult:
     obs = torch.zeros((*shape, env.obs_dim), device=device)
     actions = torch.zeros((*shape, agent.action_dim), device=device)
     logprobs, rewards, dones, values, cash_weights = (torch.zeros(shape, device=device) for _ in range(5))
+    risk = PortfolioRisk(args.risk_critic, hp.num_steps, n_envs, device) if risk_aware(args.risk_critic) else None
     state = run.restore(agent, optimizer)
     next_obs, next_done = state.next_obs, state.next_done
+    if risk is not None and run.bundle is not None:
+        risk.load_state_dict(run.bundle["extra"]["risk"])
+
+    anchor = getattr(env, "anchor", None)  # the fitted benchmark joins the checkpoint (restore_trained compares it)
+    fitted = {} if anchor is None else {"anchor_benchmark": torch.from_numpy(anchor.benchmark.copy())}
 
     def save(iteration: int) -> Path | None:
         state.next_done = next_done
-        return run.save(iteration, agent, optimizer, state)
+        return run.save(iteration, agent, optimizer, state, extra={
+            **fitted, **({} if risk is None else {"risk": risk.state_dict()})})
 
     iteration = state.start_iteration - 1
     for iteration in range(state.start_iteration, hp.num_iterations + 1):
@@ -266,7 +316,7 @@ def train(args: Args, *, market: PortfolioMarket | None = None) -> TrainResult:
                 obs[step] = norm_obs
                 dones[step] = next_done
                 action, logprob, _, value = agent.get_action_and_value(norm_obs)
-                values[step] = value
+                values[step] = value if risk is None else risk.value(agent, step, value, norm_obs)
             actions[step] = action
             logprobs[step] = logprob
 
@@ -274,6 +324,8 @@ def train(args: Args, *, market: PortfolioMarket | None = None) -> TrainResult:
             cash_weights[step] = 1.0 - info["weights"].sum(-1)  # the cash weight the env filled
             state.episode_return += reward
             reward = reward.to(torch.float32) * args.env.reward_scale
+            if risk is not None:  # per-quantile rewards and drawdown costs, bootstrapped on truncation
+                risk.observe(agent, step, reward, info, truncated, hp.gamma)
             if bool(truncated.any()):  # the window ended, the market did not: bootstrap
                 with torch.no_grad():
                     final_value = agent.get_value(agent.normalise(info["final_obs"]))
@@ -283,11 +335,14 @@ def train(args: Args, *, market: PortfolioMarket | None = None) -> TrainResult:
             next_done = done.to(torch.float32)
             run.end_episodes(state, done)
 
-        # ---- bootstrap value and GAE
+        # ---- the multiplier (one PID step on the measured drawdown), bootstrap value and GAE
+        risk_record = {} if risk is None else risk.end_rollout()
         with torch.no_grad():
             next_value = agent.get_value(agent.normalise(next_obs))
             run.check_rollout(iteration, rewards=rewards, values=values, next_value=next_value)
             advantages, returns = compute_gae(rewards, values, dones, next_value, next_done, hp.gamma, hp.gae_lambda)
+            if risk is not None:  # per-quantile lambda-returns, cost advantages
+                risk.targets(agent, agent.normalise(next_obs), dones, next_done, hp.gamma, hp.gae_lambda)
 
         # ---- flatten the batch
         b_obs, b_actions = obs.reshape((-1, env.obs_dim)), actions.reshape((-1, agent.action_dim))
@@ -302,8 +357,14 @@ def train(args: Args, *, market: PortfolioMarket | None = None) -> TrainResult:
                 mb_obs, mb_actions, mb_logprobs, mb_advantages, mb_returns, mb_values = gather_minibatch(
                     (b_obs, b_actions, b_logprobs, b_advantages, b_returns, b_values), mb_inds)
                 _, newlogprob, entropy, newvalue = agent.get_action_and_value(mb_obs, mb_actions)
-                v_loss = value_loss(newvalue, mb_returns, mb_values, hp.clip_coef, hp.clip_vloss)
-                objective = ppo_objective(newlogprob, mb_logprobs, mb_advantages, entropy, v_loss, hp)
+                if risk is None:
+                    v_loss = value_loss(newvalue, mb_returns, mb_values, hp.clip_coef, hp.clip_vloss)
+                    objective = ppo_objective(newlogprob, mb_logprobs, mb_advantages, entropy, v_loss, hp)
+                else:  # quantile Huber / cost value losses; (A_r - lambda A_c) / (1 + lambda) with a constraint
+                    v_loss, c_loss = risk.critic_loss(agent, newvalue, mb_obs, mb_inds, mb_returns, mb_values, hp)
+                    mb_advantages, mb_hp = risk.advantages(mb_advantages, mb_inds, hp)
+                    objective = ppo_objective(newlogprob, mb_logprobs, mb_advantages, entropy, v_loss, mb_hp)
+                    objective.loss = objective.loss + c_loss
                 clipfracs.append(objective.clip_fraction)
 
                 optimizer.zero_grad()
@@ -320,6 +381,7 @@ def train(args: Args, *, market: PortfolioMarket | None = None) -> TrainResult:
                             updates_run)
         # the mean weight on cash the env filled over the rollout: how invested the policy is
         record["charts/mean_cash_weight"] = float(cash_weights.mean())
+        record.update(risk_record if risk is None else {**risk_record, **risk.record(values)})
         run.log(record, state)
         if run.stop_or_checkpoint(iteration, save):
             break

@@ -243,9 +243,36 @@ class TrackingArgs:
     """W&B mode"""
 
 
+@dataclass
+class RiskCriticArgs:
+    """Risk-aware critic (``ppo_portfolio``; the flags of ``ppo_risk``'s of the same names): quantile critic, CVaR and
+    the drawdown constraint (sentio_lab.agents.portfolio_risk). The defaults switch it off."""
+
+    num_quantiles: int | None = None
+    """quantile heads of a distributional critic (levels (2i + 1) / 2N); None = the scalar critic (MSE value loss)"""
+    kappa: float = 1.0
+    """threshold of the quantile Huber loss (squared inside |u| <= kappa, linear outside), in reward units"""
+    risk: Literal["neutral", "cvar"] = "neutral"
+    """with --num-quantiles: the value GAE uses, "neutral" (their mean) or "cvar" (mean of the lowest cvar_alpha)"""
+    cvar_alpha: float = 0.25
+    """tail fraction of CVaR_alpha (with --risk cvar)"""
+    cost_limit: float | None = None
+    """limit on the mean episode maximum drawdown (a fraction, e.g. 0.05); None = no constraint, no cost critic"""
+    cost_scale: float = 100.0
+    """multiplier on the per-step drawdown cost seen by the cost critic (drawdown increments are ~1e-3)"""
+    cost_vf_coef: float = 0.5
+    """cost value loss coefficient"""
+    pid_kp: float = 10.0
+    """proportional gain of the PID Lagrangian (lambda per unit of drawdown excess)"""
+    pid_ki: float = 10.0
+    """integral gain of the PID Lagrangian (per iteration: a 0.01 excess held 10 iterations adds 1.0)"""
+    pid_kd: float = 0.0
+    """derivative gain of the PID Lagrangian (acts on a rise of the measured drawdown)"""
+
+
 #: The shared groups: attribute name in a variant's ``Args`` -> group class.
 GROUPS: dict[str, type] = {"data": DataArgs, "features": FeatureArgs, "env": EnvArgs, "ppo": PPOArgs,
-                           "run": RunArgs, "tracking": TrackingArgs}
+                           "run": RunArgs, "tracking": TrackingArgs, "risk_critic": RiskCriticArgs}
 
 #: Arguments that control one invocation rather than define the experiment: taken from the command line on
 #: ``--resume``, everything else comes from the checkpoint so the resumed run is the same run (the device too: RNG

@@ -145,8 +145,8 @@ class PortfolioEnv:
         self.equity = torch.ones_like(self.cash)
         self.anchor = anchor
         self._benchmark = None if anchor is None else torch.tensor(anchor.benchmark, dtype=f64, device=dev)
-        self.shadow = None if anchor is None or not anchor.excess_reward else ShadowAccount(num_envs,
-                                                                                            self.num_assets, dev)
+        shadow = anchor is not None and (anchor.excess_reward or anchor.drifts)
+        self.shadow = ShadowAccount(num_envs, self.num_assets, dev) if shadow else None
 
     # ----------------------------------------------------------------------------------- observations
     def _observe(self, t: torch.Tensor, cash: torch.Tensor, shares: torch.Tensor) -> torch.Tensor:
@@ -213,7 +213,16 @@ class PortfolioEnv:
         if benchmark is not None:  # a tilt around the benchmark's weights decided at bar t
             if actions.shape[1] != self.action_dim:
                 raise ValueError(f"step: expected tilts of width {self.action_dim}, got {actions.shape[1]}")
-            actions = project_to_simplex(benchmark + actions.to(torch.float64))
+            actions = actions.to(torch.float64)
+            if self.anchor.drifts:  # between re-targets: the benchmark's drifted weights; a zero tilt holds
+                shadow_hold = self.shadow.age % self.anchor.rebalance_every != 0
+                drifted = asset_weights(self.shadow.cash, self.shadow.shares, self.close.index_select(0, self.t))
+                zero_hold = shadow_hold & (actions == 0).all(-1)
+                hold = zero_hold if hold is None else torch.as_tensor(hold, device=self.device) | zero_hold
+                actions = torch.where(shadow_hold[:, None], drifted + actions, benchmark + actions)
+            else:
+                actions = benchmark + actions
+            actions = project_to_simplex(actions)
         weights = check_weights(actions.to(torch.float64), self.allocation, self.gross_limit, self.invalid_weights,
                                 self.num_assets)
         next_t = self.t + 1
@@ -235,8 +244,12 @@ class PortfolioEnv:
         if self.shadow is not None:  # the benchmark's account: the same prices, costs and cost inputs
             shadow = self.shadow
             target = check_weights(benchmark, "long_only", 1.0, "refuse", self.num_assets)
+            if self.anchor.drifts:
+                hold = shadow_hold if hold is None else hold | shadow_hold
             bench = portfolio_fill(shadow.cash, shadow.shares, price, target, self.costs, half, eta, cap, hold)
-            reward = reward - shadow.log_return(bench.cash, bench.shares, self.close.index_select(0, next_t))
+            bench_return = shadow.log_return(bench.cash, bench.shares, self.close.index_select(0, next_t))
+            if self.anchor.excess_reward:
+                reward = reward - bench_return
             extra["benchmark_equity"] = shadow.equity
         at_price = self.cash + (self.shares * price).sum(-1)
         turnover = (fill.delta.abs() * price).sum(-1) / at_price

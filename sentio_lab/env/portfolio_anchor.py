@@ -19,7 +19,17 @@ model and cost inputs, the same holds, reset with the agent's episodes), so its 
 ``info["benchmark_equity"]`` is its equity. A zero tilt earns an excess reward of exactly 0.
 
 Benchmarks: :func:`equal_weight_benchmark` (``1 / A`` in every asset, no cash; ``--anchor equal_weight``). Any other
-``(T, A + 1)`` series of weights decided from bars ``<= t`` works the same way (a baseline fitted on training rows).
+``(T, A + 1)`` series of weights decided from bars ``<= t`` works the same way: a skfolio portfolio fitted on training
+returns only (:func:`sentio_lab.env.portfolio_benchmarks.benchmark_weights`).
+
+**Rebalancing at a declared frequency** (``rebalance_every`` k > 1). The benchmark re-targets ``b_t`` on the first
+step of each episode and every k steps after; in between it holds its shares, so its weights drift with the prices
+(the shadow account keeps them, whether or not ``excess_reward``). Between rebalances the agent's target is
+``P(d_t + tau)``, ``d_t`` the benchmark's drifted weights at bar t's close, and an account whose tilt is exactly zero
+trades nothing (its shares are the benchmark's: no trade is needed to stay there, and recomputing shares from weights
+would trade rounding dust). So the zero tilt *is* the runner's baseline of the same name at the same frequency
+(:func:`sentio_lab.evaluation.portfolio_baselines.run_baseline`), bit for bit. With k = 1 (the default) every step
+re-targets ``b_t`` (a constant mix: the drift is traded back every bar).
 """
 
 from __future__ import annotations
@@ -71,9 +81,13 @@ class PortfolioAnchor:
     """Reward in excess of the benchmark's own log return (its shadow account pays the same costs)."""
     name: str = "benchmark"
     """The benchmark's name (``equal_weight``), for reports."""
+    rebalance_every: int = 1
+    """Episode steps between two re-targets of the benchmark; it drifts in between (module doc). 1: every step."""
 
     def __post_init__(self) -> None:
         """Check the series once: float64 ``(T, A + 1)``, finite, non-negative rows summing to 1 (first bad bar)."""
+        if self.rebalance_every < 1:
+            raise ValueError(f"anchor: --anchor-rebalance {self.rebalance_every} must be >= 1 step")
         w = np.asarray(self.benchmark)
         if w.ndim != 2 or w.dtype != np.float64 or w.shape[1] < 2:
             raise ValueError(f"anchor: benchmark must be float64 (T, A + 1) weights, got {w.dtype} {w.shape}")
@@ -81,6 +95,11 @@ class PortfolioAnchor:
         if bad.any():
             raise ValueError(f"anchor: benchmark weights at bars {np.flatnonzero(bad)[:5].tolist()} are not finite, "
                              "non-negative and summing to 1 (assets + cash)")
+
+    @property
+    def drifts(self) -> bool:
+        """Whether the benchmark holds (drifts) between re-targets, so the env keeps its account."""
+        return self.rebalance_every > 1
 
     def check(self, n_bars: int, num_assets: int) -> None:
         """Raise unless the series has one row of ``A + 1`` weights per bar of the env's arrays."""
@@ -90,7 +109,10 @@ class PortfolioAnchor:
 
 
 class ShadowAccount:
-    """The benchmark's own accounts beside the agent's (module doc): cash, shares and equity per env."""
+    """The benchmark's own accounts beside the agent's (module doc): cash, shares, equity and the steps since the
+    episode began (``age``: the rebalance clock) per env."""
+
+    _STATE = ("cash", "shares", "equity", "age")
 
     def __init__(self, num_envs: int, num_assets: int, device: torch.device) -> None:
         """All in cash, equity 1 (as every episode starts)."""
@@ -98,6 +120,7 @@ class ShadowAccount:
         self.cash = torch.ones(num_envs, dtype=f64, device=device)
         self.shares = torch.zeros(num_envs, num_assets, dtype=f64, device=device)
         self.equity = torch.ones(num_envs, dtype=f64, device=device)
+        self.age = torch.zeros(num_envs, dtype=torch.long, device=device)
 
     def reset(self, done: torch.Tensor | None = None) -> None:
         """Back to all cash, equity 1: every account, or those where ``done`` (out of place)."""
@@ -107,21 +130,22 @@ class ShadowAccount:
         self.cash = torch.where(done, one, self.cash)
         self.shares = torch.where(done[:, None], 0.0 * self.shares, self.shares)
         self.equity = torch.where(done, one, self.equity)
+        self.age = torch.where(done, 0, self.age)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The accounts, for resuming."""
-        return {f"benchmark_{k}": getattr(self, k).detach().cpu().clone() for k in ("cash", "shares", "equity")}
+        return {f"benchmark_{k}": getattr(self, k).detach().cpu().clone() for k in self._STATE}
 
     def load_state_dict(self, state: dict[str, torch.Tensor], device: torch.device) -> None:
         """Restore :meth:`state_dict` output."""
-        for k in ("cash", "shares", "equity"):
+        for k in self._STATE:
             setattr(self, k, state[f"benchmark_{k}"].to(device).clone())
 
     def log_return(self, cash: torch.Tensor, shares: torch.Tensor, close: torch.Tensor) -> torch.Tensor:
         """Move to the account after a fill (``cash``, ``shares``) marked at ``close``; return its log return."""
         equity = cash + (shares * close).sum(-1)
         log_return = torch.log(equity.clamp_min(_MIN_EQUITY) / self.equity.clamp_min(_MIN_EQUITY))
-        self.cash, self.shares, self.equity = cash, shares, equity
+        self.cash, self.shares, self.equity, self.age = cash, shares, equity, self.age + 1
         return log_return
 
 

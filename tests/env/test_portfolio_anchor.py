@@ -11,7 +11,9 @@ from sentio_lab.data.panel import load_panel
 from sentio_lab.env.costs import CostModel
 from sentio_lab.env.portfolio import PortfolioEnv
 from sentio_lab.env.portfolio_anchor import PortfolioAnchor, equal_weight_benchmark, project_to_simplex
-from sentio_lab.env.portfolio_arrays import build_portfolio_arrays
+from sentio_lab.env.portfolio_arrays import asset_weights, build_portfolio_arrays
+from sentio_lab.env.portfolio_benchmarks import SkfolioBaseline, benchmark_weights
+from sentio_lab.evaluation.portfolio_baselines import run_baseline
 from tests.data.test_panel import synthetic_frames
 
 #: Costs on every trade, from the bars (a half-spread estimate and square-root impact): the shadow must pay them too.
@@ -153,3 +155,89 @@ def test_anchor_inputs_are_checked_naming_the_bar(arrays):
     env.reset()
     with pytest.raises(ValueError, match="tilts of width 4"):
         env.step(torch.zeros(2, 3))
+
+
+# ------------------------------------------------------------------ a skfolio benchmark, re-targeted every k steps
+def fitted(arrays, name="inverse_volatility", train_stop=150):
+    rows = np.arange(len(arrays.close)) < train_stop
+    baseline = SkfolioBaseline(name, arrays.close, rows, lookback=80, min_returns=20)
+    return baseline, benchmark_weights(baseline, first_bar=3)
+
+
+@pytest.mark.parametrize(("name", "every"), [("inverse_volatility", 5), ("minimum_variance", 7), ("hrp", 1)])
+def test_zero_tilt_is_the_runners_baseline_at_its_frequency_bit_for_bit(arrays, name, every):
+    baseline, weights = fitted(arrays, name)
+    a = arrays.num_assets
+    kwargs = dict(num_envs=4, window=4, episode_length=40, costs=COSTS, seed=3)
+    anchored = PortfolioEnv(arrays, anchor=PortfolioAnchor(weights, name=name, rebalance_every=every), **kwargs)
+    starts = [30, 60, 97, 140]  # 140: the test bars after 150 hold the last training fit
+    zero = run(anchored, lambda t: torch.zeros(4, a + 1), starts, 35)
+    ref = run_baseline(PortfolioEnv(arrays, **kwargs), baseline, starts, 35, rebalance_every=every)
+    for k, (reward, info) in enumerate(zero):
+        assert np.array_equal(info["equity"].numpy(), ref["equity"][k])
+        assert np.array_equal(info["cost"].numpy(), ref["cost"][k])
+        assert np.array_equal(reward.numpy(), ref["reward"][k])
+        assert torch.equal(info["benchmark_equity"] if every > 1 else info["equity"], info["equity"])
+    assert (ref["cost"][::every] > 0).all() and (ref["cost"][1:every].sum() == 0 if every > 1 else True)
+    assert len({tuple(np.round(w, 9)) for w in weights[30:150, :-1]}) > 20  # refitted along the training bars
+
+
+def test_between_retargets_the_tilt_is_around_the_benchmarks_drift(arrays):
+    baseline, weights = fitted(arrays)
+    a, every = arrays.num_assets, 4
+    kwargs = dict(num_envs=2, window=4, episode_length=30, costs=COSTS, seed=1)
+    env = PortfolioEnv(arrays, anchor=PortfolioAnchor(weights, excess_reward=True, rebalance_every=every), **kwargs)
+    tilt = torch.tensor([[0.2, -0.1, 0.0, 0.05], [0.0, 0.0, 0.0, 0.0]], dtype=torch.float64)  # env 1: zero tilt
+    starts = [40, 120]
+    env.reset(starts)
+    ref = run_baseline(PortfolioEnv(arrays, **kwargs), baseline, starts, 25, rebalance_every=every)
+    for k in range(25):
+        t = env.t.clone()
+        drifted = asset_weights(env.shadow.cash, env.shadow.shares, env.close.index_select(0, t))
+        base = torch.tensor(weights)[t] if k % every == 0 else drifted
+        _, excess, _, _, info = env.step(tilt)
+        expected = project_to_simplex(base + tilt)[0, :a]  # tilted around b_t on re-targets, else around the drift
+        torch.testing.assert_close(info["weights"][0], expected, rtol=0, atol=1e-15)
+        assert np.array_equal(info["equity"][1].numpy(), ref["equity"][k, 1])  # the zero tilt holds with it
+        assert np.array_equal(info["benchmark_equity"].numpy(), ref["equity"][k])  # the shadow is the baseline
+        if k % every:
+            assert not torch.allclose(drifted[0], torch.tensor(weights)[t[0]], atol=1e-4)  # it did drift
+            assert float(info["cost"][1]) == 0.0 and float(info["cost"][0]) > 0.0
+    assert float(excess[1]) == 0.0 and float(excess[0]) != 0.0
+
+
+def test_random_starts_retarget_on_each_episodes_first_step_and_resume(arrays):
+    _, weights = fitted(arrays)
+    a = arrays.num_assets
+    anchor = PortfolioAnchor(weights, rebalance_every=5)
+    kwargs = dict(num_envs=3, window=4, episode_length=7, costs=COSTS, seed=4)  # staggered: mid-episode clocks
+    env, copy = PortfolioEnv(arrays, anchor=anchor, **kwargs), PortfolioEnv(arrays, anchor=anchor, **kwargs)
+    env.reset()
+    assert bool((env.steps > 0).any()) and bool((env.shadow.age == 0).all())
+    zero = torch.zeros(3, a + 1)
+    for _ in range(12):
+        fresh, retarget = env.shadow.age == 0, env.shadow.age % 5 == 0
+        _, _, _, _, info = env.step(zero)
+        assert bool((info["cost"][fresh] > 0).all())  # every episode's first step buys the benchmark
+        assert bool((info["cost"][~retarget] == 0).all()) and bool((info["cost"][retarget] > 0).all())
+    copy.load_state_dict(env.state_dict())
+    for _ in range(6):
+        assert torch.equal(env.step(zero)[4]["equity"], copy.step(zero)[4]["equity"])  # the clock resumed too
+    with pytest.raises(ValueError, match="--anchor-rebalance 0"):
+        PortfolioAnchor(weights, rebalance_every=0)
+
+
+def test_the_fitted_benchmark_reads_training_returns_up_to_each_bar_only(arrays):
+    _, weights = fitted(arrays)
+    close = arrays.close.copy()
+    close[150:] *= np.linspace(0.5, 2.0, len(close) - 150)[:, None] ** np.arange(1, arrays.num_assets + 1)
+    rows = np.arange(len(close)) < 150
+    moved = benchmark_weights(SkfolioBaseline("inverse_volatility", close, rows, lookback=80, min_returns=20), 3)
+    assert np.array_equal(moved, weights)  # validation / test bars never move the training fit
+    later = arrays.close.copy()
+    later[101:] *= 1.0 + 0.3 * np.sin(np.arange(len(later) - 101))[:, None]
+    changed = benchmark_weights(SkfolioBaseline("inverse_volatility", later, rows, lookback=80, min_returns=20), 3)
+    assert np.array_equal(changed[:101], weights[:101])  # bar t reads returns <= t only
+    assert not np.allclose(changed[101:150], weights[101:150])  # (and the perturbation was big enough to see)
+    with pytest.raises(ValueError, match="first_bar 999"):
+        benchmark_weights(SkfolioBaseline("hrp", close, rows), 999)

@@ -40,6 +40,14 @@ from the per-asset head and, for cash, the pooled encoding; one learned log stan
 ``sum_k log N(tau_k; mu_k, sigma)``, of the raw tilt: the projection of ``b_t + tau`` onto the simplex is the env's
 (:mod:`sentio_lab.env.portfolio_anchor`), as CleanRL's continuous PPO leaves action clipping to the env. The mean
 heads' last layers start at zero, so the untrained greedy action is the zero tilt: the benchmark itself.
+
+**Risk-aware critic** (``num_quantiles``, ``cost_critic``; :mod:`sentio_lab.agents.portfolio_risk` trains them). With
+``num_quantiles`` N the critic head outputs N quantiles of the return at the levels ``(2i + 1) / 2N``
+(:mod:`sentio_lab.agents.nets.quantile`), :meth:`PortfolioActorCritic.get_action_and_value` returns them ``(B, N)``
+in place of the value, and :meth:`PortfolioActorCritic.get_value` is their risk distortion (``risk="neutral"``: the
+mean; ``"cvar"``: CVaR at ``cvar_alpha``). ``cost_critic`` adds a scalar head on the same pooled encoding for the
+expected discounted drawdown cost. Both heads are built after every other module, so with neither the network draws
+the same initial weights as before for the same seed.
 """
 
 from __future__ import annotations
@@ -52,6 +60,7 @@ from torch import nn
 from torch.distributions import Dirichlet, Distribution, Normal
 
 from sentio_lab.agents.nets.core import RunningObsNorm, mlp
+from sentio_lab.agents.nets.quantile import RISK_MEASURES, cvar_weights, distort, quantile_midpoints
 from sentio_lab.agents.nets.transformer import EncoderBlock
 
 #: Floor of a stored weight (module doc: a float32 Dirichlet draw can round a component to 0).
@@ -65,9 +74,12 @@ class PortfolioActorCritic(nn.Module):
 
     def __init__(self, num_assets: int, token_dim: int, *, d_model: int = 32, heads: int = 2, layers: int = 1,
                  ff: int = 64, hidden: int = 64, norm_obs: bool = True, min_concentration: float = 1.0,
-                 policy: str = "dirichlet", gross_limit: float = 1.0, tilt_std: float = 0.05) -> None:
+                 policy: str = "dirichlet", gross_limit: float = 1.0, tilt_std: float = 0.05,
+                 num_quantiles: int | None = None, risk: str = "neutral", cvar_alpha: float = 1.0,
+                 cost_critic: bool = False) -> None:
         """``token_dim``: the width of one asset's block (``window x F + 1``); ``policy`` one of :data:`POLICIES`
-        (``gross_limit`` for ``long_short``, ``tilt_std`` the starting standard deviation of ``tilt``)."""
+        (``gross_limit`` for ``long_short``, ``tilt_std`` the starting standard deviation of ``tilt``);
+        ``num_quantiles`` / ``risk`` / ``cvar_alpha`` / ``cost_critic``: the risk-aware critic (module doc)."""
         super().__init__()
         if num_assets < 1 or token_dim < 1:
             raise ValueError(f"PortfolioActorCritic: num_assets {num_assets} and token_dim {token_dim} must be >= 1")
@@ -90,6 +102,14 @@ class PortfolioActorCritic(nn.Module):
                 nn.init.zeros_(head[-1].weight)
                 nn.init.zeros_(head[-1].bias)
             self.log_std = nn.Parameter(torch.tensor(math.log(tilt_std)))
+        self.num_quantiles, self.risk, self.cvar_alpha = num_quantiles, risk, float(cvar_alpha)
+        if num_quantiles is not None:  # built last: without it the initial weights are the scalar critic's
+            if risk not in RISK_MEASURES:
+                raise ValueError(f"--risk {risk!r}: choose from {RISK_MEASURES}")
+            cvar_weights(num_quantiles, cvar_alpha)  # validates --cvar-alpha
+            self.critic = mlp(d_model + 1, hidden, num_quantiles, out_std=1.0)
+            self.register_buffer("taus", quantile_midpoints(num_quantiles))
+        self.cost_critic = mlp(d_model + 1, hidden, 1, out_std=1.0) if cost_critic else None
 
     @property
     def action_dim(self) -> int:
@@ -157,14 +177,37 @@ class PortfolioActorCritic(nn.Module):
         a = self.num_assets
         return self.gross_limit * (legs[:, :a] - legs[:, a:2 * a])
 
+    def _critic(self, pooled: torch.Tensor, cash: torch.Tensor) -> torch.Tensor:
+        out = self.critic(torch.cat([pooled, cash], dim=1))
+        return out.squeeze(-1) if self.num_quantiles is None else out
+
+    def value_of(self, critic_out: torch.Tensor) -> torch.Tensor:
+        """The scalar value ``(B,)`` of the critic's output: itself, or the risk distortion of ``(B, N)`` quantiles."""
+        return critic_out if self.num_quantiles is None else distort(critic_out, self.risk, self.cvar_alpha)
+
     def get_value(self, obs: torch.Tensor) -> torch.Tensor:
-        """State value ``(B,)`` for normalised observations."""
+        """State value ``(B,)`` for normalised observations (the distorted quantiles with a quantile critic)."""
         _, pooled, cash = self.encode(obs)
-        return self.critic(torch.cat([pooled, cash], dim=1)).squeeze(-1)
+        return self.value_of(self._critic(pooled, cash))
+
+    def get_quantiles(self, obs: torch.Tensor) -> torch.Tensor:
+        """The quantile critic's ``(B, N)`` output for normalised observations."""
+        if self.num_quantiles is None:
+            raise RuntimeError("this agent has a scalar critic (built without num_quantiles)")
+        _, pooled, cash = self.encode(obs)
+        return self._critic(pooled, cash)
+
+    def get_cost_value(self, obs: torch.Tensor) -> torch.Tensor:
+        """Expected discounted drawdown cost to go ``(B,)`` for normalised observations."""
+        if self.cost_critic is None:
+            raise RuntimeError("this agent has no cost critic (built with cost_critic=False)")
+        _, pooled, cash = self.encode(obs)
+        return self.cost_critic(torch.cat([pooled, cash], dim=1)).squeeze(-1)
 
     def get_action_and_value(self, obs: torch.Tensor, action: torch.Tensor | None = None
                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Sample (or score the given) weights: ``(weights (B, A + 1), log_prob, entropy, value)`` (module doc)."""
+        """Sample (or score the given) weights: ``(weights (B, A + 1), log_prob, entropy, value)`` (module doc); the
+        value is ``(B,)``, or the ``(B, N)`` quantiles with a quantile critic."""
         x, pooled, cash = self.encode(obs)
         dist = self._distribution(x, pooled)
         if action is None and self.policy == "tilt":
@@ -172,7 +215,7 @@ class PortfolioActorCritic(nn.Module):
         elif action is None:
             action = dist.sample().clamp_min(MIN_WEIGHT)
             action = action / action.sum(-1, keepdim=True)
-        value = self.critic(torch.cat([pooled, cash], dim=1)).squeeze(-1)
+        value = self._critic(pooled, cash)
         log_prob, entropy = dist.log_prob(action), dist.entropy()
         if self.policy == "tilt":  # independent entries: the joint density is the product
             log_prob, entropy = log_prob.sum(-1), entropy.sum(-1)
