@@ -9,6 +9,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
+try:  # pytest >= 9.2: structured test ids
+    from _pytest.nodeid import coerce_node_id
+except ImportError:  # pragma: no cover - older pytest
+    coerce_node_id = None
+
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("MPLBACKEND", "Agg")
@@ -21,21 +26,45 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 SHARED_SCOPES = ("class", "module", "package")
 
 
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook reads the xdist_group marks into the test ids
+def _in_loadgroup_run(config) -> bool:
+    # The controller runs with dist "loadgroup"; the workers collect too and read the groups there: they run with
+    # dist "no" and the "loadgroup" flag set.
+    return getattr(config.option, "dist", "no") == "loadgroup" or bool(getattr(config.option, "loadgroup", False))
+
+
+@pytest.hookimpl(wrapper=True)  # around pytest-xdist's own hook, which reads the xdist_group marks into the ids
 def pytest_collection_modifyitems(config, items):
     """Under ``pytest -n N --dist loadgroup`` (``make test``): the tests of a module that share a class-, module- or
     package-scoped fixture (often a tiny training run) form one xdist group, so one worker builds that fixture once
     instead of every worker building its own. A test's explicit ``xdist_group`` mark wins."""
-    # The workers collect too, and read the groups there: they run with dist "no" and the "loadgroup" flag set.
-    if getattr(config.option, "dist", "no") != "loadgroup" and not getattr(config.option, "loadgroup", False):
-        return
+    if _in_loadgroup_run(config):
+        for item in items:
+            if item.get_closest_marker("xdist_group") is not None:
+                continue
+            info = getattr(item, "_fixtureinfo", None)
+            definitions = info.name2fixturedefs.values() if info is not None else ()
+            if any(defs and defs[-1].scope in SHARED_SCOPES for defs in definitions):
+                item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
+    result = yield
+    if getattr(config.option, "loadgroup", False):  # the workers: the controller schedules by the ids they send
+        _put_groups_into_ids(items)
+    return result
+
+
+def _put_groups_into_ids(items) -> None:
+    """Give each grouped test the ``@group`` id suffix, which is how the controller's loadgroup scheduler learns
+    the groups. pytest-xdist 3.8 writes it to ``item._nodeid``, which pytest 9.2 no longer reads (its ids are
+    structured ``NodeId``s; pytest-dev/pytest-xdist#1386), so without this every group was silently split."""
     for item in items:
-        if item.get_closest_marker("xdist_group") is not None:
+        names = sorted({str(mark.args[0] if mark.args else mark.kwargs.get("name", "default"))
+                        for mark in item.iter_markers("xdist_group")})
+        suffix = "@" + "_".join(names)
+        if not names or item.nodeid.endswith(suffix):  # no group, or an xdist that set the suffix itself
             continue
-        info = getattr(item, "_fixtureinfo", None)
-        definitions = info.name2fixturedefs.values() if info is not None else ()
-        if any(defs and defs[-1].scope in SHARED_SCOPES for defs in definitions):
-            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
+        if hasattr(item, "_id"):
+            item._id = coerce_node_id(item.nodeid + suffix)
+        else:  # a pytest before structured ids, where xdist's own suffix took effect
+            item._nodeid = item.nodeid + suffix
 
 
 @pytest.fixture()
