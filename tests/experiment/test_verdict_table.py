@@ -147,9 +147,11 @@ def test_goal_per_market_and_overall(tmp_path: Path) -> None:
     assert "**met** (2 of 4)" in build(tmp_path)
 
 
-@pytest.mark.parametrize("change", ["sharpe", "drawdown", "in_sample", "no_placebo"])
+@pytest.mark.parametrize("change", ["sharpe_equal", "sharpe", "drawdown", "in_sample", "no_placebo"])
 def test_each_goal_condition_can_fail_alone(tmp_path: Path, change: str) -> None:
-    if change == "sharpe":  # median 0.59 < buy_and_hold's 0.60
+    if change == "sharpe_equal":  # median 0.60, equal to buy_and_hold's: "at least" holds
+        write_report(tmp_path, "verdict_nasdaq", anchored=([0.1, 0.5, 0.6, 0.9, 2.0], ANCHORED[1]))
+    elif change == "sharpe":  # median 0.59 < buy_and_hold's 0.60
         write_report(tmp_path, "verdict_nasdaq", anchored=([0.1, 0.5, 0.59, 0.9, 2.0], ANCHORED[1]))
     elif change == "drawdown":  # median drawdown 30%: not smaller than buy_and_hold's 30%
         write_report(tmp_path, "verdict_nasdaq", anchored=(ANCHORED[0], [-0.1, -0.2, -0.3, -0.3, -0.5]))
@@ -159,7 +161,8 @@ def test_each_goal_condition_can_fail_alone(tmp_path: Path, change: str) -> None
         write_report(tmp_path, "verdict_nasdaq", with_gaps=False)
     market = verdict_table.read_market(tmp_path / "reports" / "verdict_nasdaq", "nasdaq",
                                        tmp_path / "experiments" / "configs" / "verdict_nasdaq.toml")
-    expected = {"sharpe": (False, True, True), "drawdown": (True, False, True)}.get(change, (True, True, False))
+    expected = {"sharpe_equal": (True, True, True), "sharpe": (False, True, True),
+                "drawdown": (True, False, True)}.get(change, (True, True, False))
     assert verdict_table.goal_checks(market)["anchored"] == expected
 
 
