@@ -216,3 +216,10 @@ def test_rows_are_frozen_records() -> None:
                             sharpe_q25=0.0, sharpe_q75=2.0, max_drawdown=-0.1)
     with pytest.raises(dataclasses.FrozenInstanceError):
         row.sharpe = 2.0  # type: ignore[misc]
+
+
+def test_the_last_repeated_flag_wins_as_in_argparse() -> None:
+    # an agent's args come after common_args, so its own --anchor / --total-timesteps override the shared ones
+    assert verdict_table._flag(["--anchor", "vol_target", "--x", "--anchor", "buy_and_hold"], "--anchor") == \
+        "buy_and_hold"
+    assert verdict_table._flag(["--anchor"], "--anchor") is None
