@@ -39,15 +39,27 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
+import torch
 from torch import nn
 
+from sentio_lab.data import Split
 from sentio_lab.env import splits as splitting
 from sentio_lab.env.market import PreparedMarket
 from sentio_lab.env.pool import PooledMarket, stack_members
+from sentio_lab.evaluation.episodes import evaluate_policies
+from sentio_lab.evaluation.metrics import periods_per_year
 from sentio_lab.experiment.assembly import GROUPS_FILE, _path_curves, _path_stats, evaluation_done, evaluation_folder
 from sentio_lab.experiment.cells import Cell, write_json_atomic
 from sentio_lab.experiment.ensemble import ensemble_name
-from sentio_lab.experiment.memorisation import PART_STATS, diagnose_agent, diagnosis_path, placebo_market
+from sentio_lab.experiment.memorisation import (
+    PART_STATS,
+    PARTS,
+    RecordingPolicy,
+    diagnosis_path,
+    part_ranges,
+    part_stats,
+    placebo_market,
+)
 
 if TYPE_CHECKING:
     from sentio_lab.experiment.runner import Plan
@@ -113,19 +125,59 @@ def pool_placebo_market(market: PreparedMarket, config: Any, replicate: int) -> 
     return stack_members(members, calendar_note=market.calendar_note)
 
 
-def diagnose_pool(agent: nn.Module, market: PreparedMarket, accounting: dict[str, Any],
-                  evaluate_kwargs: Any) -> dict[str, Any]:
-    """``{"parts": ..., "instruments": ...}``: :func:`~sentio_lab.experiment.memorisation.diagnose_agent` per
-    instrument (``evaluate_kwargs(member)``: its env keywords) and, per part and statistic, their mean."""
-    per = {name: diagnose_agent(agent, member, window=accounting["window"], positions=accounting["positions"],
-                                costs=accounting["costs"], **evaluate_kwargs(member))
-           for name, member in members_of(market).items()}
-    if list(per) == [None]:
-        return {"parts": per[None]}
-    parts = {part: {stat: float(np.nanmean([p[part][stat] for p in per.values()]))
-                    if any(np.isfinite(p[part][stat]) for p in per.values()) else float("nan")
-                    for stat in PART_STATS}
-             for part in next(iter(per.values()))}
+def _instrument_view(pool: PooledMarket, names: Sequence[str]) -> PooledMarket:
+    """The stacked pool with range ``"<name>@<k>"`` for each range ``name`` of ``names`` and instrument number ``k``
+    (on that instrument's stacked rows): one batched run evaluates a range on every instrument at once."""
+    index = pool.data.frame.index
+    splits = dict(pool.splits)
+    for k, (offset, member) in enumerate(zip(pool.offsets, pool.members.values(), strict=True)):
+        for name in names:
+            start, stop = member.range(name)
+            splits[f"{name}@{k}"] = Split(f"{name}@{k}", offset + start, offset + stop, index[offset + start],
+                                          index[offset + stop - 1])
+    return dataclasses.replace(pool, splits=splits)
+
+
+def diagnose_pool(agent: nn.Module, pool: PooledMarket, accounting: dict[str, Any], *, mask_kwargs: dict[str, Any],
+                  env_options: dict[str, Any]) -> dict[str, Any]:
+    """``{"parts": ..., "instruments": ...}``: per instrument, what
+    :func:`~sentio_lab.experiment.memorisation.diagnose_agent` records on its own market, and per part and statistic
+    the mean over instruments (NaN where no instrument has a value). ``env_options``: the stacked pool's (its
+    anchor is every instrument's own benchmark, stacked).
+
+    Each range runs on every instrument in one batched episode set (the instruments share the calendar, so their
+    copies of a range have one length); the recorded entropies and greedy probabilities are split by instrument."""
+    names = list(pool.members)
+    first = next(iter(pool.members.values()))
+    ranges = part_ranges(first)[1]  # the same range names and bars for every instrument (one calendar)
+    with_parts = dataclasses.replace(pool, members={name: part_ranges(m)[0] for name, m in pool.members.items()})
+    view = _instrument_view(with_parts, [r for part in PARTS for r in ranges[part]])
+    ppy = periods_per_year(first.data.frame.index)
+    per: dict[str, dict[str, dict[str, float]]] = {name: {} for name in names}
+    for part in PARTS:
+        evaluations: list[list[Any]] = [[] for _ in names]
+        entropy: list[list[np.ndarray]] = [[] for _ in names]
+        probability: list[list[np.ndarray]] = [[] for _ in names]
+        for range_name in ranges[part]:
+            recorder = RecordingPolicy(agent)
+            results, = evaluate_policies([recorder], view, [f"{range_name}@{k}" for k in range(len(names))],
+                                         window=accounting["window"], positions=accounting["positions"],
+                                         costs=accounting["costs"], env_options=env_options, **mask_kwargs)
+            if any(len(e) != len(names) for e in recorder.entropy):
+                raise RuntimeError("diagnose_pool: the instruments' copies of a range did not run as one batch")
+            for k, result in enumerate(results):
+                evaluations[k].append(result)
+                if recorder.entropy:
+                    entropy[k].append(torch.stack(recorder.entropy)[:, k].numpy())
+                    probability[k].append(torch.stack(recorder.greedy_probability)[:, k].numpy())
+        for k, name in enumerate(names):
+            per[name][part] = part_stats(evaluations[k],
+                                         np.concatenate(entropy[k]) if entropy[k] else np.empty(0),
+                                         np.concatenate(probability[k]) if probability[k] else np.empty(0), ppy)
+    parts = {part: {stat: float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
+                    for stat in PART_STATS
+                    for values in [np.array([per[name][part][stat] for name in names], dtype=np.float64)]}
+             for part in PARTS}
     return {"parts": parts, "instruments": per}
 
 

@@ -312,8 +312,9 @@ def diagnose_cell(plan: Plan, cell: Cell, output: Path, *, market: PreparedMarke
         checkpoint = folder / cell_done(folder)["checkpoint"]
     agent = load_cell_agent(checkpoint, market, trained_fingerprint(plan, cell, market))
     if isinstance(market, PooledMarket):  # per instrument, and their mean (sentio_lab.experiment.pool_runs)
-        write_pool_diagnosis(output, cell, diagnose_pool(agent, market, plan.accounting, lambda member: {
-            **action_masking(args), "env_options": env_options(args, member)}))
+        write_pool_diagnosis(output, cell, diagnose_pool(agent, market, plan.accounting,
+                                                         mask_kwargs=action_masking(args),
+                                                         env_options=env_options(args, market)))
         return
     write_diagnosis(output, cell, agent, market, plan.accounting, **action_masking(args),
                     env_options=env_options(args, market))

@@ -79,8 +79,8 @@ def test_a_pool_of_one_is_the_plain_runner_bit_for_bit(files, tmp_path):
 
 @pytest.fixture(scope="module")
 def pooled_run(files, tmp_path_factory):
-    config = make_config("pair", pool=(files["x"], files["y"]), common=(*COMMON[:-2], "--fee-bps", "0",
-                                                                          "--fill-price", "next_close"),
+    common = (*COMMON[:-2], "--fee-bps", "0", "--slippage-bps", "0", "--fill-price", "next_close")
+    config = make_config("pair", pool=(files["x"], files["y"]), common=common,
                          agents=(AgentSpec("tiny", "ppo", TINY, ensemble=True),))
     plan = plan_experiment(config)
     output = tmp_path_factory.mktemp("runs") / config.name
