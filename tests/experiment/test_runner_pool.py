@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from sentio_lab.agents.checkpoint import load_checkpoint
+from sentio_lab.experiment.__main__ import main
 from sentio_lab.experiment.assembly import GROUPS_FILE, RESULTS_FILE, evaluation_folder
 from sentio_lab.experiment.config import AgentSpec, ExperimentConfig, load_config
 from sentio_lab.experiment.memorisation import MEMORISATION_FILE
@@ -192,3 +193,20 @@ def test_pool_config_fields(tmp_path, files):
     with pytest.raises(ValueError, match="gate_margin"):
         make_config("x", pool=("a",), validation_bars=20,
                     agents=(AgentSpec("g", "ppo", ("--anchor", "buy_and_hold"), gate_margin=0.1),))
+
+
+def test_command_line_reuses_the_pooled_run_and_prints_each_instrument(pooled_run, files, capsys):
+    plan, output, results = pooled_run
+    config = plan.config
+    path = output.parent / "pair.toml"
+    quoted = lambda items: "[" + ", ".join(json.dumps(str(i)) for i in items) + "]"  # noqa: E731
+    path.write_text(
+        f'name = "pair"\npool = {quoted(config.pool)}\nn_groups = 4\nn_test_groups = 2\nseeds = [1]\n'
+        f'random_seeds = 2\nbaselines = {quoted(config.baselines)}\ncommon_args = {quoted(config.common_args)}\n'
+        f'[agents.tiny]\nvariant = "ppo"\nargs = {quoted(TINY)}\nensemble = true\n')
+    before = {p: p.stat().st_mtime_ns for p in (output / "cells").rglob("checkpoint.pt")}
+    main(["--config", str(path), "--output-root", str(output.parent), "--no-track", "--no-progress"])
+    assert {p: p.stat().st_mtime_ns for p in (output / "cells").rglob("checkpoint.pt")} == before  # nothing retrained
+    printed = capsys.readouterr().out
+    assert all(f in printed for f in files.values()) and "tiny_ensemble" in printed
+    pd.testing.assert_frame_equal(pd.read_parquet(output / RESULTS_FILE), results)
