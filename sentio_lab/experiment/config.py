@@ -67,7 +67,7 @@ class ExperimentConfig:
     agents: tuple[AgentSpec, ...]
     """the configurations tried (each one a trial)"""
     dataset: str = "sp500"
-    """bundled dataset or path to a CSV / Parquet file"""
+    """bundled dataset or path to a CSV / Parquet file (with ``pool``: set to ``"pool:<items>"``, a label)"""
     data_start: str | None = None
     """first timestamp to load (None = the dataset's default start)"""
     data_end: str | None = None
@@ -151,6 +151,8 @@ class ExperimentConfig:
         if self.placebo is not None and (self.placebo_seeds < 1 or self.placebo_block_mean < 1):
             raise ValueError(f"experiment {self.name!r}: placebo_seeds and placebo_block_mean must be >= 1")
         if self.pool:
+            # the label every report prints as the data (the runner reads the pool, never this dataset)
+            object.__setattr__(self, "dataset", "pool:" + ",".join(self.pool))
             if self.augment_paths:
                 raise ValueError(f"experiment {self.name!r}: pool with augment_paths is not supported yet; set "
                                  "augment_paths = 0")

@@ -184,7 +184,7 @@ def test_test_group_bars_of_any_instrument_never_move_a_training_cell(files, tmp
 def test_pool_config_fields(tmp_path, files):
     path = tmp_path / "p.toml"
     path.write_text('pool = "sp500_20"\n[agents.a]\nvariant = "ppo"\n')
-    assert load_config(path).pool == ("sp500_20",)
+    assert load_config(path).pool == ("sp500_20",) and load_config(path).dataset == "pool:sp500_20"
     path.write_text('dataset = "sp500"\npool = ["a.csv"]\n[agents.a]\nvariant = "ppo"\n')
     with pytest.raises(ValueError, match="dataset or pool"):
         load_config(path)
