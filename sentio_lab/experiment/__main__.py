@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> Path:
     print(strategy_table(results, ("sharpe", "cagr", "max_drawdown")).to_string())
     if config.pool:  # per instrument: the median Sharpe over seeds and paths (instrument_results.parquet)
         per = pd.read_parquet(output / INSTRUMENT_RESULTS_FILE)
-        print(instrument_table(per, ("sharpe",))["sharpe"].T.round(2).to_string())
+        print(instrument_table(per, ("sharpe",))["sharpe"].unstack("name").round(2).to_string())
     if (output / GATES_FILE).exists():  # validation-gated configurations: how often each fell back
         print(gate_summary(pd.read_parquet(output / GATES_FILE)))
     print(f"results: {output / RESULTS_FILE}")

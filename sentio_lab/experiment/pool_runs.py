@@ -225,5 +225,5 @@ def assemble_instruments(plan: Plan, output: str | Path) -> pd.DataFrame:
 
 
 def instrument_table(results: pd.DataFrame, stats: Sequence[str] = ("sharpe", "max_drawdown")) -> pd.DataFrame:
-    """Per strategy and instrument: the median of each of ``stats`` over seeds and backtest paths."""
-    return results.groupby(["name", "instrument"])[list(stats)].median().unstack("instrument")
+    """Per strategy and instrument (rows): the median of each of ``stats`` over seeds and backtest paths."""
+    return results.groupby(["name", "instrument"])[list(stats)].median()

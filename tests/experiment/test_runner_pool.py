@@ -112,7 +112,9 @@ def test_per_instrument_results_and_the_book_are_in_the_outputs(pooled_run, file
     assert set(per["name"]) == {"tiny", "tiny_ensemble", "buy_and_hold", "random"}
     assert set(results["name"]) == set(per["name"])
     table = instrument_table(per)
-    assert table.shape == (4, 4) and np.isfinite(table.to_numpy()).all()
+    assert table.shape == (8, 2) and np.isfinite(table.to_numpy()).all()
+    bh_x = per[(per["name"] == "buy_and_hold") & (per["instrument"] == files["x"])]["sharpe"].median()
+    assert table.loc[("buy_and_hold", files["x"]), "sharpe"] == bh_x
     # a book path's total return is the chain of its groups' mean-of-accounts returns, not a per-instrument one
     bh = results[(results["name"] == "buy_and_hold")].set_index("path")["total_return"]
     per_bh = per[per["name"] == "buy_and_hold"].pivot(index="path", columns="instrument", values="total_return")
