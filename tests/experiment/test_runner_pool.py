@@ -15,6 +15,7 @@ from sentio_lab.experiment.__main__ import main
 from sentio_lab.experiment.assembly import GROUPS_FILE, RESULTS_FILE, evaluation_folder
 from sentio_lab.experiment.config import AgentSpec, ExperimentConfig, load_config
 from sentio_lab.experiment.memorisation import MEMORISATION_FILE
+from sentio_lab.experiment.placebo import bootstrap_training_bars
 from sentio_lab.experiment.pool_runs import (
     INSTRUMENT_RESULTS_FILE,
     INSTRUMENTS_FILE,
@@ -212,3 +213,22 @@ def test_command_line_reuses_the_pooled_run_and_prints_each_instrument(pooled_ru
     printed = capsys.readouterr().out
     assert all(f in printed for f in files.values()) and "tiny_ensemble" in printed
     pd.testing.assert_frame_equal(pd.read_parquet(output / RESULTS_FILE), results)
+
+
+def test_placebo_bootstraps_a_close_only_frame_and_keeps_its_absent_prices_absent():
+    rng = np.random.default_rng(0)
+    dates = pd.bdate_range("2010-01-01", periods=60)
+    close = 10 * np.exp(np.cumsum(rng.normal(0, 0.01, 60)))
+    frame = pd.DataFrame({"open": np.nan, "high": np.nan, "low": np.nan, "close": close, "volume": np.nan},
+                         index=dates)
+    out, sources = bootstrap_training_bars(frame, [(5, 40)], block_mean=3, seed=1)
+    assert out[["open", "high", "low", "volume"]].isna().all().all()
+    np.testing.assert_array_equal(out["close"].to_numpy()[:6], close[:6])  # the anchor bar and before: untouched
+    np.testing.assert_array_equal(out["close"].to_numpy()[40:], close[40:])
+    source = sources[5]
+    np.testing.assert_allclose(out["close"].to_numpy()[6:40] / out["close"].to_numpy()[5:39],
+                               close[source] / close[source - 1], rtol=1e-12)
+    assert not np.array_equal(out["close"].to_numpy()[6:40], close[6:40])
+    with pytest.raises(ValueError, match="row 3"):
+        bootstrap_training_bars(frame.assign(close=np.where(np.arange(60) == 3, np.nan, close)), [(5, 40)],
+                                block_mean=3, seed=1)
