@@ -27,7 +27,6 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import torch
 
@@ -40,10 +39,7 @@ from sentio_lab.env import splits as splitting
 from sentio_lab.env.costs import bars_per_day, cost_reach
 from sentio_lab.env.market import PreparedMarket, prepare_fold_market, prepare_market
 from sentio_lab.env.pool import PooledMarket, pool_purge_embargo, prepare_pool, prepare_pool_fold
-from sentio_lab.evaluation.backtest import fill_costs_paid, fill_prices, order_sizes
-from sentio_lab.evaluation.baselines import evaluate_baseline, evaluate_random
-from sentio_lab.evaluation.episodes import Evaluation, evaluate_policies
-from sentio_lab.evaluation.metrics import fill_costs
+from sentio_lab.evaluation.episodes import evaluate_policies
 from sentio_lab.experiment.assembly import (
     EQUITY_FILE,
     GROUPS_FORMAT,
@@ -57,6 +53,8 @@ from sentio_lab.experiment.cells import CELL_FILE, Cell, cell_done, parse_varian
 from sentio_lab.experiment.config import AgentSpec, ExperimentConfig
 from sentio_lab.experiment.ensemble import ENSEMBLE_SEED, SeedEnsemble, ensemble_name
 from sentio_lab.experiment.gate import gated_name, gated_policy, validation_gate
+from sentio_lab.experiment.groups import baseline_frame, groups_frame
+from sentio_lab.experiment.groups import groups_frame as _groups_frame  # noqa: F401  (capacity imports it here)
 from sentio_lab.experiment.memorisation import (
     PLACEBO_DIR,
     assemble_memorisation,
@@ -216,42 +214,6 @@ def fold_market(plan: Plan, fold: splitting.Fold, feature_config: Any) -> Prepar
     return _MARKETS[key]
 
 
-def _groups_frame(evaluations: Sequence[Evaluation], fold: splitting.Fold, market: PreparedMarket) -> pd.DataFrame:
-    """Long table of a fold's test-group episodes: group, path, bar time, equity, weight (NaN on the last mark).
-
-    A ruined episode stopped early: its account is carried, flat, at its floored last value to the end of the
-    group, so that the backtest path still chains over every bar (a ruined account trades nothing more).
-    """
-    parts = []
-    frame = market.data.frame
-    index = frame.index
-    for j, evaluation in enumerate(evaluations):
-        equity = evaluation.equity
-        weights = evaluation.weights.reindex(equity.index)
-        if evaluation.weights.isna().any():  # the random baseline's mean over seeds: no single set of fills
-            cost = pd.Series(np.nan, index=equity.index)
-        elif evaluation.costs.is_flat:  # what each fill paid at the open (or close) of its bar (starting at 1.0)
-            sizes = order_sizes(frame, evaluation.start, evaluation.weights.to_numpy(), evaluation.costs,
-                                evaluation.fill_price)
-            cost = fill_costs(sizes, fill_prices(frame, evaluation.fill_price), evaluation.costs).reindex(equity.index)
-        else:  # spread / impact / cap: the fills' own concessions (sentio_lab.evaluation.backtest.fills)
-            cost = fill_costs_paid(frame, evaluation.start, evaluation.weights.to_numpy(),
-                                   evaluation.costs, evaluation.fill_price).reindex(equity.index)
-        if evaluation.ruined:
-            _, stop = market.range(f"test:{fold.groups[j]}")
-            rest = index[index.get_loc(equity.index[-1]) + 1 : stop]
-            equity = pd.concat([equity, pd.Series(float(equity.iloc[-1]), index=rest)])
-            weights = pd.concat([weights.iloc[:-1], pd.Series(0.0, index=equity.index[len(weights) - 1 : -1]),
-                                 pd.Series([np.nan], index=equity.index[-1:])])
-            cost = cost.reindex(equity.index, fill_value=0.0)
-        parts.append(pd.DataFrame({
-            "group": fold.groups[j], "path": fold.paths[j], "timestamp": equity.index,
-            "equity": equity.to_numpy(), "weight": weights.to_numpy(), "cost": cost.to_numpy(),
-            "ruined": evaluation.ruined,
-        }))
-    return pd.concat(parts, ignore_index=True)
-
-
 def load_cell_agent(path: Path, market: PreparedMarket, data_fingerprint: str | None = None) -> torch.nn.Module:
     """The agent saved in a cell's checkpoint, for the fold market it was trained on (greedy, eval mode);
     ``data_fingerprint``: the bars it trained on when not ``market``'s (augmented cells:
@@ -364,7 +326,7 @@ def evaluate_fold(plan: Plan, agent: AgentSpec, fold: splitting.Fold, output: Pa
         results = evaluate_policies(agents, member, ranges, window=acc["window"], positions=acc["positions"],
                                     costs=acc["costs"], rule_counts=rule_counts, **action_masking(args),
                                     env_options=options if instrument is None else env_options(args, member))
-        per_market[instrument] = pd.concat([_groups_frame(per_agent, fold, member).assign(seed=c.seed)
+        per_market[instrument] = pd.concat([groups_frame(per_agent, fold, member).assign(seed=c.seed)
                                             for c, per_agent in zip(cells, results, strict=True)], ignore_index=True)
     groups = write_groups(folder, per_market)
     members = {str(c.seed): r.get("selected_iteration") for c, r in zip(cells_of(plan, agent, fold), records,
@@ -406,23 +368,9 @@ def run_baselines(plan: Plan, fold: splitting.Fold, output: Path) -> None:
         if evaluation_done(folder) is not None:
             continue
         folder.mkdir(parents=True, exist_ok=True)
-        write_groups(folder, {instrument: _baseline_frame(name, member, fold, config.random_seeds, kwargs)
+        write_groups(folder, {instrument: baseline_frame(name, member, fold, config.random_seeds, kwargs)
                               for instrument, member in members_of(market).items()})
         write_json_atomic(folder / CELL_FILE, {"baseline": name, "fold": fold.fold, "format": GROUPS_FORMAT})
-
-
-def _baseline_frame(name: str, market: PreparedMarket, fold: splitting.Fold, random_seeds: int,
-                    kwargs: dict[str, Any]) -> pd.DataFrame:
-    """Baseline ``name`` on the fold's test groups of one market (the random policy: the mean over its seeds)."""
-    if name == "random":
-        runs = [evaluate_random(market, tuple(range(random_seeds)), range_name=f"test:{group}", **kwargs)
-                for group in fold.groups]
-        evaluations = [dataclasses.replace(r.evaluations[0], equity=r.mean_equity,
-                                           weights=r.evaluations[0].weights * np.nan) for r in runs]
-    else:
-        evaluations = [evaluate_baseline(name, market, range_name=f"test:{group}", train=market.training_segments(),
-                                         **kwargs) for group in fold.groups]
-    return _groups_frame(evaluations, fold, market).assign(seed=-1)
 
 
 def _job(kind: str, plan: Plan, item: Any, output: str, tracking: ExperimentTracking | None = None) -> str:
