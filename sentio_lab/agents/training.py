@@ -28,7 +28,7 @@ from sentio_lab.env.anchor import AnchorConfig, check_tilts
 from sentio_lab.env.benchmarks import anchor_config, benchmark_span
 from sentio_lab.env.costs import CostModel
 from sentio_lab.env.market import PreparedMarket, prepare_market
-from sentio_lab.env.pool import check_pool_env, prepare_pool
+from sentio_lab.env.pool import PooledMarket, check_pool_env, pool_anchor_config, prepare_pool
 from sentio_lab.features import FeatureConfig
 
 ArgsT = TypeVar("ArgsT", bound=Any)
@@ -109,8 +109,11 @@ def anchor_from(args: Any, market: PreparedMarket) -> AnchorConfig | None:
         return None
     if not 0.0 < env.zero_tilt_prob < 1.0:
         raise ValueError(f"--zero-tilt-prob {env.zero_tilt_prob}: must be in (0, 1)")
-    return anchor_config(env.anchor, market, tilts=tuple(env.tilts), excess_reward=env.excess_reward,
-                         deviation_penalty=env.deviation_penalty, no_trade_band=env.no_trade_band)
+    options = {"tilts": tuple(env.tilts), "excess_reward": env.excess_reward,
+               "deviation_penalty": env.deviation_penalty, "no_trade_band": env.no_trade_band}
+    if isinstance(market, PooledMarket):  # each instrument's own benchmark (its closes, its training rows), stacked
+        return pool_anchor_config(env.anchor, market, **options)
+    return anchor_config(env.anchor, market, **options)
 
 
 def anchor_options(args: Any, market: PreparedMarket) -> dict[str, Any]:
@@ -125,7 +128,11 @@ def anchor_options(args: Any, market: PreparedMarket) -> dict[str, Any]:
 def anchor_span(args: Any, market: PreparedMarket) -> int:
     """Bars before bar ``t`` that an anchored run's benchmark weight at ``t`` reads on ``market`` (0 unanchored):
     the CPCV purge / embargo must cover it (:func:`sentio_lab.env.benchmarks.benchmark_span`)."""
-    return 0 if args.env.anchor is None else benchmark_span(args.env.anchor, market)
+    if args.env.anchor is None:
+        return 0
+    if isinstance(market, PooledMarket):  # the longest reach of any instrument
+        return max(benchmark_span(args.env.anchor, member) for member in market.members.values())
+    return benchmark_span(args.env.anchor, market)
 
 
 def num_actions(args: Any) -> int:

@@ -24,9 +24,13 @@ Sources (``--pool``): ``sp500_20`` (skfolio's 20 S&P 500 stocks, daily closes 19
 ``--fill-price next_close`` and a close-only bank, ``close`` or ``slow``), ``sp500_20:TICKER`` (one of them), a
 bundled dataset name (``sp500``, ``nasdaq``) or an OHLCV file path.
 
+Benchmark anchors (``--anchor``): each instrument's benchmark weights are computed on its own member market (its
+own closes; ``vol_target`` scaled by its own training rows) and stacked like the arrays
+(:func:`pool_anchor_config`), so the benchmark at a stacked row never reads another instrument's bars.
+
 What the concatenated env does not support yet: cost models with estimated inputs (spread, impact, participation
-caps: their rolling estimates would read across the seam between two instruments), action masks, benchmark
-anchors and token blocks; :func:`check_pool_env` refuses them in one line.
+caps: their rolling estimates would read across the seam between two instruments), action masks and token blocks;
+:func:`check_pool_env` refuses them in one line.
 """
 
 from __future__ import annotations
@@ -49,7 +53,9 @@ from sentio_lab.data import (
     to_market,
 )
 from sentio_lab.data.panel import SP500_PANEL, load_sp500_panel
+from sentio_lab.env.anchor import AnchorConfig
 from sentio_lab.env.arrays import FillPrice, MarketArrays
+from sentio_lab.env.benchmarks import anchor_config
 from sentio_lab.env.market import PreparedMarket, prepare_fold_market, prepare_market
 from sentio_lab.env.splits import Fold, PurgeEmbargo, SegmentEpisodeSampler
 from sentio_lab.features import FeatureConfig
@@ -322,6 +328,14 @@ def prepare_pool_fold(pool: PooledMarket, fold: Fold, *, validation_bars: int = 
     return stack_members(members, calendar_note=pool.calendar_note)
 
 
+def pool_anchor_config(baseline: str, pool: PooledMarket, **options: Any) -> AnchorConfig:
+    """The :class:`~sentio_lab.env.anchor.AnchorConfig` of an anchored env on the stacked pool: every instrument's
+    benchmark weights from its own member market (:func:`~sentio_lab.env.benchmarks.anchor_config`), end to end in
+    stacking order; ``options`` (tilts, excess reward, deviation penalty, no-trade band) as for one market."""
+    configs = [anchor_config(baseline, member, **options) for member in pool.members.values()]
+    return dataclasses.replace(configs[0], benchmark=np.concatenate([c.benchmark for c in configs]))
+
+
 def check_pool_env(market: PreparedMarket, costs: Any, env_kwargs: Mapping[str, Any]) -> None:
     """Refuse, in one line, what the stacked env cannot do yet (module doc); nothing for a non-pooled market."""
     if not isinstance(market, PooledMarket):
@@ -329,7 +343,7 @@ def check_pool_env(market: PreparedMarket, costs: Any, env_kwargs: Mapping[str, 
     if not costs.is_flat:
         raise ValueError("--pool with --spread / --impact / --participation: their estimates would read across two "
                          "instruments' rows; use the flat cost model (--fee-bps, --slippage-bps, --borrow-bps)")
-    refused = [flag for key, flag in (("anchor", "--anchor"), ("masks", "masks (ppo_masked)"),
+    refused = [flag for key, flag in (("masks", "masks (ppo_masked)"),
                                       ("token_blocks", "token blocks (ppo_transformer)"))
                if env_kwargs.get(key)]
     if refused:

@@ -11,6 +11,7 @@ import tyro
 
 from sentio_lab.experiment.config import load_config
 from sentio_lab.experiment.gate import GATES_FILE, gate_summary
+from sentio_lab.experiment.pool_runs import INSTRUMENT_RESULTS_FILE, instrument_table
 from sentio_lab.experiment.portfolio_config import is_portfolio_file
 from sentio_lab.experiment.portfolio_runner import run_portfolio_file
 from sentio_lab.experiment.runner import RESULTS_FILE, RUNS_ROOT, plan_experiment, run_experiment
@@ -61,6 +62,9 @@ def main(argv: list[str] | None = None) -> Path:
     results = run_experiment(plan, output, workers=args.workers, progress=args.progress, track=args.track,
                              wandb_project=args.wandb_project_name, wandb_mode=args.wandb_mode)
     print(strategy_table(results, ("sharpe", "cagr", "max_drawdown")).to_string())
+    if config.pool:  # per instrument: the median Sharpe over seeds and paths (instrument_results.parquet)
+        per = pd.read_parquet(output / INSTRUMENT_RESULTS_FILE)
+        print(instrument_table(per, ("sharpe",))["sharpe"].unstack("name").round(2).to_string())
     if (output / GATES_FILE).exists():  # validation-gated configurations: how often each fell back
         print(gate_summary(pd.read_parquet(output / GATES_FILE)))
     print(f"results: {output / RESULTS_FILE}")

@@ -18,7 +18,9 @@ Every ``[agents.*]`` table is one configuration, i.e. one trial for the deflated
 repeat a configuration and are not extra trials. ``ensemble = true`` in a table adds that configuration's seed
 ensemble (:mod:`sentio_lab.experiment.ensemble`: its trained seeds acting on their mean action probabilities) as
 the strategy ``<name>_ensemble``, one more trial; ``gate_margin = 0.1`` in an anchored configuration's table adds its
-validation-gated strategy ``<name>_gated`` (:mod:`sentio_lab.experiment.gate`), one more trial too. Arguments
+validation-gated strategy ``<name>_gated`` (:mod:`sentio_lab.experiment.gate`), one more trial too. ``pool =
+"sp500_20"`` (or a list of instruments) instead of ``dataset`` trains every cell on a pool of instruments
+(:mod:`sentio_lab.experiment.pool_runs`). Arguments
 shared by every agent (costs, window, position set) go in ``common_args`` and are checked to be equal across
 agents, so that every row of a comparison has the same accounting.
 """
@@ -65,7 +67,7 @@ class ExperimentConfig:
     agents: tuple[AgentSpec, ...]
     """the configurations tried (each one a trial)"""
     dataset: str = "sp500"
-    """bundled dataset or path to a CSV / Parquet file"""
+    """bundled dataset or path to a CSV / Parquet file (with ``pool``: set to ``"pool:<items>"``, a label)"""
     data_start: str | None = None
     """first timestamp to load (None = the dataset's default start)"""
     data_end: str | None = None
@@ -106,6 +108,10 @@ class ExperimentConfig:
     stationary-block-bootstrap copies of its fold's training segments (0: off)"""
     augment_block_mean: float = 5.0
     """augmentation: mean block length of the stationary bootstrap, in bars"""
+    pool: tuple[str, ...] = ()
+    """pooled training (:mod:`sentio_lab.experiment.pool_runs`): instead of ``dataset``, every cell trains one
+    policy on these instruments at once (``"sp500_20"``, ``"sp500_20:AAPL"``, bundled names or files, as
+    ``--pool``), evaluated per instrument and as their equal-capital book (empty: off)"""
 
     def __post_init__(self) -> None:
         """Reject what cannot run, naming the field."""
@@ -144,6 +150,15 @@ class ExperimentConfig:
             raise ValueError(f"experiment {self.name!r}: placebo {self.placebo!r} not in {PLACEBO_SCHEMES}")
         if self.placebo is not None and (self.placebo_seeds < 1 or self.placebo_block_mean < 1):
             raise ValueError(f"experiment {self.name!r}: placebo_seeds and placebo_block_mean must be >= 1")
+        if self.pool:
+            # the label every report prints as the data (the runner reads the pool, never this dataset)
+            object.__setattr__(self, "dataset", "pool:" + ",".join(self.pool))
+            if self.augment_paths:
+                raise ValueError(f"experiment {self.name!r}: pool with augment_paths is not supported yet; set "
+                                 "augment_paths = 0")
+            if gated:
+                raise ValueError(f"experiment {self.name!r}: pool with gate_margin (agents.{gated[0].name}) is not "
+                                 "supported yet: the gate decides on one market's validation slice; drop gate_margin")
         if self.select_every and not self.validation_bars:
             raise ValueError(f"experiment {self.name!r}: select_every needs a validation slice (validation_bars)")
 
@@ -177,7 +192,11 @@ def load_config(path: str | Path, **overrides: object) -> ExperimentConfig:
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ValueError(f"{path}: unknown keys {unknown}; known: {sorted(known)}")
-    for key in ("seeds", "baselines", "common_args"):
+    if "pool" in raw:
+        if "dataset" in raw:
+            raise ValueError(f"{path}: give dataset or pool, not both (pool names the instruments)")
+        raw["pool"] = (raw["pool"],) if isinstance(raw["pool"], str) else raw["pool"]
+    for key in ("seeds", "baselines", "common_args", "pool"):
         if key in raw:
             raw[key] = tuple(raw[key])
     raw.setdefault("name", path.stem)

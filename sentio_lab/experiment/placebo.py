@@ -61,7 +61,10 @@ def bootstrap_training_bars(
     missing = [c for c in PRICE_COLUMNS if c not in frame.columns]
     if missing:
         raise ValueError(f"bootstrap_training_bars: the frame lacks price columns {missing}")
-    prices = frame[list(PRICE_COLUMNS)].to_numpy(dtype=np.float64)
+    # A close-only frame (a panel's stock: open, high, low absent on every row) keeps them absent: only the
+    # columns that hold prices are checked and rebuilt (NaN shape x new close stays NaN).
+    present = [c for c in PRICE_COLUMNS if c == "close" or frame[c].notna().any()]
+    prices = frame[present].to_numpy(dtype=np.float64)
     if not np.all(np.isfinite(prices)) or np.any(prices <= 0):
         bad = int(np.flatnonzero(~(np.isfinite(prices) & (prices > 0)).all(axis=1))[0])
         raise ValueError(f"bootstrap_training_bars: row {bad} ({frame.index[bad]}) has a non-positive or missing price")

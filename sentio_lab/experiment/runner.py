@@ -27,7 +27,6 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import torch
 
@@ -39,13 +38,10 @@ from sentio_lab.agents.variants import action_masking, agent_obs_dim, env_option
 from sentio_lab.env import splits as splitting
 from sentio_lab.env.costs import bars_per_day, cost_reach
 from sentio_lab.env.market import PreparedMarket, prepare_fold_market, prepare_market
-from sentio_lab.evaluation.backtest import fill_costs_paid, fill_prices, order_sizes
-from sentio_lab.evaluation.baselines import evaluate_baseline, evaluate_random
-from sentio_lab.evaluation.episodes import Evaluation, evaluate_policies
-from sentio_lab.evaluation.metrics import fill_costs
+from sentio_lab.env.pool import PooledMarket, pool_purge_embargo, prepare_pool, prepare_pool_fold
+from sentio_lab.evaluation.episodes import evaluate_policies
 from sentio_lab.experiment.assembly import (
     EQUITY_FILE,
-    GROUPS_FILE,
     GROUPS_FORMAT,
     RESULTS_FILE,
     assemble,
@@ -57,13 +53,22 @@ from sentio_lab.experiment.cells import CELL_FILE, Cell, cell_done, parse_varian
 from sentio_lab.experiment.config import AgentSpec, ExperimentConfig
 from sentio_lab.experiment.ensemble import ENSEMBLE_SEED, SeedEnsemble, ensemble_name
 from sentio_lab.experiment.gate import gated_name, gated_policy, validation_gate
+from sentio_lab.experiment.groups import baseline_frame, groups_frame
+from sentio_lab.experiment.groups import groups_frame as _groups_frame  # noqa: F401  (capacity imports it here)
 from sentio_lab.experiment.memorisation import (
     PLACEBO_DIR,
     assemble_memorisation,
     diagnosis_done,
     placebo_cells,
-    placebo_market,
     write_diagnosis,
+)
+from sentio_lab.experiment.pool_runs import (
+    assemble_instruments,
+    diagnose_pool,
+    members_of,
+    pool_placebo_market,
+    write_groups,
+    write_pool_diagnosis,
 )
 from sentio_lab.experiment.summary import strategy_table
 from sentio_lab.experiment.wandb_runs import ExperimentTracking, cell_config, log_cell, log_evaluation, log_results
@@ -95,7 +100,7 @@ class Plan:
 
 def agent_argv(config: ExperimentConfig, agent_args: Sequence[str], extra_args: Sequence[str] = ()) -> tuple[str, ...]:
     """The command line of one configuration: dataset and range, ``common_args``, its own args, ``extra_args``."""
-    data = ["--dataset", str(config.dataset)]
+    data = ["--pool", *config.pool] if config.pool else ["--dataset", str(config.dataset)]
     if config.data_start is not None:
         data += ["--data-start", config.data_start]
     if config.data_end is not None:
@@ -139,10 +144,12 @@ def plan_experiment(config: ExperimentConfig, extra_args: Sequence[str] = ()) ->
     # the folds start after the longest warm-up, so every configuration and baseline trades the same bars.
     gap_options, first_valid, base = [], 0, None
     for agent, args in parsed:
-        market = prepare_market(config.dataset, load_variant(agent.variant).feature_config(args),
-                                start=config.data_start, end=config.data_end, fill_price=args.data.fill_price)
+        market = _base_market(config, load_variant(agent.variant).feature_config(args), args.data.fill_price)
         base = base or market
-        gaps = splitting.PurgeEmbargo.for_features(first["window"], market.feature_config, market.data.frame)
+        if isinstance(market, PooledMarket):  # one calendar; the longest reach of any instrument
+            gaps = pool_purge_embargo(market, first["window"])
+        else:
+            gaps = splitting.PurgeEmbargo.for_features(first["window"], market.feature_config, market.data.frame)
         # The cost inputs of a fill (spread, sigma_daily, ADV windows) read bars before the decision too: count
         # them (0 for flat costs, so flat-cost plans are unchanged), over the market's causal bars per day.
         cost_span = cost_reach(first["costs"], bars_per_day(market.data.frame.index, len(market.data.frame)))
@@ -151,14 +158,15 @@ def plan_experiment(config: ExperimentConfig, extra_args: Sequence[str] = ()) ->
         # higher-timeframe bars) declares how far: the span grows until the reach (window - 1 + span) covers it,
         # so the embargo and the touched-bar audit (splits.check_fold) both count it.
         # An anchored agent's benchmark weight at t (its observation and its target) reads closes t - span .. t.
-        span = max(observation_span(agent.variant, args, market) or 0, anchor_span(args, market))
+        span = max([observation_span(agent.variant, args, m) or 0 for m in members_of(market).values()]
+                   + [anchor_span(args, market)])
         beyond = span - gaps.observation_reach
         if beyond > 0:
             gaps = dataclasses.replace(gaps, feature_span=gaps.feature_span + beyond)
         gap_options.append(gaps)
-        first_valid = max(first_valid, int(market.arrays.first_valid))
+        first_valid = max(first_valid, *(int(m.arrays.first_valid) for m in members_of(market).values()))
     gaps = max(gap_options, key=lambda g: g.embargo)
-    n_bars = len(base.data.frame)
+    n_bars = len(next(iter(members_of(base).values())).data.frame)  # a pool's calendar: one instrument's bars
     if config.split == "cpcv":
         folds = splitting.combinatorial_purged(n_bars, gaps, n_groups=config.n_groups,
                                                n_test_groups=config.n_test_groups, first_valid=first_valid)
@@ -175,6 +183,16 @@ def plan_experiment(config: ExperimentConfig, extra_args: Sequence[str] = ()) ->
                 accounting=first)
 
 
+def _base_market(config: ExperimentConfig, feature_config: Any, fill_price: Any) -> PreparedMarket:
+    """The experiment's whole market before any fold: its dataset, or the pool of its instruments on their common
+    calendar (:mod:`sentio_lab.experiment.pool_runs`)."""
+    if config.pool:
+        return prepare_pool(config.pool, feature_config, start=config.data_start, end=config.data_end,
+                            fill_price=fill_price)
+    return prepare_market(config.dataset, feature_config, start=config.data_start, end=config.data_end,
+                          fill_price=fill_price)
+
+
 # ================================================================================================= cells
 _MARKETS: dict[tuple, PreparedMarket] = {}
 
@@ -184,50 +202,16 @@ def fold_market(plan: Plan, fold: splitting.Fold, feature_config: Any) -> Prepar
     # Everything the market depends on: data and range, the fold's own segments, the validation slice, features.
     config = plan.config
     fill_price = plan.accounting.get("fill_price", "next_open")  # shared by every agent (plan_experiment)
-    key = (str(config.dataset), config.data_start, config.data_end, fold, config.validation_bars, repr(feature_config),
-           fill_price)
+    key = (str(config.dataset), config.pool, config.data_start, config.data_end, fold, config.validation_bars,
+           repr(feature_config), fill_price)
     if key not in _MARKETS:
         _MARKETS.clear()  # one fold at a time per process keeps memory flat
-        base = prepare_market(plan.config.dataset, feature_config, start=plan.config.data_start,
-                              end=plan.config.data_end, fill_price=fill_price)
-        _MARKETS[key] = prepare_fold_market(base, fold, validation_bars=plan.config.validation_bars)
+        base = _base_market(config, feature_config, fill_price)
+        if isinstance(base, PooledMarket):  # every instrument refitted on the fold's training dates of its own bars
+            _MARKETS[key] = prepare_pool_fold(base, fold, validation_bars=config.validation_bars)
+        else:
+            _MARKETS[key] = prepare_fold_market(base, fold, validation_bars=config.validation_bars)
     return _MARKETS[key]
-
-
-def _groups_frame(evaluations: Sequence[Evaluation], fold: splitting.Fold, market: PreparedMarket) -> pd.DataFrame:
-    """Long table of a fold's test-group episodes: group, path, bar time, equity, weight (NaN on the last mark).
-
-    A ruined episode stopped early: its account is carried, flat, at its floored last value to the end of the
-    group, so that the backtest path still chains over every bar (a ruined account trades nothing more).
-    """
-    parts = []
-    frame = market.data.frame
-    index = frame.index
-    for j, evaluation in enumerate(evaluations):
-        equity = evaluation.equity
-        weights = evaluation.weights.reindex(equity.index)
-        if evaluation.weights.isna().any():  # the random baseline's mean over seeds: no single set of fills
-            cost = pd.Series(np.nan, index=equity.index)
-        elif evaluation.costs.is_flat:  # what each fill paid at the open (or close) of its bar (starting at 1.0)
-            sizes = order_sizes(frame, evaluation.start, evaluation.weights.to_numpy(), evaluation.costs,
-                                evaluation.fill_price)
-            cost = fill_costs(sizes, fill_prices(frame, evaluation.fill_price), evaluation.costs).reindex(equity.index)
-        else:  # spread / impact / cap: the fills' own concessions (sentio_lab.evaluation.backtest.fills)
-            cost = fill_costs_paid(frame, evaluation.start, evaluation.weights.to_numpy(),
-                                   evaluation.costs, evaluation.fill_price).reindex(equity.index)
-        if evaluation.ruined:
-            _, stop = market.range(f"test:{fold.groups[j]}")
-            rest = index[index.get_loc(equity.index[-1]) + 1 : stop]
-            equity = pd.concat([equity, pd.Series(float(equity.iloc[-1]), index=rest)])
-            weights = pd.concat([weights.iloc[:-1], pd.Series(0.0, index=equity.index[len(weights) - 1 : -1]),
-                                 pd.Series([np.nan], index=equity.index[-1:])])
-            cost = cost.reindex(equity.index, fill_value=0.0)
-        parts.append(pd.DataFrame({
-            "group": fold.groups[j], "path": fold.paths[j], "timestamp": equity.index,
-            "equity": equity.to_numpy(), "weight": weights.to_numpy(), "cost": cost.to_numpy(),
-            "ruined": evaluation.ruined,
-        }))
-    return pd.concat(parts, ignore_index=True)
 
 
 def load_cell_agent(path: Path, market: PreparedMarket, data_fingerprint: str | None = None) -> torch.nn.Module:
@@ -272,7 +256,7 @@ def run_placebo_cell(plan: Plan, cell: Cell, output: Path) -> None:
     folder = output / PLACEBO_DIR / cell.cell_id
     args = parse_variant_args(cell.variant, cell.args)
     real = fold_market(plan, plan.folds[cell.fold], load_variant(cell.variant).feature_config(args))
-    market = placebo_market(real, plan.config, int(cell.placebo))
+    market = pool_placebo_market(real, plan.config, int(cell.placebo))
     record = cell_done(folder) or train_cell(cell, training_market(plan, cell, market, args), folder,
                                              select_every=plan.config.select_every)
     diagnose_cell(plan, cell, output, market=market, checkpoint=folder / record["checkpoint"])
@@ -289,6 +273,11 @@ def diagnose_cell(plan: Plan, cell: Cell, output: Path, *, market: PreparedMarke
         folder = output / "cells" / cell.cell_id
         checkpoint = folder / cell_done(folder)["checkpoint"]
     agent = load_cell_agent(checkpoint, market, trained_fingerprint(plan, cell, market))
+    if isinstance(market, PooledMarket):  # per instrument, and their mean (sentio_lab.experiment.pool_runs)
+        write_pool_diagnosis(output, cell, diagnose_pool(agent, market, plan.accounting,
+                                                         mask_kwargs=action_masking(args),
+                                                         env_options=env_options(args, market)))
+        return
     write_diagnosis(output, cell, agent, market, plan.accounting, **action_masking(args),
                     env_options=env_options(args, market))
 
@@ -332,13 +321,14 @@ def evaluate_fold(plan: Plan, agent: AgentSpec, fold: splitting.Fold, output: Pa
     if ensemble:  # one strategy: the members' mean action probabilities, through the same env and code
         agents = [SeedEnsemble(agents, len(acc["positions"]))]
         cells = [dataclasses.replace(cells[0], seed=ENSEMBLE_SEED)]
-    results = evaluate_policies(agents, market, ranges, window=acc["window"], positions=acc["positions"],
-                                costs=acc["costs"], rule_counts=rule_counts, **action_masking(args),
-                                env_options=options)
-    frames = [_groups_frame(per_agent, fold, market).assign(seed=c.seed)
-              for c, per_agent in zip(cells, results, strict=True)]
-    groups = pd.concat(frames, ignore_index=True)
-    groups.to_parquet(folder / GROUPS_FILE)
+    per_market = {}  # one market, or each instrument of a pool on its own market (its own features, anchor)
+    for instrument, member in members_of(market).items():
+        results = evaluate_policies(agents, member, ranges, window=acc["window"], positions=acc["positions"],
+                                    costs=acc["costs"], rule_counts=rule_counts, **action_masking(args),
+                                    env_options=options if instrument is None else env_options(args, member))
+        per_market[instrument] = pd.concat([groups_frame(per_agent, fold, member).assign(seed=c.seed)
+                                            for c, per_agent in zip(cells, results, strict=True)], ignore_index=True)
+    groups = write_groups(folder, per_market)
     members = {str(c.seed): r.get("selected_iteration") for c, r in zip(cells_of(plan, agent, fold), records,
                                                                            strict=True)}
     record = {
@@ -378,15 +368,8 @@ def run_baselines(plan: Plan, fold: splitting.Fold, output: Path) -> None:
         if evaluation_done(folder) is not None:
             continue
         folder.mkdir(parents=True, exist_ok=True)
-        if name == "random":
-            seeds = tuple(range(config.random_seeds))
-            runs = [evaluate_random(market, seeds, range_name=f"test:{group}", **kwargs) for group in fold.groups]
-            evaluations = [dataclasses.replace(r.evaluations[0], equity=r.mean_equity,
-                                               weights=r.evaluations[0].weights * np.nan) for r in runs]
-        else:
-            evaluations = [evaluate_baseline(name, market, range_name=f"test:{group}",
-                                             train=market.training_segments(), **kwargs) for group in fold.groups]
-        _groups_frame(evaluations, fold, market).assign(seed=-1).to_parquet(folder / GROUPS_FILE)
+        write_groups(folder, {instrument: baseline_frame(name, member, fold, config.random_seeds, kwargs)
+                              for instrument, member in members_of(market).items()})
         write_json_atomic(folder / CELL_FILE, {"baseline": name, "fold": fold.fold, "format": GROUPS_FORMAT})
 
 
@@ -461,6 +444,8 @@ def run_experiment(plan: Plan, output: str | Path, *, workers: int = 1, progress
     bar.close()
     assemble_memorisation(plan.cells + plan.placebo_cells, output)
     results = assemble(plan, output)
+    if config.pool:
+        assemble_instruments(plan, output)
     if tracking is not None:
         log_results(tracking, results, strategy_table(results),
                     [output / name for name in (RESULTS_FILE, EQUITY_FILE, "plan.json")], _plan_record(plan))

@@ -14,6 +14,7 @@ from sentio_lab.env.market import prepare_market
 from sentio_lab.env.pool import (
     PooledMarket,
     check_pool_env,
+    pool_anchor_config,
     pool_first_valid,
     pool_purge_embargo,
     prepare_pool,
@@ -171,9 +172,35 @@ def test_pool_env_refuses_what_it_cannot_do(files):
     pool = pool_of(files.values())
     with pytest.raises(ValueError, match="--spread"):
         check_pool_env(pool, CostModel(spread="corwin_schultz"), {})
-    with pytest.raises(ValueError, match="--anchor"):
-        check_pool_env(pool, CostModel(), {"anchor": "buy_and_hold"})
+    with pytest.raises(ValueError, match="masks"):
+        check_pool_env(pool, CostModel(), {"masks": object()})
+    check_pool_env(pool, CostModel(), {"anchor": "buy_and_hold"})  # each instrument's own benchmark, stacked
     check_pool_env(pool, CostModel(), {"drawdown_obs": True})  # the risk variant's state is per env: fine
+
+
+@pytest.mark.parametrize("baseline", ["vol_target", "sma_crossover"])
+def test_anchor_is_each_instruments_own_benchmark_stacked(files, baseline):
+    from sentio_lab.env.benchmarks import anchor_config
+
+    pool = pool_of(files.values())
+    fold = combinatorial_purged(BARS, pool_purge_embargo(pool, WINDOW), n_groups=4, n_test_groups=2,
+                                first_valid=pool_first_valid(pool))[0]
+    folded = prepare_pool_fold(pool, fold)
+    stacked = pool_anchor_config(baseline, folded, deviation_penalty=0.1)
+    own = [anchor_config(baseline, member).benchmark for member in folded.members.values()]
+    np.testing.assert_array_equal(stacked.benchmark, np.concatenate(own))
+    assert stacked.deviation_penalty == 0.1 and len(stacked.benchmark) == len(folded.arrays.close)
+    # an instrument's benchmark never reads another instrument's closes: rewriting b leaves a's and c's rows alone
+    other = dict(files)
+    frame = pd.read_csv(files["b"], index_col=0, parse_dates=True)
+    other["b"] = files["b"].replace("b.csv", "b2.csv")
+    rewrite_after(frame, np.ones(BARS, dtype=bool)).to_csv(other["b"])
+    moved = pool_anchor_config(baseline, prepare_pool_fold(pool_of(other.values()), fold)).benchmark
+    for k in (0, 2):
+        rows = slice(folded.offsets[k], folded.offsets[k] + BARS)
+        np.testing.assert_array_equal(moved[rows], stacked.benchmark[rows])
+    assert not np.array_equal(moved[folded.offsets[1]:folded.offsets[2]], stacked.benchmark[folded.offsets[1]:
+                                                                                            folded.offsets[2]])
 
 
 # ------------------------------------------------------------------------------------------------ CPCV
