@@ -39,7 +39,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import torch
 
@@ -49,17 +48,24 @@ from sentio_lab.data.panel import PanelData, load_panel, load_sp500_panel
 from sentio_lab.env import splits as splitting
 from sentio_lab.env.costs import bars_per_day, cost_reach
 from sentio_lab.env.portfolio import PortfolioEnv
-from sentio_lab.env.portfolio_anchor import PortfolioAnchor, project_to_simplex
 from sentio_lab.env.portfolio_arrays import build_portfolio_arrays
-from sentio_lab.evaluation.metrics import sharpe_ratio, summary_stats
+from sentio_lab.evaluation.metrics import summary_stats
 from sentio_lab.evaluation.metrics.table import STAT_NAMES
 from sentio_lab.evaluation.portfolio_baselines import SkfolioBaseline
-from sentio_lab.evaluation.portfolio_report import PortfolioEpisode, path_tables, record_episode
+from sentio_lab.evaluation.portfolio_report import path_tables, record_episode
 from sentio_lab.experiment.assembly import EQUITY_FILE, GROUPS_FILE, RESULTS_FILE
 from sentio_lab.experiment.cells import CELL_FILE, Cell, cell_done, train_cell, write_json_atomic
 from sentio_lab.experiment.config import AgentSpec
 from sentio_lab.experiment.ensemble import ENSEMBLE_SEED, ensemble_name
 from sentio_lab.experiment.portfolio_config import USER_PANEL, PortfolioExperimentConfig, load_portfolio_config
+from sentio_lab.experiment.portfolio_episodes import (
+    agent_decide,
+    baseline_decide,
+    chained_sharpe,
+    ensemble_decide,
+    episode_frame,
+    frame_episode,
+)
 from sentio_lab.experiment.portfolio_placebo import bootstrap_panel, placebo_cells
 from sentio_lab.experiment.runner import agent_argv
 from sentio_lab.experiment.summary import strategy_table
@@ -221,66 +227,6 @@ def agent_env(plan: PortfolioPlan, module: Any, args: Any, market: Any, segment:
     return env, start, steps
 
 
-def agent_decide(agent: torch.nn.Module) -> Any:
-    """The greedy policy of a portfolio agent as a ``Decide`` (sentio_lab.evaluation.portfolio_report): what its env
-    steps on (weights, signed weights or a tilt)."""
-    def decide(k: int, t: int, obs: torch.Tensor) -> tuple[np.ndarray, bool]:
-        return agent.act_greedy(obs)[0].to(torch.float64).numpy(), False
-    return decide
-
-
-def ensemble_decide(members: list[torch.nn.Module], anchor: PortfolioAnchor | None) -> Any:
-    """A seed ensemble as a ``Decide``: at each decision every member's greedy target weights for the same
-    observation (each through its own normaliser), and their plain mean traded. Long-only weights and long-short
-    signed weights are the env actions themselves (the mean of points of a convex set stays in it: on the simplex,
-    or within ``sum |w| <= G``); an anchored member's target is ``P(b_t + tau_i)`` (its tilt projected around the
-    benchmark's weights at bar t), and the ensemble steps on the tilt ``mean_i P(b_t + tau_i) - b_t``, which the
-    env projects back onto that mean (already on the simplex)."""
-    def decide(k: int, t: int, obs: torch.Tensor) -> tuple[np.ndarray, bool]:
-        actions = torch.stack([m.act_greedy(obs)[0].to(torch.float64) for m in members])
-        if anchor is None:
-            return actions.mean(0).numpy(), False
-        benchmark = torch.as_tensor(anchor.benchmark[t])
-        return (project_to_simplex(benchmark + actions).mean(0) - benchmark).numpy(), False
-    return decide
-
-
-def baseline_decide(baseline: SkfolioBaseline, rebalance_every: int) -> Any:
-    """A skfolio baseline at its declared frequency: its weights at bar t on step 0, every ``rebalance_every``
-    steps after; held in between (as :func:`~sentio_lab.evaluation.portfolio_baselines.run_baseline`)."""
-    def decide(k: int, t: int, obs: torch.Tensor) -> tuple[np.ndarray, bool]:
-        rebalance = k % rebalance_every == 0
-        weights = baseline.weights_at(t) if rebalance else np.full(baseline.close.shape[1], 0.0)
-        return np.r_[weights, 0.0 if rebalance else 1.0], not rebalance
-    return decide
-
-
-def episode_frame(episode: PortfolioEpisode, index: pd.DatetimeIndex, assets: tuple[str, ...]) -> pd.DataFrame:
-    """One row per mark of ``episode`` (``L + 1``: the start, then each step's): the equity, and each step's costs,
-    per-asset contributions, turnover and held weights (the start row: nothing traded, all cash)."""
-    steps = len(episode.cost)
-    def pad(values: np.ndarray, first: float = 0.0) -> np.ndarray:
-        return np.concatenate([np.full((1, *values.shape[1:]), first), values])
-    columns: dict[str, Any] = {"timestamp": index[episode.start: episode.start + steps + 1],
-                               "equity": episode.equity, "cost": pad(episode.cost)}
-    for a, name in enumerate(assets):
-        columns[f"contrib:{name}"] = pad(episode.contribution[:, a])
-        columns[f"turnover:{name}"] = pad(episode.turnover[:, a])
-        columns[f"weight:{name}"] = pad(episode.weights[:, a])
-    columns["weight:cash"] = pad(episode.weights[:, -1], 1.0)
-    return pd.DataFrame(columns)
-
-
-def frame_episode(frame: pd.DataFrame, assets: tuple[str, ...], start: int) -> PortfolioEpisode:
-    """:func:`episode_frame` read back."""
-    rows = frame.iloc[1:]
-    def block(prefix: str) -> np.ndarray:
-        return rows[[f"{prefix}:{a}" for a in assets]].to_numpy()
-    return PortfolioEpisode(start=start, equity=frame["equity"].to_numpy(), contribution=block("contrib"),
-                            cost=rows["cost"].to_numpy(), turnover=block("turnover"),
-                            weights=np.column_stack([block("weight"), rows["weight:cash"].to_numpy()]))
-
-
 def _test_groups(plan: PortfolioPlan, fold: splitting.Fold, env_of: Any, decide: Any) -> pd.DataFrame:
     index = plan_panel(plan).index
     parts = []
@@ -289,12 +235,6 @@ def _test_groups(plan: PortfolioPlan, fold: splitting.Fold, env_of: Any, decide:
         episode = record_episode(env, decide, start, steps)
         parts.append(episode_frame(episode, index, plan.assets).assign(group=group, path=path, start=start))
     return pd.concat(parts, ignore_index=True)
-
-
-def chained_sharpe(episodes: list[PortfolioEpisode]) -> float:
-    """Annualised (x sqrt 252: daily bars) Sharpe of the episodes' returns put end to end."""
-    returns = np.concatenate([e.returns for e in episodes])
-    return float(sharpe_ratio(returns, periods=252.0)) if len(returns) > 1 and returns.std() > 0 else float("nan")
 
 
 # =================================================================================================== cells

@@ -100,7 +100,8 @@ class Plan:
 
 def agent_argv(config: ExperimentConfig, agent_args: Sequence[str], extra_args: Sequence[str] = ()) -> tuple[str, ...]:
     """The command line of one configuration: dataset and range, ``common_args``, its own args, ``extra_args``."""
-    data = ["--pool", *config.pool] if config.pool else ["--dataset", str(config.dataset)]
+    pool = getattr(config, "pool", None)  # a portfolio experiment has no pool: its panel is the dataset
+    data = ["--pool", *pool] if pool else ["--dataset", str(config.dataset)]
     if config.data_start is not None:
         data += ["--data-start", config.data_start]
     if config.data_end is not None:

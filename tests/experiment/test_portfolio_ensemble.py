@@ -1,4 +1,4 @@
-"""Seed ensembles of portfolio agents (sentio_lab.experiment.portfolio_runner.ensemble_decide and the runner's
+"""Seed ensembles of portfolio agents (sentio_lab.experiment.portfolio_episodes.ensemble_decide and the runner's
 ``<name>_ensemble`` strategy): the members' target weights averaged at each decision -- an anchored member's target is
 its projected tilt, not the raw tilt -- a hand replay of the averaged weights gives the ensemble's equity, and the
 ensemble counts as one more trial."""
