@@ -192,6 +192,9 @@ def write_checkpoint_report(
         raise ValueError(f"range {range_name!r}; choose from {list(RANGES)}")
     trained = load_trained(checkpoint, dataset=dataset)
     variant = str(trained.bundle["variant"])
+    if variant == "ppo_portfolio":  # a panel, not one instrument: its evaluation is the portfolio runner's
+        raise ValueError(f"{checkpoint}: a ppo_portfolio checkpoint; this report is single-asset. Evaluate portfolios "
+                         "through an experiment file with kind = \"portfolio\" (docs/portfolio.md)")
     comparison = compare_with_buy_and_hold(trained.agent, trained.args, trained.market, range_name,
                                            agent_name=variant)
     market, costs = trained.market, cost_model_from(trained.args)

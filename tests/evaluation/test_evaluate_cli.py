@@ -226,3 +226,15 @@ def test_a_ruined_agent_is_said_and_a_replay_mismatch_is_an_error(trained, monke
     with pytest.raises(SystemExit, match=r"^error: .*the vectorbt replay differs from the env's equity by 2\.00e-09"):
         main([str(path), "--output", str(path.parent / "mismatch")])
     assert not (path.parent / "mismatch").exists()  # nothing written from numbers that disagree
+
+
+def test_a_portfolio_checkpoint_is_refused_with_where_to_evaluate_it(tmp_path):
+    """The report is single-asset: a ppo_portfolio checkpoint gets one line naming the portfolio runner, not a
+    confusing error from the single-asset baselines (found by a new-user run with --anchor minimum_variance)."""
+    fake = SimpleNamespace(bundle={"variant": "ppo_portfolio"})
+    with mock.patch.object(agent_report, "load_trained", return_value=fake):
+        with pytest.raises(ValueError, match='ppo_portfolio checkpoint.*kind = "portfolio"'):
+            agent_report.write_checkpoint_report(tmp_path / "checkpoint.pt")
+        with pytest.raises(SystemExit) as exit_info:
+            main([str(tmp_path / "checkpoint.pt")])
+    assert str(exit_info.value.code).startswith("error: ") and 'kind = "portfolio"' in str(exit_info.value.code)
