@@ -322,8 +322,11 @@ def run_portfolio_ensemble(plan: PortfolioPlan, agent: AgentSpec, fold: splittin
     torch.set_num_threads(1)
     module, args = load_variant(agent.variant), parse_variant_args(agent.variant, cells[0].args)
     market = fold_market(plan, fold, module, args)
+    stepped: list[PortfolioEnv] = []  # the env of the test group being recorded: its tilt base at each step
     def env_of(segment: tuple[int, int]) -> tuple[PortfolioEnv, int, int] | None:
-        return agent_env(plan, module, args, market, segment)
+        built = agent_env(plan, module, args, market, segment)
+        stepped[:] = [] if built is None else [built[0]]
+        return built
     env = env_of(fold.test[0])[0]
     members = []
     for cell in cells:
@@ -331,7 +334,8 @@ def run_portfolio_ensemble(plan: PortfolioPlan, agent: AgentSpec, fold: splittin
         members.append(load_cell_agent(output / "cells" / cell.cell_id / record["checkpoint"], module,
                                        args.replace(seed=cell.seed), market, env))
     folder.mkdir(parents=True, exist_ok=True)
-    groups = _test_groups(plan, fold, env_of, ensemble_decide(members, env.anchor))
+    tilt_base = None if env.anchor is None else lambda: stepped[0].tilt_base()
+    groups = _test_groups(plan, fold, env_of, ensemble_decide(members, tilt_base))
     groups.assign(seed=ENSEMBLE_SEED).to_parquet(folder / GROUPS_FILE)
     write_json_atomic(folder / CELL_FILE, {"ensemble": name, "fold": fold.fold, "format": PORTFOLIO_FORMAT,
                                            "members": [c.cell_id for c in cells]})
