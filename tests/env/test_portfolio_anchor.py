@@ -249,7 +249,7 @@ def test_a_callers_hold_never_cancels_the_benchmarks_retarget(arrays):
                            anchor=PortfolioAnchor(weights, excess_reward=True, rebalance_every=every))
         env.reset([60, 60])
         zero = torch.zeros(2, a + 1, dtype=torch.float64)
-        for k in range(9):  # env 0 holds at every step, re-targets included; env 1 never holds
+        for _ in range(9):  # env 0 holds at every step, re-targets included; env 1 never holds
             _, excess, _, _, info = env.step(zero, hold=torch.tensor([True, False]))
             assert torch.equal(info["benchmark_equity"][0], info["benchmark_equity"][1])  # the same benchmark
             assert float(info["cost"][0]) == 0.0 and float(info["equity"][0]) == 1.0  # the agent stayed in cash
