@@ -6,6 +6,7 @@ ensemble counts as one more trial."""
 from __future__ import annotations
 
 import json
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -139,3 +140,17 @@ def test_ensemble_equity_is_a_hand_replay_of_the_averaged_weights(panel_of, tmp_
     assert not np.allclose(mine, singles.loc[singles["group"] == group, "equity"].to_numpy(), rtol=1e-9)
     # a rerun reuses the finished ensembles and gives the same table
     pd.testing.assert_frame_equal(results, runner.run_portfolio_experiment(plan, tmp_path / "out"))
+
+
+def test_an_agent_anchored_on_a_skfolio_baseline_must_fit_it_as_the_runners_baseline(panel_of):
+    panel_of(synthetic_frames(3, seed=1))
+    def config(*anchor, **changes):
+        return tiny_config(agents=(AgentSpec("pp", "ppo_portfolio", (*TINY_ARGS, "--anchor", *anchor)),), **changes)
+    with pytest.raises(ValueError, match="lookback=252, min_returns=60, but the config's baselines use lookback=100"):
+        runner.plan_portfolio(config("hrp"))
+    with pytest.warns(UserWarning, match="--anchor-rebalance 1 differs from the config's rebalance_every 10"):
+        runner.plan_portfolio(config("hrp", lookback=252, min_returns=60))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        runner.plan_portfolio(config("hrp", "--anchor-rebalance", "10", lookback=252, min_returns=60))  # alike
+        runner.plan_portfolio(config("equal_weight"))  # fits nothing: any lookback
