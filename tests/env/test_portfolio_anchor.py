@@ -239,6 +239,8 @@ def test_a_zero_tilt_after_a_tilt_trades_to_the_drift_like_a_tiny_tilt_and_repor
     held = asset_weights(env.cash, env.shares, price)[:, :a]
     assert torch.equal(info["weights"][1], held[1]) and float(info["cost"][1]) == 0.0
     assert not torch.allclose(info["weights"][1], targets[1, :a], atol=1e-4)
+    with pytest.raises(ValueError, match="tilt_base: the env has no anchor"):
+        PortfolioEnv(arrays, num_envs=1, window=4, episode_length=10).tilt_base()
 
 
 def test_a_callers_hold_never_cancels_the_benchmarks_retarget(arrays):
