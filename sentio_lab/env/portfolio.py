@@ -192,6 +192,22 @@ class PortfolioEnv:
             self.shadow.reset()
         return self._observe(self.t, self.cash, self.shares)
 
+    def _shadow_holds(self) -> torch.Tensor:
+        # bool (N,): the benchmark holds (drifts) this step; it re-targets on each episode's first step, every k after.
+        return self.shadow.age % self.anchor.rebalance_every != 0
+
+    def tilt_base(self) -> torch.Tensor:
+        """float64 ``(num_envs, A + 1)``: the weights an anchored env adds this step's tilt to before projecting:
+        the benchmark's ``b_t`` on its re-target steps (every step with ``rebalance_every`` 1), its shadow account's
+        weights drifted to bar t's close in between (sentio_lab.env.portfolio_anchor)."""
+        if self._benchmark is None:
+            raise ValueError("tilt_base: the env has no anchor (build it with anchor=PortfolioAnchor(...))")
+        benchmark = self._benchmark.index_select(0, self.t)
+        if not self.anchor.drifts:
+            return benchmark
+        drifted = asset_weights(self.shadow.cash, self.shadow.shares, self.close.index_select(0, self.t))
+        return torch.where(self._shadow_holds()[:, None], drifted, benchmark)
+
     def step(self, actions: torch.Tensor, hold: torch.Tensor | None = None
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, dict]:
         """Rebalance every env to its target weights; return (obs, reward, terminated, truncated, info).
@@ -210,19 +226,19 @@ class PortfolioEnv:
             raise ValueError(f"step: expected float weights of shape ({self.num_envs}, {self.action_dim}), got "
                              f"{tuple(actions.shape)} {actions.dtype}")
         benchmark = None if self._benchmark is None else self._benchmark.index_select(0, self.t)
-        if benchmark is not None:  # a tilt around the benchmark's weights decided at bar t
+        if hold is not None:
+            hold = torch.as_tensor(hold, dtype=torch.bool, device=self.device).reshape(self.num_envs)
+        shadow_hold = None
+        if benchmark is not None:  # a tilt around the benchmark's weights (tilt_base)
             if actions.shape[1] != self.action_dim:
                 raise ValueError(f"step: expected tilts of width {self.action_dim}, got {actions.shape[1]}")
             actions = actions.to(torch.float64)
-            if self.anchor.drifts:  # between re-targets: the benchmark's drifted weights; a zero tilt holds
-                shadow_hold = self.shadow.age % self.anchor.rebalance_every != 0
-                drifted = asset_weights(self.shadow.cash, self.shadow.shares, self.close.index_select(0, self.t))
-                zero_hold = shadow_hold & (actions == 0).all(-1)
-                hold = zero_hold if hold is None else torch.as_tensor(hold, device=self.device) | zero_hold
-                actions = torch.where(shadow_hold[:, None], drifted + actions, benchmark + actions)
-            else:
-                actions = benchmark + actions
-            actions = project_to_simplex(actions)
+            if self.anchor.drifts:  # a zero tilt holds where the account *is* the benchmark's (shares and cash)
+                shadow_hold = self._shadow_holds()
+                zero_hold = (shadow_hold & (actions == 0).all(-1) & (self.shares == self.shadow.shares).all(-1)
+                             & (self.cash == self.shadow.cash))
+                hold = zero_hold if hold is None else hold | zero_hold
+            actions = project_to_simplex(self.tilt_base() + actions)
         weights = check_weights(actions.to(torch.float64), self.allocation, self.gross_limit, self.invalid_weights,
                                 self.num_assets)
         next_t = self.t + 1
@@ -231,8 +247,6 @@ class PortfolioEnv:
             half, eta, cap = self._flat_inputs
         else:  # the decision bar's spread and impact estimates, the fill's cap
             half, eta, cap = (a.index_select(0, self.t) for a in self._fill_arrays)
-        if hold is not None:
-            hold = torch.as_tensor(hold, dtype=torch.bool, device=self.device).reshape(self.num_envs)
         fill = portfolio_fill(self.cash, self.shares, price, weights, self.costs, half, eta, cap, hold)
         cash = fill.cash
         if self._borrow_per_share is not None:  # on the shares held over bar t + 1 (module doc)
@@ -244,9 +258,8 @@ class PortfolioEnv:
         if self.shadow is not None:  # the benchmark's account: the same prices, costs and cost inputs
             shadow = self.shadow
             target = check_weights(benchmark, "long_only", 1.0, "refuse", self.num_assets)
-            if self.anchor.drifts:
-                hold = shadow_hold if hold is None else hold | shadow_hold
-            bench = portfolio_fill(shadow.cash, shadow.shares, price, target, self.costs, half, eta, cap, hold)
+            # The benchmark's own clock alone: a caller's hold never cancels its re-target.
+            bench = portfolio_fill(shadow.cash, shadow.shares, price, target, self.costs, half, eta, cap, shadow_hold)
             bench_return = shadow.log_return(bench.cash, bench.shares, self.close.index_select(0, next_t))
             if self.anchor.excess_reward:
                 reward = reward - bench_return
@@ -259,6 +272,9 @@ class PortfolioEnv:
         done = terminated | truncated
         self.cash, self.shares, self.equity, self.t, self.steps = cash, fill.shares, equity, next_t, steps
         obs = self._observe(self.t, self.cash, self.shares)
+        if hold is not None:  # a held account's weights are its own at the fill prices, not the ignored targets
+            weights = torch.where(hold[:, None], asset_weights(self.cash, self.shares, price)[:, :self.num_assets],
+                                  weights)
         info = {"equity": equity, "weights": weights, "cost": fill.cost, "turnover": turnover, "final_obs": obs,
                 "done": done, **extra}
         if self._fill_arrays is not None:

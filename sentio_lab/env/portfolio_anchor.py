@@ -15,7 +15,8 @@ benchmark run as a policy through the same env (tests/env/test_portfolio_anchor.
 
 ``excess_reward``: the reward is the agent's log return minus the benchmark's over the same bar. The benchmark runs
 as a shadow account beside each of the agent's (:class:`ShadowAccount`: same start, same fill prices, the same cost
-model and cost inputs, the same holds, reset with the agent's episodes), so its trades pay the same costs;
+model and cost inputs, reset with the agent's episodes; it holds on its own clock only, never on a caller's
+``hold``), so its trades pay the same costs;
 ``info["benchmark_equity"]`` is its equity. A zero tilt earns an excess reward of exactly 0.
 
 Benchmarks: :func:`equal_weight_benchmark` (``1 / A`` in every asset, no cash; ``--anchor equal_weight``). Any other
@@ -25,9 +26,11 @@ returns only (:func:`sentio_lab.env.portfolio_benchmarks.benchmark_weights`).
 **Rebalancing at a declared frequency** (``rebalance_every`` k > 1). The benchmark re-targets ``b_t`` on the first
 step of each episode and every k steps after; in between it holds its shares, so its weights drift with the prices
 (the shadow account keeps them, whether or not ``excess_reward``). Between rebalances the agent's target is
-``P(d_t + tau)``, ``d_t`` the benchmark's drifted weights at bar t's close, and an account whose tilt is exactly zero
-trades nothing (its shares are the benchmark's: no trade is needed to stay there, and recomputing shares from weights
-would trade rounding dust). So the zero tilt *is* the runner's baseline of the same name at the same frequency
+``P(d_t + tau)``, ``d_t`` the benchmark's drifted weights at bar t's close
+(:meth:`~sentio_lab.env.portfolio.PortfolioEnv.tilt_base` gives the base of each step), and an account whose tilt is
+exactly zero and whose shares and cash are the benchmark's trades nothing (no trade is needed to stay there, and
+recomputing shares from weights would trade rounding dust); one that tilted before trades to ``P(d_t) = d_t``, as a
+tilt of 1e-12 would. So the zero tilt *is* the runner's baseline of the same name at the same frequency
 (:func:`sentio_lab.evaluation.portfolio_baselines.run_baseline`), bit for bit. With k = 1 (the default) every step
 re-targets ``b_t`` (a constant mix: the drift is traded back every bar).
 """

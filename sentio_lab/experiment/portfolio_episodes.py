@@ -4,13 +4,14 @@ episode as one table row per mark and back, and the Sharpe of episodes put end t
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
 
-from sentio_lab.env.portfolio_anchor import PortfolioAnchor, project_to_simplex
+from sentio_lab.env.portfolio_anchor import project_to_simplex
 from sentio_lab.evaluation.metrics import sharpe_ratio
 from sentio_lab.evaluation.portfolio_baselines import SkfolioBaseline
 from sentio_lab.evaluation.portfolio_report import PortfolioEpisode
@@ -24,19 +25,21 @@ def agent_decide(agent: torch.nn.Module) -> Any:
     return decide
 
 
-def ensemble_decide(members: list[torch.nn.Module], anchor: PortfolioAnchor | None) -> Any:
+def ensemble_decide(members: list[torch.nn.Module], tilt_base: Callable[[], torch.Tensor] | None) -> Any:
     """A seed ensemble as a ``Decide``: at each decision every member's greedy target weights for the same
     observation (each through its own normaliser), and their plain mean traded. Long-only weights and long-short
     signed weights are the env actions themselves (the mean of points of a convex set stays in it: on the simplex,
-    or within ``sum |w| <= G``); an anchored member's target is ``P(b_t + tau_i)`` (its tilt projected around the
-    benchmark's weights at bar t), and the ensemble steps on the tilt ``mean_i P(b_t + tau_i) - b_t``, which the
-    env projects back onto that mean (already on the simplex)."""
+    or within ``sum |w| <= G``). Anchored, ``tilt_base`` returns the ``(1, A + 1)`` weights the env being stepped
+    adds this step's tilt to (:meth:`~sentio_lab.env.portfolio.PortfolioEnv.tilt_base`: ``b_t`` on the benchmark's
+    re-targets, its drifted weights ``d_t`` in between); a member's target is ``P(base + tau_i)`` and the ensemble
+    steps on the tilt ``mean_i P(base + tau_i) - base``, which the env projects back onto that mean (already on the
+    simplex). ``None``: the env is not anchored."""
     def decide(k: int, t: int, obs: torch.Tensor) -> tuple[np.ndarray, bool]:
         actions = torch.stack([m.act_greedy(obs)[0].to(torch.float64) for m in members])
-        if anchor is None:
+        if tilt_base is None:
             return actions.mean(0).numpy(), False
-        benchmark = torch.as_tensor(anchor.benchmark[t])
-        return (project_to_simplex(benchmark + actions).mean(0) - benchmark).numpy(), False
+        base = tilt_base()[0]
+        return (project_to_simplex(base + actions).mean(0) - base).numpy(), False
     return decide
 
 

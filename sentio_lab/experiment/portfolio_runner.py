@@ -35,6 +35,7 @@ import dataclasses
 import json
 import shlex
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -137,6 +138,23 @@ def _accounting(module: Any, args: Any) -> dict[str, Any]:
             "episode_length": int(args.env.episode_length)}
 
 
+def _check_anchor_fit(config: PortfolioExperimentConfig, agent: str, args: Any) -> None:
+    # An agent anchored on a skfolio baseline fits it with the baseline's default lookback / min_returns
+    # (ppo_portfolio.anchor_for): the runner's baseline of the same name must be fitted alike to be its zero tilt.
+    name = getattr(args.env, "anchor", None)
+    if name is None or name == "equal_weight":
+        return
+    fit = {f.name: f.default for f in dataclasses.fields(SkfolioBaseline) if f.name in ("lookback", "min_returns")}
+    if (config.lookback, config.min_returns) != (fit["lookback"], fit["min_returns"]):
+        raise ValueError(f"experiment {config.name!r}: agent {agent!r} anchors on {name!r} fitted with lookback="
+                         f"{fit['lookback']}, min_returns={fit['min_returns']}, but the config's baselines use "
+                         f"lookback={config.lookback}, min_returns={config.min_returns}; set those in the config")
+    if args.anchor_rebalance != config.rebalance_every:
+        warnings.warn(f"experiment {config.name!r}: agent {agent!r}: --anchor-rebalance {args.anchor_rebalance} "
+                      f"differs from the config's rebalance_every {config.rebalance_every}: its zero tilt is not the "
+                      f"baseline {name!r} of the report", stacklevel=2)
+
+
 def plan_portfolio(config: PortfolioExperimentConfig, extra_args: tuple[str, ...] = ()) -> PortfolioPlan:
     """Folds and cells of ``config``; refuses non-portfolio variants and agents whose accounting differs."""
     parsed = []
@@ -150,6 +168,7 @@ def plan_portfolio(config: PortfolioExperimentConfig, extra_args: tuple[str, ...
         if args.run.select_on != "none":
             raise ValueError(f"experiment {config.name!r}: agent {agent.name!r}: --select-on needs a validation "
                              "slice, which portfolio experiments do not carve; use --select-on none")
+        _check_anchor_fit(config, agent.name, args)
         parsed.append((agent, module, args))
     accountings = {agent.name: _accounting(module, args) for agent, module, args in parsed}
     first_name, first = next(iter(accountings.items()))
@@ -322,8 +341,11 @@ def run_portfolio_ensemble(plan: PortfolioPlan, agent: AgentSpec, fold: splittin
     torch.set_num_threads(1)
     module, args = load_variant(agent.variant), parse_variant_args(agent.variant, cells[0].args)
     market = fold_market(plan, fold, module, args)
+    stepped: list[PortfolioEnv] = []  # the env of the test group being recorded: its tilt base at each step
     def env_of(segment: tuple[int, int]) -> tuple[PortfolioEnv, int, int] | None:
-        return agent_env(plan, module, args, market, segment)
+        built = agent_env(plan, module, args, market, segment)
+        stepped[:] = [] if built is None else [built[0]]
+        return built
     env = env_of(fold.test[0])[0]
     members = []
     for cell in cells:
@@ -331,7 +353,8 @@ def run_portfolio_ensemble(plan: PortfolioPlan, agent: AgentSpec, fold: splittin
         members.append(load_cell_agent(output / "cells" / cell.cell_id / record["checkpoint"], module,
                                        args.replace(seed=cell.seed), market, env))
     folder.mkdir(parents=True, exist_ok=True)
-    groups = _test_groups(plan, fold, env_of, ensemble_decide(members, env.anchor))
+    tilt_base = None if env.anchor is None else lambda: stepped[0].tilt_base()
+    groups = _test_groups(plan, fold, env_of, ensemble_decide(members, tilt_base))
     groups.assign(seed=ENSEMBLE_SEED).to_parquet(folder / GROUPS_FILE)
     write_json_atomic(folder / CELL_FILE, {"ensemble": name, "fold": fold.fold, "format": PORTFOLIO_FORMAT,
                                            "members": [c.cell_id for c in cells]})

@@ -173,11 +173,16 @@ def test_zero_tilt_is_the_runners_baseline_at_its_frequency_bit_for_bit(arrays, 
     starts = [30, 60, 97, 140]  # 140: the test bars after 150 hold the last training fit
     zero = run(anchored, lambda t: torch.zeros(4, a + 1), starts, 35)
     ref = run_baseline(PortfolioEnv(arrays, **kwargs), baseline, starts, 35, rebalance_every=every)
+    shadowed = PortfolioEnv(arrays, anchor=PortfolioAnchor(weights, True, name, every), **kwargs)  # a shadow for k=1
+    excess = run(shadowed, lambda t: torch.zeros(4, a + 1), starts, 35)
     for k, (reward, info) in enumerate(zero):
         assert np.array_equal(info["equity"].numpy(), ref["equity"][k])
         assert np.array_equal(info["cost"].numpy(), ref["cost"][k])
         assert np.array_equal(reward.numpy(), ref["reward"][k])
-        assert torch.equal(info["benchmark_equity"] if every > 1 else info["equity"], info["equity"])
+        assert np.array_equal(excess[k][1]["benchmark_equity"].numpy(), ref["equity"][k])  # the shadow: the baseline
+        assert np.array_equal(excess[k][1]["equity"].numpy(), ref["equity"][k]) and bool((excess[k][0] == 0).all())
+        if every > 1:
+            assert torch.equal(info["benchmark_equity"], info["equity"])
     assert (ref["cost"][::every] > 0).all() and (ref["cost"][1:every].sum() == 0 if every > 1 else True)
     assert len({tuple(np.round(w, 9)) for w in weights[30:150, :-1]}) > 20  # refitted along the training bars
 
@@ -204,6 +209,53 @@ def test_between_retargets_the_tilt_is_around_the_benchmarks_drift(arrays):
             assert not torch.allclose(drifted[0], torch.tensor(weights)[t[0]], atol=1e-4)  # it did drift
             assert float(info["cost"][1]) == 0.0 and float(info["cost"][0]) > 0.0
     assert float(excess[1]) == 0.0 and float(excess[0]) != 0.0
+
+
+def test_a_zero_tilt_after_a_tilt_trades_to_the_drift_like_a_tiny_tilt_and_reports_held_weights(arrays):
+    _, weights = fitted(arrays)
+    a, every = arrays.num_assets, 5
+    env = PortfolioEnv(arrays, num_envs=3, window=4, episode_length=30, costs=COSTS, seed=2,
+                       anchor=PortfolioAnchor(weights, rebalance_every=every))
+    env.reset([50, 50, 50])
+    tilt = torch.tensor([0.3, -0.2, 0.1, -0.05], dtype=torch.float64)
+    env.step(torch.stack([tilt, tilt, 0 * tilt]))  # a re-target: envs 0 and 1 tilt away, env 2 is the benchmark
+    later = torch.zeros(3, a + 1, dtype=torch.float64)
+    later[1] += 1e-12  # then env 0: a tilt of exactly zero, env 1: of 1e-12, env 2: zero (it *is* the benchmark)
+    for k in range(1, every):
+        drifted = asset_weights(env.shadow.cash, env.shadow.shares, env.close.index_select(0, env.t))
+        price = env.fill.index_select(0, env.t + 1)
+        _, _, _, _, info = env.step(later)
+        torch.testing.assert_close(info["weights"][0], info["weights"][1], rtol=0, atol=1e-9)  # continuity
+        torch.testing.assert_close(info["weights"][0], drifted[0, :a], rtol=0, atol=1e-12)  # P(d_t) = d_t
+        if k == 1:  # the zero tilt trades from its own book to the benchmark's drift
+            assert float(info["cost"][0]) > 0.0
+        held = asset_weights(env.cash, env.shares, price)[:, :a]  # env 2 holds with the benchmark: what it holds
+        assert float(info["cost"][2]) == 0.0 and torch.equal(info["weights"][2], held[2])
+        assert not torch.equal(info["weights"][2], drifted[2, :a])  # (at the fill prices, not bar t's close)
+    # a caller's hold (here at a re-target) reports the weights held at the fill prices, not the ignored targets
+    price = env.fill.index_select(0, env.t + 1)
+    targets = project_to_simplex(torch.tensor(weights)[env.t] + later)
+    _, _, _, _, info = env.step(later, hold=torch.tensor([False, True, False]))
+    held = asset_weights(env.cash, env.shares, price)[:, :a]
+    assert torch.equal(info["weights"][1], held[1]) and float(info["cost"][1]) == 0.0
+    assert not torch.allclose(info["weights"][1], targets[1, :a], atol=1e-4)
+    with pytest.raises(ValueError, match="tilt_base: the env has no anchor"):
+        PortfolioEnv(arrays, num_envs=1, window=4, episode_length=10).tilt_base()
+
+
+def test_a_callers_hold_never_cancels_the_benchmarks_retarget(arrays):
+    _, weights = fitted(arrays)
+    a = arrays.num_assets
+    for every in (1, 4):
+        env = PortfolioEnv(arrays, num_envs=2, window=4, episode_length=20, costs=COSTS, seed=2,
+                           anchor=PortfolioAnchor(weights, excess_reward=True, rebalance_every=every))
+        env.reset([60, 60])
+        zero = torch.zeros(2, a + 1, dtype=torch.float64)
+        for _ in range(9):  # env 0 holds at every step, re-targets included; env 1 never holds
+            _, excess, _, _, info = env.step(zero, hold=torch.tensor([True, False]))
+            assert torch.equal(info["benchmark_equity"][0], info["benchmark_equity"][1])  # the same benchmark
+            assert float(info["cost"][0]) == 0.0 and float(info["equity"][0]) == 1.0  # the agent stayed in cash
+        assert float(info["benchmark_equity"][0]) != 1.0 and float(excess[1]) == 0.0
 
 
 def test_random_starts_retarget_on_each_episodes_first_step_and_resume(arrays):

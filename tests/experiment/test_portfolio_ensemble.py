@@ -6,6 +6,7 @@ ensemble counts as one more trial."""
 from __future__ import annotations
 
 import json
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -17,6 +18,7 @@ from sentio_lab.agents.variants import load_variant, parse_variant_args
 from sentio_lab.data.panel import load_panel
 from sentio_lab.env.portfolio import PortfolioEnv
 from sentio_lab.env.portfolio_anchor import PortfolioAnchor, equal_weight_benchmark, project_to_simplex
+from sentio_lab.env.portfolio_arrays import build_portfolio_arrays
 from sentio_lab.experiment import portfolio_runner as runner
 from sentio_lab.experiment.config import AgentSpec
 from sentio_lab.experiment.portfolio_config import PortfolioExperimentConfig, load_portfolio_config
@@ -46,14 +48,37 @@ def test_members_average_their_target_weights():
     # anchored: the mean of the projected targets, as a tilt around b_t; tilts that cancel are not the benchmark
     benchmark = equal_weight_benchmark(10, 3)
     benchmark[4] = [0.5, 0.2, 0.1, 0.2]
-    anchor = PortfolioAnchor(benchmark)
     tilts = [[2.0, -1.0, 0.0, 0.0], [-2.0, 1.0, 0.0, 0.0]]
-    tilt, _ = runner.ensemble_decide([Fixed(t) for t in tilts], anchor)(0, 4, obs)
+    tilt, _ = runner.ensemble_decide([Fixed(t) for t in tilts], lambda: torch.as_tensor(benchmark[4])[None])(0, 4, obs)
     b = torch.as_tensor(benchmark[4])
     expected = torch.stack([project_to_simplex(b + torch.tensor(t, dtype=torch.float64)) for t in tilts]).mean(0)
     np.testing.assert_allclose(tilt + benchmark[4], expected.numpy(), atol=1e-7)
     assert not np.allclose(tilt, 0.0, atol=1e-3)  # averaging the raw tilts would give the benchmark
     assert torch.allclose(project_to_simplex(b + torch.as_tensor(tilt)), expected, atol=1e-7)
+
+
+def test_with_a_drifting_anchor_the_ensemble_trades_the_mean_of_its_members_targets():
+    """Between the benchmark's re-targets (k = 5) the env tilts around its drifted weights d_t: the ensemble's tilt
+    must be measured from there, so that the env trades mean_i P(d_t + tau_i), each member's own target (a member
+    alone in a copy of the env: the benchmark's shadow account does not depend on the agent's trades)."""
+    arrays, _ = build_portfolio_arrays(load_panel(synthetic_frames(3, n_bars=120)), train_stop=100)
+    a = arrays.num_assets
+    anchor = PortfolioAnchor(equal_weight_benchmark(len(arrays.close), a), rebalance_every=5)
+    tilts = [[0.6, -0.5, 0.0, -0.3], [-0.4, 0.5, 0.2, -0.6], [0.0, 0.1, -0.7, 0.3]]  # each projection binds
+
+    def env():
+        built = PortfolioEnv(arrays, num_envs=1, window=4, episode_length=20, anchor=anchor, seed=0)
+        built.reset([30])
+        return built
+    ensemble, alone = env(), [env() for _ in tilts]
+    members = [Fixed(t) for t in tilts]
+    decide = runner.ensemble_decide(members, ensemble.tilt_base)
+    for k in range(12):
+        action, _ = decide(k, int(ensemble.t[0]), torch.zeros(1, ensemble.obs_dim))
+        traded = ensemble.step(torch.as_tensor(action)[None])[4]["weights"][0]
+        targets = [e.step(m.row.to(torch.float64))[4]["weights"][0] for e, m in zip(alone, members, strict=True)]
+        assert all(bool((t == 0).any()) for t in targets)  # the projections bind (a corner or a face)
+        torch.testing.assert_close(traded, torch.stack(targets).mean(0), rtol=0, atol=1e-12)
 
 
 def test_ensemble_fields():
@@ -115,3 +140,17 @@ def test_ensemble_equity_is_a_hand_replay_of_the_averaged_weights(panel_of, tmp_
     assert not np.allclose(mine, singles.loc[singles["group"] == group, "equity"].to_numpy(), rtol=1e-9)
     # a rerun reuses the finished ensembles and gives the same table
     pd.testing.assert_frame_equal(results, runner.run_portfolio_experiment(plan, tmp_path / "out"))
+
+
+def test_an_agent_anchored_on_a_skfolio_baseline_must_fit_it_as_the_runners_baseline(panel_of):
+    panel_of(synthetic_frames(3, seed=1))
+    def config(*anchor, **changes):
+        return tiny_config(agents=(AgentSpec("pp", "ppo_portfolio", (*TINY_ARGS, "--anchor", *anchor)),), **changes)
+    with pytest.raises(ValueError, match="lookback=252, min_returns=60, but the config's baselines use lookback=100"):
+        runner.plan_portfolio(config("hrp"))
+    with pytest.warns(UserWarning, match="--anchor-rebalance 1 differs from the config's rebalance_every 10"):
+        runner.plan_portfolio(config("hrp", lookback=252, min_returns=60))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        runner.plan_portfolio(config("hrp", "--anchor-rebalance", "10", lookback=252, min_returns=60))  # alike
+        runner.plan_portfolio(config("equal_weight"))  # fits nothing: any lookback
