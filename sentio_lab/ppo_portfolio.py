@@ -263,7 +263,7 @@ def restore_trained(args: Args, bundle: dict[str, Any]) -> tuple[PortfolioActorC
         raise ValueError(f"panel {market.data.name!r} now has fingerprint {market.data.fingerprint}, the model was "
                          f"trained on {bundle['data_fingerprint']}")
     recorded, anchor = bundle["extra"].get("anchor_benchmark"), anchor_for(args, market)
-    if recorded is not None and (anchor is None or not torch.equal(recorded, torch.from_numpy(anchor.benchmark))):
+    if recorded is not None and (anchor is None or not torch.equal(recorded, torch.tensor(anchor.benchmark))):
         raise ValueError(f"--anchor {args.env.anchor}: the benchmark refitted on the training bars differs from the "
                          "one the checkpoint recorded (another panel, or another skfolio version)")
     arrays = market.arrays

@@ -139,8 +139,7 @@ def _accounting(module: Any, args: Any) -> dict[str, Any]:
 
 
 def _check_anchor_fit(config: PortfolioExperimentConfig, agent: str, args: Any) -> None:
-    # An agent anchored on a skfolio baseline fits it with the baseline's default lookback / min_returns
-    # (ppo_portfolio.anchor_for): the runner's baseline of the same name must be fitted alike to be its zero tilt.
+    # a skfolio anchor is fitted with SkfolioBaseline's defaults: the report's baseline must be fitted alike
     name = getattr(args.env, "anchor", None)
     if name is None or name == "equal_weight":
         return
