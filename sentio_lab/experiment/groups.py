@@ -17,11 +17,16 @@ from sentio_lab.evaluation.baselines import evaluate_baseline, evaluate_random
 from sentio_lab.evaluation.episodes import Evaluation
 from sentio_lab.evaluation.metrics import fill_costs
 
-#: Columns a pooled book's ``groups.parquet`` carries (:func:`sentio_lab.experiment.pool_runs.book_frame`), per bar,
-#: from the instruments' own trades: the book's turnover, whether any instrument fills, and the number of the
-#: instruments' round trips (and of winning ones) entered on the bar.
-BOOK_TURNOVER, BOOK_FILL = "book_turnover", "book_fill"
-BOOK_ROUND_TRIPS, BOOK_WINNING_TRIPS = "book_round_trips", "book_winning_round_trips"
+# Columns a pooled book's ``groups.parquet`` carries per bar (sentio_lab.experiment.pool_runs.book_frame), from the
+# instruments' own trades.
+#: The book's turnover on the bar: ``sum_k E_k |dw_k| / sum_k E_k`` (pooled books only).
+BOOK_TURNOVER = "book_turnover"
+#: Whether any instrument fills on the bar (pooled books only).
+BOOK_FILL = "book_fill"
+#: How many of the instruments' round trips enter on the bar (pooled books only).
+BOOK_ROUND_TRIPS = "book_round_trips"
+#: How many of those round trips won (pooled books only).
+BOOK_WINNING_TRIPS = "book_winning_round_trips"
 
 
 def groups_frame(evaluations: Sequence[Evaluation], fold: splitting.Fold, market: PreparedMarket) -> pd.DataFrame:
