@@ -267,6 +267,8 @@ def test_book_trades_of_constant_weights_are_one_fill_not_exposure_drift():
     half = book_frame({"a": a, "b": b.assign(weight=[0.5] * 4 + [np.nan])})
     assert book_trade_stats([half], 252.0)["n_trades"] == 1  # both enter on bar 0: one book fill
     assert book_trade_stats([half], 252.0)["round_trips"] == 2
+    flat = book_trade_stats([book_frame({"a": b, "b": b})], 252.0)
+    assert flat["n_trades"] == 0 and flat["round_trips"] == 0 and np.isnan(flat["trade_win_rate"])
 
 
 def test_book_trades_when_the_instruments_trade_by_hand():
