@@ -33,6 +33,8 @@ from sentio_lab.env.portfolio import PortfolioEnv
 #: ``decide(k, t, obs) -> (targets, hold)``: long-only target weights ``(A + 1,)`` (cash last) decided at bar t (step
 #: k of the episode, observation ``obs``) and whether the account holds its shares this step instead.
 Decide = Callable[[int, int, torch.Tensor], tuple[np.ndarray, bool]]
+#: Largest residual of a step's P&L identity, relative to its starting equity, that :func:`record_episode` accepts.
+_IDENTITY_TOLERANCE = 1e-9
 
 
 @dataclass(frozen=True)
@@ -71,9 +73,10 @@ def record_episode(env: PortfolioEnv, decide: Decide, start: int, steps: int) ->
 
     ``decide`` returns what the env steps on: long-only target weights ``(A + 1,)``, long-short signed weights
     ``(A,)``, or an anchored env's tilt. A long-short book may pay borrow on its shorts (``costs.borrow_bps``), which
-    the env charges to cash outside ``info["cost"]``: it is added to the step's ``cost`` as what is left of the
-    step's P&L identity (``E_t + sum_i PnL_i - fees - E_{t+1}``), so contributions and costs still add up to the
-    return. A long-only book holds no shorts and pays no borrow: its ``cost`` is the env's alone.
+    the env charges to cash outside ``info["cost"]``: the step's ``cost`` is the env's fees plus that borrow,
+    computed as the env charges it (:func:`borrow_paid`). Every step is then checked against the P&L identity
+    ``E_{t+1} = E_t + sum_i PnL_i - cost``: a residual above ``1e-9`` of ``E_t`` raises, naming the step (the
+    contributions or the borrow do not account for the env's equity).
     """
     if env.num_envs != 1:
         raise ValueError("record_episode: build the env with num_envs=1")
@@ -102,17 +105,30 @@ def record_episode(env: PortfolioEnv, decide: Decide, start: int, steps: int) ->
         equity[k + 1] = float(info["equity"][0])
         contribution[k] = step_contributions(shares_before, shares_after, close[t], price, close[t + 1],
                                              equity[k])
-        fees = float(info["cost"][0])
-        if env.allocation == "long_short":  # borrow on the shorts: the identity's remainder (docstring)
-            pnl = float(contribution[k].sum()) * equity[k]
-            fees += equity[k] + pnl - fees - equity[k + 1]
-        cost[k] = fees / equity[k]
+        paid = float(info["cost"][0]) + borrow_paid(env, shares_before, shares_after, t)
+        residual = equity[k] + float(contribution[k].sum()) * equity[k] - paid - equity[k + 1]
+        if abs(residual) > _IDENTITY_TOLERANCE * equity[k]:
+            raise ValueError(f"record_episode: step {k} (decision bar {t}): equity {equity[k + 1]!r} differs from "
+                             f"equity + contributions - costs by {residual:.3g}; the P&L identity does not hold")
+        cost[k] = paid / equity[k]
         at_price = cash_before + float(shares_before @ price)
         turnover[k] = np.abs(shares_after - shares_before) * price / at_price
         held = shares_after * close[t + 1] / equity[k + 1]
         weights[k] = np.r_[held, 1.0 - held.sum()]
     return PortfolioEpisode(start=start, equity=equity, contribution=contribution, cost=cost, turnover=turnover,
                             weights=weights)
+
+
+def borrow_paid(env: PortfolioEnv, shares_before: np.ndarray, shares_after: np.ndarray, t: int) -> float:
+    """The borrow the one-account ``env`` charges over the step decided at bar ``t``, as
+    :class:`~sentio_lab.env.portfolio.PortfolioEnv` charges it: the short shares held over bar ``t + 1`` (after the
+    fill at its open; with next-close fills, those held before that close's fill) times the env's borrow per share
+    of bar ``t + 1``. 0.0 without borrow."""
+    per_share = env._borrow_per_share
+    if per_share is None:
+        return 0.0
+    held = shares_before if env._borrow_on_held else shares_after
+    return float((np.clip(-np.asarray(held, dtype=np.float64), 0.0, None) * per_share[t + 1].cpu().numpy()).sum())
 
 
 def _filled_shares(info: dict, price: np.ndarray, cash_before: float, shares_before: np.ndarray,

@@ -18,6 +18,7 @@ from sentio_lab.evaluation.metrics import number_of_trades, round_trip_trades, s
 from sentio_lab.experiment.cells import cell_done
 from sentio_lab.experiment.ensemble import ENSEMBLE_SEED, ensemble_name
 from sentio_lab.experiment.gate import GATES_FILE, gate_rows, gated_name, gates_frame
+from sentio_lab.experiment.groups import BOOK_TURNOVER, book_trade_stats
 
 if TYPE_CHECKING:
     from sentio_lab.experiment.runner import Plan
@@ -27,8 +28,9 @@ EQUITY_FILE = "equity.parquet"
 GROUPS_FILE = "groups.parquet"
 RULES_FILE = "mask_rules.parquet"
 #: Version of the evaluation files (``groups.parquet``); evaluations written by another version are redone
-#: (cheap: training cells are kept), so a resumed run never mixes old and new columns.
-GROUPS_FORMAT = 2
+#: (cheap: training cells are kept), so a resumed run never mixes old and new columns (3: a pooled book's trade
+#: columns, :data:`~sentio_lab.experiment.groups.BOOK_TURNOVER`).
+GROUPS_FORMAT = 3
 def evaluation_done(folder: Path) -> dict[str, Any] | None:
     """The record of a finished evaluation or baseline folder of the current format, else None."""
     record = cell_done(folder)
@@ -40,15 +42,19 @@ def evaluation_folder(output: Path, agent: str, fold: int) -> Path:
     return output / "evaluations" / f"{agent}__fold{fold:03d}"
 
 
+def _piece_rows(groups: pd.DataFrame, members: list[tuple[int, int]], plan: Plan) -> list[pd.DataFrame]:
+    """The rows of each test group of a backtest path, in time order."""
+    return [groups[(groups["fold"] == fold_id) & (groups["group"] == plan.folds[fold_id].groups[j])]
+            for fold_id, j in members]
+
+
 def _path_curves(
     groups: pd.DataFrame, members: list[tuple[int, int]], plan: Plan
 ) -> tuple[pd.Series, pd.Series, list[tuple[pd.Series, pd.Series]]]:
     """A backtest path's stitched equity, the target weights decided on its bars (one per return), and the
     (equity, weights, fill costs) piece of each test group in time order."""
     pieces = []
-    for fold_id, j in members:
-        group_id = plan.folds[fold_id].groups[j]
-        rows = groups[(groups["fold"] == fold_id) & (groups["group"] == group_id)]
+    for rows in _piece_rows(groups, members, plan):
         index = pd.DatetimeIndex(rows["timestamp"])
         pieces.append((pd.Series(rows["equity"].to_numpy(), index=index),
                        pd.Series(rows["weight"].to_numpy()[:-1], index=index[:-1]),  # the last mark decides nothing
@@ -133,6 +139,8 @@ def assemble(plan: Plan, output: str | Path) -> pd.DataFrame:
             equity, weights, pieces = _path_curves(groups, members, plan)
             known = None if weights.isna().any() else weights  # the random baseline reports a mean over seeds
             stats = _path_stats(equity, known, pieces)
+            if known is not None and BOOK_TURNOVER in groups.columns:  # a pooled book: its instruments' own trades
+                stats.update(book_trade_stats(_piece_rows(groups, members, plan), float(stats["periods_per_year"])))
             rows.append({"experiment": plan.config.name, **key, "path": path, "n_trials": plan.config.n_trials,
                          **{k: v for k, v in stats.items()}})
             curves.append(pd.DataFrame({"name": key["name"], "seed": key["seed"], "path": path,

@@ -17,6 +17,17 @@ from sentio_lab.evaluation.baselines import evaluate_baseline, evaluate_random
 from sentio_lab.evaluation.episodes import Evaluation
 from sentio_lab.evaluation.metrics import fill_costs
 
+# Columns a pooled book's ``groups.parquet`` carries per bar (sentio_lab.experiment.pool_runs.book_frame), from the
+# instruments' own trades.
+#: The book's turnover on the bar: ``sum_k E_k |dw_k| / sum_k E_k`` (pooled books only).
+BOOK_TURNOVER = "book_turnover"
+#: Whether any instrument fills on the bar (pooled books only).
+BOOK_FILL = "book_fill"
+#: How many of the instruments' round trips enter on the bar (pooled books only).
+BOOK_ROUND_TRIPS = "book_round_trips"
+#: How many of those round trips won (pooled books only).
+BOOK_WINNING_TRIPS = "book_winning_round_trips"
+
 
 def groups_frame(evaluations: Sequence[Evaluation], fold: splitting.Fold, market: PreparedMarket) -> pd.DataFrame:
     """Long table of a fold's test-group episodes: group, path, bar time, equity, weight (NaN on the last mark).
@@ -66,3 +77,17 @@ def baseline_frame(name: str, market: PreparedMarket, fold: splitting.Fold, rand
         evaluations = [evaluate_baseline(name, market, range_name=f"test:{group}", train=market.training_segments(),
                                          **kwargs) for group in fold.groups]
     return groups_frame(evaluations, fold, market).assign(seed=-1)
+
+
+def book_trade_stats(pieces: Sequence[pd.DataFrame], periods_per_year: float) -> dict[str, float]:
+    """A pooled book's trade statistics over a backtest path from its test groups' rows (``pieces``, in time order,
+    with the :data:`BOOK_TURNOVER` ... columns): ``n_trades`` (bars on which any instrument fills),
+    ``turnover_per_year`` (mean book turnover per decision x ``periods_per_year``), ``round_trips`` (the instruments'
+    own, summed) and ``trade_win_rate`` (the share of those that won; NaN without any)."""
+    decisions = [p.iloc[:-1] for p in pieces]  # the last mark of a group decides nothing
+    turnover = np.concatenate([d[BOOK_TURNOVER].to_numpy(dtype=np.float64) for d in decisions])
+    trips = float(sum(p[BOOK_ROUND_TRIPS].sum() for p in pieces))
+    wins = float(sum(p[BOOK_WINNING_TRIPS].sum() for p in pieces))
+    return {"n_trades": int(sum(d[BOOK_FILL].sum() for d in decisions)),
+            "turnover_per_year": float(turnover.mean() * periods_per_year),
+            "round_trips": int(trips), "trade_win_rate": wins / trips if trips else float("nan")}

@@ -16,9 +16,17 @@ episode. So per bar the book's
 * weight is the book's net exposure, ``sum_k E_k w_k / sum_k E_k`` (NaN where any weight is unknown),
 
 and the book's test-group episodes are chained into backtest paths exactly as one instrument's are: the
-``results.parquet`` rows, DSR, PBO and SPA of a pooled experiment are the book's. Trade counts and turnover of a
-book row count changes of its net exposure; each instrument's own are in ``instrument_results.parquet``. A book of
-one instrument is that instrument's frame, unchanged (a pool of one gives the plain runner's results, bit for bit).
+``results.parquet`` rows, DSR, PBO and SPA of a pooled experiment are the book's. The book's trade statistics come
+from the instruments' own trades (the net exposure moves whenever the accounts' equities diverge, with no trade, so
+it is never differenced): per bar the book carries its turnover ``sum_k E_k |dw_k| / sum_k E_k`` (``dw_k`` the change
+of instrument k's target weight, from flat at each episode's start), whether any instrument fills, and the number of
+the instruments' round trips (and winning ones) entered on the bar (columns
+:data:`~sentio_lab.experiment.groups.BOOK_TURNOVER` ...); a book row's ``turnover_per_year``, ``n_trades`` (bars on
+which any instrument fills), ``round_trips`` (the instruments' own, summed) and ``trade_win_rate`` (the share of
+all of them that won) are read from those (:func:`~sentio_lab.experiment.groups.book_trade_stats`). The book's
+``ruined`` is set where every instrument is ruined (one ruined account is the instrument's, in
+``instruments.parquet``). Each instrument's own statistics are in ``instrument_results.parquet``. A book of one
+instrument is that instrument's frame, unchanged (a pool of one gives the plain runner's results, bit for bit).
 
 Per-instrument outputs: every evaluation and baseline folder also holds ``instruments.parquet`` (the instruments'
 own test-group episodes, column ``instrument``), assembled by :func:`assemble_instruments` into
@@ -47,10 +55,11 @@ from sentio_lab.env import splits as splitting
 from sentio_lab.env.market import PreparedMarket
 from sentio_lab.env.pool import PooledMarket, stack_members
 from sentio_lab.evaluation.episodes import evaluate_policies
-from sentio_lab.evaluation.metrics import periods_per_year
+from sentio_lab.evaluation.metrics import periods_per_year, round_trip_trades
 from sentio_lab.experiment.assembly import GROUPS_FILE, _path_curves, _path_stats, evaluation_done, evaluation_folder
 from sentio_lab.experiment.cells import Cell, write_json_atomic
 from sentio_lab.experiment.ensemble import ensemble_name
+from sentio_lab.experiment.groups import BOOK_FILL, BOOK_ROUND_TRIPS, BOOK_TURNOVER, BOOK_WINNING_TRIPS
 from sentio_lab.experiment.memorisation import (
     PART_STATS,
     PARTS,
@@ -99,8 +108,35 @@ def book_frame(frames: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
     book["equity"] = equity.mean(axis=0)
     book["weight"] = (equity * weight).sum(axis=0) / equity.sum(axis=0)  # NaN where any weight is NaN
     book["cost"] = cost.mean(axis=0)
-    book["ruined"] = np.stack([frames[n]["ruined"].to_numpy(dtype=bool) for n in names]).any(axis=0)
+    book["ruined"] = np.stack([frames[n]["ruined"].to_numpy(dtype=bool) for n in names]).all(axis=0)
+    episodes = head.groupby(["seed", "group"], sort=False).indices.values()
+    for column, values in _book_trades(equity, weight, episodes).items():
+        book[column] = values
     return book
+
+
+def _book_trades(equity: np.ndarray, weight: np.ndarray, episodes: Any) -> dict[str, np.ndarray]:
+    """Per bar, from the instruments' own trades (``(K, n)`` equities and target weights; ``episodes``: the row
+    positions of each test-group episode): the book's turnover ``sum_k E_k |dw_k| / sum_k E_k`` (``dw_k``: the change
+    of instrument k's target, from flat at the episode's start), whether any instrument fills, and how many of the
+    instruments' round trips (and winning ones) enter on the bar. NaN (or False) on each episode's last mark and
+    wherever a weight is unknown."""
+    n = equity.shape[1]
+    turnover, trips, wins = np.full(n, np.nan), np.full(n, np.nan), np.full(n, np.nan)
+    fill = np.zeros(n, dtype=bool)
+    for rows in episodes:
+        e, w = equity[:, rows], weight[:, rows[:-1]]
+        if np.isnan(w).any():  # the random baseline's mean over seeds: no single set of trades
+            continue
+        moves = np.abs(np.diff(w, axis=1, prepend=0.0))
+        turnover[rows[:-1]] = (e[:, :-1] * moves).sum(axis=0) / e[:, :-1].sum(axis=0)
+        fill[rows[:-1]] = (moves > 0).any(axis=0)
+        trips[rows], wins[rows] = 0.0, 0.0
+        for k in range(len(equity)):
+            trades = round_trip_trades(e[k], w[k])
+            np.add.at(trips, rows[trades["entry"].to_numpy(dtype=int)], 1.0)
+            np.add.at(wins, rows[trades["entry"].to_numpy(dtype=int)], (trades["pnl"].to_numpy() > 0).astype(float))
+    return {BOOK_TURNOVER: turnover, BOOK_FILL: fill, BOOK_ROUND_TRIPS: trips, BOOK_WINNING_TRIPS: wins}
 
 
 def write_groups(folder: Path, frames: Mapping[str | None, pd.DataFrame]) -> pd.DataFrame:

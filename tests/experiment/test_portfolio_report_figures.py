@@ -13,7 +13,9 @@ from sentio_lab.data.panel import load_panel
 from sentio_lab.env.costs import CostModel
 from sentio_lab.env.portfolio import PortfolioEnv
 from sentio_lab.env.portfolio_arrays import build_portfolio_arrays
+from sentio_lab.evaluation import portfolio_report
 from sentio_lab.evaluation.portfolio_report import (
+    borrow_paid,
     effective_number_of_assets,
     episode_contributions,
     path_tables,
@@ -170,3 +172,43 @@ def test_long_short_book_counts_its_borrow_as_cost(fill_price):
         else:
             np.testing.assert_allclose(paid, 0.0, atol=1e-15)
         assert (episode.weights[:, :3] < 0).any()
+
+
+@pytest.mark.parametrize("fill_price", ["next_open", "next_close"])
+def test_borrow_of_a_hand_built_short_is_the_hand_value(fill_price):
+    """Borrow over the step decided at bar t: rate x year fraction of bar t+1 x close_{t+1} x the short shares held
+    over bar t+1 -- those after the open's fill, or (next-close fills) those held before the close's fill."""
+    arrays = dataclasses.replace(toy_arrays(fill_price), year_fraction=np.full(len(toy_arrays().close), 0.01))
+    env = PortfolioEnv(arrays, num_envs=1, window=WINDOW, episode_length=STEPS, start=START,
+                       allocation="long_short", gross_limit=1.5, costs=CostModel(borrow_bps=2000.0))
+    before, after, t = np.array([-2.0, 0.0, 1.0]), np.array([0.0, -3.0, 1.0]), START + 3
+    close = arrays.close[t + 1]
+    hand = 0.2 * 0.01 * (3.0 * close[1] if fill_price == "next_open" else 2.0 * close[0])
+    assert borrow_paid(env, before, after, t) == pytest.approx(hand, rel=1e-14)
+    long_only = PortfolioEnv(arrays, num_envs=1, window=WINDOW, episode_length=STEPS, start=START,
+                             costs=CostModel(borrow_bps=2000.0))
+    assert borrow_paid(make_env(arrays, CostModel()), before, after, t) == 0.0
+    assert borrow_paid(long_only, before, after, t) >= 0.0
+
+
+def test_a_wrong_contribution_breaks_the_identity_and_names_the_step(monkeypatch):
+    """The recorder checks E_{t+1} = E_t + sum PnL - fees - borrow every step: a contribution formula that drops the
+    overnight leg (or a borrow left out) is refused at the first step it matters, not absorbed into the costs."""
+    arrays = toy_arrays()
+    rng = np.random.default_rng(5)
+    legs = rng.dirichlet(np.full(7, 0.7), size=STEPS)
+    signed = 1.5 * (legs[:, :3] - legs[:, 3:6])
+
+    def env():
+        return PortfolioEnv(arrays, num_envs=1, window=WINDOW, episode_length=STEPS, start=START,
+                            allocation="long_short", gross_limit=1.5,
+                            costs=CostModel(fee_bps=10.0, borrow_bps=2000.0))
+    record_episode(env(), replay(signed), START, STEPS)  # the real formulas pass
+    monkeypatch.setattr(portfolio_report, "step_contributions",
+                        lambda before, after, c0, fill, c1, e: after * (c1 - fill) / np.asarray(e)[..., None])
+    with pytest.raises(ValueError, match=r"step 1 \(decision bar .*P&L identity"):
+        record_episode(env(), replay(signed), START, STEPS)  # step 0 starts flat: no overnight leg yet
+    monkeypatch.undo()
+    monkeypatch.setattr(portfolio_report, "borrow_paid", lambda *args: 0.0)
+    with pytest.raises(ValueError, match="P&L identity"):
+        record_episode(env(), replay(signed), START, STEPS)

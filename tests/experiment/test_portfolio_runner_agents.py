@@ -84,7 +84,9 @@ def test_zero_tilt_anchored_agent_scores_the_equal_weight_benchmark_on_every_fol
 def test_long_short_cell_equity_is_a_hand_replay_through_its_env(panel_of, tmp_path):
     """A long-short cell (gross limit 1.5, borrow on the shorts): its test-group equity is the checkpoint's greedy
     signed weights replayed by hand through a long-short PortfolioEnv; it holds shorts; contributions and costs
-    (borrow included) add up to each path's return."""
+    (borrow included) add up to each path's return. That sum is not true by construction: the recorder computes the
+    borrow as the env charges it and checks every step's P&L identity (it raises otherwise; the unit checks are in
+    test_portfolio_report_figures.py), so here it checks the chaining of the groups' episodes into paths."""
     panel_of(synthetic_frames(3, seed=8))
     agent = AgentSpec("ls", "ppo_portfolio", (*TINY_ARGS, "--long-short", "--gross-limit", "1.5",
                                               "--borrow-bps", "300"))

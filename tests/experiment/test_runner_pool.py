@@ -12,8 +12,9 @@ import torch
 
 from sentio_lab.agents.checkpoint import load_checkpoint
 from sentio_lab.experiment.__main__ import main
-from sentio_lab.experiment.assembly import GROUPS_FILE, RESULTS_FILE, evaluation_folder
+from sentio_lab.experiment.assembly import GROUPS_FILE, RESULTS_FILE, _path_stats, evaluation_folder
 from sentio_lab.experiment.config import AgentSpec, ExperimentConfig, load_config
+from sentio_lab.experiment.groups import BOOK_FILL, BOOK_TURNOVER, book_trade_stats
 from sentio_lab.experiment.memorisation import MEMORISATION_FILE
 from sentio_lab.experiment.placebo import bootstrap_training_bars
 from sentio_lab.experiment.pool_runs import (
@@ -127,6 +128,13 @@ def test_per_instrument_results_and_the_book_are_in_the_outputs(pooled_run, file
     means = np.mean([d["in_sample"]["sharpe"] for d in diagnosis["instruments"].values()])
     assert diagnosis["parts"]["in_sample"]["sharpe"] == pytest.approx(means, abs=1e-12)
     assert (output / RESULTS_FILE).exists()
+    # the book's trades are the instruments' own: round trips add up, a book fill is a bar where either fills
+    for name in ("tiny", "buy_and_hold"):
+        book = results[results["name"] == name].set_index("path")
+        own = per[per["name"] == name].groupby("path")
+        assert (book["round_trips"] == own["round_trips"].sum()).all()
+        assert ((book["n_trades"] >= own["n_trades"].max()) & (book["n_trades"] <= own["n_trades"].sum())).all()
+    assert (results[results["name"] == "tiny"]["round_trips"] > 0).all()
 
 
 def test_book_frame_by_hand():
@@ -141,7 +149,8 @@ def test_book_frame_by_hand():
     np.testing.assert_allclose(book["weight"][:2], [0.5, (1.1 - 0.9) / 2.0])  # equity-weighted net exposure
     assert np.isnan(book["weight"].iloc[2])
     np.testing.assert_allclose(book["cost"], [0.005, 0.01, 0.0])
-    assert book["ruined"].tolist() == [False, False, True]
+    assert book["ruined"].tolist() == [False, False, False]  # one ruined account is not a ruined book
+    assert book_frame({"a": b, "b": b.assign(equity=[1.0, 0.8, 0.4])})["ruined"].tolist() == [False, False, True]
     with pytest.raises(ValueError, match="other episode rows"):
         book_frame({"a": a, "b": b.iloc[:2]})
     pd.testing.assert_frame_equal(book_frame({"a": a}), a)
@@ -232,3 +241,54 @@ def test_placebo_bootstraps_a_close_only_frame_and_keeps_its_absent_prices_absen
     with pytest.raises(ValueError, match="row 3"):
         bootstrap_training_bars(frame.assign(close=np.where(np.arange(60) == 3, np.nan, close)), [(5, 40)],
                                 block_mean=3, seed=1)
+
+
+def _episode(equity, weights, seed=1, group=0):
+    n = len(equity)
+    return pd.DataFrame({"seed": seed, "group": group, "path": 0,
+                         "timestamp": pd.date_range("2020-01-01", periods=n), "equity": equity,
+                         "weight": [*weights, np.nan], "cost": 0.0, "ruined": False})
+
+
+def test_book_trades_of_constant_weights_are_one_fill_not_exposure_drift():
+    """The reviewer's example: two accounts holding constant weights 1 and 0 (each entering once, at the start)
+    whose equities diverge: the book's net exposure moves every bar, but it trades once; turnover is that entry."""
+    a = _episode([1.0, 1.1, 1.2, 1.1, 1.3], [1.0] * 4)
+    b = _episode([1.0] * 5, [0.0] * 4)
+    book = book_frame({"a": a, "b": b})
+    exposure = pd.Series(book["weight"].to_numpy()[:-1], index=book["timestamp"][:-1])
+    equity = pd.Series(book["equity"].to_numpy(), index=book["timestamp"])
+    pieces = [(equity, exposure, book["cost"])]
+    assert _path_stats(equity, exposure, pieces)["n_trades"] == 4  # what differencing the exposure counted
+    stats = book_trade_stats([book], 252.0)
+    assert stats["n_trades"] == 1
+    assert stats["turnover_per_year"] == pytest.approx((1.0 * 1.0 + 1.0 * 0.0) / 2.0 / 4 * 252.0, rel=1e-14)
+    assert stats["round_trips"] == 1 and stats["trade_win_rate"] == 1.0  # a's long, marked to 1.3; b never trades
+    half = book_frame({"a": a, "b": b.assign(weight=[0.5] * 4 + [np.nan])})
+    assert book_trade_stats([half], 252.0)["n_trades"] == 1  # both enter on bar 0: one book fill
+    assert book_trade_stats([half], 252.0)["round_trips"] == 2
+    flat = book_trade_stats([book_frame({"a": b, "b": b})], 252.0)
+    assert flat["n_trades"] == 0 and flat["round_trips"] == 0 and np.isnan(flat["trade_win_rate"])
+
+
+def test_book_trades_when_the_instruments_trade_by_hand():
+    """A: long, flat, short, short; B: flat, flat, long half, long half. Book turnover per bar is
+    sum E_k |dw_k| / sum E_k; a fill on bars 0-2 (bar 3 holds); round trips: A's long (won) and short (lost), B's
+    long (won); a second episode of another seed is counted on its own (from flat)."""
+    ea, eb = [1.0, 1.1, 1.05, 1.0, 0.98], [1.0, 1.0, 1.0, 1.02, 1.03]
+    a = _episode(ea, [1.0, 0.0, -1.0, -1.0])
+    b = _episode(eb, [0.0, 0.0, 0.5, 0.5])
+    book = book_frame({"a": a, "b": b})
+    hand = [1.0 / 2.0, 1.1 / 2.1, (1.05 * 1.0 + 1.0 * 0.5) / 2.05, 0.0]
+    np.testing.assert_allclose(book[BOOK_TURNOVER].to_numpy()[:-1], hand, rtol=1e-14)
+    assert np.isnan(book[BOOK_TURNOVER].iloc[-1])
+    assert book[BOOK_FILL].tolist() == [True, True, True, False, False]
+    stats = book_trade_stats([book], 252.0)
+    assert stats["n_trades"] == 3 and stats["round_trips"] == 3
+    assert stats["trade_win_rate"] == pytest.approx(2 / 3)
+    assert stats["turnover_per_year"] == pytest.approx(np.mean(hand) * 252.0, rel=1e-14)
+    two = book_frame({"a": pd.concat([a, a.assign(seed=2)], ignore_index=True),
+                      "b": pd.concat([b, b.assign(seed=2)], ignore_index=True)})
+    np.testing.assert_allclose(two[BOOK_TURNOVER].to_numpy()[5:9], hand, rtol=1e-14)  # seed 2 starts flat again
+    random = book_frame({"a": a.assign(weight=np.nan), "b": b})
+    assert np.isnan(random[BOOK_TURNOVER]).all() and not random[BOOK_FILL].any()
