@@ -49,7 +49,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -57,7 +57,7 @@ import torch
 from torch import nn
 
 from sentio_lab.agents import training
-from sentio_lab.agents.arguments import Flat, PPOArgs, RunArgs, SharedArgs
+from sentio_lab.agents.arguments import Flat, PPOArgs, RiskCriticArgs, RunArgs, SharedArgs
 from sentio_lab.agents.constraints import AdaptiveKL, PIDLagrangian
 from sentio_lab.agents.nets.quantile import QuantileActorCritic, quantile_huber
 from sentio_lab.agents.rollout import (
@@ -84,26 +84,9 @@ class Args(SharedArgs):
 
     ppo: Flat[PPOArgs] = field(default_factory=lambda: PPOArgs(clip_vloss=False))
     run: Flat[RunArgs] = field(default_factory=lambda: RunArgs(exp_name=VARIANT))
-    num_quantiles: int = 32
-    """quantile heads of the distributional critic (levels (2i + 1) / 2N)"""
-    kappa: float = 1.0
-    """threshold of the quantile Huber loss (squared inside |u| <= kappa, linear outside), in reward units"""
-    risk: Literal["neutral", "cvar"] = "neutral"
-    """value GAE uses: "neutral" (mean of the quantiles) or "cvar" (mean of the lowest cvar_alpha fraction)"""
-    cvar_alpha: float = 0.25
-    """tail fraction of CVaR_alpha (used with --risk cvar)"""
-    cost_limit: float | None = None
-    """limit on the mean episode maximum drawdown (a fraction, e.g. 0.05); None = no constraint, no cost critic"""
-    cost_scale: float = 100.0
-    """multiplier on the per-step drawdown cost seen by the cost critic (drawdown increments are ~1e-3)"""
-    cost_vf_coef: float = 0.5
-    """cost value loss coefficient"""
-    pid_kp: float = 10.0
-    """proportional gain of the PID Lagrangian (lambda per unit of drawdown excess)"""
-    pid_ki: float = 10.0
-    """integral gain of the PID Lagrangian (per iteration: a 0.01 excess held 10 iterations adds 1.0)"""
-    pid_kd: float = 0.0
-    """derivative gain of the PID Lagrangian (acts on a rise of the measured drawdown)"""
+    risk_critic: Flat[RiskCriticArgs] = field(default_factory=lambda: RiskCriticArgs(num_quantiles=32))
+    """the distributional critic and the drawdown constraint (the group ppo_portfolio shares); here the critic is
+    always distributional, so --num-quantiles defaults to 32 and None is refused"""
     kl_penalty: bool = False
     """add an adaptive KL penalty beta KL(old || new) to the loss (PPO paper)"""
     kl_coef: float = 0.2
@@ -144,10 +127,14 @@ def make_env(args: Args, market: PreparedMarket, range_name: str = "train") -> T
 
 def build_agent(args: Args, obs_dim: int, num_actions: int) -> QuantileActorCritic:
     """The actor-critic of this variant (evaluation rebuilds it from a checkpoint's args)."""
+    critic = args.risk_critic
+    if critic.num_quantiles is None:
+        raise ValueError("ppo_risk's critic is distributional: set --num-quantiles to an integer >= 1 (the scalar "
+                         "critic is ppo's)")
     agent = QuantileActorCritic(
         obs_dim, num_actions, hidden=args.ppo.hidden_size, norm_obs=args.ppo.norm_obs,
-        num_quantiles=args.num_quantiles, risk=args.risk, cvar_alpha=args.cvar_alpha,
-        cost_critic=args.cost_limit is not None,
+        num_quantiles=critic.num_quantiles, risk=critic.risk, cvar_alpha=critic.cvar_alpha,
+        cost_critic=critic.cost_limit is not None,
     )
     return training.init_towards_benchmark(agent, args)  # anchored: the untrained agent is the benchmark
 
@@ -168,15 +155,15 @@ def train(args: Args, *, market: PreparedMarket | None = None, env: Any | None =
     any update or save uses it.
     """
     run = start_run(VARIANT, args, market=market, env=env, market_for=market_for, make_env=make_env)
-    args, env, device, hp = run.args, run.env, run.device, run.args.ppo
-    constrained = args.cost_limit is not None
+    args, env, device, hp, rc = run.args, run.env, run.device, run.args.ppo, run.args.risk_critic
+    constrained = rc.cost_limit is not None
     agent = build_agent(args, env.obs_dim, env.num_actions).to(device)
     optimizer = training.make_optimizer(agent, hp)  # Adam, AdamW with --weight-decay
-    lagrangian = PIDLagrangian(args.cost_limit, args.pid_kp, args.pid_ki, args.pid_kd) if constrained else None
+    lagrangian = PIDLagrangian(rc.cost_limit, rc.pid_kp, rc.pid_ki, rc.pid_kd) if constrained else None
     kl_control = AdaptiveKL(args.kl_coef, args.kl_target) if args.kl_penalty else None
 
     # Rollout storage: (step, env) as in ppo, plus a quantile axis for the critic, and the costs
-    n_q, shape = args.num_quantiles, (hp.num_steps, hp.num_envs)
+    n_q, shape = rc.num_quantiles, (hp.num_steps, hp.num_envs)
     obs, actions, logprobs, rewards, dones, values = rollout_storage(*shape, env.obs_dim, device)
     rewards_q, quantiles = torch.zeros((*shape, n_q), device=device), torch.zeros((*shape, n_q), device=device)
     costs, cost_values = torch.zeros(shape, device=device), torch.zeros(shape, device=device)
@@ -232,7 +219,7 @@ def train(args: Args, *, market: PreparedMarket | None = None, env: Any | None =
                 episode_cost += step_cost
             elif constrained:
                 raise ValueError("--cost-limit needs an env built with drawdown_obs=True (info['drawdown_cost'])")
-            cost = step_cost.to(torch.float32) * args.cost_scale if constrained else torch.zeros_like(reward)
+            cost = step_cost.to(torch.float32) * rc.cost_scale if constrained else torch.zeros_like(reward)
             reward_q = reward.unsqueeze(-1).expand(-1, n_q)
             if bool(truncated.any()):
                 # The window ended, the market did not: bootstrap the distorted value, each quantile, the cost.
@@ -305,17 +292,17 @@ def train(args: Args, *, market: PreparedMarket | None = None, env: Any | None =
                     # Stooke et al.: (A_r - lambda A_c) / (1 + lambda) keeps the step size bounded as lambda grows
                     mb_advantages = (mb_advantages - multiplier * mb_cost_advantages) / (1.0 + multiplier)
                 pg_loss = policy_loss(mb_advantages, ratio, hp.clip_coef)
-                v_loss = quantile_huber(newquantiles, mb_returns_q, agent.taus, args.kappa)
+                v_loss = quantile_huber(newquantiles, mb_returns_q, agent.taus, rc.kappa)
                 if hp.clip_vloss:  # ppo's pessimistic clip, per quantile head around the rollout's quantiles
                     clipped = mb_quantiles + torch.clamp(newquantiles - mb_quantiles, -hp.clip_coef, hp.clip_coef)
-                    v_loss = torch.max(v_loss, quantile_huber(clipped, mb_returns_q, agent.taus, args.kappa))
+                    v_loss = torch.max(v_loss, quantile_huber(clipped, mb_returns_q, agent.taus, rc.kappa))
                 v_loss = v_loss.mean()
                 entropy_loss = entropy.mean()
                 loss = pg_loss - hp.ent_coef * entropy_loss + v_loss * hp.vf_coef
                 if constrained:
                     new_cost_values = agent.get_cost_value(mb_obs)
                     c_loss = value_loss(new_cost_values, mb_cost_returns, mb_cost_values, hp.clip_coef, hp.clip_vloss)
-                    loss = loss + c_loss * args.cost_vf_coef
+                    loss = loss + c_loss * rc.cost_vf_coef
                 if kl_control is not None:
                     kl_penalty = ((ratio - 1) - logratio).mean()  # the unbiased, non-negative estimator, with grad
                     loss = loss + beta * kl_penalty
@@ -350,12 +337,12 @@ def train(args: Args, *, market: PreparedMarket | None = None, env: Any | None =
                   "losses/kl_coef_next": kl_control.coef if kl_control is not None else 0.0,
                   "risk/episode_max_drawdown": mean_drawdown,
                   "risk/episodes": len(finished_drawdowns),
-                  "risk/cost_limit": args.cost_limit if constrained else float("nan"),
+                  "risk/cost_limit": rc.cost_limit if constrained else float("nan"),
                   "risk/lambda": multiplier,
                   **{f"risk/pid_{name}": pid.get(key, float("nan")) for name, key in
                      (("error", "error"), ("p", "p_term"), ("i", "i_term"), ("d", "d_term"),
                       ("integral", "integral"))},
-                  "risk/cost_value": cost_values.mean().item() / args.cost_scale if constrained else float("nan"),
+                  "risk/cost_value": cost_values.mean().item() / rc.cost_scale if constrained else float("nan"),
                   "risk/value_tail_gap": (quantiles.mean(-1) - values).mean().item()}
         full_history.append(record)
         postfix = {"mdd": f"{mean_drawdown:.3f}"} if finished_drawdowns else {}

@@ -86,7 +86,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--window", type=int, default=ppo.Args().features.window,
                    help="bars of feature history per observation")
     p.add_argument("--episode-length", type=int, default=ppo.Args().env.episode_length, help="steps per episode")
-    p.add_argument("--num-quantiles", type=int, default=ppo_risk.Args().num_quantiles, help="quantile heads")
+    p.add_argument("--num-quantiles", type=int, default=ppo_risk.Args().risk_critic.num_quantiles,
+                   help="quantile heads")
     p.add_argument("--dataset", default="sp500", help="bundled dataset name or OHLCV file")
     p.add_argument("--seed", type=int, default=1, help="seed of every run")
     p.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test, not a measurement)")

@@ -245,8 +245,9 @@ class TrackingArgs:
 
 @dataclass
 class RiskCriticArgs:
-    """Risk-aware critic (``ppo_portfolio``; the flags of ``ppo_risk``'s of the same names): quantile critic, CVaR and
-    the drawdown constraint (sentio_lab.agents.portfolio_risk). The defaults switch it off."""
+    """Risk-aware critic: quantile critic, CVaR and the drawdown constraint, shared by ``ppo_risk`` and
+    ``ppo_portfolio`` (sentio_lab.agents.portfolio_risk). The defaults switch it off; ``ppo_risk`` sets
+    ``num_quantiles`` 32 and refuses None (its critic is always distributional)."""
 
     num_quantiles: int | None = None
     """quantile heads of a distributional critic (levels (2i + 1) / 2N); None = the scalar critic (MSE value loss)"""

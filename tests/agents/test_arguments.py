@@ -34,9 +34,9 @@ def test_help_shows_one_box_per_group_the_choices_and_the_module_usage(name, cap
     text = _help(VARIANTS[name], capsys)
     assert f"usage: python -m sentio_lab.{name}" in text
     declared = {spec.name for spec in dataclasses.fields(VARIANTS[name].Args)}
-    for group in GROUPS:  # every shared group; the opt-in ones (risk_critic: ppo_portfolio) where declared
+    for group in GROUPS:  # every shared group; the opt-in one (risk_critic: ppo_risk, ppo_portfolio) where declared
         if group != "risk_critic" or group in declared:
-            assert f"{group} options" in text, group
+            assert f"{group.replace('_', '-')} options" in text, group
     for choices in ("{cpu,cuda,auto}", "{offline,online,disabled}", "{refuse,allow}", "{basic,talib,close,slow}",
                     "{next_open,next_close}",
                     "{robust,rank,none}", "{none,corwin_schultz,abdi_ranaldo}", "{none,sqrt,almgren_chriss}",
@@ -116,7 +116,7 @@ def test_flat_keywords_route_to_their_groups_and_unknown_names_are_refused():
                                    data_end="2020-01-01", num_quantiles=4)
     assert args.ppo.learning_rate == 1e-3 and args.env.fee_bps == 3.0 and args.features.window == 4
     assert args.run.seed == 9 and args.tracking.wandb_mode == "disabled" and args.data.data_end == "2020-01-01"
-    assert args.num_quantiles == 4 and args.run.exp_name == "ppo_risk" and not args.ppo.clip_vloss
+    assert args.risk_critic.num_quantiles == 4 and args.run.exp_name == "ppo_risk" and not args.ppo.clip_vloss
     with pytest.raises(TypeError, match="learning_rat"):
         ppo.Args.from_flat(learning_rat=1e-3)
     with pytest.raises(TypeError, match="masks"):

@@ -1,6 +1,7 @@
 """ppo_risk: equality with ppo where the algorithms coincide, the drawdown bookkeeping, the constraint doing its job,
 the adaptive KL coefficient, exact resume with the multiplier and PID state, evaluation and the command line."""
 
+import dataclasses
 import subprocess
 import sys
 
@@ -50,6 +51,20 @@ def test_help_lists_the_risk_arguments():
     for flag in ("--num-quantiles", "--kappa", "--risk", "--cvar-alpha", "--cost-limit", "--pid-kp", "--pid-ki",
                  "--pid-kd", "--kl-penalty", "--kl-target", "--target-kl", "--resume"):
         assert flag in out
+
+
+def test_the_risk_group_is_ppo_portfolios_and_checkpoints_written_before_it_still_load():
+    """The critic and constraint fields are the shared RiskCriticArgs group; a checkpoint that saved them at the top
+    level (before the group) routes them into it, and the scalar critic is refused in one line."""
+    args = ppo_risk.Args()
+    assert args.risk_critic.num_quantiles == 32 and args.risk_critic.cost_limit is None
+    saved = dataclasses.asdict(ppo_risk.Args.from_flat(kappa=2.0))
+    own = saved.pop("risk_critic")
+    old_form = {**saved, **own, "num_quantiles": 8, "cost_limit": 0.05}
+    loaded = ppo_risk.Args.from_dict(old_form)
+    assert (loaded.risk_critic.num_quantiles, loaded.risk_critic.cost_limit, loaded.risk_critic.kappa) == (8, 0.05, 2.0)
+    with pytest.raises(ValueError, match="--num-quantiles"):
+        ppo_risk.build_agent(ppo_risk.Args.from_flat(num_quantiles=None), obs_dim=4, num_actions=3)
 
 
 @pytest.mark.parametrize("clip_vloss", [False, True])
