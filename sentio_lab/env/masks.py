@@ -62,6 +62,8 @@ _NEVER = 2**30
 STATE_NAMES: tuple[str, ...] = ("peak", "guard", "since_trade", "period_trades", "counts", "binding")
 InvalidAction = Literal["refuse", "nearest"]
 _TOL = 1e-12
+#: Up to this many levels the torch Masker maps "nearest" through a (2^A, A) table (:func:`nearest_table`).
+_TABLE_LEVELS = 10
 
 
 @dataclass(frozen=True)
@@ -180,12 +182,35 @@ class Masker:
             raise ValueError("the risk_budget rule needs MaskInputs.vol")
         if config.regime_threshold is not None and self.regime is None:
             raise ValueError("the regime rule needs MaskInputs.regime_prob")
+        # Per-step constants, built once: the level index, the flat column, the rows of a full batch, the rules
+        # that depend on the levels only (their (A,) row, the flat override included), and for up to
+        # _TABLE_LEVELS levels the "nearest" map as a table over (mask row as bits, chosen action).
+        self._index = self._array(np.arange(len(positions)))
+        self._flat = self.levels == 0
+        self._rows = self._array(np.arange(num_envs))
+        self._static = {name: self._static_row(name) for name in self.names if name in ("max_abs_level", "long_only")}
+        self._needs_weights = any(name in ("risk_budget", "drawdown", "regime") for name in self.names)
+        self._bits, self._nearest = (None, None) if device is None or len(positions) > _TABLE_LEVELS else \
+            nearest_table(self.levels)
         self.state: dict[str, Any] = {}
         # The masks of the last checked decision, reused by apply() for the same decision (below), and the
         # counter increments of the last apply(), committed by update() once the env's step has gone through.
         self._cached: tuple[tuple[Any, ...], dict[str, Any], Any] | None = None
         self._pending_counts: tuple[Any, Any] | None = None
         self.reset()
+
+    def _static_row(self, name: str) -> Any:
+        """(A,) bool: a rule that depends on the levels only (``max_abs_level``, ``long_only``), flat included."""
+        levels = self.levels
+        xp = _xp(levels)
+        row = xp.abs(levels) <= self.config.max_abs_level + _TOL if name == "max_abs_level" else levels >= 0
+        return row | self._flat
+
+    def _batch_rows(self, n: int) -> Any:
+        """The row indices ``0 .. n-1`` (the cached ones for a full batch)."""
+        if n == self.num_envs:
+            return self._rows
+        return np.arange(n) if self.device is None else torch.arange(n, device=self.device)
 
     def _array(self, values: np.ndarray) -> Any:
         return values if self.device is None else torch.as_tensor(values, device=self.device)
@@ -231,7 +256,7 @@ class Masker:
             d = 1.0 - equity / s["peak"]
             s["guard"] = (d >= c.drawdown_threshold) | (s["guard"] & (d > c.recover_threshold))
         s["since_trade"] = xp.where(changed, 1, (s["since_trade"] + 1).clip(max=_NEVER))
-        trades = s["period_trades"] + xp.where(changed, 1, 0)
+        trades = s["period_trades"] + changed  # a bool adds as 0 / 1
         if c.period_bars:
             trades = xp.where(steps % c.period_bars == 0, 0, trades)
         s["period_trades"] = trades
@@ -259,18 +284,18 @@ class Masker:
         """
         c, s, levels = self.config, self.state, self.levels
         xp = _xp(levels)
-        w_a = levels[None, :] + 0.0 * s["peak"][:, None]  # (N, A)
-        w = levels[level]
-        index = np.arange(len(levels)) if xp is np else torch.arange(len(levels), device=self.device)
-        hold = index[None, :] == level[:, None]
-        flat = w_a == 0
+        n, num_levels = len(level), len(levels)
+        w_a, w = (levels[None, :], levels[level]) if self._needs_weights else (None, None)  # (1, A), (N,)
+        hold = self._index[None, :] == level[:, None] if ("cooldown" in self.names or "max_trades" in self.names) \
+            else None
+        flat = self._flat[None, :]
         out: dict[str, Any] = {}
         for name in self.names:
-            if name == "max_abs_level":
-                m = xp.abs(w_a) <= c.max_abs_level + _TOL
-            elif name == "long_only":
-                m = w_a >= 0
-            elif name == "risk_budget":
+            if name in self._static:  # the same row for every episode: a broadcast view, no computation
+                row = self._static[name][None, :]
+                out[name] = np.broadcast_to(row, (n, num_levels)) if xp is np else row.expand(n, num_levels)
+                continue
+            if name == "risk_budget":
                 m = self.vol[t][:, None] * xp.abs(w_a) <= c.risk_budget + _TOL
             elif name == "drawdown":
                 m = _no_increase(w_a, w) | ~s["guard"][:, None]
@@ -293,6 +318,8 @@ class Masker:
         combined = None
         for m in masks.values():
             combined = m if combined is None else combined & m
+        if len(masks) == 1:  # a rule's own mask (a static rule's is a broadcast view): the caller gets a copy
+            combined = combined.copy() if isinstance(combined, np.ndarray) else combined.clone()
         if bool(combined.any(1).all()):  # the one host sync of the common case
             return combined
         combined = None
@@ -344,7 +371,7 @@ class Masker:
         """
         masks, combined = self._decision_masks(t, level, equity)
         xp = _xp(combined)
-        rows = xp.arange(len(t)) if xp is np else torch.arange(len(t), device=self.device)
+        rows = self._batch_rows(len(t))
         valid = combined[rows, actions]
         if self.invalid_action == "refuse" and not bool(valid.all()):
             i = int(np.flatnonzero(~np.asarray(valid.tolist()))[0])
@@ -354,12 +381,12 @@ class Masker:
                 f"step: action {a} (level {float(self.levels[a])}) of env {i} is masked by rule(s) {rules} at "
                 f"bar t={int(t[i])}; the env is unchanged"
             )
-        hits = [(~m[rows, actions]).sum() for m in masks.values()]
-        binds = [(~m.all(1)).sum() for m in masks.values()]
-        if hits:
-            self._pending_counts = (np.array(hits), np.array(binds)) if xp is np else (torch.stack(hits),
-                                                                                      torch.stack(binds))
+        if masks:  # per rule (R, N, A): the chosen actions it masked, the rows where it masked any level
+            stacked = xp.stack(list(masks.values()))
+            self._pending_counts = ((~stacked[:, rows, actions]).sum(1), (~stacked.all(2)).sum(1))
         if self.invalid_action == "nearest":
+            if self._nearest is not None:  # the table holds where(valid, a, nearest_valid(a)) for every mask row
+                return self._nearest[(combined * self._bits).sum(1), actions]
             actions = xp.where(valid, actions, nearest_valid(actions, combined, self.levels))
         return actions
 
@@ -385,6 +412,23 @@ def nearest_valid(actions: Any, mask: Any, levels: Any) -> Any:
     candidates = mask & (dist <= best[:, None] + _TOL)
     size = xp.where(candidates, xp.abs(levels)[None, :], inf)
     return xp.argmin(size, 1)
+
+
+def nearest_table(levels: Any) -> tuple[Any, Any]:
+    """The ``"nearest"`` map of :meth:`Masker.apply` as a lookup table over every mask row of ``A`` levels:
+    ``(bits, table)`` with ``bits = 2**a`` per level and ``table[sum(row * bits), a]`` = ``a`` where ``row[a]``,
+    else :func:`nearest_valid` (``a`` itself on the empty row, which :meth:`Masker.combine` never lets through).
+    Built with the same function, so the table and the formula cannot differ; one gather replaces its ~15 ops."""
+    num_levels = len(levels)
+    bits = 2 ** torch.arange(num_levels, device=levels.device)
+    codes = torch.arange(2**num_levels, device=levels.device)
+    rows = (codes[:, None] & bits[None, :]) != 0  # (2^A, A): the mask row of each code
+    actions = torch.arange(num_levels, device=levels.device)
+    grid_rows, grid_actions = rows.repeat_interleave(num_levels, 0), actions.repeat(2**num_levels)
+    valid = grid_rows[torch.arange(len(grid_actions)), grid_actions]
+    safe_rows = grid_rows | ~grid_rows.any(1, keepdim=True)  # the empty row: every level "valid", a maps to a
+    nearest = torch.where(valid, grid_actions, nearest_valid(grid_actions, safe_rows, levels))
+    return bits, nearest.reshape(2**num_levels, num_levels)
 
 
 def make_masker(

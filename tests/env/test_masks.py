@@ -9,7 +9,7 @@ import torch
 from sentio_lab.env import MarketArrays, NumpyTradingEnv, TradingEnv
 from sentio_lab.env.costs import CostModel
 from sentio_lab.env.mask_inputs import MaskInputs, ewma_volatility, garch_volatility
-from sentio_lab.env.masks import MaskConfig, Masker, NoValidActionError, nearest_valid
+from sentio_lab.env.masks import MaskConfig, Masker, NoValidActionError, nearest_table, nearest_valid
 
 FIVE = (-1.0, -0.5, 0.0, 0.5, 1.0)
 FLAT = 2
@@ -162,6 +162,44 @@ def test_nearest_ties_go_towards_flat():
     assert t.tolist() == [FLAT, FLAT]
     mask = np.array([[True, False, False, False, True]] * 2)
     assert nearest_valid(np.array([1, 3]), mask, levels).tolist() == [0, 4]
+
+
+@pytest.mark.parametrize("levels", [FIVE, (-1.0, -0.25, 0.0, 0.75), (0.0, 1.0, 2.0, -2.0, -1.0, 0.5, -0.5)])
+def test_the_nearest_table_is_the_formula_on_every_mask_row_and_action(levels):
+    """The torch Masker maps "nearest" through nearest_table: on every non-empty mask row of A levels and every
+    chosen action it equals where(valid, a, nearest_valid(a)), the formula the numpy reference env applies."""
+    levels_t = torch.tensor(levels, dtype=torch.float64)
+    bits, table = nearest_table(levels_t)
+    num_levels = len(levels)
+    for code in range(1, 2**num_levels):
+        row = torch.tensor([(code >> a) & 1 == 1 for a in range(num_levels)])
+        assert int((row * bits).sum()) == code
+        actions = torch.arange(num_levels)
+        rows = row.expand(num_levels, -1)
+        expected = torch.where(row[actions], actions, nearest_valid(actions, rows, levels_t))
+        assert table[code].tolist() == expected.tolist(), (code, row.tolist())
+
+
+def test_torch_envs_with_the_table_and_with_the_formula_take_the_same_actions(monkeypatch):
+    """An env past the table's size limit maps with the formula: both give the same fills, counts and equity."""
+    import sentio_lab.env.masks as masks_module
+
+    def run():
+        env = TradingEnv(market(), num_envs=4, window=2, episode_length=30, positions=FIVE, seed=3,
+                         masks=MaskConfig(long_only=True, cooldown=3, max_abs_level=0.5))
+        env.reset()
+        g = torch.Generator().manual_seed(5)
+        levels = []
+        for _ in range(60):
+            env.step(torch.randint(0, 5, (4,), generator=g))  # many invalid: mapped to the nearest valid
+            levels.append(env.level.clone())
+        return torch.stack(levels), env.equity.clone(), env.mask_counts, env.mask_binding
+
+    with_table = run()
+    monkeypatch.setattr(masks_module, "_TABLE_LEVELS", 0)
+    with_formula = run()
+    assert torch.equal(with_table[0], with_formula[0]) and torch.equal(with_table[1], with_formula[1])
+    assert with_table[2:] == with_formula[2:] and sum(with_table[2].values()) > 0
 
 
 def test_refuse_names_env_action_rule_and_changes_nothing():
