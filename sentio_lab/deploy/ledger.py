@@ -178,6 +178,8 @@ class Ledger:
         """Open (or create) the ledger at ``path`` in WAL mode with full synchronous commits."""
         self.path = Path(path)
         _check_file(self.path)
+        if not self.path.exists():  # a new ledger may name a new folder (``--account runs/paper/ledger.sqlite``)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
         self._locks: dict[str, Any] = {}
         try:
             # autocommit mode: transactions are explicit (BEGIN IMMEDIATE ... COMMIT), one per bar

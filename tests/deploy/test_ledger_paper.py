@@ -183,6 +183,11 @@ def test_sqlite_without_our_marker_or_of_another_version_is_refused(tmp_path):
     empty.touch()
     with Ledger(empty) as ledger:  # an empty file is a new ledger
         assert ledger.account("acct") is None
+    nested = tmp_path / "runs" / "paper" / "ledger.sqlite"  # the README's --account: a folder not made yet
+    with Ledger(nested) as ledger:
+        assert ledger.account("acct") is None
+    with Ledger(nested) as ledger:  # and it reopens as a ledger
+        assert ledger.account("acct") is None
 
 
 def test_an_account_reopened_with_other_settings_or_a_bad_name_is_refused(tmp_path):
