@@ -45,6 +45,27 @@ def replayed_in_sample(plan, fold, checkpoint, panel=None) -> tuple[float, int]:
     return float(sharpe_ratio(np.concatenate(returns), periods=252.0)), bars
 
 
+def test_a_segment_env_needs_two_decisions_after_the_warm_up(monkeypatch):
+    """Decisions run from max(a, warm-up) to b - 2 (the last fill and mark on b - 1): fewer than 2 is no env, for the
+    plain env and the agent's own alike; a segment starting inside the warm-up starts at its end."""
+    frames = synthetic_frames(3, seed=1)
+    portfolio_plan._PANELS.clear()
+    monkeypatch.setattr(portfolio_plan, "load_sp500_panel", lambda start=None, end=None: load_panel(frames))
+    plan = portfolio_plan.plan_portfolio(tiny_config())
+    module = load_variant("ppo_portfolio")
+    args = parse_variant_args("ppo_portfolio", plan.cells[0].args)
+    market = portfolio_plan.fold_market(plan, plan.folds[0], module, args)
+    warm = market.arrays.first_valid + 3  # window 4
+    for make in (lambda seg: portfolio_cells.segment_env(plan, market.arrays, seg),
+                 lambda seg: portfolio_cells.agent_env(plan, module, args, market, seg)):
+        assert make((warm + 10, warm + 12)) is None
+        env, start, steps = make((warm + 10, warm + 13))
+        assert (start, steps, env.num_envs) == (warm + 10, 2, 1)
+        assert make((0, warm + 2)) is None
+        assert make((0, warm + 3))[1:] == (warm, 2)
+    portfolio_plan._PANELS.clear()
+
+
 @pytest.mark.slow
 def test_a_cell_and_its_placebo_score_their_checkpoint_on_every_training_segment(monkeypatch, tmp_path):
     frames = synthetic_frames(3, seed=6)
