@@ -25,8 +25,8 @@ forward; every filled bar is recorded in ``plan.json`` and the report), through
 :func:`sentio_lab.data.panel.load_panel`.
 
 ``ensemble = true`` in an ``[agents.*]`` table adds that configuration's seed ensemble (``<name>_ensemble``: its
-trained seeds averaging their target weights at each decision; :mod:`sentio_lab.experiment.portfolio_runner`), one
-more trial.
+trained seeds averaging their target weights at each decision;
+:func:`sentio_lab.experiment.portfolio_cells.run_portfolio_ensemble`), one more trial.
 
 The split is always CPCV over the panel's dates (one calendar for every asset). Each ``[agents.*]`` table is one
 configuration (one trial for the deflated Sharpe ratio), as in :mod:`sentio_lab.experiment.config`.

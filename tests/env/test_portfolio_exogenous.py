@@ -18,7 +18,7 @@ from sentio_lab.data.panel import load_panel
 from sentio_lab.env import splits
 from sentio_lab.env.portfolio import PortfolioEnv
 from sentio_lab.env.portfolio_arrays import build_portfolio_arrays
-from sentio_lab.experiment import portfolio_runner as runner
+from sentio_lab.experiment import portfolio_plan
 from sentio_lab.experiment.config import AgentSpec
 from sentio_lab.experiment.portfolio_config import PortfolioExperimentConfig
 from sentio_lab.features import FeatureConfig
@@ -179,21 +179,21 @@ def tiny_config(csv: str, **changes) -> PortfolioExperimentConfig:
 def panel_of(monkeypatch):
     """Make the runner read the given frames as its panel."""
     def use(frames):
-        runner._PANELS.clear()
-        monkeypatch.setattr(runner, "load_sp500_panel", lambda start=None, end=None: load_panel(frames))
+        portfolio_plan._PANELS.clear()
+        monkeypatch.setattr(portfolio_plan, "load_sp500_panel", lambda start=None, end=None: load_panel(frames))
     yield use
-    runner._PANELS.clear()
+    portfolio_plan._PANELS.clear()
 
 
 def test_the_runner_embargo_counts_the_exogenous_span(panel_of, tmp_path):
     frames = frames_2014(n_bars=1000)
     panel_of(frames)
     csv = monthly_csv(tmp_path / "macro.csv", lag_days=25)
-    plan = runner.plan_portfolio(tiny_config(csv))
+    plan = portfolio_plan.plan_portfolio(tiny_config(csv))
     span = exogenous_span(load_panel(frames).index, (csv,), DAY)
     assert span > 20  # longer than the close bank's 20-bar look-back
     assert (plan.gaps.feature_span, plan.gaps.embargo) == (span, WINDOW - 1 + span)
-    prices_only = runner.plan_portfolio(tiny_config(csv, agents=tiny_config(csv).agents[:1]))
+    prices_only = portfolio_plan.plan_portfolio(tiny_config(csv, agents=tiny_config(csv).agents[:1]))
     assert prices_only.gaps.embargo == WINDOW - 1 + 20 < plan.gaps.embargo
 
 
@@ -205,12 +205,12 @@ def test_a_cpcv_fold_is_blind_to_exogenous_values_about_its_test_groups(panel_of
     panel_of(frames)
     path = tmp_path / "macro.csv"
     monthly_csv(path, lag_days=25)
-    plan = runner.plan_portfolio(tiny_config(str(path)))
+    plan = portfolio_plan.plan_portfolio(tiny_config(str(path)))
     module = load_variant("ppo_portfolio")
     args = parse_variant_args("ppo_portfolio", list(plan.cells[-1].args))
     assert args.features.exogenous == (str(path),)
     fold = next(f for f in plan.folds if len(f.train) >= 2 and f.train[-1][0] > f.test[-1][0])
-    market = runner.fold_market(plan, fold, module, args)
+    market = portfolio_plan.fold_market(plan, fold, module, args)
     index, n = market.panel.index, plan.n_bars
     table = pd.read_csv(path)
     dates, released = pd.DatetimeIndex(table["date"]), pd.DatetimeIndex(table["released_at"])
@@ -227,7 +227,7 @@ def test_a_cpcv_fold_is_blind_to_exogenous_values_about_its_test_groups(panel_of
         frame.loc[test, ["open", "high", "low", "close"]] *= 1.1
         rewritten[name] = frame
     panel_of(rewritten)
-    changed = runner.fold_market(plan, fold, module, args)
+    changed = portfolio_plan.fold_market(plan, fold, module, args)
 
     def fitted(states):  # the fingerprint records the file (values about the test groups too); nothing reads it
         return {a: {**s, "exogenous": {k: v for k, v in s["exogenous"].items() if k != "fitted"}}

@@ -19,9 +19,11 @@ from sentio_lab.data.panel import load_panel
 from sentio_lab.env.portfolio import PortfolioEnv
 from sentio_lab.env.portfolio_anchor import PortfolioAnchor, equal_weight_benchmark, project_to_simplex
 from sentio_lab.env.portfolio_arrays import build_portfolio_arrays
+from sentio_lab.experiment import portfolio_plan
 from sentio_lab.experiment import portfolio_runner as runner
 from sentio_lab.experiment.config import AgentSpec
 from sentio_lab.experiment.portfolio_config import PortfolioExperimentConfig, load_portfolio_config
+from sentio_lab.experiment.portfolio_episodes import ensemble_decide
 from tests.data.test_panel import synthetic_frames
 from tests.experiment.test_portfolio_runner import TINY_ARGS, tiny_config
 
@@ -39,17 +41,17 @@ class Fixed(torch.nn.Module):
 
 def test_members_average_their_target_weights():
     obs = torch.zeros(1, 5)
-    weights = runner.ensemble_decide([Fixed([0.5, 0.5, 0.0]), Fixed([0.0, 0.25, 0.75])], None)
+    weights = ensemble_decide([Fixed([0.5, 0.5, 0.0]), Fixed([0.0, 0.25, 0.75])], None)
     targets, hold = weights(0, 3, obs)
     np.testing.assert_allclose(targets, [0.25, 0.375, 0.375], rtol=1e-7)
     assert not hold
-    signed = runner.ensemble_decide([Fixed([1.0, -0.5]), Fixed([-0.2, 0.3])], None)
+    signed = ensemble_decide([Fixed([1.0, -0.5]), Fixed([-0.2, 0.3])], None)
     np.testing.assert_allclose(signed(0, 0, obs)[0], [0.4, -0.1], rtol=1e-6)
     # anchored: the mean of the projected targets, as a tilt around b_t; tilts that cancel are not the benchmark
     benchmark = equal_weight_benchmark(10, 3)
     benchmark[4] = [0.5, 0.2, 0.1, 0.2]
     tilts = [[2.0, -1.0, 0.0, 0.0], [-2.0, 1.0, 0.0, 0.0]]
-    tilt, _ = runner.ensemble_decide([Fixed(t) for t in tilts], lambda: torch.as_tensor(benchmark[4])[None])(0, 4, obs)
+    tilt, _ = ensemble_decide([Fixed(t) for t in tilts], lambda: torch.as_tensor(benchmark[4])[None])(0, 4, obs)
     b = torch.as_tensor(benchmark[4])
     expected = torch.stack([project_to_simplex(b + torch.tensor(t, dtype=torch.float64)) for t in tilts]).mean(0)
     np.testing.assert_allclose(tilt + benchmark[4], expected.numpy(), atol=1e-7)
@@ -72,7 +74,7 @@ def test_with_a_drifting_anchor_the_ensemble_trades_the_mean_of_its_members_targ
         return built
     ensemble, alone = env(), [env() for _ in tilts]
     members = [Fixed(t) for t in tilts]
-    decide = runner.ensemble_decide(members, ensemble.tilt_base)
+    decide = ensemble_decide(members, ensemble.tilt_base)
     for k in range(12):
         action, _ = decide(k, int(ensemble.t[0]), torch.zeros(1, ensemble.obs_dim))
         traded = ensemble.step(torch.as_tensor(action)[None])[4]["weights"][0]
@@ -93,10 +95,10 @@ def test_ensemble_fields():
 @pytest.fixture
 def panel_of(monkeypatch):
     def use(frames):
-        runner._PANELS.clear()
-        monkeypatch.setattr(runner, "load_sp500_panel", lambda start=None, end=None: load_panel(frames))
+        portfolio_plan._PANELS.clear()
+        monkeypatch.setattr(portfolio_plan, "load_sp500_panel", lambda start=None, end=None: load_panel(frames))
     yield use
-    runner._PANELS.clear()
+    portfolio_plan._PANELS.clear()
 
 
 @pytest.mark.slow
@@ -107,14 +109,14 @@ def test_ensemble_equity_is_a_hand_replay_of_the_averaged_weights(panel_of, tmp_
                                f"args = {json.dumps(list(TINY_ARGS))}"]))
     spec = load_portfolio_config(file).agents[0]
     assert spec.ensemble
-    plan = runner.plan_portfolio(tiny_config(agents=(spec,), seeds=(1, 2), baselines=("equal_weight",)))
+    plan = portfolio_plan.plan_portfolio(tiny_config(agents=(spec,), seeds=(1, 2), baselines=("equal_weight",)))
     results = runner.run_portfolio_experiment(plan, tmp_path / "out")
     assert set(results["name"]) == {"pp", "pp_ensemble", "equal_weight"}
     assert (results["n_trials"] == 2).all()
     assert (results.loc[results["name"] == "pp_ensemble", "seed"] == -2).all()
     fold = plan.folds[0]
     module, args = load_variant("ppo_portfolio"), parse_variant_args("ppo_portfolio", plan.cells[0].args)
-    market = runner.fold_market(plan, fold, module, args)
+    market = portfolio_plan.fold_market(plan, fold, module, args)
     arrays = market.arrays
     members = []
     for cell in (c for c in plan.cells if c.fold == fold.fold):
@@ -147,10 +149,10 @@ def test_an_agent_anchored_on_a_skfolio_baseline_must_fit_it_as_the_runners_base
     def config(*anchor, **changes):
         return tiny_config(agents=(AgentSpec("pp", "ppo_portfolio", (*TINY_ARGS, "--anchor", *anchor)),), **changes)
     with pytest.raises(ValueError, match="lookback=252, min_returns=60, but the config's baselines use lookback=100"):
-        runner.plan_portfolio(config("hrp"))
+        portfolio_plan.plan_portfolio(config("hrp"))
     with pytest.warns(UserWarning, match="--anchor-rebalance 1 differs from the config's rebalance_every 10"):
-        runner.plan_portfolio(config("hrp", lookback=252, min_returns=60))
+        portfolio_plan.plan_portfolio(config("hrp", lookback=252, min_returns=60))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        runner.plan_portfolio(config("hrp", "--anchor-rebalance", "10", lookback=252, min_returns=60))  # alike
-        runner.plan_portfolio(config("equal_weight"))  # fits nothing: any lookback
+        portfolio_plan.plan_portfolio(config("hrp", "--anchor-rebalance", "10", lookback=252, min_returns=60))  # alike
+        portfolio_plan.plan_portfolio(config("equal_weight"))  # fits nothing: any lookback

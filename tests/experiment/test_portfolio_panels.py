@@ -9,6 +9,7 @@ import json
 import pytest
 
 from sentio_lab.data import DataValidationError
+from sentio_lab.experiment import portfolio_plan
 from sentio_lab.experiment import portfolio_runner as runner
 from sentio_lab.experiment.config import AgentSpec
 from sentio_lab.experiment.portfolio_config import PortfolioExperimentConfig, load_portfolio_config
@@ -42,9 +43,9 @@ def _toml(tmp_path, files: list[str], missing: str) -> object:
 
 @pytest.fixture(autouse=True)
 def _fresh_panel_cache():
-    runner._PANELS.clear()
+    portfolio_plan._PANELS.clear()
     yield
-    runner._PANELS.clear()
+    portfolio_plan._PANELS.clear()
 
 
 def test_user_files_refuse_a_missing_bar_naming_asset_and_date(tmp_path):
@@ -52,14 +53,14 @@ def test_user_files_refuse_a_missing_bar_naming_asset_and_date(tmp_path):
     config = load_portfolio_config(_toml(tmp_path, files, "refuse"))
     assert config.files == tuple(str(tmp_path / f) for f in files)  # read from the experiment file's folder
     with pytest.raises(DataValidationError, match=r"asset 'a1' has no bar at .*missing='ffill'"):
-        runner.plan_portfolio(config)
+        portfolio_plan.plan_portfolio(config)
 
 
 @pytest.mark.slow
 def test_user_files_run_with_ffill_and_the_fills_are_recorded(tmp_path):
     files = _write_panel(tmp_path / "data", drop_row=150)
     config = load_portfolio_config(_toml(tmp_path, files, "ffill"))
-    plan = runner.plan_portfolio(config)
+    plan = portfolio_plan.plan_portfolio(config)
     assert plan.assets == ("a0", "a1", "a2") and plan.n_bars == 300
     assert plan.panel["missing_policy"] == "ffill" and plan.panel["filled_bars"] == {"a1": 1}
     results = runner.run_portfolio_experiment(plan, tmp_path / "out")
@@ -83,4 +84,4 @@ def test_user_panel_fields_are_checked_by_name(tmp_path):
     config = PortfolioExperimentConfig(name="x", agents=agent, dataset="files",
                                        files=(str(tmp_path / "a.csv"), str(tmp_path / "b.csv")))
     with pytest.raises(FileNotFoundError, match="files: .*a.csv does not exist"):
-        runner.load_experiment_panel(config)
+        portfolio_plan.load_experiment_panel(config)

@@ -12,7 +12,9 @@ import pytest
 
 from sentio_lab.agents.variants import load_variant, parse_variant_args
 from sentio_lab.data.panel import load_panel, load_sp500_panel
+from sentio_lab.experiment import portfolio_cells, portfolio_plan
 from sentio_lab.experiment import portfolio_runner as runner
+from sentio_lab.experiment.cells import Cell
 from sentio_lab.experiment.config import AgentSpec
 from sentio_lab.experiment.placebo import bootstrap_training_bars
 from sentio_lab.experiment.portfolio_config import PortfolioExperimentConfig, load_portfolio_config
@@ -64,10 +66,10 @@ def test_close_only_panel_keeps_its_unknown_columns_unknown():
 @pytest.fixture
 def panel_of(monkeypatch):
     def use(frames):
-        runner._PANELS.clear()
-        monkeypatch.setattr(runner, "load_sp500_panel", lambda start=None, end=None: load_panel(frames))
+        portfolio_plan._PANELS.clear()
+        monkeypatch.setattr(portfolio_plan, "load_sp500_panel", lambda start=None, end=None: load_panel(frames))
     yield use
-    runner._PANELS.clear()
+    portfolio_plan._PANELS.clear()
 
 
 def test_test_group_bars_never_move_the_placebo_training_data(panel_of):
@@ -75,14 +77,14 @@ def test_test_group_bars_never_move_the_placebo_training_data(panel_of):
     features and prices on the training rows are identical; moving a training bar moves them."""
     frames = synthetic_frames(3, seed=2)
     panel_of(frames)
-    plan = runner.plan_portfolio(tiny_config(n_groups=4, placebo="stationary_bootstrap", placebo_seeds=2))
+    plan = portfolio_plan.plan_portfolio(tiny_config(n_groups=4, placebo="stationary_bootstrap", placebo_seeds=2))
     fold = next(f for f in plan.folds if any(f.train[0][1] <= a < f.train[-1][0] for a, _ in f.test))
     module = load_variant("ppo_portfolio")
     args = parse_variant_args("ppo_portfolio", plan.cells[0].args)
     rows = np.concatenate([np.arange(a, b) for a, b in fold.train])
 
     def training_inputs():
-        market = runner.fold_market(plan, fold, module, args, runner.placebo_panel(plan, fold, 1))
+        market = portfolio_plan.fold_market(plan, fold, module, args, portfolio_cells.placebo_panel(plan, fold, 1))
         return market.arrays.features[rows], market.arrays.close[rows], market.arrays.fill[rows]
 
     clean = training_inputs()
@@ -95,7 +97,7 @@ def test_test_group_bars_never_move_the_placebo_training_data(panel_of):
 
 
 def test_placebo_cells_and_fields():
-    cells = [runner.Cell("a", "ppo_portfolio", (), seed, fold) for seed in (1, 2) for fold in (0, 1)]
+    cells = [Cell("a", "ppo_portfolio", (), seed, fold) for seed in (1, 2) for fold in (0, 1)]
     made = placebo_cells(cells, (1, 2), 3)
     assert [(c.agent, c.fold, c.placebo, c.seed) for c in made] == [
         ("a", 0, 0, 1), ("a", 0, 1, 2), ("a", 0, 2, 1), ("a", 1, 0, 1), ("a", 1, 1, 2), ("a", 1, 2, 1)]
@@ -112,7 +114,7 @@ def test_placebo_runs_give_the_floor_next_to_the_real_in_sample_sharpe(panel_of,
     panel_of(synthetic_frames(3, seed=5))
     config = tiny_config(agents=(AgentSpec("pp", "ppo_portfolio", TINY_ARGS),), baselines=("equal_weight",),
                          placebo="stationary_bootstrap", placebo_seeds=2, placebo_block_mean=3.0)
-    plan = runner.plan_portfolio(config)
+    plan = portfolio_plan.plan_portfolio(config)
     assert len(plan.placebo_cells) == 2 * len(plan.folds)
     runner.run_portfolio_experiment(plan, tmp_path / "out")
     placebo = pd.read_parquet(tmp_path / "out" / runner.PLACEBO_FILE)

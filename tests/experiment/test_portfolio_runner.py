@@ -16,6 +16,7 @@ import torch
 
 from sentio_lab.agents.checkpoint import load_checkpoint
 from sentio_lab.data.panel import load_panel
+from sentio_lab.experiment import portfolio_cells, portfolio_plan
 from sentio_lab.experiment import portfolio_runner as runner
 from sentio_lab.experiment.__main__ import main as experiment_main
 from sentio_lab.experiment.config import AgentSpec
@@ -44,15 +45,15 @@ def tiny_config(**changes) -> PortfolioExperimentConfig:
 def panel_of(monkeypatch):
     """Make the runner read the given frames as its panel (instead of the sp500_20 download-free data set)."""
     def use(frames):
-        runner._PANELS.clear()
-        monkeypatch.setattr(runner, "load_sp500_panel", lambda start=None, end=None: load_panel(frames))
+        portfolio_plan._PANELS.clear()
+        monkeypatch.setattr(portfolio_plan, "load_sp500_panel", lambda start=None, end=None: load_panel(frames))
     yield use
-    runner._PANELS.clear()
+    portfolio_plan._PANELS.clear()
 
 
 def test_plan_folds_are_cpcv_on_dates_with_gaps_from_the_longest_reach(panel_of):
     panel_of(synthetic_frames(3, seed=1))
-    plan = runner.plan_portfolio(tiny_config())
+    plan = portfolio_plan.plan_portfolio(tiny_config())
     assert len(plan.folds) == 3 and len(plan.cells) == 3 and plan.assets == ("A0", "A1", "A2")
     # close bank: 20-bar look-back; window 4: the embargo covers window - 1 + span
     assert (plan.gaps.window, plan.gaps.feature_span, plan.gaps.embargo) == (4, 20, 23)
@@ -66,12 +67,12 @@ def test_plan_folds_are_cpcv_on_dates_with_gaps_from_the_longest_reach(panel_of)
 def test_plan_refusals_name_the_problem(panel_of):
     panel_of(synthetic_frames(3, seed=1))
     with pytest.raises(ValueError, match="not a portfolio variant"):
-        runner.plan_portfolio(tiny_config(agents=(AgentSpec("p", "ppo", ()),)))
+        portfolio_plan.plan_portfolio(tiny_config(agents=(AgentSpec("p", "ppo", ()),)))
     with pytest.raises(ValueError, match="differ in window"):
-        runner.plan_portfolio(tiny_config(agents=(AgentSpec("a", "ppo_portfolio", TINY_ARGS),
+        portfolio_plan.plan_portfolio(tiny_config(agents=(AgentSpec("a", "ppo_portfolio", TINY_ARGS),
                                                   AgentSpec("b", "ppo_portfolio", (*TINY_ARGS, "--fee-bps", "9")))))
     with pytest.raises(ValueError, match="select-on"):
-        runner.plan_portfolio(tiny_config(agents=(AgentSpec("a", "ppo_portfolio", (*TINY_ARGS, "--select-on",
+        portfolio_plan.plan_portfolio(tiny_config(agents=(AgentSpec("a", "ppo_portfolio", (*TINY_ARGS, "--select-on",
                                                                                    "validation_sharpe")),)))
 
 
@@ -97,17 +98,17 @@ def test_training_never_reads_test_group_bars(panel_of, tmp_path):
     bit-identical. A moved training bar moves them (the check can fail)."""
     frames = synthetic_frames(3, seed=2)
     panel_of(frames)
-    plan = runner.plan_portfolio(tiny_config(n_groups=4))
+    plan = portfolio_plan.plan_portfolio(tiny_config(n_groups=4))
     # a fold with a test group between two training segments: the span of its training range holds test bars
     cell = next(c for c in plan.cells
                 if any(plan.folds[c.fold].train[0][1] <= a < plan.folds[c.fold].train[-1][0]
                        for a, _ in plan.folds[c.fold].test))
     fold = plan.folds[cell.fold]
-    runner.run_portfolio_cell(plan, cell, tmp_path / "clean")
+    portfolio_cells.run_portfolio_cell(plan, cell, tmp_path / "clean")
     clean = trained_weights(tmp_path / "clean", cell)
     test_rows = np.flatnonzero(fold.test_mask(plan.n_bars))
     panel_of(perturbed(frames, test_rows, seed=3))
-    runner.run_portfolio_cell(plan, cell, tmp_path / "moved_test")
+    portfolio_cells.run_portfolio_cell(plan, cell, tmp_path / "moved_test")
     moved = trained_weights(tmp_path / "moved_test", cell)
     assert clean.keys() == moved.keys()
     for key in clean:
@@ -118,7 +119,7 @@ def test_training_never_reads_test_group_bars(panel_of, tmp_path):
     assert not np.array_equal(groups[0]["equity"], groups[1]["equity"])
     start, stop = fold.train[0]
     panel_of(perturbed(frames, np.arange(start + 30, stop), seed=4))
-    runner.run_portfolio_cell(plan, cell, tmp_path / "moved_train")
+    portfolio_cells.run_portfolio_cell(plan, cell, tmp_path / "moved_train")
     moved_train = trained_weights(tmp_path / "moved_train", cell)
     assert any(not torch.equal(clean[k], moved_train[k]) for k in clean)
 
@@ -126,7 +127,7 @@ def test_training_never_reads_test_group_bars(panel_of, tmp_path):
 @pytest.mark.slow
 def test_agents_and_baselines_share_folds_and_a_rerun_gives_the_same_numbers(panel_of, tmp_path):
     panel_of(synthetic_frames(3, seed=5))
-    plan = runner.plan_portfolio(tiny_config(name="first"))
+    plan = portfolio_plan.plan_portfolio(tiny_config(name="first"))
     # the first run through the command line: a kind = "portfolio" file goes to the portfolio runner
     config_file = tmp_path / "tiny.toml"
     config_file.write_text("\n".join([
@@ -172,7 +173,7 @@ def test_agents_and_baselines_share_folds_and_a_rerun_gives_the_same_numbers(pan
     assert memo.loc[0, "test_sharpe"] == record["test_sharpe"] and np.isfinite(record["in_sample_sharpe"])
     assert (tmp_path / "report" / "report.md").read_text().startswith("# Portfolio experiment report")
     # a folder finished with other arguments is refused, not mixed in
-    other = runner.plan_portfolio(tiny_config(common_args=(*COMMON, "--gamma", "0.9")))
+    other = portfolio_plan.plan_portfolio(tiny_config(common_args=(*COMMON, "--gamma", "0.9")))
     with pytest.raises(ValueError, match="other arguments"):
         runner.run_portfolio_experiment(other, first)
 

@@ -16,6 +16,7 @@ from sentio_lab.data.panel import load_panel
 from sentio_lab.env.portfolio import PortfolioEnv
 from sentio_lab.env.portfolio_anchor import equal_weight_benchmark
 from sentio_lab.evaluation.portfolio_report import record_episode
+from sentio_lab.experiment import portfolio_cells, portfolio_plan
 from sentio_lab.experiment import portfolio_runner as runner
 from sentio_lab.experiment.config import AgentSpec
 from tests.data.test_panel import synthetic_frames
@@ -26,21 +27,21 @@ from tests.experiment.test_portfolio_runner import TINY_ARGS, tiny_config
 def panel_of(monkeypatch):
     """Make the runner read the given frames as its panel."""
     def use(frames):
-        runner._PANELS.clear()
-        monkeypatch.setattr(runner, "load_sp500_panel", lambda start=None, end=None: load_panel(frames))
+        portfolio_plan._PANELS.clear()
+        monkeypatch.setattr(portfolio_plan, "load_sp500_panel", lambda start=None, end=None: load_panel(frames))
     yield use
-    runner._PANELS.clear()
+    portfolio_plan._PANELS.clear()
 
 
 def _forced_zero_tilt(monkeypatch) -> None:
-    real = runner.load_cell_agent
+    real = portfolio_cells.load_cell_agent
 
     def forced(*args, **kwargs):
         agent = real(*args, **kwargs)
         assert agent.policy == "tilt"  # the agent's own action distribution reached the evaluation
         agent.act_greedy = lambda obs: torch.zeros(obs.shape[0], agent.action_dim)
         return agent
-    monkeypatch.setattr(runner, "load_cell_agent", forced)
+    monkeypatch.setattr(portfolio_cells, "load_cell_agent", forced)
 
 
 @pytest.mark.slow
@@ -51,7 +52,7 @@ def test_zero_tilt_anchored_agent_scores_the_equal_weight_benchmark_on_every_fol
     panel_of(synthetic_frames(3, seed=7))
     _forced_zero_tilt(monkeypatch)
     agent = AgentSpec("anchored", "ppo_portfolio", (*TINY_ARGS, "--anchor", "equal_weight", "--excess-reward"))
-    plan = runner.plan_portfolio(tiny_config(agents=(agent,), baselines=("equal_weight",), rebalance_every=1))
+    plan = portfolio_plan.plan_portfolio(tiny_config(agents=(agent,), baselines=("equal_weight",), rebalance_every=1))
     results = runner.run_portfolio_experiment(plan, tmp_path)
     stats = ["sharpe", "cagr", "max_drawdown", "total_return", "turnover_per_year", "costs_paid"]
     mine = results[results["name"] == "anchored"].reset_index(drop=True)
@@ -64,8 +65,8 @@ def test_zero_tilt_anchored_agent_scores_the_equal_weight_benchmark_on_every_fol
     cell = plan.cells[0]
     fold = plan.folds[cell.fold]
     module, args = load_variant(cell.variant), parse_variant_args(cell.variant, cell.args)
-    market = runner.fold_market(plan, fold, module, args)
-    env, start, steps = runner.agent_env(plan, module, args, market, fold.test[0])
+    market = portfolio_plan.fold_market(plan, fold, module, args)
+    env, start, steps = portfolio_cells.agent_env(plan, module, args, market, fold.test[0])
     assert env.anchor is not None and env.anchor.excess_reward
     tilt = np.zeros(4)
     tilt[0] = 0.1
@@ -75,7 +76,7 @@ def test_zero_tilt_anchored_agent_scores_the_equal_weight_benchmark_on_every_fol
     assert not np.allclose(tilted.equity, first["equity"].to_numpy())
     # the benchmark's own weights, run as a policy through a plain long-only env: the same equity, bit for bit
     weights = equal_weight_benchmark(1, 3)[0]
-    plain, start, steps = runner.segment_env(plan, market.arrays, fold.test[0])
+    plain, start, steps = portfolio_cells.segment_env(plan, market.arrays, fold.test[0])
     plain_run = record_episode(plain, lambda k, t, obs: (weights, False), start, steps)
     assert np.array_equal(plain_run.equity, first["equity"].to_numpy())
 
@@ -90,13 +91,13 @@ def test_long_short_cell_equity_is_a_hand_replay_through_its_env(panel_of, tmp_p
     panel_of(synthetic_frames(3, seed=8))
     agent = AgentSpec("ls", "ppo_portfolio", (*TINY_ARGS, "--long-short", "--gross-limit", "1.5",
                                               "--borrow-bps", "300"))
-    plan = runner.plan_portfolio(tiny_config(agents=(agent,), baselines=("equal_weight",)))
+    plan = portfolio_plan.plan_portfolio(tiny_config(agents=(agent,), baselines=("equal_weight",)))
     results = runner.run_portfolio_experiment(plan, tmp_path)
     assert set(results["name"]) == {"ls", "equal_weight"}
     cell = plan.cells[0]
     fold = plan.folds[cell.fold]
     module, args = load_variant(cell.variant), parse_variant_args(cell.variant, cell.args)
-    market = runner.fold_market(plan, fold, module, args)
+    market = portfolio_plan.fold_market(plan, fold, module, args)
     arrays = market.arrays
     net = module.build_agent(args, arrays.num_assets * (4 * arrays.features.shape[2] + 1) + 1, arrays.num_assets)
     net.load_state_dict(load_checkpoint(tmp_path / "cells" / cell.cell_id / "checkpoint.pt")["agent"])
@@ -126,4 +127,4 @@ def test_plan_refuses_what_the_variant_refuses(panel_of):
     for flags, match in [(("--excess-reward",), "--excess-reward only acts with --anchor"),
                          (("--anchor", "equal_weight", "--long-short"), "--anchor with --long-short")]:
         with pytest.raises(ValueError, match=match):
-            runner.plan_portfolio(tiny_config(agents=(AgentSpec("a", "ppo_portfolio", (*TINY_ARGS, *flags)),)))
+            portfolio_plan.plan_portfolio(tiny_config(agents=(AgentSpec("a", "ppo_portfolio", (*TINY_ARGS, *flags)),)))
