@@ -20,6 +20,7 @@ pytestmark = pytest.mark.slow  # trains a tiny CPCV experiment (~1-2 min on 2 id
 EXPERIMENT = """
 name = "tiny_capacity_cpcv"
 dataset = "nasdaq"
+data_start = "2001-01-01"
 data_end = "2002-12-31"
 split = "cpcv"
 n_groups = 4
@@ -92,9 +93,14 @@ def test_costs_grow_with_capital_and_y(finished):
 def test_a_rerun_resumes_and_bad_files_are_refused(finished, tmp_path):
     root, capacity, report, results = finished
     folds = sorted((root / "runs" / "tiny_capacity" / "folds").glob("*.parquet"))
-    stamps = [f.stat().st_mtime_ns for f in folds]
-    again = main(["--config", str(capacity), "--workers", "2"])  # worker processes find every fold done
-    assert [f.stat().st_mtime_ns for f in folds] == stamps  # nothing re-evaluated
+    first, second, *kept = folds
+    stamps = [f.stat().st_mtime_ns for f in kept]
+    evaluated = pd.read_parquet(first)
+    first.unlink()
+    second.unlink()  # two folds lost: a killed run
+    again = main(["--config", str(capacity), "--workers", "2"])  # two worker processes redo the two lost folds
+    assert [f.stat().st_mtime_ns for f in kept] == stamps  # nothing else re-evaluated
+    pd.testing.assert_frame_equal(pd.read_parquet(first), evaluated)  # a worker's fold is the in-process one
     pd.testing.assert_frame_equal(again, results)
     bad = tmp_path / "bad.toml"
     bad.write_text('experiment = "x.toml"\ncapital = [1]\n')
