@@ -211,12 +211,11 @@ def _tune_args(tmp_path: Path, **kw) -> T.TuneArgs:
 def test_pbt_end_to_end_on_local_ray(tmp_path, ray_session, monkeypatch):
     monkeypatch.chdir(tmp_path)  # run_dir / caches are made absolute before the trials change directory
     Path("runs").mkdir()
-    # 2 iterations: one synchronous perturbation point (after the first), none at the stopping one
-    summary = T.run_tune(_tune_args(tmp_path, name="pbt", iterations=2, synch=True))
+    summary = T.run_tune(_tune_args(tmp_path, name="pbt", iterations=3, synch=True))
     folder = tmp_path / "tune" / "pbt"
     trials = pd.read_csv(folder / "trials.csv")
     assert len(trials) == 2 and (trials["status"] == "ok").all()
-    assert (trials["iterations"] == 2).all()
+    assert (trials["iterations"] == 3).all()
     # PBT exploited and explored (synch: every trial reaches each perturbation point): Tune's log has the steps
     explores = len((folder / "pbt_global.txt").read_text().splitlines())
     assert explores >= 1 and summary["pbt_explore_steps"] == explores
@@ -224,7 +223,7 @@ def test_pbt_end_to_end_on_local_ray(tmp_path, ray_session, monkeypatch):
     champion = summary["champion"]
     assert champion["validation_sharpe"] == pytest.approx(trials["validation_sharpe"].max())
     # the DSR's set: every (trial, iteration) validation score, one per reported iteration of each trial
-    assert champion["dsr_n_trials"] == summary["validation_scores"] == trials["validation_scores"].sum() == 2 * 2
+    assert champion["dsr_n_trials"] == summary["validation_scores"] == trials["validation_scores"].sum() == 2 * 3
     assert champion["dsr_trial_set"].startswith("every (trial, iteration)")
     assert champion["dsr"] is None or 0 <= champion["dsr"] <= 1
     assert (folder / "champion.pt").exists() and champion["test_range"].startswith("20")
