@@ -182,7 +182,7 @@ def run_capacity(capacity: CapacityConfig, *, workers: int = 1, progress: bool =
     (folder / "capacity.json").write_text(json.dumps(dataclasses.asdict(capacity), indent=2))
     # a rerun spawns no worker for the folds already evaluated (a spawned worker costs seconds of imports)
     todo = [fold for fold in plan.folds if not _fold_file(folder, fold.fold).exists()]
-    if workers <= 1 or len(todo) <= 1:
+    if workers <= 1 or not todo:
         for fold in todo:
             evaluate_fold_capacity(plan, capacity, fold, cells_root, folder)
     else:
