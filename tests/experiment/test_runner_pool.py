@@ -58,9 +58,7 @@ def make_config(name: str, common=COMMON, **fields) -> ExperimentConfig:
 
 
 def test_a_pool_of_one_is_the_plain_runner_bit_for_bit(files, tmp_path):
-    # 3 groups (3 folds, 2 paths) rather than 4 (6 folds): the plain and the pooled run are compared bit for bit
-    # on every fold, and the equivalence does not depend on how many folds there are
-    extra = {"placebo": "stationary_bootstrap", "placebo_seeds": 1, "n_groups": 3}
+    extra = {"placebo": "stationary_bootstrap", "placebo_seeds": 1}
     plain = plan_experiment(make_config("one", dataset=files["x"], **extra))
     pooled = plan_experiment(make_config("one", pool=(files["x"],), **extra))
     assert pooled.folds == plain.folds and pooled.gaps == plain.gaps and pooled.n_bars == plain.n_bars
