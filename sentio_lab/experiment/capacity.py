@@ -180,15 +180,13 @@ def run_capacity(capacity: CapacityConfig, *, workers: int = 1, progress: bool =
     folder = Path(capacity.output_root) / capacity.name
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "capacity.json").write_text(json.dumps(dataclasses.asdict(capacity), indent=2))
-    # a rerun spawns no worker for the folds already evaluated (a spawned worker costs seconds of imports)
-    todo = [fold for fold in plan.folds if not _fold_file(folder, fold.fold).exists()]
-    if workers <= 1 or not todo:
-        for fold in todo:
+    if workers <= 1:
+        for fold in plan.folds:
             evaluate_fold_capacity(plan, capacity, fold, cells_root, folder)
     else:
-        with ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=get_context("spawn")) as pool:
+        with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
             futures = [pool.submit(evaluate_fold_capacity, plan, capacity, fold, cells_root, folder)
-                       for fold in todo]
+                       for fold in plan.folds]
             for future in futures:
                 future.result()
     return assemble_capacity(plan, folder)
