@@ -16,6 +16,7 @@ is identical whatever the number of worker processes and however often the run w
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import shlex
@@ -392,9 +393,9 @@ def _job(kind: str, plan: Plan, item: Any, output: str, tracking: ExperimentTrac
     return kind
 
 
-def _run_jobs(jobs: list[tuple[str, Any]], plan: Plan, output: Path, workers: int, bar: Any,
+def _run_jobs(jobs: list[tuple[str, Any]], plan: Plan, output: Path, pool: ProcessPoolExecutor | None, bar: Any,
               tracking: ExperimentTracking | None = None) -> None:
-    if workers <= 1:
+    if pool is None:
         threads = torch.get_num_threads()
         try:
             for kind, item in jobs:
@@ -403,11 +404,10 @@ def _run_jobs(jobs: list[tuple[str, Any]], plan: Plan, output: Path, workers: in
         finally:
             torch.set_num_threads(threads)
         return
-    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
-        futures = [pool.submit(_job, kind, plan, item, str(output), tracking) for kind, item in jobs]
-        for future in as_completed(futures):
-            future.result()
-            bar.update(1)
+    futures = [pool.submit(_job, kind, plan, item, str(output), tracking) for kind, item in jobs]
+    for future in as_completed(futures):
+        future.result()
+        bar.update(1)
 
 
 def run_experiment(plan: Plan, output: str | Path, *, workers: int = 1, progress: bool = True, track: bool = False,
@@ -440,8 +440,11 @@ def run_experiment(plan: Plan, output: str | Path, *, workers: int = 1, progress
     total += len(plan.placebo_cells) + len(plan.cells)
     bar = tqdm(total=total, initial=total - len(train) - len(evaluate) - len(baselines), unit="job",
                disable=not progress, dynamic_ncols=True, desc=config.name)
-    _run_jobs(train, plan, output, workers, bar, tracking)  # evaluation needs every seed of a fold trained
-    _run_jobs(evaluate + baselines, plan, output, workers, bar, tracking)
+    # one pool for both stages: a spawned worker costs seconds of imports, so the evaluation reuses the trainers
+    with (ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) if workers > 1
+          else contextlib.nullcontext()) as pool:
+        _run_jobs(train, plan, output, pool, bar, tracking)  # evaluation needs every seed of a fold trained
+        _run_jobs(evaluate + baselines, plan, output, pool, bar, tracking)
     bar.close()
     assemble_memorisation(plan.cells + plan.placebo_cells, output)
     results = assemble(plan, output)

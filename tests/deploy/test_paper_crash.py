@@ -27,7 +27,7 @@ from sentio_lab.deploy.paper import CRASH_ENV
 
 FEED_BARS = 130  # real sp500 bars: 27 of warm-up and window, then 103 bars traded
 FIRST = 27
-KILLS = 24
+KILLS = 2 + 9  # the first bar's two points, then each point of POINTS once at a random later bar
 #: Where a bar can be interrupted (module doc of sentio_lab.deploy.paper); the first bar has no fill and no hook
 #: inside its transaction.
 POINTS = ("fill", "decide", "write:fills", "write:positions", "write:cash", "write:equity", "write:orders", "commit",

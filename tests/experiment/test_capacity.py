@@ -20,6 +20,7 @@ pytestmark = pytest.mark.slow  # trains a tiny CPCV experiment (~1-2 min on 2 id
 EXPERIMENT = """
 name = "tiny_capacity_cpcv"
 dataset = "nasdaq"
+data_start = "2001-01-01"
 data_end = "2002-12-31"
 split = "cpcv"
 n_groups = 4
