@@ -125,12 +125,17 @@ def make_env(args: Args, market: PreparedMarket, range_name: str = "train") -> T
     return training.training_env(args, market, range_name, **env_options(args, market))
 
 
-def build_agent(args: Args, obs_dim: int, num_actions: int) -> QuantileActorCritic:
-    """The actor-critic of this variant (evaluation rebuilds it from a checkpoint's args)."""
-    critic = args.risk_critic
-    if critic.num_quantiles is None:
+def check_args(args: Args) -> None:
+    """Reject settings this variant cannot run, naming the flag (before any data is loaded)."""
+    if args.risk_critic.num_quantiles is None:
         raise ValueError("ppo_risk's critic is distributional: set --num-quantiles to an integer >= 1 (the scalar "
                          "critic is ppo's)")
+
+
+def build_agent(args: Args, obs_dim: int, num_actions: int) -> QuantileActorCritic:
+    """The actor-critic of this variant (evaluation rebuilds it from a checkpoint's args)."""
+    check_args(args)
+    critic = args.risk_critic
     agent = QuantileActorCritic(
         obs_dim, num_actions, hidden=args.ppo.hidden_size, norm_obs=args.ppo.norm_obs,
         num_quantiles=critic.num_quantiles, risk=critic.risk, cvar_alpha=critic.cvar_alpha,
@@ -154,6 +159,7 @@ def train(args: Args, *, market: PreparedMarket | None = None, env: Any | None =
     before
     any update or save uses it.
     """
+    check_args(args)
     run = start_run(VARIANT, args, market=market, env=env, market_for=market_for, make_env=make_env)
     args, env, device, hp, rc = run.args, run.env, run.device, run.args.ppo, run.args.risk_critic
     constrained = rc.cost_limit is not None

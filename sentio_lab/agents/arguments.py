@@ -250,7 +250,8 @@ class RiskCriticArgs:
     ``num_quantiles`` 32 and refuses None (its critic is always distributional)."""
 
     num_quantiles: int | None = None
-    """quantile heads of a distributional critic (levels (2i + 1) / 2N); None = the scalar critic (MSE value loss)"""
+    """quantile heads of a distributional critic (levels (2i + 1) / 2N); None = the scalar critic (MSE value loss;
+    ppo_portfolio only: ppo_risk refuses None)"""
     kappa: float = 1.0
     """threshold of the quantile Huber loss (squared inside |u| <= kappa, linear outside), in reward units"""
     risk: Literal["neutral", "cvar"] = "neutral"

@@ -179,7 +179,11 @@ class Ledger:
         self.path = Path(path)
         _check_file(self.path)
         if not self.path.exists():  # a new ledger may name a new folder (``--account runs/paper/ledger.sqlite``)
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as error:
+                raise LedgerError(f"{self.path}: cannot make its folder ({error.strerror}); give --account a path in "
+                                  "a folder") from error
         self._locks: dict[str, Any] = {}
         try:
             # autocommit mode: transactions are explicit (BEGIN IMMEDIATE ... COMMIT), one per bar

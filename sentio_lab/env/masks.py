@@ -280,7 +280,8 @@ class Masker:
         """(N, A) bool per active rule for decisions at bars ``t`` holding level indices ``level``.
 
         The flat column is True in every rule's mask (module doc), except the cool-down and the trade limit
-        without ``flat_always``.
+        without ``flat_always``. The masks of the rules that depend on the levels only (``max_abs_level``,
+        ``long_only``) are read-only broadcast views of one row: copy before editing.
         """
         c, s, levels = self.config, self.state, self.levels
         xp = _xp(levels)

@@ -188,6 +188,10 @@ def test_sqlite_without_our_marker_or_of_another_version_is_refused(tmp_path):
         assert ledger.account("acct") is None
     with Ledger(nested) as ledger:  # and it reopens as a ledger
         assert ledger.account("acct") is None
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(LedgerError, match="cannot make its folder.*--account") as error:
+        Ledger(tmp_path / "a_file" / "ledger.sqlite")
+    assert "\n" not in str(error.value)
 
 
 def test_an_account_reopened_with_other_settings_or_a_bad_name_is_refused(tmp_path):

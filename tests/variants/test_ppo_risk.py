@@ -65,6 +65,8 @@ def test_the_risk_group_is_ppo_portfolios_and_checkpoints_written_before_it_stil
     assert (loaded.risk_critic.num_quantiles, loaded.risk_critic.cost_limit, loaded.risk_critic.kappa) == (8, 0.05, 2.0)
     with pytest.raises(ValueError, match="--num-quantiles"):
         ppo_risk.build_agent(ppo_risk.Args.from_flat(num_quantiles=None), obs_dim=4, num_actions=3)
+    with pytest.raises(ValueError, match="--num-quantiles"):  # before any data is read: this file does not exist
+        ppo_risk.train(ppo_risk.Args.from_flat(num_quantiles=None, dataset="no_such_file.csv", track=False))
 
 
 @pytest.mark.parametrize("clip_vloss", [False, True])
