@@ -202,11 +202,15 @@ class PortfolioEnv:
         weights drifted to bar t's close in between (sentio_lab.env.portfolio_anchor)."""
         if self._benchmark is None:
             raise ValueError("tilt_base: the env has no anchor (build it with anchor=PortfolioAnchor(...))")
-        benchmark = self._benchmark.index_select(0, self.t)
-        if not self.anchor.drifts:
+        return self._tilt_base(self._benchmark.index_select(0, self.t),
+                               self._shadow_holds() if self.anchor.drifts else None)
+
+    def _tilt_base(self, benchmark: torch.Tensor, shadow_hold: torch.Tensor | None) -> torch.Tensor:
+        # tilt_base from this step's b_t and shadow holds (None: the benchmark does not drift), which step() has
+        if shadow_hold is None:
             return benchmark
         drifted = asset_weights(self.shadow.cash, self.shadow.shares, self.close.index_select(0, self.t))
-        return torch.where(self._shadow_holds()[:, None], drifted, benchmark)
+        return torch.where(shadow_hold[:, None], drifted, benchmark)
 
     def step(self, actions: torch.Tensor, hold: torch.Tensor | None = None
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, dict]:
@@ -238,7 +242,7 @@ class PortfolioEnv:
                 zero_hold = (shadow_hold & (actions == 0).all(-1) & (self.shares == self.shadow.shares).all(-1)
                              & (self.cash == self.shadow.cash))
                 hold = zero_hold if hold is None else hold | zero_hold
-            actions = project_to_simplex(self.tilt_base() + actions)
+            actions = project_to_simplex(self._tilt_base(benchmark, shadow_hold) + actions)
         weights = check_weights(actions.to(torch.float64), self.allocation, self.gross_limit, self.invalid_weights,
                                 self.num_assets)
         next_t = self.t + 1
