@@ -43,6 +43,7 @@ from sentio_lab.experiment.assembly import GROUPS_FILE
 from sentio_lab.experiment.cells import CELL_FILE, Cell, cell_done, train_cell, write_json_atomic
 from sentio_lab.experiment.config import AgentSpec
 from sentio_lab.experiment.ensemble import ENSEMBLE_SEED, ensemble_name
+from sentio_lab.experiment.memorisation import PLACEBO_DIR  # the single-asset runner's folder name, shared
 from sentio_lab.experiment.portfolio_episodes import (
     agent_decide,
     baseline_decide,
@@ -55,8 +56,6 @@ from sentio_lab.experiment.portfolio_placebo import bootstrap_panel
 from sentio_lab.experiment.portfolio_plan import PortfolioPlan, fold_market, plan_panel
 from sentio_lab.experiment.runner import agent_argv
 
-#: Folder of the placebo cells, beside ``cells/``.
-PLACEBO_DIR = "placebo"
 #: Folder of the seed ensembles' test-group evaluations, beside ``cells/``.
 ENSEMBLE_DIR = "ensembles"
 #: Version of the files a cell or baseline writes; other versions are redone.
